@@ -1,0 +1,201 @@
+"""STTP and SVDP parameterized weights for Linear, ConvNd, ConvTransposeNd and Embedding.
+
+`SpectralTT` is a `torch.nn.utils.parametrize` parametrization in geotorch's style: `forward` maps the
+free parameters (packed Householder reflectors of every core, grouped by frame shape, and the
+spectrum) to the weight, and `right_inverse` maps a dense weight to them — which is the TT-SVD
+conversion (`tt.spectral_tt_svd` + `tt.reduce_chain`). SVDP is the same class with one core per side.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .householder import frame
+from .tt import SPECTRA, TTShape, reduce_chain, spectral_tt_svd
+
+__all__ = ["SpectralTT", "weight_kind", "matrix_factors", "SUPPORTED"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+SUPPORTED = (nn.Linear, nn.Embedding) + _CONV + _CONVT
+
+
+def weight_kind(module: nn.Module) -> str:
+    """'linear' | 'conv' | 'conv_transpose' | 'embedding'; raises ValueError with the reason otherwise."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, _CONV + _CONVT):
+        if module.groups != 1:
+            raise ValueError(f"{type(module).__name__} with groups={module.groups} is not supported "
+                             "(grouped and depthwise convolutions have no single weight matrix)")
+        return "conv" if isinstance(module, _CONV) else "conv_transpose"
+    raise ValueError(f"{type(module).__name__} has no supported weight")
+
+
+def matrix_factors(kind: str, shape: tuple[int, ...]) -> tuple[list[int], list[int]]:
+    """Natural dimensions of the output and input side of a weight read as a matrix (§1).
+
+    A convolution (C_out, C_in, k_1..k_N) is C_out × (C_in·k_1···k_N) in memory order; a transposed
+    convolution stores (C_in, C_out, k...) and is permuted to (C_out, C_in, k...) first.
+    """
+    if kind == "conv":
+        return [shape[0]], list(shape[1:])
+    if kind == "conv_transpose":
+        return [shape[1]], [shape[0], *shape[2:]]
+    return [shape[0]], [shape[1]]
+
+
+def _to_matrix(kind: str, W: Tensor) -> Tensor:
+    if kind == "conv_transpose":
+        W = W.transpose(0, 1)
+    return W.reshape(W.shape[0], -1)
+
+
+def _from_matrix(kind: str, M: Tensor, shape: tuple[int, ...]) -> Tensor:
+    if kind == "conv_transpose":
+        return M.reshape(shape[1], shape[0], *shape[2:]).transpose(0, 1)
+    return M.reshape(shape)
+
+
+class SpectralTT(nn.Module):
+    """W = U diag(σ) Vᵀ with U, V tensor trains of Householder frames; SVDP when method='svdp'.
+
+    Spectrum modes (§5): 'free' learns σ; 'lipschitz' learns S with σ = scale·S/‖S‖∞ (|σ| ≤ scale,
+    the fixed per-layer scale recorded at conversion); 'identity' fixes Σ = scale·diag(±1).
+    Parameters (the parametrization's originals): one tensor (n_frames, n_free) per distinct frame
+    shape, then the spectrum (absent for 'identity'); their total size is exactly the DOF.
+    """
+
+    def __init__(self, kind: str, weight_shape: tuple[int, ...], rank: int,
+                 method: str = "sttp", spectrum: str = "free"):
+        super().__init__()
+        if spectrum not in SPECTRA:
+            raise ValueError(f"spectrum must be one of {SPECTRA}, got {spectrum!r}")
+        self.kind, self.weight_shape = kind, tuple(weight_shape)
+        self.method, self.spectrum, self.requested_rank = method, spectrum, rank
+        out_f, in_f = matrix_factors(kind, self.weight_shape)
+        self.tt = TTShape.from_dims(out_f, in_f, rank, method)
+        frames = self.tt.frames(spectrum)
+        # group frames of equal shape so each group is generated in one batched call
+        self.groups: list[tuple[int, int, bool]] = []
+        self.members: list[list[tuple[str, int]]] = []
+        for side, k, d, r, red in frames:
+            key = (d, r, red)
+            if key not in self.groups:
+                self.groups.append(key)
+                self.members.append([])
+            self.members[self.groups.index(key)].append((side, k))
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("signs", torch.ones(self.tt.middle) if spectrum == "identity" else None)
+        self._cache: tuple | None = None
+
+    # -- structure ---------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.tt.middle
+
+    def dof(self) -> int:
+        """Trainable values: eq. (9) (SVDP: r(d_out+d_in) − r²), less r(r+1)/2 for Σ = I."""
+        return self.tt.dof(self.spectrum)
+
+    def config(self) -> dict:
+        """Everything needed to rebuild this parametrization (JSON/weights_only friendly)."""
+        return {"kind": self.kind, "weight_shape": list(self.weight_shape), "rank": self.requested_rank,
+                "method": self.method, "spectrum": self.spectrum}
+
+    # -- parameters → weight ----------------------------------------------------------------
+    def sigma(self, spectrum_param: Tensor | None) -> Tensor:
+        """The effective diagonal Σ from the spectrum parameter."""
+        if self.spectrum == "free":
+            return spectrum_param
+        if self.spectrum == "lipschitz":
+            return self.scale * spectrum_param / spectrum_param.abs().max().clamp_min(1e-12)
+        return self.scale * self.signs
+
+    def factors(self, *originals: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(U, σ, V) with W_matrix = U diag(σ) Vᵀ, built from the parameters."""
+        chains: dict[str, list[Tensor | None]] = {"u": [None] * len(self.tt.out_modes),
+                                                  "v": [None] * len(self.tt.in_modes)}
+        for (d, r, red), members, P in zip(self.groups, self.members, originals):
+            X = frame(P, d, r, red)
+            for i, (side, k) in enumerate(members):
+                chains[side][k] = X[i]
+        U = _chain(chains["u"], self.tt.u_ranks)
+        V = _chain(chains["v"], self.tt.v_ranks)
+        spec = originals[len(self.groups)] if self.spectrum != "identity" else None
+        return U, self.sigma(spec), V
+
+    def forward(self, *originals: Tensor) -> Tensor:
+        use_cache = not self.training and not (
+            torch.is_grad_enabled() and any(o.requires_grad for o in originals))
+        if use_cache:
+            key = tuple((id(o), o._version, o.device, o.dtype) for o in originals) + (
+                self.scale._version, id(self.scale))
+            if self._cache is not None and self._cache[0] == key:
+                return self._cache[1]
+        U, s, V = self.factors(*originals)
+        W = _from_matrix(self.kind, (U * s) @ V.T, self.weight_shape)
+        self._cache = (key, W) if use_cache else None
+        return W
+
+    # -- weight → parameters (the conversion) ------------------------------------------------
+    @torch.no_grad()
+    def right_inverse(self, weight: Tensor) -> tuple[Tensor, ...]:
+        """TT-SVD of `weight` into the non-redundant parameters (computed in float64)."""
+        if tuple(weight.shape) != self.weight_shape:
+            raise ValueError(f"weight shape {tuple(weight.shape)} != {self.weight_shape}")
+        M = _to_matrix(self.kind, weight.detach().to(torch.float64))
+        u_cores, sigma, v_cores = spectral_tt_svd(M, self.tt)
+        identity = self.spectrum == "identity"
+        u_params, u_tail = reduce_chain(u_cores, reduce_last=identity)
+        if identity:
+            # W ≈ c·U Vᵀ with c = mean σ (least squares); U = U_F·tail, so V absorbs tailᵀ.
+            v_cores[-1] = v_cores[-1] @ u_tail.T
+            v_params, v_tail = reduce_chain(v_cores, reduce_last=False)
+            self.scale.fill_(float(sigma.mean()))
+            self.signs.copy_(torch.diagonal(v_tail))
+            spec = ()
+        else:
+            v_params, v_tail = reduce_chain(v_cores, reduce_last=False)
+            sigma = torch.diagonal(u_tail) * sigma * torch.diagonal(v_tail)
+            if self.spectrum == "lipschitz":
+                scale = sigma.abs().max().clamp_min(1e-12)
+                self.scale.fill_(float(scale))
+                sigma = sigma / scale
+            spec = (sigma.to(weight.dtype),)
+        by_core = {("u", k): p for k, p in enumerate(u_params)} | {("v", k): p for k, p in enumerate(v_params)}
+        groups = tuple(torch.stack([by_core[m] for m in members]).to(weight.dtype).contiguous()
+                       for members in self.members)
+        self._cache = None
+        return groups + spec
+
+    def spectral_penalty(self, spectrum_param: Tensor | None) -> Tensor:
+        """D-optimal regularizer −Σ log|σ_i| of the normalized spectrum (0 for Σ = I)."""
+        if spectrum_param is None or self.spectrum == "identity":
+            return self.scale.new_zeros(())
+        s = spectrum_param
+        if self.spectrum == "lipschitz":
+            s = s / s.abs().max().clamp_min(1e-12)
+        return -torch.log(s.abs().clamp_min(1e-12)).sum()
+
+    def extra_repr(self) -> str:
+        return (f"{self.method}, kind={self.kind}, shape={list(self.weight_shape)}, rank={self.rank}, "
+                f"spectrum={self.spectrum}, modes={list(self.tt.modes)}, dof={self.dof()}")
+
+
+def _chain(frames: list[Tensor], ranks: list[int]) -> Tensor:
+    """Contract a chain of core frames ((R_{k−1}·m_k) × R_k) into its frame matrix."""
+    U = frames[0]
+    for k, X in enumerate(frames[1:], start=1):
+        U = (U @ X.reshape(ranks[k], -1)).reshape(-1, ranks[k + 1])
+    return U
+
+
+def is_parametrized(module: nn.Module) -> bool:
+    """True when the module's weight is an STTP/SVDP parametrization of ours."""
+    return parametrize.is_parametrized(module, "weight") and any(
+        isinstance(p, SpectralTT) for p in module.parametrizations.weight)

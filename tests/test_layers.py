@@ -1,0 +1,203 @@
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from sttp_compress import compress, compress_module, compressed_layers, count_parameters, decompress
+from sttp_compress.householder import frame
+from sttp_compress.layers import SpectralTT
+from sttp_compress.tt import svdp_dof
+
+MODULES = [
+    lambda: nn.Linear(64, 32),
+    lambda: nn.Linear(997, 10),
+    lambda: nn.Linear(10, 1000),
+    lambda: nn.Conv1d(6, 8, 5),
+    lambda: nn.Conv2d(8, 16, 3, padding=1),
+    lambda: nn.Conv3d(4, 6, (2, 3, 1)),
+    lambda: nn.ConvTranspose1d(6, 4, 3),
+    lambda: nn.ConvTranspose2d(8, 12, 3, stride=2),
+    lambda: nn.ConvTranspose3d(2, 4, 2),
+    lambda: nn.Embedding(100, 24),
+]
+
+
+def _input(m: nn.Module) -> torch.Tensor:
+    if isinstance(m, nn.Embedding):
+        return torch.randint(0, m.num_embeddings, (7, 5))
+    if isinstance(m, nn.Linear):
+        return torch.randn(7, m.in_features)
+    spatial = {1: (11,), 2: (9, 10), 3: (5, 6, 7)}[m.weight.dim() - 2]
+    return torch.randn(2, m.in_channels, *spatial)
+
+
+def _originals(m):
+    pl = m.parametrizations.weight
+    return [getattr(pl, f"original{i}") for i in range(len([n for n, _ in pl.named_parameters()]))]
+
+
+@pytest.mark.parametrize("make", MODULES)
+@pytest.mark.parametrize("spectrum", ["free", "lipschitz"])
+def test_full_rank_conversion_is_exact_and_outputs_match(make, spectrum):
+    torch.manual_seed(0)
+    m = make()
+    x = _input(m)
+    with torch.no_grad():
+        y0 = m(x)
+        W0 = m.weight.clone()
+    p = compress_module(m, rank=10_000, spectrum=spectrum)
+    with torch.no_grad():
+        assert (m.weight - W0).norm() / W0.norm() < 1e-5
+        torch.testing.assert_close(m(x), y0, rtol=1e-4, atol=1e-5)
+    # at full TT-rank the manifold is the whole space: DOF == numel
+    assert p.dof() == W0.numel()
+
+
+@pytest.mark.parametrize("make", MODULES)
+@pytest.mark.parametrize("spectrum", ["free", "lipschitz", "identity"])
+@pytest.mark.parametrize("method", ["sttp", "svdp"])
+def test_trainable_values_equal_dof(make, spectrum, method):
+    m = make()
+    bias = m.bias.numel() if getattr(m, "bias", None) is not None else 0
+    p = compress_module(m, rank=3, method=method, spectrum=spectrum)
+    assert count_parameters(m) - bias == p.dof()
+    if method == "svdp":
+        d_out, d_in = p.tt.d_out, p.tt.d_in
+        assert p.dof() == svdp_dof(d_out, d_in, min(3, d_out, d_in), spectrum)
+
+
+def test_cp_structured_conv_converts_exactly():
+    """A conv kernel whose tensor over binary modes has CP rank 2 is exact at r = 2."""
+    g = torch.Generator().manual_seed(1)
+    t = torch.ones((), dtype=torch.float64)
+    W = 0
+    for _ in range(2):
+        t = torch.ones((), dtype=torch.float64)
+        for _ in range(4 + 3 + 2):  # C_out 16, C_in 8, kernel 2×2
+            t = torch.tensordot(t, torch.randn(2, generator=g, dtype=torch.float64), dims=0)
+        W = W + t
+    conv = nn.Conv2d(8, 16, 2).double()
+    with torch.no_grad():
+        conv.weight.copy_(W.reshape(16, 8, 2, 2))
+    x = torch.randn(3, 8, 6, 6, dtype=torch.float64)
+    y0 = conv(x).detach()
+    compress_module(conv, rank=2)
+    assert conv.parametrizations.weight[0].dof() < W.numel() / 4
+    torch.testing.assert_close(conv(x), y0, rtol=1e-7, atol=1e-9)
+
+
+def test_identity_spectrum_is_a_scaled_orthogonal_projection():
+    torch.manual_seed(0)
+    m = nn.Linear(32, 32)
+    compress_module(m, rank=32, method="svdp", spectrum="identity")
+    W = m.weight.detach()
+    scale = m.parametrizations.weight[0].scale
+    torch.testing.assert_close(W @ W.T / scale ** 2, torch.eye(32), atol=1e-5, rtol=0)
+
+
+def test_lipschitz_spectrum_is_bounded_by_the_scale():
+    torch.manual_seed(0)
+    m = nn.Linear(48, 40)
+    compress_module(m, rank=8, spectrum="lipschitz")
+    p = m.parametrizations.weight[0]
+    opt = torch.optim.Adam(m.parameters(), lr=0.1)
+    for _ in range(20):
+        loss = -m.weight.norm()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    s = torch.linalg.svdvals(m.weight.detach())
+    assert s.max() <= p.scale * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("spectrum", ["free", "lipschitz", "identity"])
+def test_frames_stay_orthonormal_after_500_adam_steps(spectrum):
+    torch.manual_seed(0)
+    m = nn.Conv2d(16, 32, 3)
+    p = compress_module(m, rank=8, spectrum=spectrum)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    G = torch.randn_like(m.weight)
+    x = torch.randn(4, 16, 6, 6)
+    for _ in range(500):
+        loss = (m.weight * G).sum() + m(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for (d, r, red), P in zip(p.groups, _originals(m)):
+        X = frame(P.detach(), d, r, red)
+        assert (X.transpose(-1, -2) @ X - torch.eye(r)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("spectrum", ["free", "lipschitz", "identity"])
+@pytest.mark.parametrize("method", ["sttp", "svdp"])
+def test_gradcheck_float64(spectrum, method):
+    torch.manual_seed(0)
+    m = nn.Conv2d(4, 6, 2).double()
+    p = compress_module(m, rank=3, method=method, spectrum=spectrum)
+    origs = tuple(o.detach().clone().requires_grad_() for o in _originals(m))
+    assert torch.autograd.gradcheck(lambda *o: p(*o), origs)
+
+
+def test_eval_mode_caches_weight_until_parameters_change(monkeypatch):
+    m = nn.Linear(32, 16)
+    p = compress_module(m, rank=4)
+    calls = []
+    orig = SpectralTT.factors
+    monkeypatch.setattr(SpectralTT, "factors", lambda self, *o: calls.append(1) or orig(self, *o))
+    x = torch.randn(3, 32)
+    m.eval()
+    with torch.no_grad():
+        y1 = m(x)
+        y2 = m(x)
+    assert len(calls) == 1 and torch.equal(y1, y2)
+    with torch.no_grad():
+        _originals(m)[-1].mul_(2)  # spectrum changed in place → rebuild
+        y3 = m(x)
+    assert len(calls) == 2
+    torch.testing.assert_close(y3 - m.bias, 2 * (y1 - m.bias))
+    m.train()
+    m(x)
+    m(x)
+    assert len(calls) == 4  # training mode: rebuilt every call so gradients flow
+    m.eval()
+    m(x).sum().backward()  # eval with grad: rebuilt, and gradients reach the parameters
+    assert _originals(m)[0].grad is not None
+
+
+def test_decompress_gives_plain_modules_with_current_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.Flatten(),
+                          nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
+    x = torch.randn(2, 3, 8, 8)
+    layers = compress(model, rank=4)
+    assert sorted(layers) == ["2", "4"]  # first conv and classifier stay dense
+    with torch.no_grad():
+        y = model(x)
+    n_comp = count_parameters(model)
+    decompress(model)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert type(model[2]) is nn.Conv2d and isinstance(model[2].weight, nn.Parameter)
+    assert count_parameters(model) > n_comp
+    assert compressed_layers(model) == {}
+    torch.testing.assert_close(model(x), y)
+
+
+def test_compress_with_per_layer_ranks_and_skips_layers_that_would_grow():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 4))
+    layers = compress(model, {"0": 4, "1": 4}, method="svdp")
+    assert list(layers) == ["0"]  # SVDP of Linear(64→4) at rank 4: 4·68 − 16 = 256 DOF, no fewer than its weights
+
+
+def test_grouped_conv_rejected_with_reason():
+    with pytest.raises(ValueError, match="groups=4"):
+        compress_module(nn.Conv2d(8, 8, 3, groups=4), rank=2)
+
+
+def test_state_dict_round_trip_into_a_fresh_structure():
+    torch.manual_seed(0)
+    a = nn.Conv2d(8, 16, 3)
+    compress_module(a, rank=4, spectrum="lipschitz")
+    b = nn.Conv2d(8, 16, 3)
+    compress_module(b, rank=4, spectrum="lipschitz")
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(a.weight, b.weight)

@@ -1,0 +1,129 @@
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from sttp_compress.householder import frame_numel
+from sttp_compress.layers import matrix_factors
+from sttp_compress.tt import (TTShape, chain_matrix, prime_factors, reduce_chain, spectral_tt_svd,
+                              svdp_dof, tt_dof, tt_ranks)
+
+
+def test_prime_factors():
+    assert prime_factors(72) == [2, 2, 2, 3, 3]
+    assert prime_factors(997) == [997]
+    assert prime_factors(1000) == [2, 2, 2, 5, 5, 5]
+    assert prime_factors(30522) == [2, 3, 5087]
+    assert prime_factors(1) == []
+
+
+def test_paper_worked_example():
+    """Sec. 8: W ∈ R^{16 × 8·3·3} (a conv 16←8 with a 3×3 kernel), r = 4."""
+    out_f, in_f = matrix_factors("conv", (16, 8, 3, 3))
+    shape = TTShape.from_dims(out_f, in_f, 4)
+    assert list(shape.modes) == [2, 2, 2, 2, 3, 3, 2, 2, 2]
+    assert shape.tt_ranks == [1, 2, 4, 4, 4, 4, 4, 4, 2, 1]
+    sizes = Counter((d, r) for _, _, d, r, _ in shape.frames())
+    assert sizes == Counter({(2, 2): 2, (4, 4): 2, (8, 4): 3, (12, 4): 2})
+    # the two cores adjacent to Σ are full frames, every other core reduced
+    assert [red for *_, red in shape.frames()] == [True, True, True, False, True, True, True, True, False]
+    assert shape.dof() == tt_dof(shape.modes, shape.tt_ranks)
+
+
+def test_transposed_conv_is_permuted_first():
+    # ConvTranspose2d(8 → 16, 3×3) stores (8, 16, 3, 3) and reads as the same 16 × 72 matrix
+    assert matrix_factors("conv_transpose", (8, 16, 3, 3)) == matrix_factors("conv", (16, 8, 3, 3))
+
+
+@pytest.mark.parametrize("d_out,d_in,r", [(16, 72, 4), (64, 576, 16), (10, 997, 5), (1000, 10, 8),
+                                          (512, 4608, 128), (7, 7, 100), (1, 5, 3)])
+def test_dof_equals_eq9_and_frame_entries(d_out, d_in, r):
+    shape = TTShape.from_dims([d_out], [d_in], r)
+    R = shape.tt_ranks
+    # eq. 3, recomputed independently
+    n = shape.modes
+    for k in range(1, len(n)):
+        assert R[k] == min(r, math.prod(n[:k]), math.prod(n[k:]))
+    eq9 = sum(R[k] * n[k] * R[k + 1] for k in range(len(n))) - sum(x * x for x in R[1:-1])
+    assert shape.dof("free") == shape.dof("lipschitz") == eq9
+    m = shape.middle
+    assert shape.dof("identity") == eq9 - m * (m + 1) // 2
+    assert shape.dof() == sum(frame_numel(d, rr, red) for *_, d, rr, red in shape.frames()) + m
+
+
+def test_svdp_dof():
+    s = TTShape.from_dims([64], [3, 3, 32], 16, method="svdp")
+    assert s.modes == (64, 288)
+    assert s.dof() == svdp_dof(64, 288, 16) == 16 * (64 + 288) - 16 ** 2
+    assert s.dof("identity") == svdp_dof(64, 288, 16, "identity") == 16 * (64 + 288) - 16 * (3 * 16 + 1) // 2
+
+
+def _cp_weight(d_out_bits, d_in_bits, cp_rank, seed=0):
+    """A matrix whose tensor over binary modes has CP rank cp_rank (so TT-ranks ≤ cp_rank in any order)."""
+    g = torch.Generator().manual_seed(seed)
+    W = 0
+    for _ in range(cp_rank):
+        t = torch.ones((), dtype=torch.float64)
+        for _ in range(d_out_bits + d_in_bits):
+            t = torch.tensordot(t, torch.randn(2, generator=g, dtype=torch.float64), dims=0)
+        W = W + t
+    return W.reshape(2 ** d_out_bits, 2 ** d_in_bits)
+
+
+@pytest.mark.parametrize("cp_rank,r", [(1, 1), (2, 2), (3, 3), (3, 5)])
+def test_exact_when_tt_ranks_suffice(cp_rank, r):
+    W = _cp_weight(5, 6, cp_rank)
+    shape = TTShape.from_dims([32], [64], r)
+    u, s, v = spectral_tt_svd(W, shape)
+    Wa = chain_matrix(u) * s @ chain_matrix(v).T
+    assert (W - Wa).norm() / W.norm() < 1e-10
+
+
+def test_error_does_not_increase_with_rank():
+    g = torch.Generator().manual_seed(0)
+    # a weight with a decaying spectrum, like a trained layer
+    A = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64)).Q
+    B = torch.linalg.qr(torch.randn(288, 64, generator=g, dtype=torch.float64)).Q
+    W = (A * torch.logspace(0, -2, 64, dtype=torch.float64)) @ B.T
+    errs = []
+    for r in [1, 2, 4, 8, 16, 32, 64, 128]:
+        shape = TTShape.from_dims([64], [32, 3, 3], r)
+        u, s, v = spectral_tt_svd(W, shape)
+        errs.append(float((W - chain_matrix(u) * s @ chain_matrix(v).T).norm() / W.norm()))
+    assert all(b <= a + 1e-12 for a, b in zip(errs, errs[1:])), errs
+    assert errs[-1] < 1e-10
+
+
+def test_svdp_conversion_is_truncated_svd():
+    W = torch.randn(40, 30, dtype=torch.float64)
+    shape = TTShape.from_dims([40], [30], 7, method="svdp")
+    u, s, v = spectral_tt_svd(W, shape)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    torch.testing.assert_close(s, S[:7])
+    torch.testing.assert_close(chain_matrix(u) * s @ chain_matrix(v).T, (U[:, :7] * S[:7]) @ Vh[:7])
+
+
+@pytest.mark.parametrize("reduce_last", [False, True])
+def test_reduce_chain_keeps_the_frame(reduce_last):
+    from sttp_compress.householder import frame
+    W = torch.randn(48, 20, dtype=torch.float64)
+    shape = TTShape.from_dims([48], [20], 6)
+    u, _, _ = spectral_tt_svd(W, shape)
+    params, tail = reduce_chain(u, reduce_last)
+    ranks = shape.u_ranks
+    frames = [frame(p, ranks[k] * m, ranks[k + 1], reduced=(k < len(u) - 1 or reduce_last))
+              for k, (p, m) in enumerate(zip(params, shape.out_modes))]
+    # each reduced frame has an upper-triangular leading block
+    for k, X in enumerate(frames):
+        if k < len(u) - 1 or reduce_last:
+            R = X.shape[1]
+            assert torch.tril(X[:R], -1).abs().max() < 1e-12
+    U_F = chain_matrix([X.reshape(ranks[k], m, ranks[k + 1]) for k, (X, m) in
+                        enumerate(zip(frames, shape.out_modes))])
+    torch.testing.assert_close(U_F @ tail, chain_matrix(u), rtol=0, atol=1e-12)
+    torch.testing.assert_close(tail @ tail.T, torch.eye(tail.shape[0], dtype=torch.float64))
+
+
+def test_tt_ranks_helper():
+    assert tt_ranks((2, 2, 2, 2, 3, 3, 2, 2, 2), 4) == [1, 2, 4, 4, 4, 4, 4, 4, 2, 1]
