@@ -1,0 +1,65 @@
+"""Shared bits of the benchmarks: timing, machine description, result files."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine(device: str = "cpu") -> str:
+    """One line naming the machine a number came from (the GPU's name on CUDA)."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def today() -> str:
+    return _dt.date.today().isoformat()
+
+
+def time_ms(fn: Callable[[], object], device: str = "cpu", warmup: int = 2, repeat: int = 5,
+            min_seconds: float = 0.0) -> float:
+    """Median wall time of fn() in ms, after warm-up, synchronizing CUDA around each run."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times, start = [], time.perf_counter()
+    while len(times) < repeat or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def write_results(name: str, rows: list[dict], meta: dict, markdown: str | None = None) -> Path:
+    """Write rows to benchmarks/results/<name>.json (and .md) and return the JSON path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(rows, indent=2) + "\n")
+    (RESULTS / f"{name}.meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if markdown is not None:
+        (RESULTS / f"{name}.md").write_text(markdown)
+    return path
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    return head + "".join("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |\n" for r in rows)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
