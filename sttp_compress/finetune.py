@@ -1,0 +1,609 @@
+"""Brief fine-tuning of a compressed student by distillation from the original (teacher) model."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import UserError
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("onecycle", "cosine", "constant")
+AMP_MODES = ("auto", "bf16", "off")
+LOSS_KINDS = ("auto", "logits", "mse")
+# Per-optimizer defaults: SGD+Nesterov is the usual recipe for CNN fine-tuning; AdamW for everything else.
+DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}
+DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.01}
+SGD_MOMENTUM = 0.9
+ONECYCLE_PCT_START = 0.15
+
+
+# ---------------------------------------------------------------------------------------------
+# losses
+
+
+def distillation_loss(
+    student_out: Tensor,
+    teacher_out: Tensor,
+    targets: Tensor | None = None,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    kind: str = "auto",
+) -> Tensor:
+    """Hinton distillation: alpha·T²·KL(p_t‖p_s) at temperature T + (1−alpha)·CE on labels; MSE otherwise.
+
+    Defaults T=4 (soft enough to transfer the teacher's dark knowledge on 10–1000 classes) and
+    alpha=0.9 (the teacher is the main signal; labels only anchor it). Without targets the KL term
+    is used alone (weight alpha·T² dropped to T²). Outputs that are not 2-D float logits, or
+    kind="mse", are matched to the teacher with mean squared error. Computed in float32.
+    """
+    if kind not in LOSS_KINDS:
+        raise UserError(f"unknown distillation loss {kind!r}; choose one of {', '.join(LOSS_KINDS)}")
+    if temperature <= 0:
+        raise UserError(f"distillation temperature must be positive, got {temperature}")
+    if not 0.0 <= alpha <= 1.0:
+        raise UserError(f"distillation alpha must be in [0, 1], got {alpha}")
+    if student_out.shape != teacher_out.shape:
+        raise UserError(
+            f"student output shape {tuple(student_out.shape)} differs from teacher's {tuple(teacher_out.shape)}"
+        )
+    s, t = student_out.float(), teacher_out.detach().float()
+    logits = kind == "logits" or (kind == "auto" and s.dim() == 2 and student_out.is_floating_point())
+    if not logits:
+        return F.mse_loss(s, t)
+    kl = F.kl_div(
+        F.log_softmax(s / temperature, dim=1),
+        F.log_softmax(t / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    ) * temperature**2
+    if targets is None:
+        return kl
+    return alpha * kl + (1.0 - alpha) * F.cross_entropy(s, targets)
+
+
+def _takes_no_arguments(fn: Any) -> bool:
+    """True when `fn` can be called with no arguments."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return all(
+        p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params
+    )
+
+
+def spectral_regularizer(model: nn.Module) -> Tensor:
+    """Sum of `spectral_penalty()` over modules that provide it (zero-argument form), 0 when none do."""
+    terms = [
+        m.spectral_penalty()
+        for m in model.modules()
+        if callable(getattr(m, "spectral_penalty", None)) and _takes_no_arguments(m.spectral_penalty)
+    ]
+    if terms:
+        return torch.stack([t.float().reshape(()) for t in terms]).sum()
+    ref = next(model.parameters(), None)
+    return torch.zeros((), device=ref.device if ref is not None else "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration and small helpers
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning hyper-parameters; None means the documented default (see `resolved_*` helpers)."""
+
+    epochs: int | None = None
+    steps: int | None = None
+    lr: float | None = None
+    optimizer: str = "sgd"
+    weight_decay: float | None = None
+    schedule: str = "onecycle"
+    temperature: float = 4.0
+    alpha: float = 0.9
+    spectral_reg: float = 0.0
+    device: str = "auto"
+    amp: str = "auto"
+    batch_size: int = 128
+    workers: int = 2
+    seed: int = 0
+    grad_clip: float | None = 5.0
+    log_every: int = 20
+    val_every_epoch: bool = True
+
+    def validate(self) -> None:
+        """Raise UserError for impossible settings (both epochs and steps, negative counts, unknown names)."""
+        if self.epochs is not None and self.steps is not None:
+            raise UserError("give either --epochs or --steps, not both")
+        if self.epochs is not None and self.epochs < 0:
+            raise UserError(f"epochs cannot be negative, got {self.epochs}")
+        if self.steps is not None and self.steps < 0:
+            raise UserError(f"steps cannot be negative, got {self.steps}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.amp not in AMP_MODES:
+            raise UserError(f"unknown amp mode {self.amp!r}; choose one of {', '.join(AMP_MODES)}")
+        if self.lr is not None and not self.lr > 0:
+            raise UserError(f"learning rate must be positive, got {self.lr}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise UserError(f"weight decay cannot be negative, got {self.weight_decay}")
+        if self.spectral_reg < 0:
+            raise UserError(f"spectral regularization weight cannot be negative, got {self.spectral_reg}")
+        if self.temperature <= 0:
+            raise UserError(f"distillation temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UserError(f"distillation alpha must be in [0, 1], got {self.alpha}")
+        if self.log_every < 1:
+            raise UserError(f"log interval must be at least 1 step, got {self.log_every}")
+
+    @property
+    def resolved_lr(self) -> float:
+        """The learning rate in effect: the given one, else 0.01 for SGD and 1e-3 for AdamW."""
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    @property
+    def resolved_weight_decay(self) -> float:
+        """The weight decay in effect: the given one, else 5e-4 for SGD and 0.01 for AdamW."""
+        return self.weight_decay if self.weight_decay is not None else DEFAULT_WEIGHT_DECAY[self.optimizer]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Map "auto" to CUDA when available, else CPU; raise UserError for an unusable device."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device} requested but CUDA is not available")
+    return dev
+
+
+def _amp_enabled(amp: str | bool, device: torch.device) -> bool:
+    """Whether to autocast to bfloat16: "auto" means on CUDA only, "bf16" always, "off"/False never."""
+    if isinstance(amp, bool):
+        return amp
+    if amp not in AMP_MODES:
+        raise UserError(f"unknown amp mode {amp!r}; choose one of {', '.join(AMP_MODES)}")
+    return amp == "bf16" or (amp == "auto" and device.type == "cuda")
+
+
+def _autocast(device: torch.device, enabled: bool):
+    """A bfloat16 autocast context for `device`, or a no-op."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def _primary_output(out: Any) -> Tensor:
+    """The tensor to distil from a model output: itself, `.logits`/["logits"], or the first element."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, dict):
+        return out["logits"] if "logits" in out else next(iter(out.values()))
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out:
+        return _primary_output(out[0])
+    raise UserError(f"cannot use model output of type {type(out).__name__} (expected a tensor)")
+
+
+def _split_batch(batch: Any, device: torch.device) -> tuple[Any, Tensor | None]:
+    """(inputs, targets or None) moved to `device`; accepts a tensor, (x,), or (x, y, ...)."""
+    non_blocking = device.type == "cuda"
+    if isinstance(batch, (tuple, list)):
+        inputs = batch[0]
+        targets = batch[1] if len(batch) > 1 else None
+    else:
+        inputs, targets = batch, None
+    inputs = inputs.to(device, non_blocking=non_blocking)
+    if targets is not None:
+        targets = targets.to(device, non_blocking=non_blocking)
+    return inputs, targets
+
+
+def _cpu_targets(batch: Any) -> Tensor | None:
+    """The batch's targets as the loader produced them (on CPU, so checking them costs no GPU sync)."""
+    return batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+
+
+def _is_class_labels(out: Tensor, targets: Tensor | None) -> bool:
+    """True when `targets` are class indices for 2-D logits `out` (so accuracy and CE make sense)."""
+    return (
+        targets is not None
+        and out.dim() == 2
+        and targets.dim() == 1
+        and not targets.is_floating_point()
+        and not targets.is_complex()
+    )
+
+
+def _check_label_range(targets: Tensor | None, num_classes: int) -> None:
+    """Raise UserError when class labels fall outside the model's outputs (e.g. a dataset with more classes)."""
+    if targets is None or targets.numel() == 0:
+        return
+    low, high = int(targets.min()), int(targets.max())
+    if low < 0 or high >= num_classes:
+        raise UserError(
+            f"the data has class labels {low}..{high} but the model has {num_classes} outputs; "
+            "check that the data matches the model"
+        )
+
+
+def _module_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for an empty model)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation and BatchNorm recalibration
+
+
+def evaluate(
+    model: nn.Module, loader: Iterable, device: str | torch.device, amp: str | bool = "off"
+) -> dict[str, float | None]:
+    """Top-1 (in [0, 1]), top-5 and mean cross-entropy on labelled data; all None when unlabelled.
+
+    Uses eval mode under torch.no_grad() (not inference_mode: parametrized layers cache weights,
+    and inference tensors in that cache would break later training). The training mode is restored.
+    """
+    device = resolve_device(device)
+    use_amp = _amp_enabled(amp, device)
+    was_training = model.training
+    model.eval()
+    seen = 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    counts = torch.zeros(2, dtype=torch.long, device=device)
+    labelled = True
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                inputs, targets = _split_batch(batch, device)
+                with _autocast(device, use_amp):
+                    out = _primary_output(model(inputs))
+                if not _is_class_labels(out, targets):
+                    labelled = False
+                    break
+                _check_label_range(_cpu_targets(batch), out.shape[1])
+                out = out.float()
+                k = min(5, out.shape[1])
+                top = out.topk(k, dim=1).indices
+                hits = top == targets[:, None]
+                counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
+                loss_sum += F.cross_entropy(out, targets, reduction="sum").double()
+                seen += len(targets)
+    finally:
+        model.train(was_training)
+    if not labelled or seen == 0:
+        return {"accuracy": None, "top5": None, "loss": None}
+    correct, correct5 = counts.tolist()
+    return {"accuracy": correct / seen, "top5": correct5 / seen, "loss": float(loss_sum) / seen}
+
+
+def _val_distillation_loss(
+    student: nn.Module, teacher: nn.Module, loader: Iterable, device: torch.device, use_amp: bool,
+    cfg: FinetuneConfig,
+) -> float:
+    """Mean distillation loss (no labels) of the student against the teacher on `loader`, in eval mode."""
+    was_training = student.training
+    student.eval()
+    total, n = 0.0, 0
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                inputs, _ = _split_batch(batch, device)
+                with _autocast(device, use_amp):
+                    s = _primary_output(student(inputs))
+                    t = _primary_output(teacher(inputs))
+                batch_n = s.shape[0] if s.dim() else 1
+                total += float(distillation_loss(s, t, None, cfg.temperature, cfg.alpha)) * batch_n
+                n += batch_n
+    finally:
+        student.train(was_training)
+    return total / max(n, 1)
+
+
+def recalibrate_batchnorm(
+    model: nn.Module, loader: Iterable, batches: int = 50, device: str | torch.device | None = None
+) -> int:
+    """Re-estimate BatchNorm running mean/var as a cumulative average over `batches` batches; returns batches used.
+
+    Compression shifts every layer's activations, so the stored statistics are stale; this resets
+    them and averages fresh ones (momentum=None), then restores momentum and the training mode.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or batches <= 0:
+        return 0
+    dev = _module_device(model) if device is None else resolve_device(device)
+    momenta = [m.momentum for m in bns]
+    was_training = model.training
+    used = 0
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        with torch.no_grad():
+            for batch in loader:
+                if used >= batches:
+                    break
+                inputs, _ = _split_batch(batch, dev)
+                model(inputs)
+                used += 1
+    finally:
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return used
+
+
+# ---------------------------------------------------------------------------------------------
+# the training loop
+
+
+def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """SGD (Nesterov, momentum 0.9) or AdamW; weight decay only on >= 2-D weights (not biases, norms, spectra)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() <= 1 or "spectr" in name.lower() else decay).append(p)
+    if not decay and not no_decay:
+        raise UserError("the student model has no trainable parameters to fine-tune")
+    wd = cfg.resolved_weight_decay
+    groups = [g for g in ({"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0})
+              if g["params"]]
+    lr = cfg.resolved_lr
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=SGD_MOMENTUM, nesterov=True)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: FinetuneConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Per-step schedule: OneCycle (15% warm-up, cosine), cosine annealing to 0, or None for constant."""
+    if cfg.schedule == "constant" or total_steps < 1:
+        return None
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=[g["lr"] for g in optimizer.param_groups],
+        total_steps=total_steps,
+        pct_start=ONECYCLE_PCT_START,
+        anneal_strategy="cos",
+    )
+
+
+def _percent(accuracy: float | None) -> float | None:
+    """A [0, 1] accuracy as a percentage rounded to 2 decimals (None stays None)."""
+    return None if accuracy is None else round(100.0 * accuracy, 2)
+
+
+def _epoch_value(steps: int, steps_per_epoch: int) -> int | float:
+    """Epochs done as an int when whole, else rounded to 3 decimals (for --steps runs)."""
+    value = steps / steps_per_epoch
+    return int(value) if value.is_integer() else round(value, 3)
+
+
+class _Progress:
+    """A transient rich progress bar on stderr, or nothing at all when disabled."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.bar = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("fine-tuning"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task("fine-tuning", total=total, info="")
+
+    def update(self, advance: int, info: str | None = None) -> None:
+        """Advance the bar and optionally replace its info text."""
+        if self.bar is not None:
+            fields = {} if info is None else {"info": info}
+            self.bar.update(self.task, advance=advance, **fields)
+
+    def close(self) -> None:
+        """Remove the bar from the terminal."""
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
+    """A detached CPU copy of the model's state_dict (to restore the best checkpoint later)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _train_step(
+    student: nn.Module, teacher: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
+    trainable: list[Tensor], cfg: FinetuneConfig, device: torch.device, use_amp: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One distillation step; returns the detached (loss, student output, class labels or None)."""
+    inputs, targets = _split_batch(batch, device)
+    with torch.no_grad(), _autocast(device, use_amp):
+        t_out = _primary_output(teacher(inputs))
+    with _autocast(device, use_amp):
+        s_out = _primary_output(student(inputs))
+    labels = targets if _is_class_labels(s_out, targets) else None
+    if labels is not None:
+        _check_label_range(_cpu_targets(batch), s_out.shape[1])
+    loss = distillation_loss(s_out, t_out, labels, cfg.temperature, cfg.alpha)
+    if cfg.spectral_reg > 0:
+        loss = loss + cfg.spectral_reg * spectral_regularizer(student).to(loss.device)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+    optimizer.step()
+    return loss.detach(), s_out.detach(), labels
+
+
+def finetune(
+    student: nn.Module,
+    teacher: nn.Module,
+    train_loader: Iterable,
+    val_loader: Iterable | None,
+    cfg: FinetuneConfig,
+    progress: bool = True,
+    bn_recalibrate: int = 0,
+) -> dict[str, Any]:
+    """Distil the teacher into the student, validating each epoch, and keep the best-validation student.
+
+    Returns the report block {"epochs", "steps", "seconds", "device", "original_val_accuracy",
+    "val_accuracy_before", "val_accuracy_after", "curve"} with accuracies in percent (None when the
+    validation data is unlabelled or absent). The best state is chosen by val accuracy (ties: lower val
+    loss), or by lowest val distillation loss on unlabelled data, among the curve's checkpoints, and
+    loaded back into `student`. Both models are moved to the device; the teacher is left in eval mode.
+    "seconds" is wall time including validation; `bn_recalibrate` > 0 first re-estimates the student's
+    BatchNorm statistics on that many training batches (so "before" already includes it).
+    """
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    use_amp = _amp_enabled(cfg.amp, device)
+    torch.manual_seed(cfg.seed)
+    start = time.perf_counter()
+
+    student.to(device)
+    teacher.to(device).eval()
+    if bn_recalibrate > 0:
+        recalibrate_batchnorm(student, train_loader, bn_recalibrate, device)
+
+    steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+    if steps_per_epoch == 0:
+        raise UserError("the training data yields no batches (fewer samples than the batch size?)")
+    if cfg.steps is not None:
+        total_steps = cfg.steps
+    else:
+        total_steps = round((1 if cfg.epochs is None else cfg.epochs) * steps_per_epoch)
+
+    def validate() -> tuple[dict[str, float | None], tuple[float, ...] | None]:
+        """Student metrics on val and a sort key where larger is better (None without val data)."""
+        if val_loader is None:
+            return {"accuracy": None, "top5": None, "loss": None}, None
+        metrics = evaluate(student, val_loader, device, use_amp)
+        if metrics["accuracy"] is not None:
+            return metrics, (metrics["accuracy"], -metrics["loss"])
+        return metrics, (-_val_distillation_loss(student, teacher, val_loader, device, use_amp, cfg),)
+
+    original = None if val_loader is None else evaluate(teacher, val_loader, device, use_amp)["accuracy"]
+    before, _ = validate()
+
+    optimizer = build_optimizer(student, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    bar = _Progress(progress, total_steps)
+
+    curve: list[dict[str, Any]] = []
+    best_key: tuple[float, ...] | None = None
+    best_state: dict[str, Tensor] | None = None
+    best_metrics = before
+    last_metrics = before
+    step = 0
+    seg_steps = 0
+    seg_loss = torch.zeros((), dtype=torch.float64, device=device)
+    run_correct = torch.zeros((), dtype=torch.long, device=device)
+    labelled_seen = 0
+    samples = 0
+    pending = 0
+    tick = time.perf_counter()
+    student.train()
+
+    def checkpoint() -> None:
+        """Validate, append a curve point for the steps since the last one, and remember the best state."""
+        nonlocal best_key, best_state, best_metrics, last_metrics, seg_steps, seg_loss
+        metrics, key = validate()
+        last_metrics = metrics
+        curve.append({
+            "epoch": _epoch_value(step, steps_per_epoch),
+            "train_loss": float(seg_loss) / max(seg_steps, 1),
+            "val_accuracy": _percent(metrics["accuracy"]),
+        })
+        seg_steps, seg_loss = 0, torch.zeros_like(seg_loss)
+        if key is not None and (best_key is None or key > best_key):
+            best_key, best_state, best_metrics = key, _cpu_state(student), metrics
+
+    try:
+        while step < total_steps:
+            for batch in train_loader:
+                loss, s_out, labels = _train_step(
+                    student, teacher, batch, optimizer, trainable, cfg, device, use_amp
+                )
+                if scheduler is not None:
+                    scheduler.step()
+                step += 1
+                seg_steps += 1
+                pending += 1
+                seg_loss += loss.double()
+                batch_n = s_out.shape[0] if s_out.dim() else 1
+                samples += batch_n
+                if labels is not None:
+                    run_correct += (s_out.argmax(dim=1) == labels).sum()
+                    labelled_seen += batch_n
+
+                epoch_end = step % steps_per_epoch == 0
+                if step % cfg.log_every == 0 or epoch_end or step == total_steps:
+                    mean_loss = float(seg_loss) / seg_steps
+                    if not math.isfinite(mean_loss):
+                        raise UserError(
+                            f"fine-tuning diverged (loss {mean_loss}) at step {step}; try a lower --lr"
+                        )
+                    now = time.perf_counter()
+                    rate = samples / max(now - tick, 1e-9)
+                    info = f"loss {mean_loss:.4f}  {rate:,.0f} img/s"
+                    if labelled_seen:
+                        info += f"  acc {100.0 * int(run_correct) / labelled_seen:.1f}%"
+                    bar.update(pending, info)
+                    pending, samples, tick = 0, 0, now
+                if epoch_end:
+                    run_correct.zero_()
+                    labelled_seen = 0
+                if (epoch_end and cfg.val_every_epoch) or step == total_steps:
+                    checkpoint()
+                    student.train()
+                    tick = time.perf_counter()  # images/s counts training only
+                if step >= total_steps:
+                    break
+    finally:
+        bar.close()
+
+    if best_state is not None:
+        student.load_state_dict(best_state)
+        after = best_metrics
+    else:
+        after = last_metrics
+    return {
+        "epochs": _epoch_value(step, steps_per_epoch),
+        "steps": step,
+        "seconds": round(time.perf_counter() - start, 2),
+        "device": str(device),
+        "original_val_accuracy": _percent(original),
+        "val_accuracy_before": _percent(before["accuracy"]),
+        "val_accuracy_after": _percent(after["accuracy"]),
+        "curve": curve,
+    }

@@ -1,0 +1,265 @@
+"""Tests for sttp_compress.data: image-folder splits, transforms, tensor files and seeded loaders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from sttp_compress.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageDataConfig,
+    build_image_datasets,
+    image_folder_splits,
+    load_tensor_data,
+    make_loaders,
+    resolve_image_config,
+)
+from sttp_compress.errors import UserError
+
+
+def _write_images(folder: Path, classes: dict[str, int], size: int = 16, fmt: str = "png") -> None:
+    """Write `count` small solid-colour images per class into folder/<class>/."""
+    for ci, (name, count) in enumerate(classes.items()):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            colour = (40 * ci % 256, 10 * i % 256, 200)
+            Image.new("RGB", (size, size), colour).save(folder / name / f"img{i}.{fmt}")
+
+
+@pytest.fixture
+def dataset_root(tmp_path: Path) -> Path:
+    """root/train/{cat,dog} (PNG) and root/val/{cat,dog} (JPEG) with 16x16 images."""
+    _write_images(tmp_path / "train", {"cat": 3, "dog": 2})
+    _write_images(tmp_path / "val", {"cat": 1, "dog": 1}, fmt="jpg")
+    return tmp_path
+
+
+# ---------------------------------------------------------------------------------------------
+# image_folder_splits
+
+
+def test_splits_data_dir_with_val(dataset_root: Path) -> None:
+    train, val = image_folder_splits(str(dataset_root), None, None)
+    assert train == dataset_root / "train" and val == dataset_root / "val"
+
+
+def test_splits_falls_back_to_test(tmp_path: Path) -> None:
+    _write_images(tmp_path / "train", {"a": 1})
+    _write_images(tmp_path / "test", {"a": 1})
+    assert image_folder_splits(str(tmp_path), None, None) == (tmp_path / "train", tmp_path / "test")
+
+
+def test_splits_without_val(tmp_path: Path) -> None:
+    _write_images(tmp_path / "train", {"a": 1})
+    assert image_folder_splits(str(tmp_path), None, None) == (tmp_path / "train", None)
+
+
+def test_splits_explicit_folders(dataset_root: Path) -> None:
+    train, val = image_folder_splits(None, str(dataset_root / "train"), str(dataset_root / "val"))
+    assert (train, val) == (dataset_root / "train", dataset_root / "val")
+    assert image_folder_splits(None, str(dataset_root / "train"), None)[1] is None
+
+
+@pytest.mark.parametrize(
+    "setup, args, fragment",
+    [
+        (lambda r: None, lambda r: (str(r / "nope"), None, None), "not found"),
+        (lambda r: (r / "x").mkdir(), lambda r: (str(r / "x"), None, None), "no train/"),
+        (lambda r: (r / "train" / "a").mkdir(parents=True), lambda r: (str(r), None, None), "no images"),
+        (lambda r: _write_images(r / "flat", {}), lambda r: (None, str(r / "missing"), None), "not found"),
+        (lambda r: _write_images(r / "t", {"a": 1}), lambda r: (None, str(r / "t"), str(r / "v")), "not found"),
+        (lambda r: None, lambda r: (None, None, None), "no data given"),
+        (lambda r: _write_images(r / "t", {"a": 1}), lambda r: (str(r), str(r / "t"), None), "not both"),
+    ],
+    ids=["missing-data", "no-train", "no-images", "missing-train", "missing-val", "nothing", "both"],
+)
+def test_splits_user_errors(tmp_path: Path, setup, args, fragment: str) -> None:
+    setup(tmp_path)
+    with pytest.raises(UserError, match=fragment) as info:
+        image_folder_splits(*args(tmp_path))
+    assert "\n" not in str(info.value)
+
+
+def test_images_directly_in_train_folder_are_rejected(tmp_path: Path) -> None:
+    (tmp_path / "train").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "loose.png")  # no class subfolder
+    with pytest.raises(UserError, match=str(tmp_path / "train")):
+        image_folder_splits(str(tmp_path), None, None)
+
+
+def test_empty_val_folder_is_rejected(tmp_path: Path) -> None:
+    _write_images(tmp_path / "train", {"a": 1})
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    with pytest.raises(UserError, match="no images"):
+        image_folder_splits(str(tmp_path), None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# build_image_datasets
+
+
+def test_config_defaults_small_images(dataset_root: Path) -> None:
+    cfg = resolve_image_config(ImageDataConfig(), dataset_root / "train")
+    assert cfg.image_size == 16 and cfg.mean == IMAGENET_MEAN and cfg.std == IMAGENET_STD
+
+
+def test_config_large_images_use_224(tmp_path: Path) -> None:
+    _write_images(tmp_path, {"a": 1}, size=100)
+    assert resolve_image_config(ImageDataConfig(), tmp_path).image_size == 224
+
+
+@pytest.mark.parametrize(
+    "cfg, fragment",
+    [
+        (ImageDataConfig(augment="fancy"), "augmentation"),
+        (ImageDataConfig(mean=(0.5, 0.5), std=(0.2, 0.2)), "mean and std"),
+        (ImageDataConfig(mean=(0.5,), std=(0.0,)), "positive"),
+    ],
+)
+def test_config_user_errors(dataset_root: Path, cfg: ImageDataConfig, fragment: str) -> None:
+    with pytest.raises(UserError, match=fragment):
+        resolve_image_config(cfg, dataset_root / "train")
+
+
+@pytest.mark.parametrize("augment", ["auto", "small", "none"])
+def test_build_small_image_datasets(dataset_root: Path, augment: str) -> None:
+    train_ds, val_ds = build_image_datasets(
+        dataset_root / "train", dataset_root / "val", ImageDataConfig(augment=augment)
+    )
+    assert len(train_ds) == 5 and len(val_ds) == 2
+    x, y = train_ds[0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and y == 0
+    xv, yv = val_ds[1]
+    assert xv.shape == (3, 16, 16) and yv == 1
+    # validation is deterministic and normalised with the ImageNet statistics
+    assert torch.equal(val_ds[0][0], val_ds[0][0])
+    raw = torch.tensor([40 * 0, 0, 200], dtype=torch.float32) / 255  # class "cat", image 0 is (0, 0, 200)
+    expected = (raw - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    assert torch.allclose(val_ds[0][0][:, 8, 8], expected, atol=0.05)  # JPEG is lossy
+
+
+def test_build_imagenet_sized(tmp_path: Path) -> None:
+    _write_images(tmp_path / "train", {"a": 1, "b": 1}, size=40)
+    _write_images(tmp_path / "val", {"a": 1}, size=40)
+    train_ds, val_ds = build_image_datasets(
+        tmp_path / "train", tmp_path / "val", ImageDataConfig(image_size=72, augment="auto")
+    )
+    assert train_ds[0][0].shape == (3, 72, 72) and val_ds[0][0].shape == (3, 72, 72)
+
+
+def test_val_with_subset_of_classes_keeps_train_indices(tmp_path: Path) -> None:
+    _write_images(tmp_path / "train", {"a": 1, "b": 1, "c": 1})
+    _write_images(tmp_path / "val", {"c": 1})  # alone, ImageFolder would call "c" class 0
+    _, val_ds = build_image_datasets(tmp_path / "train", tmp_path / "val", ImageDataConfig())
+    assert val_ds[0][1] == 2 and val_ds.classes == ["a", "b", "c"]
+
+
+def test_val_with_unknown_class_is_rejected(tmp_path: Path) -> None:
+    _write_images(tmp_path / "train", {"a": 1})
+    _write_images(tmp_path / "val", {"zebra": 1})
+    with pytest.raises(UserError, match="zebra"):
+        build_image_datasets(tmp_path / "train", tmp_path / "val", ImageDataConfig())
+
+
+def test_grayscale_images_become_rgb(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    Image.new("L", (12, 12), 128).save(tmp_path / "a" / "g.png")
+    train_ds, val_ds = build_image_datasets(tmp_path, None, ImageDataConfig())
+    assert train_ds[0][0].shape == (3, 12, 12) and val_ds is None
+
+
+# ---------------------------------------------------------------------------------------------
+# load_tensor_data
+
+
+def test_tensor_data_split(tmp_path: Path) -> None:
+    inputs, targets = torch.arange(50.0).reshape(50, 1), torch.arange(50)
+    torch.save({"inputs": inputs, "targets": targets}, tmp_path / "d.pt")
+    train_ds, val_ds = load_tensor_data(f"tensors:{tmp_path / 'd.pt'}")
+    assert len(train_ds) == 45 and len(val_ds) == 5
+    xs = torch.cat([train_ds.tensors[0], val_ds.tensors[0]]).flatten()
+    ys = torch.cat([train_ds.tensors[1], val_ds.tensors[1]])
+    assert torch.equal(xs.sort().values, inputs.flatten()) and torch.equal(xs.long(), ys)  # pairs stay together
+    again, _ = load_tensor_data(f"tensors:{tmp_path / 'd.pt'}")
+    assert torch.equal(again.tensors[0], train_ds.tensors[0])  # deterministic split
+
+
+def test_tensor_data_without_targets_yields_inputs_only(tmp_path: Path) -> None:
+    torch.save({"inputs": torch.randn(20, 3)}, tmp_path / "d.pt")
+    train_ds, val_ds = load_tensor_data(f"tensors:{tmp_path / 'd.pt'}")
+    assert len(train_ds) == 18 and len(val_ds) == 2
+    assert len(train_ds[0]) == 1 and train_ds[0][0].shape == (3,)
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (None, "not found"),
+        ([torch.zeros(3)], "must hold a dict"),
+        ({"targets": torch.zeros(3)}, "no 'inputs'"),
+        ({"inputs": torch.zeros(4, 2), "targets": torch.zeros(3)}, "4 inputs but 3 targets"),
+        ({"inputs": torch.zeros(1, 2)}, "at least 2"),
+    ],
+    ids=["missing", "not-dict", "no-inputs", "length-mismatch", "too-small"],
+)
+def test_tensor_data_user_errors(tmp_path: Path, content, fragment: str) -> None:
+    path = tmp_path / "d.pt"
+    if content is not None:
+        torch.save(content, path)
+    with pytest.raises(UserError, match=fragment):
+        load_tensor_data(f"tensors:{path}")
+
+
+def test_tensor_data_rejects_unsafe_pickles(tmp_path: Path) -> None:
+    torch.save({"inputs": torch.zeros(4, 2), "extra": Path("x")}, tmp_path / "d.pt")
+    with pytest.raises(UserError, match="cannot load"):
+        load_tensor_data(f"tensors:{tmp_path / 'd.pt'}")
+
+
+def test_tensor_spec_needs_prefix(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="tensors:"):
+        load_tensor_data(str(tmp_path / "d.pt"))
+
+
+# ---------------------------------------------------------------------------------------------
+# make_loaders
+
+
+def _order(loader) -> list[int]:
+    return torch.cat([batch[0].flatten() for batch in loader]).long().tolist()
+
+
+def test_loaders_are_seeded_and_drop_last() -> None:
+    ds = torch.utils.data.TensorDataset(torch.arange(10.0), torch.arange(10))
+    train_a, val_a = make_loaders(ds, ds, batch_size=4, workers=0, seed=3, device="cpu")
+    train_b, _ = make_loaders(ds, ds, batch_size=4, workers=0, seed=3, device="cpu")
+    train_c, _ = make_loaders(ds, ds, batch_size=4, workers=0, seed=4, device="cpu")
+    assert len(train_a) == 2 and len(val_a) == 3  # train drops the ragged batch, val keeps it
+    assert _order(train_a) == _order(train_b) != _order(train_c)
+    assert _order(val_a) == list(range(10))
+    assert not train_a.pin_memory and not train_a.persistent_workers
+
+
+def test_loaders_with_workers_are_deterministic() -> None:
+    ds = torch.utils.data.TensorDataset(torch.arange(8.0))
+    orders = [_order(make_loaders(ds, None, 4, workers=1, seed=0, device="cpu")[0]) for _ in range(2)]
+    assert orders[0] == orders[1]
+    train, val = make_loaders(ds, None, 4, workers=1, seed=0, device="cpu")
+    assert train.persistent_workers and val is None
+
+
+def test_loaders_keep_a_single_short_batch() -> None:
+    ds = torch.utils.data.TensorDataset(torch.arange(3.0))
+    train, _ = make_loaders(ds, None, batch_size=8, workers=0, seed=0, device="cpu")
+    assert len(train) == 1
+
+
+@pytest.mark.parametrize("batch_size, workers", [(0, 0), (4, -1)])
+def test_loader_user_errors(batch_size: int, workers: int) -> None:
+    ds = torch.utils.data.TensorDataset(torch.arange(3.0))
+    with pytest.raises(UserError):
+        make_loaders(ds, None, batch_size, workers, seed=0, device="cpu")

@@ -1,0 +1,366 @@
+"""Tests for sttp_compress.finetune (distillation, loop, best-state restore, BN recalibration) and the example."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from sttp_compress.data import make_loaders
+from sttp_compress.errors import UserError
+from sttp_compress.example import DigitsCNN, digits_data, digits_factory, train_digits_model
+from sttp_compress.finetune import (
+    FinetuneConfig,
+    build_optimizer,
+    distillation_loss,
+    evaluate,
+    finetune,
+    recalibrate_batchnorm,
+    spectral_regularizer,
+)
+
+REPORT_KEYS = {
+    "epochs", "steps", "seconds", "device", "original_val_accuracy",
+    "val_accuracy_before", "val_accuracy_after", "curve",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is faster and steadier than two on a shared 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[TensorDataset, TensorDataset]:
+    return digits_data(seed=0)
+
+
+@pytest.fixture(scope="module")
+def teacher() -> nn.Module:
+    """The example DigitsCNN, trained briefly; also checks it gets >= 90% val accuracy quickly."""
+    start = time.process_time()
+    model, accuracy = train_digits_model(epochs=3, seed=0)
+    cpu_seconds = time.process_time() - start
+    assert accuracy >= 0.90, accuracy
+    assert cpu_seconds < 20, cpu_seconds
+    return model.eval()
+
+
+def _student(seed: int = 1) -> nn.Module:
+    """A much smaller fresh student (flatten → 32 units with BatchNorm → 10)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def _loaders(digits, batch_size: int = 64, seed: int = 0):
+    train_ds, val_ds = digits
+    return make_loaders(train_ds, val_ds, batch_size=batch_size, workers=0, seed=seed, device="cpu")
+
+
+def _run(student, teacher, digits, progress: bool = False, **overrides) -> dict:
+    cfg = FinetuneConfig(**{"device": "cpu", "workers": 0, **overrides})
+    train_loader, val_loader = _loaders(digits)
+    return finetune(student, teacher, train_loader, val_loader, cfg, progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# distillation_loss
+
+
+def test_distillation_loss_matches_hand_computation() -> None:
+    T, alpha = 2.0, 0.9
+    teacher_out = torch.tensor([[2 * math.log(3.0), 0.0]])  # softmax(t/T) = (3/4, 1/4)
+    student_out = torch.tensor([[0.0, 0.0]])  # softmax(s/T) = (1/2, 1/2)
+    kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    ce = math.log(2.0)
+    got = distillation_loss(student_out, teacher_out, torch.tensor([0]), temperature=T, alpha=alpha)
+    assert got.item() == pytest.approx(alpha * T**2 * kl + (1 - alpha) * ce, rel=1e-6)
+    no_labels = distillation_loss(student_out, teacher_out, None, temperature=T, alpha=alpha)
+    assert no_labels.item() == pytest.approx(T**2 * kl, rel=1e-6)
+
+
+def test_distillation_loss_batch_mean_and_defaults() -> None:
+    torch.manual_seed(0)
+    s, t, y = torch.randn(5, 7), torch.randn(5, 7), torch.randint(0, 7, (5,))
+    p_t = torch.softmax(t / 4, dim=1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(s / 4, dim=1))).sum(dim=1).mean()
+    expected = 0.9 * 16 * kl + 0.1 * F.cross_entropy(s, y)
+    assert distillation_loss(s, t, y).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert distillation_loss(t, t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_loss_mse_branch() -> None:
+    s, t = torch.ones(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
+    assert distillation_loss(s, t, torch.tensor([0, 1])).item() == pytest.approx(1.0)  # targets ignored
+    s2, t2 = torch.tensor([[1.0, 3.0]]), torch.tensor([[0.0, 0.0]])
+    assert distillation_loss(s2, t2, kind="mse").item() == pytest.approx(5.0)
+    assert distillation_loss(torch.ones(2, 5, 3), torch.zeros(2, 5, 3)).item() == pytest.approx(1.0)
+
+
+def test_distillation_loss_gradient_only_to_student() -> None:
+    s = torch.randn(3, 4, requires_grad=True)
+    t = torch.randn(3, 4, requires_grad=True)
+    distillation_loss(s, t, torch.tensor([0, 1, 2])).backward()
+    assert s.grad is not None and t.grad is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"kind": "cosine"}, "unknown distillation loss"),
+    ],
+)
+def test_distillation_loss_bad_settings(kwargs, fragment: str) -> None:
+    with pytest.raises(UserError, match=fragment):
+        distillation_loss(torch.zeros(1, 2), torch.zeros(1, 2), **kwargs)
+
+
+def test_distillation_loss_shape_mismatch() -> None:
+    with pytest.raises(UserError, match="shape"):
+        distillation_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# spectral_regularizer, optimizer, config
+
+
+class _Penalized(nn.Module):
+    """A layer exposing spectral_penalty() = sum of its spectrum squared (the compressed-layer protocol)."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.spectrum = nn.Parameter(torch.tensor(values))
+
+    def spectral_penalty(self) -> torch.Tensor:
+        return (self.spectrum**2).sum()
+
+    def forward(self, x):
+        return x
+
+
+def test_spectral_regularizer_sums_and_defaults_to_zero() -> None:
+    model = nn.Sequential(_Penalized([1.0, 2.0]), nn.Linear(2, 2), _Penalized([3.0]))
+    reg = spectral_regularizer(model)
+    assert reg.item() == pytest.approx(14.0)
+    reg.backward()
+    assert model[0].spectrum.grad is not None
+    zero = spectral_regularizer(nn.Linear(2, 2))
+    assert zero.item() == 0.0 and zero.dim() == 0
+
+
+def test_weight_decay_skips_vectors_and_spectra() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), _Penalized([[1.0, 2.0]]))
+    opt = build_optimizer(model, FinetuneConfig())
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(model[0].weight)}  # not the biases, the BN affine, or the 2-D "spectrum"
+    assert opt.param_groups[0]["weight_decay"] == 5e-4 and opt.defaults["nesterov"]
+    adamw = build_optimizer(model, FinetuneConfig(optimizer="adamw"))
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["lr"] == 1e-3
+    assert adamw.param_groups[0]["weight_decay"] == 0.01
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"epochs": 1, "steps": 5}, "not both"),
+        ({"optimizer": "lion"}, "optimizer"),
+        ({"schedule": "step"}, "schedule"),
+        ({"amp": "fp8"}, "amp"),
+        ({"lr": -1.0}, "learning rate"),
+        ({"steps": -2}, "negative"),
+        ({"device": "tpu"}, "device"),
+    ],
+)
+def test_config_user_errors(digits, teacher, overrides, fragment: str) -> None:
+    with pytest.raises(UserError, match=fragment):
+        _run(_student(), teacher, digits, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+
+
+def test_evaluate_hand_example() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0], [1.0, 0.0, 2.0]])
+    targets = torch.tensor([0, 0, 2])
+    loader = torch.utils.data.DataLoader(TensorDataset(logits, targets), batch_size=2)
+    model = nn.Identity().train()
+    result = evaluate(model, loader, "cpu", "off")
+    assert result["accuracy"] == pytest.approx(2 / 3)
+    assert result["top5"] == 1.0  # fewer than 5 classes: top-k over all of them
+    assert result["loss"] == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-6)
+    assert model.training  # mode restored
+
+
+def test_evaluate_unlabelled() -> None:
+    loader = torch.utils.data.DataLoader(TensorDataset(torch.randn(4, 3)), batch_size=2)
+    assert evaluate(nn.Identity(), loader, "cpu", "off") == {"accuracy": None, "top5": None, "loss": None}
+
+
+# ---------------------------------------------------------------------------------------------
+# finetune
+
+
+def test_finetune_improves_student_and_reports(digits, teacher, capsys) -> None:
+    student = _student()
+    report = _run(student, teacher, digits, epochs=3)
+    assert set(report) == REPORT_KEYS
+    assert report["epochs"] == 3 and report["steps"] == 3 * len(_loaders(digits)[0])
+    assert isinstance(report["seconds"], float) and report["device"] == "cpu"
+    assert report["original_val_accuracy"] >= 90.0
+    curve = report["curve"]
+    assert [p["epoch"] for p in curve] == [1, 2, 3]
+    assert all(set(p) == {"epoch", "train_loss", "val_accuracy"} for p in curve)
+    assert all(isinstance(p["train_loss"], float) and isinstance(p["val_accuracy"], float) for p in curve)
+    assert curve[-1]["train_loss"] < curve[0]["train_loss"]
+    assert report["val_accuracy_before"] < 30.0 < 70.0 < report["val_accuracy_after"]
+    # the returned student is the best checkpoint of the curve
+    assert report["val_accuracy_after"] == max(p["val_accuracy"] for p in curve)
+    fresh = evaluate(student, _loaders(digits)[1], "cpu", "off")["accuracy"]
+    assert round(100 * fresh, 2) == report["val_accuracy_after"]
+    assert student.training and not teacher.training
+    assert capsys.readouterr().out == ""
+
+
+def test_finetune_restores_best_state_when_training_hurts(digits, teacher) -> None:
+    """Fine-tune a teacher copy on shuffled labels (alpha=0): accuracy falls, so the best is an early epoch."""
+    train_ds, val_ds = digits
+    inputs, labels = train_ds.tensors
+    wrong = TensorDataset(inputs, labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))])
+    train_loader, val_loader = make_loaders(wrong, val_ds, 64, 0, 0, "cpu")
+    student = copy.deepcopy(teacher)
+    cfg = FinetuneConfig(epochs=3, alpha=0.0, optimizer="adamw", lr=3e-3, schedule="constant", device="cpu")
+    report = finetune(student, teacher, train_loader, val_loader, cfg, progress=False)
+    accs = [p["val_accuracy"] for p in report["curve"]]
+    assert accs[-1] < max(accs)  # the last state is not the best, so a restore must have happened
+    assert report["val_accuracy_after"] == max(accs)
+    assert round(100 * evaluate(student, val_loader, "cpu", "off")["accuracy"], 2) == max(accs)
+
+
+def test_finetune_is_reproducible(digits, teacher) -> None:
+    runs = []
+    for _ in range(2):
+        student = _student(seed=5)
+        report = _run(student, teacher, digits, steps=30, seed=7)
+        runs.append((report["curve"], student.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+
+
+def test_finetune_steps_shorter_than_an_epoch(digits, teacher) -> None:
+    steps_per_epoch = len(_loaders(digits)[0])
+    report = _run(_student(), teacher, digits, steps=5, schedule="cosine")
+    assert report["steps"] == 5 and report["epochs"] == round(5 / steps_per_epoch, 3)
+    assert len(report["curve"]) == 1 and report["curve"][0]["epoch"] == report["epochs"]
+
+
+def test_finetune_steps_across_epochs(digits, teacher) -> None:
+    steps_per_epoch = len(_loaders(digits)[0])
+    report = _run(_student(), teacher, digits, steps=steps_per_epoch + 3, optimizer="adamw", schedule="constant")
+    assert [p["epoch"] for p in report["curve"]] == [1, round(1 + 3 / steps_per_epoch, 3)]
+
+
+def test_finetune_zero_steps_keeps_student(digits, teacher) -> None:
+    student = _student()
+    before = copy.deepcopy(student.state_dict())
+    report = _run(student, teacher, digits, steps=0)
+    assert report["curve"] == [] and report["val_accuracy_after"] == report["val_accuracy_before"]
+    assert all(torch.equal(before[k], student.state_dict()[k]) for k in before)
+
+
+def test_finetune_unlabelled_and_without_val(digits, teacher) -> None:
+    train_ds, val_ds = digits
+    unlabelled_train, unlabelled_val = TensorDataset(train_ds.tensors[0]), TensorDataset(val_ds.tensors[0])
+    cfg = FinetuneConfig(steps=25, device="cpu")
+    train_loader, val_loader = make_loaders(unlabelled_train, unlabelled_val, 64, 0, 0, "cpu")
+    report = finetune(_student(), teacher, train_loader, val_loader, cfg, progress=False)
+    assert report["original_val_accuracy"] is None and report["val_accuracy_after"] is None
+    assert report["curve"][-1]["val_accuracy"] is None and report["curve"][-1]["train_loss"] > 0
+    train_loader, _ = make_loaders(train_ds, None, 64, 0, 0, "cpu")
+    report = finetune(_student(), teacher, train_loader, None, cfg, progress=False)
+    assert report["val_accuracy_before"] is None and report["steps"] == 25
+
+
+def test_finetune_rejects_labels_beyond_the_outputs(digits, teacher) -> None:
+    train_ds, val_ds = digits
+    shifted = TensorDataset(val_ds.tensors[0], val_ds.tensors[1] + 5)  # labels up to 14, 10 outputs
+    train_loader, val_loader = make_loaders(train_ds, shifted, 64, 0, 0, "cpu")
+    with pytest.raises(UserError, match="10 outputs"):
+        cfg = FinetuneConfig(steps=1, device="cpu")
+        finetune(_student(), teacher, train_loader, val_loader, cfg, progress=False)
+
+
+def test_finetune_spectral_reg_shrinks_penalty(digits, teacher) -> None:
+    student = nn.Sequential(_Penalized([2.0, -3.0]), _student())
+    start = spectral_regularizer(student).item()
+    _run(student, teacher, digits, steps=20, spectral_reg=0.1, optimizer="adamw", schedule="constant")
+    assert spectral_regularizer(student).item() < start
+
+
+def test_finetune_progress_goes_to_stderr_only(digits, teacher, capsys) -> None:
+    _run(_student(), teacher, digits, steps=3, progress=True, log_every=1)
+    assert capsys.readouterr().out == ""
+
+
+def test_finetune_bf16_autocast_on_cpu(digits, teacher) -> None:
+    report = _run(_student(), teacher, digits, steps=3, amp="bf16")
+    assert report["steps"] == 3 and isinstance(report["curve"][0]["train_loss"], float)
+
+
+def test_finetune_with_bn_recalibration(digits, teacher) -> None:
+    student = _student()
+    cfg = FinetuneConfig(steps=3, device="cpu")
+    train_loader, val_loader = _loaders(digits)
+    report = finetune(student, teacher, train_loader, val_loader, cfg, progress=False, bn_recalibrate=5)
+    assert report["steps"] == 3 and student[2].momentum == 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# recalibrate_batchnorm
+
+
+def test_recalibrate_batchnorm_matches_data_statistics() -> None:
+    torch.manual_seed(0)
+    data = torch.randn(400, 3) * torch.tensor([2.0, 0.5, 1.0]) + torch.tensor([5.0, -1.0, 0.0])
+    loader = torch.utils.data.DataLoader(TensorDataset(data), batch_size=50)
+    model = nn.Sequential(nn.Identity(), nn.BatchNorm1d(3)).eval()
+    bn = model[1]
+    used = recalibrate_batchnorm(model, loader, batches=4)
+    assert used == 4 and bn.momentum == 0.1 and not model.training
+    first = data[:200].reshape(4, 50, 3)  # cumulative average of the first 4 batches' statistics
+    assert torch.allclose(bn.running_mean, first.mean(dim=1).mean(dim=0), atol=1e-5)
+    assert torch.allclose(bn.running_var, first.var(dim=1, unbiased=True).mean(dim=0), atol=1e-4)
+    assert torch.allclose(bn.running_mean, torch.tensor([5.0, -1.0, 0.0]), atol=0.4)
+    assert int(bn.num_batches_tracked) == 4
+
+
+def test_recalibrate_without_batchnorm_is_a_no_op() -> None:
+    loader = torch.utils.data.DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4)
+    assert recalibrate_batchnorm(nn.Linear(2, 2), loader) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# example
+
+
+def test_digits_example_shapes() -> None:
+    train_ds, val_ds = digits_data(seed=0)
+    assert len(train_ds) + len(val_ds) == 1797 and len(val_ds) == 359
+    x, y = train_ds.tensors
+    assert x.shape[1:] == (1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.long
+    assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-4
+    model = digits_factory()
+    assert isinstance(model, DigitsCNN) and model(x[:2]).shape == (2, 10)
+    assert sum(p.numel() for p in model.parameters()) > 500_000
