@@ -10,7 +10,7 @@ The Python API in a nutshell::
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -18,17 +18,24 @@ from torch.nn.utils import parametrize
 
 from .layers import SUPPORTED, SpectralTT, is_parametrized, weight_kind
 
-__all__ = ["compress_module", "compress", "decompress", "count_parameters", "candidate_layers",
-           "compressed_layers", "parametrization"]
+__all__ = ["compress_module", "compress", "compress_to_target", "decompress", "count_parameters",
+           "candidate_layers", "compressed_layers", "parametrization", "spectral_penalty"]
 
 
-def compress_module(module: nn.Module, rank: int, method: str = "sttp", spectrum: str = "free") -> SpectralTT:
-    """Register an STTP (or SVDP) parametrization on `module.weight`, converted by TT-SVD."""
+def compress_module(module: nn.Module, rank: int, method: str = "sttp", spectrum: str = "free",
+                    convert: bool = True) -> SpectralTT:
+    """Register an STTP (or SVDP) parametrization on `module.weight`, converted by TT-SVD.
+
+    With convert=False the structure is attached with zero parameters (no TT-SVD), ready for
+    `load_state_dict` of a compressed checkpoint.
+    """
     kind = weight_kind(module)
     if is_parametrized(module):
         raise ValueError(f"{type(module).__name__} is already compressed")
     p = SpectralTT(kind, tuple(module.weight.shape), rank, method, spectrum).to(module.weight.device)
-    parametrize.register_parametrization(module, "weight", p)
+    p.skip_conversion = not convert
+    parametrize.register_parametrization(module, "weight", p, unsafe=not convert)
+    p.skip_conversion = False
     return p
 
 
@@ -98,6 +105,20 @@ def compress(model: nn.Module, rank: int | Mapping[str, int], method: str = "stt
     return out
 
 
+def spectral_penalty(model: nn.Module) -> torch.Tensor:
+    """Σ over compressed layers of the D-optimal regularizer −Σ log|σ_i| (§5); add λ times it to a loss."""
+    terms = []
+    for m in model.modules():
+        if is_parametrized(m):
+            p = parametrization(m)
+            if p.spectrum != "identity":
+                terms.append(p.spectral_penalty(getattr(m.parametrizations.weight, f"original{len(p.groups)}")))
+    if not terms:
+        ref = next(model.parameters(), None)
+        return torch.zeros((), device=ref.device if ref is not None else "cpu")
+    return torch.stack(terms).sum()
+
+
 def compressed_layers(model: nn.Module) -> dict[str, SpectralTT]:
     """{name: parametrization} of every compressed layer in the model."""
     return {n: parametrization(m) for n, m in model.named_modules() if is_parametrized(m)}
@@ -121,3 +142,68 @@ def decompress(model: nn.Module) -> nn.Module:
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter values (a compressed layer counts its DOF, not its dense weight)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _weight_matrix(kind: str, W: torch.Tensor) -> torch.Tensor:
+    W = W.transpose(0, 1) if kind == "conv_transpose" else W
+    return W.reshape(W.shape[0], -1)
+
+
+def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int | None = None,
+                       method: str = "sttp", spectrum: str = "free", allocation: str = "greedy",
+                       include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
+                       on_layer: Callable[[str], None] | None = None,
+                       spectra_of: int = 4) -> dict:
+    """Compress `model` in place at one rank or to a whole-model ratio (eq. 11); return the report parts.
+
+    Returns {"layers": [...], "skipped": [...], "totals": {...}, "spectra": {name: (before, after)}}
+    in the report.json schema; `on_layer(name)` is called after each layer (for progress bars).
+    """
+    from .allocate import DENSE, allocate, budget_for_ratio, check_reachable, layer_options
+    from .errors import UserError
+
+    if (ratio is None) == (rank is None):
+        raise UserError("give exactly one of --ratio or --rank")
+    if rank is not None and rank < 1:
+        raise UserError(f"--rank must be a positive integer, got {rank}")
+    params_original = count_parameters(model)
+    chosen, skipped = candidate_layers(model, include, exclude)
+    if ratio is not None:
+        opts = [layer_options(n, m, method, spectrum) for n, m in chosen.items()]
+        fixed = params_original - sum(o.numel for o in opts)
+        check_reachable(params_original, fixed, opts, ratio)
+        ranks = allocate(opts, budget_for_ratio(params_original, fixed, ratio), allocation)
+    else:
+        ranks = {n: rank for n in chosen}
+    by_size = sorted(chosen, key=lambda n: -chosen[n].weight.numel())[:spectra_of]
+    layers, spectra = [], {}
+    for name, m in chosen.items():
+        r = ranks[name]
+        kind = weight_kind(m)
+        W0 = m.weight.detach().clone()
+        numel = W0.numel()
+        if r == DENSE:
+            skipped[name] = "kept dense by the allocation (compressing it was not worth its parameters)"
+        elif SpectralTT(kind, tuple(W0.shape), r, method, spectrum).dof() >= numel:
+            skipped[name] = f"rank {r} would not save parameters (DOF >= {numel:,} weights)"
+        else:
+            p = compress_module(m, r, method, spectrum)
+            with torch.no_grad():
+                W1 = m.weight.detach()
+                err = float((W1.double() - W0.double()).norm() / W0.double().norm().clamp_min(1e-30))
+            layers.append({"name": name, "type": type(m).__name__.removeprefix("Parametrized"),
+                           "shape": list(W0.shape), "modes": list(p.tt.modes), "tt_ranks": list(p.tt.tt_ranks),
+                           "rank": p.rank, "params_original": numel, "params_compressed": p.dof(),
+                           "rel_error": err})
+            if name in by_size:
+                with torch.no_grad():
+                    spectra[name] = (torch.linalg.svdvals(_weight_matrix(kind, W0).double()).tolist(),
+                                     torch.linalg.svdvals(_weight_matrix(kind, W1).double()).tolist())
+        if on_layer:
+            on_layer(name)
+    params_compressed = count_parameters(model)
+    totals = {"params_original": params_original, "params_compressed": params_compressed,
+              "ratio": params_original / params_compressed,
+              "z_percent": 100.0 * params_compressed / params_original}
+    skipped_list = [{"name": n, "reason": skipped[n]} for n, _ in model.named_modules() if n in skipped]
+    return {"layers": layers, "skipped": skipped_list, "totals": totals, "spectra": spectra}

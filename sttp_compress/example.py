@@ -123,3 +123,49 @@ def train_digits_model(
                 break
         model.eval()
         return model, _accuracy(model, val_ds)
+
+
+EXAMPLE_ARCH = "sttp_compress.example:DigitsCNN"
+
+
+def run_example(job, console=None) -> tuple[dict, dict]:
+    """The README's first command: train DigitsCNN, compress it (ratio 10 unless told otherwise),
+    fine-tune it briefly with distillation, and write everything into ./sttp-example/.
+
+    The example owns that folder and overwrites its own files on every run.
+    """
+    from pathlib import Path
+
+    from .finetune import FinetuneConfig
+    from .loading import atomic_torch_save
+    from .pipeline import run_compress
+
+    say = (lambda text: console.print(text, soft_wrap=True)) if console is not None else (lambda text: None)
+    folder = Path(job.output).parent if job.output else Path("sttp-example")
+    folder.mkdir(parents=True, exist_ok=True)
+    say("[bold]sttp-compress example[/]: a small CNN on scikit-learn's 8x8 digits (1,797 images)")
+    model, acc = train_digits_model()
+    original = folder / "digits.pt"
+    atomic_torch_save(model.state_dict(), original, force=True)
+    say(f"trained DigitsCNN ({sum(p.numel() for p in model.parameters()):,} parameters): "
+        f"{100 * acc:.1f}% validation accuracy; saved {original}")
+    job.model, job.module, job.arch = str(original), model, EXAMPLE_ARCH
+    job.output = job.output or str(folder / "digits.sttp.pt")
+    job.report_dir = job.report_dir or str(folder / "digits.sttp.report")
+    job.force = True
+    if job.ratio is None and job.rank is None:
+        job.ratio = 10.0
+    job.datasets = digits_data()
+    job.input_shape = [1, 8, 8]
+    cfg = job.finetune or FinetuneConfig()
+    if cfg.epochs is None and cfg.steps is None:
+        cfg.epochs = 8
+    cfg.workers, cfg.batch_size = 0, min(cfg.batch_size, 64)
+    cfg.optimizer, cfg.lr = "adamw", cfg.lr or 2e-3
+    job.finetune = cfg
+    with _torch_threads(1):
+        report, extras = run_compress(job)
+    val = folder / "digits-val.pt"
+    atomic_torch_save({"inputs": job.datasets[1].tensors[0], "targets": job.datasets[1].tensors[1]}, val, force=True)
+    say(f"next: sttp-eval {job.output} --data tensors:{val} --reference {original} --max-size 300kB")
+    return report, extras

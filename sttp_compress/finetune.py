@@ -70,28 +70,11 @@ def distillation_loss(
     return alpha * kl + (1.0 - alpha) * F.cross_entropy(s, targets)
 
 
-def _takes_no_arguments(fn: Any) -> bool:
-    """True when `fn` can be called with no arguments."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return all(
-        p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params
-    )
-
-
 def spectral_regularizer(model: nn.Module) -> Tensor:
-    """Sum of `spectral_penalty()` over modules that provide it (zero-argument form), 0 when none do."""
-    terms = [
-        m.spectral_penalty()
-        for m in model.modules()
-        if callable(getattr(m, "spectral_penalty", None)) and _takes_no_arguments(m.spectral_penalty)
-    ]
-    if terms:
-        return torch.stack([t.float().reshape(()) for t in terms]).sum()
-    ref = next(model.parameters(), None)
-    return torch.zeros((), device=ref.device if ref is not None else "cpu")
+    """The D-optimal spectral penalty of every compressed layer (0 when there are none)."""
+    from .convert import spectral_penalty
+
+    return spectral_penalty(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,12 +339,18 @@ def recalibrate_batchnorm(
 
 
 def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    """SGD (Nesterov, momentum 0.9) or AdamW; weight decay only on >= 2-D weights (not biases, norms, spectra)."""
+    """SGD (Nesterov, momentum 0.9) or AdamW; weight decay only on dense >= 2-D weights.
+
+    Not on biases, norms, spectra, nor on the Householder parameters of compressed layers
+    (`parametrizations.*`): their size says nothing about the weight's norm, so decay would only
+    pull the frames toward an arbitrary fixed frame.
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.dim() <= 1 or "spectr" in name.lower() else decay).append(p)
+        skip = p.dim() <= 1 or "spectr" in name.lower() or "parametrizations." in name
+        (no_decay if skip else decay).append(p)
     if not decay and not no_decay:
         raise UserError("the student model has no trainable parameters to fine-tune")
     wd = cfg.resolved_weight_decay

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .householder import frame
+from .householder import frame, frame_numel
 from .tt import SPECTRA, TTShape, reduce_chain, spectral_tt_svd
 
 __all__ = ["SpectralTT", "weight_kind", "matrix_factors", "SUPPORTED"]
@@ -92,6 +92,7 @@ class SpectralTT(nn.Module):
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("signs", torch.ones(self.tt.middle) if spectrum == "identity" else None)
         self._cache: tuple | None = None
+        self.skip_conversion = False  # set while attaching a structure that a state_dict will fill
 
     # -- structure ---------------------------------------------------------------------------
     @property
@@ -143,11 +144,19 @@ class SpectralTT(nn.Module):
         return W
 
     # -- weight → parameters (the conversion) ------------------------------------------------
+    def placeholder(self, like: Tensor) -> tuple[Tensor, ...]:
+        """Zero parameters of the right shapes, for a structure that a state_dict will fill."""
+        groups = tuple(like.new_zeros(len(m), frame_numel(d, r, red))
+                       for (d, r, red), m in zip(self.groups, self.members))
+        return groups + (() if self.spectrum == "identity" else (like.new_zeros(self.rank),))
+
     @torch.no_grad()
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, ...]:
         """TT-SVD of `weight` into the non-redundant parameters (computed in float64)."""
         if tuple(weight.shape) != self.weight_shape:
             raise ValueError(f"weight shape {tuple(weight.shape)} != {self.weight_shape}")
+        if self.skip_conversion:
+            return self.placeholder(weight)
         M = _to_matrix(self.kind, weight.detach().to(torch.float64))
         u_cores, sigma, v_cores = spectral_tt_svd(M, self.tt)
         identity = self.spectrum == "identity"

@@ -150,21 +150,35 @@ class _Penalized(nn.Module):
         return x
 
 
-def test_spectral_regularizer_sums_and_defaults_to_zero() -> None:
-    model = nn.Sequential(_Penalized([1.0, 2.0]), nn.Linear(2, 2), _Penalized([3.0]))
+def test_spectral_regularizer_is_the_d_optimal_penalty_of_compressed_layers() -> None:
+    from sttp_compress import compress_module
+
+    model = nn.Sequential(nn.Linear(16, 12), nn.Linear(12, 8), nn.Linear(8, 2))
+    compress_module(model[0], rank=4)
+    compress_module(model[1], rank=3, spectrum="lipschitz")
+    s0 = model[0].parametrizations.weight.original0
+    spectra = []
+    for m in model[:2]:
+        pl = m.parametrizations.weight
+        spectra.append(getattr(pl, f"original{len(pl[0].groups)}"))
+    expected = -torch.log(spectra[0].abs()).sum() - torch.log(spectra[1].abs() / spectra[1].abs().max()).sum()
     reg = spectral_regularizer(model)
-    assert reg.item() == pytest.approx(14.0)
+    assert reg.item() == pytest.approx(expected.item(), rel=1e-5)
     reg.backward()
-    assert model[0].spectrum.grad is not None
+    assert spectra[0].grad is not None and s0 is not None
     zero = spectral_regularizer(nn.Linear(2, 2))
     assert zero.item() == 0.0 and zero.dim() == 0
 
 
 def test_weight_decay_skips_vectors_and_spectra() -> None:
-    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), _Penalized([[1.0, 2.0]]))
+    from sttp_compress import compress_module
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), _Penalized([[1.0, 2.0]]), nn.Linear(8, 8))
+    compress_module(model[3], rank=2)
     opt = build_optimizer(model, FinetuneConfig())
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
-    assert decayed == {id(model[0].weight)}  # not the biases, the BN affine, or the 2-D "spectrum"
+    # not the biases, the BN affine, the 2-D "spectrum", nor the compressed layer's reflectors
+    assert decayed == {id(model[0].weight)}
     assert opt.param_groups[0]["weight_decay"] == 5e-4 and opt.defaults["nesterov"]
     adamw = build_optimizer(model, FinetuneConfig(optimizer="adamw"))
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["lr"] == 1e-3
@@ -303,7 +317,10 @@ def test_finetune_rejects_labels_beyond_the_outputs(digits, teacher) -> None:
 
 
 def test_finetune_spectral_reg_shrinks_penalty(digits, teacher) -> None:
-    student = nn.Sequential(_Penalized([2.0, -3.0]), _student())
+    from sttp_compress import compress_module
+
+    student = _student()
+    compress_module(student[1], rank=4)  # Linear(64 → 32) as STTP
     start = spectral_regularizer(student).item()
     _run(student, teacher, digits, steps=20, spectral_reg=0.1, optimizer="adamw", schedule="constant")
     assert spectral_regularizer(student).item() < start

@@ -1,0 +1,246 @@
+"""`sttp-compress` and `sttp-eval`: a thin typer layer over `pipeline` and `evaluate`.
+
+Bad input ends in one line on stderr and exit code 2 (a traceback only with --debug); a failed
+sttp-eval gate ends in one line per gate and exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import click
+import typer
+from rich.console import Console
+
+from .errors import UserError
+
+err = Console(stderr=True)
+out = Console()
+
+compress_app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False,
+                           context_settings={"help_option_names": ["-h", "--help"]})
+eval_app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False,
+                       context_settings={"help_option_names": ["-h", "--help"]})
+
+
+def _floats(text: Optional[str], name: str) -> Optional[tuple[float, ...]]:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise UserError(f"{name} takes comma-separated numbers such as 0.485,0.456,0.406; got {text!r}") from None
+
+
+@compress_app.command()
+def compress_cmd(
+    model: Optional[str] = typer.Argument(None, help="Checkpoint: a state_dict (.pt/.pth/.bin/.safetensors) or, with --trust-pickle, a pickled nn.Module."),
+    arch: Optional[str] = typer.Option(None, help="Architecture: torchvision:NAME?k=v, package.module:factory or path/file.py:factory."),
+    ratio: Optional[float] = typer.Option(None, help="Whole-model ratio params_original / params_compressed (all parameters counted)."),
+    rank: Optional[int] = typer.Option(None, help="One rank for every compressed layer (the paper's hyperparameter)."),
+    method: str = typer.Option("sttp", help="sttp (spectral tensor train) or svdp (plain spectral SVD)."),
+    spectrum: str = typer.Option("free", help="free (learned σ), lipschitz (|σ| ≤ a fixed per-layer scale) or identity (Σ = scale·I)."),
+    allocation: str = typer.Option("greedy", help="With --ratio: greedy (budget where it cuts most weight error) or uniform (one global rank)."),
+    include: List[str] = typer.Option([], help="Glob on module names; only matching layers are candidates (repeatable)."),
+    exclude: List[str] = typer.Option([], help="Glob on module names to keep dense (repeatable)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    output: Optional[str] = typer.Option(None, help="Compressed checkpoint path (default: <MODEL stem>.sttp.pt beside MODEL)."),
+    force: bool = typer.Option(False, help="Overwrite an existing output."),
+    dtype: str = typer.Option("float32", help="Stored value type: float32, float16 or bfloat16."),
+    report_dir: Optional[str] = typer.Option(None, help="Report folder (default: <output stem>.report/)."),
+    trust_pickle: bool = typer.Option(False, help="Allow loading a pickled nn.Module (runs code from the file: only for trusted files)."),
+    data: Optional[str] = typer.Option(None, help="Fine-tune data: an ImageFolder root with train/ and val/ (or test/), or tensors:FILE.pt."),
+    train_data: Optional[str] = typer.Option(None, help="Training ImageFolder (instead of --data)."),
+    val_data: Optional[str] = typer.Option(None, help="Validation ImageFolder (with --train-data)."),
+    epochs: Optional[int] = typer.Option(None, help="Fine-tune epochs (default 1 when data is given)."),
+    steps: Optional[int] = typer.Option(None, help="Fine-tune steps instead of epochs."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: 0.01 SGD, 1e-3 AdamW)."),
+    optimizer: str = typer.Option("sgd", help="sgd (Nesterov) or adamw."),
+    schedule: str = typer.Option("onecycle", help="onecycle, cosine or constant."),
+    batch_size: int = typer.Option(128, help="Fine-tune batch size."),
+    workers: int = typer.Option(2, help="Data-loading worker processes."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
+    temperature: float = typer.Option(4.0, help="Distillation temperature T."),
+    alpha: float = typer.Option(0.9, help="Weight of the distillation term (1 − alpha on the labels)."),
+    spectral_reg: float = typer.Option(0.0, help="Weight λ of the D-optimal spectral regularizer."),
+    bn_recalibrate: int = typer.Option(0, help="Re-estimate BatchNorm statistics on this many batches before fine-tuning."),
+    image_size: Optional[int] = typer.Option(None, help="Image side (default: from the data; 224 for large images)."),
+    mean: Optional[str] = typer.Option(None, help="Normalisation mean, comma-separated (default ImageNet's)."),
+    std: Optional[str] = typer.Option(None, help="Normalisation std, comma-separated (default ImageNet's)."),
+    augment: str = typer.Option("auto", help="auto, small (crop+flip), imagenet (random resized crop+flip) or none."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or tables."),
+    json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
+    example: bool = typer.Option(False, help="Run the built-in example: train a small CNN on scikit-learn's digits, compress, fine-tune, evaluate."),
+    debug: bool = typer.Option(False, help="Show tracebacks."),
+) -> None:
+    """Compress a trained PyTorch model with STTP: a compressed checkpoint and a report."""
+    from .finetune import FinetuneConfig
+    from .pipeline import CompressJob
+
+    ft = None
+    if data or train_data or example:
+        ft = FinetuneConfig(epochs=epochs, steps=steps, lr=lr, optimizer=optimizer, schedule=schedule,
+                            temperature=temperature, alpha=alpha, spectral_reg=spectral_reg, device=device,
+                            batch_size=batch_size, workers=workers, seed=seed)
+    elif epochs is not None or steps is not None:
+        raise UserError("--epochs/--steps need fine-tuning data: pass --data")
+    job = CompressJob(model=model, arch=arch, ratio=ratio, rank=rank, method=method, spectrum=spectrum,
+                      allocation=allocation, include=include, exclude=exclude, seed=seed, output=output,
+                      force=force, dtype=dtype, report_dir=report_dir, trust_pickle=trust_pickle, data=data,
+                      train_data=train_data, val_data=val_data, image_size=image_size,
+                      mean=_floats(mean, "--mean"), std=_floats(std, "--std"), augment=augment, finetune=ft,
+                      bn_recalibrate=bn_recalibrate, progress=not quiet and not json_out)
+    if example:
+        from .example import run_example
+
+        report, extras = run_example(job, console=None if (quiet or json_out) else err)
+    else:
+        report, extras = _run_with_progress(job, quiet or json_out)
+    _finish(report, extras, quiet, json_out)
+
+
+def _run_with_progress(job, quiet: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .pipeline import run_compress
+
+    if quiet:
+        return run_compress(job)
+    with Progress(TextColumn("[bold]compressing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), console=err, transient=True) as prog:
+        task = prog.add_task("", total=None)
+        return run_compress(job, on_layer_start=lambda n: prog.update(task, total=n, description="allocating ranks"),
+                            on_layer=lambda name: prog.update(task, advance=1, description=name))
+
+
+def _finish(report: dict, extras: dict, quiet: bool, json_out: bool) -> None:
+    from .report import summary_table, write_report
+
+    paths = write_report(report, extras["report_dir"], extras["spectra"])
+    if json_out:
+        out.print_json(json.dumps(report))
+    elif not quiet:
+        err.print(summary_table(report))
+        t = report["totals"]
+        ft = report.get("finetune")
+        acc = ""
+        if ft and ft.get("val_accuracy_after") is not None:
+            acc = (f", val accuracy {ft['original_val_accuracy']}% original → {ft['val_accuracy_before']}% "
+                   f"after conversion → {ft['val_accuracy_after']}% after fine-tuning")
+        err.print(f"ratio {t['ratio']:.2f}x ({t['params_original']:,} → {t['params_compressed']:,} parameters){acc}",
+                  soft_wrap=True)
+        err.print(f"wrote {extras['output']} and {paths['md']}", soft_wrap=True, markup=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# sttp-eval
+
+
+@eval_app.command()
+def eval_cmd(
+    compressed: str = typer.Argument(..., help="A checkpoint written by sttp-compress."),
+    arch: Optional[str] = typer.Option(None, help="Override the architecture recorded in the file."),
+    data: Optional[str] = typer.Option(None, help="ImageFolder root (class subfolders) or tensors:FILE.pt."),
+    image_size: Optional[int] = typer.Option(None, help="Image side (default: recorded at compression, else from the data)."),
+    mean: Optional[str] = typer.Option(None, help="Normalisation mean, comma-separated (default: recorded, else ImageNet's)."),
+    std: Optional[str] = typer.Option(None, help="Normalisation std, comma-separated (default: recorded, else ImageNet's)."),
+    reference: Optional[str] = typer.Option(None, help="The original model file: top-1 agreement and relative output error."),
+    reference_arch: Optional[str] = typer.Option(None, help="Architecture of --reference (default: the compressed file's)."),
+    trust_pickle: bool = typer.Option(False, help="Allow a pickled nn.Module as --reference."),
+    input_shape: Optional[str] = typer.Option(None, help="Input shape without batch, e.g. 3,32,32, for random inputs when no data is given."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+    batch_size: int = typer.Option(64, help="Batch size for evaluation and latency."),
+    max_size: Optional[str] = typer.Option(None, help="Gate: file size at most this (e.g. 5MB, 4.5MiB)."),
+    max_params: Optional[int] = typer.Option(None, help="Gate: at most this many parameters."),
+    min_ratio: Optional[float] = typer.Option(None, help="Gate: compression ratio at least this."),
+    min_accuracy: Optional[float] = typer.Option(None, help="Gate: top-1 accuracy (percent) at least this."),
+    baseline: Optional[str] = typer.Option(None, help="Gate: a previous --json result to compare accuracy with."),
+    max_drop: Optional[float] = typer.Option(None, help="Gate: accuracy drop from --baseline at most this many points."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write every number to this JSON file."),
+    export_dense: Optional[str] = typer.Option(None, help="Write a plain state_dict for the original architecture here."),
+    force: bool = typer.Option(False, help="Overwrite an existing --export-dense/--json file."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No tables."),
+    debug: bool = typer.Option(False, help="Show tracebacks."),
+) -> None:
+    """Measure a compressed checkpoint (size, parameters, accuracy, latency) and gate CI on it."""
+    from .evaluate import EvalOptions, check_gates, export_dense as _export, run_eval, summary_table
+    from .loading import atomic_write
+
+    shape = None
+    if input_shape:
+        try:
+            shape = tuple(int(v) for v in input_shape.replace(" ", "").split(","))
+        except ValueError:
+            raise UserError(f"--input-shape takes comma-separated integers such as 3,32,32; got {input_shape!r}") from None
+    opts = EvalOptions(arch=arch, data=data, image_size=image_size, mean=_floats(mean, "--mean"),
+                       std=_floats(std, "--std"), reference=reference, reference_arch=reference_arch,
+                       trust_pickle=trust_pickle, input_shape=shape, device=device, batch_size=batch_size,
+                       max_size=max_size, max_params=max_params, min_ratio=min_ratio, min_accuracy=min_accuracy,
+                       baseline=baseline, max_drop=max_drop)
+    result = run_eval(compressed, opts, progress=not quiet)
+    if export_dense:
+        _export(compressed, export_dense, arch=arch, force=force)
+        result["exported_dense"] = export_dense
+    if json_path:
+        text = json.dumps(result, indent=2) + "\n"
+        atomic_write(json_path, lambda tmp: Path(tmp).write_text(text), force=True)
+    if not quiet:
+        out.print(summary_table(result))
+    failed = check_gates(result, opts)
+    for line in failed:
+        err.print(f"gate failed: {line}", markup=False, highlight=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# entry points
+
+
+def _main(app: typer.Typer, prog: str, argv: list[str] | None = None) -> int:
+    """Run a typer app; user errors become one stderr line and exit code 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    cmd = typer.main.get_command(app)
+    try:
+        rv = cmd.main(argv, prog_name=prog, standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except UserError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        print(f"{prog}: aborted", file=sys.stderr)
+        return 130
+    except click.ClickException as e:
+        print(f"{prog}: error: {e.format_message()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not bad input: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        else:
+            print(f"{prog}: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                  "(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def compress_main(argv: list[str] | None = None) -> None:
+    sys.exit(_main(compress_app, "sttp-compress", argv))
+
+
+def eval_main(argv: list[str] | None = None) -> None:
+    sys.exit(_main(eval_app, "sttp-eval", argv))
+
+
+if __name__ == "__main__":
+    compress_main()

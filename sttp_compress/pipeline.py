@@ -1,0 +1,208 @@
+"""The `sttp-compress` job as a Python API: load → compress → (fine-tune) → save → report.
+
+    from sttp_compress.pipeline import CompressJob, run_compress
+    report = run_compress(CompressJob(model="model.pt", arch="torchvision:resnet18", ratio=10))
+
+Every bad input raises `UserError` before anything is written; outputs are written atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import save_compressed
+from .convert import candidate_layers, compress_to_target
+from .errors import UserError
+from .loading import load_model
+
+__all__ = ["CompressJob", "run_compress", "default_output", "state_size_bytes", "REPORT_FORMAT_VERSION"]
+
+REPORT_FORMAT_VERSION = 1
+
+
+@dataclass
+class CompressJob:
+    """Everything one run of sttp-compress needs (the CLI's options)."""
+
+    model: str | None = None
+    arch: str | None = None
+    ratio: float | None = None
+    rank: int | None = None
+    method: str = "sttp"
+    spectrum: str = "free"
+    allocation: str = "greedy"
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    seed: int = 0
+    output: str | None = None
+    force: bool = False
+    dtype: str = "float32"
+    report_dir: str | None = None
+    trust_pickle: bool = False
+    # fine-tuning (optional): a FinetuneConfig and data options
+    data: str | None = None
+    train_data: str | None = None
+    val_data: str | None = None
+    image_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    augment: str = "auto"
+    finetune: Any = None  # FinetuneConfig | None
+    bn_recalibrate: int = 0
+    progress: bool = True
+    # in-memory inputs (the built-in example and tests): bypass file loading
+    module: nn.Module | None = None
+    datasets: tuple | None = None
+    input_shape: list[int] | None = None
+
+
+def default_output(model_path: str) -> Path:
+    """`<MODEL stem>.sttp.pt` beside MODEL."""
+    p = Path(model_path)
+    return p.with_name(p.name.split(".")[0] + ".sttp.pt") if p.name else Path("model.sttp.pt")
+
+
+def state_size_bytes(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the model's state_dict with floating tensors stored as `dtype` (the float32 original)."""
+    size = 0
+    for t in model.state_dict().values():
+        item = torch.empty((), dtype=dtype).element_size() if t.is_floating_point() else t.element_size()
+        size += t.numel() * item
+    return size
+
+
+def _check_output(job: CompressJob) -> tuple[Path, Path]:
+    """Resolve and check the output checkpoint and report folder before any work is done."""
+    out = Path(job.output) if job.output else default_output(job.model or "model")
+    if job.model and out.resolve() == Path(job.model).resolve():
+        raise UserError(f"--output {out} would overwrite the input model; choose another path")
+    if out.exists() and not job.force:
+        raise UserError(f"{out} exists; pass --force to overwrite")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"output folder {folder} is not writable")
+    report_dir = Path(job.report_dir) if job.report_dir else out.with_name(out.name.removesuffix(".pt") + ".report")
+    return out, report_dir
+
+
+def _check_target(job: CompressJob) -> None:
+    if (job.ratio is None) == (job.rank is None):
+        raise UserError("give exactly one of --ratio or --rank")
+    if job.rank is not None and job.rank < 1:
+        raise UserError(f"--rank must be a positive integer, got {job.rank}")
+    if job.ratio is not None and not job.ratio > 1:
+        raise UserError(f"--ratio must be > 1 (original/compressed parameters), got {job.ratio:g}")
+    if job.method not in ("sttp", "svdp"):
+        raise UserError(f"--method must be sttp or svdp, got {job.method!r}")
+    if job.spectrum not in ("free", "lipschitz", "identity"):
+        raise UserError(f"--spectrum must be free, lipschitz or identity, got {job.spectrum!r}")
+    if job.allocation not in ("greedy", "uniform"):
+        raise UserError(f"--allocation must be greedy or uniform, got {job.allocation!r}")
+
+
+def _datasets(job: CompressJob):
+    """(train_ds, val_ds, image_cfg | None) for fine-tuning, checked before the conversion starts."""
+    if job.datasets is not None:
+        return (*job.datasets, None)
+    from .data import (ImageDataConfig, build_image_datasets, image_folder_splits, is_tensor_spec,
+                       load_tensor_data, resolve_image_config)
+
+    if job.data and is_tensor_spec(job.data):
+        train_ds, val_ds = load_tensor_data(job.data)
+        return train_ds, val_ds, None
+    train_dir, val_dir = image_folder_splits(job.data, job.train_data, job.val_data)
+    cfg = resolve_image_config(ImageDataConfig(job.image_size, job.mean, job.std, job.augment), train_dir)
+    train_ds, val_ds = build_image_datasets(train_dir, val_dir, cfg)
+    return train_ds, val_ds, cfg
+
+
+def _input_shape(ds) -> list[int] | None:
+    try:
+        x = ds[0][0]
+        return list(x.shape) if isinstance(x, torch.Tensor) else None
+    except Exception:
+        return None
+
+
+def run_compress(job: CompressJob, on_layer_start: Callable[[int], None] | None = None,
+                 on_layer: Callable[[str], None] | None = None) -> tuple[dict, dict]:
+    """Run the whole job; returns (report, extras) where extras has 'spectra', 'output', 'report_dir'.
+
+    `on_layer_start(n_layers)` and `on_layer(name)` drive a progress display.
+    """
+    t0 = time.perf_counter()
+    _check_target(job)
+    if job.module is None and not job.model:
+        raise UserError("missing MODEL (a checkpoint file), or use --example")
+    out, report_dir = _check_output(job)
+    fine = job.finetune is not None and (job.data or job.train_data or job.datasets is not None)
+    if job.finetune is not None:
+        job.finetune.validate()
+
+    model = job.module if job.module is not None else load_model(job.model, job.arch, job.trust_pickle)
+    t_load = time.perf_counter() - t0
+    data = _datasets(job) if fine else None
+
+    torch.manual_seed(job.seed)
+    size_original = state_size_bytes(model)
+    teacher = copy.deepcopy(model).eval() if fine else None
+    n_candidates = len(candidate_layers(model, job.include, job.exclude)[0])
+    if on_layer_start:
+        on_layer_start(n_candidates)
+    t1 = time.perf_counter()
+    parts = compress_to_target(model, job.ratio, job.rank, job.method, job.spectrum, job.allocation,
+                               job.include, job.exclude, on_layer=on_layer)
+    t_convert = time.perf_counter() - t1
+    if not parts["layers"]:
+        raise UserError("no layer was compressed: every candidate was skipped "
+                        f"({'; '.join(s['name'] + ': ' + s['reason'] for s in parts['skipped'][:3])})")
+
+    ft_block, image_cfg = None, None
+    input_shape = job.input_shape
+    if fine:
+        from .data import make_loaders
+        from .finetune import finetune
+
+        train_ds, val_ds, image_cfg = data
+        input_shape = input_shape or _input_shape(train_ds)
+        cfg = job.finetune
+        device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else (
+            "cpu" if cfg.device == "auto" else cfg.device)
+        loaders = make_loaders(train_ds, val_ds, cfg.batch_size, cfg.workers, cfg.seed, device)
+        ft_block = finetune(model, teacher, *loaders, cfg, progress=job.progress,
+                            bn_recalibrate=job.bn_recalibrate)
+        model.to("cpu")
+
+    meta = {"params_original": parts["totals"]["params_original"], "size_bytes_original": size_original,
+            "input_shape": input_shape,
+            "image_size": getattr(image_cfg, "image_size", None),
+            "mean": list(image_cfg.mean) if image_cfg is not None and image_cfg.mean else None,
+            "std": list(image_cfg.std) if image_cfg is not None and image_cfg.std else None,
+            "method": job.method, "spectrum": job.spectrum}
+    t2 = time.perf_counter()
+    size = save_compressed(model, out, job.arch, job.dtype, meta, force=job.force)
+    t_save = time.perf_counter() - t2
+    totals = {**parts["totals"], "size_bytes_original": size_original, "size_bytes_compressed": size}
+    report = {
+        "format_version": REPORT_FORMAT_VERSION, "tool_version": __version__,
+        "method": job.method, "spectrum": job.spectrum,
+        "target": {"ratio": job.ratio} if job.ratio is not None else {"rank": job.rank},
+        "allocation": job.allocation if job.ratio is not None else None,
+        "model": {"path": job.model, "arch": job.arch, "output": str(out)},
+        "totals": totals, "layers": parts["layers"], "skipped": parts["skipped"],
+        "finetune": ft_block,
+        "timings": {"load": round(t_load, 3), "convert": round(t_convert, 3), "save": round(t_save, 3),
+                    "total": round(time.perf_counter() - t0, 3)},
+    }
+    return report, {"spectra": parts["spectra"], "output": out, "report_dir": report_dir, "model": model}
