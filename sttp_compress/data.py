@@ -10,6 +10,7 @@ from typing import Iterator
 
 import torch
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
@@ -305,3 +306,74 @@ def make_loaders(
     )
     val_loader = None if val_ds is None else DataLoader(val_ds, shuffle=False, drop_last=False, **common)
     return train_loader, val_loader
+
+
+# ---------------------------------------------------------------------------------------------
+# a fast path for small-image datasets that fit in (GPU) memory
+
+
+def decode_image_folder(root: str | Path, workers: int | None = None) -> tuple[Tensor, Tensor, list[str]]:
+    """Decode an ImageFolder (class subfolders) of equally sized images into uint8 (N, C, H, W) and labels."""
+    import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = Path(root)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    files = [(f, ci) for ci, c in enumerate(classes) for f in sorted((root / c).iterdir()) if _is_image(f.name)]
+    if not files:
+        raise UserError(f"no images under {root}")
+
+    def load(item):
+        with Image.open(item[0]) as im:
+            return np.asarray(im.convert("RGB"))
+
+    with ThreadPoolExecutor(workers or os.cpu_count() or 4) as pool:
+        arrays = list(pool.map(load, files, chunksize=256))
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor([ci for _, ci in files], dtype=torch.long)
+    return images, labels, classes
+
+
+class DeviceTensorLoader:
+    """Batches from uint8 images held on the device, augmented there (random crop with padding + flip).
+
+    For small-image datasets (CIFAR-sized) the whole set fits in GPU memory, and augmenting on the
+    GPU removes the data loader from the training step's critical path.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, mean, std, train: bool,
+                 device: str | torch.device, seed: int = 0, pad: int = 4):
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.batch_size, self.train, self.pad = batch_size, train, pad
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+        self.gen = torch.Generator(device=self.images.device).manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.labels)
+        dev = self.images.device
+        order = torch.randperm(n, device=dev, generator=self.gen) if self.train else torch.arange(n, device=dev)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            x = self.images[idx].float()
+            if self.train:
+                x = self._augment(x)
+            yield (x - self.mean) / self.std, self.labels[idx]
+
+    def _augment(self, x: Tensor) -> Tensor:
+        B, _, H, W = x.shape
+        p = self.pad
+        xp = torch.nn.functional.pad(x, (p, p, p, p))
+        oy = torch.randint(0, 2 * p + 1, (B, 1), device=x.device, generator=self.gen)
+        ox = torch.randint(0, 2 * p + 1, (B, 1), device=x.device, generator=self.gen)
+        rows = (oy + torch.arange(H, device=x.device)).view(B, 1, H, 1).expand(B, x.shape[1], H, W + 2 * p)
+        x = xp.gather(2, rows)
+        cols = (ox + torch.arange(W, device=x.device)).view(B, 1, 1, W).expand(B, x.shape[1], H, W)
+        x = x.gather(3, cols)
+        flip = torch.rand(B, device=x.device, generator=self.gen) < 0.5
+        return torch.where(flip.view(B, 1, 1, 1), x.flip(3), x)

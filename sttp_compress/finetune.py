@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from contextlib import nullcontext
@@ -13,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .bank import WeightBank
 from .errors import UserError
+from .layers import is_parametrized
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant")
@@ -100,6 +101,9 @@ class FinetuneConfig:
     workers: int = 2
     seed: int = 0
     grad_clip: float | None = 5.0
+    select_best: bool = True  # keep the best-validation state (False: the final state)
+    weight_bank: bool = True  # build all compressed weights together each step (bank.py)
+    cuda_graph: bool = True  # ...and replay that build as a CUDA graph on GPUs
     log_every: int = 20
     val_every_epoch: bool = True
 
@@ -432,6 +436,7 @@ def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
 def _train_step(
     student: nn.Module, teacher: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
     trainable: list[Tensor], cfg: FinetuneConfig, device: torch.device, use_amp: bool,
+    check_labels: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One distillation step; returns the detached (loss, student output, class labels or None)."""
     inputs, targets = _split_batch(batch, device)
@@ -440,7 +445,7 @@ def _train_step(
     with _autocast(device, use_amp):
         s_out = _primary_output(student(inputs))
     labels = targets if _is_class_labels(s_out, targets) else None
-    if labels is not None:
+    if labels is not None and check_labels:
         _check_label_range(_cpu_targets(batch), s_out.shape[1])
     loss = distillation_loss(s_out, t_out, labels, cfg.temperature, cfg.alpha)
     if cfg.spectral_reg > 0:
@@ -480,6 +485,9 @@ def finetune(
 
     student.to(device)
     teacher.to(device).eval()
+    bank = None
+    if cfg.weight_bank and any(is_parametrized(m) for m in student.modules()):
+        bank = WeightBank(student, cuda_graph=device.type == "cuda" and cfg.cuda_graph)
     if bn_recalibrate > 0:
         recalibrate_batchnorm(student, train_loader, bn_recalibrate, device)
 
@@ -522,6 +530,8 @@ def finetune(
     pending = 0
     tick = time.perf_counter()
     student.train()
+    if bank is not None:
+        bank.attach()
 
     def checkpoint() -> None:
         """Validate, append a curve point for the steps since the last one, and remember the best state."""
@@ -541,7 +551,8 @@ def finetune(
         while step < total_steps:
             for batch in train_loader:
                 loss, s_out, labels = _train_step(
-                    student, teacher, batch, optimizer, trainable, cfg, device, use_amp
+                    student, teacher, batch, optimizer, trainable, cfg, device, use_amp,
+                    check_labels=step == 0,  # once: checking every batch would sync with the GPU
                 )
                 if scheduler is not None:
                     scheduler.step()
@@ -580,8 +591,10 @@ def finetune(
                     break
     finally:
         bar.close()
+        if bank is not None:
+            bank.detach()
 
-    if best_state is not None:
+    if best_state is not None and cfg.select_best:
         student.load_state_dict(best_state)
         after = best_metrics
     else:

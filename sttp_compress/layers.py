@@ -93,6 +93,7 @@ class SpectralTT(nn.Module):
         self.register_buffer("signs", torch.ones(self.tt.middle) if spectrum == "identity" else None)
         self._cache: tuple | None = None
         self.skip_conversion = False  # set while attaching a structure that a state_dict will fill
+        self.override: Tensor | None = None  # a weight a WeightBank built for the current forward
 
     # -- structure ---------------------------------------------------------------------------
     @property
@@ -119,18 +120,32 @@ class SpectralTT(nn.Module):
 
     def factors(self, *originals: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(U, σ, V) with W_matrix = U diag(σ) Vᵀ, built from the parameters."""
+        frames = [frame(P, d, r, red) for (d, r, red), P in zip(self.groups, originals)]
+        return self.factors_from_frames(frames, self.spectrum_param(originals))
+
+    def spectrum_param(self, originals: tuple[Tensor, ...]) -> Tensor | None:
+        """The spectrum among the originals (None for Σ = I)."""
+        return originals[len(self.groups)] if self.spectrum != "identity" else None
+
+    def factors_from_frames(self, frames: list[Tensor], spectrum_param: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(U, σ, V) from the frames of each group (n_frames, d, r) and the spectrum parameter."""
         chains: dict[str, list[Tensor | None]] = {"u": [None] * len(self.tt.out_modes),
                                                   "v": [None] * len(self.tt.in_modes)}
-        for (d, r, red), members, P in zip(self.groups, self.members, originals):
-            X = frame(P, d, r, red)
+        for members, X in zip(self.members, frames):
             for i, (side, k) in enumerate(members):
                 chains[side][k] = X[i]
         U = _chain(chains["u"], self.tt.u_ranks)
         V = _chain(chains["v"], self.tt.v_ranks)
-        spec = originals[len(self.groups)] if self.spectrum != "identity" else None
-        return U, self.sigma(spec), V
+        return U, self.sigma(spectrum_param), V
+
+    def weight_from_frames(self, frames: list[Tensor], spectrum_param: Tensor | None) -> Tensor:
+        """The weight in its module's shape from the group frames and the spectrum parameter."""
+        U, s, V = self.factors_from_frames(frames, spectrum_param)
+        return _from_matrix(self.kind, (U * s) @ V.T, self.weight_shape)
 
     def forward(self, *originals: Tensor) -> Tensor:
+        if self.override is not None:  # built for this forward pass by a WeightBank
+            return self.override
         use_cache = not self.training and not (
             torch.is_grad_enabled() and any(o.requires_grad for o in originals))
         if use_cache:
@@ -138,8 +153,8 @@ class SpectralTT(nn.Module):
                 self.scale._version, id(self.scale))
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
-        U, s, V = self.factors(*originals)
-        W = _from_matrix(self.kind, (U * s) @ V.T, self.weight_shape)
+        W = self.weight_from_frames([frame(P, d, r, red) for (d, r, red), P in zip(self.groups, originals)],
+                                    self.spectrum_param(originals))
         self._cache = (key, W) if use_cache else None
         return W
 

@@ -142,8 +142,8 @@ def test_eval_mode_caches_weight_until_parameters_change(monkeypatch):
     m = nn.Linear(32, 16)
     p = compress_module(m, rank=4)
     calls = []
-    orig = SpectralTT.factors
-    monkeypatch.setattr(SpectralTT, "factors", lambda self, *o: calls.append(1) or orig(self, *o))
+    orig = SpectralTT.weight_from_frames
+    monkeypatch.setattr(SpectralTT, "weight_from_frames", lambda self, *a: calls.append(1) or orig(self, *a))
     x = torch.randn(3, 32)
     m.eval()
     with torch.no_grad():
