@@ -104,17 +104,27 @@ def compress_cmd(
 
 
 def _run_with_progress(job, quiet: bool):
+    """Run the job with a progress bar over layers, shown only once the conversion starts."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .pipeline import run_compress
 
     if quiet:
         return run_compress(job)
-    with Progress(TextColumn("[bold]compressing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                  TimeElapsedColumn(), console=err, transient=True) as prog:
-        task = prog.add_task("", total=None)
-        return run_compress(job, on_layer_start=lambda n: prog.update(task, total=n, description="allocating ranks"),
+    prog = Progress(TextColumn("[bold]compressing"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True)
+    task = prog.add_task("", total=None, start=False)
+
+    def start(n: int) -> None:
+        prog.start()
+        prog.start_task(task)
+        prog.update(task, total=n, description="allocating ranks")
+
+    try:
+        return run_compress(job, on_layer_start=start,
                             on_layer=lambda name: prog.update(task, advance=1, description=name))
+    finally:
+        prog.stop()
 
 
 def _finish(report: dict, extras: dict, quiet: bool, json_out: bool) -> None:

@@ -153,8 +153,9 @@ class SpectralTT(nn.Module):
                 self.scale._version, id(self.scale))
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
-        W = self.weight_from_frames([frame(P, d, r, red) for (d, r, red), P in zip(self.groups, originals)],
-                                    self.spectrum_param(originals))
+        with torch.autocast(originals[0].device.type, enabled=False):  # frames need float32 (trsm)
+            W = self.weight_from_frames([frame(P, d, r, red) for (d, r, red), P in zip(self.groups, originals)],
+                                        self.spectrum_param(originals))
         self._cache = (key, W) if use_cache else None
         return W
 

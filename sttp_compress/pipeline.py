@@ -68,7 +68,7 @@ class CompressJob:
 def default_output(model_path: str) -> Path:
     """`<MODEL stem>.sttp.pt` beside MODEL."""
     p = Path(model_path)
-    return p.with_name(p.name.split(".")[0] + ".sttp.pt") if p.name else Path("model.sttp.pt")
+    return p.with_name(p.stem + ".sttp.pt") if p.name else Path("model.sttp.pt")
 
 
 def state_size_bytes(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
@@ -92,7 +92,12 @@ def _check_output(job: CompressJob) -> tuple[Path, Path]:
         raise UserError(f"output folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise UserError(f"output folder {folder} is not writable")
-    report_dir = Path(job.report_dir) if job.report_dir else out.with_name(out.name.removesuffix(".pt") + ".report")
+    report_dir = Path(job.report_dir) if job.report_dir else out.with_name(out.stem + ".report")
+    if report_dir.exists() and not report_dir.is_dir():
+        raise UserError(f"report folder {report_dir} exists and is not a folder")
+    anchor = next(p for p in [report_dir, *report_dir.parents] if p.exists())
+    if not anchor.is_dir() or not os.access(anchor, os.W_OK):
+        raise UserError(f"cannot create the report folder {report_dir}: {anchor} is not a writable folder")
     return out, report_dir
 
 
