@@ -59,7 +59,7 @@ def compress_cmd(
     epochs: Optional[int] = typer.Option(None, help="Fine-tune epochs (default 1 when data is given)."),
     steps: Optional[int] = typer.Option(None, help="Fine-tune steps instead of epochs."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: 0.01 SGD, 1e-3 AdamW)."),
-    optimizer: str = typer.Option("sgd", help="sgd (Nesterov) or adamw."),
+    optimizer: str = typer.Option("adamw", help="adamw (default, lr 1e-3) or sgd (Nesterov, lr 0.01)."),
     schedule: str = typer.Option("onecycle", help="onecycle, cosine or constant."),
     batch_size: int = typer.Option(128, help="Fine-tune batch size."),
     workers: int = typer.Option(2, help="Data-loading worker processes."),

@@ -18,7 +18,8 @@ The Python API behind ``sttp-eval COMPRESSED [options]``::
 ``size_bytes``
     The checkpoint's size on disk, in bytes.
 ``size_bytes_original``
-    The original model's file size, from the checkpoint's metadata, else the size of ``--reference``; or null.
+    The original model's size as a float32 state_dict (recorded by sttp-compress in the checkpoint's
+    metadata), else the size of the ``--reference`` file; or null.
 ``size_ratio``
     ``size_bytes_original / size_bytes``, or null.
 ``params``
