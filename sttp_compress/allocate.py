@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UserError
-from .layers import matrix_factors, weight_kind
+from .layers import matrix_factors, to_matrix, weight_kind
 from .tt import TTShape, chain_svd
 
 __all__ = ["LayerOptions", "tt_error", "layer_options", "allocate", "budget_for_ratio"]
@@ -71,8 +71,7 @@ def layer_options(name: str, module: nn.Module, method: str = "sttp", spectrum: 
     out_f, in_f = matrix_factors(kind, shape)
     W = None
     if with_errors:
-        W = module.weight.detach().to(torch.float32)
-        W = (W.transpose(0, 1) if kind == "conv_transpose" else W).reshape(math.prod(out_f), -1)
+        W = to_matrix(kind, module.weight.detach().to(torch.float32))
         if method == "svdp":
             s2 = torch.linalg.svdvals(W.double()).square()
             tail = (s2.flip(0).cumsum(0).flip(0) / s2.sum().clamp_min(1e-30)).tolist() + [0.0]

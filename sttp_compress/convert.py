@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .layers import SUPPORTED, SpectralTT, is_parametrized, weight_kind
+from .layers import SUPPORTED, SpectralTT, is_parametrized, to_matrix, weight_kind
 
 __all__ = ["compress_module", "compress", "compress_to_target", "decompress", "count_parameters",
            "candidate_layers", "compressed_layers", "parametrization", "spectral_penalty"]
@@ -144,11 +144,6 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def _weight_matrix(kind: str, W: torch.Tensor) -> torch.Tensor:
-    W = W.transpose(0, 1) if kind == "conv_transpose" else W
-    return W.reshape(W.shape[0], -1)
-
-
 def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int | None = None,
                        method: str = "sttp", spectrum: str = "free", allocation: str = "greedy",
                        include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
@@ -197,8 +192,8 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
                            "rel_error": err})
             if name in by_size:
                 with torch.no_grad():
-                    spectra[name] = (torch.linalg.svdvals(_weight_matrix(kind, W0).double()).tolist(),
-                                     torch.linalg.svdvals(_weight_matrix(kind, W1).double()).tolist())
+                    spectra[name] = (torch.linalg.svdvals(to_matrix(kind, W0).double()).tolist(),
+                                     torch.linalg.svdvals(to_matrix(kind, W1).double()).tolist())
         if on_layer:
             on_layer(name)
     params_compressed = count_parameters(model)

@@ -98,6 +98,7 @@ from .data import (IMAGE_EXTENSIONS, TENSORS_PREFIX, ImageDataConfig, image_tran
 from .errors import UserError
 from .finetune import resolve_device
 from .loading import atomic_torch_save, load_model, parse_size
+from .report import largest_layers
 
 __all__ = ["EvalOptions", "run_eval", "check_gates", "validate_options", "summary_table", "export_dense"]
 
@@ -731,16 +732,10 @@ def summary_table(result: Mapping[str, Any], max_layers: int = SUMMARY_LAYERS) -
         table.add_row("[bold]Compressed layer[/bold]", "[bold]rank: params dense → compressed[/bold]")
     else:
         table.add_row("[dim]no compressed layers[/dim]", "")
-    shown = set(range(len(layers)))
-    if len(layers) > max_layers:
-        biggest = sorted(range(len(layers)), key=lambda i: -(layers[i].get("params_original") or 0))
-        shown = set(biggest[:max_layers])
-    hidden_po = hidden_pc = 0
+    shown, hidden_po, hidden_pc = largest_layers(layers, max_layers)
     for i, layer in enumerate(layers):
         po, pc = layer.get("params_original"), layer.get("params_compressed")
         if i not in shown:
-            hidden_po += po or 0
-            hidden_pc += pc or 0
             continue
         ratio = po / pc if _is_number(po) and _is_number(pc) and pc else None
         table.add_row(escape(str(layer.get("name", "?"))),

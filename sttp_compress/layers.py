@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 from .householder import frame, frame_numel
 from .tt import SPECTRA, TTShape, reduce_chain, spectral_tt_svd
 
-__all__ = ["SpectralTT", "weight_kind", "matrix_factors", "SUPPORTED"]
+__all__ = ["SpectralTT", "weight_kind", "matrix_factors", "to_matrix", "SUPPORTED"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -49,7 +49,8 @@ def matrix_factors(kind: str, shape: tuple[int, ...]) -> tuple[list[int], list[i
     return [shape[0]], [shape[1]]
 
 
-def _to_matrix(kind: str, W: Tensor) -> Tensor:
+def to_matrix(kind: str, W: Tensor) -> Tensor:
+    """The weight read as the d_out × d_in matrix of §1 (transposed convolutions permuted first)."""
     if kind == "conv_transpose":
         W = W.transpose(0, 1)
     return W.reshape(W.shape[0], -1)
@@ -173,7 +174,7 @@ class SpectralTT(nn.Module):
             raise ValueError(f"weight shape {tuple(weight.shape)} != {self.weight_shape}")
         if self.skip_conversion:
             return self.placeholder(weight)
-        M = _to_matrix(self.kind, weight.detach().to(torch.float64))
+        M = to_matrix(self.kind, weight.detach().to(torch.float64))
         u_cores, sigma, v_cores = spectral_tt_svd(M, self.tt)
         identity = self.spectrum == "identity"
         u_params, u_tail = reduce_chain(u_cores, reduce_last=identity)

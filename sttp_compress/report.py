@@ -293,6 +293,17 @@ def render_markdown(report: Mapping[str, Any], images: list[str]) -> str:
 # --------------------------------------------------------------------------- terminal summary
 
 
+def largest_layers(layers: Sequence[Mapping[str, Any]], max_rows: int) -> tuple[set[int], int, int]:
+    """Indices of the (at most max_rows) largest layers, and the original/compressed parameters of the rest."""
+    shown = set(range(len(layers)))
+    if len(layers) > max_rows:
+        biggest = sorted(range(len(layers)), key=lambda i: -(layers[i].get("params_original") or 0))
+        shown = set(biggest[: max(max_rows, 0)])
+    hidden = [layers[i] for i in range(len(layers)) if i not in shown]
+    return (shown, sum(l.get("params_original") or 0 for l in hidden),
+            sum(l.get("params_compressed") or 0 for l in hidden))
+
+
 def summary_table(report: Mapping[str, Any], max_rows: int = SUMMARY_ROWS) -> Table:
     """The terminal summary: the largest layers (model order, at most max_rows), a '… N more' row and totals."""
     totals = report.get("totals") or {}
@@ -311,16 +322,10 @@ def summary_table(report: Mapping[str, Any], max_rows: int = SUMMARY_ROWS) -> Ta
     table.add_column("Rel. err", justify="right")
 
     layers = _layers(report)
-    shown = set(range(len(layers)))
-    if len(layers) > max_rows:
-        biggest = sorted(range(len(layers)), key=lambda i: -(layers[i].get("params_original") or 0))
-        shown = set(biggest[: max(max_rows, 0)])
-    hidden_po = hidden_pc = 0
+    shown, hidden_po, hidden_pc = largest_layers(layers, max_rows)
     for i, layer in enumerate(layers):
         po, pc = layer.get("params_original"), layer.get("params_compressed")
         if i not in shown:
-            hidden_po += po or 0
-            hidden_pc += pc or 0
             continue
         table.add_row(
             escape(str(layer.get("name", "?"))),
