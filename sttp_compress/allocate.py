@@ -20,7 +20,8 @@ from .errors import UserError
 from .layers import matrix_factors, to_matrix, weight_kind
 from .tt import TTShape, chain_svd
 
-__all__ = ["LayerOptions", "tt_error", "layer_options", "allocate", "budget_for_ratio"]
+__all__ = ["LayerOptions", "tt_error", "layer_options", "allocate", "budget_for_ratio", "uniform_rank",
+           "check_reachable"]
 
 DENSE = 0  # rank value meaning "kept dense"
 _GRID = sorted({int(round(b * 2 ** e)) for e in range(0, 14) for b in (1, 1.5)} | {3, 5, 6})
@@ -206,20 +207,27 @@ def _next_rank(o: LayerOptions, r: int) -> int:
     return nxt if o.dof(nxt) < o.numel and o.tt(nxt).tt_ranks != ranks else DENSE
 
 
-def _uniform(options: list[LayerOptions], budget: int) -> dict[str, int]:
-    """The largest single rank that fits, then one step up on the largest layers while it fits."""
-    def total(r: int) -> int:
-        return sum(min(o.dof(r), o.numel) for o in options)
+def _total(options: list[LayerOptions], r: int) -> int:
+    return sum(min(o.dof(r), o.numel) for o in options)
 
+
+def uniform_rank(options: list[LayerOptions], budget: int) -> int:
+    """The largest single rank r whose total DOF (layers that would not shrink kept dense) fits."""
     lo, hi = 1, max(max(o.tt(10 ** 9).tt_ranks) for o in options)
-    while lo < hi:  # largest r with total(r) <= budget (total is non-decreasing in r)
+    while lo < hi:  # total(r) is non-decreasing in r
         mid = (lo + hi + 1) // 2
-        if total(mid) <= budget:
+        if _total(options, mid) <= budget:
             lo = mid
         else:
             hi = mid - 1
+    return lo
+
+
+def _uniform(options: list[LayerOptions], budget: int) -> dict[str, int]:
+    """The largest single rank that fits, then one step up on the largest layers while it fits."""
+    lo = uniform_rank(options, budget)
     ranks = {o.name: (lo if o.dof(lo) < o.numel else DENSE) for o in options}
-    left = budget - total(lo)
+    left = budget - _total(options, lo)
     for o in sorted(options, key=lambda o: -o.numel):
         r = ranks[o.name]
         if r == DENSE:

@@ -144,6 +144,13 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def _singular_values(M: torch.Tensor) -> list[float]:
+    """Singular values, descending, from the eigenvalues of the smaller Gram matrix (float64)."""
+    M = M.detach().double()
+    G = M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
+    return torch.linalg.eigvalsh(G).clamp_min(0).sqrt().flip(0).tolist()
+
+
 def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int | None = None,
                        method: str = "sttp", spectrum: str = "free", allocation: str = "greedy",
                        include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
@@ -164,10 +171,15 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
     params_original = count_parameters(model)
     chosen, skipped = candidate_layers(model, include, exclude)
     if ratio is not None:
-        opts = [layer_options(n, m, method, spectrum) for n, m in chosen.items()]
-        fixed = params_original - sum(o.numel for o in opts)
-        check_reachable(params_original, fixed, opts, ratio)
-        ranks = allocate(opts, budget_for_ratio(params_original, fixed, ratio), allocation)
+        light = [layer_options(n, m, method, spectrum, with_errors=False) for n, m in chosen.items()]
+        fixed = params_original - sum(o.numel for o in light)
+        check_reachable(params_original, fixed, light, ratio)
+        budget = budget_for_ratio(params_original, fixed, ratio)
+        if allocation == "greedy":
+            opts = [layer_options(n, m, method, spectrum) for n, m in chosen.items()]
+        else:
+            opts = light  # uniform needs no error profile
+        ranks = allocate(opts, budget, allocation)
     else:
         ranks = {n: rank for n in chosen}
     by_size = sorted(chosen, key=lambda n: -chosen[n].weight.numel())[:spectra_of]
@@ -191,9 +203,7 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
                            "rank": p.rank, "params_original": numel, "params_compressed": p.dof(),
                            "rel_error": err})
             if name in by_size:
-                with torch.no_grad():
-                    spectra[name] = (torch.linalg.svdvals(to_matrix(kind, W0).double()).tolist(),
-                                     torch.linalg.svdvals(to_matrix(kind, W1).double()).tolist())
+                spectra[name] = (_singular_values(to_matrix(kind, W0)), _singular_values(to_matrix(kind, W1)))
         if on_layer:
             on_layer(name)
     params_compressed = count_parameters(model)
