@@ -3,6 +3,8 @@
     python benchmarks/bench_convert.py [--models resnet18 resnet50 vit_b_16] [--ratio 10] [--repeat 3]
                                        [--limit 300] [--threads N] [--no-peers] [--merge]
 
+(`--models --no-peers --merge` measures nothing and rewrites the .md from the stored rows.)
+
 Models: the shared CIFAR ResNet-18 (`../shared/models`, skipped when absent), torchvision `resnet50` and
 `vit_b_16` with random weights, each compressed by `compress_to_target(model, ratio)`. Every model run
 is a fresh subprocess (`--one MODEL`) so peaks don't mix: it builds the model, resets the kernel's
@@ -11,8 +13,8 @@ it into phases by wrapping the product's functions: the allocation profile (`all
 one TT-SVD error per grid rank per layer), the allocation itself, the TT-SVD conversion
 (`compress_module`), the before/after spectra of the largest layers (`torch.linalg.svdvals`) and the
 rest (error norms, weight builds). A run that outlasts `--limit` seconds is stopped and reported with
-how far the profile got. Rows {bench: "model", device, model, params, ratio, convert_seconds, phases,
-peak_rss_mb, float32_model_mb, ...}; MB are MiB.
+how far the profile got. Rows {bench: "model", device, model, params, ratio, convert_seconds,
+peak_rss_mb, float32_model_mb, profile_s, allocate_s, tt_svd_s, spectra_s, other_s, ...}; MB are MiB.
 
 Peers, on convolutions of the ResNet-18 at equal or fewer parameters than ours (`compress_module` at
 `--peer-rank`): tensorly-torch's `FactorizedConv.from_conv(..., factorization="tt" | "tucker")` and a
@@ -56,7 +58,7 @@ RESNET18 = (SHARED / "resnet18_cifar10.pt", str(SHARED / "cifar_models.py") + ":
 TARGET_SECONDS = {"resnet18": 5.0, "resnet50": 20.0, "vit_b_16": 30.0}
 TARGET_MEMORY = 3.0  # peak RSS above baseline <= 3x the float32 model
 PEER_LAYERS = ["layer2.0.conv2", "layer3.1.conv1", "layer4.0.conv1", "layer4.1.conv2"]
-PHASES = ["profile", "allocate", "convert", "spectra", "other"]
+PHASES = ["profile", "allocate", "tt_svd", "spectra", "other"]
 
 
 # --------------------------------------------------------------------------- one model, in a subprocess
@@ -144,7 +146,7 @@ def run_one(name: str, ratio: float, progress: Path) -> None:
     allocate.layer_options = timed("profile", profiled_layer)
     allocate.tt_error = profiled_error
     allocate.allocate = timed("allocate", allocate.allocate)
-    convert.compress_module = timed("convert", convert.compress_module)
+    convert.compress_module = timed("tt_svd", convert.compress_module)
     torch.linalg.svdvals = timed("spectra", torch.linalg.svdvals)
 
     gc.collect()
@@ -195,6 +197,8 @@ def measure_model(name: str, args) -> dict:
             partial = (start, layers, load)
             break
         runs.append((start, layers, events[-1], load))
+        if events[-1]["error"]:  # the product refused the model: the same answer every time
+            break
     if partial is not None and not runs:
         return timeout_row(name, *partial, args.limit)
     start = runs[0][0]
@@ -203,8 +207,9 @@ def measure_model(name: str, args) -> dict:
     row = {"model": name, "params": start["params"],
            "ratio": round(done[0]["ratio"], 3) if done[0]["ratio"] else None,
            "convert_seconds": round(med("convert_seconds"), 2),
-           **{f"{p}_seconds": round(statistics.median(d["phases"][p] for d in done), 2) for p in PHASES},
-           "peak_rss_mb": round(max(d["peak_rss_mb"] for d in done), 1),
+           **{f"{p}_s": round(statistics.median(d["phases"][p] for d in done), 2) for p in PHASES},
+           "peak_rss_mb": round(med("peak_rss_mb"), 1),
+           "peak_rss_mb_max": round(max(d["peak_rss_mb"] for d in done), 1),
            "float32_model_mb": round(start["float32_model_mb"], 1),
            "runs": len(done), "load_avg": round(statistics.median(r[3] for r in runs), 2),
            "tt_errors_evaluated": done[0]["tt_errors_evaluated"]}
@@ -212,7 +217,7 @@ def measure_model(name: str, args) -> dict:
         row["status"] = f"UserError: {done[0]['error']}"
     else:
         row["status"] = "ok"
-        row["profile_above_chosen_seconds"] = round(statistics.median(d["profile_above_chosen_seconds"] for d in done), 2)
+        row["profile_above_chosen_s"] = round(statistics.median(d["profile_above_chosen_seconds"] for d in done), 2)
     row["time_target_met"] = row["status"] == "ok" and row["convert_seconds"] <= TARGET_SECONDS.get(name, math.inf)
     row["memory_target_met"] = row["peak_rss_mb"] <= TARGET_MEMORY * row["float32_model_mb"]
     if partial is not None:
@@ -233,8 +238,8 @@ def timeout_row(name: str, start: dict, layers: dict, load: float, limit: float)
     if start["unreachable"]:
         status += f"; would then raise UserError: {start['unreachable']}"
     row = {"model": name, "params": start["params"], "ratio": None, "convert_seconds": None,
-           **{f"{p}_seconds": None for p in PHASES}, "profile_seconds": round(sum(layers.values()), 2),
-           "est_profile_seconds": round(est, 1) if est is not None else None,
+           **{f"{p}_s": None for p in PHASES}, "profile_s": round(sum(layers.values()), 2),
+           "est_profile_s": round(est, 1) if est is not None else None,
            "peak_rss_mb": None, "float32_model_mb": round(start["float32_model_mb"], 1), "runs": 0,
            "load_avg": round(load, 2), "status": status, "time_target_met": False, "memory_target_met": None}
     if layers:
@@ -361,15 +366,16 @@ def measure_peers(args) -> tuple[list[dict], list[str]]:
 
 def peer_verdicts(rows: list[dict]) -> list[str]:
     out = []
-    for layer in dict.fromkeys(r["layer"] for r in rows):
-        by = {r["peer"]: r for r in rows if r["layer"] == layer}
+    for device, layer in dict.fromkeys((r["device"], r["layer"]) for r in rows):
+        by = {r["peer"]: r for r in rows if r["layer"] == layer and r["device"] == device}
         if "sttp" not in by or "tltorch-tt" not in by:
             continue
         s, t = by["sttp"], by["tltorch-tt"]
-        ok = s["seconds"] < t["seconds"] and s["rel_error"] <= t["rel_error"]
-        out.append(f"- {layer}: STTP {s['seconds']:.3g} s at error {s['rel_error']:.4f} ({s['params']:,} params) vs "
+        why = [w for w, bad in (("slower", s["seconds"] >= t["seconds"]),
+                                ("higher error", s["rel_error"] > t["rel_error"])) if bad]
+        out.append(f"- {device}, {layer}: STTP {s['seconds']:.3g} s at error {s['rel_error']:.4f} ({s['params']:,} params) vs "
                    f"tltorch TT {t['seconds']:.3g} s at error {t['rel_error']:.4f} ({t['params']:,} params): "
-                   f"{'met' if ok else 'NOT met'}")
+                   f"{'NOT met (' + ' and '.join(why) + ')' if why else 'met'}")
     return out
 
 
@@ -430,11 +436,10 @@ def main() -> None:
 
     model_rows = [r for r in rows if r["bench"] == "model"]
     peer_rows = [r for r in rows if r["bench"] == "peer"]
-    mcols = ["device", "model", "params", "ratio", "convert_seconds", "peak_rss_mb", "float32_model_mb",
-             "time_target_met", "memory_target_met", "load_avg", "status"]
-    pcols = ["profile_seconds", "allocate_seconds", "convert_seconds", "spectra_seconds", "other_seconds"]
-    phase_cols = ["device", "model", "convert_seconds", *pcols[:1], "profile_above_chosen_seconds",
-                  "tt_errors_evaluated", *pcols[1:], "slowest_profiled_layer"]
+    mcols = ["device", "model", "params", "ratio", "convert_seconds", "peak_rss_mb", "peak_rss_mb_max",
+             "float32_model_mb", "time_target_met", "memory_target_met", "load_avg", "status"]
+    phase_cols = ["device", "model", "convert_seconds", "profile_s", "profile_above_chosen_s", "est_profile_s",
+                  "tt_errors_evaluated", "allocate_s", "tt_svd_s", "spectra_s", "other_s", "slowest_profiled_layer"]
     peer_cols = ["device", "layer", "peer", "rank", "params", "seconds", "rel_error"]
     for title, cols, rs in ((f"Whole-model conversion at ratio {args.ratio:g}", mcols, model_rows),
                             ("Where conversion time goes (s)", phase_cols, model_rows),
@@ -443,7 +448,7 @@ def main() -> None:
             continue
         table = Table(title=f"{title} ({today()})")
         for c in cols:
-            table.add_column(c.removesuffix("_seconds"))
+            table.add_column(c)
         for r in rs:
             table.add_row(*(str(r.get(c, "")) for c in cols))
         console.print(table)
@@ -451,13 +456,16 @@ def main() -> None:
     md = [f"# Conversion benchmark\n\nDate: {today()}. Script: `benchmarks/bench_convert.py`. Ratio {args.ratio:g}.\n",
           "Targets: ResNet-18 <= 5 s, ResNet-50 <= 20 s, ViT-B/16 <= 30 s on 2 cores; peak RSS above the "
           "post-construction baseline <= 3x the float32 model. MB are MiB. Each model ran in fresh "
-          "subprocesses (median time, largest peak); `load_avg` is the 1-minute load average when it started "
-          "(2 cores, shared with other work: timings with several threads degrade badly under load).\n",
+          "subprocesses (median time and peak; `peak_rss_mb_max` the largest peak); `load_avg` is the 1-minute load average when it started "
+          "(2 cores, shared with other work). Compare the 1- and 2-thread rows: with 2 threads, every one of the "
+          "hundreds of small LAPACK calls (eigh/svd/qr) of a conversion stalls in OpenMP barriers whenever other "
+          "processes hold the cores, so multi-threaded conversion times swing by orders of magnitude with load; "
+          "single-threaded times are steady.\n",
           "## Whole models\n", markdown_table(model_rows, mcols),
           "\n## Where the time goes\n",
           "`profile` = `allocate.layer_options` over the candidates (a TT-SVD error for every rank of the grid, "
           "every layer); `profile_above_chosen` = the part of it spent on ranks above the one the allocation "
-          "picked; `allocate` = the greedy allocation; `convert` = `compress_module` (TT-SVD + gauge + "
+          "picked; `allocate` = the greedy allocation; `tt_svd` = `compress_module` (TT-SVD + gauge + "
           "registration); `spectra` = `torch.linalg.svdvals` of the largest layers before/after for the report; "
           "`other` = the rest (error norms, weight builds, clones).\n",
           markdown_table(model_rows, phase_cols)]
@@ -472,7 +480,7 @@ def main() -> None:
                "`rel_error` = ||W - W_hat|| / ||W||.\n",
                markdown_table(peer_rows, peer_cols),
                "\nTarget \"faster than tensorly-torch's TT conversion on every layer at equal or lower error\":\n",
-               "\n".join(peer_verdicts([r for r in peer_rows if r["device"] == device]) or ["- no TT rows"]) + "\n"]
+               "\n".join(peer_verdicts(peer_rows) or ["- no TT rows"]) + "\n"]
     if meta["notes"]:
         md += ["\n## Notes\n", "\n".join(f"- {n}" for n in meta["notes"]) + "\n"]
     write_results("convert", rows, meta, "\n".join(md))
