@@ -22,7 +22,7 @@ from torch import nn
 from . import __version__
 from .convert import compress_module, compressed_layers
 from .errors import UserError
-from .loading import atomic_torch_save, load_weights, resolve_arch
+from .loading import atomic_torch_save, resolve_arch
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_compressed", "load_compressed", "read_compressed",
            "portable_arch"]
@@ -60,7 +60,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, arch: str | None,
 
 def read_compressed(path: str | os.PathLike) -> dict:
     """Load and validate a compressed checkpoint's dict (weights_only: no code is unpickled)."""
-    data = load_weights(path) if str(path).endswith(".safetensors") else _load_dict(path)
+    data = _load_dict(path)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UserError(f"{path} is not an sttp-compress checkpoint (no 'format': '{FORMAT}' entry); "
                         "compress it first with sttp-compress")

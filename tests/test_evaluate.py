@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -379,3 +380,47 @@ def test_summary_table(files, tmp_path):
     console.print(summary_table(many, max_layers=5))
     text = console.export_text()
     assert "25 more layers" in text and "not measured" in text and "original unknown" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# the sttp-eval command itself: exit codes and one-line errors
+
+
+def _eval_cli(args, capsys):
+    from sttp_compress.cli import _main, eval_app
+
+    code = _main(eval_app, "sttp-eval", [str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, [line for line in err.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--data", "/nonexistent-folder"], "not found"),
+    (["--max-size", "5XB"], "invalid size"),
+    (["--baseline", "x.json"], "--max-drop"),
+    (["--arch", "torchvision:nope"], "nope"),
+    (["--input-shape", "a,b"], "--input-shape"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(files, capsys, extra, fragment):
+    code, _, err = _eval_cli([files["ckpt"], "--quiet", *extra], capsys)
+    assert code == 2 and len(err) == 1 and fragment in err[0] and "Traceback" not in err[0]
+
+
+def test_cli_missing_and_foreign_files(files, capsys, tmp_path):
+    code, _, err = _eval_cli([tmp_path / "nope.sttp.pt"], capsys)
+    assert code == 2 and len(err) == 1 and "no such file" in err[0]
+    plain = tmp_path / "plain.pt"
+    torch.save(DigitsCNN().state_dict(), plain)
+    code, _, err = _eval_cli([plain], capsys)
+    assert code == 2 and len(err) == 1 and "not an sttp-compress checkpoint" in err[0]
+
+
+def test_cli_gates_exit_1_with_one_line_each_and_json(files, capsys, tmp_path):
+    out_json = tmp_path / "r.json"
+    code, _, err = _eval_cli([files["ckpt"], "--quiet", "--data", files["tensors"], "--max-size", "1kB",
+                              "--min-accuracy", "99.9", "--json", out_json], capsys)
+    assert code == 1 and len(err) == 2 and all(line.startswith("gate failed:") for line in err)
+    result = json.loads(out_json.read_text())
+    assert result["size_bytes"] == Path(files["ckpt"]).stat().st_size
+    code, _, err = _eval_cli([files["ckpt"], "--quiet", "--max-size", "100MB", "--min-ratio", "1.5"], capsys)
+    assert code == 0 and err == []
