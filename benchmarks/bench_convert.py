@@ -11,10 +11,10 @@ is a fresh subprocess (`--one MODEL`) so peaks don't mix: it builds the model, r
 peak-RSS mark (/proc/self/clear_refs, falling back to ru_maxrss), times the conversion alone and splits
 it into phases by wrapping the product's functions: the allocation profile (`allocate.layer_options`,
 one TT-SVD error per grid rank per layer), the allocation itself, the TT-SVD conversion
-(`compress_module`), the before/after spectra of the largest layers (`torch.linalg.svdvals`) and the
+(`compress_module`), the before/after spectra of the largest layers (`convert._singular_values`) and the
 rest (error norms, weight builds). A run that outlasts `--limit` seconds is stopped and reported with
 how far the profile got. Rows {bench: "model", device, model, params, ratio, convert_seconds,
-peak_rss_mb, float32_model_mb, profile_s, allocate_s, tt_svd_s, spectra_s, other_s, ...}; MB are MiB.
+peak_rss_mb, float32_model_mb, check_s, profile_s, allocate_s, tt_svd_s, spectra_s, other_s, ...}; MB are MiB.
 
 Peers, on convolutions of the ResNet-18 at equal or fewer parameters than ours (`compress_module` at
 `--peer-rank`): tensorly-torch's `FactorizedConv.from_conv(..., factorization="tt" | "tucker")` and a
@@ -58,7 +58,15 @@ RESNET18 = (SHARED / "resnet18_cifar10.pt", str(SHARED / "cifar_models.py") + ":
 TARGET_SECONDS = {"resnet18": 5.0, "resnet50": 20.0, "vit_b_16": 30.0}
 TARGET_MEMORY = 3.0  # peak RSS above baseline <= 3x the float32 model
 PEER_LAYERS = ["layer2.0.conv2", "layer3.1.conv1", "layer4.0.conv1", "layer4.1.conv2"]
-PHASES = ["profile", "allocate", "tt_svd", "spectra", "other"]
+PHASES = ["check", "profile", "allocate", "tt_svd", "spectra", "other"]
+
+
+def product_version() -> str:
+    """The repo's commit, '+dirty' when sttp_compress/ has uncommitted changes (the product moves under us)."""
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD")
+    return (head + ("+dirty" if git("status", "--porcelain", "--", "sttp_compress") else "")) if head else "unknown"
 
 
 # --------------------------------------------------------------------------- one model, in a subprocess
@@ -130,10 +138,16 @@ def run_one(name: str, ratio: float, progress: Path) -> None:
     layer_options, tt_error = allocate.layer_options, allocate.tt_error
 
     def profiled_layer(n, m, *a, **k):
-        current[0] = n
         t0 = time.perf_counter()
+        if not k.get("with_errors", a[2] if len(a) > 2 else True):  # DOF only: the reachability check
+            out = layer_options(n, m, *a, **k)
+            acc["check"] += time.perf_counter() - t0
+            return out
+        current[0] = n
         out = layer_options(n, m, *a, **k)
-        emit({"event": "layer", "name": n, "seconds": time.perf_counter() - t0})
+        seconds = time.perf_counter() - t0
+        acc["profile"] += seconds
+        emit({"event": "layer", "name": n, "seconds": seconds})
         return out
 
     def profiled_error(W, shape):
@@ -143,11 +157,14 @@ def run_one(name: str, ratio: float, progress: Path) -> None:
         return out
 
     # compress_to_target imports these from their modules at call time, so patching the modules suffices
-    allocate.layer_options = timed("profile", profiled_layer)
+    allocate.layer_options = profiled_layer
     allocate.tt_error = profiled_error
     allocate.allocate = timed("allocate", allocate.allocate)
     convert.compress_module = timed("tt_svd", convert.compress_module)
-    torch.linalg.svdvals = timed("spectra", torch.linalg.svdvals)
+    if hasattr(convert, "_singular_values"):  # the report's spectra (since 6c6e333: Gram eigenvalues)
+        convert._singular_values = timed("spectra", convert._singular_values)
+    else:
+        torch.linalg.svdvals = timed("spectra", torch.linalg.svdvals)
 
     gc.collect()
     exact_peak = _reset_peak()
@@ -403,7 +420,7 @@ def main() -> None:
         run_one(args.one, args.ratio, Path(args.progress))
         return
 
-    device, console = machine("cpu"), Console()
+    device, console, product = machine("cpu"), Console(), product_version()
     rows, ranks, notes = [], {}, []
     for name in args.models:
         if name == "resnet18" and not RESNET18[0].exists():
@@ -412,16 +429,17 @@ def main() -> None:
             continue
         console.print(f"converting {name} (ratio {args.ratio:g}, up to {args.repeat} runs, limit {args.limit:g} s)")
         got = measure_model(name, args)
-        rows.append({"bench": "model", "device": device, "date": today(), **got["row"]})
+        rows.append({"bench": "model", "device": device, "date": today(), "product": product, **got["row"]})
         if got["ranks"]:
             ranks[name] = got["ranks"]
     if not args.no_peers:
         console.print(f"peers on {', '.join(args.peer_layers)}")
         peer_rows, peer_notes = measure_peers(args)
-        rows += [{"bench": "peer", "device": device, "date": today(), **r} for r in peer_rows]
+        rows += [{"bench": "peer", "device": device, "date": today(), "product": product, **r} for r in peer_rows]
         notes += peer_notes
 
-    meta = {"date": today(), "script": "benchmarks/bench_convert.py", "ratio": args.ratio, "notes": notes,
+    meta = {"date": today(), "script": "benchmarks/bench_convert.py", "product": product, "ratio": args.ratio,
+            "notes": notes,
             "ranks": ranks}
     path = RESULTS / "convert.json"
     if args.merge and path.exists():
@@ -436,11 +454,11 @@ def main() -> None:
 
     model_rows = [r for r in rows if r["bench"] == "model"]
     peer_rows = [r for r in rows if r["bench"] == "peer"]
-    mcols = ["device", "model", "params", "ratio", "convert_seconds", "peak_rss_mb", "peak_rss_mb_max",
+    mcols = ["device", "product", "model", "params", "ratio", "convert_seconds", "peak_rss_mb", "peak_rss_mb_max",
              "float32_model_mb", "time_target_met", "memory_target_met", "load_avg", "status"]
-    phase_cols = ["device", "model", "convert_seconds", "profile_s", "profile_above_chosen_s", "est_profile_s",
+    phase_cols = ["device", "model", "convert_seconds", "check_s", "profile_s", "profile_above_chosen_s", "est_profile_s",
                   "tt_errors_evaluated", "allocate_s", "tt_svd_s", "spectra_s", "other_s", "slowest_profiled_layer"]
-    peer_cols = ["device", "layer", "peer", "rank", "params", "seconds", "rel_error"]
+    peer_cols = ["device", "product", "layer", "peer", "rank", "params", "seconds", "rel_error"]
     for title, cols, rs in ((f"Whole-model conversion at ratio {args.ratio:g}", mcols, model_rows),
                             ("Where conversion time goes (s)", phase_cols, model_rows),
                             ("Per-layer conversion vs peers", peer_cols, peer_rows)):
@@ -463,10 +481,11 @@ def main() -> None:
           "single-threaded times are steady.\n",
           "## Whole models\n", markdown_table(model_rows, mcols),
           "\n## Where the time goes\n",
-          "`profile` = `allocate.layer_options` over the candidates (a TT-SVD error for every rank of the grid, "
+          "`check` = the DOF-only `layer_options` of the product's reachability check; "
+          "`profile` = `allocate.layer_options` (with errors) over the candidates (a TT-SVD error for every rank of the grid, "
           "every layer); `profile_above_chosen` = the part of it spent on ranks above the one the allocation "
           "picked; `allocate` = the greedy allocation; `tt_svd` = `compress_module` (TT-SVD + gauge + "
-          "registration); `spectra` = `torch.linalg.svdvals` of the largest layers before/after for the report; "
+          "registration); `spectra` = the singular values of the largest layers before/after for the report; "
           "`other` = the rest (error norms, weight builds, clones).\n",
           markdown_table(model_rows, phase_cols)]
     if peer_rows:

@@ -10,16 +10,13 @@ torch_householder_product_ms, speedup}. The target (issue 2) is speedup >= 20 on
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, markdown_table, time_ms, today, write_results  # noqa: E402
+from common import machine, markdown_table, merge_rows, print_table, time_ms, today, write_results  # noqa: E402
 
 from sttp_compress.householder import frame, frame_numel, reflectors  # noqa: E402
 
@@ -56,16 +53,10 @@ def main() -> None:
     args = ap.parse_args()
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     rows = [bench(dev, *size) for dev in devices for size in SIZES]
-    if args.merge and (RESULTS / "householder.json").exists():
-        mine = {r["device"] for r in rows}
-        rows = [r for r in json.loads((RESULTS / "householder.json").read_text()) if r["device"] not in mine] + rows
-    table = Table(title=f"Householder frames, fwd+bwd ({today()})")
+    if args.merge:
+        rows = merge_rows("householder", rows)
     cols = ["device", "batch", "d", "r", "ours_ms", "torch_householder_product_ms", "speedup"]
-    for c in cols:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*(str(r[c]) for c in cols))
-    Console().print(table)
+    print_table("Householder frames, fwd+bwd", rows, cols)
     write_results("householder", rows, {"date": today(), "script": "benchmarks/bench_householder.py"},
                   f"# Householder frames, fwd+bwd\n\nDate: {today()}\n\n" + markdown_table(rows, cols))
 

@@ -36,11 +36,11 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, markdown_table, time_ms, today, write_results  # noqa: E402
+from bench_convert import product_version  # noqa: E402
+from common import RESULTS, machine, markdown_table, merge_rows, print_table, time_ms, today, write_results  # noqa: E402
 
 from sttp_compress.convert import compress, compress_module, compress_to_target, count_parameters  # noqa: E402
 from sttp_compress.layers import SpectralTT  # noqa: E402
@@ -96,8 +96,13 @@ def linear_stack(width: int, depth: int, ratio: float, notes: list[str]):
     for m in comp:
         if isinstance(m, nn.Linear):
             compress_module(m, r)
+    dof = TTShape.from_dims([width], [width], r).dof()
     notes.append(f"Linear stack: {depth} x Linear({width}, {width}) with GELU between, random weights "
-                 f"(seed 0), every Linear compressed by compress_module at rank {r}.")
+                 f"(seed 0), every Linear compressed by compress_module at rank {r} ({dof:,} DOF per layer). "
+                 f"The shortcut prototype contracts the TT cores into dense U, V ({width} x {r}) first, so it "
+                 f"does r(d_in + d_out) = {r * 2 * width:,} multiply-adds per row and layer: "
+                 f"{width * width / (r * 2 * width):.1f}x fewer than dense, not the {width * width / dof:.0f}x "
+                 "of the parameter count (random weights have a flat spectrum, hence the large out_rel_diff).")
     return dense, comp.eval()
 
 
@@ -194,7 +199,7 @@ def main() -> None:
     models = {"resnet18-cifar": (r_dense, r_comp, (3, 32, 32)),
               f"linear-stack-{args.stack_depth}x{args.stack_width}": (s_dense, s_comp, (args.stack_width,))}
 
-    rows = []
+    rows, product = [], product_version()
     for dev in devices:
         gpu = dev.startswith("cuda")
         torch.backends.cudnn.benchmark = True
@@ -226,20 +231,14 @@ def main() -> None:
                                      "dense_flops": dense_flops, "compressed_flops": flops_per_row(model, x),
                                      "out_rel_diff": round(float((out - ref).norm() / ref.norm()), 4),
                                      "load_avg": None if gpu else round(os.getloadavg()[0], 2),
-                                     "date": today()})
+                                     "date": today(), "product": product})
                         Console().print(f"{dev} {name} batch {batch} {mode}: dense {dense_ms:.2f} ms, "
                                         f"compressed {ms:.2f} ms")
-    if args.merge and (RESULTS / "inference.json").exists():
-        mine = {r["device"] for r in rows}
-        rows = [r for r in json.loads((RESULTS / "inference.json").read_text()) if r["device"] not in mine] + rows
-    cols = ["device", "model", "batch", "mode", "ratio", "dense_ms", "compressed_ms", "speedup",
+    if args.merge:
+        rows = merge_rows("inference", rows)
+    cols = ["device", "product", "model", "batch", "mode", "ratio", "dense_ms", "compressed_ms", "speedup",
             "dense_flops", "compressed_flops", "load_avg"]
-    table = Table(title=f"Eval-mode latency, compressed vs dense ({today()})")
-    for c in cols:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*(str(r.get(c)) for c in cols))
-    Console().print(table)
+    print_table("Eval-mode latency, compressed vs dense", rows, cols)
     md = (f"# Inference latency\n\nDate: {today()}. Script: `benchmarks/bench_inference.py`.\n\n"
           "Eval mode under torch.no_grad, median wall time after warm-up (GPU: 5 warm-up + 30 runs; CPU: "
           "3 + 15, ResNet-18 batch 256 on CPU 1 + 3). `materialized`: the product's path, each compressed "
@@ -251,7 +250,8 @@ def main() -> None:
           "2 cores shared with other work, `load_avg` = 1-minute load average after the row.\n\n"
           + markdown_table(rows, cols + ["out_rel_diff"])
           + "\n## Notes\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
-    write_results("inference", rows, {"date": today(), "script": "benchmarks/bench_inference.py", "notes": notes}, md)
+    write_results("inference", rows, {"date": today(), "script": "benchmarks/bench_inference.py", "product": product,
+                                      "notes": notes}, md)
 
 
 if __name__ == "__main__":

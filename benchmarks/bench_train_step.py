@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, markdown_table, time_ms, today, write_results  # noqa: E402
+from common import machine, markdown_table, merge_rows, print_table, time_ms, today, write_results  # noqa: E402
 
 from sttp_compress.bank import WeightBank  # noqa: E402
 from sttp_compress.convert import compress_to_target  # noqa: E402
@@ -80,16 +77,10 @@ def main() -> None:
                 bank.detach()
             rows.append({"device": machine(dev), "batch": batch, "mode": mode, "ratio": round(achieved, 2),
                          "dense_ms": round(dense_ms, 2), "sttp_ms": round(ms, 2), "overhead": round(ms / dense_ms, 2)})
-    if args.merge and (RESULTS / "train_step.json").exists():
-        mine = {r["device"] for r in rows}
-        rows = [r for r in json.loads((RESULTS / "train_step.json").read_text()) if r["device"] not in mine] + rows
+    if args.merge:
+        rows = merge_rows("train_step", rows)
     cols = ["device", "batch", "mode", "ratio", "dense_ms", "sttp_ms", "overhead"]
-    table = Table(title=f"Training step, ResNet-18 at ratio {args.ratio:g} ({today()})")
-    for c in cols:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*(str(r[c]) for c in cols))
-    Console().print(table)
+    print_table(f"Training step, ResNet-18 at ratio {args.ratio:g}", rows, cols)
     write_results("train_step", rows, {"date": today(), "script": "benchmarks/bench_train_step.py"},
                   f"# Training step\n\nDate: {today()}\n\n" + markdown_table(rows, cols))
 

@@ -63,3 +63,25 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def merge_rows(name: str, rows: list[dict]) -> list[dict]:
+    """Rows already in results/<name>.json for other devices, followed by these rows (--merge)."""
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return rows
+    mine = {r["device"] for r in rows}
+    return [r for r in json.loads(path.read_text()) if r["device"] not in mine] + rows
+
+
+def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
+    """Print rows as a rich table (missing cells as None)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{title} ({today()})")
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*(str(r.get(c)) for c in columns))
+    Console().print(table)

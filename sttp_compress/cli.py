@@ -10,7 +10,7 @@ import json
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import click
 import typer

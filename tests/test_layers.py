@@ -140,7 +140,7 @@ def test_gradcheck_float64(spectrum, method):
 
 def test_eval_mode_caches_weight_until_parameters_change(monkeypatch):
     m = nn.Linear(32, 16)
-    p = compress_module(m, rank=4)
+    compress_module(m, rank=4)
     calls = []
     orig = SpectralTT.weight_from_frames
     monkeypatch.setattr(SpectralTT, "weight_from_frames", lambda self, *a: calls.append(1) or orig(self, *a))
