@@ -47,10 +47,9 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, markdown_table, today, write_results  # noqa: E402
+from common import RESULTS, machine, markdown_table, print_table, today, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "models"
@@ -236,11 +235,13 @@ def measure_model(name: str, args) -> dict:
         row["status"] = "ok"
         row["profile_above_chosen_s"] = round(statistics.median(d["profile_above_chosen_seconds"] for d in done), 2)
     row["time_target_met"] = row["status"] == "ok" and row["convert_seconds"] <= TARGET_SECONDS.get(name, math.inf)
-    row["memory_target_met"] = row["peak_rss_mb"] <= TARGET_MEMORY * row["float32_model_mb"]
+    row["memory_target_met"] = (row["peak_rss_mb"] <= TARGET_MEMORY * row["float32_model_mb"]
+                                if row["status"] == "ok" else None)
     if partial is not None:
         row["status"] += f"; a later run outlasted --limit {args.limit:g} s"
-    slowest = max(runs[0][1].items(), key=lambda kv: kv[1])
-    row["slowest_profiled_layer"] = f"{slowest[0]} {slowest[1]:.1f} s"
+    if runs[0][1]:
+        slowest = max(runs[0][1].items(), key=lambda kv: kv[1])
+        row["slowest_profiled_layer"] = f"{slowest[0]} {slowest[1]:.1f} s"
     return {"ranks": done[0]["ranks"], "row": row}
 
 
@@ -462,14 +463,8 @@ def main() -> None:
     for title, cols, rs in ((f"Whole-model conversion at ratio {args.ratio:g}", mcols, model_rows),
                             ("Where conversion time goes (s)", phase_cols, model_rows),
                             ("Per-layer conversion vs peers", peer_cols, peer_rows)):
-        if not rs:
-            continue
-        table = Table(title=f"{title} ({today()})")
-        for c in cols:
-            table.add_column(c)
-        for r in rs:
-            table.add_row(*(str(r.get(c, "")) for c in cols))
-        console.print(table)
+        if rs:
+            print_table(title, rs, cols)
 
     md = [f"# Conversion benchmark\n\nDate: {today()}. Script: `benchmarks/bench_convert.py`. Ratio {args.ratio:g}.\n",
           "Targets: ResNet-18 <= 5 s, ResNet-50 <= 20 s, ViT-B/16 <= 30 s on 2 cores; peak RSS above the "
