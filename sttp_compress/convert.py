@@ -151,6 +151,18 @@ def _singular_values(M: torch.Tensor) -> list[float]:
     return torch.linalg.eigvalsh(G).clamp_min(0).sqrt().flip(0).tolist()
 
 
+def check_target(ratio: float | None, rank: int | None) -> None:
+    """Exactly one of a ratio > 1 or a rank >= 1, else UserError (checked before any work is done)."""
+    from .errors import UserError
+
+    if (ratio is None) == (rank is None):
+        raise UserError("give exactly one of --ratio or --rank")
+    if rank is not None and rank < 1:
+        raise UserError(f"--rank must be a positive integer, got {rank}")
+    if ratio is not None and not ratio > 1:
+        raise UserError(f"--ratio must be > 1 (original/compressed parameters), got {ratio:g}")
+
+
 def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int | None = None,
                        method: str = "sttp", spectrum: str = "free", allocation: str = "greedy",
                        include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
@@ -162,12 +174,8 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
     in the report.json schema; `on_layer(name)` is called after each layer (for progress bars).
     """
     from .allocate import DENSE, allocate, budget_for_ratio, check_reachable, layer_options
-    from .errors import UserError
 
-    if (ratio is None) == (rank is None):
-        raise UserError("give exactly one of --ratio or --rank")
-    if rank is not None and rank < 1:
-        raise UserError(f"--rank must be a positive integer, got {rank}")
+    check_target(ratio, rank)
     params_original = count_parameters(model)
     chosen, skipped = candidate_layers(model, include, exclude)
     if ratio is not None:

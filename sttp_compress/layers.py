@@ -121,8 +121,11 @@ class SpectralTT(nn.Module):
 
     def factors(self, *originals: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(U, σ, V) with W_matrix = U diag(σ) Vᵀ, built from the parameters."""
-        frames = [frame(P, d, r, red) for (d, r, red), P in zip(self.groups, originals)]
-        return self.factors_from_frames(frames, self.spectrum_param(originals))
+        return self.factors_from_frames(self.frames(originals), self.spectrum_param(originals))
+
+    def frames(self, originals: tuple[Tensor, ...]) -> list[Tensor]:
+        """The frames of each group (n_frames, d, r), one batched call per group."""
+        return [frame(P, d, r, red) for (d, r, red), P in zip(self.groups, originals)]
 
     def spectrum_param(self, originals: tuple[Tensor, ...]) -> Tensor | None:
         """The spectrum among the originals (None for Σ = I)."""
@@ -155,8 +158,7 @@ class SpectralTT(nn.Module):
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
         with torch.autocast(originals[0].device.type, enabled=False):  # frames need float32 (trsm)
-            W = self.weight_from_frames([frame(P, d, r, red) for (d, r, red), P in zip(self.groups, originals)],
-                                        self.spectrum_param(originals))
+            W = self.weight_from_frames(self.frames(originals), self.spectrum_param(originals))
         self._cache = (key, W) if use_cache else None
         return W
 

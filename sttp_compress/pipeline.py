@@ -20,7 +20,7 @@ from torch import nn
 
 from . import __version__
 from .checkpoint import save_compressed
-from .convert import candidate_layers, compress_to_target
+from .convert import candidate_layers, check_target, compress_to_target
 from .errors import UserError
 from .loading import load_model
 
@@ -102,12 +102,7 @@ def _check_output(job: CompressJob) -> tuple[Path, Path]:
 
 
 def _check_target(job: CompressJob) -> None:
-    if (job.ratio is None) == (job.rank is None):
-        raise UserError("give exactly one of --ratio or --rank")
-    if job.rank is not None and job.rank < 1:
-        raise UserError(f"--rank must be a positive integer, got {job.rank}")
-    if job.ratio is not None and not job.ratio > 1:
-        raise UserError(f"--ratio must be > 1 (original/compressed parameters), got {job.ratio:g}")
+    check_target(job.ratio, job.rank)
     if job.method not in ("sttp", "svdp"):
         raise UserError(f"--method must be sttp or svdp, got {job.method!r}")
     if job.spectrum not in ("free", "lipschitz", "identity"):
