@@ -12,6 +12,7 @@ be captured once as a CUDA graph (`torch.cuda.make_graphed_callables`) and repla
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 
 import torch
@@ -63,6 +64,28 @@ class WeightBank:
                 frames[li][gi] = chunk
         return tuple(p.weight_from_frames(f, p.spectrum_param(o))
                      for p, f, o in zip(self.layers, frames, originals))
+
+    def prepare(self) -> bool:
+        """Capture the CUDA graph now (when configured); True when the builds will replay it.
+
+        finetune calls this before wrapping the model in DistributedDataParallel, so the capture
+        happens on a quiet device rather than inside the wrapper's first forward. Should the capture
+        fail, the bank warns once and builds the weights eagerly (same values, slower).
+        """
+        flat = self.flat_originals
+        if not (self.cuda_graph and flat and flat[0].is_cuda):
+            return False
+        if self._graphed is None:
+            torch.cuda.synchronize(flat[0].device)  # no collective or copy still running during capture
+            try:
+                with torch.autocast(flat[0].device.type, enabled=False):
+                    self._graphed = torch.cuda.make_graphed_callables(self._build, tuple(flat))
+            except RuntimeError as e:
+                warnings.warn(f"weight bank: CUDA graph capture failed, building weights eagerly instead "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})", stacklevel=2)
+                self.cuda_graph = False
+                return False
+        return True
 
     def build(self) -> list[Tensor]:
         """Every compressed layer's weight (with autograd), in `self.layers` order."""

@@ -16,7 +16,7 @@ import click
 import typer
 from rich.console import Console
 
-from .errors import UserError
+from .errors import SharedUserError, UserError, launcher_rank
 
 err = Console(stderr=True)
 out = Console()
@@ -38,6 +38,7 @@ def _floats(text: Optional[str], name: str) -> Optional[tuple[float, ...]]:
 
 @compress_app.command()
 def compress_cmd(
+    ctx: typer.Context,
     model: Optional[str] = typer.Argument(None, help="Checkpoint: a state_dict (.pt/.pth/.bin/.safetensors) or, with --trust-pickle, a pickled nn.Module."),
     arch: Optional[str] = typer.Option(None, help="Architecture: torchvision:NAME?k=v, package.module:factory or path/file.py:factory."),
     ratio: Optional[float] = typer.Option(None, help="Whole-model ratio params_original / params_compressed (all parameters counted)."),
@@ -75,11 +76,22 @@ def compress_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or tables."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
     example: bool = typer.Option(False, help="Run the built-in example: train a small CNN on scikit-learn's digits, compress, fine-tune, evaluate."),
+    gpus: Optional[int] = typer.Option(None, help="Fine-tune on N GPUs of this machine: starts N processes through torchrun's launcher (README: Multi-GPU)."),
     debug: bool = typer.Option(False, help="Show tracebacks."),
-) -> None:
+) -> Optional[int]:
     """Compress a trained PyTorch model with STTP: a compressed checkpoint and a report."""
+    from . import distributed
     from .finetune import FinetuneConfig
     from .pipeline import CompressJob
+
+    if gpus is not None:
+        from .launch import launch_self
+
+        return launch_self(gpus, ctx.obj["argv"], device)
+    if example and distributed.launched():
+        raise UserError("--example runs in one process; start it without torchrun")
+    if not distributed.is_main():  # under torchrun only rank 0 shows progress and writes
+        quiet, json_out = True, False
 
     ft = None
     if data or train_data or example:
@@ -100,7 +112,9 @@ def compress_cmd(
         report, extras = run_example(job, console=None if (quiet or json_out) else err)
     else:
         report, extras = _run_with_progress(job, quiet or json_out)
-    _finish(report, extras, quiet, json_out)
+    if report is not None:  # None on torchrun ranks other than 0
+        _finish(report, extras, quiet, json_out)
+    return None
 
 
 def _run_with_progress(job, quiet: bool):
@@ -216,10 +230,15 @@ def _main(app: typer.Typer, prog: str, argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     cmd = typer.main.get_command(app)
+    rank = launcher_rank()
+    if rank:  # a torchrun rank other than 0: say which one speaks
+        prog = f"{prog} [rank {rank}]"
     try:
-        rv = cmd.main(argv, prog_name=prog, standalone_mode=False)
+        rv = cmd.main(argv, prog_name=prog, standalone_mode=False, obj={"argv": argv})
         return rv if isinstance(rv, int) else 0
     except UserError as e:
+        if isinstance(e, SharedUserError) and rank:
+            return 2  # every rank has it; rank 0 reports it
         if debug:
             traceback.print_exc()
         print(f"{prog}: error: {e}", file=sys.stderr)

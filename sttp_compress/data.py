@@ -281,21 +281,49 @@ def make_loaders(
     workers: int,
     seed: int,
     device: str | torch.device,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[DataLoader, DataLoader | None]:
-    """Seeded, shuffled train loader (drop_last) and ordered val loader; pinned memory on CUDA."""
+    """Seeded, shuffled train loader (drop_last) and ordered val loader; pinned memory on CUDA.
+
+    With world > 1 (one process of a torchrun job) `batch_size` is the global batch: this rank
+    loads batch_size / world samples per step, the training set sharded by a DistributedSampler
+    (every rank draws the same number of batches; call `sampler.set_epoch` each epoch) and the
+    validation set by `ShardSampler` (every sample exactly once over all ranks).
+    """
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     if workers < 0:
         raise UserError(f"number of workers cannot be negative, got {workers}")
     if len(train_ds) == 0:
         raise UserError("the training data is empty")
+    local_batch = per_rank_batch(batch_size, world)
     common = dict(
-        batch_size=batch_size,
+        batch_size=local_batch,
         num_workers=workers,
         pin_memory=_is_cuda(device),
         persistent_workers=workers > 0,
         worker_init_fn=seed_worker if workers > 0 else None,
     )
+    if world > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        from .distributed import ShardSampler
+
+        if len(train_ds) < world:
+            raise UserError(f"the training data has {len(train_ds)} samples, fewer than the {world} processes")
+        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                     drop_last=True)
+        train_loader = DataLoader(
+            train_ds,
+            sampler=sampler,
+            drop_last=len(sampler) >= local_batch,
+            generator=torch.Generator().manual_seed(seed + rank),  # worker seeds: augmentations differ by rank
+            **common,
+        )
+        val_loader = None if val_ds is None else DataLoader(
+            val_ds, sampler=ShardSampler(len(val_ds), rank, world), drop_last=False, **common)
+        return train_loader, val_loader
     train_loader = DataLoader(
         train_ds,
         shuffle=True,
@@ -306,6 +334,14 @@ def make_loaders(
     )
     val_loader = None if val_ds is None else DataLoader(val_ds, shuffle=False, drop_last=False, **common)
     return train_loader, val_loader
+
+
+def per_rank_batch(batch_size: int, world: int) -> int:
+    """The batch each of `world` processes loads for a global `batch_size`; UserError unless it divides."""
+    if batch_size % world:
+        raise UserError(f"--batch-size {batch_size} is the global batch and must be divisible by the "
+                        f"{world} processes")
+    return batch_size // world
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,27 +375,43 @@ class DeviceTensorLoader:
 
     For small-image datasets (CIFAR-sized) the whole set fits in GPU memory, and augmenting on the
     GPU removes the data loader from the training step's critical path.
+
+    With world > 1 (one rank of a torchrun job) `batch_size` is the global batch: every rank draws
+    the same seeded permutation and takes its own slice of each global batch, so the ranks' batches
+    of a step together are exactly the single-process batch and every rank yields the same number
+    of batches. Validation shards are rank, rank+world, ... (every sample once over all ranks).
     """
 
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, mean, std, train: bool,
-                 device: str | torch.device, seed: int = 0, pad: int = 4):
+                 device: str | torch.device, seed: int = 0, pad: int = 4, rank: int = 0, world: int = 1):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside 0..{world - 1}")
+        if not train:  # validation: keep this rank's shard only
+            images, labels = images[rank::world], labels[rank::world]
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size, self.train, self.pad = batch_size, train, pad
+        self.rank, self.world = rank, world
+        self.local_batch = per_rank_batch(batch_size, world) if train else max(1, -(-batch_size // world))
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
-        self.gen = torch.Generator(device=self.images.device).manual_seed(seed)
+        dev = self.images.device
+        self.gen = torch.Generator(device=dev).manual_seed(seed)  # the permutation: the same on every rank
+        # augmentation: its own stream per rank, so the permutations do not depend on the world size
+        self.aug_gen = torch.Generator(device=dev).manual_seed(seed + 7919 * (rank + 1))
 
     def __len__(self) -> int:
         n = len(self.labels)
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+        return n // self.batch_size if self.train else -(-n // self.local_batch)
 
     def __iter__(self):
         n = len(self.labels)
         dev = self.images.device
         order = torch.randperm(n, device=dev, generator=self.gen) if self.train else torch.arange(n, device=dev)
+        start = self.rank * self.local_batch if self.train else 0
+        step = self.batch_size if self.train else self.local_batch
         for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            idx = order[b * step + start:b * step + start + self.local_batch]
             x = self.images[idx].float()
             if self.train:
                 x = self._augment(x)
@@ -369,11 +421,11 @@ class DeviceTensorLoader:
         B, _, H, W = x.shape
         p = self.pad
         xp = torch.nn.functional.pad(x, (p, p, p, p))
-        oy = torch.randint(0, 2 * p + 1, (B, 1), device=x.device, generator=self.gen)
-        ox = torch.randint(0, 2 * p + 1, (B, 1), device=x.device, generator=self.gen)
+        oy = torch.randint(0, 2 * p + 1, (B, 1), device=x.device, generator=self.aug_gen)
+        ox = torch.randint(0, 2 * p + 1, (B, 1), device=x.device, generator=self.aug_gen)
         rows = (oy + torch.arange(H, device=x.device)).view(B, 1, H, 1).expand(B, x.shape[1], H, W + 2 * p)
         x = xp.gather(2, rows)
         cols = (ox + torch.arange(W, device=x.device)).view(B, 1, 1, W).expand(B, x.shape[1], H, W)
         x = x.gather(3, cols)
-        flip = torch.rand(B, device=x.device, generator=self.gen) < 0.5
+        flip = torch.rand(B, device=x.device, generator=self.aug_gen) < 0.5
         return torch.where(flip.view(B, 1, 1, 1), x.flip(3), x)

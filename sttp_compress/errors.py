@@ -6,3 +6,17 @@ class UserError(Exception):
 
     The message is one line, written for the person who ran the command.
     """
+
+
+class SharedUserError(UserError):
+    """A UserError that every process of a torchrun job raises together; rank 0 alone reports it."""
+
+
+def launcher_rank() -> int | None:
+    """The RANK a launcher such as torchrun gave this process when it started several (None otherwise)."""
+    import os
+
+    try:
+        return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    except (KeyError, ValueError):
+        return None

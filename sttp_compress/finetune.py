@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import distributed
 from .bank import WeightBank
 from .errors import UserError
 from .layers import is_parametrized
@@ -241,12 +242,15 @@ def _module_device(model: nn.Module) -> torch.device:
 
 
 def evaluate(
-    model: nn.Module, loader: Iterable, device: str | torch.device, amp: str | bool = "off"
+    model: nn.Module, loader: Iterable, device: str | torch.device, amp: str | bool = "off",
+    reduce: bool = False,
 ) -> dict[str, float | None]:
     """Top-1 (in [0, 1]), top-5 and mean cross-entropy on labelled data; all None when unlabelled.
 
     Uses eval mode under torch.no_grad() (not inference_mode: parametrized layers cache weights,
     and inference tensors in that cache would break later training). The training mode is restored.
+    With reduce=True (every rank of a torchrun job, each on its shard) the counts are summed over
+    ranks, so every rank gets the exact metrics of the whole set.
     """
     device = resolve_device(device)
     use_amp = _amp_enabled(amp, device)
@@ -256,6 +260,7 @@ def evaluate(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     counts = torch.zeros(2, dtype=torch.long, device=device)
     labelled = True
+    error: UserError | None = None
     try:
         with torch.no_grad():
             for batch in loader:
@@ -265,7 +270,13 @@ def evaluate(
                 if not _is_class_labels(out, targets):
                     labelled = False
                     break
-                _check_label_range(_cpu_targets(batch), out.shape[1])
+                try:
+                    _check_label_range(_cpu_targets(batch), out.shape[1])
+                except UserError as e:
+                    if not reduce:
+                        raise
+                    error = e
+                    break
                 out = out.float()
                 k = min(5, out.shape[1])
                 top = out.topk(k, dim=1).indices
@@ -275,6 +286,18 @@ def evaluate(
                 seen += len(targets)
     finally:
         model.train(was_training)
+    if reduce and distributed.active():
+        totals = torch.cat([counts.double(), loss_sum.view(1),
+                            torch.tensor([seen, not labelled, error is not None], dtype=torch.float64,
+                                         device=device)])
+        correct, correct5, loss, seen_all, unlabelled, failed = distributed.all_sum(totals).tolist()
+        if failed:
+            distributed.raise_agreed(error)
+        if unlabelled or seen_all == 0:
+            return {"accuracy": None, "top5": None, "loss": None}
+        return {"accuracy": correct / seen_all, "top5": correct5 / seen_all, "loss": loss / seen_all}
+    if error is not None:
+        raise error
     if not labelled or seen == 0:
         return {"accuracy": None, "top5": None, "loss": None}
     correct, correct5 = counts.tolist()
@@ -301,6 +324,8 @@ def _val_distillation_loss(
                 n += batch_n
     finally:
         student.train(was_training)
+    if distributed.active():  # the mean over all ranks' shards
+        total, n = distributed.all_sum(torch.tensor([total, n], dtype=torch.float64, device=device)).tolist()
     return total / max(n, 1)
 
 
@@ -436,17 +461,22 @@ def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
 def _train_step(
     student: nn.Module, teacher: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
     trainable: list[Tensor], cfg: FinetuneConfig, device: torch.device, use_amp: bool,
-    check_labels: bool = True,
+    check_labels: bool = True, net: nn.Module | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """One distillation step; returns the detached (loss, student output, class labels or None)."""
+    """One distillation step; returns the detached (loss, student output, class labels or None).
+
+    `net` is what runs the student's forward pass (its DistributedDataParallel wrapper under
+    torchrun, which all-reduces the gradients in backward); by default the student itself.
+    """
     inputs, targets = _split_batch(batch, device)
     with torch.no_grad(), _autocast(device, use_amp):
         t_out = _primary_output(teacher(inputs))
     with _autocast(device, use_amp):
-        s_out = _primary_output(student(inputs))
+        s_out = _primary_output((net or student)(inputs))
     labels = targets if _is_class_labels(s_out, targets) else None
     if labels is not None and check_labels:
-        _check_label_range(_cpu_targets(batch), s_out.shape[1])
+        with distributed.agreed():  # a bad label on any rank stops every rank
+            _check_label_range(_cpu_targets(batch), s_out.shape[1])
     loss = distillation_loss(s_out, t_out, labels, cfg.temperature, cfg.alpha)
     if cfg.spectral_reg > 0:
         loss = loss + cfg.spectral_reg * spectral_regularizer(student).to(loss.device)
@@ -456,6 +486,37 @@ def _train_step(
         torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
     optimizer.step()
     return loss.detach(), s_out.detach(), labels
+
+
+WARMUP_STEPS = 10  # steps left out of images_per_s (CUDA-graph capture, cuDNN autotuning, allocator growth)
+
+
+def _set_epoch(loader: Iterable, epoch: int) -> None:
+    """Tell a DistributedSampler (or a loader that reshuffles per epoch) which epoch starts."""
+    for obj in (getattr(loader, "sampler", None), loader):
+        if hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+            return
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (so wall-clock times cover it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _wrap_ddp(student: nn.Module, device: torch.device) -> nn.Module:
+    """The student under DistributedDataParallel (gradients all-reduced in backward), for training forwards.
+
+    static_graph: every step uses the same parameters in the same order (the weight bank builds all
+    compressed weights at the start of the forward), which also tolerates parameters a model never
+    uses (e.g. an auxiliary head) without find_unused_parameters' per-step graph walk.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(student, device_ids=ids, output_device=device if ids else None,
+                                   static_graph=True)
 
 
 def finetune(
@@ -469,29 +530,41 @@ def finetune(
 ) -> dict[str, Any]:
     """Distil the teacher into the student, validating each epoch, and keep the best-validation student.
 
-    Returns the report block {"epochs", "steps", "seconds", "device", "original_val_accuracy",
-    "val_accuracy_before", "val_accuracy_after", "curve"} with accuracies in percent (None when the
-    validation data is unlabelled or absent). The best state is chosen by val accuracy (ties: lower val
-    loss), or by lowest val distillation loss on unlabelled data, among the curve's checkpoints, and
-    loaded back into `student`. Both models are moved to the device; the teacher is left in eval mode.
-    "seconds" is wall time including validation; `bn_recalibrate` > 0 first re-estimates the student's
-    BatchNorm statistics on that many training batches (so "before" already includes it).
+    Returns the report block {"epochs", "steps", "seconds", "device", "processes", "images_per_s",
+    "original_val_accuracy", "val_accuracy_before", "val_accuracy_after", "curve"} with accuracies in
+    percent (None when the validation data is unlabelled or absent). The best state is chosen by val
+    accuracy (ties: lower val loss), or by lowest val distillation loss on unlabelled data, among the
+    curve's checkpoints, and loaded back into `student`. Both models are moved to the device; the
+    teacher is left in eval mode. "seconds" is wall time including validation; "images_per_s" counts
+    training images (all processes) per second of training time after the first WARMUP_STEPS steps;
+    `bn_recalibrate` > 0 first re-estimates the student's BatchNorm statistics on that many training
+    batches (so "before" already includes it).
+
+    Inside a torchrun process group (distributed.setup) this is one rank of a DistributedDataParallel
+    job: the loaders must yield this rank's shard (data.make_loaders / DeviceTensorLoader with
+    rank/world), cfg.device this rank's device; metrics, losses and the best-state choice are
+    reduced over ranks, so every rank returns the same block and ends with the same student.
     """
     cfg.validate()
     device = resolve_device(cfg.device)
     use_amp = _amp_enabled(cfg.amp, device)
-    torch.manual_seed(cfg.seed)
+    multi = distributed.active()
+    world = distributed.world() if multi else 1
+    torch.manual_seed(cfg.seed + distributed.rank())  # dropout etc. differ by rank; the data decides the rest
     start = time.perf_counter()
 
     student.to(device)
     teacher.to(device).eval()
+    distributed.broadcast_state(student)  # every rank starts from rank 0's student
     bank = None
     if cfg.weight_bank and any(is_parametrized(m) for m in student.modules()):
         bank = WeightBank(student, cuda_graph=device.type == "cuda" and cfg.cuda_graph)
     if bn_recalibrate > 0:
         recalibrate_batchnorm(student, train_loader, bn_recalibrate, device)
+        distributed.average_buffers(student)  # statistics of every rank's batches
 
     steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+    distributed.check_equal(steps_per_epoch, "the number of training batches per epoch")
     if steps_per_epoch == 0:
         raise UserError("the training data yields no batches (fewer samples than the batch size?)")
     if cfg.steps is not None:
@@ -503,18 +576,22 @@ def finetune(
         """Student metrics on val and a sort key where larger is better (None without val data)."""
         if val_loader is None:
             return {"accuracy": None, "top5": None, "loss": None}, None
-        metrics = evaluate(student, val_loader, device, use_amp)
+        distributed.broadcast_state(student, buffers_only=True)  # every shard sees rank 0's BatchNorm statistics
+        metrics = evaluate(student, val_loader, device, use_amp, reduce=multi)
         if metrics["accuracy"] is not None:
             return metrics, (metrics["accuracy"], -metrics["loss"])
         return metrics, (-_val_distillation_loss(student, teacher, val_loader, device, use_amp, cfg),)
 
-    original = None if val_loader is None else evaluate(teacher, val_loader, device, use_amp)["accuracy"]
+    original = None if val_loader is None else evaluate(teacher, val_loader, device, use_amp, reduce=multi)["accuracy"]
     before, _ = validate()
 
     optimizer = build_optimizer(student, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    bar = _Progress(progress, total_steps)
+    bar = _Progress(progress and distributed.is_main(), total_steps)
+    if bank is not None and total_steps > 0:
+        bank.prepare()  # capture the CUDA graph now, outside DistributedDataParallel's first forward
+    net = _wrap_ddp(student, device) if multi and total_steps > 0 else student
 
     curve: list[dict[str, Any]] = []
     best_key: tuple[float, ...] | None = None
@@ -522,37 +599,62 @@ def finetune(
     best_metrics = before
     last_metrics = before
     step = 0
+    epoch = 0
     seg_steps = 0
     seg_loss = torch.zeros((), dtype=torch.float64, device=device)
     run_correct = torch.zeros((), dtype=torch.long, device=device)
     labelled_seen = 0
     samples = 0
     pending = 0
+    warmup = min(WARMUP_STEPS, total_steps // 4)
+    timed_images, timed_s, clock = 0, 0.0, None
     tick = time.perf_counter()
-    student.train()
+    net.train()
     if bank is not None:
         bank.attach()
+
+    def start_clock() -> None:
+        nonlocal clock
+        _synchronize(device)
+        clock = time.perf_counter()
+
+    def stop_clock() -> None:
+        nonlocal clock, timed_s
+        if clock is not None:
+            _synchronize(device)
+            timed_s += time.perf_counter() - clock
+            clock = None
+
+    def reduced(*values: Tensor | float) -> list[float]:
+        """Sums over ranks of a few numbers (this rank's alone in a single process)."""
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+        return distributed.all_sum(t).tolist()
 
     def checkpoint() -> None:
         """Validate, append a curve point for the steps since the last one, and remember the best state."""
         nonlocal best_key, best_state, best_metrics, last_metrics, seg_steps, seg_loss
         metrics, key = validate()
         last_metrics = metrics
+        loss_sum, = reduced(seg_loss)
         curve.append({
             "epoch": _epoch_value(step, steps_per_epoch),
-            "train_loss": float(seg_loss) / max(seg_steps, 1),
+            "train_loss": loss_sum / world / max(seg_steps, 1),
             "val_accuracy": _percent(metrics["accuracy"]),
         })
         seg_steps, seg_loss = 0, torch.zeros_like(seg_loss)
         if key is not None and (best_key is None or key > best_key):
             best_key, best_state, best_metrics = key, _cpu_state(student), metrics
 
+    if warmup == 0:
+        start_clock()
     try:
         while step < total_steps:
+            _set_epoch(train_loader, epoch)
             for batch in train_loader:
                 loss, s_out, labels = _train_step(
                     student, teacher, batch, optimizer, trainable, cfg, device, use_amp,
                     check_labels=step == 0,  # once: checking every batch would sync with the GPU
+                    net=net,
                 )
                 if scheduler is not None:
                     scheduler.step()
@@ -560,39 +662,50 @@ def finetune(
                 seg_steps += 1
                 pending += 1
                 seg_loss += loss.double()
-                batch_n = s_out.shape[0] if s_out.dim() else 1
+                batch_n = (s_out.shape[0] if s_out.dim() else 1) * world
                 samples += batch_n
+                if step > warmup:
+                    timed_images += batch_n
+                elif step == warmup:
+                    start_clock()
                 if labels is not None:
                     run_correct += (s_out.argmax(dim=1) == labels).sum()
                     labelled_seen += batch_n
 
                 epoch_end = step % steps_per_epoch == 0
                 if step % cfg.log_every == 0 or epoch_end or step == total_steps:
-                    mean_loss = float(seg_loss) / seg_steps
+                    loss_sum, correct = reduced(seg_loss, run_correct)  # every rank sees the same loss
+                    mean_loss = loss_sum / world / seg_steps
                     if not math.isfinite(mean_loss):
-                        raise UserError(
+                        raise distributed.SharedUserError(
                             f"fine-tuning diverged (loss {mean_loss}) at step {step}; try a lower --lr"
                         )
                     now = time.perf_counter()
                     rate = samples / max(now - tick, 1e-9)
                     info = f"loss {mean_loss:.4f}  {rate:,.0f} img/s"
                     if labelled_seen:
-                        info += f"  acc {100.0 * int(run_correct) / labelled_seen:.1f}%"
+                        info += f"  acc {100.0 * correct / labelled_seen:.1f}%"
                     bar.update(pending, info)
                     pending, samples, tick = 0, 0, now
                 if epoch_end:
                     run_correct.zero_()
                     labelled_seen = 0
                 if (epoch_end and cfg.val_every_epoch) or step == total_steps:
+                    stop_clock()
                     checkpoint()
-                    student.train()
+                    net.train()
                     tick = time.perf_counter()  # images/s counts training only
+                    if step >= warmup and step < total_steps:
+                        start_clock()
                 if step >= total_steps:
                     break
+            epoch += 1
     finally:
         bar.close()
         if bank is not None:
             bank.detach()
+    stop_clock()
+    del net  # the DistributedDataParallel wrapper (its hooks and buckets) is done
 
     if best_state is not None and cfg.select_best:
         student.load_state_dict(best_state)
@@ -604,6 +717,8 @@ def finetune(
         "steps": step,
         "seconds": round(time.perf_counter() - start, 2),
         "device": str(device),
+        "processes": world,
+        "images_per_s": round(timed_images / timed_s, 1) if timed_s > 0 and timed_images else None,
         "original_val_accuracy": _percent(original),
         "val_accuracy_before": _percent(before["accuracy"]),
         "val_accuracy_after": _percent(after["accuracy"]),

@@ -11,16 +11,16 @@ from __future__ import annotations
 import copy
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import save_compressed
-from .convert import candidate_layers, check_target, compress_to_target
+from .convert import candidate_layers, check_target, compress_module, compress_to_target, compressed_layers
 from .errors import UserError
 from .loading import load_model
 
@@ -136,23 +136,77 @@ def _input_shape(ds) -> list[int] | None:
 
 
 def run_compress(job: CompressJob, on_layer_start: Callable[[int], None] | None = None,
-                 on_layer: Callable[[str], None] | None = None) -> tuple[dict, dict]:
+                 on_layer: Callable[[str], None] | None = None) -> tuple[dict | None, dict]:
     """Run the whole job; returns (report, extras) where extras has 'spectra', 'output', 'report_dir'.
 
     `on_layer_start(n_layers)` and `on_layer(name)` drive a progress display.
-    """
-    t0 = time.perf_counter()
-    _check_target(job)
-    if job.module is None and not job.model:
-        raise UserError("missing MODEL (a checkpoint file), or use --example")
-    out, report_dir = _check_output(job)
-    fine = job.finetune is not None and (job.data or job.train_data or job.datasets is not None)
-    if job.finetune is not None:
-        job.finetune.validate()
 
-    model = job.module if job.module is not None else load_model(job.model, job.arch, job.trust_pickle)
-    t_load = time.perf_counter() - t0
-    data = _datasets(job) if fine else None
+    Started by torchrun (WORLD_SIZE > 1) this is one rank of a multi-process job: it joins the
+    process group, rank 0 converts the model and broadcasts the result (distributed.run_on_main,
+    then every parameter and buffer from rank 0), fine-tuning runs under DistributedDataParallel
+    on this rank's shard, and only rank 0 writes the checkpoint; the other ranks return
+    (None, {"model": model}) and write nothing. The process group is left when the job ends.
+    """
+    owns_group = distributed.launched() and not distributed.active()
+    try:
+        device = None
+        if owns_group:
+            device = distributed.setup(job.finetune.device if job.finetune is not None else "cpu")
+        return _run(job, device, on_layer_start, on_layer)
+    finally:
+        if owns_group:
+            distributed.teardown()
+
+
+def _attach_structure(model: nn.Module, plan: dict[str, dict]) -> None:
+    """Attach the compressed layers rank 0 chose (their configs), without a TT-SVD: values come by broadcast."""
+    modules = dict(model.named_modules())
+    for name, cfg in plan.items():
+        compress_module(modules[name], cfg["rank"], cfg["method"], cfg["spectrum"], convert=False)
+
+
+def _convert(model: nn.Module, job: CompressJob, device: torch.device | None,
+             on_layer: Callable[[str], None] | None) -> dict:
+    """compress_to_target once: alone, or on rank 0 with the structure and values broadcast to every rank."""
+
+    def convert() -> tuple[dict, dict]:
+        parts = compress_to_target(model, job.ratio, job.rank, job.method, job.spectrum, job.allocation,
+                                   job.include, job.exclude, on_layer=on_layer)
+        if not parts["layers"]:
+            raise UserError("no layer was compressed: every candidate was skipped "
+                            f"({'; '.join(s['name'] + ': ' + s['reason'] for s in parts['skipped'][:3])})")
+        return parts, {n: p.config() for n, p in compressed_layers(model).items()}
+
+    if not distributed.active():
+        return convert()[0]
+    parts, plan = distributed.run_on_main(convert)
+    if not distributed.is_main():
+        _attach_structure(model, plan)
+    model.to(device)
+    distributed.broadcast_state(model)  # bit-identical parameters and buffers on every rank
+    distributed.debug_dump_state(model, "converted")
+    return parts
+
+
+def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable[[int], None] | None,
+         on_layer: Callable[[str], None] | None) -> tuple[dict | None, dict]:
+    t0 = time.perf_counter()
+    main, world = distributed.is_main(), distributed.world()
+    with distributed.agreed():  # a bad input on any rank stops every rank with its message
+        _check_target(job)
+        if job.module is None and not job.model:
+            raise UserError("missing MODEL (a checkpoint file), or use --example")
+        out, report_dir = _check_output(job) if main else (None, None)  # only rank 0 writes
+        fine = job.finetune is not None and (job.data or job.train_data or job.datasets is not None)
+        if job.finetune is not None:
+            job.finetune.validate()
+            if fine and world > 1:
+                from .data import per_rank_batch
+
+                per_rank_batch(job.finetune.batch_size, world)
+        model = job.module if job.module is not None else load_model(job.model, job.arch, job.trust_pickle)
+        t_load = time.perf_counter() - t0
+        data = _datasets(job) if fine else None
 
     torch.manual_seed(job.seed)
     size_original = state_size_bytes(model)
@@ -161,12 +215,8 @@ def run_compress(job: CompressJob, on_layer_start: Callable[[int], None] | None 
     if on_layer_start:
         on_layer_start(n_candidates)
     t1 = time.perf_counter()
-    parts = compress_to_target(model, job.ratio, job.rank, job.method, job.spectrum, job.allocation,
-                               job.include, job.exclude, on_layer=on_layer)
+    parts = _convert(model, job, device, on_layer)
     t_convert = time.perf_counter() - t1
-    if not parts["layers"]:
-        raise UserError("no layer was compressed: every candidate was skipped "
-                        f"({'; '.join(s['name'] + ': ' + s['reason'] for s in parts['skipped'][:3])})")
 
     ft_block, image_cfg = None, None
     input_shape = job.input_shape
@@ -177,12 +227,19 @@ def run_compress(job: CompressJob, on_layer_start: Callable[[int], None] | None 
         train_ds, val_ds, image_cfg = data
         input_shape = input_shape or _input_shape(train_ds)
         cfg = job.finetune
-        device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else (
+        if device is not None:
+            cfg = replace(cfg, device=str(device))  # this rank's GPU (or the CPU)
+        dev = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else (
             "cpu" if cfg.device == "auto" else cfg.device)
-        loaders = make_loaders(train_ds, val_ds, cfg.batch_size, cfg.workers, cfg.seed, device)
-        ft_block = finetune(model, teacher, *loaders, cfg, progress=job.progress,
+        with distributed.agreed():
+            loaders = make_loaders(train_ds, val_ds, cfg.batch_size, cfg.workers, cfg.seed, dev,
+                                   distributed.rank(), world)
+        ft_block = finetune(model, teacher, *loaders, cfg, progress=job.progress and main,
                             bn_recalibrate=job.bn_recalibrate)
+        distributed.debug_dump_state(model, "finetuned")
         model.to("cpu")
+    if not main:
+        return None, {"model": model}
 
     meta = {"params_original": parts["totals"]["params_original"], "size_bytes_original": size_original,
             "input_shape": input_shape,

@@ -26,7 +26,7 @@ from sttp_compress.finetune import (
 )
 
 REPORT_KEYS = {
-    "epochs", "steps", "seconds", "device", "original_val_accuracy",
+    "epochs", "steps", "seconds", "device", "processes", "images_per_s", "original_val_accuracy",
     "val_accuracy_before", "val_accuracy_after", "curve",
 }
 
@@ -233,6 +233,7 @@ def test_finetune_improves_student_and_reports(digits, teacher, capsys) -> None:
     assert set(report) == REPORT_KEYS
     assert report["epochs"] == 3 and report["steps"] == 3 * len(_loaders(digits)[0])
     assert isinstance(report["seconds"], float) and report["device"] == "cpu"
+    assert report["processes"] == 1 and report["images_per_s"] > 0
     assert report["original_val_accuracy"] >= 90.0
     curve = report["curve"]
     assert [p["epoch"] for p in curve] == [1, 2, 3]
