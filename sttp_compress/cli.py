@@ -7,6 +7,7 @@ sttp-eval gate ends in one line per gate and exit code 1.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -264,7 +265,16 @@ def _main(app: typer.Typer, prog: str, argv: list[str] | None = None) -> int:
 
 
 def compress_main(argv: list[str] | None = None) -> None:
-    sys.exit(_main(compress_app, "sttp-compress", argv))
+    rc = _main(compress_app, "sttp-compress", argv)
+    if launcher_rank() is not None:
+        # One of several torchrun processes: leave without interpreter finalization. torchrun
+        # stops the other ranks as soon as one exits with an error, and a rank caught while
+        # finalizing (or finalizing after its process group ended) can abort with "terminate
+        # called without an active exception", turning a clean exit code 2 into SIGABRT noise.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
 
 
 def eval_main(argv: list[str] | None = None) -> None:

@@ -74,6 +74,8 @@ def launch_self(nproc: int, argv: list[str], device: str = "auto") -> int:
     try:
         run(get_args_parser().parse_args(torchrun_args(nproc, without_option(argv, "--gpus"))))
     except ChildFailedError as e:
-        _, failure = e.get_first_failure()
-        return failure.exitcode if failure.exitcode > 0 else 1
+        # the first process that exited with a code (2: bad input); the others were stopped by signal
+        failures = sorted(e.failures.values(), key=lambda f: f.timestamp)
+        codes = [f.exitcode for f in failures if f.exitcode > 0]
+        return codes[0] if codes else 1
     return 0
