@@ -30,7 +30,8 @@ from .errors import SharedUserError, UserError
 
 __all__ = ["launched", "active", "rank", "world", "local_rank", "is_main", "setup", "teardown",
            "SharedUserError", "agreed", "raise_agreed", "run_on_main", "all_sum", "broadcast_object",
-           "broadcast_state", "average_buffers", "check_equal", "ShardSampler", "barrier", "debug_dump_state"]
+           "broadcast_state", "average_buffers", "check_equal", "ShardSampler", "barrier", "debug_dump_state",
+           "convert_once", "process_device"]
 
 # Rank 0 converts the model while the others wait in a broadcast: allow for a long conversion.
 TIMEOUT = datetime.timedelta(minutes=60)
@@ -186,6 +187,39 @@ def run_on_main(fn: Callable[[], Any]) -> Any:
     if status == "error":
         raise SharedUserError(value)
     return value
+
+
+# ---------------------------------------------------------------------------------------------
+# the conversion, once
+
+
+def convert_once(model: nn.Module, convert: Callable[[nn.Module], Any],
+                 device: torch.device | str | None = None) -> Any:
+    """Run `convert(model)` (compresses it in place) on rank 0 only; every rank ends with the same model.
+
+    The conversion (rank allocation and TT-SVDs: the expensive, numerically delicate part) runs
+    once. Rank 0 broadcasts its result and each layer's config (rank, method, spectrum); the other
+    ranks attach the same structures without a TT-SVD, then every parameter and buffer is
+    broadcast from rank 0, so all ranks hold bit-identical models. The model is moved to `device`
+    first (the process's GPU under NCCL). Returns convert's (picklable) result on every rank.
+    """
+    if not active():
+        return convert(model)
+    from .convert import compress_module, compressed_layers
+
+    def on_main() -> tuple[Any, dict]:
+        result = convert(model)
+        return result, {n: p.config() for n, p in compressed_layers(model).items()}
+
+    result, plan = run_on_main(on_main)
+    if not is_main():
+        modules = dict(model.named_modules())
+        for name, cfg in plan.items():
+            compress_module(modules[name], cfg["rank"], cfg["method"], cfg["spectrum"], convert=False)
+    if device is not None:
+        model.to(device)
+    broadcast_state(model)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,9 +35,17 @@ def without_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def torchrun_args(nproc: int, cli_args: list[str]) -> list[str]:
-    """torchrun's arguments for N processes on this machine running `python -m sttp_compress.cli ARGS`."""
-    return ["--standalone", f"--nproc-per-node={nproc}", "--module", "sttp_compress.cli", *cli_args]
+def torchrun_args(nproc: int, cli_args: list[str]):
+    """torchrun's parsed arguments for N processes on this machine running `python -m sttp_compress.cli ARGS`.
+
+    ARGS are set after parsing so that torchrun's parser never reads them as its own options.
+    """
+    from torch.distributed.run import get_args_parser
+
+    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module",
+                                         "sttp_compress.cli"])
+    args.training_script_args = list(cli_args)
+    return args
 
 
 def _cpus() -> int:
@@ -68,11 +76,11 @@ def launch_self(nproc: int, argv: list[str], device: str = "auto") -> int:
     # torchrun would pin every process to 1 thread; rank 0's conversion runs on the CPU, so share them out
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cpus() // nproc)))
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
+    from torch.distributed.run import run
 
     logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
     try:
-        run(get_args_parser().parse_args(torchrun_args(nproc, without_option(argv, "--gpus"))))
+        run(torchrun_args(nproc, without_option(argv, "--gpus")))
     except ChildFailedError as e:
         # the first process that exited with a code (2: bad input); the others were stopped by signal
         failures = sorted(e.failures.values(), key=lambda f: f.timestamp)

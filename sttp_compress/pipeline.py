@@ -20,7 +20,7 @@ from torch import nn
 
 from . import __version__, distributed
 from .checkpoint import save_compressed
-from .convert import candidate_layers, check_target, compress_module, compress_to_target, compressed_layers
+from .convert import candidate_layers, check_target, compress_to_target
 from .errors import UserError
 from .loading import load_model
 
@@ -158,32 +158,19 @@ def run_compress(job: CompressJob, on_layer_start: Callable[[int], None] | None 
             distributed.teardown()
 
 
-def _attach_structure(model: nn.Module, plan: dict[str, dict]) -> None:
-    """Attach the compressed layers rank 0 chose (their configs), without a TT-SVD: values come by broadcast."""
-    modules = dict(model.named_modules())
-    for name, cfg in plan.items():
-        compress_module(modules[name], cfg["rank"], cfg["method"], cfg["spectrum"], convert=False)
-
-
 def _convert(model: nn.Module, job: CompressJob, device: torch.device | None,
              on_layer: Callable[[str], None] | None) -> dict:
-    """compress_to_target once: alone, or on rank 0 with the structure and values broadcast to every rank."""
+    """compress_to_target once: in this process, or on rank 0 with the result broadcast to every rank."""
 
-    def convert() -> tuple[dict, dict]:
-        parts = compress_to_target(model, job.ratio, job.rank, job.method, job.spectrum, job.allocation,
+    def convert(m: nn.Module) -> dict:
+        parts = compress_to_target(m, job.ratio, job.rank, job.method, job.spectrum, job.allocation,
                                    job.include, job.exclude, on_layer=on_layer)
         if not parts["layers"]:
             raise UserError("no layer was compressed: every candidate was skipped "
                             f"({'; '.join(s['name'] + ': ' + s['reason'] for s in parts['skipped'][:3])})")
-        return parts, {n: p.config() for n, p in compressed_layers(model).items()}
+        return parts
 
-    if not distributed.active():
-        return convert()[0]
-    parts, plan = distributed.run_on_main(convert)
-    if not distributed.is_main():
-        _attach_structure(model, plan)
-    model.to(device)
-    distributed.broadcast_state(model)  # bit-identical parameters and buffers on every rank
+    parts = distributed.convert_once(model, convert, device)
     distributed.debug_dump_state(model, "converted")
     return parts
 
