@@ -26,6 +26,7 @@ import argparse
 import copy
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -157,11 +158,20 @@ def _launch(args, gpus: int, batch: int, run: int, cache: Path, folder: Path, ti
     env = dict(os.environ, OMP_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     t = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        rc, tail = res.returncode, (res.stdout + res.stderr)[-1500:]
+        out, _ = proc.communicate(timeout=timeout)
+        rc, tail = proc.returncode, out[-1500:]
     except subprocess.TimeoutExpired:
-        rc, tail = "timeout", ""
+        # SIGTERM lets torchrun stop its workers (they run in sessions of their own and hold the GPUs)
+        proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out = ""
+        rc, tail = "timeout", (out or "")[-1500:]
     wall = round(time.perf_counter() - t, 1)
     if rc == 0 and row_out.exists():
         return {**json.loads(row_out.read_text()), "process_s": wall}
@@ -211,7 +221,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2, help="repeats of each configuration (run-to-run noise)")
     ap.add_argument("--ratio", type=float, default=10)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--budget-s", type=float, default=540, help="skip configurations that would end later")
+    ap.add_argument("--budget-s", type=float, default=500,
+                    help="seconds for the whole script; configurations that would end later are skipped")
     ap.add_argument("--no-cuda-graph", action="store_true", help="build weights eagerly (no CUDA graph)")
     ap.add_argument("--quick", action="store_true", help="CPU smoke test: tiny model, synthetic data, no result files")
     ap.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/results alone")
