@@ -17,7 +17,9 @@ Rows {gpus, global_batch, epochs, run, images_per_s, val_accuracy_after, seconds
 benchmarks/results/ddp.json (+ .md). images_per_s is the fine-tune's own count: training images
 (all ranks) per second of training, without conversion, data decoding, validation or the first
 10 steps; seconds is the fine-tune's wall time (validation included), convert_s the conversion's.
-Configurations that would not fit --budget-s (estimated from the ones already run) are skipped.
+Run r of a configuration uses seed + r - 1 (data order, augmentation), so the spread between runs is
+the run-to-run noise the 1-GPU/2-GPU accuracy gap is judged against. Configurations that would not
+fit --budget-s (estimated from the ones already run) are skipped.
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ def worker(args) -> None:
         block = finetune(original, teacher, train, test, cfg, progress=False)
     if distributed.is_main():
         row = {"gpus": world, "global_batch": args.global_batch, "epochs": block["epochs"], "run": args.run,
+               "seed": args.seed,
                "images_per_s": block["images_per_s"], "val_accuracy_after": block["val_accuracy_after"],
                "seconds": block["seconds"], "val_accuracy_before": block["val_accuracy_before"],
                "original_val_accuracy": block["original_val_accuracy"], "convert_s": round(convert_s, 1),
@@ -151,7 +154,7 @@ def _launch(args, gpus: int, batch: int, run: int, cache: Path, folder: Path, ti
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
            str(Path(__file__).resolve()), "--worker", "--cache", str(cache), "--global-batch", str(batch),
            "--epochs", str(args.epochs), "--repeat", str(run), "--row-out", str(row_out), "--ratio", str(args.ratio),
-           "--model", args.model, "--arch", args.arch, "--seed", str(args.seed)]
+           "--model", args.model, "--arch", args.arch, "--seed", str(args.seed + run - 1)]
     cmd += ["--quick"] * args.quick + ["--no-cuda-graph"] * args.no_cuda_graph
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = 1 if args.quick else max(1, cpus // gpus)  # rank 0's conversion runs on the CPU
@@ -218,7 +221,9 @@ def main() -> None:
     ap.add_argument("--global-batch", type=int, nargs="+", default=[1024, 512],
                     help="global batch sizes, run in this order (the same for every GPU count)")
     ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--runs", type=int, default=2, help="repeats of each configuration (run-to-run noise)")
+    ap.add_argument("--runs", type=int, default=2,
+                    help="repeats of each configuration, run r with seed + r - 1 (data order, augmentation): "
+                         "the run-to-run noise")
     ap.add_argument("--ratio", type=float, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget-s", type=float, default=500,
