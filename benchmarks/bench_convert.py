@@ -92,6 +92,7 @@ def build_model(name: str) -> torch.nn.Module:
         from sttp_compress.loading import load_model
         return load_model(*RESNET18)
     import torchvision
+    torch.manual_seed(0)  # random weights, the same every run (the allocation depends on them)
     return torchvision.models.get_model(name, weights=None).eval()
 
 
@@ -123,7 +124,6 @@ def run_one(name: str, ratio: float, progress: Path) -> None:
 
     acc = dict.fromkeys(PHASES, 0.0)
     per_rank: dict[str, list] = {}  # layer -> [(rank, seconds)] of the profile's TT-SVD errors
-    current = [None]
 
     def timed(phase, fn):
         def wrapper(*a, **k):
@@ -134,36 +134,25 @@ def run_one(name: str, ratio: float, progress: Path) -> None:
                 acc[phase] += time.perf_counter() - t0
         return wrapper
 
-    layer_options, tt_error = allocate.layer_options, allocate.tt_error
+    names = {id(m): n for n, m in chosen.items()}
+    profile_call = allocate._Profile.__call__
 
-    def profiled_layer(n, m, *a, **k):
+    def profiled_call(self, shape):  # one TT-SVD error of the lazy profile
         t0 = time.perf_counter()
-        if not k.get("with_errors", a[2] if len(a) > 2 else True):  # DOF only: the reachability check
-            out = layer_options(n, m, *a, **k)
-            acc["check"] += time.perf_counter() - t0
-            return out
-        current[0] = n
-        out = layer_options(n, m, *a, **k)
+        out = profile_call(self, shape)
         seconds = time.perf_counter() - t0
+        n = names.get(id(self.module))
+        per_rank.setdefault(n, []).append((shape.rank, seconds))
         acc["profile"] += seconds
-        emit({"event": "layer", "name": n, "seconds": seconds})
-        return out
-
-    def profiled_error(W, shape):
-        t0 = time.perf_counter()
-        out = tt_error(W, shape)
-        per_rank.setdefault(current[0], []).append((shape.rank, time.perf_counter() - t0))
+        emit({"event": "layer", "name": n, "rank": shape.rank, "seconds": seconds})
         return out
 
     # compress_to_target imports these from their modules at call time, so patching the modules suffices
-    allocate.layer_options = profiled_layer
-    allocate.tt_error = profiled_error
-    allocate.allocate = timed("allocate", allocate.allocate)
+    allocate._Profile.__call__ = profiled_call
+    allocate.layer_options = timed("check", allocate.layer_options)
+    allocate.allocate = timed("allocate", allocate.allocate)  # includes the profile, subtracted below
     convert.compress_module = timed("tt_svd", convert.compress_module)
-    if hasattr(convert, "_singular_values"):  # the report's spectra (since 6c6e333: Gram eigenvalues)
-        convert._singular_values = timed("spectra", convert._singular_values)
-    else:
-        torch.linalg.svdvals = timed("spectra", torch.linalg.svdvals)
+    convert._singular_values = timed("spectra", convert._singular_values)
 
     gc.collect()
     exact_peak = _reset_peak()
@@ -177,6 +166,7 @@ def run_one(name: str, ratio: float, progress: Path) -> None:
         parts, error = None, str(e)
     seconds = time.perf_counter() - t0
     peak_kb = _status_kb("VmHWM") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    acc["allocate"] -= acc["profile"]  # the lazy profile runs inside the allocation
     acc["other"] = seconds - sum(acc[p] for p in PHASES if p != "other")
     ranks = {layer["name"]: layer["rank"] for layer in parts["layers"]} if parts else {}
     # profile time spent on grid ranks above the largest rank the allocation picked for that layer
@@ -208,7 +198,10 @@ def measure_model(name: str, args) -> dict:
         if proc is not None and proc.returncode != 0:
             raise RuntimeError(f"--one {name} failed:\n{proc.stderr[-3000:]}")
         start = events[0]
-        layers = {e["name"]: e["seconds"] for e in events if e["event"] == "layer"}
+        layers: dict[str, float] = {}  # profile seconds per layer
+        for e in events:
+            if e["event"] == "layer":
+                layers[e["name"]] = layers.get(e["name"], 0.0) + e["seconds"]
         if timed_out:
             partial = (start, layers, load)
             break

@@ -179,15 +179,14 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
     params_original = count_parameters(model)
     chosen, skipped = candidate_layers(model, include, exclude)
     if ratio is not None:
-        light = [layer_options(n, m, method, spectrum, with_errors=False) for n, m in chosen.items()]
-        fixed = params_original - sum(o.numel for o in light)
-        check_reachable(params_original, fixed, light, ratio)
-        budget = budget_for_ratio(params_original, fixed, ratio)
-        if allocation == "greedy":
-            opts = [layer_options(n, m, method, spectrum) for n, m in chosen.items()]
-        else:
-            opts = light  # uniform needs no error profile
-        ranks = allocate(opts, budget, allocation)
+        # errors are profiled lazily, only where the greedy allocation looks (uniform needs none)
+        opts = [layer_options(n, m, method, spectrum, with_errors=allocation == "greedy")
+                for n, m in chosen.items()]
+        fixed = params_original - sum(o.numel for o in opts)
+        check_reachable(params_original, fixed, opts, ratio)
+        ranks = allocate(opts, budget_for_ratio(params_original, fixed, ratio), allocation)
+        for o in opts:
+            o.release()
     else:
         ranks = {n: rank for n in chosen}
     by_size = sorted(chosen, key=lambda n: -chosen[n].weight.numel())[:spectra_of]
