@@ -119,7 +119,7 @@ def run_one(name: str, ratio: float, progress: Path) -> None:
     except UserError as e:
         unreachable = str(e)
     emit({"event": "start", "params": params, "float32_model_mb": float32_mb, "candidates": len(chosen),
-          "shapes": {n: [type(m).__name__, *m.weight.shape] for n, m in chosen.items()},
+          "shapes": {n: [type(m).__name__, *convert.weight_of(m).shape] for n, m in chosen.items()},
           "unreachable": unreachable})
 
     acc = dict.fromkeys(PHASES, 0.0)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UserError
-from .layers import matrix_factors, to_matrix, weight_kind
+from .layers import matrix_factors, to_matrix, weight_kind, weight_name
 from .tt import TTShape, chain_matrix, chain_svd
 
 __all__ = ["LayerOptions", "tt_error", "tt_error2", "layer_options", "allocate", "budget_for_ratio", "uniform_rank",
@@ -221,7 +221,7 @@ class _Profile:
 
     def _matrix(self) -> Tensor:
         if self._W is None:
-            W = to_matrix(self.kind, self.module.weight.detach().to(torch.float32))
+            W = to_matrix(self.kind, getattr(self.module, weight_name(self.module)).detach().to(torch.float32))
             self._n2 = float(W.square().sum())
             if self.method == "sttp" and W.shape[0] <= W.shape[1]:
                 self._gram = W @ W.T
@@ -257,7 +257,7 @@ def layer_options(name: str, module: nn.Module, method: str = "sttp", spectrum: 
     weight at that time, or all at once with `eager`.
     """
     kind = weight_kind(module)
-    W = module.weight
+    W = getattr(module, weight_name(module))
     opts = LayerOptions(name, kind, tuple(W.shape), W.numel(), method, spectrum)
     shape = opts.weight_shape
     out_f, in_f = matrix_factors(kind, shape)

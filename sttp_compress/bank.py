@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .householder import frame
-from .layers import SpectralTT, is_parametrized
+from .layers import SpectralTT, is_parametrized, weight_name
 
 __all__ = ["WeightBank"]
 
@@ -32,7 +32,7 @@ class WeightBank:
         self.originals: list[tuple[Tensor, ...]] = []
         for m in model.modules():
             if is_parametrized(m):
-                pl = m.parametrizations.weight
+                pl = getattr(m.parametrizations, weight_name(m))
                 p = next(q for q in pl if isinstance(q, SpectralTT))
                 n = len(p.groups) + (p.spectrum != "identity")
                 self.layers.append(p)

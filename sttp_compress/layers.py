@@ -15,16 +15,27 @@ from torch.nn.utils import parametrize
 from .householder import frame, frame_numel
 from .tt import SPECTRA, TTShape, reduce_chain, spectral_tt_svd
 
-__all__ = ["SpectralTT", "weight_kind", "matrix_factors", "to_matrix", "SUPPORTED"]
+__all__ = ["SpectralTT", "weight_kind", "weight_name", "matrix_factors", "to_matrix", "SUPPORTED"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-SUPPORTED = (nn.Linear, nn.Embedding) + _CONV + _CONVT
+SUPPORTED = (nn.Linear, nn.Embedding, nn.MultiheadAttention) + _CONV + _CONVT
+
+
+def weight_name(module: nn.Module) -> str:
+    """The attribute holding the module's compressible weight: MultiheadAttention's packed
+    q/k/v projection `in_proj_weight` (3E × E, a Linear weight), `weight` otherwise."""
+    return "in_proj_weight" if isinstance(module, nn.MultiheadAttention) else "weight"
 
 
 def weight_kind(module: nn.Module) -> str:
     """'linear' | 'conv' | 'conv_transpose' | 'embedding'; raises ValueError with the reason otherwise."""
     if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.MultiheadAttention):
+        if not module._qkv_same_embed_dim:
+            raise ValueError("MultiheadAttention with kdim/vdim != embed_dim keeps separate q/k/v weights "
+                             "(not supported)")
         return "linear"
     if isinstance(module, nn.Embedding):
         return "embedding"
@@ -225,5 +236,6 @@ def _chain(frames: list[Tensor], ranks: list[int]) -> Tensor:
 
 def is_parametrized(module: nn.Module) -> bool:
     """True when the module's weight is an STTP/SVDP parametrization of ours."""
-    return parametrize.is_parametrized(module, "weight") and any(
-        isinstance(p, SpectralTT) for p in module.parametrizations.weight)
+    name = weight_name(module)
+    return parametrize.is_parametrized(module, name) and any(
+        isinstance(p, SpectralTT) for p in getattr(module.parametrizations, name))
