@@ -218,7 +218,7 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
     for name, m in chosen.items():
         r = ranks[name]
         kind = weight_kind(m)
-        W0 = weight_of(m).detach().clone()
+        W0 = weight_of(m).detach()  # the dense tensor itself: compressing drops the module's reference
         numel = W0.numel()
         if r == DENSE:
             skipped[name] = "kept dense by the allocation (compressing it was not worth its parameters)"
@@ -228,13 +228,16 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
             p = compress_module(m, r, method, spectrum)
             with torch.no_grad():
                 W1 = weight_of(m).detach()
-                err = float((W1.double() - W0.double()).norm() / W0.double().norm().clamp_min(1e-30))
+                err = float(torch.linalg.vector_norm(W1 - W0, dtype=torch.float64)
+                            / torch.linalg.vector_norm(W0, dtype=torch.float64).clamp_min(1e-30))
             layers.append({"name": name, "type": type(m).__name__.removeprefix("Parametrized"),
                            "shape": list(W0.shape), "modes": list(p.tt.modes), "tt_ranks": list(p.tt.tt_ranks),
                            "rank": p.rank, "params_original": numel, "params_compressed": p.dof(),
                            "rel_error": err})
             if name in by_size:
                 spectra[name] = (_singular_values(to_matrix(kind, W0)), _singular_values(to_matrix(kind, W1)))
+            p._cache = None  # no dense copy kept per layer: conversion peaks lower, eval rebuilds it once
+            del W0, W1
         if on_layer:
             on_layer(name)
     params_compressed = count_parameters(model)
