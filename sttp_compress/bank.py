@@ -8,6 +8,9 @@ be captured once as a CUDA graph (`torch.cuda.make_graphed_callables`) and repla
 
     bank = WeightBank(model, cuda_graph=True)   # after compress(...) and model.to("cuda")
     bank.attach()                               # training forwards now use the bank
+
+`compile=True` runs the build through `torch.compile` first (fusing the frames' small elementwise
+kernels), under the CUDA graph when both are on: an option to measure, not a default.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ __all__ = ["WeightBank"]
 class WeightBank:
     """All STTP/SVDP weights of a model, built together; see the module docstring."""
 
-    def __init__(self, model: nn.Module, cuda_graph: bool = False):
+    def __init__(self, model: nn.Module, cuda_graph: bool = False, compile: bool = False):
         self.model = model
         self.layers: list[SpectralTT] = []
         self.originals: list[tuple[Tensor, ...]] = []
@@ -43,7 +46,8 @@ class WeightBank:
             for gi, key in enumerate(p.groups):
                 by_shape[key].append((li, gi))
         self.shapes = list(by_shape.items())
-        self.cuda_graph = cuda_graph
+        self.cuda_graph, self.compile = cuda_graph, compile
+        self._fn = None
         self._graphed = None
         self._handles: list = []
 
@@ -67,12 +71,14 @@ class WeightBank:
     def build(self) -> list[Tensor]:
         """Every compressed layer's weight (with autograd), in `self.layers` order."""
         flat = self.flat_originals
+        if self._fn is None:
+            self._fn = torch.compile(self._build, dynamic=False) if self.compile else self._build
         with torch.autocast(flat[0].device.type, enabled=False):
             if self.cuda_graph and flat[0].is_cuda:
                 if self._graphed is None:
-                    self._graphed = torch.cuda.make_graphed_callables(self._build, tuple(flat))
+                    self._graphed = torch.cuda.make_graphed_callables(self._fn, tuple(flat))
                 return list(self._graphed(*flat))
-            return list(self._build(*flat))
+            return list(self._fn(*flat))
 
     def _pre_hook(self, module: nn.Module, args) -> None:
         if module.training and torch.is_grad_enabled() and self.layers:
@@ -101,3 +107,4 @@ class WeightBank:
         self._handles = []
         self.clear()
         self._graphed = None
+        self._fn = None

@@ -115,15 +115,18 @@ class _Shortcut:
         self.saving = row_flops(p.tt, "dense") - row_flops(p.tt, form)  # FLOPs per row
         self._key, self._factors = None, None
 
-    def factors(self, originals: tuple[Tensor, ...]) -> tuple:
-        key = tuple((id(o), o._version, o.device, o.dtype) for o in originals) + (self.p.scale._version,)
+    def factors(self, originals: tuple[Tensor, ...], dtype: torch.dtype) -> tuple:
+        """(V, σ, Uᵀ) or (U cores, σ, V cores) in `dtype`, built in float32 or better, cached."""
+        key = tuple((id(o), o._version, o.device, o.dtype) for o in originals) + (self.p.scale._version, dtype)
         if key != self._key:
             with torch.no_grad(), torch.autocast(originals[0].device.type, enabled=False):
                 u, s, v = chain_cores(self.p, originals)
                 if self.form == "factors":
-                    self._factors = (_contract(v, self.p.tt.v_ranks), s, _contract(u, self.p.tt.u_ranks).T.contiguous())
+                    f = (_contract(v, self.p.tt.v_ranks), s, _contract(u, self.p.tt.u_ranks).T)
+                    self._factors = tuple(t.to(dtype).contiguous() for t in f)
                 else:
-                    self._factors = ([G.contiguous() for G in u], s, [G.contiguous() for G in v])
+                    self._factors = ([G.to(dtype).contiguous() for G in u], s.to(dtype),
+                                     [G.to(dtype).contiguous() for G in v])
             self._key = key
         return self._factors
 
@@ -149,11 +152,10 @@ def _forward(self: nn.Linear, x: Tensor) -> Tensor:
     dtype = torch.get_autocast_dtype(x.device.type) if on else x.dtype
     x = x.to(dtype)
     if sc.form == "factors":
-        V, s, Ut = (t.to(dtype) for t in sc.factors(originals))
+        V, s, Ut = sc.factors(originals, dtype)
         y = torch.matmul(torch.matmul(x, V) * s, Ut)
     else:
-        u, s, v = sc.factors(originals)
-        y = tt_linear(x, [G.to(dtype) for G in u], s.to(dtype), [G.to(dtype) for G in v])
+        y = tt_linear(x, *sc.factors(originals, dtype))
     return y if self.bias is None else y + self.bias.to(dtype)
 
 

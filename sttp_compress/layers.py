@@ -147,8 +147,8 @@ class SpectralTT(nn.Module):
         chains: dict[str, list[Tensor | None]] = {"u": [None] * len(self.tt.out_modes),
                                                   "v": [None] * len(self.tt.in_modes)}
         for members, X in zip(self.members, frames):
-            for i, (side, k) in enumerate(members):
-                chains[side][k] = X[i]
+            for (side, k), Xi in zip(members, X.unbind(0)):  # one backward op, not one zero-filled grad per frame
+                chains[side][k] = Xi
         U = _chain(chains["u"], self.tt.u_ranks)
         V = _chain(chains["v"], self.tt.v_ranks)
         return U, self.sigma(spectrum_param), V
