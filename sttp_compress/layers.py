@@ -156,6 +156,10 @@ class SpectralTT(nn.Module):
     def weight_from_frames(self, frames: list[Tensor], spectrum_param: Tensor | None) -> Tensor:
         """The weight in its module's shape from the group frames and the spectrum parameter."""
         U, s, V = self.factors_from_frames(frames, spectrum_param)
+        return self.weight_from_factors(U, s, V)
+
+    def weight_from_factors(self, U: Tensor, s: Tensor, V: Tensor) -> Tensor:
+        """The weight in its module's shape from the frame matrices U, V and the effective spectrum σ."""
         return _from_matrix(self.kind, (U * s) @ V.T, self.weight_shape)
 
     def forward(self, *originals: Tensor) -> Tensor:

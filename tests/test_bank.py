@@ -2,18 +2,20 @@
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
-from sttp_compress.bank import WeightBank
+from sttp_compress.bank import WeightBank, _walk
 from sttp_compress.convert import compress
 
 
-def model():
+def model(method="sttp", spectrum="free"):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3),
-                      nn.Flatten(), nn.Linear(16 * 2 * 2, 12), nn.Linear(12, 10)).double()
-    compress(m, rank=4, keep_first_last=False)
+                      nn.Flatten(), nn.Linear(16 * 2 * 2, 12), nn.Linear(12, 10), nn.Linear(10, 7)).double()
+    # layers of equal and different shapes and ranks: chains share prefixes, split, and end at all levels
+    compress(m, rank={"0": 4, "2": 3, "4": 4, "6": 5, "7": 2, "8": 7}, method=method, spectrum=spectrum)
     return m.train()
 
 
@@ -24,11 +26,15 @@ def step_grads(m, x):
     return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
 
 
-def test_bank_step_equals_per_layer_step():
+@pytest.mark.parametrize("method,spectrum", [("sttp", "free"), ("sttp", "identity"), ("sttp", "lipschitz"),
+                                             ("svdp", "free")])
+def test_bank_step_equals_per_layer_step(method, spectrum):
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    a, b = model(), model()
+    a, b = model(method, spectrum), model(method, spectrum)
     out_a, grads_a = step_grads(a, x)
     bank = WeightBank(b).attach()
+    if method == "sttp":
+        assert len(list(_walk(bank.tree))) < sum(len(c[2]) for c in bank.chains)  # some levels batched
     out_b, grads_b = step_grads(b, x)
     torch.testing.assert_close(out_b, out_a, rtol=0, atol=1e-12)
     assert grads_a.keys() == grads_b.keys()
