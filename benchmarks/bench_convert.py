@@ -9,8 +9,8 @@ Models: the shared CIFAR ResNet-18 (`../shared/models`, skipped when absent), to
 `vit_b_16` with random weights, each compressed by `compress_to_target(model, ratio)`. Every model run
 is a fresh subprocess (`--one MODEL`) so peaks don't mix: it builds the model, resets the kernel's
 peak-RSS mark (/proc/self/clear_refs, falling back to ru_maxrss), times the conversion alone and splits
-it into phases by wrapping the product's functions: the allocation profile (`allocate.layer_options`,
-one TT-SVD error per grid rank per layer), the allocation itself, the TT-SVD conversion
+it into phases by wrapping the product's functions: the allocation's lazy error profile (each call of
+`allocate._Profile`, one TT-SVD error of one layer at one grid rank), the allocation itself, the TT-SVD conversion
 (`compress_module`), the before/after spectra of the largest layers (`convert._singular_values`) and the
 rest (error norms, weight builds). A run that outlasts `--limit` seconds is stopped and reported with
 how far the profile got. Rows {bench: "model", device, model, params, ratio, convert_seconds,
@@ -469,10 +469,12 @@ def main() -> None:
           "single-threaded times are steady.\n",
           "## Whole models\n", markdown_table(model_rows, mcols),
           "\n## Where the time goes\n",
-          "`check` = the DOF-only `layer_options` of the product's reachability check; "
-          "`profile` = `allocate.layer_options` (with errors) over the candidates (a TT-SVD error for every rank of the grid, "
-          "every layer); `profile_above_chosen` = the part of it spent on ranks above the one the allocation "
-          "picked; `allocate` = the greedy allocation; `tt_svd` = `compress_module` (TT-SVD + gauge + "
+          "`check` = building each layer's rank grid and DOF (`layer_options`, no TT-SVD); "
+          "`profile` = the TT-SVD errors the greedy allocation asked for (lazily: only the grid ranks it needs; "
+          "`tt_errors_evaluated` of them; before commit 91201f1 every grid rank of every layer); "
+          "`profile_above_chosen` = the part of it spent on ranks above the one the allocation "
+          "picked; `allocate` = the greedy allocation without the profile (with the singular-value lower "
+          "bounds it computes once per layer when needed); `tt_svd` = `compress_module` (TT-SVD + gauge + "
           "registration); `spectra` = the singular values of the largest layers before/after for the report; "
           "`other` = the rest (error norms, weight builds, clones).\n",
           markdown_table(model_rows, phase_cols)]

@@ -87,18 +87,20 @@ def stack_rank(d: int, ratio: float) -> int:
     return lo
 
 
-def linear_stack(width: int, depth: int, ratio: float, notes: list[str]):
+def linear_stack(width: int, depth: int, ratio: float, notes: list[str], device: str = "cpu"):
+    """The stack and its compressed copy; the TT-SVDs run on `device` (a GPU does 4096^2 in about a second)."""
     torch.manual_seed(0)
     layers = []
     for i in range(depth):
         layers += [nn.Linear(width, width)] + ([nn.GELU()] if i < depth - 1 else [])
     dense = nn.Sequential(*layers).eval()
-    comp = copy.deepcopy(dense)
+    comp = copy.deepcopy(dense).to(device)
     r = stack_rank(width, ratio)
     for m in comp:
         if isinstance(m, nn.Linear):
             compress_module(m, r)
     dof = TTShape.from_dims([width], [width], r).dof()
+    comp = comp.cpu()
     notes.append(f"Linear stack: {depth} x Linear({width}, {width}) with GELU between, random weights "
                  f"(seed 0), every Linear compressed by compress_module at rank {r} ({dof:,} DOF per layer). "
                  f"The factors form contracts the TT cores into U, V ({width} x {r}) once, so it "
@@ -177,7 +179,8 @@ def main() -> None:
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     notes: list[str] = []
     r_dense, r_comp = resnet18(args.model, args.arch, args.ratio, Path(args.ranks_from), notes)
-    s_dense, s_comp = linear_stack(args.stack_width, args.stack_depth, args.stack_ratio, notes)
+    s_dense, s_comp = linear_stack(args.stack_width, args.stack_depth, args.stack_ratio, notes,
+                                   "cuda" if any(d.startswith("cuda") for d in devices) else "cpu")
     models = {"resnet18-cifar": (r_dense, r_comp, (3, 32, 32)),
               f"linear-stack-{args.stack_depth}x{args.stack_width}": (s_dense, s_comp, (args.stack_width,))}
 
