@@ -84,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     dense0, sttp0, achieved = build(args.model, args.arch, args.ratio)
-    rows = []
+    rows: list[dict] = []
     for dev in devices:
         gpu = dev == "cuda"
         batch = 8 if args.quick else (256 if gpu else 32)
@@ -122,13 +122,17 @@ def main() -> None:
                 torch.backends.cuda.matmul.allow_tf32 = False
             rows.append(row)
             print(row, flush=True)
+            if not args.quick:  # after every variant: a run stopped by a time limit keeps what it measured
+                save(rows, args)
     cols = ["device", "batch", "mode", "ratio", "dense_ms", "sttp_ms", "overhead"]
-    if args.quick:
-        print_table("Training step (--quick smoke test, not written)", rows, cols + ["error"])
-        return
-    if args.merge:
-        rows = merge_rows("train_step", rows)
-    print_table(f"Training step, ResNet-18 at ratio {args.ratio:g}", rows, cols)
+    print_table(f"Training step, ResNet-18 at ratio {args.ratio:g}" + (" (--quick, not written)" if args.quick else ""),
+                rows, cols + (["error"] if any("error" in r for r in rows) else []))
+
+
+def save(rows: list[dict], args) -> None:
+    """Write results/train_step.json and .md (rows of other devices kept with --merge)."""
+    rows = merge_rows("train_step", rows) if args.merge else rows
+    cols = ["device", "batch", "mode", "ratio", "dense_ms", "sttp_ms", "overhead"]
     md = (f"# Training step\n\nDate: {today()}. Script: `benchmarks/bench_train_step.py`. fwd + bwd + SGD step; "
           "GPU: batch 256 under bf16 autocast, CPU: batch 32. Modes: see the script's docstring "
           "(`+tf32`, `+cl` = channels_last apply to the dense row they are compared with too).\n\n"

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from .layers import SpectralTT, is_parametrized, weight_name
 from .tt import TTShape
 
-__all__ = ["FORMS", "TT_PENALTY", "CALL_OVERHEAD_FLOPS", "row_flops", "best_form", "tt_linear", "chain_cores", "use_shortcut",
-           "remove_shortcut", "shortcut_forms"]
+__all__ = ["FORMS", "TT_PENALTY", "CALL_OVERHEAD_FLOPS", "row_flops", "best_form", "tt_linear", "chain_cores",
+           "use_shortcut", "remove_shortcut", "shortcut_forms"]
 
 FORMS = ("dense", "factors", "tt")
 TT_PENALTY = 4.0
