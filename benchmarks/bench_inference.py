@@ -114,7 +114,8 @@ def linear_stack(width: int, depth: int, ratio: float, notes: list[str], device:
 
 
 def flops_per_row(model: nn.Module, x: torch.Tensor) -> int:
-    """2 x multiply-adds of the Conv/Linear layers for one input row, in the form each layer runs."""
+    """2 x multiply-adds of the Conv/Linear layers for one input row (the hooks count out[0], the batch's
+    first row), in the form each layer runs at this batch size."""
     total = [0]
 
     def conv_hook(m, inp, out):
@@ -134,10 +135,10 @@ def flops_per_row(model: nn.Module, x: torch.Tensor) -> int:
         elif isinstance(m, nn.Linear):
             hooks.append(m.register_forward_hook(linear_hook))
     with torch.no_grad():
-        model(x)
+        model(x)  # the whole batch: a shortcut's choice depends on the rows of the call
     for h in hooks:
         h.remove()
-    return total[0] // x.shape[0]
+    return total[0]
 
 
 def forms_used(model: nn.Module, x: torch.Tensor) -> str:
