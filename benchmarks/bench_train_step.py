@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_convert import product_version  # noqa: E402
 from common import machine, markdown_table, merge_rows, print_table, time_ms, today, write_results  # noqa: E402
 
 from sttp_compress.bank import WeightBank  # noqa: E402
@@ -84,6 +85,7 @@ def main() -> None:
     args = ap.parse_args()
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     dense0, sttp0, achieved = build(args.model, args.arch, args.ratio)
+    product = product_version()
     rows: list[dict] = []
     for dev in devices:
         gpu = dev == "cuda"
@@ -101,7 +103,8 @@ def main() -> None:
             cl = "cl" in opts
             fmt = torch.channels_last if cl else torch.contiguous_format
             key = ("tf32" in opts, cl)
-            row = {"device": machine(dev), "batch": batch, "mode": variant, "ratio": round(achieved, 2)}
+            row = {"device": machine(dev), "product": product, "batch": batch, "mode": variant,
+                   "ratio": round(achieved, 2)}
             try:
                 if key not in dense_ms:
                     dense = copy.deepcopy(dense0).to(dev, memory_format=fmt)
@@ -132,7 +135,7 @@ def main() -> None:
 def save(rows: list[dict], args) -> None:
     """Write results/train_step.json and .md (rows of other devices kept with --merge)."""
     rows = merge_rows("train_step", rows) if args.merge else rows
-    cols = ["device", "batch", "mode", "ratio", "dense_ms", "sttp_ms", "overhead"]
+    cols = ["device", "product", "batch", "mode", "ratio", "dense_ms", "sttp_ms", "overhead"]
     md = (f"# Training step\n\nDate: {today()}. Script: `benchmarks/bench_train_step.py`. fwd + bwd + SGD step; "
           "GPU: batch 256 under bf16 autocast, CPU: batch 32. Modes: see the script's docstring "
           "(`+tf32`, `+cl` = channels_last apply to the dense row they are compared with too).\n\n"

@@ -36,9 +36,11 @@ __all__ = ["FORMS", "TT_PENALTY", "CALL_OVERHEAD_FLOPS", "row_flops", "best_form
 
 FORMS = ("dense", "factors", "tt")
 TT_PENALTY = 4.0
-# FLOPs the extra kernel calls of a shortcut cost: measured on CPU (~40 µs at ~25 GFLOP/s); for CUDA a
-# guess (3 launches of a few µs at tens of TFLOP/s), to be refined from bench_inference's GPU rows
-CALL_OVERHEAD_FLOPS = {"cpu": 1e6, "cuda": 1e8}
+# FLOPs the extra kernel calls of a shortcut cost. CPU: measured (~40 µs at ~25 GFLOP/s). CUDA: a guess
+# to refine from bench_inference's GPU rows — 2 extra launches (~10 µs) against small-batch calls that
+# are memory-bound, where a row's FLOPs saved stand for weight bytes not read (a 4096² layer at ratio
+# 20 saves 28 MFLOPs a row, i.e. ~50 MB of bf16/fp32 weight traffic, tens of µs): 1e7 takes it at batch 1
+CALL_OVERHEAD_FLOPS = {"cpu": 1e6, "cuda": 1e7}
 
 
 def _v_flops(modes: tuple[int, ...], ranks: list[int]) -> int:
