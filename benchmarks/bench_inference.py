@@ -33,6 +33,7 @@ import copy
 import json
 import math
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -153,6 +154,18 @@ def forms_used(model: nn.Module, x: torch.Tensor) -> str:
     return ", ".join(f"{f} x{got.count(f)}" for f in sorted(set(got))) or "-"
 
 
+def paired_ms(dense_fn, comp_fn, device: str, warmup: int, repeat: int) -> tuple[float, float]:
+    """Median ms of the dense and the compressed call, timed alternately so load drift hits both alike."""
+    d, c = [], []
+    for _ in range(warmup):
+        dense_fn()
+        comp_fn()
+    for _ in range(repeat):
+        d.append(time_ms(dense_fn, device, warmup=0, repeat=1))
+        c.append(time_ms(comp_fn, device, warmup=0, repeat=1))
+    return statistics.median(d), statistics.median(c)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -203,7 +216,6 @@ def main() -> None:
                     warmup, repeat = 1, 2
                 with torch.no_grad(), torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=amp):
                     ref = dense(x)
-                    dense_ms = time_ms(lambda: dense(x), dev, warmup=warmup, repeat=repeat)
                     dense_flops = flops_per_row(dense, x)
                     for mode in args.modes:
                         remove_shortcut(comp)
@@ -218,7 +230,7 @@ def main() -> None:
                             use_shortcut(comp, "auto" if mode == "auto" else "tt")
                             err = float((out.float() - want.float()).norm() / want.float().norm())
                             assert err < (2e-2 if amp else 1e-4), f"shortcut differs from the materialized output: {err:.2e}"
-                        ms = time_ms(lambda: comp(x), dev, warmup=warmup, repeat=repeat)
+                        dense_ms, ms = paired_ms(lambda: dense(x), lambda: comp(x), dev, warmup, repeat)
                         rows.append({"device": machine(dev), "model": name, "batch": batch, "mode": mode,
                                      "dtype": dtype, "dense_ms": round(dense_ms, 3), "compressed_ms": round(ms, 3),
                                      "speedup": round(dense_ms / ms, 2), "ratio": round(ratio, 2),
@@ -240,7 +252,7 @@ def main() -> None:
             "forms", "dense_flops", "compressed_flops", "load_avg"]
     print_table("Eval-mode latency, compressed vs dense", rows, cols)
     md = (f"# Inference latency\n\nDate: {today()}. Script: `benchmarks/bench_inference.py`.\n\n"
-          "Eval mode under torch.no_grad, median wall time after warm-up (GPU: 5 warm-up + 30 runs, bf16 "
+          "Eval mode under torch.no_grad, median wall time after warm-up, dense and compressed calls alternating (GPU: 5 warm-up + 30 runs, bf16 "
           "autocast unless `dtype` says fp32; CPU: 3 + 15, ResNet-18 batch 256 on CPU 1 + 3, float32). "
           "`materialized`: the product's default path, each compressed layer caching its built dense weight. "
           "`auto`: `sttp_compress.contract.use_shortcut(model)` — each compressed Linear takes the form with "

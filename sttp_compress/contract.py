@@ -143,12 +143,14 @@ def _contract(frames: list[Tensor], ranks: list[int]) -> Tensor:
 def _forward(self: nn.Linear, x: Tensor) -> Tensor:
     """A compressed Linear's forward with the shortcut (eval mode without gradients only)."""
     sc: _Shortcut = self._sttp_shortcut
-    originals = _originals(self, sc.p)
-    if self.training or (torch.is_grad_enabled() and (x.requires_grad or any(o.requires_grad for o in originals))):
+    if self.training:
         return F.linear(x, self.weight, self.bias)
     rows = x.numel() // max(1, x.shape[-1])
     if sc.overhead is not None and rows * sc.saving < sc.overhead.get(x.device.type, 0.0):
         return F.linear(x, self.weight, self.bias)  # too few rows to pay for the extra calls
+    originals = _originals(self, sc.p)
+    if torch.is_grad_enabled() and (x.requires_grad or any(o.requires_grad for o in originals)):
+        return F.linear(x, self.weight, self.bias)
     # F.linear's dtype rules: the autocast dtype under autocast, else the input's
     on = torch.is_autocast_enabled(x.device.type)
     dtype = torch.get_autocast_dtype(x.device.type) if on else x.dtype
