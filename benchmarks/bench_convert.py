@@ -9,8 +9,8 @@ Models: the shared CIFAR ResNet-18 (`../shared/models`, skipped when absent), to
 `vit_b_16` with random weights, each compressed by `compress_to_target(model, ratio)`. Every model run
 is a fresh subprocess (`--one MODEL`) so peaks don't mix: it builds the model, resets the kernel's
 peak-RSS mark (/proc/self/clear_refs, falling back to ru_maxrss), times the conversion alone and splits
-it into phases by wrapping the product's functions: the allocation profile (`allocate.layer_options`,
-one TT-SVD error per grid rank per layer), the allocation itself, the TT-SVD conversion
+it into phases by wrapping the product's functions: the allocation's lazy error profile (each call of
+`allocate._Profile`, one TT-SVD error of one layer at one grid rank), the allocation itself, the TT-SVD conversion
 (`compress_module`), the before/after spectra of the largest layers (`convert._singular_values`) and the
 rest (error norms, weight builds). A run that outlasts `--limit` seconds is stopped and reported with
 how far the profile got. Rows {bench: "model", device, model, params, ratio, convert_seconds,
@@ -92,6 +92,7 @@ def build_model(name: str) -> torch.nn.Module:
         from sttp_compress.loading import load_model
         return load_model(*RESNET18)
     import torchvision
+    torch.manual_seed(0)  # random weights, the same every run (the allocation depends on them)
     return torchvision.models.get_model(name, weights=None).eval()
 
 
@@ -118,12 +119,11 @@ def run_one(name: str, ratio: float, progress: Path) -> None:
     except UserError as e:
         unreachable = str(e)
     emit({"event": "start", "params": params, "float32_model_mb": float32_mb, "candidates": len(chosen),
-          "shapes": {n: [type(m).__name__, *m.weight.shape] for n, m in chosen.items()},
+          "shapes": {n: [type(m).__name__, *convert.weight_of(m).shape] for n, m in chosen.items()},
           "unreachable": unreachable})
 
     acc = dict.fromkeys(PHASES, 0.0)
     per_rank: dict[str, list] = {}  # layer -> [(rank, seconds)] of the profile's TT-SVD errors
-    current = [None]
 
     def timed(phase, fn):
         def wrapper(*a, **k):
@@ -134,36 +134,25 @@ def run_one(name: str, ratio: float, progress: Path) -> None:
                 acc[phase] += time.perf_counter() - t0
         return wrapper
 
-    layer_options, tt_error = allocate.layer_options, allocate.tt_error
+    names = {id(m): n for n, m in chosen.items()}
+    profile_call = allocate._Profile.__call__
 
-    def profiled_layer(n, m, *a, **k):
+    def profiled_call(self, shape):  # one TT-SVD error of the lazy profile
         t0 = time.perf_counter()
-        if not k.get("with_errors", a[2] if len(a) > 2 else True):  # DOF only: the reachability check
-            out = layer_options(n, m, *a, **k)
-            acc["check"] += time.perf_counter() - t0
-            return out
-        current[0] = n
-        out = layer_options(n, m, *a, **k)
+        out = profile_call(self, shape)
         seconds = time.perf_counter() - t0
+        n = names.get(id(self.module))
+        per_rank.setdefault(n, []).append((shape.rank, seconds))
         acc["profile"] += seconds
-        emit({"event": "layer", "name": n, "seconds": seconds})
-        return out
-
-    def profiled_error(W, shape):
-        t0 = time.perf_counter()
-        out = tt_error(W, shape)
-        per_rank.setdefault(current[0], []).append((shape.rank, time.perf_counter() - t0))
+        emit({"event": "layer", "name": n, "rank": shape.rank, "seconds": seconds})
         return out
 
     # compress_to_target imports these from their modules at call time, so patching the modules suffices
-    allocate.layer_options = profiled_layer
-    allocate.tt_error = profiled_error
-    allocate.allocate = timed("allocate", allocate.allocate)
+    allocate._Profile.__call__ = profiled_call
+    allocate.layer_options = timed("check", allocate.layer_options)
+    allocate.allocate = timed("allocate", allocate.allocate)  # includes the profile, subtracted below
     convert.compress_module = timed("tt_svd", convert.compress_module)
-    if hasattr(convert, "_singular_values"):  # the report's spectra (since 6c6e333: Gram eigenvalues)
-        convert._singular_values = timed("spectra", convert._singular_values)
-    else:
-        torch.linalg.svdvals = timed("spectra", torch.linalg.svdvals)
+    convert._singular_values = timed("spectra", convert._singular_values)
 
     gc.collect()
     exact_peak = _reset_peak()
@@ -177,6 +166,7 @@ def run_one(name: str, ratio: float, progress: Path) -> None:
         parts, error = None, str(e)
     seconds = time.perf_counter() - t0
     peak_kb = _status_kb("VmHWM") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    acc["allocate"] -= acc["profile"]  # the lazy profile runs inside the allocation
     acc["other"] = seconds - sum(acc[p] for p in PHASES if p != "other")
     ranks = {layer["name"]: layer["rank"] for layer in parts["layers"]} if parts else {}
     # profile time spent on grid ranks above the largest rank the allocation picked for that layer
@@ -208,7 +198,10 @@ def measure_model(name: str, args) -> dict:
         if proc is not None and proc.returncode != 0:
             raise RuntimeError(f"--one {name} failed:\n{proc.stderr[-3000:]}")
         start = events[0]
-        layers = {e["name"]: e["seconds"] for e in events if e["event"] == "layer"}
+        layers: dict[str, float] = {}  # profile seconds per layer
+        for e in events:
+            if e["event"] == "layer":
+                layers[e["name"]] = layers.get(e["name"], 0.0) + e["seconds"]
         if timed_out:
             partial = (start, layers, load)
             break
@@ -476,10 +469,12 @@ def main() -> None:
           "single-threaded times are steady.\n",
           "## Whole models\n", markdown_table(model_rows, mcols),
           "\n## Where the time goes\n",
-          "`check` = the DOF-only `layer_options` of the product's reachability check; "
-          "`profile` = `allocate.layer_options` (with errors) over the candidates (a TT-SVD error for every rank of the grid, "
-          "every layer); `profile_above_chosen` = the part of it spent on ranks above the one the allocation "
-          "picked; `allocate` = the greedy allocation; `tt_svd` = `compress_module` (TT-SVD + gauge + "
+          "`check` = building each layer's rank grid and DOF (`layer_options`, no TT-SVD); "
+          "`profile` = the TT-SVD errors the greedy allocation asked for (lazily: only the grid ranks it needs; "
+          "`tt_errors_evaluated` of them; before commit 91201f1 every grid rank of every layer); "
+          "`profile_above_chosen` = the part of it spent on ranks above the one the allocation "
+          "picked; `allocate` = the greedy allocation without the profile (with the singular-value lower "
+          "bounds it computes once per layer when needed); `tt_svd` = `compress_module` (TT-SVD + gauge + "
           "registration); `spectra` = the singular values of the largest layers before/after for the report; "
           "`other` = the rest (error norms, weight builds, clones).\n",
           markdown_table(model_rows, phase_cols)]

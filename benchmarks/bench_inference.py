@@ -1,27 +1,29 @@
 """Eval-mode latency of compressed models against their dense originals, with FLOPs per input row.
 
-    python benchmarks/bench_inference.py [--devices cpu cuda] [--threads N] [--merge]
+    python benchmarks/bench_inference.py [--devices cpu cuda] [--threads N] [--modes materialized auto tt]
+                                         [--gpu-dtype bf16|fp32] [--quick] [--merge]
 
 Models: the ratio-10 CIFAR ResNet-18 (input 3x32x32; the shared checkpoint, random weights when it is
 absent) and a transformer-sized stack of 4 x nn.Linear(4096, 4096) with GELU between, every Linear
 compressed by `compress_module` at the rank that brings the stack to ~20x (`compress_to_target` would
-keep the last Linear dense as the classifier, and its allocation profile of 4096 x 4096 layers takes far
-too long). The ResNet-18 takes the per-layer ranks that `compress_to_target(model, ratio=10)` chose in
-bench_convert.py (benchmarks/results/convert.meta.json, same layers and ranks, without re-running the
-allocation profile); without that file it runs `compress_to_target` itself.
+keep the last Linear dense as the classifier). The ResNet-18 takes the per-layer ranks that
+`compress_to_target(model, ratio=10)` chose in bench_convert.py (benchmarks/results/convert.meta.json),
+or runs `compress_to_target` itself without that file.
 
-Batches 1 and 256, under torch.no_grad after warm-up, median of several runs (fewer for the slow CPU
-batch-256 ResNet). Modes:
-  materialized  the product's inference path: in eval mode a compressed layer caches its built dense
-                weight, so it runs the same dense kernels;
-  shortcut      a PROTOTYPE of the TT-contraction shortcut, implemented here in the benchmark only (not
-                in the product yet), for Linear layers: y = ((x V) * sigma) U^T + b with (U, sigma, V)
-                from `SpectralTT.factors(*originals)` computed once up front, as an inference cache
-                would: r (d_in + d_out) multiply-adds per row instead of d_in d_out.
-FLOPs are per input row (one image, one token), 2 per multiply-add, of the Conv/Linear layers only.
-Rows {device, model, batch, mode, dense_ms, compressed_ms, speedup, ratio, dense_flops,
-compressed_flops, load_avg} go to benchmarks/results/inference.json (+ .md, .meta.json); --merge keeps
-rows of other devices.
+Batches 1 and 256, under torch.no_grad after warm-up, median of several runs. GPU rows run under bf16
+autocast by default (`--gpu-dtype fp32` for float32), CPU rows in float32. Modes:
+  materialized  the product's default inference path: in eval mode a compressed layer caches its built
+                dense weight, so it runs the same dense kernels;
+  auto          `sttp_compress.contract.use_shortcut(model)`: each compressed Linear picks the form with
+                the fewest FLOPs per row (factors or TT contraction) and uses it on every call whose rows
+                pay for the extra kernel calls, else its cached dense weight (ResNet-18: no compressed
+                Linear, so no row);
+  tt            use_shortcut(model, "tt"): the full TT contraction on every call (for reference).
+FLOPs are per input row (one image, one token), 2 per multiply-add, of the Conv/Linear layers only,
+for the form each layer runs at that batch. Rows {device, model, batch, mode, dtype, dense_ms,
+compressed_ms, speedup, ratio, dense_flops, compressed_flops, forms, load_avg} go to
+benchmarks/results/inference.json (+ .md, .meta.json); --merge keeps rows of other devices.
+`--quick`: a 2 x 512 stack and batch 1 and 8 only, 2 runs (a smoke test, not for the results).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import copy
 import json
 import math
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -43,7 +46,7 @@ from bench_convert import product_version  # noqa: E402
 from common import RESULTS, machine, markdown_table, merge_rows, print_table, time_ms, today, write_results  # noqa: E402
 
 from sttp_compress.convert import compress, compress_module, compress_to_target, count_parameters  # noqa: E402
-from sttp_compress.layers import SpectralTT  # noqa: E402
+from sttp_compress.contract import remove_shortcut, row_flops, use_shortcut  # noqa: E402
 from sttp_compress.loading import load_model, resolve_arch  # noqa: E402
 from sttp_compress.tt import TTShape  # noqa: E402
 
@@ -85,78 +88,46 @@ def stack_rank(d: int, ratio: float) -> int:
     return lo
 
 
-def linear_stack(width: int, depth: int, ratio: float, notes: list[str]):
+def linear_stack(width: int, depth: int, ratio: float, notes: list[str], device: str = "cpu"):
+    """The stack and its compressed copy; the TT-SVDs run on `device` (a GPU does 4096^2 in about a second)."""
     torch.manual_seed(0)
     layers = []
     for i in range(depth):
         layers += [nn.Linear(width, width)] + ([nn.GELU()] if i < depth - 1 else [])
     dense = nn.Sequential(*layers).eval()
-    comp = copy.deepcopy(dense)
+    comp = copy.deepcopy(dense).to(device)
     r = stack_rank(width, ratio)
     for m in comp:
         if isinstance(m, nn.Linear):
             compress_module(m, r)
     dof = TTShape.from_dims([width], [width], r).dof()
+    comp = comp.cpu()
     notes.append(f"Linear stack: {depth} x Linear({width}, {width}) with GELU between, random weights "
                  f"(seed 0), every Linear compressed by compress_module at rank {r} ({dof:,} DOF per layer). "
-                 f"The shortcut prototype contracts the TT cores into dense U, V ({width} x {r}) first, so it "
+                 f"The factors form contracts the TT cores into U, V ({width} x {r}) once, so it "
                  f"does r(d_in + d_out) = {r * 2 * width:,} multiply-adds per row and layer: "
                  f"{width * width / (r * 2 * width):.1f}x fewer than dense, not the {width * width / dof:.0f}x "
                  "of the parameter count (random weights have a flat spectrum, hence the large out_rel_diff).")
     return dense, comp.eval()
 
 
-# --------------------------------------------------------------------------- shortcut prototype
-
-
-class ShortcutLinear(nn.Module):
-    """PROTOTYPE (benchmark only): y = ((x V) * sigma) U^T + b without forming W = U diag(sigma) V^T."""
-
-    def __init__(self, m: nn.Linear):
-        super().__init__()
-        p = m.parametrizations.weight
-        st = next(q for q in p if isinstance(q, SpectralTT))
-        n = 0
-        while hasattr(p, f"original{n}"):
-            n += 1
-        with torch.no_grad():
-            U, s, V = st.factors(*[getattr(p, f"original{i}") for i in range(n)])
-        self.V = V.detach().contiguous()        # d_in x r
-        self.s = s.detach().contiguous()        # r
-        self.Ut = U.detach().T.contiguous()     # r x d_out
-        self.b = m.bias.detach() if m.bias is not None else None
-
-    def forward(self, x):
-        h = (x @ self.V) * self.s
-        if self.b is not None and h.dim() == 2:
-            return torch.addmm(self.b, h, self.Ut)
-        y = h @ self.Ut
-        return y if self.b is None else y + self.b
-
-    def flops(self) -> int:
-        d_in, r = self.V.shape
-        return 2 * r * (d_in + self.Ut.shape[1]) + r
-
-
-def shortcut_of(comp: nn.Sequential) -> nn.Sequential:
-    return nn.Sequential(*[ShortcutLinear(m) if isinstance(m, nn.Linear) else copy.deepcopy(m) for m in comp]).eval()
-
-
 # --------------------------------------------------------------------------- FLOPs
 
 
 def flops_per_row(model: nn.Module, x: torch.Tensor) -> int:
-    """2 x multiply-adds of the Conv/Linear/ShortcutLinear layers for one input row."""
+    """2 x multiply-adds of the Conv/Linear layers for one input row (the hooks count out[0], the batch's
+    first row), in the form each layer runs at this batch size."""
     total = [0]
 
     def conv_hook(m, inp, out):
         total[0] += 2 * out[0].numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
 
     def linear_hook(m, inp, out):
-        total[0] += 2 * m.in_features * m.out_features * (out[0].numel() // m.out_features)
-
-    def shortcut_hook(m, inp, out):
-        total[0] += m.flops() * (out[0].numel() // m.Ut.shape[1])
+        rows = inp[0].numel() // m.in_features
+        sc = m.__dict__.get("_sttp_shortcut")
+        uses = sc is not None and (sc.overhead is None or rows * sc.saving >= sc.overhead.get(inp[0].device.type, 0.0))
+        per = row_flops(sc.p.tt, sc.form) if uses else 2 * m.in_features * m.out_features
+        total[0] += per * (out[0].numel() // m.out_features)
 
     hooks = []
     for m in model.modules():
@@ -164,13 +135,35 @@ def flops_per_row(model: nn.Module, x: torch.Tensor) -> int:
             hooks.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
             hooks.append(m.register_forward_hook(linear_hook))
-        elif isinstance(m, ShortcutLinear):
-            hooks.append(m.register_forward_hook(shortcut_hook))
     with torch.no_grad():
-        model(x[:1])
+        model(x)  # the whole batch: a shortcut's choice depends on the rows of the call
     for h in hooks:
         h.remove()
     return total[0]
+
+
+def forms_used(model: nn.Module, x: torch.Tensor) -> str:
+    """Which form each shortcut layer runs at this batch, e.g. 'factors x4' or 'dense x2, factors x2'."""
+    rows = x.shape[0]
+    got = []
+    for m in model.modules():
+        sc = m.__dict__.get("_sttp_shortcut")
+        if sc is not None:
+            uses = sc.overhead is None or rows * sc.saving >= sc.overhead.get(x.device.type, 0.0)
+            got.append(sc.form if uses else "dense")
+    return ", ".join(f"{f} x{got.count(f)}" for f in sorted(set(got))) or "-"
+
+
+def paired_ms(dense_fn, comp_fn, device: str, warmup: int, repeat: int) -> tuple[float, float]:
+    """Median ms of the dense and the compressed call, timed alternately so load drift hits both alike."""
+    d, c = [], []
+    for _ in range(warmup):
+        dense_fn()
+        comp_fn()
+    for _ in range(repeat):
+        d.append(time_ms(dense_fn, device, warmup=0, repeat=1))
+        c.append(time_ms(comp_fn, device, warmup=0, repeat=1))
+    return statistics.median(d), statistics.median(c)
 
 
 # --------------------------------------------------------------------------- main
@@ -186,66 +179,87 @@ def main() -> None:
     ap.add_argument("--stack-width", type=int, default=4096)
     ap.add_argument("--stack-depth", type=int, default=4)
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 256])
+    ap.add_argument("--modes", nargs="*", default=["materialized", "auto"], choices=["materialized", "auto", "tt"])
     ap.add_argument("--devices", nargs="*", default=None)
+    ap.add_argument("--gpu-dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: small stack, small batches, 2 runs")
     ap.add_argument("--merge", action="store_true")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.quick:
+        args.stack_width, args.stack_depth, args.batches = 512, 2, [1, 8]
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     notes: list[str] = []
     r_dense, r_comp = resnet18(args.model, args.arch, args.ratio, Path(args.ranks_from), notes)
-    s_dense, s_comp = linear_stack(args.stack_width, args.stack_depth, args.stack_ratio, notes)
+    s_dense, s_comp = linear_stack(args.stack_width, args.stack_depth, args.stack_ratio, notes,
+                                   "cuda" if any(d.startswith("cuda") for d in devices) else "cpu")
     models = {"resnet18-cifar": (r_dense, r_comp, (3, 32, 32)),
               f"linear-stack-{args.stack_depth}x{args.stack_width}": (s_dense, s_comp, (args.stack_width,))}
 
     rows, product = [], product_version()
     for dev in devices:
         gpu = dev.startswith("cuda")
+        amp = gpu and args.gpu_dtype == "bf16"
+        dtype = "bf16 autocast" if amp else "fp32"
         torch.backends.cudnn.benchmark = True
         for name, (dense0, comp0, in_shape) in models.items():
             dense, comp = copy.deepcopy(dense0).to(dev).eval(), copy.deepcopy(comp0).to(dev).eval()
             ratio = count_parameters(dense) / count_parameters(comp)
-            variants = [("materialized", comp)]
-            if isinstance(comp, nn.Sequential) and all(isinstance(m, (nn.Linear, nn.GELU)) for m in comp):
-                variants.append(("shortcut", shortcut_of(comp)))
             for batch in args.batches:
                 torch.manual_seed(1)
                 x = torch.randn(batch, *in_shape, device=dev)
                 slow = not gpu and batch >= 64 and name.startswith("resnet")
                 warmup, repeat = (5, 30) if gpu else ((1, 3) if slow else (3, 15))
-                with torch.no_grad():
+                if args.quick:
+                    warmup, repeat = 1, 2
+                with torch.no_grad(), torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=amp):
                     ref = dense(x)
-                    dense_ms = time_ms(lambda: dense(x), dev, warmup=warmup, repeat=repeat)
                     dense_flops = flops_per_row(dense, x)
-                    for mode, model in variants:
-                        out = model(x)
-                        if mode == "shortcut":  # the prototype must reproduce the materialized output
+                    for mode in args.modes:
+                        remove_shortcut(comp)
+                        if mode != "materialized":
+                            forms = use_shortcut(comp, "auto" if mode == "auto" else "tt")
+                            if not any(f != "dense" for f in forms.values()):
+                                continue  # nothing would change (ResNet-18: no compressed Linear)
+                        out = comp(x)
+                        if mode != "materialized":  # the shortcut must reproduce the materialized output
+                            remove_shortcut(comp)
                             want = comp(x)
-                            err = float((out - want).norm() / want.norm())
-                            assert err < 1e-4, f"shortcut differs from the materialized output: {err:.2e}"
-                        ms = time_ms(lambda: model(x), dev, warmup=warmup, repeat=repeat)
+                            use_shortcut(comp, "auto" if mode == "auto" else "tt")
+                            err = float((out.float() - want.float()).norm() / want.float().norm())
+                            assert err < (2e-2 if amp else 1e-4), f"shortcut differs from the materialized output: {err:.2e}"
+                        dense_ms, ms = paired_ms(lambda: dense(x), lambda: comp(x), dev, warmup, repeat)
                         rows.append({"device": machine(dev), "model": name, "batch": batch, "mode": mode,
-                                     "dense_ms": round(dense_ms, 3), "compressed_ms": round(ms, 3),
+                                     "dtype": dtype, "dense_ms": round(dense_ms, 3), "compressed_ms": round(ms, 3),
                                      "speedup": round(dense_ms / ms, 2), "ratio": round(ratio, 2),
-                                     "dense_flops": dense_flops, "compressed_flops": flops_per_row(model, x),
-                                     "out_rel_diff": round(float((out - ref).norm() / ref.norm()), 4),
+                                     "dense_flops": dense_flops, "compressed_flops": flops_per_row(comp, x),
+                                     "forms": forms_used(comp, x) if mode != "materialized" else "-",
+                                     "out_rel_diff": round(float((out.float() - ref.float()).norm() / ref.float().norm()), 4),
                                      "load_avg": None if gpu else round(os.getloadavg()[0], 2),
                                      "date": today(), "product": product})
-                        Console().print(f"{dev} {name} batch {batch} {mode}: dense {dense_ms:.2f} ms, "
-                                        f"compressed {ms:.2f} ms")
+                        Console().print(f"{dev} {name} batch {batch} {mode}: dense {dense_ms:.3f} ms, "
+                                        f"compressed {ms:.3f} ms")
+                    remove_shortcut(comp)
+    if args.quick:
+        print_table("Eval-mode latency (--quick smoke test, not written)", rows,
+                    ["device", "model", "batch", "mode", "dense_ms", "compressed_ms", "speedup", "forms"])
+        return
     if args.merge:
         rows = merge_rows("inference", rows)
-    cols = ["device", "product", "model", "batch", "mode", "ratio", "dense_ms", "compressed_ms", "speedup",
-            "dense_flops", "compressed_flops", "load_avg"]
+    cols = ["device", "product", "model", "batch", "mode", "dtype", "ratio", "dense_ms", "compressed_ms", "speedup",
+            "forms", "dense_flops", "compressed_flops", "load_avg"]
     print_table("Eval-mode latency, compressed vs dense", rows, cols)
     md = (f"# Inference latency\n\nDate: {today()}. Script: `benchmarks/bench_inference.py`.\n\n"
-          "Eval mode under torch.no_grad, median wall time after warm-up (GPU: 5 warm-up + 30 runs; CPU: "
-          "3 + 15, ResNet-18 batch 256 on CPU 1 + 3). `materialized`: the product's path, each compressed "
-          "layer caching its built dense weight. `shortcut`: **a prototype of the TT-contraction shortcut "
-          "implemented in this benchmark only, not yet in the product**: y = ((x V) * sigma) U^T + b "
-          "with (U, sigma, V) from `SpectralTT.factors` precomputed once. FLOPs are per input row "
-          "(image or token), 2 per multiply-add, Conv/Linear layers only. `out_rel_diff` = "
+          "Eval mode under torch.no_grad, median wall time after warm-up, dense and compressed calls alternating (GPU: 5 warm-up + 30 runs, bf16 "
+          "autocast unless `dtype` says fp32; CPU: 3 + 15, ResNet-18 batch 256 on CPU 1 + 3, float32). "
+          "`materialized`: the product's default path, each compressed layer caching its built dense weight. "
+          "`auto`: `sttp_compress.contract.use_shortcut(model)` — each compressed Linear takes the form with "
+          "the fewest FLOPs per row (`forms`: what the layers ran at that batch; 'factors' = y = ((x V) sigma) "
+          "U^T with U, V contracted once) and falls back to its dense weight on calls whose rows do not pay "
+          "for the extra kernel calls. `tt`: the full TT contraction forced on every call. FLOPs are per "
+          "input row (image or token), 2 per multiply-add, Conv/Linear layers only. `out_rel_diff` = "
           "||y_compressed - y_dense|| / ||y_dense|| (the compression error seen at the output). CPU rows: "
           "2 cores shared with other work, `load_avg` = 1-minute load average after the row.\n\n"
           + markdown_table(rows, cols + ["out_rel_diff"])

@@ -5,11 +5,24 @@
 hull, and hull segments are taken across layers in order of cost removed per parameter, then
 single-rank steps fill what is left of the budget. `uniform` finds the largest single rank that fits, then raises
 the largest layers one rank at a time while the budget allows. Both reach the target from above.
+
+The error profile is lazy: a layer's TT-SVD error at a grid rank is computed only when the greedy
+needs it. The hull is walked vertex by vertex (the next vertex is the option that removes the most
+cost per parameter, the farthest on ties — what the monotone-chain hull keeps), with every
+unprofiled option standing in at the least cost it can have (0, or once a layer needs it, the tail
+of W's singular values beyond the option's middle rank). A segment whose end is a profiled
+option is then exact (no unprofiled option can beat it); one whose end is unprofiled is an upper
+bound, and its end is profiled when that bound reaches the front of the queue. A layer whose next
+option does not fit in what is left of the budget stops without profiling anything above it. The
+ranks are the same as profiling every grid rank first (`_greedy_exhaustive`, kept as the reference);
+only the high ranks that no allocation can reach are never profiled.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -17,10 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UserError
-from .layers import matrix_factors, to_matrix, weight_kind
-from .tt import TTShape, chain_svd
+from .layers import matrix_factors, to_matrix, weight_kind, weight_name
+from .tt import TTShape, chain_matrix, chain_svd
 
-__all__ = ["LayerOptions", "tt_error", "layer_options", "allocate", "budget_for_ratio", "uniform_rank",
+__all__ = ["LayerOptions", "tt_error", "tt_error2", "layer_options", "allocate", "budget_for_ratio", "uniform_rank",
            "check_reachable"]
 
 DENSE = 0  # rank value meaning "kept dense"
@@ -28,16 +41,106 @@ _GRID = sorted({int(round(b * 2 ** e)) for e in range(0, 14) for b in (1, 1.5)} 
 
 
 def tt_error(W: Tensor, shape: TTShape) -> float:
-    """Relative error ‖W − W_r‖/‖W‖ of the spectral TT-SVD of the matrix W at `shape`'s ranks."""
+    """Relative error ‖W − W_r‖/‖W‖ of the spectral TT-SVD of the matrix W at `shape`'s ranks.
+
+    The plain computation (both chains of `tt.chain_svd` in full); `tt_error2` gets the same number
+    with less work.
+    """
     _, B = chain_svd(W, shape.out_modes, shape.u_ranks)
     _, C = chain_svd(B.T.contiguous(), shape.in_modes, shape.v_ranks)
     n2 = float(W.square().sum())
     return math.sqrt(max(0.0, 1.0 - float(C.square().sum()) / n2)) if n2 > 0 else 0.0
 
 
+def _lossy(modes: tuple[int, ...], ranks: list[int], cols: int) -> list[bool]:
+    """Which bonds of a chain truncate: R_k < min(rows, cols) of the k-th unfolding of its rest."""
+    out, rest = [], math.prod(modes) * cols
+    for k, m in enumerate(modes):
+        rows = ranks[k] * m
+        out.append(ranks[k + 1] < min(rows, rest // rows))
+        rest = rest // rows * ranks[k + 1]
+    return out
+
+
+def _top(S: Tensor, R: int) -> Tensor:
+    """Eigenvectors of the R largest eigenvalues of the symmetric S, largest first."""
+    return torch.linalg.eigh(S)[1][:, -R:].flip(-1)
+
+
+def _kept(M: Tensor, R: int) -> float:
+    """‖U_Rᵀ M‖² for U_R the R leading left singular vectors of M: its R largest squared singular values."""
+    S = M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
+    return float(torch.linalg.eigvalsh(S)[-R:].sum())
+
+
+def tt_error2(W: Tensor, shape: TTShape, gram: Tensor | None = None, n2: float | None = None) -> float:
+    """Relative squared error of the spectral TT-SVD of W at `shape` (= tt_error² up to rounding).
+
+    The same truncations as `tt_error` with less work: the U chain runs on the Gram matrix
+    `gram` = W Wᵀ when given (cheap when d_out <= d_in; it only ever needs W Wᵀ), bonds that keep
+    their whole unfolding are identities, and nothing after the last truncating bond is computed —
+    the energy it keeps is the sum of that unfolding's leading eigenvalues. `n2` = ‖W‖² if known.
+    """
+    n2 = float(W.square().sum()) if n2 is None else n2
+    if n2 <= 0:
+        return 0.0
+    u_lossy = _lossy(shape.out_modes, shape.u_ranks, shape.d_in)
+    v_lossy = _lossy(shape.in_modes, shape.v_ranks, shape.middle)
+    if not any(u_lossy) and not any(v_lossy):
+        return 0.0
+    u_last = max((k for k, x in enumerate(u_lossy) if x), default=-1) if not any(v_lossy) else len(u_lossy)
+    ranks, modes = shape.u_ranks, shape.out_modes
+    cores = []
+    if gram is not None:  # rest Gram H: (R_{k-1}·D_k) × (R_{k-1}·D_k), D_k the product of modes k..
+        H = gram
+        for k, m in enumerate(modes):
+            rows, R = ranks[k] * m, ranks[k + 1]
+            if not u_lossy[k] and R == rows:
+                cores.append(torch.eye(R, dtype=W.dtype, device=W.device).reshape(ranks[k], m, R))
+                continue
+            D = H.shape[0] // rows
+            H4 = H.reshape(rows, D, rows, D)
+            S = torch.diagonal(H4, dim1=1, dim2=3).sum(-1)
+            if k == u_last:
+                return max(0.0, 1.0 - float(torch.linalg.eigvalsh(S)[-R:].sum()) / n2)
+            Uk = _top(S, R)
+            cores.append(Uk.reshape(ranks[k], m, R))
+            H = torch.einsum("ia,itjs,jb->atbs", Uk, H4, Uk).reshape(R * D, R * D)
+        B = chain_matrix(cores).T @ W if any(u_lossy) else W
+    else:
+        rest = W
+        for k, m in enumerate(modes):
+            M = rest.reshape(ranks[k] * m, -1)
+            R = ranks[k + 1]
+            if not u_lossy[k] and R == M.shape[0]:
+                rest = M
+                continue
+            if k == u_last:
+                return max(0.0, 1.0 - _kept(M, R) / n2)
+            Uk = _top(M @ M.T, R) if M.shape[0] <= M.shape[1] else torch.linalg.svd(M, full_matrices=False)[0][:, :R]
+            rest = Uk.T @ M
+        B = rest.reshape(ranks[-1], -1)
+    rest, ranks, modes = B.T, shape.v_ranks, shape.in_modes
+    v_last = max(k for k, x in enumerate(v_lossy) if x)
+    for k in range(v_last + 1):
+        M = rest.reshape(ranks[k] * modes[k], -1)
+        R = ranks[k + 1]
+        if not v_lossy[k] and R == M.shape[0]:
+            rest = M
+            continue
+        if k == v_last:
+            return max(0.0, 1.0 - _kept(M, R) / n2)
+        Uk = _top(M @ M.T, R) if M.shape[0] <= M.shape[1] else torch.linalg.svd(M, full_matrices=False)[0][:, :R]
+        rest = Uk.T @ M
+    raise AssertionError("unreachable")
+
+
 @dataclass
 class LayerOptions:
-    """Candidate ranks of one layer with their DOF and relative squared error (DENSE last)."""
+    """Candidate ranks of one layer with their DOF and relative squared error (DENSE last).
+
+    `err2[i]` is None until option i is profiled; `error2(i)` profiles it on first use.
+    """
 
     name: str
     kind: str
@@ -47,7 +150,46 @@ class LayerOptions:
     spectrum: str
     ranks: list[int] = field(default_factory=list)
     dofs: list[int] = field(default_factory=list)
-    err2: list[float] = field(default_factory=list)
+    err2: list[float | None] = field(default_factory=list)
+    profile: Callable[[TTShape], float] | None = field(default=None, repr=False, compare=False)
+    lower: list[float] | None = field(default=None, repr=False, compare=False)  # err2 bounds, see tighten()
+
+    def error2(self, i: int) -> float:
+        """Relative squared TT-SVD error of option i, computed on first use (DENSE: 0)."""
+        e = self.err2[i]
+        if e is None:
+            if self.profile is None:
+                raise ValueError(f"{self.name}: options built without an error profile")
+            e = self.err2[i] = float(self.profile(self.tt(self.ranks[i])))
+        return e
+
+    def profiled(self) -> int:
+        """How many grid ranks have had their error computed."""
+        return sum(e is not None for e in self.err2[:-1])
+
+    def tighten(self) -> bool:
+        """Compute lower bounds of every option's err2 if the profile offers them; True if it did.
+
+        A TT of middle rank r is a matrix of rank <= r, so its error is at least the tail of W's singular
+        values beyond r (less a margin for rounding): one eigvalsh per layer, far cheaper than the
+        TT-SVDs at high ranks it saves.
+        """
+        bounds = getattr(self.profile, "lower_bounds", None)
+        if self.lower is not None or bounds is None:
+            return False
+        self.lower = [float(b) for b in bounds([self.tt(r) for r in self.ranks[:-1]])] + [0.0]
+        return True
+
+    def optimistic(self, i: int) -> float:
+        """err2 of option i if profiled, else the least it can be."""
+        e = self.err2[i]
+        if e is not None:
+            return e
+        return self.lower[i] if self.lower is not None else 0.0
+
+    def release(self) -> None:
+        """Drop the profile's weight view and caches (the computed errors stay)."""
+        self.profile = None
 
     def tt(self, rank: int) -> TTShape:
         return _tt_shape(self.kind, self.weight_shape, rank, self.method)
@@ -63,19 +205,62 @@ def _tt_shape(kind: str, weight_shape: tuple[int, ...], rank: int, method: str) 
     return TTShape.from_dims(out_f, in_f, rank, method)
 
 
+class _Profile:
+    """A layer's relative squared TT-SVD (or SVD) error at any TT shape, from its current weight.
+
+    Keeps what every rank shares: the weight as a float32 matrix (a view when it already is one),
+    ‖W‖², and W Wᵀ for the U chains when d_out <= d_in (`tt_error2`).
+    """
+
+    def __init__(self, module: nn.Module, kind: str, method: str):
+        self.module, self.kind, self.method = module, kind, method
+        self._W: Tensor | None = None
+        self._gram: Tensor | None = None
+        self._n2 = 0.0
+        self._tail: list[float] | None = None
+
+    def _matrix(self) -> Tensor:
+        if self._W is None:
+            W = to_matrix(self.kind, getattr(self.module, weight_name(self.module)).detach().to(torch.float32))
+            self._n2 = float(W.square().sum())
+            if self.method == "sttp" and W.shape[0] <= W.shape[1]:
+                self._gram = W @ W.T
+            self._W = W
+        return self._W
+
+    def lower_bounds(self, shapes: list[TTShape]) -> list[float]:
+        """Lower bounds of the relative squared error at each TT shape: W's singular-value tail beyond
+        the middle rank, less 1e-4 for the float32 Gram's rounding (STTP only; SVDP is exact anyway)."""
+        if self.method != "sttp":
+            return [0.0] * len(shapes)
+        W = self._matrix()
+        G = self._gram if self._gram is not None else (W @ W.T if W.shape[0] <= W.shape[1] else W.T @ W)
+        s2 = torch.linalg.eigvalsh(G.double()).clamp_min(0).flip(0)
+        tail = (s2.flip(0).cumsum(0).flip(0) / max(self._n2, 1e-30)).tolist() + [0.0]
+        return [max(0.0, tail[min(sh.middle, len(tail) - 1)] - 1e-4) for sh in shapes]
+
+    def __call__(self, shape: TTShape) -> float:
+        W = self._matrix()
+        if self.method == "svdp":
+            if self._tail is None:
+                s2 = torch.linalg.svdvals(W.double()).square()
+                self._tail = (s2.flip(0).cumsum(0).flip(0) / s2.sum().clamp_min(1e-30)).tolist() + [0.0]
+            return self._tail[shape.middle]
+        return tt_error2(W, shape, self._gram, self._n2)
+
+
 def layer_options(name: str, module: nn.Module, method: str = "sttp", spectrum: str = "free",
-                  with_errors: bool = True) -> LayerOptions:
-    """Options on a geometric rank grid (1, 1.5, 2, 3, 4, 6, …) while DOF < numel, plus DENSE."""
+                  with_errors: bool = True, eager: bool = False) -> LayerOptions:
+    """Options on a geometric rank grid (1, 1.5, 2, 3, 4, 6, …) while DOF < numel, plus DENSE.
+
+    With errors, each grid rank's error is profiled lazily (`LayerOptions.error2`) from the module's
+    weight at that time, or all at once with `eager`.
+    """
     kind = weight_kind(module)
-    shape = tuple(module.weight.shape)
-    opts = LayerOptions(name, kind, shape, module.weight.numel(), method, spectrum)
+    W = getattr(module, weight_name(module))
+    opts = LayerOptions(name, kind, tuple(W.shape), W.numel(), method, spectrum)
+    shape = opts.weight_shape
     out_f, in_f = matrix_factors(kind, shape)
-    W = None
-    if with_errors:
-        W = to_matrix(kind, module.weight.detach().to(torch.float32))
-        if method == "svdp":
-            s2 = torch.linalg.svdvals(W.double()).square()
-            tail = (s2.flip(0).cumsum(0).flip(0) / s2.sum().clamp_min(1e-30)).tolist() + [0.0]
     last = None
     for r in _GRID:
         tt = TTShape.from_dims(out_f, in_f, r, method)
@@ -87,11 +272,15 @@ def layer_options(name: str, module: nn.Module, method: str = "sttp", spectrum: 
             break
         opts.ranks.append(r)
         opts.dofs.append(dof)
-        if with_errors:
-            opts.err2.append(tail[tt.middle] if method == "svdp" else tt_error(W, tt) ** 2)
     opts.ranks.append(DENSE)
     opts.dofs.append(opts.numel)
-    opts.err2.append(0.0)
+    opts.err2 = [None] * (len(opts.ranks) - 1) + [0.0]
+    if with_errors:
+        opts.profile = _Profile(module, kind, method)
+        if eager:
+            for i in range(len(opts.ranks)):
+                opts.error2(i)
+            opts.release()
     return opts
 
 
@@ -134,12 +323,12 @@ def _interp_err2(o: LayerOptions, rank: int) -> float:
     grid = o.ranks[:-1]
     j = next((i for i, r in enumerate(grid) if r >= rank), None)
     if j is None:
-        return o.err2[-2]
+        return o.error2(len(grid) - 1)
     if grid[j] == rank or j == 0:
-        return o.err2[j]
+        return o.error2(j)
     d, d0, d1 = o.dof(rank), o.dofs[j - 1], o.dofs[j]
     t = (d - d0) / max(1, d1 - d0)
-    return o.err2[j - 1] + t * (o.err2[j] - o.err2[j - 1])
+    return o.error2(j - 1) + t * (o.error2(j) - o.error2(j - 1))
 
 
 def allocate(options: list[LayerOptions], budget: int, allocation: str = "greedy") -> dict[str, int]:
@@ -151,6 +340,64 @@ def allocate(options: list[LayerOptions], budget: int, allocation: str = "greedy
         return _uniform(options, budget)
     if allocation != "greedy":
         raise ValueError(f"allocation must be 'greedy' or 'uniform', got {allocation!r}")
+    left = budget - minimum
+    at = [0] * len(options)  # each layer's current hull vertex (an index into its options)
+    queue: list[tuple[float, int, int, bool]] = []
+    for li, o in enumerate(options):
+        _enqueue(queue, li, o, 0)
+    while queue:
+        _, li, b, exact = heapq.heappop(queue)
+        o, a = options[li], at[li]
+        if o.dofs[a + 1] - o.dofs[a] > left:
+            continue  # not even the next grid rank fits: this layer is done, whatever its hull holds
+        if not exact:
+            if not o.tighten():  # the bound reached the front: bound every option, or else
+                o.error2(b)  # profile the segment's end, and look again
+            _enqueue(queue, li, o, a)
+            continue
+        extra = o.dofs[b] - o.dofs[a]
+        if extra > left:
+            continue  # later segments of this layer are less efficient still
+        at[li] = b
+        left -= extra
+        _enqueue(queue, li, o, b)
+    ranks = {o.name: o.ranks[at[li]] for li, o in enumerate(options)}
+    return _fill(options, ranks, left)
+
+
+def _next_vertex(o: LayerOptions, a: int) -> tuple[float, int] | None:
+    """The hull's next vertex after vertex a as (gain, index), unprofiled options at their least cost.
+
+    The option removing the most cost per parameter, the farthest on ties (the monotone chain of
+    `_hull` keeps the same one), compared by the same cross-multiplied test as `_hull`.
+    """
+    ca = _cost(o.error2(a))
+    best, cb = None, 0.0
+    for i in range(a + 1, len(o.dofs)):
+        c = _cost(o.optimistic(i))
+        if c >= ca:
+            continue
+        if best is None or (ca - c) * (o.dofs[best] - o.dofs[a]) >= (ca - cb) * (o.dofs[i] - o.dofs[a]):
+            best, cb = i, c
+    if best is None:
+        return None
+    return (ca - cb) / (o.dofs[best] - o.dofs[a]), best
+
+
+def _enqueue(queue: list, li: int, o: LayerOptions, a: int) -> None:
+    """Queue layer li's segment from vertex a, keyed like the exhaustive sort: gain, then layer order."""
+    nxt = _next_vertex(o, a) if a < len(o.dofs) - 1 else None
+    if nxt is not None:
+        gain, b = nxt
+        heapq.heappush(queue, (-gain, li, b, o.err2[b] is not None))
+
+
+def _greedy_exhaustive(options: list[LayerOptions], budget: int) -> dict[str, int]:
+    """The greedy allocation with every option profiled first (the reference `allocate` must match)."""
+    for o in options:
+        for i in range(len(o.err2)):
+            o.error2(i)
+    minimum = sum(o.dofs[0] for o in options)
     choice = {o.name: 0 for o in options}  # index into the layer's options
     used = minimum
     segments = []

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from . import __version__
-from .convert import compress_module, compressed_layers
+from .convert import compress_module, compressed_layers, named_layers, weight_of
 from .errors import UserError
+from .layers import weight_name
 from .loading import atomic_torch_save, resolve_arch
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_compressed", "load_compressed", "read_compressed",
@@ -92,11 +93,12 @@ def load_compressed(path: str | os.PathLike, arch: str | None = None) -> tuple[n
     if not spec:
         raise UserError(f"{path} does not record an architecture; pass --arch SPEC")
     model = resolve_arch(spec)
-    modules = dict(model.named_modules())
+    modules = named_layers(model)
     for name, cfg in data["layers"].items():
         m = modules.get(name)
-        if m is None or tuple(m.weight.shape) != tuple(cfg["weight_shape"]):
-            found = "missing" if m is None else f"shape {list(m.weight.shape)}"
+        W = weight_of(m) if m is not None and hasattr(m, weight_name(m)) else None
+        if W is None or tuple(W.shape) != tuple(cfg["weight_shape"]):
+            found = "missing" if W is None else f"shape {list(W.shape)}"
             raise UserError(f"architecture {spec} does not match {path}: layer {name} is {found}, "
                             f"the checkpoint has {cfg['weight_shape']}")
         compress_module(m, cfg["rank"], cfg["method"], cfg["spectrum"], convert=False)

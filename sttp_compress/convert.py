@@ -16,15 +16,33 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .layers import SUPPORTED, SpectralTT, is_parametrized, to_matrix, weight_kind
+from .layers import SUPPORTED, SpectralTT, is_parametrized, to_matrix, weight_kind, weight_name
 
 __all__ = ["compress_module", "compress", "compress_to_target", "decompress", "count_parameters",
-           "candidate_layers", "compressed_layers", "parametrization", "spectral_penalty"]
+           "candidate_layers", "compressed_layers", "parametrization", "spectral_penalty", "weight_of",
+           "layer_name", "named_layers"]
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The module's compressible weight (`weight`, or MultiheadAttention's `in_proj_weight`)."""
+    return getattr(module, weight_name(module))
+
+
+def layer_name(module_name: str, module: nn.Module) -> str:
+    """A layer's name in reports, rank maps and checkpoints: the module's, or
+    `<module>.in_proj_weight` for a MultiheadAttention's packed q/k/v projection."""
+    w = weight_name(module)
+    return module_name if w == "weight" else f"{module_name}.{w}"
+
+
+def named_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """{layer name: module} of every named submodule (see `layer_name`)."""
+    return {layer_name(n, m): m for n, m in model.named_modules() if n}
 
 
 def compress_module(module: nn.Module, rank: int, method: str = "sttp", spectrum: str = "free",
                     convert: bool = True) -> SpectralTT:
-    """Register an STTP (or SVDP) parametrization on `module.weight`, converted by TT-SVD.
+    """Register an STTP (or SVDP) parametrization on `module.weight` (MHA: `in_proj_weight`), converted by TT-SVD.
 
     With convert=False the structure is attached with zero parameters (no TT-SVD), ready for
     `load_state_dict` of a compressed checkpoint.
@@ -32,16 +50,19 @@ def compress_module(module: nn.Module, rank: int, method: str = "sttp", spectrum
     kind = weight_kind(module)
     if is_parametrized(module):
         raise ValueError(f"{type(module).__name__} is already compressed")
-    p = SpectralTT(kind, tuple(module.weight.shape), rank, method, spectrum).to(module.weight.device)
+    W = weight_of(module)
+    p = SpectralTT(kind, tuple(W.shape), rank, method, spectrum).to(W.device)
     p.skip_conversion = not convert
-    parametrize.register_parametrization(module, "weight", p, unsafe=not convert)
+    # unsafe: skip parametrize's check that builds the weight once more; right_inverse returns exactly the
+    # parameters forward() expects (tests/test_layers.py), and that build was a sixth of a layer's conversion
+    parametrize.register_parametrization(module, weight_name(module), p, unsafe=True)
     p.skip_conversion = False
     return p
 
 
 def parametrization(module: nn.Module) -> SpectralTT:
     """The SpectralTT parametrization on a compressed module."""
-    return next(p for p in module.parametrizations.weight if isinstance(p, SpectralTT))
+    return next(p for p in getattr(module.parametrizations, weight_name(module)) if isinstance(p, SpectralTT))
 
 
 def candidate_layers(model: nn.Module, include: Iterable[str] | None = None,
@@ -49,14 +70,16 @@ def candidate_layers(model: nn.Module, include: Iterable[str] | None = None,
                      keep_first_last: bool = True) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """Split the model's weight layers into candidates and skipped ones (with the reason).
 
-    Candidates: Linear, ConvNd, ConvTransposeNd (groups == 1), Embedding. By default the first
+    Candidates: Linear, ConvNd, ConvTransposeNd (groups == 1), Embedding, MultiheadAttention's packed
+    q/k/v projection (named `<module>.in_proj_weight`; its out_proj is a Linear). By default the first
     convolution and the last Linear (the classifier) stay dense, the paper's practice; `include`
     globs (on module names) select candidates explicitly and override that rule; `exclude` globs
     always win.
     """
     include, exclude = list(include or []), list(exclude or [])
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SUPPORTED) and n]
-    first_conv = next((n for n, m in layers if not isinstance(m, (nn.Linear, nn.Embedding))), None)
+    layers = [(layer_name(n, m), m) for n, m in model.named_modules() if isinstance(m, SUPPORTED) and n]
+    first_conv = next((n for n, m in layers
+                       if not isinstance(m, (nn.Linear, nn.Embedding, nn.MultiheadAttention))), None)
     last_linear = next((n for n, m in reversed(layers) if isinstance(m, nn.Linear)), None)
     chosen, skipped = {}, {}
     for name, m in layers:
@@ -88,7 +111,7 @@ def compress(model: nn.Module, rank: int | Mapping[str, int], method: str = "stt
     than its dense weight is left dense. Returns {name: parametrization} of the converted layers.
     """
     if isinstance(rank, Mapping):
-        modules = dict(model.named_modules())
+        modules = named_layers(model)
         missing = [n for n in rank if n not in modules]
         if missing:
             raise ValueError(f"no such layers: {', '.join(missing[:3])}")
@@ -98,8 +121,9 @@ def compress(model: nn.Module, rank: int | Mapping[str, int], method: str = "stt
         targets = {n: (m, rank) for n, m in chosen.items()}
     out = {}
     for name, (m, r) in targets.items():
-        probe = SpectralTT(weight_kind(m), tuple(m.weight.shape), r, method, spectrum)
-        if probe.dof() >= m.weight.numel():
+        W = weight_of(m)
+        probe = SpectralTT(weight_kind(m), tuple(W.shape), r, method, spectrum)
+        if probe.dof() >= W.numel():
             continue
         out[name] = compress_module(m, r, method, spectrum)
     return out
@@ -112,7 +136,8 @@ def spectral_penalty(model: nn.Module) -> torch.Tensor:
         if is_parametrized(m):
             p = parametrization(m)
             if p.spectrum != "identity":
-                terms.append(p.spectral_penalty(getattr(m.parametrizations.weight, f"original{len(p.groups)}")))
+                plist = getattr(m.parametrizations, weight_name(m))
+                terms.append(p.spectral_penalty(getattr(plist, f"original{len(p.groups)}")))
     if not terms:
         ref = next(model.parameters(), None)
         return torch.zeros((), device=ref.device if ref is not None else "cpu")
@@ -121,21 +146,22 @@ def spectral_penalty(model: nn.Module) -> torch.Tensor:
 
 def compressed_layers(model: nn.Module) -> dict[str, SpectralTT]:
     """{name: parametrization} of every compressed layer in the model."""
-    return {n: parametrization(m) for n, m in model.named_modules() if is_parametrized(m)}
+    return {layer_name(n, m): parametrization(m) for n, m in model.named_modules() if is_parametrized(m)}
 
 
 def decompress(model: nn.Module) -> nn.Module:
     """Replace every STTP/SVDP parametrization by a plain weight holding its current value."""
     for m in list(model.modules()):
         if is_parametrized(m):
+            name = weight_name(m)
             # outside no_grad: parametrize re-registers the weight as a Parameter only when the
             # value it reads requires grad
             with torch.enable_grad():
-                parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
-            if not isinstance(m.weight, nn.Parameter):  # frozen originals: keep a Parameter anyway
-                w = m.weight
-                del m.weight
-                m.weight = nn.Parameter(w.detach(), requires_grad=False)
+                parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+            w = getattr(m, name)
+            if not isinstance(w, nn.Parameter):  # frozen originals: keep a Parameter anyway
+                delattr(m, name)
+                setattr(m, name, nn.Parameter(w.detach(), requires_grad=False))
     return model
 
 
@@ -179,23 +205,22 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
     params_original = count_parameters(model)
     chosen, skipped = candidate_layers(model, include, exclude)
     if ratio is not None:
-        light = [layer_options(n, m, method, spectrum, with_errors=False) for n, m in chosen.items()]
-        fixed = params_original - sum(o.numel for o in light)
-        check_reachable(params_original, fixed, light, ratio)
-        budget = budget_for_ratio(params_original, fixed, ratio)
-        if allocation == "greedy":
-            opts = [layer_options(n, m, method, spectrum) for n, m in chosen.items()]
-        else:
-            opts = light  # uniform needs no error profile
-        ranks = allocate(opts, budget, allocation)
+        # errors are profiled lazily, only where the greedy allocation looks (uniform needs none)
+        opts = [layer_options(n, m, method, spectrum, with_errors=allocation == "greedy")
+                for n, m in chosen.items()]
+        fixed = params_original - sum(o.numel for o in opts)
+        check_reachable(params_original, fixed, opts, ratio)
+        ranks = allocate(opts, budget_for_ratio(params_original, fixed, ratio), allocation)
+        for o in opts:
+            o.release()
     else:
         ranks = {n: rank for n in chosen}
-    by_size = sorted(chosen, key=lambda n: -chosen[n].weight.numel())[:spectra_of]
+    by_size = sorted(chosen, key=lambda n: -weight_of(chosen[n]).numel())[:spectra_of]
     layers, spectra = [], {}
     for name, m in chosen.items():
         r = ranks[name]
         kind = weight_kind(m)
-        W0 = m.weight.detach().clone()
+        W0 = weight_of(m).detach()  # the dense tensor itself: compressing drops the module's reference
         numel = W0.numel()
         if r == DENSE:
             skipped[name] = "kept dense by the allocation (compressing it was not worth its parameters)"
@@ -204,14 +229,17 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
         else:
             p = compress_module(m, r, method, spectrum)
             with torch.no_grad():
-                W1 = m.weight.detach()
-                err = float((W1.double() - W0.double()).norm() / W0.double().norm().clamp_min(1e-30))
+                W1 = weight_of(m).detach()
+                err = float(torch.linalg.vector_norm(W1 - W0, dtype=torch.float64)
+                            / torch.linalg.vector_norm(W0, dtype=torch.float64).clamp_min(1e-30))
             layers.append({"name": name, "type": type(m).__name__.removeprefix("Parametrized"),
                            "shape": list(W0.shape), "modes": list(p.tt.modes), "tt_ranks": list(p.tt.tt_ranks),
                            "rank": p.rank, "params_original": numel, "params_compressed": p.dof(),
                            "rel_error": err})
             if name in by_size:
                 spectra[name] = (_singular_values(to_matrix(kind, W0)), _singular_values(to_matrix(kind, W1)))
+            p._cache = None  # no dense copy kept per layer: conversion peaks lower, eval rebuilds it once
+            del W0, W1
         if on_layer:
             on_layer(name)
     params_compressed = count_parameters(model)

@@ -15,16 +15,27 @@ from torch.nn.utils import parametrize
 from .householder import frame, frame_numel
 from .tt import SPECTRA, TTShape, reduce_chain, spectral_tt_svd
 
-__all__ = ["SpectralTT", "weight_kind", "matrix_factors", "to_matrix", "SUPPORTED"]
+__all__ = ["SpectralTT", "weight_kind", "weight_name", "matrix_factors", "to_matrix", "SUPPORTED"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-SUPPORTED = (nn.Linear, nn.Embedding) + _CONV + _CONVT
+SUPPORTED = (nn.Linear, nn.Embedding, nn.MultiheadAttention) + _CONV + _CONVT
+
+
+def weight_name(module: nn.Module) -> str:
+    """The attribute holding the module's compressible weight: MultiheadAttention's packed
+    q/k/v projection `in_proj_weight` (3E × E, a Linear weight), `weight` otherwise."""
+    return "in_proj_weight" if isinstance(module, nn.MultiheadAttention) else "weight"
 
 
 def weight_kind(module: nn.Module) -> str:
     """'linear' | 'conv' | 'conv_transpose' | 'embedding'; raises ValueError with the reason otherwise."""
     if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.MultiheadAttention):
+        if not module._qkv_same_embed_dim:
+            raise ValueError("MultiheadAttention with kdim/vdim != embed_dim keeps separate q/k/v weights "
+                             "(not supported)")
         return "linear"
     if isinstance(module, nn.Embedding):
         return "embedding"
@@ -136,8 +147,8 @@ class SpectralTT(nn.Module):
         chains: dict[str, list[Tensor | None]] = {"u": [None] * len(self.tt.out_modes),
                                                   "v": [None] * len(self.tt.in_modes)}
         for members, X in zip(self.members, frames):
-            for i, (side, k) in enumerate(members):
-                chains[side][k] = X[i]
+            for (side, k), Xi in zip(members, X.unbind(0)):  # one backward op, not one zero-filled grad per frame
+                chains[side][k] = Xi
         U = _chain(chains["u"], self.tt.u_ranks)
         V = _chain(chains["v"], self.tt.v_ranks)
         return U, self.sigma(spectrum_param), V
@@ -145,6 +156,10 @@ class SpectralTT(nn.Module):
     def weight_from_frames(self, frames: list[Tensor], spectrum_param: Tensor | None) -> Tensor:
         """The weight in its module's shape from the group frames and the spectrum parameter."""
         U, s, V = self.factors_from_frames(frames, spectrum_param)
+        return self.weight_from_factors(U, s, V)
+
+    def weight_from_factors(self, U: Tensor, s: Tensor, V: Tensor) -> Tensor:
+        """The weight in its module's shape from the frame matrices U, V and the effective spectrum σ."""
         return _from_matrix(self.kind, (U * s) @ V.T, self.weight_shape)
 
     def forward(self, *originals: Tensor) -> Tensor:
@@ -225,5 +240,6 @@ def _chain(frames: list[Tensor], ranks: list[int]) -> Tensor:
 
 def is_parametrized(module: nn.Module) -> bool:
     """True when the module's weight is an STTP/SVDP parametrization of ours."""
-    return parametrize.is_parametrized(module, "weight") and any(
-        isinstance(p, SpectralTT) for p in module.parametrizations.weight)
+    name = weight_name(module)
+    return parametrize.is_parametrized(module, name) and any(
+        isinstance(p, SpectralTT) for p in getattr(module.parametrizations, name))

@@ -1,0 +1,160 @@
+"""Rank allocation: the lazily profiled greedy allocation gives the ranks of the exhaustive one."""
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from sttp_compress import allocate as A
+from sttp_compress.tt import TTShape
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
+if not SHARED.exists():  # a worktree next to the main checkout: ../shared from the project root
+    SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+STORED = Path(__file__).resolve().parent / "data" / "allocation_resnet18_cifar.json"
+
+
+def gift_wrap(dofs, cost):
+    """Reference lower hull: from each vertex, the point removing the most cost per DOF (farthest on ties)."""
+    chain = [0]
+    while True:
+        a = chain[-1]
+        cand = [i for i in range(a + 1, len(dofs)) if cost[i] < cost[a]]
+        if not cand:
+            return chain
+        best = max(cand, key=lambda i: ((cost[a] - cost[i]) / (dofs[i] - dofs[a]), i))
+        chain.append(best)
+
+
+def test_hull_is_the_gift_wrapping_chain_including_ties():
+    rng = random.Random(0)
+    for _ in range(3000):
+        n = rng.randint(2, 12)
+        dofs = sorted(rng.sample(range(1, 60), n))
+        # small integers: many exact ties and flat or rising stretches (exact in floats)
+        cost = [rng.randint(0, 8) for _ in range(n - 1)] + [0]
+        assert A._hull(dofs, cost) == gift_wrap(dofs, cost), (dofs, cost)
+
+
+class _Table:
+    """A made-up error profile {rank: err2} that counts its calls, with valid lower bounds when `bounded`."""
+
+    def __init__(self, table, calls, name, rng, bounded):
+        self.table, self.calls, self.name = table, calls, name
+        if bounded:
+            self.lower_bounds = lambda shapes: [min(table[sh.rank], 0.999) * rng.uniform(0.3, 1.0) for sh in shapes]
+
+    def __call__(self, shape: TTShape) -> float:
+        self.calls.append((self.name, shape.rank))
+        return min(self.table[shape.rank], 0.999)
+
+
+def _options_with_profile(shapes, rng, integer: bool, bounded: bool = False):
+    """Real layer grids (DOF, TT shapes) with random error profiles; counts profile calls."""
+    opts, calls = [], []
+    for li, (d_out, d_in) in enumerate(shapes):
+        o = A.layer_options(f"l{li}", nn.Linear(d_in, d_out, bias=False), with_errors=False)
+        n = len(o.ranks) - 1
+        if integer:  # coarse values: ties between layers and within a layer, non-monotone steps
+            vals = [rng.randint(1, 6) / 8 for _ in range(n)]
+        else:
+            vals = sorted((rng.random() for _ in range(n)), reverse=True)
+            vals = [v * rng.uniform(0.9, 1.1) for v in vals]  # mostly decreasing, sometimes not
+        o.profile = _Table(dict(zip(o.ranks[:-1], vals)), calls, o.name, rng, bounded)
+        opts.append(o)
+    return opts, calls
+
+
+@pytest.mark.parametrize("bounded", [False, True])
+@pytest.mark.parametrize("integer", [False, True])
+def test_lazy_greedy_equals_exhaustive_greedy_on_random_profiles(integer, bounded):
+    rng = random.Random(1 + integer + 2 * bounded)
+    shapes = [(64, 96), (96, 64), (128, 128), (48, 200), (256, 64), (30, 90)]
+    for trial in range(60):
+        pick = rng.sample(shapes, rng.randint(1, len(shapes)))
+        lazy, calls = _options_with_profile(pick, random.Random(trial), integer, bounded)
+        full, _ = _options_with_profile(pick, random.Random(trial), integer)
+        lo = sum(o.dofs[0] for o in lazy)
+        hi = sum(o.numel for o in lazy)
+        budget = rng.randint(lo, hi)
+        assert A.allocate(lazy, budget) == A._greedy_exhaustive(full, budget)
+        assert len(calls) == len(set(calls))  # each grid rank profiled at most once
+
+
+def test_lazy_greedy_leaves_unreachable_ranks_unprofiled():
+    torch.manual_seed(0)
+    layers = {f"l{i}": nn.Linear(256, 256, bias=False) for i in range(3)}
+    with torch.no_grad():  # a decaying spectrum, like trained weights
+        for m in layers.values():
+            U, _, V = torch.linalg.svd(m.weight)
+            m.weight.copy_(U @ torch.diag(torch.logspace(0, -2, 256)) @ V)
+    opts = [A.layer_options(n, m) for n, m in layers.items()]
+    budget = sum(o.dofs[0] for o in opts) + 40_000  # far below any layer's top grid rank
+    ranks = A.allocate(opts, budget)
+    full = [A.layer_options(n, m, eager=True) for n, m in layers.items()]
+    assert ranks == A._greedy_exhaustive(full, budget)
+    for o in opts:
+        assert o.err2[len(o.ranks) - 2] is None  # the most expensive rank is never computed
+        assert o.profiled() <= len(o.ranks) - 4
+
+
+@pytest.mark.parametrize("out_f,in_f", [([16], [8, 3, 3]), ([12], [12]), ([64], [64]), ([6], [4, 3]),
+                                         ([96], [32]), ([32], [96, 1, 1])])
+def test_tt_error2_equals_tt_error_squared(out_f, in_f):
+    torch.manual_seed(0)
+    d_out, d_in = math.prod(out_f), math.prod(in_f)
+    W = (torch.randn(d_out, d_in) * torch.linspace(1, 0.05, d_in)).double()
+    for r in [1, 2, 3, 5, 8, 12, 24, 48, 64, 96]:
+        shape = TTShape.from_dims(out_f, in_f, r)
+        want = A.tt_error(W, shape) ** 2
+        assert A.tt_error2(W, shape) == pytest.approx(want, abs=1e-12)
+        assert A.tt_error2(W, shape, gram=W @ W.T) == pytest.approx(want, abs=1e-12)
+
+
+def test_eager_profile_fills_every_rank_and_matches_lazy_values():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3)
+    eager = A.layer_options("c", conv, eager=True)
+    lazy = A.layer_options("c", conv)
+    assert None not in eager.err2 and eager.profile is None
+    assert lazy.profiled() == 0
+    for i, e in enumerate(eager.err2):
+        assert lazy.error2(i) == pytest.approx(e, abs=1e-5)  # float32 profile
+    assert eager.err2[-1] == 0.0  # DENSE
+
+
+def test_compress_to_target_uses_the_exhaustive_greedy_ranks():
+    from sttp_compress.convert import candidate_layers, compress_to_target, count_parameters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 32, 3), nn.Conv2d(32, 64, 3), nn.Flatten(),
+                          nn.Linear(64, 64), nn.Linear(64, 10))
+    chosen, _ = candidate_layers(model)
+    total = count_parameters(model)
+    opts = [A.layer_options(n, m) for n, m in chosen.items()]
+    fixed = total - sum(o.numel for o in opts)
+    want = A._greedy_exhaustive(opts, A.budget_for_ratio(total, fixed, 4.0))
+    parts = compress_to_target(model, ratio=4.0)
+    got = {layer["name"]: layer["rank"] for layer in parts["layers"]}
+    assert got == {n: r for n, r in want.items() if r != A.DENSE}
+
+
+@pytest.mark.skipif(not (SHARED / "resnet18_cifar10.pt").exists(), reason="needs ../shared/models")
+def test_resnet18_ranks_equal_those_of_the_exhaustive_profile():
+    """The CIFAR ResNet-18 ranks at ratios 5/10/20/50 that the fine-tuning runs validated (stored)."""
+    from sttp_compress.convert import candidate_layers, count_parameters
+    from sttp_compress.loading import load_model
+
+    stored = json.loads(STORED.read_text())["ranks"]
+    model = load_model(SHARED / "resnet18_cifar10.pt", str(SHARED / "cifar_models.py") + ":resnet18_cifar")
+    chosen, _ = candidate_layers(model)
+    total = count_parameters(model)
+    opts = [A.layer_options(n, m) for n, m in chosen.items()]  # one lazy profile serves every ratio
+    fixed = total - sum(o.numel for o in opts)
+    for ratio in ["50", "20", "10", "5"]:
+        assert A.allocate(opts, A.budget_for_ratio(total, fixed, float(ratio))) == stored[ratio], ratio
+    assert sum(o.profiled() for o in opts) < sum(len(o.ranks) - 1 for o in opts)
