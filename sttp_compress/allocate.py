@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .errors import UserError
 from .layers import matrix_factors, to_matrix, weight_kind
-from .tt import TTShape, chain_svd
+from .tt import TTShape, chain_svd, pad_matrix
 
 __all__ = ["LayerOptions", "tt_error", "layer_options", "allocate", "budget_for_ratio", "uniform_rank",
            "check_reachable"]
@@ -73,6 +73,8 @@ def layer_options(name: str, module: nn.Module, method: str = "sttp", spectrum: 
     W = None
     if with_errors:
         W = to_matrix(kind, module.weight.detach().to(torch.float32))
+        if method == "sttp":
+            W = pad_matrix(W, out_f, in_f)  # the zero-padded tensorization (tt.padded_size)
         if method == "svdp":
             s2 = torch.linalg.svdvals(W.double()).square()
             tail = (s2.flip(0).cumsum(0).flip(0) / s2.sum().clamp_min(1e-30)).tolist() + [0.0]

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .householder import frame, frame_numel
-from .tt import SPECTRA, TTShape, reduce_chain, spectral_tt_svd
+from .tt import SPECTRA, TTShape, crop_matrix, pad_matrix, reduce_chain, spectral_tt_svd
 
 __all__ = ["SpectralTT", "weight_kind", "matrix_factors", "to_matrix", "SUPPORTED"]
 
@@ -80,6 +80,7 @@ class SpectralTT(nn.Module):
         self.method, self.spectrum, self.requested_rank = method, spectrum, rank
         out_f, in_f = matrix_factors(kind, self.weight_shape)
         self.tt = TTShape.from_dims(out_f, in_f, rank, method)
+        self.dims = (out_f, in_f) if method == "sttp" else None  # natural dims, for zero padding (tt.pad_matrix)
         frames = self.tt.frames(spectrum)
         # group frames of equal shape so each group is generated in one batched call
         self.groups: list[tuple[int, int, bool]] = []
@@ -120,7 +121,8 @@ class SpectralTT(nn.Module):
         return self.scale * self.signs
 
     def factors(self, *originals: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(U, σ, V) with W_matrix = U diag(σ) Vᵀ, built from the parameters."""
+        """(U, σ, V) with W_matrix = U diag(σ) Vᵀ, built from the parameters (of the zero-padded matrix
+        `tt.pad_matrix` when a dimension has a large prime factor)."""
         return self.factors_from_frames(self.frames(originals), self.spectrum_param(originals))
 
     def frames(self, originals: tuple[Tensor, ...]) -> list[Tensor]:
@@ -145,7 +147,8 @@ class SpectralTT(nn.Module):
     def weight_from_frames(self, frames: list[Tensor], spectrum_param: Tensor | None) -> Tensor:
         """The weight in its module's shape from the group frames and the spectrum parameter."""
         U, s, V = self.factors_from_frames(frames, spectrum_param)
-        return _from_matrix(self.kind, (U * s) @ V.T, self.weight_shape)
+        M = (U * s) @ V.T
+        return _from_matrix(self.kind, crop_matrix(M, *self.dims) if self.dims else M, self.weight_shape)
 
     def forward(self, *originals: Tensor) -> Tensor:
         if self.override is not None:  # built for this forward pass by a WeightBank
@@ -177,6 +180,8 @@ class SpectralTT(nn.Module):
         if self.skip_conversion:
             return self.placeholder(weight)
         M = to_matrix(self.kind, weight.detach().to(torch.float64))
+        if self.dims:
+            M = pad_matrix(M, *self.dims)
         u_cores, sigma, v_cores = spectral_tt_svd(M, self.tt)
         identity = self.spectrum == "identity"
         u_params, u_tail = reduce_chain(u_cores, reduce_last=identity)

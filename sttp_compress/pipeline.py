@@ -22,7 +22,8 @@ from . import __version__
 from .checkpoint import save_compressed
 from .convert import candidate_layers, check_target, compress_to_target
 from .errors import UserError
-from .loading import load_model
+from .hf import hf_path, is_hf_spec
+from .loading import load_model, resolve_arch
 
 __all__ = ["CompressJob", "run_compress", "default_output", "state_size_bytes", "REPORT_FORMAT_VERSION"]
 
@@ -82,7 +83,8 @@ def state_size_bytes(model: nn.Module, dtype: torch.dtype = torch.float32) -> in
 
 def _check_output(job: CompressJob) -> tuple[Path, Path]:
     """Resolve and check the output checkpoint and report folder before any work is done."""
-    out = Path(job.output) if job.output else default_output(job.model or "model")
+    stem = hf_path(job.arch).name if not job.model and is_hf_spec(job.arch) else "model"
+    out = Path(job.output) if job.output else default_output(job.model or stem)
     if job.model and out.resolve() == Path(job.model).resolve():
         raise UserError(f"--output {out} would overwrite the input model; choose another path")
     if out.exists() and not job.force:
@@ -118,6 +120,12 @@ def _datasets(job: CompressJob):
     from .data import (ImageDataConfig, build_image_datasets, image_folder_splits, is_tensor_spec,
                        load_tensor_data, resolve_image_config)
 
+    if job.data and job.data.startswith("text:"):
+        from .text import text_datasets
+
+        if not is_hf_spec(job.arch):
+            raise UserError("--data text:FILE needs --arch hf:DIR (the tokenizer comes from DIR)")
+        return (*text_datasets(job.data, hf_path(job.arch)), None)
     if job.data and is_tensor_spec(job.data):
         train_ds, val_ds = load_tensor_data(job.data)
         return train_ds, val_ds, None
@@ -143,14 +151,19 @@ def run_compress(job: CompressJob, on_layer_start: Callable[[int], None] | None 
     """
     t0 = time.perf_counter()
     _check_target(job)
-    if job.module is None and not job.model:
-        raise UserError("missing MODEL (a checkpoint file), or use --example")
+    if job.module is None and not job.model and not is_hf_spec(job.arch):
+        raise UserError("missing MODEL (a checkpoint file), or --arch hf:DIR, or use --example")
     out, report_dir = _check_output(job)
     fine = job.finetune is not None and (job.data or job.train_data or job.datasets is not None)
     if job.finetune is not None:
         job.finetune.validate()
 
-    model = job.module if job.module is not None else load_model(job.model, job.arch, job.trust_pickle)
+    if job.module is not None:
+        model = job.module
+    elif job.model:
+        model = load_model(job.model, job.arch, job.trust_pickle)
+    else:  # hf:DIR holds the weights too
+        model = resolve_arch(job.arch)
     t_load = time.perf_counter() - t0
     data = _datasets(job) if fine else None
 
@@ -180,8 +193,13 @@ def run_compress(job: CompressJob, on_layer_start: Callable[[int], None] | None 
         device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else (
             "cpu" if cfg.device == "auto" else cfg.device)
         loaders = make_loaders(train_ds, val_ds, cfg.batch_size, cfg.workers, cfg.seed, device)
-        ft_block = finetune(model, teacher, *loaders, cfg, progress=job.progress,
-                            bn_recalibrate=job.bn_recalibrate)
+        if job.data and job.data.startswith("text:"):
+            from .text import distill_embeddings
+
+            ft_block = distill_embeddings(model, teacher, *loaders, cfg, progress=job.progress)
+        else:
+            ft_block = finetune(model, teacher, *loaders, cfg, progress=job.progress,
+                                bn_recalibrate=job.bn_recalibrate)
         model.to("cpu")
 
     meta = {"params_original": parts["totals"]["params_original"], "size_bytes_original": size_original,
