@@ -241,8 +241,9 @@ def embedding_agreement(emb: Tensor, ref: Tensor) -> dict[str, float | None]:
 def distill_embeddings(student: nn.Module, teacher: nn.Module, train_loader: Iterable, val_loader: Iterable | None,
                        cfg: Any, progress: bool = True) -> dict[str, Any]:
     """`finetune` with the text loss (default EmbeddingDistillLoss: sentence embeddings and, through
-    HiddenStates views, every layer's token states); the block also gets the validation texts' mean
-    cosine similarity to the teacher and top-1 nearest-neighbour agreement (%), before and after."""
+    HiddenStates views, every layer's token states) and the student's dropout off; the block also gets
+    the validation texts' mean cosine similarity to the teacher and top-1 nearest-neighbour agreement
+    (%), before and after."""
     from dataclasses import replace
 
     from .finetune import finetune, resolve_device
@@ -257,7 +258,14 @@ def distill_embeddings(student: nn.Module, teacher: nn.Module, train_loader: Ite
         ref = embed(teacher, val_loader, device)
         before = embedding_agreement(embed(student, val_loader, device), ref)
     views = (HiddenStates(student), HiddenStates(teacher)) if layerwise else (student, teacher)
-    block = finetune(*views, train_loader, val_loader, cfg, progress=progress)
+    dropouts = [(m, m.p) for m in student.modules() if isinstance(m, nn.Dropout)]
+    try:
+        for m, _ in dropouts:  # the student matches the teacher's deterministic (eval-mode) function
+            m.p = 0.0
+        block = finetune(*views, train_loader, val_loader, cfg, progress=progress)
+    finally:
+        for m, p in dropouts:
+            m.p = p
     if ref is not None:
         after = embedding_agreement(embed(student, val_loader, device), ref)
         block.update({"val_cosine_before": before["cosine"], "val_cosine_after": after["cosine"],
