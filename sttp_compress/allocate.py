@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .errors import UserError
 from .layers import matrix_factors, to_matrix, weight_kind, weight_name
-from .tt import TTShape, chain_matrix, chain_svd
+from .tt import TTShape, chain_matrix, chain_svd, pad_matrix
 
 __all__ = ["LayerOptions", "tt_error", "tt_error2", "layer_options", "allocate", "budget_for_ratio", "uniform_rank",
            "check_reachable"]
@@ -221,7 +221,10 @@ class _Profile:
 
     def _matrix(self) -> Tensor:
         if self._W is None:
-            W = to_matrix(self.kind, getattr(self.module, weight_name(self.module)).detach().to(torch.float32))
+            weight = getattr(self.module, weight_name(self.module)).detach().to(torch.float32)
+            W = to_matrix(self.kind, weight)
+            if self.method == "sttp":  # the zero-padded tensorization (tt.padded_size)
+                W = pad_matrix(W, *matrix_factors(self.kind, tuple(weight.shape)))
             self._n2 = float(W.square().sum())
             if self.method == "sttp" and W.shape[0] <= W.shape[1]:
                 self._gram = W @ W.T

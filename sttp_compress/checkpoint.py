@@ -34,9 +34,11 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def portable_arch(spec: str | None) -> str | None:
-    """Make a `path/file.py:factory` spec absolute so the checkpoint resolves from any folder."""
+    """Make a `path/file.py:factory` or `hf:DIR` spec absolute so the checkpoint resolves from any folder."""
     if not spec:
         return spec
+    if spec.strip().startswith("hf:"):  # a local model folder
+        return "hf:" + str(Path(spec.strip()[3:].strip()).expanduser().resolve())
     module, sep, rest = spec.partition(":")
     if sep and (module.endswith(".py") or os.sep in module or "/" in module):
         return str(Path(module).resolve()) + sep + rest

@@ -41,7 +41,7 @@ def _floats(text: Optional[str], name: str) -> Optional[tuple[float, ...]]:
 def compress_cmd(
     ctx: typer.Context,
     model: Optional[str] = typer.Argument(None, help="Checkpoint: a state_dict (.pt/.pth/.bin/.safetensors) or, with --trust-pickle, a pickled nn.Module."),
-    arch: Optional[str] = typer.Option(None, help="Architecture: torchvision:NAME?k=v, package.module:factory or path/file.py:factory."),
+    arch: Optional[str] = typer.Option(None, help="Architecture: torchvision:NAME?k=v, package.module:factory, path/file.py:factory, or hf:DIR (a local Hugging Face model folder, weights included: MODEL optional)."),
     ratio: Optional[float] = typer.Option(None, help="Whole-model ratio params_original / params_compressed (all parameters counted)."),
     rank: Optional[int] = typer.Option(None, help="One rank for every compressed layer (the paper's hyperparameter)."),
     method: str = typer.Option("sttp", help="sttp (spectral tensor train) or svdp (plain spectral SVD)."),
@@ -55,7 +55,7 @@ def compress_cmd(
     dtype: str = typer.Option("float32", help="Stored value type: float32, float16 or bfloat16."),
     report_dir: Optional[str] = typer.Option(None, help="Report folder (default: <output stem>.report/)."),
     trust_pickle: bool = typer.Option(False, help="Allow loading a pickled nn.Module (runs code from the file: only for trusted files)."),
-    data: Optional[str] = typer.Option(None, help="Fine-tune data: an ImageFolder root with train/ and val/ (or test/), or tensors:FILE.pt."),
+    data: Optional[str] = typer.Option(None, help="Fine-tune data: an ImageFolder root with train/ and val/ (or test/), tensors:FILE.pt, or text:FILE (one text per line; with --arch hf:DIR)."),
     train_data: Optional[str] = typer.Option(None, help="Training ImageFolder (instead of --data)."),
     val_data: Optional[str] = typer.Option(None, help="Validation ImageFolder (with --train-data)."),
     epochs: Optional[int] = typer.Option(None, help="Fine-tune epochs (default 1 when data is given)."),
@@ -156,6 +156,9 @@ def _finish(report: dict, extras: dict, quiet: bool, json_out: bool) -> None:
         if ft and ft.get("val_accuracy_after") is not None:
             acc = (f", val accuracy {ft['original_val_accuracy']}% original → {ft['val_accuracy_before']}% "
                    f"after conversion → {ft['val_accuracy_after']}% after fine-tuning")
+        elif ft and ft.get("val_cosine_after") is not None:  # text distillation (hf:DIR models)
+            acc = (f", val cosine to the original {ft['val_cosine_before']:.4f} after conversion → "
+                   f"{ft['val_cosine_after']:.4f} after distillation")
         err.print(f"ratio {t['ratio']:.2f}x ({t['params_original']:,} → {t['params_compressed']:,} parameters){acc}",
                   soft_wrap=True)
         err.print(f"wrote {extras['output']} and {paths['md']}", soft_wrap=True, markup=False)
@@ -169,11 +172,11 @@ def _finish(report: dict, extras: dict, quiet: bool, json_out: bool) -> None:
 def eval_cmd(
     compressed: str = typer.Argument(..., help="A checkpoint written by sttp-compress."),
     arch: Optional[str] = typer.Option(None, help="Override the architecture recorded in the file."),
-    data: Optional[str] = typer.Option(None, help="ImageFolder root (class subfolders) or tensors:FILE.pt."),
+    data: Optional[str] = typer.Option(None, help="ImageFolder root (class subfolders), tensors:FILE.pt, or text:FILE (hf:DIR models)."),
     image_size: Optional[int] = typer.Option(None, help="Image side (default: recorded at compression, else from the data)."),
     mean: Optional[str] = typer.Option(None, help="Normalisation mean, comma-separated (default: recorded, else ImageNet's)."),
     std: Optional[str] = typer.Option(None, help="Normalisation std, comma-separated (default: recorded, else ImageNet's)."),
-    reference: Optional[str] = typer.Option(None, help="The original model file: top-1 agreement and relative output error."),
+    reference: Optional[str] = typer.Option(None, help="The original model file (top-1 agreement, relative output error), or hf:DIR (with text:FILE: mean cosine, nearest-neighbour agreement)."),
     reference_arch: Optional[str] = typer.Option(None, help="Architecture of --reference (default: the compressed file's)."),
     trust_pickle: bool = typer.Option(False, help="Allow a pickled nn.Module as --reference."),
     input_shape: Optional[str] = typer.Option(None, help="Input shape without batch, e.g. 3,32,32, for random inputs when no data is given."),

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import SpectralTT, is_parametrized, weight_name
-from .tt import TTShape
+from .tt import TTShape, padded_dims
 
 __all__ = ["FORMS", "TT_PENALTY", "CALL_OVERHEAD_FLOPS", "row_flops", "best_form", "tt_linear", "chain_cores",
            "use_shortcut", "remove_shortcut", "shortcut_forms"]
@@ -184,12 +184,19 @@ def use_shortcut(model: nn.Module, form: str = "auto", tt_penalty: float = TT_PE
             continue
         p = next(q for q in m.parametrizations.weight if isinstance(q, SpectralTT))
         f = best_form(p.tt, tt_penalty) if form == "auto" else form
+        if _padded(p):
+            f = "dense"  # a zero-padded tensorization (tt.padded_size): its factors hold the padding too
         chosen[name] = f
         _remove(m)
         if f != "dense":
             m._sttp_shortcut = _Shortcut(p, f, overhead)
             m.forward = _forward.__get__(m)
     return chosen
+
+
+def _padded(p: SpectralTT) -> bool:
+    """Whether the layer's tensorization pads a dimension with a large prime factor."""
+    return p.dims is not None and any(tuple(padded_dims(d)) != tuple(d) for d in p.dims)
 
 
 def _remove(m: nn.Module) -> None:

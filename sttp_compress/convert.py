@@ -74,19 +74,28 @@ def candidate_layers(model: nn.Module, include: Iterable[str] | None = None,
     q/k/v projection (named `<module>.in_proj_weight`; its out_proj is a Linear). By default the first
     convolution and the last Linear (the classifier) stay dense, the paper's practice; `include`
     globs (on module names) select candidates explicitly and override that rule; `exclude` globs
-    always win.
+    always win. A model with a `sttp_layer_policy()` method (hf.SentenceEncoder) replaces the first/last
+    rule by its own: layers it keeps dense always, and layers dense unless `include` selects them.
     """
     include, exclude = list(include or []), list(exclude or [])
     layers = [(layer_name(n, m), m) for n, m in model.named_modules() if isinstance(m, SUPPORTED) and n]
+    # a model may name its own dense layers (hf.SentenceEncoder: poolers always, embeddings by default)
+    policy = getattr(model, "sttp_layer_policy", None)
+    always, by_default = policy() if callable(policy) else ({}, {})
+    keep_first_last = keep_first_last and not callable(policy)
     first_conv = next((n for n, m in layers
                        if not isinstance(m, (nn.Linear, nn.Embedding, nn.MultiheadAttention))), None)
     last_linear = next((n for n, m in reversed(layers) if isinstance(m, nn.Linear)), None)
     chosen, skipped = {}, {}
     for name, m in layers:
-        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+        if name in always:
+            skipped[name] = always[name]
+        elif any(fnmatch.fnmatchcase(name, p) for p in exclude):
             skipped[name] = "excluded by --exclude"
         elif include and not any(fnmatch.fnmatchcase(name, p) for p in include):
             skipped[name] = "not matched by --include"
+        elif not include and name in by_default:
+            skipped[name] = by_default[name]
         elif not include and keep_first_last and name == first_conv:
             skipped[name] = "first convolution kept dense"
         elif not include and keep_first_last and name == last_linear:

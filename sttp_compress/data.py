@@ -304,6 +304,7 @@ def make_loaders(
         pin_memory=_is_cuda(device),
         persistent_workers=workers > 0,
         worker_init_fn=seed_worker if workers > 0 else None,
+        collate_fn=getattr(train_ds, "collate_fn", None),  # e.g. text.TokenizedTexts pads token batches
     )
     if world > 1:
         from torch.utils.data.distributed import DistributedSampler

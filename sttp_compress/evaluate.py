@@ -32,7 +32,8 @@ The Python API behind ``sttp-eval COMPRESSED [options]``::
     One entry per compressed layer, in model order: ``name``, ``rank``, ``params_original`` (dense weight
     values), ``params_compressed`` (degrees of freedom), ``modes`` and ``tt_ranks`` (the tensor-train shape).
 ``data``
-    What was evaluated on: the image folder, ``tensors:FILE``, or null without ``--data``.
+    What was evaluated on: the image folder, ``tensors:FILE``, ``text:FILE`` (one text per line, tokenized
+    with the ``hf:DIR`` model's tokenizer), or null without ``--data``.
 ``samples``
     Number of data samples evaluated (fewer than the data set with ``max_batches``), or null without data.
 ``accuracy``, ``top5``
@@ -47,6 +48,12 @@ The Python API behind ``sttp-eval COMPRESSED [options]``::
     Percent of evaluated samples (or output positions, for outputs with more than 2 dimensions) where the
     compressed and reference models agree on the top-1 class (argmax over dimension 1); null without a
     reference or for 1-D outputs.
+``cosine``
+    With ``--data text:FILE`` (an ``hf:DIR`` model) and ``--reference hf:DIR``: the mean cosine similarity
+    between the compressed and the original model's embedding of each text; else null.
+``nn_agreement``
+    With text data and a reference: percent of texts whose nearest other text (by cosine similarity of
+    embeddings) is the same under both models; else null.
 ``rel_output_error``
     ``‖y − y_ref‖ / ‖y_ref‖`` over all evaluated outputs together (Frobenius norm); null without a reference.
 ``reference_inputs``
@@ -97,7 +104,8 @@ from .data import (IMAGE_EXTENSIONS, TENSORS_PREFIX, ImageDataConfig, image_tran
                    is_tensor_spec, resolve_image_config, rgb_loader)
 from .errors import UserError
 from .finetune import resolve_device
-from .loading import atomic_torch_save, load_model, parse_size
+from .hf import hf_path, is_hf_spec
+from .loading import atomic_torch_save, load_model, parse_size, resolve_arch
 from .report import largest_layers
 
 __all__ = ["EvalOptions", "run_eval", "check_gates", "validate_options", "summary_table", "export_dense"]
@@ -360,8 +368,10 @@ def _primary_output(out: Any) -> Tensor:
     raise UserError(f"cannot use model output of type {type(out).__name__} (expected a tensor)")
 
 
-def _forward(model: nn.Module, x: Tensor, what: str) -> Tensor:
+def _forward(model: nn.Module, x: Tensor | dict[str, Tensor], what: str) -> Tensor:
     """Run the model, turning a shape/dtype mismatch with the inputs into a one-line UserError."""
+    if isinstance(x, Mapping):  # token batches of hf models
+        return _primary_output(model(**x))
     try:
         return _primary_output(model(x))
     except torch.cuda.OutOfMemoryError:
@@ -459,7 +469,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _measure_latency(model: nn.Module, x: Tensor, device: torch.device, bar: Any) -> tuple[float, int]:
+def _measure_latency(model: nn.Module, x: Tensor | dict[str, Tensor], device: torch.device,
+                     bar: Any) -> tuple[float, int]:
     """(median seconds, timed runs) of model(x) under no_grad, after WARMUP_RUNS untimed passes."""
     task = bar.add_task("timing", total=None) if bar is not None else None
     times: list[float] = []
@@ -471,7 +482,7 @@ def _measure_latency(model: nn.Module, x: Tensor, device: torch.device, bar: Any
         while len(times) < MIN_TIMED_RUNS or (
                 len(times) < MAX_TIMED_RUNS and time.perf_counter() - start < TIMING_BUDGET_S):
             t0 = time.perf_counter()
-            model(x)
+            model(**x) if isinstance(x, Mapping) else model(x)
             _sync(device)
             times.append(time.perf_counter() - t0)
             if task is not None:
@@ -531,11 +542,23 @@ def run_eval(path: str, opts: EvalOptions, progress: bool = False) -> dict[str, 
     reference = None
     if opts.reference is not None:
         ref_arch = opts.reference_arch or opts.arch or info.get("arch")
-        reference = load_model(opts.reference, arch=ref_arch, trust_pickle=opts.trust_pickle).float().eval()
+        if is_hf_spec(opts.reference):  # the original model folder itself
+            reference = resolve_arch(opts.reference).float().eval()
+        else:
+            reference = load_model(opts.reference, arch=ref_arch, trust_pickle=opts.trust_pickle).float().eval()
         if params_original is None:
             params_original = count_parameters(reference)
-        if size_original is None:
+        if size_original is None and not is_hf_spec(opts.reference):
             size_original = Path(opts.reference).stat().st_size
+
+    if opts.data is not None and opts.data.startswith("text:"):
+        base = {"file": str(path), "arch": opts.arch or info.get("arch"), "dtype": info.get("dtype"),
+                "size_bytes": size_bytes, "size_bytes_original": size_original,
+                "size_ratio": size_original / size_bytes if size_original else None, "params": params,
+                "params_original": params_original,
+                "ratio": params_original / params if params_original and params else None,
+                "layers": _layer_entries(model)}
+        return _run_text_eval(base, model, reference, opts, device, notes, progress)
 
     loader = _data_loader(opts, meta, device)
     shape = None if opts.input_shape is None else tuple(opts.input_shape)
@@ -642,6 +665,8 @@ def run_eval(path: str, opts: EvalOptions, progress: bool = False) -> dict[str, 
         "reference_accuracy": ref_acc,
         "reference_top5": ref_top5,
         "agreement": agreement,
+        "cosine": None,
+        "nn_agreement": None,
         "rel_output_error": rel_err,
         "reference_inputs": ("data" if loader is not None else "random") if compare else None,
         "input_shape": list(shape) if shape is not None else None,
@@ -651,6 +676,44 @@ def run_eval(path: str, opts: EvalOptions, progress: bool = False) -> dict[str, 
         "device": str(device),
         "batch_size": opts.batch_size,
         "notes": notes,
+    }
+
+
+def _run_text_eval(base: dict[str, Any], model: nn.Module, reference: nn.Module | None, opts: EvalOptions,
+                   device: torch.device, notes: list[str], progress: bool) -> dict[str, Any]:
+    """run_eval on --data text:FILE (an hf:DIR model): mean cosine similarity and top-1 nearest-neighbour
+    agreement with the reference's embeddings, latency on the first batch of texts."""
+    from .text import evaluate_texts
+
+    arch = base["arch"]
+    folder = hf_path(arch) if is_hf_spec(arch) else (
+        hf_path(opts.reference) if is_hf_spec(opts.reference) else None)
+    if folder is None:
+        raise UserError("--data text:FILE needs a model built from --arch hf:DIR (the tokenizer comes from DIR)")
+    model.to(device)
+    if reference is not None:
+        reference.to(device)
+    else:
+        notes.append("cosine and nearest-neighbour agreement need --reference hf:DIR (the original model)")
+    with _progress(progress) as bar:
+        task = bar.add_task("embedding texts", total=None) if bar is not None else None
+        metrics, first = evaluate_texts(model, reference, opts.data, folder, device, opts.batch_size,
+                                        opts.max_batches)
+        if task is not None:
+            bar.update(task, completed=1, total=1)
+        latency_s = runs = None
+        if opts.latency:
+            x = {k: _tile(v, opts.batch_size).to(device) for k, v in first.items()}
+            latency_s, runs = _measure_latency(model, x, device, bar)
+    compared = reference is not None
+    return {
+        **base, "data": opts.data, "samples": metrics["samples"], "accuracy": None, "top5": None, "loss": None,
+        "reference": opts.reference, "reference_accuracy": None, "reference_top5": None, "agreement": None,
+        "cosine": metrics["cosine"], "nn_agreement": metrics["nn_agreement"],
+        "rel_output_error": metrics["rel_output_error"], "reference_inputs": "data" if compared else None,
+        "input_shape": None, "latency_ms": None if latency_s is None else 1000.0 * latency_s,
+        "throughput": None if latency_s is None else opts.batch_size / latency_s, "latency_runs": runs,
+        "device": str(device), "batch_size": opts.batch_size, "notes": notes,
     }
 
 
@@ -707,7 +770,8 @@ def summary_table(result: Mapping[str, Any], max_layers: int = SUMMARY_LAYERS) -
         acc = f"{_pct(result.get('accuracy'))} (top-5 {_pct(result.get('top5'))})"
         if _is_number(result.get("loss")):
             acc += f", loss {result['loss']:.4f}"
-        table.add_row("Accuracy", acc)
+        if not str(result["data"]).startswith("text:"):
+            table.add_row("Accuracy", acc)
     if result.get("reference") is not None:
         table.add_row("Reference", escape(str(result["reference"])))
         if _is_number(result.get("reference_accuracy")):
@@ -715,7 +779,10 @@ def summary_table(result: Mapping[str, Any], max_layers: int = SUMMARY_LAYERS) -
             if _is_number(result.get("accuracy")):
                 line += f", drop {result['reference_accuracy'] - result['accuracy']:.2f} points"
             table.add_row("Reference accuracy", line)
-        if result.get("reference_inputs"):
+        if _is_number(result.get("cosine")):
+            table.add_row("Mean cosine similarity", f"{result['cosine']:.4f}")
+            table.add_row("Nearest-neighbour agreement", _pct(result.get("nn_agreement")))
+        elif result.get("reference_inputs"):
             on = "data" if result["reference_inputs"] == "data" else "random inputs"
             table.add_row("Top-1 agreement", f"{_pct(result.get('agreement'))} on {on}")
             err = result.get("rel_output_error")

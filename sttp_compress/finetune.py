@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -107,6 +108,9 @@ class FinetuneConfig:
     cuda_graph: bool = True  # ...and replay that build as a CUDA graph on GPUs
     log_every: int = 20
     val_every_epoch: bool = True
+    # loss(student_raw_output, teacher_raw_output) replacing distillation_loss; it gets what the models
+    # return (e.g. text.HiddenStates dicts), before _primary_output picks the tensor to score
+    loss_fn: Callable[[Any, Any], Tensor] | None = None
 
     def validate(self) -> None:
         """Raise UserError for impossible settings (both epochs and steps, negative counts, unknown names)."""
@@ -187,8 +191,11 @@ def _primary_output(out: Any) -> Tensor:
 
 
 def _split_batch(batch: Any, device: torch.device) -> tuple[Any, Tensor | None]:
-    """(inputs, targets or None) moved to `device`; accepts a tensor, (x,), or (x, y, ...)."""
+    """(inputs, targets or None) moved to `device`; accepts a tensor, (x,), (x, y, ...), or a dict of
+    keyword tensors (token batches of hf models; no targets)."""
     non_blocking = device.type == "cuda"
+    if isinstance(batch, Mapping):
+        return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}, None
     if isinstance(batch, (tuple, list)):
         inputs = batch[0]
         targets = batch[1] if len(batch) > 1 else None
@@ -198,6 +205,18 @@ def _split_batch(batch: Any, device: torch.device) -> tuple[Any, Tensor | None]:
     if targets is not None:
         targets = targets.to(device, non_blocking=non_blocking)
     return inputs, targets
+
+
+def _run(model: nn.Module, inputs: Any) -> Any:
+    """model(inputs), or model(**inputs) for a dict of keyword tensors."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def _loss(cfg: "FinetuneConfig", s_raw: Any, t_raw: Any, labels: Tensor | None) -> Tensor:
+    """cfg.loss_fn on the raw outputs when given, else distillation_loss at cfg's temperature and alpha."""
+    if cfg.loss_fn is not None:
+        return cfg.loss_fn(s_raw, t_raw)
+    return distillation_loss(_primary_output(s_raw), _primary_output(t_raw), labels, cfg.temperature, cfg.alpha)
 
 
 def _cpu_targets(batch: Any) -> Tensor | None:
@@ -266,7 +285,7 @@ def evaluate(
             for batch in loader:
                 inputs, targets = _split_batch(batch, device)
                 with _autocast(device, use_amp):
-                    out = _primary_output(model(inputs))
+                    out = _primary_output(_run(model, inputs))
                 if not _is_class_labels(out, targets):
                     labelled = False
                     break
@@ -317,10 +336,10 @@ def _val_distillation_loss(
             for batch in loader:
                 inputs, _ = _split_batch(batch, device)
                 with _autocast(device, use_amp):
-                    s = _primary_output(student(inputs))
-                    t = _primary_output(teacher(inputs))
+                    s_raw, t_raw = _run(student, inputs), _run(teacher, inputs)
+                s = _primary_output(s_raw)
                 batch_n = s.shape[0] if s.dim() else 1
-                total += float(distillation_loss(s, t, None, cfg.temperature, cfg.alpha)) * batch_n
+                total += float(_loss(cfg, s_raw, t_raw, None)) * batch_n
                 n += batch_n
     finally:
         student.train(was_training)
@@ -354,7 +373,7 @@ def recalibrate_batchnorm(
                 if used >= batches:
                     break
                 inputs, _ = _split_batch(batch, dev)
-                model(inputs)
+                _run(model, inputs)
                 used += 1
     finally:
         for m, momentum in zip(bns, momenta):
@@ -470,14 +489,15 @@ def _train_step(
     """
     inputs, targets = _split_batch(batch, device)
     with torch.no_grad(), _autocast(device, use_amp):
-        t_out = _primary_output(teacher(inputs))
+        t_raw = _run(teacher, inputs)
     with _autocast(device, use_amp):
-        s_out = _primary_output((net or student)(inputs))
+        s_raw = _run(net or student, inputs)
+    s_out = _primary_output(s_raw)
     labels = targets if _is_class_labels(s_out, targets) else None
     if labels is not None and check_labels:
         with distributed.agreed():  # a bad label on any rank stops every rank
             _check_label_range(_cpu_targets(batch), s_out.shape[1])
-    loss = distillation_loss(s_out, t_out, labels, cfg.temperature, cfg.alpha)
+    loss = _loss(cfg, s_raw, t_raw, labels)
     if cfg.spectral_reg > 0:
         loss = loss + cfg.spectral_reg * spectral_regularizer(student).to(loss.device)
     optimizer.zero_grad(set_to_none=True)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .householder import frame, frame_numel
-from .tt import SPECTRA, TTShape, reduce_chain, spectral_tt_svd
+from .tt import SPECTRA, TTShape, crop_matrix, pad_matrix, reduce_chain, spectral_tt_svd
 
 __all__ = ["SpectralTT", "weight_kind", "weight_name", "matrix_factors", "to_matrix", "SUPPORTED"]
 
@@ -91,6 +91,7 @@ class SpectralTT(nn.Module):
         self.method, self.spectrum, self.requested_rank = method, spectrum, rank
         out_f, in_f = matrix_factors(kind, self.weight_shape)
         self.tt = TTShape.from_dims(out_f, in_f, rank, method)
+        self.dims = (out_f, in_f) if method == "sttp" else None  # natural dims, for zero padding (tt.pad_matrix)
         frames = self.tt.frames(spectrum)
         # group frames of equal shape so each group is generated in one batched call
         self.groups: list[tuple[int, int, bool]] = []
@@ -131,7 +132,8 @@ class SpectralTT(nn.Module):
         return self.scale * self.signs
 
     def factors(self, *originals: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(U, σ, V) with W_matrix = U diag(σ) Vᵀ, built from the parameters."""
+        """(U, σ, V) with W_matrix = U diag(σ) Vᵀ, built from the parameters (of the zero-padded matrix
+        `tt.pad_matrix` when a dimension has a large prime factor)."""
         return self.factors_from_frames(self.frames(originals), self.spectrum_param(originals))
 
     def frames(self, originals: tuple[Tensor, ...]) -> list[Tensor]:
@@ -159,8 +161,10 @@ class SpectralTT(nn.Module):
         return self.weight_from_factors(U, s, V)
 
     def weight_from_factors(self, U: Tensor, s: Tensor, V: Tensor) -> Tensor:
-        """The weight in its module's shape from the frame matrices U, V and the effective spectrum σ."""
-        return _from_matrix(self.kind, (U * s) @ V.T, self.weight_shape)
+        """The weight in its module's shape from the frame matrices U, V and the effective spectrum σ
+        (the padded rows/columns of a zero-padded tensorization cropped off)."""
+        M = (U * s) @ V.T
+        return _from_matrix(self.kind, crop_matrix(M, *self.dims) if self.dims else M, self.weight_shape)
 
     def forward(self, *originals: Tensor) -> Tensor:
         if self.override is not None:  # built for this forward pass by a WeightBank
@@ -192,6 +196,8 @@ class SpectralTT(nn.Module):
         if self.skip_conversion:
             return self.placeholder(weight)
         M = to_matrix(self.kind, weight.detach().to(torch.float64))
+        if self.dims:
+            M = pad_matrix(M, *self.dims)
         u_cores, sigma, v_cores = spectral_tt_svd(M, self.tt)
         identity = self.spectrum == "identity"
         u_params, u_tail = reduce_chain(u_cores, reduce_last=identity)

@@ -408,7 +408,12 @@ def _build_from_file(file: str, factory: str, kwargs: dict[str, Any], spec: str)
 
 
 def resolve_arch(spec: str) -> nn.Module:
-    """Build an untrained architecture from 'torchvision:NAME', 'pkg.mod:factory' or 'file.py:factory'."""
+    """Build an architecture from 'torchvision:NAME', 'pkg.mod:factory', 'file.py:factory' (untrained), or
+    'hf:DIR' (a local Hugging Face model folder, with its weights, offline; see hf.py)."""
+    if spec.strip().startswith("hf:"):
+        from .hf import hf_path, load_encoder
+
+        return load_encoder(hf_path(spec))
     module, factory, kwargs = _split_spec(spec)
     if module == "torchvision" and "." not in factory:
         model = _build_torchvision(factory, kwargs, spec)

@@ -22,7 +22,8 @@ from . import __version__, distributed
 from .checkpoint import save_compressed
 from .convert import candidate_layers, check_target, compress_to_target
 from .errors import UserError
-from .loading import load_model
+from .hf import hf_path, is_hf_spec
+from .loading import load_model, resolve_arch
 
 __all__ = ["CompressJob", "run_compress", "default_output", "state_size_bytes", "REPORT_FORMAT_VERSION"]
 
@@ -82,7 +83,8 @@ def state_size_bytes(model: nn.Module, dtype: torch.dtype = torch.float32) -> in
 
 def _check_output(job: CompressJob) -> tuple[Path, Path]:
     """Resolve and check the output checkpoint and report folder before any work is done."""
-    out = Path(job.output) if job.output else default_output(job.model or "model")
+    stem = hf_path(job.arch).name if not job.model and is_hf_spec(job.arch) else "model"
+    out = Path(job.output) if job.output else default_output(job.model or stem)
     if job.model and out.resolve() == Path(job.model).resolve():
         raise UserError(f"--output {out} would overwrite the input model; choose another path")
     if out.exists() and not job.force:
@@ -118,6 +120,12 @@ def _datasets(job: CompressJob):
     from .data import (ImageDataConfig, build_image_datasets, image_folder_splits, is_tensor_spec,
                        load_tensor_data, resolve_image_config)
 
+    if job.data and job.data.startswith("text:"):
+        from .text import text_datasets
+
+        if not is_hf_spec(job.arch):
+            raise UserError("--data text:FILE needs --arch hf:DIR (the tokenizer comes from DIR)")
+        return (*text_datasets(job.data, hf_path(job.arch)), None)
     if job.data and is_tensor_spec(job.data):
         train_ds, val_ds = load_tensor_data(job.data)
         return train_ds, val_ds, None
@@ -181,8 +189,8 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
     main, world = distributed.is_main(), distributed.world()
     with distributed.agreed():  # a bad input on any rank stops every rank with its message
         _check_target(job)
-        if job.module is None and not job.model:
-            raise UserError("missing MODEL (a checkpoint file), or use --example")
+        if job.module is None and not job.model and not is_hf_spec(job.arch):
+            raise UserError("missing MODEL (a checkpoint file), or --arch hf:DIR, or use --example")
         out, report_dir = _check_output(job) if main else (None, None)  # only rank 0 writes
         fine = job.finetune is not None and (job.data or job.train_data or job.datasets is not None)
         if job.finetune is not None:
@@ -190,8 +198,16 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
             if fine and world > 1:
                 from .data import per_rank_batch
 
+                if job.data and job.data.startswith("text:"):
+                    raise UserError("text distillation (--data text:FILE) runs in one process; "
+                                    "launch it without torchrun/--gpus")
                 per_rank_batch(job.finetune.batch_size, world)
-        model = job.module if job.module is not None else load_model(job.model, job.arch, job.trust_pickle)
+        if job.module is not None:
+            model = job.module
+        elif job.model:
+            model = load_model(job.model, job.arch, job.trust_pickle)
+        else:  # hf:DIR holds the weights too
+            model = resolve_arch(job.arch)
         t_load = time.perf_counter() - t0
         data = _datasets(job) if fine else None
 
@@ -221,8 +237,13 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
         with distributed.agreed():
             loaders = make_loaders(train_ds, val_ds, cfg.batch_size, cfg.workers, cfg.seed, dev,
                                    distributed.rank(), world)
-        ft_block = finetune(model, teacher, *loaders, cfg, progress=job.progress and main,
-                            bn_recalibrate=job.bn_recalibrate)
+        if job.data and job.data.startswith("text:"):
+            from .text import distill_embeddings
+
+            ft_block = distill_embeddings(model, teacher, *loaders, cfg, progress=job.progress and main)
+        else:
+            ft_block = finetune(model, teacher, *loaders, cfg, progress=job.progress and main,
+                                bn_recalibrate=job.bn_recalibrate)
         distributed.debug_dump_state(model, "finetuned")
         model.to("cpu")
     if not main:

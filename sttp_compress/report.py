@@ -227,6 +227,13 @@ def _finetune_lines(block: Mapping[str, Any]) -> list[str]:
         ("Val. accuracy, original model", _percent(block.get("original_val_accuracy"))),
         ("Val. accuracy, before fine-tuning", _percent(before)),
         ("Val. accuracy, after fine-tuning", _percent(after) + gain),
+    ]
+    if isinstance(block.get("val_cosine_after"), (int, float)):  # text distillation: embeddings, no labels
+        rows = [("Val. cosine to the original, before → after", f"{block.get('val_cosine_before', 0):.4f} → "
+                 f"{block['val_cosine_after']:.4f}"),
+                ("Val. nearest-neighbour agreement, before → after",
+                 f"{_percent(block.get('val_nn_agreement_before'))} → {_percent(block.get('val_nn_agreement_after'))}")]
+    rows += [
         ("Epochs", str(epochs)),
         ("Device", str(block.get("device", _DASH))),
         ("Time", _seconds(block.get("seconds"))),

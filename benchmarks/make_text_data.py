@@ -1,0 +1,162 @@
+"""Build the text files for distilling and evaluating sentence encoders, from freely licensed text offline.
+
+    python benchmarks/make_text_data.py            # -> .data/text/distill.txt, heldout.txt, SOURCES.md
+
+Sources (Debian packages, read from /usr/share when installed, else fetched with `apt-get download`
+and unpacked into .data/text/debs/ without installing anything):
+
+- WordNet 3.0 (`wordnet-base`; the WordNet 3.0 licence, a permissive BSD-style licence by Princeton
+  University): every synset's gloss gives one line for its definition and one per quoted example
+  sentence ("teach new skills" / "We must retrain the linguists who cannot find employment").
+- BSD fortune cookies (`fortunes`, `fortunes-min`; the BSD licence of fortune-mod, Debian main):
+  quotations and short texts, one per line, attributions dropped; the ascii-art file is skipped.
+
+General English prose of this kind (definitions, example sentences, quotations) covers the
+vocabulary broadly. No sentence-similarity benchmark data is used. Lines are grouped by origin
+(a synset's definition and examples, one fortune), the groups shuffled with a fixed seed, and a
+held-out set of whole groups is set aside, so no synset or fortune is in both files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / ".data" / "text"
+PACKAGES = ("wordnet-base", "fortunes", "fortunes-min")
+WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
+FORTUNE_SKIP = {"ascii-art", "translate-me"}
+MIN_WORDS, MAX_CHARS = 3, 400
+SEED = 0
+
+
+def _find_share(out: Path) -> Path:
+    """A /usr/share-like folder holding wordnet/ and games/fortunes/: the system's, else unpacked debs."""
+    system = Path("/usr/share")
+    if (system / "wordnet" / "data.noun").is_file() and (system / "games" / "fortunes").is_dir():
+        return system
+    unpacked = out / "debs" / "root" / "usr" / "share"
+    if (unpacked / "wordnet" / "data.noun").is_file() and (unpacked / "games" / "fortunes").is_dir():
+        return unpacked
+    debs = out / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
+        sys.exit("need apt-get and dpkg-deb (Debian/Ubuntu), or: apt-get install " + " ".join(PACKAGES))
+    subprocess.run(["apt-get", "download", *PACKAGES], cwd=debs, check=True)
+    for deb in sorted(debs.glob("*.deb")):
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(debs / "root")], check=True)
+    return unpacked
+
+
+def _clean(text: str) -> str:
+    """One line: whitespace collapsed, outer quotes and spaces stripped."""
+    return " ".join(text.split()).strip().strip('"').strip()
+
+
+def _ok(line: str) -> bool:
+    return len(line.split()) >= MIN_WORDS and len(line) <= MAX_CHARS
+
+
+def wordnet_groups(share: Path) -> list[list[str]]:
+    """Per synset: its definition and its quoted examples (WordNet's `gloss` field)."""
+    groups = []
+    for name in WORDNET_FILES:
+        for raw in (share / "wordnet" / name).read_text(encoding="latin-1").splitlines():
+            if raw.startswith("  ") or " | " not in raw:  # the licence header lines start with spaces
+                continue
+            gloss = raw.split(" | ", 1)[1]
+            examples = re.findall(r'"([^"]+)"', gloss)
+            definition = gloss.split(";")[0] if not gloss.lstrip().startswith('"') else ""
+            lines = [_clean(t) for t in [definition, *examples]]
+            lines = [t for t in lines if _ok(t)]
+            if lines:
+                groups.append(lines)
+    return groups
+
+
+def fortune_groups(share: Path) -> list[list[str]]:
+    """One line per fortune cookie, its '-- attribution' lines dropped."""
+    groups = []
+    folder = share / "games" / "fortunes"
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".dat", ".u8") or path.name in FORTUNE_SKIP or not path.is_file():
+            continue
+        for cookie in path.read_text(encoding="latin-1").split("\n%\n"):
+            kept = [ln for ln in cookie.splitlines() if not ln.strip().startswith("--")]
+            line = _clean(" ".join(kept))
+            if _ok(line):
+                groups.append([line])
+    return groups
+
+
+def _write(path: Path, lines: list[str]) -> str:
+    """Write lines (one text each) and return the file's sha256."""
+    data = ("\n".join(lines) + "\n").encode("utf-8")
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
+        tmp.write(data)
+    Path(tmp.name).chmod(0o644)
+    Path(tmp.name).replace(path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default .data/text)")
+    ap.add_argument("--heldout", type=int, default=3000, help="held-out lines (about)")
+    ap.add_argument("--max-distill", type=int, default=200_000, help="at most this many distillation lines")
+    ap.add_argument("--gzip", action="store_true", help="also write distill.txt.gz (smaller to carry)")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    share = _find_share(args.out)
+
+    sources = {"wordnet": wordnet_groups(share), "fortunes": fortune_groups(share)}
+    rng = random.Random(SEED)
+    seen: set[str] = set()
+    heldout: list[str] = []
+    distill: list[str] = []
+    total = sum(len(g) for gs in sources.values() for g in gs)
+    counts = {}
+    for name, groups in sources.items():
+        rng.shuffle(groups)
+        share_lines = sum(len(g) for g in groups)
+        want = round(args.heldout * share_lines / total)  # held-out in proportion to each source
+        h0, d0 = len(heldout), len(distill)
+        for group in groups:
+            fresh = [t for t in group if t.lower() not in seen]
+            seen.update(t.lower() for t in fresh)
+            (heldout if len(heldout) - h0 < want else distill).extend(fresh)
+        counts[name] = {"distill": len(distill) - d0, "heldout": len(heldout) - h0}
+    rng.shuffle(distill)
+    rng.shuffle(heldout)
+    distill = distill[: args.max_distill]
+
+    d_sha = _write(args.out / "distill.txt", distill)
+    h_sha = _write(args.out / "heldout.txt", heldout)
+    if args.gzip:
+        with open(args.out / "distill.txt.gz", "wb") as raw, \
+                gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0) as f:  # reproducible bytes
+            f.write(("\n".join(distill) + "\n").encode("utf-8"))
+    (args.out / "SOURCES.md").write_text(
+        "# Text data for sentence-encoder distillation\n\n"
+        f"Built by `benchmarks/make_text_data.py` from {'the installed packages' if share == Path('/usr/share') else 'the unpacked .deb files'} ({share}).\n\n"
+        "| source | Debian package | licence | distill lines | held-out lines |\n|---|---|---|---|---|\n"
+        f"| WordNet 3.0 glosses and example sentences | wordnet-base | WordNet 3.0 licence (BSD-style) | "
+        f"{counts['wordnet']['distill']} | {counts['wordnet']['heldout']} |\n"
+        f"| BSD fortune cookies | fortunes, fortunes-min | BSD (fortune-mod) | "
+        f"{counts['fortunes']['distill']} | {counts['fortunes']['heldout']} |\n\n"
+        f"distill.txt: {len(distill)} lines, sha256 {d_sha}\n\nheldout.txt: {len(heldout)} lines, sha256 {h_sha}\n")
+    print(f"wrote {args.out}/distill.txt ({len(distill)} lines) and heldout.txt ({len(heldout)} lines); "
+          f"sources in SOURCES.md")
+
+
+if __name__ == "__main__":
+    main()

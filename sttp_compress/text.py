@@ -1,0 +1,292 @@
+"""Text data and sentence-embedding distillation for `hf:DIR` encoders (`--data text:FILE`).
+
+- `read_texts("text:FILE")`: one text per line (UTF-8; `.gz` read transparently; blank lines skipped).
+- `TokenizedTexts`: the texts tokenized once with the model folder's tokenizer; its `collate_fn` pads
+  each batch to its longest text and returns `{"input_ids", "attention_mask"}`, the keyword arguments
+  of `SentenceEncoder.forward`.
+- `embedding_distillation_loss`: (1 − cosine) + relative MSE between student and teacher embeddings.
+- `embed`, `nearest_neighbours`, `embedding_agreement`: mean cosine similarity to the original's
+  embeddings and top-1 nearest-neighbour agreement among the texts (what `sttp-eval` reports).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from .errors import UserError
+
+__all__ = ["TEXT_PREFIX", "is_text_spec", "text_path", "read_texts", "TokenizedTexts", "tokenize_texts",
+           "text_datasets", "embedding_distillation_loss", "embed", "nearest_neighbours", "embedding_agreement",
+           "COSINE_WEIGHT", "MSE_WEIGHT"]
+
+TEXT_PREFIX = "text:"
+VAL_FRACTION = 0.1  # of the texts held out for validation during distillation ...
+MAX_VAL_TEXTS = 2000  # ... but at most this many (validation runs every epoch)
+SPLIT_SEED = 0
+COSINE_WEIGHT = 1.0  # weight of (1 − cos(student, teacher)) in the distillation loss
+MSE_WEIGHT = 1.0  # weight of ‖student − teacher‖² / mean ‖teacher‖² (scale-free MSE)
+HIDDEN_WEIGHT = 1.0  # weight of the layer-wise hidden-state term (0: sentence embeddings only)
+_TOKENIZE_CHUNK = 4096
+
+
+def is_text_spec(spec: Any) -> bool:
+    """True when a --data value names a text file (`text:FILE`)."""
+    return isinstance(spec, str) and spec.startswith(TEXT_PREFIX)
+
+
+def text_path(spec: str) -> Path:
+    """The file of 'text:FILE'."""
+    path = spec[len(TEXT_PREFIX):] if is_text_spec(spec) else spec
+    if not path.strip():
+        raise UserError("bad --data 'text:': expected text:FILE, a file with one text per line")
+    return Path(path).expanduser()
+
+
+def read_texts(spec: str | os.PathLike) -> list[str]:
+    """The non-blank lines of a UTF-8 text file (gzip-compressed when it ends in .gz), stripped."""
+    path = text_path(str(spec))
+    if not path.exists():
+        raise UserError(f"text data file not found: {path}")
+    if path.is_dir():
+        raise UserError(f"text data {path} is a folder; text:FILE needs a file with one text per line")
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            texts = [line.strip() for line in f]
+    except UnicodeDecodeError as exc:
+        raise UserError(f"text data {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except (OSError, EOFError) as exc:
+        raise UserError(f"cannot read text data {path}: {' '.join(str(exc).split())[:160]}") from None
+    texts = [t for t in texts if t]
+    if not texts:
+        raise UserError(f"text data {path} has no texts (expected one text per line)")
+    return texts
+
+
+class TokenizedTexts(Dataset):
+    """Token id sequences, one per text; `collate_fn` pads a batch into SentenceEncoder keyword arguments."""
+
+    def __init__(self, ids: list[list[int]], pad_id: int = 0):
+        self.ids = ids
+        self.pad_id = int(pad_id)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> list[int]:
+        return self.ids[index]
+
+    def subset(self, indices: Iterable[int]) -> "TokenizedTexts":
+        return TokenizedTexts([self.ids[i] for i in indices], self.pad_id)
+
+    def collate_fn(self, batch: list[list[int]]) -> dict[str, Tensor]:
+        """Right-pad to the longest text: {"input_ids": (B, L) long, "attention_mask": (B, L) long}."""
+        longest = max(len(x) for x in batch)
+        ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for i, x in enumerate(batch):
+            ids[i, :len(x)] = torch.as_tensor(x, dtype=torch.long)
+            mask[i, :len(x)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def tokenize_texts(texts: list[str], folder: str | os.PathLike) -> TokenizedTexts:
+    """Tokenize texts with the model folder's tokenizer, truncated to its max_seq_length (offline)."""
+    from .hf import load_tokenizer, max_length, read_layout
+
+    layout = read_layout(folder)
+    tokenizer = load_tokenizer(folder)
+    limit = max_length(layout, tokenizer)
+    if layout.lowercase:
+        texts = [t.lower() for t in texts]
+    ids: list[list[int]] = []
+    for start in range(0, len(texts), _TOKENIZE_CHUNK):
+        ids += tokenizer(texts[start:start + _TOKENIZE_CHUNK], truncation=True, max_length=limit)["input_ids"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return TokenizedTexts(ids, pad)
+
+
+def text_datasets(spec: str, folder: str | os.PathLike) -> tuple[TokenizedTexts, TokenizedTexts]:
+    """text:FILE tokenized and split with a fixed seed: 10% (at most 2,000 texts) for validation."""
+    texts = read_texts(spec)
+    if len(texts) < 2:
+        raise UserError(f"text data {text_path(spec)} needs at least 2 texts to split into train and val, "
+                        f"got {len(texts)}")
+    data = tokenize_texts(texts, folder)
+    n_val = min(MAX_VAL_TEXTS, max(1, round(len(data) * VAL_FRACTION)))
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+    return data.subset(perm[n_val:]), data.subset(perm[:n_val])
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def embedding_distillation_loss(student_out: Tensor, teacher_out: Tensor, cosine_weight: float = COSINE_WEIGHT,
+                                mse_weight: float = MSE_WEIGHT) -> Tensor:
+    """cosine_weight·mean(1 − cos(s, t)) + mse_weight·Σ‖s − t‖² / Σ‖t‖², in float32.
+
+    The MSE term is divided by the teacher's mean squared norm so that it does not depend on the
+    embedding's scale; for L2-normalized embeddings it equals 2·(1 − cos) and only sharpens the
+    cosine term, for unnormalized ones it also matches the norms.
+    """
+    s, t = student_out.float(), teacher_out.detach().float()
+    if s.shape != t.shape:
+        raise UserError(f"student embeddings {tuple(s.shape)} differ from the teacher's {tuple(t.shape)}")
+    cos = F.cosine_similarity(s, t, dim=-1).mean()
+    mse = (s - t).pow(2).sum(-1).mean() / t.pow(2).sum(-1).mean().clamp_min(1e-12)
+    return cosine_weight * (1.0 - cos) + mse_weight * mse
+
+
+def hidden_state_loss(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...], mask: Tensor) -> Tensor:
+    """Mean over layers of Σ‖h_s − h_t‖² / Σ‖h_t‖² over the real (unpadded) tokens, in float32."""
+    if len(student) != len(teacher):
+        raise UserError(f"the student has {len(student)} hidden states, the teacher {len(teacher)}")
+    m = mask.unsqueeze(-1).float()
+    terms = [((hs.float() - ht.detach().float()).pow(2) * m).sum() / (ht.detach().float().pow(2) * m).sum().clamp_min(1e-12)
+             for hs, ht in zip(student, teacher)]
+    return torch.stack(terms).mean()
+
+
+class EmbeddingDistillLoss:
+    """The text distillation loss on `HiddenStates` outputs: embedding_distillation_loss on the sentence
+    embeddings + hidden·hidden_state_loss over every layer's token states (plain tensors: the first part)."""
+
+    def __init__(self, cosine: float = COSINE_WEIGHT, mse: float = MSE_WEIGHT, hidden: float = HIDDEN_WEIGHT):
+        self.cosine, self.mse, self.hidden = cosine, mse, hidden
+
+    def __call__(self, student_out: Any, teacher_out: Any) -> Tensor:
+        both = isinstance(student_out, dict) and isinstance(teacher_out, dict)
+        s = student_out["sentence_embedding"] if both else student_out
+        t = teacher_out["sentence_embedding"] if both else teacher_out
+        loss = embedding_distillation_loss(s, t, self.cosine, self.mse)
+        if both and self.hidden:
+            loss = loss + self.hidden * hidden_state_loss(student_out["hidden_states"], teacher_out["hidden_states"],
+                                                          teacher_out["attention_mask"])
+        return loss
+
+
+class HiddenStates(nn.Module):
+    """A view of a SentenceEncoder whose forward returns its `features` dict (embedding first), for distillation."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None) -> dict[str, Any]:
+        return self.encoder.features(input_ids, attention_mask, token_type_ids)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+@torch.no_grad()
+def embed(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu",
+          max_batches: int | None = None) -> Tensor:
+    """Embeddings (N, D) float32 on CPU of every batch of `loader` (dicts of token tensors), in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            out.append(model(**batch).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def nearest_neighbours(emb: Tensor, chunk: int = 2048) -> Tensor:
+    """For each row, the index of the most cosine-similar other row (N ≥ 2), in chunks of `chunk` rows."""
+    E = F.normalize(emb.double(), dim=-1)
+    out = torch.empty(len(E), dtype=torch.long)
+    for start in range(0, len(E), chunk):
+        sims = E[start:start + chunk] @ E.T
+        rows = torch.arange(sims.shape[0])
+        sims[rows, rows + start] = -math.inf  # not itself
+        out[start:start + chunk] = sims.argmax(dim=1)
+    return out
+
+
+def embedding_agreement(emb: Tensor, ref: Tensor) -> dict[str, float | None]:
+    """Mean cosine similarity to the reference embeddings, top-1 nearest-neighbour agreement (%) and
+    the relative error ‖emb − ref‖ / ‖ref‖ over all texts."""
+    if emb.shape != ref.shape:
+        raise UserError(f"the compressed model's embeddings {list(emb.shape)} differ in shape from the "
+                        f"reference's {list(ref.shape)}")
+    e, r = emb.double(), ref.double()
+    cosine = float(F.cosine_similarity(e, r, dim=-1).mean())
+    agree = None
+    if len(e) >= 2:
+        agree = 100.0 * float((nearest_neighbours(e) == nearest_neighbours(r)).double().mean())
+    rel = float((e - r).norm() / r.norm().clamp_min(1e-30))
+    return {"cosine": cosine, "nn_agreement": agree, "rel_output_error": rel}
+
+
+# --------------------------------------------------------------------------- distillation and evaluation
+
+
+def distill_embeddings(student: nn.Module, teacher: nn.Module, train_loader: Iterable, val_loader: Iterable | None,
+                       cfg: Any, progress: bool = True) -> dict[str, Any]:
+    """`finetune` with the text loss (default EmbeddingDistillLoss: sentence embeddings and, through
+    HiddenStates views, every layer's token states) and the student's dropout off; the block also gets
+    the validation texts' mean cosine similarity to the teacher and top-1 nearest-neighbour agreement
+    (%), before and after."""
+    from dataclasses import replace
+
+    from .finetune import finetune, resolve_device
+
+    cfg = replace(cfg, loss_fn=cfg.loss_fn or EmbeddingDistillLoss())
+    layerwise = isinstance(cfg.loss_fn, EmbeddingDistillLoss) and cfg.loss_fn.hidden > 0
+    device = resolve_device(cfg.device)
+    ref = before = None
+    if val_loader is not None:
+        teacher.to(device)
+        student.to(device)
+        ref = embed(teacher, val_loader, device)
+        before = embedding_agreement(embed(student, val_loader, device), ref)
+    views = (HiddenStates(student), HiddenStates(teacher)) if layerwise else (student, teacher)
+    dropouts = [(m, m.p) for m in student.modules() if isinstance(m, nn.Dropout)]
+    try:
+        for m, _ in dropouts:  # the student matches the teacher's deterministic (eval-mode) function
+            m.p = 0.0
+        block = finetune(*views, train_loader, val_loader, cfg, progress=progress)
+    finally:
+        for m, p in dropouts:
+            m.p = p
+    if ref is not None:
+        after = embedding_agreement(embed(student, val_loader, device), ref)
+        block.update({"val_cosine_before": before["cosine"], "val_cosine_after": after["cosine"],
+                      "val_nn_agreement_before": before["nn_agreement"],
+                      "val_nn_agreement_after": after["nn_agreement"]})
+    return block
+
+
+def evaluate_texts(model: nn.Module, reference: nn.Module | None, spec: str, folder: str | os.PathLike,
+                   device: torch.device, batch_size: int, max_batches: int | None = None
+                   ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """sttp-eval on text:FILE: ({"samples", "cosine", "nn_agreement", "rel_output_error"}, first batch).
+
+    The texts are tokenized with `folder`'s tokenizer; without a reference only "samples" is measured.
+    """
+    from torch.utils.data import DataLoader
+
+    data = tokenize_texts(read_texts(spec), folder)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=data.collate_fn)
+    emb = embed(model, loader, device, max_batches)
+    result: dict[str, Any] = {"samples": len(emb), "cosine": None, "nn_agreement": None, "rel_output_error": None}
+    if reference is not None:
+        result.update(embedding_agreement(emb, embed(reference, loader, device, max_batches)))
+    return result, next(iter(loader))

