@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--merge", action="store_true", help="keep rows of other devices in the results file")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--name", default="minilm", help="results file stem (e.g. minilm_embrank for a variant)")
     args = ap.parse_args(argv)
     if args.convert_only:
         return convert_only(args)
@@ -201,14 +202,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"params original {total:,}; total {time.perf_counter() - t0:.0f} s")
     if args.no_write or quick:
         return
-    rows = merge_rows("minilm", rows) if args.merge else rows
+    rows = merge_rows(args.name, rows) if args.merge else rows
     meta = {"date": today(), "machine": machine(device), "model_dir": str(folder), "distill": str(distill),
             "distill_seconds_budget": args.seconds, "batch_size": args.batch_size,
             "transformers": transformers.__version__, "torch": torch.__version__}
     md = (f"# all-MiniLM-L6-v2 compressed with STTP, distilled on text ({today()})\n\n"
           f"Held-out text: {len(held.dataset):,} lines of .data/text/heldout.txt (benchmarks/make_text_data.py). "
           f"Distillation: {args.seconds:g} s budget per row.\n\n" + markdown_table(rows, COLUMNS))
-    write_results("minilm", rows, meta, md)
+    write_results(args.name, rows, meta, md)
 
 
 def _largest_ratio(model: torch.nn.Module, method: str) -> float:
