@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--method", default="sttp")
     ap.add_argument("--allocation", default="greedy", help="greedy or uniform")
+    ap.add_argument("--embedding-rank", type=int, default=None,
+                    help="experiment: convert the token embedding at this rank first, then allocate the rest")
     ap.add_argument("--hidden-weight", type=float, default=None, help="layer-wise term weight (default text.HIDDEN_WEIGHT)")
     ap.add_argument("--heldout-limit", type=int, default=None, help="use only the first N held-out texts")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: ratio 4 only, 200 held-out texts, 4 steps")
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--merge", action="store_true", help="keep rows of other devices in the results file")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--name", default="minilm", help="results file stem (e.g. minilm_embrank for a variant)")
     args = ap.parse_args(argv)
     if args.convert_only:
         return convert_only(args)
@@ -149,8 +152,17 @@ def main(argv: list[str] | None = None) -> None:
         if ratio == "max":  # the largest whole-model ratio with the embedding dense (every Linear at rank 1)
             ratio = _largest_ratio(student, args.method)
         t1 = time.perf_counter()
-        parts = compress_to_target(student, ratio=float(ratio), method=args.method, allocation=args.allocation,
-                                   include=include)
+        rest_ratio, rest_include = float(ratio), include
+        if args.embedding_rank and include:
+            from sttp_compress.convert import compress_module
+
+            compress_module(student.embeddings.word_embeddings, args.embedding_rank, args.method)
+            rest_ratio = count_parameters(student) / (total / float(ratio))  # the rest reaches the same total
+            rest_include = ["encoder.*", "embeddings.position_embeddings"]
+        parts = compress_to_target(student, ratio=rest_ratio, method=args.method, allocation=args.allocation,
+                                   include=rest_include)
+        parts["totals"]["ratio"] = total / count_parameters(student)
+        parts["totals"]["params_compressed"] = count_parameters(student)
         convert_s = time.perf_counter() - t1
         student.to(device)
         before = embedding_agreement(embed(student, held, device), reference)
@@ -172,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg.steps = 4 if quick else max(1, math.floor(args.seconds / step_seconds))
         block = distill_embeddings(student, teacher, *loaders, cfg, progress=not quick)
         after = embedding_agreement(embed(student, held, device), reference)
-        row = {"ratio": float(ratio), "method": args.method, "allocation": args.allocation,
+        row = {"ratio": float(ratio), "method": args.method,
+               "allocation": args.allocation + (f", embedding rank {args.embedding_rank}" if args.embedding_rank
+                                                and include else ""),
                "include": "*" if include else "encoder only", "hidden_weight": loss.hidden,
                "achieved_ratio": round(parts["totals"]["ratio"], 3), "params": parts["totals"]["params_compressed"],
                "convert_seconds": round(convert_s, 2), "cosine_before": round(before["cosine"], 4),
@@ -188,14 +202,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"params original {total:,}; total {time.perf_counter() - t0:.0f} s")
     if args.no_write or quick:
         return
-    rows = merge_rows("minilm", rows) if args.merge else rows
+    rows = merge_rows(args.name, rows) if args.merge else rows
     meta = {"date": today(), "machine": machine(device), "model_dir": str(folder), "distill": str(distill),
             "distill_seconds_budget": args.seconds, "batch_size": args.batch_size,
             "transformers": transformers.__version__, "torch": torch.__version__}
     md = (f"# all-MiniLM-L6-v2 compressed with STTP, distilled on text ({today()})\n\n"
           f"Held-out text: {len(held.dataset):,} lines of .data/text/heldout.txt (benchmarks/make_text_data.py). "
           f"Distillation: {args.seconds:g} s budget per row.\n\n" + markdown_table(rows, COLUMNS))
-    write_results("minilm", rows, meta, md)
+    write_results(args.name, rows, meta, md)
 
 
 def _largest_ratio(model: torch.nn.Module, method: str) -> float:
