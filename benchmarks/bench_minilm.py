@@ -169,7 +169,9 @@ def main(argv: list[str] | None = None) -> None:
         loss = EmbeddingDistillLoss(hidden=HIDDEN_WEIGHT if args.hidden_weight is None else args.hidden_weight)
         cfg = FinetuneConfig(steps=1, lr=args.lr, batch_size=16 if quick else args.batch_size, device=device, workers=2,
                              log_every=50, select_best=False, loss_fn=loss)
-        loaders = make_loaders(train_ds, val_ds, cfg.batch_size, 0 if quick else cfg.workers, cfg.seed, device)
+        # workers=0: tokenizing in this process; forked workers after CUDA init crashed on the H100
+        # (CUDA initialization error in a worker during the second configuration)
+        loaders = make_loaders(train_ds, val_ds, cfg.batch_size, 0, cfg.seed, device)
         if step_seconds is None:  # probe: time a few steps on a throwaway copy
             probe = copy.deepcopy(student)
             n = 2 if quick else 30
