@@ -162,16 +162,28 @@ def decompress(model: nn.Module) -> nn.Module:
     """Replace every STTP/SVDP parametrization by a plain weight holding its current value."""
     for m in list(model.modules()):
         if is_parametrized(m):
-            name = weight_name(m)
-            # outside no_grad: parametrize re-registers the weight as a Parameter only when the
-            # value it reads requires grad
-            with torch.enable_grad():
-                parametrize.remove_parametrizations(m, name, leave_parametrized=True)
-            w = getattr(m, name)
-            if not isinstance(w, nn.Parameter):  # frozen originals: keep a Parameter anyway
-                delattr(m, name)
-                setattr(m, name, nn.Parameter(w.detach(), requires_grad=False))
+            _unparametrize(m, weight_name(m))
     return model
+
+
+def _unparametrize(m: nn.Module, name: str) -> None:
+    """`parametrize.remove_parametrizations(m, name, leave_parametrized=True)` without deleting the
+    property from the parametrized class, which deep copies of the model share: torch's version would
+    leave every copy's layer without its weight."""
+    if len(m.parametrizations) > 1:  # other parametrizations stay: only torch can untangle the class
+        with torch.enable_grad():
+            parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+        w = getattr(m, name)
+        if not isinstance(w, nn.Parameter):
+            delattr(m, name)
+            setattr(m, name, nn.Parameter(w.detach(), requires_grad=w.requires_grad))
+        return
+    with torch.no_grad():
+        w = getattr(m, name).detach().clone()
+    trainable = any(p.requires_grad for p in m.parametrizations[name].parameters())
+    del m._modules["parametrizations"]
+    m.__class__ = m.__class__.__bases__[0]  # the class parametrize derived for this layer (and its copies)
+    setattr(m, name, nn.Parameter(w, requires_grad=trainable))
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

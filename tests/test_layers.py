@@ -203,3 +203,22 @@ def test_state_dict_round_trip_into_a_fresh_structure():
     compress_module(b, rank=4, spectrum="lipschitz")
     b.load_state_dict(a.state_dict())
     torch.testing.assert_close(a.weight, b.weight)
+
+
+def test_decompressing_a_deep_copy_leaves_the_original_compressed():
+    import copy
+
+    from sttp_compress.convert import compressed_layers, decompress
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 16, 3), nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
+    compress(model, rank=3, keep_first_last=False)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+    twin = decompress(copy.deepcopy(model))
+    assert compressed_layers(twin) == {} and set(compressed_layers(model)) == {"0", "1", "3"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want)  # torch's remove_parametrizations broke this
+        torch.testing.assert_close(twin(x), want)
+    assert type(twin[1]) is nn.Conv2d and isinstance(twin[1].weight, nn.Parameter)
