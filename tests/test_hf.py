@@ -27,7 +27,7 @@ from sttp_compress.errors import UserError
 transformers = pytest.importorskip("transformers", reason="needs the optional transformers package (pip install .[hf])")
 
 from sttp_compress.checkpoint import load_compressed, save_compressed  # noqa: E402
-from sttp_compress.hf import SentenceEncoder, load_encoder, load_tokenizer, read_layout  # noqa: E402
+from sttp_compress.hf import load_encoder, read_layout  # noqa: E402
 from sttp_compress.text import (EmbeddingDistillLoss, embedding_agreement, embedding_distillation_loss,  # noqa: E402
                                 hidden_state_loss, nearest_neighbours, read_texts, tokenize_texts)
 
