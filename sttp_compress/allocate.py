@@ -73,6 +73,24 @@ def _kept(M: Tensor, R: int) -> float:
     return float(torch.linalg.eigvalsh(S)[-R:].sum())
 
 
+def _sweep(rest: Tensor, ranks: list[int], modes: tuple[int, ...], lossy: list[bool], last: int,
+           n2: float) -> tuple[float | None, Tensor]:
+    """One chain's TT-SVD truncations, mode by mode: (relative squared error, None) once the final
+    truncating bond `last` is reached (its kept energy is the leading eigenvalues' sum), else
+    (None, what is left after every mode)."""
+    for k in range(min(len(modes), last + 1)):
+        M = rest.reshape(ranks[k] * modes[k], -1)
+        R = ranks[k + 1]
+        if not lossy[k] and R == M.shape[0]:
+            rest = M
+            continue
+        if k == last:
+            return max(0.0, 1.0 - _kept(M, R) / n2), None
+        Uk = _top(M @ M.T, R) if M.shape[0] <= M.shape[1] else torch.linalg.svd(M, full_matrices=False)[0][:, :R]
+        rest = Uk.T @ M
+    return None, rest
+
+
 def tt_error2(W: Tensor, shape: TTShape, gram: Tensor | None = None, n2: float | None = None) -> float:
     """Relative squared error of the spectral TT-SVD of W at `shape` (= tt_error² up to rounding).
 
@@ -108,31 +126,15 @@ def tt_error2(W: Tensor, shape: TTShape, gram: Tensor | None = None, n2: float |
             H = torch.einsum("ia,itjs,jb->atbs", Uk, H4, Uk).reshape(R * D, R * D)
         B = chain_matrix(cores).T @ W if any(u_lossy) else W
     else:
-        rest = W
-        for k, m in enumerate(modes):
-            M = rest.reshape(ranks[k] * m, -1)
-            R = ranks[k + 1]
-            if not u_lossy[k] and R == M.shape[0]:
-                rest = M
-                continue
-            if k == u_last:
-                return max(0.0, 1.0 - _kept(M, R) / n2)
-            Uk = _top(M @ M.T, R) if M.shape[0] <= M.shape[1] else torch.linalg.svd(M, full_matrices=False)[0][:, :R]
-            rest = Uk.T @ M
+        err, rest = _sweep(W, ranks, modes, u_lossy, u_last, n2)
+        if err is not None:
+            return err
         B = rest.reshape(ranks[-1], -1)
-    rest, ranks, modes = B.T, shape.v_ranks, shape.in_modes
     v_last = max(k for k, x in enumerate(v_lossy) if x)
-    for k in range(v_last + 1):
-        M = rest.reshape(ranks[k] * modes[k], -1)
-        R = ranks[k + 1]
-        if not v_lossy[k] and R == M.shape[0]:
-            rest = M
-            continue
-        if k == v_last:
-            return max(0.0, 1.0 - _kept(M, R) / n2)
-        Uk = _top(M @ M.T, R) if M.shape[0] <= M.shape[1] else torch.linalg.svd(M, full_matrices=False)[0][:, :R]
-        rest = Uk.T @ M
-    raise AssertionError("unreachable")
+    err, _ = _sweep(B.T, shape.v_ranks, shape.in_modes, v_lossy, v_last, n2)
+    if err is None:
+        raise AssertionError("unreachable: the V chain truncates at bond v_last")
+    return err
 
 
 @dataclass

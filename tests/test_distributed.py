@@ -28,20 +28,7 @@ from sttp_compress.launch import launch_self, torchrun_args, without_option
 
 ROOT = Path(__file__).resolve().parents[1]
 
-ARCH = textwrap.dedent("""
-    from torch import nn
-
-
-    def build(num_classes: int = 10) -> nn.Module:
-        return nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(8, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-            nn.Linear(128, 64), nn.ReLU(),
-            nn.Linear(64, 64), nn.ReLU(),
-            nn.Linear(64, num_classes),
-        )
-""")
+from test_cli import ARCH_SOURCE as ARCH  # noqa: E402  (the same tiny architecture file)
 
 # Runs the CLI in <base>/rank<RANK>/ so that a file written by any rank shows up in its own folder.
 IN_RANK_FOLDER = textwrap.dedent("""
