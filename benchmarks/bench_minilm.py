@@ -34,7 +34,7 @@ from common import machine, markdown_table, merge_rows, print_table, today, writ
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".data" / "text"
-COLUMNS = ["ratio", "method", "allocation", "include", "hidden_weight", "achieved_ratio", "params", "convert_seconds", "cosine_before",
+COLUMNS = ["ratio", "method", "allocation", "token_weighting", "include", "batch", "hidden_weight", "achieved_ratio", "params", "convert_seconds", "cosine_before",
            "nn_agreement_before", "cosine_after", "nn_agreement_after", "steps", "seconds", "device"]
 
 
@@ -101,8 +101,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--method", default="sttp")
     ap.add_argument("--allocation", default="greedy", help="greedy or uniform")
-    ap.add_argument("--embedding-rank", type=int, default=None,
-                    help="experiment: convert the token embedding at this rank first, then allocate the rest")
+    ap.add_argument("--embedding-rank", default=None,
+                    help="experiment: convert the token embedding at this rank first, then allocate the rest "
+                         "(a comma list runs one configuration per rank; 0: the allocation decides)")
+    ap.add_argument("--no-token-weighting", action="store_true",
+                    help="convert the token embedding unweighted (default: weighted by the distillation "
+                         "texts' token counts, as sttp-compress does with --data text:FILE)")
     ap.add_argument("--hidden-weight", type=float, default=None, help="layer-wise term weight (default text.HIDDEN_WEIGHT)")
     ap.add_argument("--heldout-limit", type=int, default=None, help="use only the first N held-out texts")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: ratio 4 only, 200 held-out texts, 4 steps")
@@ -141,26 +145,33 @@ def main(argv: list[str] | None = None) -> None:
     print(f"loaded model and {len(train_ds) + len(val_ds):,} distillation texts ({len(held.dataset):,} held out) "
           f"in {time.perf_counter() - t0:.1f} s", flush=True)
 
-    configs = [(float(r), ["*"]) for r in (["4"] if quick else args.ratios.split(",")) if r]
+    emb_ranks = [int(r) for r in str(args.embedding_rank or 0).split(",")]
+    configs = [(float(r), ["*"], e) for r in (["4"] if quick else args.ratios.split(",")) if r for e in emb_ranks]
     if not quick and args.encoder_only != "none":
-        configs.append((args.encoder_only, []))
+        configs.append((args.encoder_only, [], 0))
+    from sttp_compress.text import token_weights
+
+    weights = None if args.no_token_weighting else token_weights(train_ds, teacher.embeddings.word_embeddings.num_embeddings)
+    emb_name = teacher.token_embedding_name()
     total = count_parameters(teacher)
     rows = []
     step_seconds = None
-    for ratio, include in configs:
+    for ratio, include, emb_rank in configs:
         student = copy.deepcopy(teacher).cpu()
         if ratio == "max":  # the largest whole-model ratio with the embedding dense (every Linear at rank 1)
             ratio = _largest_ratio(student, args.method)
         t1 = time.perf_counter()
         rest_ratio, rest_include = float(ratio), include
-        if args.embedding_rank and include:
+        row_weights = {emb_name: weights} if weights is not None and include else None
+        if emb_rank and include:
             from sttp_compress.convert import compress_module
 
-            compress_module(student.embeddings.word_embeddings, args.embedding_rank, args.method)
+            compress_module(student.embeddings.word_embeddings, emb_rank, args.method, row_weight=weights)
             rest_ratio = count_parameters(student) / (total / float(ratio))  # the rest reaches the same total
             rest_include = ["encoder.*", "embeddings.position_embeddings"]
+            row_weights = None
         parts = compress_to_target(student, ratio=rest_ratio, method=args.method, allocation=args.allocation,
-                                   include=rest_include)
+                                   include=rest_include, row_weights=row_weights)
         parts["totals"]["ratio"] = total / count_parameters(student)
         parts["totals"]["params_compressed"] = count_parameters(student)
         convert_s = time.perf_counter() - t1
@@ -172,24 +183,27 @@ def main(argv: list[str] | None = None) -> None:
         # workers=0: tokenizing in this process; forked workers after CUDA init crashed on the H100
         # (CUDA initialization error in a worker during the second configuration)
         loaders = make_loaders(train_ds, val_ds, cfg.batch_size, 0, cfg.seed, device)
-        if step_seconds is None:  # probe: time a few steps on a throwaway copy
+        if step_seconds is None:  # probe: time short runs on a throwaway copy
+            # each run has a fixed cost (optimizer, weight bank, CUDA graph capture, first batches), so
+            # the step time is the difference of two runs' times over their difference in steps
             probe = copy.deepcopy(student)
-            n = 2 if quick else 30
-            cfg.steps = 5 if quick else 10
-            distill_embeddings(probe, teacher, loaders[0], None, cfg, progress=False)  # warm-up, CUDA graphs
-            cfg.steps = n
-            t2 = time.perf_counter()
-            distill_embeddings(probe, teacher, loaders[0], None, cfg, progress=False)
-            step_seconds = (time.perf_counter() - t2) / n
+            times = {}
+            for n in ((2, 4) if quick else (10, 10, 40)):  # the first run warms up
+                cfg.steps = n
+                t2 = time.perf_counter()
+                distill_embeddings(probe, teacher, loaders[0], None, cfg, progress=False)
+                times[n] = time.perf_counter() - t2
+            (n1, t1_), (n2, t2_) = sorted(times.items())
+            step_seconds = max(1e-4, (t2_ - t1_) / (n2 - n1))
             del probe
             print(f"probe: {1000 * step_seconds:.1f} ms per step at batch {cfg.batch_size}", flush=True)
         cfg.steps = 4 if quick else max(1, math.floor(args.seconds / step_seconds))
         block = distill_embeddings(student, teacher, *loaders, cfg, progress=not quick)
         after = embedding_agreement(embed(student, held, device), reference)
         row = {"ratio": float(ratio), "method": args.method,
-               "allocation": args.allocation + (f", embedding rank {args.embedding_rank}" if args.embedding_rank
-                                                and include else ""),
-               "include": "*" if include else "encoder only", "hidden_weight": loss.hidden,
+               "allocation": args.allocation + (f", embedding rank {emb_rank}" if emb_rank and include else ""),
+               "token_weighting": bool(row_weights or (emb_rank and include and weights is not None)),
+               "include": "*" if include else "encoder only", "batch": cfg.batch_size, "hidden_weight": loss.hidden,
                "achieved_ratio": round(parts["totals"]["ratio"], 3), "params": parts["totals"]["params_compressed"],
                "convert_seconds": round(convert_s, 2), "cosine_before": round(before["cosine"], 4),
                "nn_agreement_before": round(before["nn_agreement"], 2), "cosine_after": round(after["cosine"], 4),

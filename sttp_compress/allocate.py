@@ -155,6 +155,7 @@ class LayerOptions:
     err2: list[float | None] = field(default_factory=list)
     profile: Callable[[TTShape], float] | None = field(default=None, repr=False, compare=False)
     lower: list[float] | None = field(default=None, repr=False, compare=False)  # err2 bounds, see tighten()
+    extra: int = 0  # parameters beside the TT at every rank (a row-scaled layer's d_out row scales)
 
     def error2(self, i: int) -> float:
         """Relative squared TT-SVD error of option i, computed on first use (DENSE: 0)."""
@@ -198,7 +199,7 @@ class LayerOptions:
 
     def dof(self, rank: int) -> int:
         """Parameters at `rank` (DENSE: the dense weight)."""
-        return self.numel if rank == DENSE else self.tt(rank).dof(self.spectrum)
+        return self.numel if rank == DENSE else self.tt(rank).dof(self.spectrum) + self.extra
 
 
 @lru_cache(maxsize=65536)
@@ -211,11 +212,12 @@ class _Profile:
     """A layer's relative squared TT-SVD (or SVD) error at any TT shape, from its current weight.
 
     Keeps what every rank shares: the weight as a float32 matrix (a view when it already is one),
-    ‖W‖², and W Wᵀ for the U chains when d_out <= d_in (`tt_error2`).
+    ‖W‖², and W Wᵀ for the U chains when d_out <= d_in (`tt_error2`). With `row_weight` w the error is
+    that of diag(√w)·W, the matrix a row-scaled conversion factorizes (layers.SpectralTT).
     """
 
-    def __init__(self, module: nn.Module, kind: str, method: str):
-        self.module, self.kind, self.method = module, kind, method
+    def __init__(self, module: nn.Module, kind: str, method: str, row_weight: Tensor | None = None):
+        self.module, self.kind, self.method, self.row_weight = module, kind, method, row_weight
         self._W: Tensor | None = None
         self._gram: Tensor | None = None
         self._n2 = 0.0
@@ -225,6 +227,8 @@ class _Profile:
         if self._W is None:
             weight = getattr(self.module, weight_name(self.module)).detach().to(torch.float32)
             W = to_matrix(self.kind, weight)
+            if self.row_weight is not None:
+                W = W * torch.as_tensor(self.row_weight, dtype=W.dtype, device=W.device).reshape(-1, 1).sqrt()
             if self.method == "sttp":  # the zero-padded tensorization (tt.padded_size)
                 W = pad_matrix(W, *matrix_factors(self.kind, tuple(weight.shape)))
             self._n2 = float(W.square().sum())
@@ -255,24 +259,27 @@ class _Profile:
 
 
 def layer_options(name: str, module: nn.Module, method: str = "sttp", spectrum: str = "free",
-                  with_errors: bool = True, eager: bool = False) -> LayerOptions:
+                  with_errors: bool = True, eager: bool = False, row_weight: Tensor | None = None) -> LayerOptions:
     """Options on a geometric rank grid (1, 1.5, 2, 3, 4, 6, …) while DOF < numel, plus DENSE.
 
     With errors, each grid rank's error is profiled lazily (`LayerOptions.error2`) from the module's
-    weight at that time, or all at once with `eager`.
+    weight at that time, or all at once with `eager`. A `row_weight` makes the options row-scaled
+    (d_out more parameters each) and their errors row-weighted (`_Profile`).
     """
     kind = weight_kind(module)
     W = getattr(module, weight_name(module))
     opts = LayerOptions(name, kind, tuple(W.shape), W.numel(), method, spectrum)
     shape = opts.weight_shape
     out_f, in_f = matrix_factors(kind, shape)
+    if row_weight is not None:
+        opts.extra = math.prod(out_f)
     last = None
     for r in _GRID:
         tt = TTShape.from_dims(out_f, in_f, r, method)
         if tt.tt_ranks == last:
             break
         last = tt.tt_ranks
-        dof = tt.dof(spectrum)
+        dof = tt.dof(spectrum) + opts.extra
         if dof >= opts.numel:
             break
         opts.ranks.append(r)
@@ -281,7 +288,7 @@ def layer_options(name: str, module: nn.Module, method: str = "sttp", spectrum: 
     opts.dofs.append(opts.numel)
     opts.err2 = [None] * (len(opts.ranks) - 1) + [0.0]
     if with_errors:
-        opts.profile = _Profile(module, kind, method)
+        opts.profile = _Profile(module, kind, method, row_weight)
         if eager:
             for i in range(len(opts.ranks)):
                 opts.error2(i)

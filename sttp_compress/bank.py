@@ -81,7 +81,7 @@ class WeightBank:
             if is_parametrized(m):
                 pl = getattr(m.parametrizations, weight_name(m))
                 p = next(q for q in pl if isinstance(q, SpectralTT))
-                n = len(p.groups) + (p.spectrum != "identity")
+                n = p.n_originals
                 self.layers.append(p)
                 self.originals.append(tuple(getattr(pl, f"original{i}") for i in range(n)))
         # every chain: (layer, side) with the frame (group, row) of each of its cores, sorted by core shapes
@@ -165,7 +165,8 @@ class WeightBank:
 
         for node in self.tree:
             contract(node, None)
-        return tuple(p.weight_from_factors(final[(li, "u")], p.sigma(p.spectrum_param(o)), final[(li, "v")])
+        return tuple(p.weight_from_factors(final[(li, "u")], p.sigma(p.spectrum_param(o)), final[(li, "v")],
+                                           p.row_scale_param(o))
                      for li, (p, o) in enumerate(zip(self.layers, originals)))
 
     def prepare(self) -> bool:

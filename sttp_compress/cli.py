@@ -70,6 +70,8 @@ def compress_cmd(
     alpha: float = typer.Option(0.9, help="Weight of the distillation term (1 − alpha on the labels)."),
     spectral_reg: float = typer.Option(0.0, help="Weight λ of the D-optimal spectral regularizer."),
     bn_recalibrate: int = typer.Option(0, help="Re-estimate BatchNorm statistics on this many batches before fine-tuning."),
+    token_weighting: bool = typer.Option(True, help="With --data text:FILE and the token embedding included: fit "
+                                         "its conversion to the tokens' frequencies in FILE (row-scaled STTP)."),
     image_size: Optional[int] = typer.Option(None, help="Image side (default: from the data; 224 for large images)."),
     mean: Optional[str] = typer.Option(None, help="Normalisation mean, comma-separated (default ImageNet's)."),
     std: Optional[str] = typer.Option(None, help="Normalisation std, comma-separated (default ImageNet's)."),
@@ -106,7 +108,8 @@ def compress_cmd(
                       force=force, dtype=dtype, report_dir=report_dir, trust_pickle=trust_pickle, data=data,
                       train_data=train_data, val_data=val_data, image_size=image_size,
                       mean=_floats(mean, "--mean"), std=_floats(std, "--std"), augment=augment, finetune=ft,
-                      bn_recalibrate=bn_recalibrate, progress=not quiet and not json_out)
+                      bn_recalibrate=bn_recalibrate, token_weighting=token_weighting,
+                      progress=not quiet and not json_out)
     if example:
         from .example import run_example
 

@@ -106,7 +106,7 @@ def chain_cores(p: SpectralTT, originals: tuple[Tensor, ...]) -> tuple[list[Tens
 
 def _originals(module: nn.Module, p: SpectralTT) -> tuple[Tensor, ...]:
     plist = getattr(module.parametrizations, weight_name(module))
-    return tuple(getattr(plist, f"original{i}") for i in range(len(p.groups) + (p.spectrum != "identity")))
+    return tuple(getattr(plist, f"original{i}") for i in range(p.n_originals))
 
 
 class _Shortcut:
@@ -184,8 +184,8 @@ def use_shortcut(model: nn.Module, form: str = "auto", tt_penalty: float = TT_PE
             continue
         p = next(q for q in m.parametrizations.weight if isinstance(q, SpectralTT))
         f = best_form(p.tt, tt_penalty) if form == "auto" else form
-        if _padded(p):
-            f = "dense"  # a zero-padded tensorization (tt.padded_size): its factors hold the padding too
+        if _padded(p) or p.row_scaled:
+            f = "dense"  # zero-padded (tt.padded_size: its factors hold the padding too) or row-scaled
         chosen[name] = f
         _remove(m)
         if f != "dense":

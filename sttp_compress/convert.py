@@ -41,22 +41,27 @@ def named_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def compress_module(module: nn.Module, rank: int, method: str = "sttp", spectrum: str = "free",
-                    convert: bool = True) -> SpectralTT:
+                    convert: bool = True, row_scaled: bool = False,
+                    row_weight: torch.Tensor | None = None) -> SpectralTT:
     """Register an STTP (or SVDP) parametrization on `module.weight` (MHA: `in_proj_weight`), converted by TT-SVD.
 
     With convert=False the structure is attached with zero parameters (no TT-SVD), ready for
-    `load_state_dict` of a compressed checkpoint.
+    `load_state_dict` of a compressed checkpoint. `row_weight` (one positive value per row of the
+    weight matrix, e.g. per token of an embedding) makes it row-scaled and weights the TT-SVD's error
+    by it (see SpectralTT).
     """
     kind = weight_kind(module)
     if is_parametrized(module):
         raise ValueError(f"{type(module).__name__} is already compressed")
     W = weight_of(module)
-    p = SpectralTT(kind, tuple(W.shape), rank, method, spectrum).to(W.device)
+    p = SpectralTT(kind, tuple(W.shape), rank, method, spectrum, row_scaled or row_weight is not None).to(W.device)
+    p.row_weight = row_weight
     p.skip_conversion = not convert
     # unsafe: skip parametrize's check that builds the weight once more; right_inverse returns exactly the
     # parameters forward() expects (tests/test_layers.py), and that build was a sixth of a layer's conversion
     parametrize.register_parametrization(module, weight_name(module), p, unsafe=True)
     p.skip_conversion = False
+    p.row_weight = None  # used once, by the conversion
     return p
 
 
@@ -186,6 +191,13 @@ def _unparametrize(m: nn.Module, name: str) -> None:
     setattr(m, name, nn.Parameter(w, requires_grad=trainable))
 
 
+def _weighted_error(W1: torch.Tensor, W0: torch.Tensor, kind: str, row_weight: torch.Tensor) -> float:
+    """‖diag(√w)(W1 − W0)‖ / ‖diag(√w) W0‖ on the weight matrices."""
+    w = torch.as_tensor(row_weight, dtype=torch.float64).reshape(-1, 1).to(W0.device)
+    D, M = to_matrix(kind, (W1 - W0).double()), to_matrix(kind, W0.double())
+    return float(((D.square() * w).sum() / (M.square() * w).sum().clamp_min(1e-60)).sqrt())
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter values (a compressed layer counts its DOF, not its dense weight)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
@@ -214,12 +226,16 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
                        method: str = "sttp", spectrum: str = "free", allocation: str = "greedy",
                        include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
                        on_layer: Callable[[str], None] | None = None,
-                       spectra_of: int = 4) -> dict:
+                       spectra_of: int = 4, row_weights: Mapping[str, torch.Tensor] | None = None) -> dict:
     """Compress `model` in place at one rank or to a whole-model ratio (eq. 11); return the report parts.
 
     Returns {"layers": [...], "skipped": [...], "totals": {...}, "spectra": {name: (before, after)}}
     in the report.json schema; `on_layer(name)` is called after each layer (for progress bars).
+    `row_weights` {layer name: one weight per row} makes those layers row-scaled, their conversion
+    and allocation error row-weighted (e.g. an embedding by token frequency: `text.token_weights`);
+    a layer's `rel_error` stays the plain Frobenius error, `weighted_rel_error` is added.
     """
+    row_weights = dict(row_weights or {})
     from .allocate import DENSE, allocate, budget_for_ratio, check_reachable, layer_options
 
     check_target(ratio, rank)
@@ -227,8 +243,8 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
     chosen, skipped = candidate_layers(model, include, exclude)
     if ratio is not None:
         # errors are profiled lazily, only where the greedy allocation looks (uniform needs none)
-        opts = [layer_options(n, m, method, spectrum, with_errors=allocation == "greedy")
-                for n, m in chosen.items()]
+        opts = [layer_options(n, m, method, spectrum, with_errors=allocation == "greedy",
+                              row_weight=row_weights.get(n)) for n, m in chosen.items()]
         fixed = params_original - sum(o.numel for o in opts)
         check_reachable(params_original, fixed, opts, ratio)
         ranks = allocate(opts, budget_for_ratio(params_original, fixed, ratio), allocation)
@@ -245,10 +261,10 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
         numel = W0.numel()
         if r == DENSE:
             skipped[name] = "kept dense by the allocation (compressing it was not worth its parameters)"
-        elif SpectralTT(kind, tuple(W0.shape), r, method, spectrum).dof() >= numel:
+        elif SpectralTT(kind, tuple(W0.shape), r, method, spectrum, name in row_weights).dof() >= numel:
             skipped[name] = f"rank {r} would not save parameters (DOF >= {numel:,} weights)"
         else:
-            p = compress_module(m, r, method, spectrum)
+            p = compress_module(m, r, method, spectrum, row_weight=row_weights.get(name))
             with torch.no_grad():
                 W1 = weight_of(m).detach()
                 err = float(torch.linalg.vector_norm(W1 - W0, dtype=torch.float64)
@@ -257,6 +273,9 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
                            "shape": list(W0.shape), "modes": list(p.tt.modes), "tt_ranks": list(p.tt.tt_ranks),
                            "rank": p.rank, "params_original": numel, "params_compressed": p.dof(),
                            "rel_error": err})
+            if name in row_weights:
+                layers[-1]["row_scaled"] = True
+                layers[-1]["weighted_rel_error"] = _weighted_error(W1, W0, kind, row_weights[name])
             if name in by_size:
                 spectra[name] = (_singular_values(to_matrix(kind, W0)), _singular_values(to_matrix(kind, W1)))
             p._cache = None  # no dense copy kept per layer: conversion peaks lower, eval rebuilds it once

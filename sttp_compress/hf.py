@@ -225,6 +225,11 @@ class SentenceEncoder(nn.Module):
         return {"sentence_embedding": self.pool(hidden[-1], attention_mask), "hidden_states": hidden,
                 "attention_mask": attention_mask}
 
+    def token_embedding_name(self) -> str | None:
+        """The module name of the token (word) embedding, None if the model has none."""
+        emb = self._hf.get_input_embeddings() if hasattr(self._hf, "get_input_embeddings") else None
+        return next((n for n, m in self.named_modules() if m is emb), None) if emb is not None else None
+
     def sttp_layer_policy(self) -> tuple[dict[str, str], dict[str, str]]:
         """(always dense, dense unless --include'd) layer names with the reason, for `candidate_layers`.
 

@@ -8,6 +8,8 @@ conversion (`tt.spectral_tt_svd` + `tt.reduce_chain`). SVDP is the same class wi
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -80,10 +82,15 @@ class SpectralTT(nn.Module):
     the fixed per-layer scale recorded at conversion); 'identity' fixes Σ = scale·diag(±1).
     Parameters (the parametrization's originals): one tensor (n_frames, n_free) per distinct frame
     shape, then the spectrum (absent for 'identity'); their total size is exactly the DOF.
+
+    With `row_scaled`, W = diag(ρ) U Σ Vᵀ: one more original ρ (a trainable scale per row of the
+    d_out × d_in matrix, e.g. per token of an embedding) follows the spectrum. A conversion given
+    `row_weight` w (e.g. token frequencies) fits the TT-SVD to diag(√w)·W, minimizing Σ_i w_i‖w_i − ŵ_i‖²
+    instead of the plain Frobenius error, and starts from ρ = 1/√w; the DOF grows by d_out.
     """
 
     def __init__(self, kind: str, weight_shape: tuple[int, ...], rank: int,
-                 method: str = "sttp", spectrum: str = "free"):
+                 method: str = "sttp", spectrum: str = "free", row_scaled: bool = False):
         super().__init__()
         if spectrum not in SPECTRA:
             raise ValueError(f"spectrum must be one of {SPECTRA}, got {spectrum!r}")
@@ -92,6 +99,9 @@ class SpectralTT(nn.Module):
         out_f, in_f = matrix_factors(kind, self.weight_shape)
         self.tt = TTShape.from_dims(out_f, in_f, rank, method)
         self.dims = (out_f, in_f) if method == "sttp" else None  # natural dims, for zero padding (tt.pad_matrix)
+        self.rows = math.prod(out_f)  # d_out of the (unpadded) weight matrix
+        self.row_scaled = bool(row_scaled)
+        self.row_weight: Tensor | None = None  # importance of each row for the next conversion (row_scaled only)
         frames = self.tt.frames(spectrum)
         # group frames of equal shape so each group is generated in one batched call
         self.groups: list[tuple[int, int, bool]] = []
@@ -114,13 +124,22 @@ class SpectralTT(nn.Module):
         return self.tt.middle
 
     def dof(self) -> int:
-        """Trainable values: eq. (9) (SVDP: r(d_out+d_in) − r²), less r(r+1)/2 for Σ = I."""
-        return self.tt.dof(self.spectrum)
+        """Trainable values: eq. (9) (SVDP: r(d_out+d_in) − r²), less r(r+1)/2 for Σ = I, plus d_out row
+        scales when row_scaled."""
+        return self.tt.dof(self.spectrum) + (self.rows if self.row_scaled else 0)
+
+    @property
+    def n_originals(self) -> int:
+        """How many tensors the parametrization holds: the frame groups, the spectrum, the row scale."""
+        return len(self.groups) + (self.spectrum != "identity") + self.row_scaled
 
     def config(self) -> dict:
         """Everything needed to rebuild this parametrization (JSON/weights_only friendly)."""
-        return {"kind": self.kind, "weight_shape": list(self.weight_shape), "rank": self.requested_rank,
-                "method": self.method, "spectrum": self.spectrum}
+        cfg = {"kind": self.kind, "weight_shape": list(self.weight_shape), "rank": self.requested_rank,
+               "method": self.method, "spectrum": self.spectrum}
+        if self.row_scaled:
+            cfg["row_scaled"] = True
+        return cfg
 
     # -- parameters → weight ----------------------------------------------------------------
     def sigma(self, spectrum_param: Tensor | None) -> Tensor:
@@ -134,7 +153,15 @@ class SpectralTT(nn.Module):
     def factors(self, *originals: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(U, σ, V) with W_matrix = U diag(σ) Vᵀ, built from the parameters (of the zero-padded matrix
         `tt.pad_matrix` when a dimension has a large prime factor)."""
-        return self.factors_from_frames(self.frames(originals), self.spectrum_param(originals))
+        U, s, V = self.factors_from_frames(self.frames(originals), self.spectrum_param(originals))
+        rho = self.row_scale_param(originals)
+        return (U if rho is None else self._scale_rows(U, rho)), s, V
+
+    def _scale_rows(self, U: Tensor, rho: Tensor) -> Tensor:
+        """diag(ρ)·U on the (possibly zero-padded) rows of U (padded rows, cropped off the weight, get 0)."""
+        if U.shape[0] != rho.shape[0]:
+            rho = pad_matrix(rho.unsqueeze(1), self.dims[0], [1]).squeeze(1)
+        return U * rho.unsqueeze(1)
 
     def frames(self, originals: tuple[Tensor, ...]) -> list[Tensor]:
         """The frames of each group (n_frames, d, r), one batched call per group."""
@@ -143,6 +170,10 @@ class SpectralTT(nn.Module):
     def spectrum_param(self, originals: tuple[Tensor, ...]) -> Tensor | None:
         """The spectrum among the originals (None for Σ = I)."""
         return originals[len(self.groups)] if self.spectrum != "identity" else None
+
+    def row_scale_param(self, originals: tuple[Tensor, ...]) -> Tensor | None:
+        """The row scale ρ among the originals (None unless row_scaled)."""
+        return originals[-1] if self.row_scaled else None
 
     def factors_from_frames(self, frames: list[Tensor], spectrum_param: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """(U, σ, V) from the frames of each group (n_frames, d, r) and the spectrum parameter."""
@@ -155,16 +186,20 @@ class SpectralTT(nn.Module):
         V = _chain(chains["v"], self.tt.v_ranks)
         return U, self.sigma(spectrum_param), V
 
-    def weight_from_frames(self, frames: list[Tensor], spectrum_param: Tensor | None) -> Tensor:
-        """The weight in its module's shape from the group frames and the spectrum parameter."""
+    def weight_from_frames(self, frames: list[Tensor], spectrum_param: Tensor | None,
+                           row_scale: Tensor | None = None) -> Tensor:
+        """The weight in its module's shape from the group frames, the spectrum parameter and ρ."""
         U, s, V = self.factors_from_frames(frames, spectrum_param)
-        return self.weight_from_factors(U, s, V)
+        return self.weight_from_factors(U, s, V, row_scale)
 
-    def weight_from_factors(self, U: Tensor, s: Tensor, V: Tensor) -> Tensor:
-        """The weight in its module's shape from the frame matrices U, V and the effective spectrum σ
-        (the padded rows/columns of a zero-padded tensorization cropped off)."""
+    def weight_from_factors(self, U: Tensor, s: Tensor, V: Tensor, row_scale: Tensor | None = None) -> Tensor:
+        """The weight in its module's shape from the frame matrices U, V, the effective spectrum σ and
+        the row scale ρ (the padded rows/columns of a zero-padded tensorization cropped off)."""
         M = (U * s) @ V.T
-        return _from_matrix(self.kind, crop_matrix(M, *self.dims) if self.dims else M, self.weight_shape)
+        M = crop_matrix(M, *self.dims) if self.dims else M
+        if row_scale is not None:
+            M = M * row_scale.unsqueeze(1)
+        return _from_matrix(self.kind, M, self.weight_shape)
 
     def forward(self, *originals: Tensor) -> Tensor:
         if self.override is not None:  # built for this forward pass by a WeightBank
@@ -177,7 +212,8 @@ class SpectralTT(nn.Module):
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
         with torch.autocast(originals[0].device.type, enabled=False):  # frames need float32 (trsm)
-            W = self.weight_from_frames(self.frames(originals), self.spectrum_param(originals))
+            W = self.weight_from_frames(self.frames(originals), self.spectrum_param(originals),
+                                        self.row_scale_param(originals))
         self._cache = (key, W) if use_cache else None
         return W
 
@@ -186,7 +222,8 @@ class SpectralTT(nn.Module):
         """Zero parameters of the right shapes, for a structure that a state_dict will fill."""
         groups = tuple(like.new_zeros(len(m), frame_numel(d, r, red))
                        for (d, r, red), m in zip(self.groups, self.members))
-        return groups + (() if self.spectrum == "identity" else (like.new_zeros(self.rank),))
+        return (groups + (() if self.spectrum == "identity" else (like.new_zeros(self.rank),))
+                + ((like.new_ones(self.rows),) if self.row_scaled else ()))
 
     @torch.no_grad()
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, ...]:
@@ -196,6 +233,14 @@ class SpectralTT(nn.Module):
         if self.skip_conversion:
             return self.placeholder(weight)
         M = to_matrix(self.kind, weight.detach().to(torch.float64))
+        rho = ()
+        if self.row_scaled:
+            w = torch.ones(self.rows, dtype=torch.float64) if self.row_weight is None else self.row_weight
+            sqrt_w = torch.as_tensor(w, dtype=torch.float64, device=M.device).reshape(-1).sqrt()
+            if sqrt_w.shape[0] != self.rows or not bool((sqrt_w > 0).all() and sqrt_w.isfinite().all()):
+                raise ValueError(f"row_weight needs {self.rows} positive finite values")
+            M = M * sqrt_w.unsqueeze(1)
+            rho = ((1.0 / sqrt_w).to(weight.dtype),)
         if self.dims:
             M = pad_matrix(M, *self.dims)
         u_cores, sigma, v_cores = spectral_tt_svd(M, self.tt)
@@ -220,7 +265,7 @@ class SpectralTT(nn.Module):
         groups = tuple(torch.stack([by_core[m] for m in members]).to(weight.dtype).contiguous()
                        for members in self.members)
         self._cache = None
-        return groups + spec
+        return groups + spec + rho
 
     def spectral_penalty(self, spectrum_param: Tensor | None) -> Tensor:
         """D-optimal regularizer −Σ log|σ_i| of the normalized spectrum (0 for Σ = I)."""

@@ -59,6 +59,7 @@ class CompressJob:
     augment: str = "auto"
     finetune: Any = None  # FinetuneConfig | None
     bn_recalibrate: int = 0
+    token_weighting: bool = True  # text data + token embedding included: frequency-weighted conversion
     progress: bool = True
     # in-memory inputs (the built-in example and tests): bypass file loading
     module: nn.Module | None = None
@@ -166,13 +167,26 @@ def run_compress(job: CompressJob, on_layer_start: Callable[[int], None] | None 
             distributed.teardown()
 
 
+def _row_weights(model: nn.Module, job: CompressJob, data: tuple | None) -> dict:
+    """{token embedding name: token_weights of the training texts} when distilling on text with the
+    token embedding among the layers to compress (and --token-weighting on), else {}."""
+    if not (job.token_weighting and data is not None and job.data and job.data.startswith("text:")):
+        return {}
+    name = getattr(model, "token_embedding_name", lambda: None)()
+    if name is None or name not in candidate_layers(model, job.include, job.exclude)[0]:
+        return {}
+    from .text import token_weights
+
+    return {name: token_weights(data[0], dict(model.named_modules())[name].num_embeddings)}
+
+
 def _convert(model: nn.Module, job: CompressJob, device: torch.device | None,
-             on_layer: Callable[[str], None] | None) -> dict:
+             on_layer: Callable[[str], None] | None, row_weights: dict | None = None) -> dict:
     """compress_to_target once: in this process, or on rank 0 with the result broadcast to every rank."""
 
     def convert(m: nn.Module) -> dict:
         parts = compress_to_target(m, job.ratio, job.rank, job.method, job.spectrum, job.allocation,
-                                   job.include, job.exclude, on_layer=on_layer)
+                                   job.include, job.exclude, on_layer=on_layer, row_weights=row_weights)
         if not parts["layers"]:
             raise UserError("no layer was compressed: every candidate was skipped "
                             f"({'; '.join(s['name'] + ': ' + s['reason'] for s in parts['skipped'][:3])})")
@@ -218,7 +232,7 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
     if on_layer_start:
         on_layer_start(n_candidates)
     t1 = time.perf_counter()
-    parts = _convert(model, job, device, on_layer)
+    parts = _convert(model, job, device, on_layer, _row_weights(model, job, data))
     t_convert = time.perf_counter() - t1
 
     ft_block, image_cfg = None, None

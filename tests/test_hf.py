@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from sttp_compress.cli import _main, compress_app, eval_app
-from sttp_compress.convert import candidate_layers, compress_module, compress_to_target, count_parameters
+from sttp_compress.convert import (candidate_layers, compress_module, compress_to_target, count_parameters,
+                                   parametrization)
 from sttp_compress.errors import UserError
 
 transformers = pytest.importorskip("transformers", reason="needs the optional transformers package (pip install .[hf])")
@@ -29,7 +30,7 @@ transformers = pytest.importorskip("transformers", reason="needs the optional tr
 from sttp_compress.checkpoint import load_compressed, save_compressed  # noqa: E402
 from sttp_compress.hf import load_encoder, read_layout  # noqa: E402
 from sttp_compress.text import (EmbeddingDistillLoss, embedding_agreement, embedding_distillation_loss,  # noqa: E402
-                                hidden_state_loss, nearest_neighbours, read_texts, tokenize_texts)
+                                hidden_state_loss, nearest_neighbours, read_texts, token_weights, tokenize_texts)
 
 WORDS = ("the a an of and to in is was it that on for with as by at from this be are or his her they "
          "man woman dog cat car house plays runs eats reads guitar ball food book music city park red blue "
@@ -273,9 +274,11 @@ def test_cli_distils_on_text_and_sttp_eval_compares_with_the_folder(tiny, texts,
     assert ft["steps"] == 3 and ft["val_accuracy_after"] is None
     assert -1 <= ft["val_cosine_before"] <= 1 and -1 <= ft["val_cosine_after"] <= 1
     assert 0 <= ft["val_nn_agreement_after"] <= 100
-    assert "embeddings.word_embeddings" in {layer["name"] for layer in report["layers"]}
+    emb = next(layer for layer in report["layers"] if layer["name"] == "embeddings.word_embeddings")
+    assert emb["row_scaled"] and 0 <= emb["weighted_rel_error"] <= 1  # fitted to the texts' token counts
     assert report["model"]["arch"] == f"hf:{tiny}"
-    model, _ = load_compressed(out)  # rebuilds from hf:DIR
+    model, _ = load_compressed(out)  # rebuilds from hf:DIR, row scales included
+    assert parametrization(model.embeddings.word_embeddings).row_scaled
 
     js = tmp_path / "eval.json"
     rc, stdout, err = cli(eval_app, "sttp-eval", out, "--reference", f"hf:{tiny}", "--data", f"text:{texts}",
@@ -336,3 +339,22 @@ def test_minilm_encoder_linears_compress_by_default(minilm):
     with torch.no_grad():
         out = enc(**_batch(minilm, ["a short sentence"]))
     assert out.shape == (1, 384) and torch.isfinite(out).all()
+
+
+def test_token_weights_count_the_training_texts(tiny, texts, tmp_path):
+    data = tokenize_texts(read_texts(f"text:{texts}"), tiny)
+    w = token_weights(data, 222)
+    counts = torch.zeros(222, dtype=torch.float64)
+    for ids in data.ids:
+        for i in ids:
+            counts[i] += 1
+    torch.testing.assert_close(w, (counts + 1).sqrt())
+    assert load_encoder(tiny).token_embedding_name() == "embeddings.word_embeddings"
+    # --no-token-weighting: the plain conversion (no row scales)
+    out = tmp_path / "plain.sttp.pt"
+    rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--rank", "4", "--include", "*",
+                     "--data", f"text:{texts}", "--steps", "1", "--batch-size", "8", "--workers", "0",
+                     "--no-token-weighting", "--output", out, "--quiet")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "plain.sttp.report" / "report.json").read_text())
+    assert not any(layer.get("row_scaled") for layer in report["layers"])
