@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--encoder-only", default="max",
                     help="encoder-only ratio: 'max' (the largest reachable), a number, or 'none'")
     ap.add_argument("--seconds", type=float, default=75.0, help="distillation budget per configuration")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="distillation steps per configuration instead of a time budget (the probe, timing "
+                         "short runs, overestimated the step time 2-3x on H100/H200)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--method", default="sttp")
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         # workers=0: tokenizing in this process; forked workers after CUDA init crashed on the H100
         # (CUDA initialization error in a worker during the second configuration)
         loaders = make_loaders(train_ds, val_ds, cfg.batch_size, 0, cfg.seed, device)
-        if step_seconds is None:  # probe: time short runs on a throwaway copy
+        if step_seconds is None and not args.steps:  # probe: time short runs on a throwaway copy
             # each run has a fixed cost (optimizer, weight bank, CUDA graph capture, first batches), so
             # the step time is the difference of two runs' times over their difference in steps
             probe = copy.deepcopy(student)
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
             step_seconds = max(1e-4, (t2_ - t1_) / (n2 - n1))
             del probe
             print(f"probe: {1000 * step_seconds:.1f} ms per step at batch {cfg.batch_size}", flush=True)
-        cfg.steps = 4 if quick else max(1, math.floor(args.seconds / step_seconds))
+        cfg.steps = 4 if quick else (args.steps or max(1, math.floor(args.seconds / step_seconds)))
         block = distill_embeddings(student, teacher, *loaders, cfg, progress=not quick)
         after = embedding_agreement(embed(student, held, device), reference)
         row = {"ratio": float(ratio), "method": args.method,
