@@ -49,6 +49,8 @@ def compress_cmd(
     allocation: str = typer.Option("greedy", help="With --ratio: greedy (budget where it cuts most weight error) or uniform (one global rank)."),
     include: List[str] = typer.Option([], help="Glob on module names; only matching layers are candidates (repeatable)."),
     exclude: List[str] = typer.Option([], help="Glob on module names to keep dense (repeatable)."),
+    layer_rank: List[str] = typer.Option([], help="NAME=RANK: pin one layer's rank; with --ratio the other "
+                                         "layers share what is left (repeatable)."),
     seed: int = typer.Option(0, help="Random seed."),
     output: Optional[str] = typer.Option(None, help="Compressed checkpoint path (default: <MODEL stem>.sttp.pt beside MODEL)."),
     force: bool = typer.Option(False, help="Overwrite an existing output."),
@@ -109,6 +111,7 @@ def compress_cmd(
                       train_data=train_data, val_data=val_data, image_size=image_size,
                       mean=_floats(mean, "--mean"), std=_floats(std, "--std"), augment=augment, finetune=ft,
                       bn_recalibrate=bn_recalibrate, token_weighting=token_weighting,
+                      layer_ranks=_layer_ranks(layer_rank),
                       progress=not quiet and not json_out)
     if example:
         from .example import run_example
@@ -119,6 +122,17 @@ def compress_cmd(
     if report is not None:  # None on torchrun ranks other than 0
         _finish(report, extras, quiet, json_out)
     return None
+
+
+def _layer_ranks(values: list[str]) -> dict[str, int]:
+    """--layer-rank NAME=RANK values as {name: rank}; UserError for a malformed one."""
+    out = {}
+    for v in values:
+        name, sep, rank = v.rpartition("=")
+        if not sep or not name or not rank.strip().isdigit() or int(rank) < 1:
+            raise UserError(f"bad --layer-rank {v!r}: expected NAME=RANK with a positive integer rank")
+        out[name] = int(rank)
+    return out
 
 
 def _run_with_progress(job, quiet: bool):

@@ -226,7 +226,8 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
                        method: str = "sttp", spectrum: str = "free", allocation: str = "greedy",
                        include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
                        on_layer: Callable[[str], None] | None = None,
-                       spectra_of: int = 4, row_weights: Mapping[str, torch.Tensor] | None = None) -> dict:
+                       spectra_of: int = 4, row_weights: Mapping[str, torch.Tensor] | None = None,
+                       layer_ranks: Mapping[str, int] | None = None) -> dict:
     """Compress `model` in place at one rank or to a whole-model ratio (eq. 11); return the report parts.
 
     Returns {"layers": [...], "skipped": [...], "totals": {...}, "spectra": {name: (before, after)}}
@@ -234,24 +235,38 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
     `row_weights` {layer name: one weight per row} makes those layers row-scaled, their conversion
     and allocation error row-weighted (e.g. an embedding by token frequency: `text.token_weights`);
     a layer's `rel_error` stays the plain Frobenius error, `weighted_rel_error` is added.
+    `layer_ranks` {layer name: rank} pins those layers' ranks; with a ratio the others share what is left.
     """
-    row_weights = dict(row_weights or {})
+    from .errors import UserError
+
+    row_weights, layer_ranks = dict(row_weights or {}), dict(layer_ranks or {})
     from .allocate import DENSE, allocate, budget_for_ratio, check_reachable, layer_options
 
     check_target(ratio, rank)
     params_original = count_parameters(model)
     chosen, skipped = candidate_layers(model, include, exclude)
+    for n, r in layer_ranks.items():
+        if n not in chosen:
+            raise UserError(f"--layer-rank {n}={r}: {n!r} is not a layer to compress "
+                            f"({skipped.get(n, 'no such layer')})")
+        if not isinstance(r, int) or r < 1:
+            raise UserError(f"--layer-rank {n}={r}: the rank must be a positive integer")
     if ratio is not None:
         # errors are profiled lazily, only where the greedy allocation looks (uniform needs none)
         opts = [layer_options(n, m, method, spectrum, with_errors=allocation == "greedy",
-                              row_weight=row_weights.get(n)) for n, m in chosen.items()]
-        fixed = params_original - sum(o.numel for o in opts)
+                              row_weight=row_weights.get(n)) for n, m in chosen.items() if n not in layer_ranks]
+        pinned = sum(min(weight_of(chosen[n]).numel(),
+                         SpectralTT(weight_kind(chosen[n]), tuple(weight_of(chosen[n]).shape), r, method, spectrum,
+                                    n in row_weights).dof()) for n, r in layer_ranks.items())
+        fixed = params_original - sum(o.numel for o in opts) - sum(weight_of(chosen[n]).numel()
+                                                                    for n in layer_ranks) + pinned
         check_reachable(params_original, fixed, opts, ratio)
         ranks = allocate(opts, budget_for_ratio(params_original, fixed, ratio), allocation)
+        ranks.update(layer_ranks)
         for o in opts:
             o.release()
     else:
-        ranks = {n: rank for n in chosen}
+        ranks = {n: layer_ranks.get(n, rank) for n in chosen}
     by_size = sorted(chosen, key=lambda n: -weight_of(chosen[n]).numel())[:spectra_of]
     layers, spectra = [], {}
     for name, m in chosen.items():

@@ -59,6 +59,7 @@ class CompressJob:
     augment: str = "auto"
     finetune: Any = None  # FinetuneConfig | None
     bn_recalibrate: int = 0
+    layer_ranks: dict = field(default_factory=dict)  # {layer name: rank} pinned (--layer-rank)
     token_weighting: bool = True  # text data + token embedding included: frequency-weighted conversion
     progress: bool = True
     # in-memory inputs (the built-in example and tests): bypass file loading
@@ -186,7 +187,8 @@ def _convert(model: nn.Module, job: CompressJob, device: torch.device | None,
 
     def convert(m: nn.Module) -> dict:
         parts = compress_to_target(m, job.ratio, job.rank, job.method, job.spectrum, job.allocation,
-                                   job.include, job.exclude, on_layer=on_layer, row_weights=row_weights)
+                                   job.include, job.exclude, on_layer=on_layer, row_weights=row_weights,
+                                   layer_ranks=job.layer_ranks)
         if not parts["layers"]:
             raise UserError("no layer was compressed: every candidate was skipped "
                             f"({'; '.join(s['name'] + ': ' + s['reason'] for s in parts['skipped'][:3])})")

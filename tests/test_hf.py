@@ -358,3 +358,19 @@ def test_token_weights_count_the_training_texts(tiny, texts, tmp_path):
     assert rc == 0, err
     report = json.loads((tmp_path / "plain.sttp.report" / "report.json").read_text())
     assert not any(layer.get("row_scaled") for layer in report["layers"])
+
+
+def test_layer_rank_pins_one_layer_and_the_ratio_still_holds(tiny, texts, tmp_path):
+    out = tmp_path / "pinned.sttp.pt"
+    rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--ratio", "2", "--include", "*",
+                     "--layer-rank", "embeddings.word_embeddings=3", "--output", out, "--quiet")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "pinned.sttp.report" / "report.json").read_text())
+    emb = next(layer for layer in report["layers"] if layer["name"] == "embeddings.word_embeddings")
+    assert emb["rank"] == 3 and report["totals"]["ratio"] >= 2
+    for bad, message in (("embeddings.word_embeddings=x", "bad --layer-rank"),
+                         ("nope=4", "'nope' is not a layer to compress")):
+        rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--ratio", "2", "--include", "*",
+                         "--layer-rank", bad, "--output", tmp_path / "bad.sttp.pt", "--quiet")
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "bad.sttp.pt").exists()
