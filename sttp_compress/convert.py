@@ -237,10 +237,10 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
     a layer's `rel_error` stays the plain Frobenius error, `weighted_rel_error` is added.
     `layer_ranks` {layer name: rank} pins those layers' ranks; with a ratio the others share what is left.
     """
+    from .allocate import DENSE, allocate, budget_for_ratio, check_reachable, layer_options
     from .errors import UserError
 
     row_weights, layer_ranks = dict(row_weights or {}), dict(layer_ranks or {})
-    from .allocate import DENSE, allocate, budget_for_ratio, check_reachable, layer_options
 
     check_target(ratio, rank)
     params_original = count_parameters(model)
@@ -253,13 +253,14 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
             raise UserError(f"--layer-rank {n}={r}: the rank must be a positive integer")
     if ratio is not None:
         # errors are profiled lazily, only where the greedy allocation looks (uniform needs none)
-        opts = [layer_options(n, m, method, spectrum, with_errors=allocation == "greedy",
-                              row_weight=row_weights.get(n)) for n, m in chosen.items() if n not in layer_ranks]
-        pinned = sum(min(weight_of(chosen[n]).numel(),
-                         SpectralTT(weight_kind(chosen[n]), tuple(weight_of(chosen[n]).shape), r, method, spectrum,
-                                    n in row_weights).dof()) for n, r in layer_ranks.items())
-        fixed = params_original - sum(o.numel for o in opts) - sum(weight_of(chosen[n]).numel()
-                                                                    for n in layer_ranks) + pinned
+        opts, pinned = [], []
+        for n, m in chosen.items():
+            free = n not in layer_ranks
+            (opts if free else pinned).append(layer_options(n, m, method, spectrum, row_weight=row_weights.get(n),
+                                                            with_errors=free and allocation == "greedy"))
+        # parameters outside the allocation: dense layers, and the pinned layers at their rank (or dense)
+        fixed = params_original - sum(o.numel for o in opts) - sum(
+            o.numel - min(o.numel, o.dof(layer_ranks[o.name])) for o in pinned)
         check_reachable(params_original, fixed, opts, ratio)
         ranks = allocate(opts, budget_for_ratio(params_original, fixed, ratio), allocation)
         ranks.update(layer_ranks)

@@ -168,17 +168,17 @@ def run_compress(job: CompressJob, on_layer_start: Callable[[int], None] | None 
             distributed.teardown()
 
 
-def _row_weights(model: nn.Module, job: CompressJob, data: tuple | None) -> dict:
+def _row_weights(model: nn.Module, job: CompressJob, data: tuple | None, candidates: dict[str, nn.Module]) -> dict:
     """{token embedding name: token_weights of the training texts} when distilling on text with the
-    token embedding among the layers to compress (and --token-weighting on), else {}."""
+    token embedding among the `candidates` to compress (and --token-weighting on), else {}."""
     if not (job.token_weighting and data is not None and job.data and job.data.startswith("text:")):
         return {}
     name = getattr(model, "token_embedding_name", lambda: None)()
-    if name is None or name not in candidate_layers(model, job.include, job.exclude)[0]:
+    if name not in candidates:
         return {}
     from .text import token_weights
 
-    return {name: token_weights(data[0], dict(model.named_modules())[name].num_embeddings)}
+    return {name: token_weights(data[0], candidates[name].num_embeddings)}
 
 
 def _convert(model: nn.Module, job: CompressJob, device: torch.device | None,
@@ -230,11 +230,11 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
     torch.manual_seed(job.seed)
     size_original = state_size_bytes(model)
     teacher = copy.deepcopy(model).eval() if fine else None
-    n_candidates = len(candidate_layers(model, job.include, job.exclude)[0])
+    candidates = candidate_layers(model, job.include, job.exclude)[0]
     if on_layer_start:
-        on_layer_start(n_candidates)
+        on_layer_start(len(candidates))
     t1 = time.perf_counter()
-    parts = _convert(model, job, device, on_layer, _row_weights(model, job, data))
+    parts = _convert(model, job, device, on_layer, _row_weights(model, job, data, candidates))
     t_convert = time.perf_counter() - t1
 
     ft_block, image_cfg = None, None
