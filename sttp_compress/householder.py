@@ -12,14 +12,20 @@ Only the free entries of the reflectors are parameters, packed along the last di
 The product is formed in compact WY form (Schreiber & Van Loan): Q = I − V T Vᵀ with
 T⁻¹ = strict_upper(VᵀV) + diag(‖h_i‖²/2), so X = I_{d×r} − V T V_topᵀ needs two batched
 matmuls and one triangular solve, instead of r sequential rank-one updates.
+
+`FramePlan` generates frames of *several* shapes in one such batched call: each frame is zero-padded
+to its bucket's (D, R) (zero reflector rows and columns act as the identity), so a model's dozens of
+frame shapes cost a few calls instead of one per shape (the weight bank's per-step build).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-__all__ = ["frame_numel", "frame", "frame_inverse", "reflectors"]
+__all__ = ["FramePlan", "frame_numel", "frame", "frame_inverse", "reflectors"]
 
 
 def frame_numel(d: int, r: int, reduced: bool = False) -> int:
@@ -96,3 +102,111 @@ def frame_inverse(X: Tensor, reduced: bool = False) -> tuple[Tensor, Tensor]:
         lower = A[..., :r, :].reshape(*batch, r * r)[..., _tril_index(r, A.device)]
         params = torch.cat([bottom, lower], dim=-1)
     return params.to(X.dtype), signs.to(X.dtype)
+
+
+@dataclass
+class _Bucket:
+    entries: list[int]  # plan entries generated together
+    D: int  # padded rows
+    R: int  # padded columns
+    n: int  # frames
+    dst: list[int]  # flat (n, D, R) position of every free entry, in the order of the entries' params
+    ones: list[int]  # flat positions of the reflectors' unit diagonal
+    pad: list[int]  # flat (n, R) positions of padded columns (their T⁻¹ diagonal is set to 1)
+
+
+class FramePlan:
+    """Frames of several shapes (d, r, reduced), `counts` of each, generated in a few padded batched calls.
+
+    Shapes are grouped into buckets whose zero-padding at most doubles the entries computed
+    (`max_waste`); within a bucket every frame is padded to (max d, max r): zero rows and zero reflector
+    columns (with T⁻¹'s diagonal 1 there) leave the real block exactly the frame of `frame()`.
+    `orders[i]` (optional) permutes entry i's frames: output frame j is input frame orders[i][j].
+    Frames with no free entries (reduced with d == r, or 1×1) are −I (each reflector flips one column) and
+    cost nothing.
+    """
+
+    def __init__(self, shapes: list[tuple[int, int, bool]], counts: list[int],
+                 orders: list[list[int] | None] | None = None, max_waste: float = 2.0):
+        self.shapes, self.counts, self.max_waste = list(shapes), list(counts), max_waste
+        orders = orders or [None] * len(shapes)
+        live = sorted((i for i, (d, r, red) in enumerate(shapes) if frame_numel(d, r, red) and counts[i]),
+                      key=lambda i: (shapes[i][0] * shapes[i][1], shapes[i]))
+        groups: list[list[int]] = []
+        for i in live:
+            g = (groups[-1] + [i]) if groups else [i]
+            D, R = max(shapes[j][0] for j in g), max(shapes[j][1] for j in g)
+            real = sum(counts[j] * shapes[j][0] * shapes[j][1] for j in g)
+            if groups and D * R * sum(counts[j] for j in g) <= max_waste * real:
+                groups[-1] = g
+            else:
+                groups.append([i])
+        self.buckets = [self._bucket(g, orders) for g in groups]
+        self._const: dict[torch.device, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
+
+    def _bucket(self, entries: list[int], orders) -> _Bucket:
+        D = max(self.shapes[i][0] for i in entries)
+        R = max(self.shapes[i][1] for i in entries)
+        dst, ones, pad, base = [], [], [], 0
+        for i in entries:
+            d, r, red = self.shapes[i]
+            order = orders[i] if orders[i] is not None else range(self.counts[i])
+            slot = {src: base + j for j, src in enumerate(order)}  # input frame -> padded batch row
+            rows, cols = torch.tril_indices(r, r, offset=-1)
+            for src in range(self.counts[i]):
+                f = slot[src] * D * R
+                dst += [f + (r + k // r) * R + k % r for k in range((d - r) * r)]  # bottom, row-major
+                if not red:
+                    dst += (f + rows * R + cols).tolist()  # strict lower triangle of the top block
+                ones += [f + k * R + k for k in range(r)]
+                pad += [slot[src] * R + k for k in range(r, R)]
+            base += self.counts[i]
+        return _Bucket(entries, D, R, base, dst, ones, pad)
+
+    def _constants(self, device: torch.device, dtype: torch.dtype):
+        key = (device, dtype)
+        if key not in self._const:
+            out = []
+            for b in self.buckets:
+                base = torch.zeros(b.n * b.D * b.R, dtype=dtype, device=device)
+                base[torch.tensor(b.ones, dtype=torch.long, device=device)] = 1.0
+                pad = torch.zeros(b.n * b.R, dtype=dtype, device=device)
+                pad[torch.tensor(b.pad, dtype=torch.long, device=device)] = 1.0
+                out.append((torch.tensor(b.dst, dtype=torch.long, device=device), base, pad.view(b.n, b.R),
+                            torch.eye(b.D, b.R, dtype=dtype, device=device)))
+            self._const[key] = out
+        return self._const[key]
+
+    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Make the index and constant tensors on `device` now (before any CUDA graph capture)."""
+        self._constants(torch.device(device), dtype)
+
+    def __call__(self, params: list[Tensor | list[Tensor]]) -> list[Tensor]:
+        """Frames (count_i, d_i, r_i) of every entry from its packed reflectors params[i] (count_i, n_i).
+
+        params[i] may also be a list of tensors whose rows together are entry i's count_i frames.
+        """
+        parts = [p if isinstance(p, (list, tuple)) else [p] for p in params]
+        ref = parts[0][0]
+        out: list[Tensor | None] = [None] * len(self.shapes)
+        empty = []  # parameters of frames without free entries: (0-sized) inputs of the first bucket's
+        for i, (d, r, red) in enumerate(self.shapes):  # cat, so that they get (empty) gradients as in frame()
+            if not frame_numel(d, r, red) or not self.counts[i]:  # every reflector is e_i: X = −I
+                X = torch.eye(d, r, dtype=ref.dtype, device=ref.device).neg().expand(self.counts[i], d, r)
+                out[i] = X if self.buckets else X + sum(q.sum() for q in parts[i]) * 0
+                empty += parts[i]
+        for k, (b, (dst, base, pad, eye)) in enumerate(zip(self.buckets, self._constants(ref.device, ref.dtype))):
+            flat = torch.cat([q.reshape(-1) for i in b.entries for q in parts[i]]
+                             + ([q.reshape(-1) for q in empty] if k == 0 else []))
+            V = base.index_copy(0, dst, flat).view(b.n, b.D, b.R)
+            G = V.transpose(-1, -2) @ V
+            diag = torch.diagonal(G, dim1=-2, dim2=-1) / 2 + pad
+            t_inv = torch.triu(G, 1) + torch.diag_embed(diag)
+            Z = torch.linalg.solve_triangular(t_inv, V[:, :b.R, :].transpose(-1, -2), upper=True)
+            X = eye - V @ Z
+            start = 0
+            for i in b.entries:
+                d, r, _ = self.shapes[i]
+                out[i] = X[start:start + self.counts[i], :d, :r]
+                start += self.counts[i]
+        return out  # type: ignore[return-value]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sttp_compress.householder import frame, frame_inverse, frame_numel, reflectors
+from sttp_compress.householder import FramePlan, frame, frame_inverse, frame_numel, reflectors
 
 SHAPES = [(5, 3), (4, 4), (10, 1), (7, 2), (64, 16), (3, 1)]
 
@@ -84,3 +84,39 @@ def test_gradcheck_full_and_reduced():
 def test_batched_equals_one_by_one():
     p = torch.randn(5, frame_numel(12, 4), dtype=torch.float64)
     torch.testing.assert_close(frame(p, 12, 4), torch.stack([frame(q, 12, 4) for q in p]))
+
+
+def test_frame_plan_equals_frame_per_shape():
+    """Padded batched frames of many shapes (with reorderings and −I frames) equal frame() per shape."""
+    torch.manual_seed(0)
+    shapes = [(2, 2, True), (1, 1, False), (8, 4, False), (8, 4, True), (12, 4, True), (16, 8, False),
+              (9, 3, False), (64, 64, False), (6, 6, False)]
+    counts = [3, 2, 4, 5, 2, 3, 1, 2, 3]
+    orders = [None, None, [3, 1, 0, 2], None, [1, 0], None, None, None, None]
+    params = [torch.randn(c, frame_numel(d, r, red), dtype=torch.float64)
+              for (d, r, red), c in zip(shapes, counts)]
+    plan = FramePlan(shapes, counts, orders)
+    assert 1 < len(plan.buckets) < len(shapes)  # batched across shapes, but not all padded to 64x64
+    for b in plan.buckets:  # padding at most doubles the entries computed
+        assert b.n * b.D * b.R <= 2 * sum(counts[i] * shapes[i][0] * shapes[i][1] for i in b.entries)
+    out = plan(params)
+    for i, ((d, r, red), o) in enumerate(zip(shapes, orders)):
+        ref = frame(params[i], d, r, red)
+        ref = ref if o is None else ref[o]
+        torch.testing.assert_close(out[i], ref, rtol=0, atol=1e-12)
+    assert torch.equal(out[0], -torch.eye(2, dtype=torch.float64).expand(3, 2, 2))
+    # a list of row blocks per entry is the same as their concatenation
+    split = plan([list(p.split([1, p.shape[0] - 1])) if p.shape[0] > 1 else p for p in params])
+    for a, b in zip(out, split):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_frame_plan_gradcheck():
+    torch.manual_seed(1)
+    shapes, counts = [(5, 2, False), (6, 3, True), (3, 3, True), (4, 4, False)], [2, 1, 2, 1]
+    plan = FramePlan(shapes, counts, [[1, 0], None, None, None])
+    params = [torch.randn(c, frame_numel(d, r, red), dtype=torch.float64, requires_grad=True)
+              for (d, r, red), c in zip(shapes, counts)]
+    torch.autograd.gradcheck(lambda *p: tuple(plan(list(p))), tuple(params))
+    sum(x.sum() for x in plan(params)).backward()
+    assert params[2].grad is not None and params[2].grad.shape == (2, 0)  # −I frames still get a gradient
