@@ -204,9 +204,9 @@ class FramePlan:
             t_inv = torch.triu(G, 1) + torch.diag_embed(diag)
             Z = torch.linalg.solve_triangular(t_inv, V[:, :b.R, :].transpose(-1, -2), upper=True)
             X = eye - V @ Z
-            start = 0
-            for i in b.entries:
+            # split first, then crop each piece: slicing the entries out of X directly would make each
+            # one's backward a zero-filled copy of the whole bucket
+            for i, Xi in zip(b.entries, X.split([self.counts[i] for i in b.entries])):
                 d, r, _ = self.shapes[i]
-                out[i] = X[start:start + self.counts[i], :d, :r]
-                start += self.counts[i]
+                out[i] = Xi[:, :d, :r] if (d, r) != (b.D, b.R) else Xi
         return out  # type: ignore[return-value]
