@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
             "transformers": transformers.__version__, "torch": torch.__version__}
     md = (f"# all-MiniLM-L6-v2 compressed with STTP, distilled on text ({today()})\n\n"
           f"Held-out text: {len(held.dataset):,} lines of .data/text/heldout.txt (benchmarks/make_text_data.py). "
-          f"Distillation: {args.seconds:g} s budget per row.\n\n" + markdown_table(rows, COLUMNS))
+          + (f"Distillation: {args.steps} steps per row.\n\n" if args.steps else
+             f"Distillation: {args.seconds:g} s budget per row.\n\n") + markdown_table(rows, COLUMNS))
     write_results(args.name, rows, meta, md)
 
 
