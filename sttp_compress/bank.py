@@ -187,6 +187,7 @@ class WeightBank:
         if not (self.cuda_graph and flat and flat[0].is_cuda):
             return False
         if self._graphed is None:
+            self._plan(flat[0].device)  # the plan's index tensors exist before the capture
             torch.cuda.synchronize(flat[0].device)  # no collective or copy still running during capture
             try:
                 with torch.autocast(flat[0].device.type, enabled=False):

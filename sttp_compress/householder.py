@@ -110,9 +110,9 @@ class _Bucket:
     D: int  # padded rows
     R: int  # padded columns
     n: int  # frames
-    dst: list[int]  # flat (n, D, R) position of every free entry, in the order of the entries' params
-    ones: list[int]  # flat positions of the reflectors' unit diagonal
-    pad: list[int]  # flat (n, R) positions of padded columns (their T⁻¹ diagonal is set to 1)
+    dst: Tensor  # flat (n, D, R) position of every free entry, in the order of the entries' params
+    ones: Tensor  # flat positions of the reflectors' unit diagonal
+    pad: Tensor  # flat (n, R) positions of padded columns (their T⁻¹ diagonal is set to 1)
 
 
 class FramePlan:
@@ -142,7 +142,7 @@ class FramePlan:
             else:
                 groups.append([i])
         self.buckets = [self._bucket(g, orders) for g in groups]
-        self._const: dict[torch.device, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
+        self._const: dict[tuple[torch.device, torch.dtype], list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
 
     def _bucket(self, entries: list[int], orders) -> _Bucket:
         D = max(self.shapes[i][0] for i in entries)
@@ -150,18 +150,20 @@ class FramePlan:
         dst, ones, pad, base = [], [], [], 0
         for i in entries:
             d, r, red = self.shapes[i]
-            order = orders[i] if orders[i] is not None else range(self.counts[i])
-            slot = {src: base + j for j, src in enumerate(order)}  # input frame -> padded batch row
-            rows, cols = torch.tril_indices(r, r, offset=-1)
-            for src in range(self.counts[i]):
-                f = slot[src] * D * R
-                dst += [f + (r + k // r) * R + k % r for k in range((d - r) * r)]  # bottom, row-major
-                if not red:
-                    dst += (f + rows * R + cols).tolist()  # strict lower triangle of the top block
-                ones += [f + k * R + k for k in range(r)]
-                pad += [slot[src] * R + k for k in range(r, R)]
-            base += self.counts[i]
-        return _Bucket(entries, D, R, base, dst, ones, pad)
+            n = self.counts[i]
+            order = torch.as_tensor(orders[i] if orders[i] is not None else range(n), dtype=torch.long)
+            slot = torch.empty(n, dtype=torch.long)
+            slot[order] = base + torch.arange(n)  # input frame -> padded batch row
+            k = torch.arange((d - r) * r)
+            offs = (r + k // r) * R + k % r  # bottom rows, row-major
+            if not red:
+                rows, cols = torch.tril_indices(r, r, offset=-1)
+                offs = torch.cat([offs, rows * R + cols])  # then the strict lower triangle of the top block
+            dst.append((slot[:, None] * (D * R) + offs).reshape(-1))
+            ones.append((slot[:, None] * (D * R) + torch.arange(r) * (R + 1)).reshape(-1))
+            pad.append((slot[:, None] * R + torch.arange(r, R)).reshape(-1))
+            base += n
+        return _Bucket(entries, D, R, base, torch.cat(dst), torch.cat(ones), torch.cat(pad))
 
     def _constants(self, device: torch.device, dtype: torch.dtype):
         key = (device, dtype)
@@ -169,10 +171,10 @@ class FramePlan:
             out = []
             for b in self.buckets:
                 base = torch.zeros(b.n * b.D * b.R, dtype=dtype, device=device)
-                base[torch.tensor(b.ones, dtype=torch.long, device=device)] = 1.0
+                base[b.ones.to(device)] = 1.0
                 pad = torch.zeros(b.n * b.R, dtype=dtype, device=device)
-                pad[torch.tensor(b.pad, dtype=torch.long, device=device)] = 1.0
-                out.append((torch.tensor(b.dst, dtype=torch.long, device=device), base, pad.view(b.n, b.R),
+                pad[b.pad.to(device)] = 1.0
+                out.append((b.dst.to(device), base, pad.view(b.n, b.R),
                             torch.eye(b.D, b.R, dtype=dtype, device=device)))
             self._const[key] = out
         return self._const[key]
