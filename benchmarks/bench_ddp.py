@@ -1,6 +1,6 @@
 """Multi-GPU fine-tuning (issue: DistributedDataParallel): the ratio-10 ResNet-18 fine-tune on 1 and 2 GPUs.
 
-    python benchmarks/bench_ddp.py --data DIR [--gpus 1 2] [--global-batch 1024 512] [--epochs 5] [--runs 2]
+    python benchmarks/bench_ddp.py --data DIR [--gpus 1 2] [--global-batch 1024 2048] [--epochs 5] [--runs 2]
     python benchmarks/bench_ddp.py --quick          # CPU smoke test: tiny model, synthetic data, gloo
 
 DIR holds CIFAR-10 as `train/<class>/*.jpg` and `test/<class>/*.jpg` (the shared archive, extracted).
@@ -218,7 +218,7 @@ def main() -> None:
     ap.add_argument("--model", default=str(models / "resnet18_cifar10.pt"))
     ap.add_argument("--arch", default=str(models / "cifar_models.py") + ":resnet18_cifar")
     ap.add_argument("--gpus", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--global-batch", type=int, nargs="+", default=[1024, 512],
+    ap.add_argument("--global-batch", type=int, nargs="+", default=[1024, 2048],
                     help="global batch sizes, run in this order (the same for every GPU count)")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--runs", type=int, default=2,
