@@ -24,13 +24,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train_step import build as build_models  # noqa: E402
 from common import machine  # noqa: E402
 
 from sttp_compress import distributed  # noqa: E402
 from sttp_compress.bank import WeightBank  # noqa: E402
-from sttp_compress.convert import compress_to_target  # noqa: E402
 from sttp_compress.finetune import FinetuneConfig, _train_step, _wrap_ddp, build_optimizer  # noqa: E402
-from sttp_compress.loading import load_model, resolve_arch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +49,17 @@ def cuda_ms(fn, warmup: int = 5, repeat: int = 20) -> float:
     return statistics.median(times)
 
 
+def ce_step(net, opt, x, y):
+    """One bf16 cross-entropy train step of `net` on (x, y) with `opt`, as a closure to time."""
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(ROOT / ".carry" / "resnet18_cifar10.pt"))
@@ -65,12 +75,9 @@ def main() -> None:
     device = distributed.setup("cuda") if multi else torch.device("cuda")
     world = distributed.world() if multi else 1
     torch.backends.cudnn.benchmark = True
-    dense = load_model(args.model, args.arch) if Path(args.model).exists() else resolve_arch(args.arch)
+    dense, sttp, _ = build_models(args.model, args.arch, args.ratio)  # bench_train_step's: greedy allocation on the CPU
     dense = dense.to(device).train()
     teacher = copy.deepcopy(dense).eval()
-    sttp = copy.deepcopy(dense).cpu()
-    torch.manual_seed(0)
-    compress_to_target(sttp, ratio=args.ratio, allocation="greedy")
     sttp = sttp.to(device).train()
     cfg = FinetuneConfig(device=str(device))
     rows: list[dict] = []
@@ -94,31 +101,17 @@ def main() -> None:
         x = torch.randn(b, 3, 32, 32, device=device)
         y = torch.randint(0, 10, (b,), device=device)
 
-        def dense_step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = torch.nn.functional.cross_entropy(dense_net(x), y)
-            dense_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            dense_opt.step()
-
         def teacher_fwd():
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                 teacher(x)
-
-        def sttp_step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = torch.nn.functional.cross_entropy(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
 
         def distill_step():
             _train_step(sttp, teacher, (x, y), opt, trainable, cfg, device, True, check_labels=False, net=net)
 
         row = {"global_batch": gb, "rank_batch": b, "world": world}
-        row["dense_step_ms"] = cuda_ms(dense_step)  # under DDP too: the scaling a dense model gets
+        row["dense_step_ms"] = cuda_ms(ce_step(dense_net, dense_opt, x, y))  # under DDP too: a dense model's scaling
         row["teacher_fwd_ms"] = cuda_ms(teacher_fwd)
-        row["sttp_step_ms"] = cuda_ms(sttp_step)
+        row["sttp_step_ms"] = cuda_ms(ce_step(net, opt, x, y))
         row["distill_step_ms"] = cuda_ms(distill_step)
         row["images_per_s"] = gb / row["distill_step_ms"] * 1000
         rows.append(row)
