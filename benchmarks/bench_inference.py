@@ -1,6 +1,6 @@
 """Eval-mode latency of compressed models against their dense originals, with FLOPs per input row.
 
-    python benchmarks/bench_inference.py [--devices cpu cuda] [--threads N] [--modes materialized auto tt]
+    python benchmarks/bench_inference.py [--devices cpu cuda] [--threads N] [--modes materialized cached auto factors tt]
                                          [--gpu-dtype bf16|fp32] [--quick] [--merge]
 
 Models: the ratio-10 CIFAR ResNet-18 (input 3x32x32; the shared checkpoint, random weights when it is
@@ -10,15 +10,20 @@ keep the last Linear dense as the classifier). The ResNet-18 takes the per-layer
 `compress_to_target(model, ratio=10)` chose in bench_convert.py (benchmarks/results/convert.meta.json),
 or runs `compress_to_target` itself without that file.
 
-Batches 1 and 256, under torch.no_grad after warm-up, median of several runs. GPU rows run under bf16
-autocast by default (`--gpu-dtype fp32` for float32), CPU rows in float32. Modes:
-  materialized  the product's default inference path: in eval mode a compressed layer caches its built
-                dense weight, so it runs the same dense kernels;
-  auto          `sttp_compress.contract.use_shortcut(model)`: each compressed Linear picks the form with
-                the fewest FLOPs per row (factors or TT contraction) and uses it on every call whose rows
-                pay for the extra kernel calls, else its cached dense weight (ResNet-18: no compressed
-                Linear, so no row);
-  tt            use_shortcut(model, "tt"): the full TT contraction on every call (for reference).
+Batches 1 and 256 (plus 1024 and 4096 for the Linear stack: tokens, e.g. 16 sequences of 256), under
+torch.no_grad after warm-up, median of several runs. GPU rows run under bf16 autocast by default
+(`--gpu-dtype fp32` for float32), CPU rows in float32. Modes:
+  materialized  the serving path: `sttp_compress.freeze(model)` builds every weight once and binds it to
+                its layer as a plain tensor, so the layers run the dense kernels with no parametrization
+                in between;
+  cached        the compressed model as loaded, without freeze: in eval mode each layer caches its
+                built weight, but every call goes through torch.nn.utils.parametrize (for reference);
+  auto          `freeze(model, shortcut="auto")`: each compressed Linear whose factors form
+                y = ((x V) sigma) U^T needs fewer FLOPs uses it on the calls whose rows pay for the extra
+                kernel call (`contract.CALL_OVERHEAD_FLOPS` of the device), else its dense weight
+                (ResNet-18: no compressed Linear, so no row);
+  factors       the factors form forced on every call (freeze with zero overhead), to calibrate `auto`;
+  tt            `contract.use_shortcut(model, "tt")`: the full TT contraction on every call (reference).
 FLOPs are per input row (one image, one token), 2 per multiply-add, of the Conv/Linear layers only,
 for the form each layer runs at that batch. Rows {device, model, batch, mode, dtype, dense_ms,
 compressed_ms, speedup, ratio, dense_flops, compressed_flops, forms, load_avg} go to
@@ -47,6 +52,7 @@ from common import RESULTS, machine, markdown_table, merge_rows, print_table, ti
 
 from sttp_compress.convert import compress, compress_module, compress_to_target, count_parameters  # noqa: E402
 from sttp_compress.contract import remove_shortcut, row_flops, use_shortcut  # noqa: E402
+from sttp_compress.serve import freeze, unfreeze  # noqa: E402
 from sttp_compress.loading import load_model, resolve_arch  # noqa: E402
 from sttp_compress.tt import TTShape  # noqa: E402
 
@@ -123,10 +129,7 @@ def flops_per_row(model: nn.Module, x: torch.Tensor) -> int:
         total[0] += 2 * out[0].numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
 
     def linear_hook(m, inp, out):
-        rows = inp[0].numel() // m.in_features
-        sc = m.__dict__.get("_sttp_shortcut")
-        uses = sc is not None and (sc.overhead is None or rows * sc.saving >= sc.overhead.get(inp[0].device.type, 0.0))
-        per = row_flops(sc.p.tt, sc.form) if uses else 2 * m.in_features * m.out_features
+        form, per = layer_form(m, inp[0])
         total[0] += per * (out[0].numel() // m.out_features)
 
     hooks = []
@@ -142,16 +145,45 @@ def flops_per_row(model: nn.Module, x: torch.Tensor) -> int:
     return total[0]
 
 
+def layer_form(m: nn.Linear, x: torch.Tensor) -> tuple[str, int]:
+    """(form, FLOPs per row) a Linear runs for input x: a live shortcut (contract.use_shortcut), a frozen
+    factors form (serve.freeze(shortcut="auto")) or its dense weight."""
+    rows, dense = x.numel() // m.in_features, 2 * m.in_features * m.out_features
+    sc = m.__dict__.get("_sttp_shortcut")
+    if sc is not None:
+        uses = sc.overhead is None or rows * sc.saving >= sc.overhead.get(x.device.type, 0.0)
+        return (sc.form, row_flops(sc.p.tt, sc.form)) if uses else ("dense", dense)
+    min_rows = m.__dict__.get("_sttp_min_rows")
+    if min_rows is not None and rows >= min_rows.get(x.device.type, 0):
+        return "factors", 2 * m._sttp_vs.shape[0] * (m.in_features + m.out_features)
+    return "dense", dense
+
+
 def forms_used(model: nn.Module, x: torch.Tensor) -> str:
-    """Which form each shortcut layer runs at this batch, e.g. 'factors x4' or 'dense x2, factors x2'."""
-    rows = x.shape[0]
+    """Which form each compressed Linear runs at this batch, e.g. 'factors x4' or 'dense x2, factors x2'."""
     got = []
-    for m in model.modules():
-        sc = m.__dict__.get("_sttp_shortcut")
-        if sc is not None:
-            uses = sc.overhead is None or rows * sc.saving >= sc.overhead.get(x.device.type, 0.0)
-            got.append(sc.form if uses else "dense")
+    hooks = [m.register_forward_hook(lambda m, inp, out: got.append(layer_form(m, inp[0])[0]))
+             for m in model.modules() if isinstance(m, nn.Linear) and ("_sttp_shortcut" in m.__dict__
+                                                                       or "_sttp_min_rows" in m.__dict__)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
     return ", ".join(f"{f} x{got.count(f)}" for f in sorted(set(got))) or "-"
+
+
+def apply_mode(comp: nn.Module, mode: str) -> bool:
+    """Put the compressed model into `mode` (see the module doc); False when it changes nothing."""
+    unfreeze(comp)
+    remove_shortcut(comp)
+    if mode == "materialized":
+        freeze(comp)
+    elif mode in ("auto", "factors"):
+        forms = freeze(comp, "auto", overhead=None if mode == "auto" else {})
+        return any(f != "dense" for f in forms.values())
+    elif mode == "tt":
+        return any(f != "dense" for f in use_shortcut(comp, "tt").values())
+    return True
 
 
 def paired_ms(dense_fn, comp_fn, device: str, warmup: int, repeat: int) -> tuple[float, float]:
@@ -179,7 +211,9 @@ def main() -> None:
     ap.add_argument("--stack-width", type=int, default=4096)
     ap.add_argument("--stack-depth", type=int, default=4)
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 256])
-    ap.add_argument("--modes", nargs="*", default=["materialized", "auto"], choices=["materialized", "auto", "tt"])
+    ap.add_argument("--stack-batches", type=int, nargs="*", default=[1, 256, 1024, 4096])
+    ap.add_argument("--modes", nargs="*", default=["materialized", "cached", "auto", "factors"],
+                    choices=["materialized", "cached", "auto", "factors", "tt"])
     ap.add_argument("--devices", nargs="*", default=None)
     ap.add_argument("--gpu-dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
@@ -189,7 +223,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        args.stack_width, args.stack_depth, args.batches = 512, 2, [1, 8]
+        args.stack_width, args.stack_depth, args.batches, args.stack_batches = 512, 2, [1, 8], [1, 8]
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     notes: list[str] = []
     r_dense, r_comp = resnet18(args.model, args.arch, args.ratio, Path(args.ranks_from), notes)
@@ -207,7 +241,7 @@ def main() -> None:
         for name, (dense0, comp0, in_shape) in models.items():
             dense, comp = copy.deepcopy(dense0).to(dev).eval(), copy.deepcopy(comp0).to(dev).eval()
             ratio = count_parameters(dense) / count_parameters(comp)
-            for batch in args.batches:
+            for batch in (args.batches if name.startswith("resnet") else args.stack_batches):
                 torch.manual_seed(1)
                 x = torch.randn(batch, *in_shape, device=dev)
                 slow = not gpu and batch >= 64 and name.startswith("resnet")
@@ -217,33 +251,28 @@ def main() -> None:
                 with torch.no_grad(), torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=amp):
                     ref = dense(x)
                     dense_flops = flops_per_row(dense, x)
+                    apply_mode(comp, "cached")
+                    want = comp(x)  # what every mode must reproduce
                     for mode in args.modes:
-                        remove_shortcut(comp)
-                        if mode != "materialized":
-                            forms = use_shortcut(comp, "auto" if mode == "auto" else "tt")
-                            if not any(f != "dense" for f in forms.values()):
-                                continue  # nothing would change (ResNet-18: no compressed Linear)
+                        if not apply_mode(comp, mode):
+                            continue  # nothing would change (ResNet-18: no compressed Linear)
                         out = comp(x)
-                        if mode != "materialized":  # the shortcut must reproduce the materialized output
-                            remove_shortcut(comp)
-                            want = comp(x)
-                            use_shortcut(comp, "auto" if mode == "auto" else "tt")
-                            err = float((out.float() - want.float()).norm() / want.float().norm())
-                            # fp32: the same function up to rounding; bf16: recorded (other rounding order)
-                            assert amp or err < 1e-4, f"shortcut differs from the materialized output: {err:.2e}"
+                        err = float((out.float() - want.float()).norm() / want.float().norm())
+                        # fp32: the same function up to rounding; bf16: recorded (other rounding order)
+                        assert amp or err < 1e-4, f"{mode} differs from the parametrized output: {err:.2e}"
                         dense_ms, ms = paired_ms(lambda: dense(x), lambda: comp(x), dev, warmup, repeat)
                         rows.append({"device": machine(dev), "model": name, "batch": batch, "mode": mode,
                                      "dtype": dtype, "dense_ms": round(dense_ms, 3), "compressed_ms": round(ms, 3),
                                      "speedup": round(dense_ms / ms, 2), "ratio": round(ratio, 2),
                                      "dense_flops": dense_flops, "compressed_flops": flops_per_row(comp, x),
-                                     "forms": forms_used(comp, x) if mode != "materialized" else "-",
+                                     "forms": forms_used(comp, x),
                                      "out_rel_diff": round(float((out.float() - ref.float()).norm() / ref.float().norm()), 4),
-                                     "vs_materialized": None if mode == "materialized" else float(f"{err:.2g}"),
+                                     "vs_parametrized": float(f"{err:.2g}"),
                                      "load_avg": None if gpu else round(os.getloadavg()[0], 2),
                                      "date": today(), "product": product})
                         Console().print(f"{dev} {name} batch {batch} {mode}: dense {dense_ms:.3f} ms, "
                                         f"compressed {ms:.3f} ms")
-                    remove_shortcut(comp)
+                    apply_mode(comp, "cached")
     if args.quick:
         print_table("Eval-mode latency (--quick smoke test, not written)", rows,
                     ["device", "model", "batch", "mode", "dense_ms", "compressed_ms", "speedup", "forms"])
@@ -256,16 +285,18 @@ def main() -> None:
     md = (f"# Inference latency\n\nDate: {today()}. Script: `benchmarks/bench_inference.py`.\n\n"
           "Eval mode under torch.no_grad, median wall time after warm-up, dense and compressed calls alternating (GPU: 5 warm-up + 30 runs, bf16 "
           "autocast unless `dtype` says fp32; CPU: 3 + 15, ResNet-18 batch 256 on CPU 1 + 3, float32). "
-          "`materialized`: the product's default path, each compressed layer caching its built dense weight. "
-          "`auto`: `sttp_compress.contract.use_shortcut(model)` — each compressed Linear takes the form with "
-          "the fewest FLOPs per row (`forms`: what the layers ran at that batch; 'factors' = y = ((x V) sigma) "
-          "U^T with U, V contracted once) and falls back to its dense weight on calls whose rows do not pay "
-          "for the extra kernel calls. `tt`: the full TT contraction forced on every call. FLOPs are per "
+          "Modes (see the script's docstring): `materialized` = `sttp_compress.freeze(model)`, each built "
+          "weight bound to its layer as a plain tensor (the serving path); `cached` = the parametrized model "
+          "as loaded (eval-mode weight cache behind torch.nn.utils.parametrize); `auto` = "
+          "`freeze(model, shortcut=\"auto\")`, compressed Linears with fewer FLOPs in the factors form "
+          "y = ((x V) sigma) U^T use it on calls whose rows pay for the extra kernel call (`forms`: what the "
+          "layers ran at that batch), else the dense weight; `factors` = that form forced on every call; "
+          "`tt` = the full TT contraction on every call. FLOPs are per "
           "input row (image or token), 2 per multiply-add, Conv/Linear layers only. `out_rel_diff` = "
-          "||y_compressed - y_dense|| / ||y_dense|| (the compression error seen at the output); `vs_materialized` the "
-          "same against the materialized compressed model (rounding only). CPU rows: "
+          "||y_compressed - y_dense|| / ||y_dense|| (the compression error seen at the output); `vs_parametrized` the "
+          "same against the parametrized compressed model (rounding only). CPU rows: "
           "2 cores shared with other work, `load_avg` = 1-minute load average after the row.\n\n"
-          + markdown_table(rows, cols + ["out_rel_diff", "vs_materialized"])
+          + markdown_table(rows, cols + ["out_rel_diff", "vs_parametrized"])
           + "\n## Notes\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     write_results("inference", rows, {"date": today(), "script": "benchmarks/bench_inference.py", "product": product,
                                       "notes": notes}, md)

@@ -36,11 +36,12 @@ __all__ = ["FORMS", "TT_PENALTY", "CALL_OVERHEAD_FLOPS", "row_flops", "best_form
 
 FORMS = ("dense", "factors", "tt")
 TT_PENALTY = 4.0
-# FLOPs the extra kernel calls of a shortcut cost. CPU: measured (~40 µs at ~25 GFLOP/s). CUDA: a guess
-# to refine from bench_inference's GPU rows — 2 extra launches (~10 µs) against small-batch calls that
-# are memory-bound, where a row's FLOPs saved stand for weight bytes not read (a 4096² layer at ratio
-# 20 saves 28 MFLOPs a row, i.e. ~50 MB of bf16/fp32 weight traffic, tens of µs): 1e7 takes it at batch 1
-CALL_OVERHEAD_FLOPS = {"cpu": 1e6, "cuda": 1e7}
+# FLOPs the extra kernel calls of a shortcut cost. CPU: measured (~40 µs at ~25 GFLOP/s). CUDA: eager
+# calls of a few thousand rows are bound by their launches (~30 µs a Linear on an H200), not the GPU's
+# work, so an extra kernel pays only once the dense GEMM outlasts that: 1e10 FLOPs is ~15 µs at the
+# ~650 TFLOP/s of bf16 GEMMs (bench_inference: 4 x Linear(4096) at rank 318, factors vs dense 0.171 vs
+# 0.144 ms at 1 row, slower at 256 rows, faster at 4096 rows; 1e10 takes it from ~430 rows)
+CALL_OVERHEAD_FLOPS = {"cpu": 1e6, "cuda": 1e10}
 
 
 def _v_flops(modes: tuple[int, ...], ranks: list[int]) -> int:

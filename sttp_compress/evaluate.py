@@ -64,8 +64,9 @@ The Python API behind ``sttp-eval COMPRESSED [options]``::
     ``--input-shape``, else the checkpoint's metadata), or null when unknown.
 ``latency_ms``
     Median wall time of one forward pass at ``batch_size`` under ``torch.no_grad`` in milliseconds, after
-    warm-up, over at least 5 timed runs (CUDA is synchronised around each run). In eval mode the rebuilt
-    weights are cached, so this is the cost of the dense forward pass. Null when disabled or when no input
+    warm-up, over at least 5 timed runs (CUDA is synchronised around each run). The compressed
+    weights are built once and frozen into plain tensors (``sttp_compress.serve.frozen``), so this is
+    the cost of the dense forward pass. Null when disabled or when no input
     shape is known.
 ``throughput``
     Samples per second, ``batch_size / median seconds``; null with ``latency_ms``.
@@ -100,6 +101,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .checkpoint import load_compressed
 from .convert import compressed_layers, count_parameters, decompress
+from .serve import frozen
 from .data import (IMAGE_EXTENSIONS, TENSORS_PREFIX, ImageDataConfig, image_transforms,
                    is_tensor_spec, resolve_image_config, rgb_loader)
 from .errors import UserError
@@ -471,10 +473,11 @@ def _sync(device: torch.device) -> None:
 
 def _measure_latency(model: nn.Module, x: Tensor | dict[str, Tensor], device: torch.device,
                      bar: Any) -> tuple[float, int]:
-    """(median seconds, timed runs) of model(x) under no_grad, after WARMUP_RUNS untimed passes."""
+    """(median seconds, timed runs) of model(x) under no_grad, after WARMUP_RUNS untimed passes, with the
+    compressed weights frozen into plain tensors (`serve.frozen`: the serving path, at dense cost)."""
     task = bar.add_task("timing", total=None) if bar is not None else None
     times: list[float] = []
-    with torch.no_grad():
+    with frozen(model):
         for _ in range(WARMUP_RUNS):
             _forward(model, x, "compressed")
         _sync(device)

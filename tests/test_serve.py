@@ -1,0 +1,132 @@
+"""freeze/unfreeze/frozen: the compressed model's function with plain tensors, state_dict unchanged."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sttp_compress.convert import compress_module, parametrization
+from sttp_compress.layers import is_parametrized
+from sttp_compress.serve import freeze, frozen, is_frozen, unfreeze
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 96),
+                          nn.GELU(), nn.Linear(96, 80), nn.Linear(80, 5)).double()
+    compress_module(model[0], 4)
+    compress_module(model[2], 6)
+    compress_module(model[4], 10)  # model[5] stays dense
+    return model.eval()
+
+
+def test_freeze_keeps_the_function_the_state_dict_and_the_classes():
+    model = small_model()
+    x = torch.randn(7, 3, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    assert freeze(model) == {"0": "dense", "2": "dense", "4": "dense"}
+    assert [type(m) for m in model] == [nn.Conv2d, nn.Flatten, nn.Linear, nn.GELU, nn.Linear, nn.Linear]
+    assert all(is_frozen(model[i]) for i in (0, 2, 4)) and not is_frozen(model[5])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+    assert list(model.state_dict()) == list(sd)  # the frozen weights are not saved: still a compressed checkpoint
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k])
+    assert freeze(model) == {}  # already frozen: nothing to do
+    unfreeze(model)
+    assert all(is_parametrized(model[i]) and not is_frozen(model[i]) for i in (0, 2, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+
+
+def test_unfreeze_follows_parameter_changes_again():
+    model = small_model()
+    freeze(model)
+    spectrum = len(parametrization(model[2]).groups)  # the originals: frame groups, then the spectrum
+    with torch.no_grad():
+        getattr(model[2].parametrizations.weight, f"original{spectrum}").mul_(2.0)
+        stale = model[2].weight.clone()
+    unfreeze(model)
+    torch.testing.assert_close(model[2].weight.detach(), 2 * stale)
+
+
+def test_frozen_restores_the_mode_and_leaves_a_callers_freeze_alone():
+    model = small_model().train()
+    freeze(model[4:5])
+    with frozen(model) as m:
+        assert m is model and not model.training and not torch.is_grad_enabled()
+        assert all(is_frozen(model[i]) for i in (0, 2, 4))
+    assert model.training and torch.is_grad_enabled()
+    assert not is_frozen(model[0]) and not is_frozen(model[2]) and is_frozen(model[4])
+
+
+def test_frozen_weights_move_with_the_model_and_survive_deepcopy():
+    model = small_model()
+    freeze(model)
+    model.float()
+    assert model[2].weight.dtype == torch.float32
+    assert model[2].parametrizations.weight.original0.dtype == torch.float32
+    # leaves that require grad, like the dense parameters they stand for (autocast caches their casts)
+    assert model[2].weight.is_leaf and model[2].weight.requires_grad
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
+    unfreeze(twin)
+    assert is_parametrized(twin[2]) and is_frozen(model[2])
+
+
+def test_shortcut_auto_runs_the_factors_form_on_large_calls_only():
+    torch.manual_seed(0)
+    m = nn.Linear(96, 96).double()
+    compress_module(m, 8)
+    m.eval()
+    x_small, x_big = torch.randn(2, 96, dtype=torch.float64), torch.randn(50, 96, dtype=torch.float64)
+    with torch.no_grad():
+        want_small, want_big = m(x_small), m(x_big)
+    saving = 2 * 96 * 96 - (2 * 8 * (96 + 96) + 8)
+    assert freeze(m, "auto", overhead={"cpu": 10 * saving}) == {"": "factors"}
+    assert m._sttp_min_rows == {"cpu": 11}
+    calls = []
+    orig_linear = F.linear
+
+    def spy(x, w, b=None):
+        calls.append(tuple(w.shape))
+        return orig_linear(x, w, b)
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F, "linear", spy)
+        small, big = m(x_small), m(x_big)
+    # 2 rows: the dense weight; 50 rows: V σ, then U, the rank 8 padded with zeros to 16
+    assert calls == [(96, 96), (16, 96), (96, 16)]
+    torch.testing.assert_close(small, want_small, rtol=0, atol=0)
+    torch.testing.assert_close(big, want_big, rtol=1e-12, atol=1e-12)
+    unfreeze(m)
+    assert "forward" not in m.__dict__ and not hasattr(m, "_sttp_vs")
+    with torch.no_grad():
+        torch.testing.assert_close(m(x_big), want_big, rtol=0, atol=0)
+
+
+def test_shortcut_skips_embeddings_convolutions_and_multihead_attention():
+    torch.manual_seed(0)
+    emb, mha = nn.Embedding(64, 48), nn.MultiheadAttention(48, 4)
+    compress_module(emb, 6)
+    compress_module(mha.out_proj, 6)
+    model = nn.ModuleDict({"emb": emb, "mha": mha}).eval()
+    ids = torch.randint(0, 64, (5, 3))
+    with torch.no_grad():
+        h = emb(ids)
+        want = mha(h, h, h)[0]
+    assert freeze(model, "auto", overhead={"cpu": 0.0}) == {"emb": "dense", "mha.out_proj": "dense"}
+    with torch.no_grad():
+        torch.testing.assert_close(mha(emb(ids), emb(ids), emb(ids))[0], want, rtol=0, atol=0)
+
+
+def test_bad_shortcut_is_rejected():
+    with pytest.raises(ValueError, match="shortcut must be 'none' or 'auto'"):
+        freeze(small_model(), "tt")
+    assert parametrization(small_model()[2]) is not None
