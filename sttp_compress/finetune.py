@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -407,7 +408,10 @@ def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimi
     lr = cfg.resolved_lr
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=SGD_MOMENTUM, nesterov=True)
-    return torch.optim.AdamW(groups, lr=lr)
+    # fused on CUDA: one kernel for all parameters instead of a Python-driven update per tensor group
+    # (a compressed model has several small tensors per layer: 7 ms of CPU a MiniLM step on an H200)
+    fused = all(p.is_cuda and p.is_floating_point() for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 
 def build_scheduler(
@@ -509,6 +513,22 @@ def _train_step(
 
 
 WARMUP_STEPS = 10  # steps left out of images_per_s (CUDA-graph capture, cuDNN autotuning, allocator growth)
+
+
+def _attention_backends(device: torch.device) -> Any:
+    """On CUDA, scaled_dot_product_attention without the cuDNN backend for the training steps.
+
+    cuDNN's kernel spent ~1.8 ms of CPU per call (building its plan) when every batch of texts has
+    another padded length: 31 ms of a 63 ms MiniLM distillation step on an H200, whose GPU work was
+    ~18 ms. Flash and memory-efficient attention have no such per-shape cost. A no-op elsewhere.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        return nullcontext()
+    if device.type != "cuda":
+        return nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _set_epoch(loader: Iterable, epoch: int) -> None:
@@ -667,6 +687,8 @@ def finetune(
 
     if warmup == 0:
         start_clock()
+    attention = _attention_backends(device)
+    attention.__enter__()
     try:
         while step < total_steps:
             _set_epoch(train_loader, epoch)
@@ -721,6 +743,7 @@ def finetune(
                     break
             epoch += 1
     finally:
+        attention.__exit__(None, None, None)
         bar.close()
         if bank is not None:
             bank.detach()

@@ -38,6 +38,7 @@ COSINE_WEIGHT = 1.0  # weight of (1 − cos(student, teacher)) in the distillati
 MSE_WEIGHT = 1.0  # weight of ‖student − teacher‖² / mean ‖teacher‖² (scale-free MSE)
 HIDDEN_WEIGHT = 1.0  # weight of the layer-wise hidden-state term (0: sentence embeddings only)
 _TOKENIZE_CHUNK = 4096
+PAD_MULTIPLE = 8  # padded batch lengths: fewer distinct shapes, GEMM sizes tensor cores like
 
 
 def is_text_spec(spec: Any) -> bool:
@@ -91,13 +92,12 @@ class TokenizedTexts(Dataset):
         return TokenizedTexts([self.ids[i] for i in indices], self.pad_id)
 
     def collate_fn(self, batch: list[list[int]]) -> dict[str, Tensor]:
-        """Right-pad to the longest text: {"input_ids": (B, L) long, "attention_mask": (B, L) long}."""
-        longest = max(len(x) for x in batch)
-        ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for i, x in enumerate(batch):
-            ids[i, :len(x)] = torch.as_tensor(x, dtype=torch.long)
-            mask[i, :len(x)] = 1
+        """Right-pad to the longest text rounded up to a multiple of PAD_MULTIPLE:
+        {"input_ids": (B, L) long, "attention_mask": (B, L) long}. One tensor per batch, built from
+        padded lists (a copy per text cost ~5 ms of CPU a MiniLM step of 128 texts)."""
+        longest = -(-max(len(x) for x in batch) // PAD_MULTIPLE) * PAD_MULTIPLE
+        ids = torch.tensor([x + [self.pad_id] * (longest - len(x)) for x in batch], dtype=torch.long)
+        mask = torch.tensor([[1] * len(x) + [0] * (longest - len(x)) for x in batch], dtype=torch.long)
         return {"input_ids": ids, "attention_mask": mask}
 
 

@@ -227,10 +227,12 @@ def test_read_texts(tmp_path):
 def test_collate_pads_right_with_the_pad_id(tiny):
     data = tokenize_texts(["a cat", "the man plays the guitar"], tiny)
     b = data.collate_fn([data[0], data[1]])
-    n0 = len(data[0])
-    assert b["input_ids"].shape == b["attention_mask"].shape == (2, len(data[1]))
-    assert b["attention_mask"][0].tolist() == [1] * n0 + [0] * (len(data[1]) - n0)
-    assert (b["input_ids"][0, n0:] == data.pad_id).all()
+    n0, n1 = len(data[0]), len(data[1])
+    width = -(-n1 // 8) * 8  # the longest text, rounded up to a multiple of 8
+    assert b["input_ids"].shape == b["attention_mask"].shape == (2, width)
+    assert b["attention_mask"].tolist() == [[1] * n0 + [0] * (width - n0), [1] * n1 + [0] * (width - n1)]
+    assert (b["input_ids"][0, n0:] == data.pad_id).all() and (b["input_ids"][1, n1:] == data.pad_id).all()
+    assert b["input_ids"][1, :n1].tolist() == data[1]
 
 
 def test_losses_and_agreement():

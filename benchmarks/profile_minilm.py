@@ -1,0 +1,105 @@
+"""Where a MiniLM text-distillation step's time goes (GPU): the product's step against its parts.
+
+    python benchmarks/profile_minilm.py --model-dir .carry-hf/minilm16 [--batch-size 128]
+
+Builds the ratio-4 student of bench_minilm (token embedding at rank 384, frequency-weighted, the rest
+allocated by compress_to_target) and times, per step at the distillation batch size: the product's
+distillation step (`text.distill_embeddings`, difference of two runs' wall times), the same loop with
+a dense (uncompressed) student, and the teacher's forward alone; then prints a torch.profiler table of
+a few product steps (self CPU and CUDA time per op). Prints only; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_minilm import _find, _model_dir  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+
+    from sttp_compress.convert import compress_module, compress_to_target, count_parameters
+    from sttp_compress.data import make_loaders
+    from sttp_compress.finetune import FinetuneConfig
+    from sttp_compress.hf import load_encoder
+    from sttp_compress.text import EmbeddingDistillLoss, distill_embeddings, text_datasets, token_weights
+
+    device = args.device
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    folder = _model_dir(args.model_dir)
+    teacher = load_encoder(folder).to(device)
+    train_ds, _ = text_datasets(f"text:{_find('distill.txt')}", folder)
+    weights = token_weights(train_ds, teacher.embeddings.word_embeddings.num_embeddings)
+    student = copy.deepcopy(teacher).cpu()
+    total = count_parameters(student)
+    compress_module(student.embeddings.word_embeddings, 384, "sttp", row_weight=weights)
+    compress_to_target(student, ratio=count_parameters(student) / (total / 4.0),
+                       include=["encoder.*", "embeddings.position_embeddings"])
+    print(f"student {count_parameters(student):,} params (ratio {total / count_parameters(student):.2f})", flush=True)
+    loader = make_loaders(train_ds, None, args.batch_size, 0, 0, device)[0]
+
+    def step_ms(model) -> float:
+        cfg = FinetuneConfig(steps=1, batch_size=args.batch_size, device=device, workers=0, log_every=50,
+                             select_best=False, loss_fn=EmbeddingDistillLoss())
+        times = {}
+        for n in (10, 10, 10 + args.steps):
+            cfg.steps = n
+            probe = copy.deepcopy(model)
+            sync()
+            t0 = time.perf_counter()
+            distill_embeddings(probe, teacher, loader, None, cfg, progress=False)
+            sync()
+            times[n] = time.perf_counter() - t0
+        return 1000 * (times[10 + args.steps] - times[10]) / args.steps
+
+    def teacher_ms() -> float:
+        batches = [{k: v.to(device) for k, v in b.items()} for _, b in zip(range(20), loader)]
+        with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"):
+            for b in batches[:5]:
+                teacher(**b)
+            sync()
+            t0 = time.perf_counter()
+            for b in batches:
+                teacher(**b)
+            sync()
+        return 1000 * (time.perf_counter() - t0) / len(batches)
+
+    lengths = [len(x) for _, b in zip(range(50), loader) for x in b["attention_mask"]]
+    print(f"batch {args.batch_size}: mean tokens per text {sum(lengths) / len(lengths):.1f}", flush=True)
+    print(f"teacher forward (bf16 autocast, no grad): {teacher_ms():.2f} ms", flush=True)
+    print(f"distillation step, dense student: {step_ms(copy.deepcopy(teacher).cpu()):.2f} ms", flush=True)
+    print(f"distillation step, STTP student:  {step_ms(student):.2f} ms", flush=True)
+    if args.no_profile:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = FinetuneConfig(steps=30, batch_size=args.batch_size, device=device, workers=0, log_every=50,
+                         select_best=False, loss_fn=EmbeddingDistillLoss())
+    probe = copy.deepcopy(student)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        distill_embeddings(probe, teacher, loader, None, cfg, progress=False)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=50))
+
+
+if __name__ == "__main__":
+    main()
