@@ -120,7 +120,8 @@ class _Shortcut:
 
     def factors(self, originals: tuple[Tensor, ...], dtype: torch.dtype) -> tuple:
         """(V, σ, Uᵀ) or (U cores, σ, V cores) in `dtype`, built in float32 or better, cached."""
-        key = tuple((id(o), o._version, o.device, o.dtype) for o in originals) + (self.p.scale._version, dtype)
+        key = tuple((id(o), o._version, o.device, o.dtype) for o in originals) + (
+            self.p.scale._version, getattr(self.p, "generation", 0), dtype)
         if key != self._key:
             with torch.no_grad(), torch.autocast(originals[0].device.type, enabled=False):
                 u, s, v = chain_cores(self.p, originals)

@@ -115,6 +115,7 @@ class SpectralTT(nn.Module):
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("signs", torch.ones(self.tt.middle) if spectrum == "identity" else None)
         self._cache: tuple | None = None
+        self.generation = 0  # bumped by every train()/eval() call
         self.skip_conversion = False  # set while attaching a structure that a state_dict will fill
         self.override: Tensor | None = None  # a weight a WeightBank built for the current forward
 
@@ -216,6 +217,14 @@ class SpectralTT(nn.Module):
                                         self.row_scale_param(originals))
         self._cache = (key, W) if use_cache else None
         return W
+
+    def train(self, mode: bool = True) -> "SpectralTT":
+        """Also forget the cached eval-mode weight: optimizers that update in place without bumping
+        the tensors' version counters (AdamW(fused=True)) would otherwise leave it stale; the
+        train → eval switch after such steps rebuilds it."""
+        self._cache = None
+        self.generation = getattr(self, "generation", 0) + 1  # for caches outside the layer (the shortcut's)
+        return super().train(mode)
 
     # -- weight → parameters (the conversion) ------------------------------------------------
     def placeholder(self, like: Tensor) -> tuple[Tensor, ...]:

@@ -289,3 +289,33 @@ def test_row_scaled_gradcheck_float64_and_bank_matches_forward():
     (built,) = WeightBank(nn.Sequential(m))._build(*_originals(m))
     torch.testing.assert_close(built, m.weight)
 
+
+
+def test_eval_cache_is_rebuilt_after_a_fused_optimizer_step():
+    """AdamW(fused=True) updates in place without bumping version counters: the train/eval switch
+    must still drop the cached weight (fine-tunes through the weight bank, whose forwards never touch
+    the cache, kept the pre-training weight for evaluation)."""
+    from sttp_compress.bank import WeightBank
+    from sttp_compress.convert import compress_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 36))
+    compress_module(model[0], 5)
+    model.eval()
+    with torch.no_grad():
+        cached = model[0].weight.clone()
+    model.train()
+    bank = WeightBank(model).attach()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    model(torch.randn(8, 24)).square().sum().backward()
+    versions = [p._version for p in model.parameters()]
+    opt.step()
+    bank.detach()
+    assert [p._version for p in model.parameters()] == versions  # the hazard: nothing marks the update
+    model.eval()
+    with torch.no_grad():
+        rebuilt = model[0].weight.clone()
+        model.train()
+        fresh = model[0].weight.clone()
+    assert not torch.allclose(rebuilt, cached)
+    torch.testing.assert_close(rebuilt, fresh, rtol=0, atol=0)

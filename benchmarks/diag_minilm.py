@@ -1,0 +1,40 @@
+"""Diagnostic (not a benchmark): short MiniLM distillations with parts of the fast step switched off."""
+import copy, sys, time
+from contextlib import nullcontext
+from pathlib import Path
+import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1])); sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_minilm import _find, _heldout_loader
+import sttp_compress.finetune as ft
+from sttp_compress.convert import compress_module, compress_to_target, count_parameters
+from sttp_compress.data import make_loaders
+from sttp_compress.hf import load_encoder
+from sttp_compress.text import EmbeddingDistillLoss, distill_embeddings, text_datasets, token_weights, embed, embedding_agreement
+dev = "cuda"
+folder = '.carry-hf/minilm16'
+teacher = load_encoder(folder).to(dev)
+train_ds, val_ds = text_datasets(f"text:{_find('distill.txt')}", folder)
+weights = token_weights(train_ds, teacher.embeddings.word_embeddings.num_embeddings)
+held = _heldout_loader(Path(folder), _find('heldout.txt'), 1000, 256)
+ref = embed(teacher, held, dev)
+base = copy.deepcopy(teacher).cpu()
+total = count_parameters(base)
+compress_module(base.embeddings.word_embeddings, 384, "sttp", row_weight=weights)
+compress_to_target(base, ratio=count_parameters(base) / (total / 4.0), include=["encoder.*", "embeddings.position_embeddings"])
+loader, val_loader = make_loaders(train_ds, val_ds.subset(range(1000)), 128, 0, 0, dev)
+AdamW = torch.optim.AdamW
+attn = ft._attention_backends
+steps = int(sys.argv[1]) if len(sys.argv) > 1 else 200
+for name in sys.argv[2:] or ["new", "nofused", "nosdpa", "nograph", "old"]:
+    torch.optim.AdamW = AdamW if name in ("new", "nosdpa", "nograph") else (lambda *a, fused=None, **k: AdamW(*a, **k))
+    ft._attention_backends = attn if name in ("new", "nofused", "nograph") else (lambda d: nullcontext())
+    cfg = ft.FinetuneConfig(steps=steps, batch_size=128, device=dev, workers=0, log_every=50, select_best=False,
+                            loss_fn=EmbeddingDistillLoss(), cuda_graph=name != "nograph")
+    s = copy.deepcopy(base).to(dev)
+    t = time.time()
+    block = distill_embeddings(s, teacher, loader, val_loader, cfg, progress=False)
+    torch.cuda.synchronize()
+    el = time.time() - t
+    print(f"{name:8s} steps {steps} {el:6.1f} s  cosine {embedding_agreement(embed(s, held, dev), ref)['cosine']:.4f}", flush=True)
+    print("  curve (epoch, train loss):", [(round(c["epoch"], 2), round(c["train_loss"], 4)) for c in block["curve"]],
+          "val cosine", block.get("val_cosine_after"), flush=True)
