@@ -1,4 +1,7 @@
-"""Diagnostic (not a benchmark): short MiniLM distillations with parts of the fast step switched off."""
+"""Diagnostic (prints only): short MiniLM distillations with parts of the distillation step switched.
+
+    python benchmarks/diag_minilm.py STEPS [current fused cudnn nograph]   # GPU, .carry-hf/minilm16
+"""
 import copy, sys, time
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,9 +28,12 @@ loader, val_loader = make_loaders(train_ds, val_ds.subset(range(1000)), 128, 0, 
 AdamW = torch.optim.AdamW
 attn = ft._attention_backends
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 200
-for name in sys.argv[2:] or ["new", "nofused", "nosdpa", "nograph", "old"]:
-    torch.optim.AdamW = AdamW if name in ("new", "nosdpa", "nograph") else (lambda *a, fused=None, **k: AdamW(*a, **k))
-    ft._attention_backends = attn if name in ("new", "nofused", "nograph") else (lambda d: nullcontext())
+# variants: current = the product's step; fused = AdamW(fused=True); cudnn = attention with the cuDNN
+# backend allowed (the step before 2026-11-29 used both cuDNN attention and unfused AdamW); nograph = no
+# CUDA graph for the weight bank
+for name in sys.argv[2:] or ["current", "fused", "cudnn", "nograph"]:
+    torch.optim.AdamW = (lambda *a, **k: AdamW(*a, **k, fused=True)) if name == "fused" else AdamW
+    ft._attention_backends = (lambda d: nullcontext()) if name == "cudnn" else attn
     cfg = ft.FinetuneConfig(steps=steps, batch_size=128, device=dev, workers=0, log_every=50, select_best=False,
                             loss_fn=EmbeddingDistillLoss(), cuda_graph=name != "nograph")
     s = copy.deepcopy(base).to(dev)
