@@ -34,7 +34,7 @@ from common import machine, markdown_table, merge_rows, print_table, today, writ
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".data" / "text"
-COLUMNS = ["ratio", "method", "allocation", "token_weighting", "include", "batch", "hidden_weight", "achieved_ratio", "params", "convert_seconds", "cosine_before",
+COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "hidden_weight", "achieved_ratio", "params", "convert_seconds", "cosine_before",
            "nn_agreement_before", "cosine_after", "nn_agreement_after", "steps", "seconds", "device"]
 
 
@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-token-weighting", action="store_true",
                     help="convert the token embedding unweighted (default: weighted by the distillation "
                          "texts' token counts, as sttp-compress does with --data text:FILE)")
+    ap.add_argument("--activation-aware", action="store_true",
+                    help="column-scaled conversion of the Linears, weighted by their input scales on 16 "
+                         "batches of the distillation texts (sttp-compress's default with text data)")
     ap.add_argument("--hidden-weight", type=float, default=None, help="layer-wise term weight (default text.HIDDEN_WEIGHT)")
     ap.add_argument("--heldout-limit", type=int, default=None, help="use only the first N held-out texts")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: ratio 4 only, 200 held-out texts, 4 steps")
@@ -155,6 +158,14 @@ def main(argv: list[str] | None = None) -> None:
     from sttp_compress.text import token_weights
 
     weights = None if args.no_token_weighting else token_weights(train_ds, teacher.embeddings.word_embeddings.num_embeddings)
+    col_weights = None
+    if args.activation_aware:
+        from sttp_compress.activation import calibration_batches, input_scales
+        from sttp_compress.convert import candidate_layers
+
+        probe_model = copy.deepcopy(teacher).cpu()
+        col_weights = input_scales(probe_model, candidate_layers(probe_model, ["*"])[0], calibration_batches(train_ds))
+        del probe_model
     emb_name = teacher.token_embedding_name()
     total = count_parameters(teacher)
     rows = []
@@ -174,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
             rest_include = ["encoder.*", "embeddings.position_embeddings"]
             row_weights = None
         parts = compress_to_target(student, ratio=rest_ratio, method=args.method, allocation=args.allocation,
-                                   include=rest_include, row_weights=row_weights)
+                                   include=rest_include, row_weights=row_weights, col_weights=col_weights)
         parts["totals"]["ratio"] = total / count_parameters(student)
         parts["totals"]["params_compressed"] = count_parameters(student)
         convert_s = time.perf_counter() - t1
@@ -206,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         row = {"ratio": float(ratio), "method": args.method,
                "allocation": args.allocation + (f", embedding rank {emb_rank}" if emb_rank and include else ""),
                "token_weighting": bool(row_weights or (emb_rank and include and weights is not None)),
+               "activation_aware": bool(col_weights),
                "include": "*" if include else "encoder only", "batch": cfg.batch_size, "hidden_weight": loss.hidden,
                "achieved_ratio": round(parts["totals"]["ratio"], 3), "params": parts["totals"]["params_compressed"],
                "convert_seconds": round(convert_s, 2), "cosine_before": round(before["cosine"], 4),

@@ -213,11 +213,14 @@ class _Profile:
 
     Keeps what every rank shares: the weight as a float32 matrix (a view when it already is one),
     ‖W‖², and W Wᵀ for the U chains when d_out <= d_in (`tt_error2`). With `row_weight` w the error is
-    that of diag(√w)·W, the matrix a row-scaled conversion factorizes (layers.SpectralTT).
+    that of diag(√w)·W, the matrix a row-scaled conversion factorizes (layers.SpectralTT); with
+    `col_weight` c that of W·diag(√c) (column-scaled).
     """
 
-    def __init__(self, module: nn.Module, kind: str, method: str, row_weight: Tensor | None = None):
+    def __init__(self, module: nn.Module, kind: str, method: str, row_weight: Tensor | None = None,
+                 col_weight: Tensor | None = None):
         self.module, self.kind, self.method, self.row_weight = module, kind, method, row_weight
+        self.col_weight = col_weight
         self._W: Tensor | None = None
         self._gram: Tensor | None = None
         self._n2 = 0.0
@@ -229,6 +232,8 @@ class _Profile:
             W = to_matrix(self.kind, weight)
             if self.row_weight is not None:
                 W = W * torch.as_tensor(self.row_weight, dtype=W.dtype, device=W.device).reshape(-1, 1).sqrt()
+            if self.col_weight is not None:
+                W = W * torch.as_tensor(self.col_weight, dtype=W.dtype, device=W.device).reshape(1, -1).sqrt()
             if self.method == "sttp":  # the zero-padded tensorization (tt.padded_size)
                 W = pad_matrix(W, *matrix_factors(self.kind, tuple(weight.shape)))
             self._n2 = float(W.square().sum())
@@ -259,20 +264,21 @@ class _Profile:
 
 
 def layer_options(name: str, module: nn.Module, method: str = "sttp", spectrum: str = "free",
-                  with_errors: bool = True, eager: bool = False, row_weight: Tensor | None = None) -> LayerOptions:
+                  with_errors: bool = True, eager: bool = False, row_weight: Tensor | None = None,
+                  col_weight: Tensor | None = None) -> LayerOptions:
     """Options on a geometric rank grid (1, 1.5, 2, 3, 4, 6, …) while DOF < numel, plus DENSE.
 
     With errors, each grid rank's error is profiled lazily (`LayerOptions.error2`) from the module's
     weight at that time, or all at once with `eager`. A `row_weight` makes the options row-scaled
-    (d_out more parameters each) and their errors row-weighted (`_Profile`).
+    (d_out more parameters each) and their errors row-weighted (`_Profile`); a `col_weight` the same
+    on the input side (d_in more).
     """
     kind = weight_kind(module)
     W = getattr(module, weight_name(module))
     opts = LayerOptions(name, kind, tuple(W.shape), W.numel(), method, spectrum)
     shape = opts.weight_shape
     out_f, in_f = matrix_factors(kind, shape)
-    if row_weight is not None:
-        opts.extra = math.prod(out_f)
+    opts.extra = (math.prod(out_f) if row_weight is not None else 0) + (math.prod(in_f) if col_weight is not None else 0)
     last = None
     for r in _GRID:
         tt = TTShape.from_dims(out_f, in_f, r, method)
@@ -288,7 +294,7 @@ def layer_options(name: str, module: nn.Module, method: str = "sttp", spectrum: 
     opts.dofs.append(opts.numel)
     opts.err2 = [None] * (len(opts.ranks) - 1) + [0.0]
     if with_errors:
-        opts.profile = _Profile(module, kind, method, row_weight)
+        opts.profile = _Profile(module, kind, method, row_weight, col_weight)
         if eager:
             for i in range(len(opts.ranks)):
                 opts.error2(i)

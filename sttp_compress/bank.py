@@ -173,7 +173,7 @@ class WeightBank:
         for node in self.tree:
             contract(node, None)
         return tuple(p.weight_from_factors(final[(li, "u")], p.sigma(p.spectrum_param(o)), final[(li, "v")],
-                                           p.row_scale_param(o))
+                                           p.row_scale_param(o), p.col_scale_param(o))
                      for li, (p, o) in enumerate(zip(self.layers, originals)))
 
     def prepare(self) -> bool:

@@ -104,7 +104,8 @@ def load_compressed(path: str | os.PathLike, arch: str | None = None) -> tuple[n
             raise UserError(f"architecture {spec} does not match {path}: layer {name} is {found}, "
                             f"the checkpoint has {cfg['weight_shape']}")
         compress_module(m, cfg["rank"], cfg["method"], cfg["spectrum"], convert=False,
-                        row_scaled=bool(cfg.get("row_scaled", False)))
+                        row_scaled=bool(cfg.get("row_scaled", False)),
+                        col_scaled=bool(cfg.get("col_scaled", False)))
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in data["state_dict"].items()}
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:

@@ -74,6 +74,10 @@ def compress_cmd(
     bn_recalibrate: int = typer.Option(0, help="Re-estimate BatchNorm statistics on this many batches before fine-tuning."),
     token_weighting: bool = typer.Option(True, help="With --data text:FILE and the token embedding included: fit "
                                          "its conversion to the tokens' frequencies in FILE (row-scaled STTP)."),
+    activation_aware: Optional[bool] = typer.Option(
+        None, "--activation-aware/--no-activation-aware",
+        help="Fit each compressed Linear's conversion to the scale of its inputs on 16 batches of the "
+             "fine-tuning data (column-scaled STTP). Default: on with --data text:FILE, off for images."),
     image_size: Optional[int] = typer.Option(None, help="Image side (default: from the data; 224 for large images)."),
     mean: Optional[str] = typer.Option(None, help="Normalisation mean, comma-separated (default ImageNet's)."),
     std: Optional[str] = typer.Option(None, help="Normalisation std, comma-separated (default ImageNet's)."),
@@ -111,6 +115,7 @@ def compress_cmd(
                       train_data=train_data, val_data=val_data, image_size=image_size,
                       mean=_floats(mean, "--mean"), std=_floats(std, "--std"), augment=augment, finetune=ft,
                       bn_recalibrate=bn_recalibrate, token_weighting=token_weighting,
+                      activation_aware=activation_aware,
                       layer_ranks=_layer_ranks(layer_rank),
                       progress=not quiet and not json_out)
     if example:

@@ -186,8 +186,8 @@ def use_shortcut(model: nn.Module, form: str = "auto", tt_penalty: float = TT_PE
             continue
         p = next(q for q in m.parametrizations.weight if isinstance(q, SpectralTT))
         f = best_form(p.tt, tt_penalty) if form == "auto" else form
-        if _padded(p) or p.row_scaled:
-            f = "dense"  # zero-padded (tt.padded_size: its factors hold the padding too) or row-scaled
+        if _padded(p) or p.row_scaled or p.col_scaled:
+            f = "dense"  # zero-padded (tt.padded_size: its factors hold the padding too) or row/column-scaled
         chosen[name] = f
         _remove(m)
         if f != "dense":

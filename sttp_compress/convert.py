@@ -42,26 +42,29 @@ def named_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def compress_module(module: nn.Module, rank: int, method: str = "sttp", spectrum: str = "free",
                     convert: bool = True, row_scaled: bool = False,
-                    row_weight: torch.Tensor | None = None) -> SpectralTT:
+                    row_weight: torch.Tensor | None = None, col_scaled: bool = False,
+                    col_weight: torch.Tensor | None = None) -> SpectralTT:
     """Register an STTP (or SVDP) parametrization on `module.weight` (MHA: `in_proj_weight`), converted by TT-SVD.
 
     With convert=False the structure is attached with zero parameters (no TT-SVD), ready for
     `load_state_dict` of a compressed checkpoint. `row_weight` (one positive value per row of the
     weight matrix, e.g. per token of an embedding) makes it row-scaled and weights the TT-SVD's error
-    by it (see SpectralTT).
+    by it (see SpectralTT); `col_weight` (one per column, e.g. the input features' activation scale)
+    does the same on the input side.
     """
     kind = weight_kind(module)
     if is_parametrized(module):
         raise ValueError(f"{type(module).__name__} is already compressed")
     W = weight_of(module)
-    p = SpectralTT(kind, tuple(W.shape), rank, method, spectrum, row_scaled or row_weight is not None).to(W.device)
-    p.row_weight = row_weight
+    p = SpectralTT(kind, tuple(W.shape), rank, method, spectrum, row_scaled or row_weight is not None,
+                   col_scaled or col_weight is not None).to(W.device)
+    p.row_weight, p.col_weight = row_weight, col_weight
     p.skip_conversion = not convert
     # unsafe: skip parametrize's check that builds the weight once more; right_inverse returns exactly the
     # parameters forward() expects (tests/test_layers.py), and that build was a sixth of a layer's conversion
     parametrize.register_parametrization(module, weight_name(module), p, unsafe=True)
     p.skip_conversion = False
-    p.row_weight = None  # used once, by the conversion
+    p.row_weight = p.col_weight = None  # used once, by the conversion
     return p
 
 
@@ -191,10 +194,15 @@ def _unparametrize(m: nn.Module, name: str) -> None:
     setattr(m, name, nn.Parameter(w, requires_grad=trainable))
 
 
-def _weighted_error(W1: torch.Tensor, W0: torch.Tensor, kind: str, row_weight: torch.Tensor) -> float:
-    """‖diag(√w)(W1 − W0)‖ / ‖diag(√w) W0‖ on the weight matrices."""
-    w = torch.as_tensor(row_weight, dtype=torch.float64).reshape(-1, 1).to(W0.device)
+def _weighted_error(W1: torch.Tensor, W0: torch.Tensor, kind: str, row_weight: torch.Tensor | None,
+                    col_weight: torch.Tensor | None = None) -> float:
+    """‖diag(√w)(W1 − W0)diag(√c)‖ / ‖diag(√w) W0 diag(√c)‖ on the weight matrices (w: row, c: column weights)."""
     D, M = to_matrix(kind, (W1 - W0).double()), to_matrix(kind, W0.double())
+    w = torch.ones((), dtype=torch.float64, device=W0.device)
+    if row_weight is not None:
+        w = w * torch.as_tensor(row_weight, dtype=torch.float64).reshape(-1, 1).to(W0.device)
+    if col_weight is not None:
+        w = w * torch.as_tensor(col_weight, dtype=torch.float64).reshape(1, -1).to(W0.device)
     return float(((D.square() * w).sum() / (M.square() * w).sum().clamp_min(1e-60)).sqrt())
 
 
@@ -227,7 +235,8 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
                        include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
                        on_layer: Callable[[str], None] | None = None,
                        spectra_of: int = 4, row_weights: Mapping[str, torch.Tensor] | None = None,
-                       layer_ranks: Mapping[str, int] | None = None) -> dict:
+                       layer_ranks: Mapping[str, int] | None = None,
+                       col_weights: Mapping[str, torch.Tensor] | None = None) -> dict:
     """Compress `model` in place at one rank or to a whole-model ratio (eq. 11); return the report parts.
 
     Returns {"layers": [...], "skipped": [...], "totals": {...}, "spectra": {name: (before, after)}}
@@ -235,12 +244,14 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
     `row_weights` {layer name: one weight per row} makes those layers row-scaled, their conversion
     and allocation error row-weighted (e.g. an embedding by token frequency: `text.token_weights`);
     a layer's `rel_error` stays the plain Frobenius error, `weighted_rel_error` is added.
+    `col_weights` {layer name: one weight per column} does the same on the input side (e.g. each input
+    feature's activation scale: `activation.input_scales`).
     `layer_ranks` {layer name: rank} pins those layers' ranks; with a ratio the others share what is left.
     """
     from .allocate import DENSE, allocate, budget_for_ratio, check_reachable, layer_options
     from .errors import UserError
 
-    row_weights, layer_ranks = dict(row_weights or {}), dict(layer_ranks or {})
+    row_weights, layer_ranks, col_weights = dict(row_weights or {}), dict(layer_ranks or {}), dict(col_weights or {})
 
     check_target(ratio, rank)
     params_original = count_parameters(model)
@@ -257,7 +268,8 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
         for n, m in chosen.items():
             free = n not in layer_ranks
             (opts if free else pinned).append(layer_options(n, m, method, spectrum, row_weight=row_weights.get(n),
-                                                            with_errors=free and allocation == "greedy"))
+                                                            with_errors=free and allocation == "greedy",
+                                                            col_weight=col_weights.get(n)))
         # parameters outside the allocation: dense layers, and the pinned layers at their rank (or dense)
         fixed = params_original - sum(o.numel for o in opts) - sum(
             o.numel - min(o.numel, o.dof(layer_ranks[o.name])) for o in pinned)
@@ -277,10 +289,12 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
         numel = W0.numel()
         if r == DENSE:
             skipped[name] = "kept dense by the allocation (compressing it was not worth its parameters)"
-        elif SpectralTT(kind, tuple(W0.shape), r, method, spectrum, name in row_weights).dof() >= numel:
+        elif SpectralTT(kind, tuple(W0.shape), r, method, spectrum, name in row_weights,
+                        name in col_weights).dof() >= numel:
             skipped[name] = f"rank {r} would not save parameters (DOF >= {numel:,} weights)"
         else:
-            p = compress_module(m, r, method, spectrum, row_weight=row_weights.get(name))
+            p = compress_module(m, r, method, spectrum, row_weight=row_weights.get(name),
+                                col_weight=col_weights.get(name))
             with torch.no_grad():
                 W1 = weight_of(m).detach()
                 err = float(torch.linalg.vector_norm(W1 - W0, dtype=torch.float64)
@@ -289,9 +303,10 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
                            "shape": list(W0.shape), "modes": list(p.tt.modes), "tt_ranks": list(p.tt.tt_ranks),
                            "rank": p.rank, "params_original": numel, "params_compressed": p.dof(),
                            "rel_error": err})
-            if name in row_weights:
-                layers[-1]["row_scaled"] = True
-                layers[-1]["weighted_rel_error"] = _weighted_error(W1, W0, kind, row_weights[name])
+            if name in row_weights or name in col_weights:
+                layers[-1].update({"row_scaled": name in row_weights, "col_scaled": name in col_weights})
+                layers[-1]["weighted_rel_error"] = _weighted_error(W1, W0, kind, row_weights.get(name),
+                                                                   col_weights.get(name))
             if name in by_size:
                 spectra[name] = (_singular_values(to_matrix(kind, W0)), _singular_values(to_matrix(kind, W1)))
             p._cache = None  # no dense copy kept per layer: conversion peaks lower, eval rebuilds it once

@@ -87,10 +87,14 @@ class SpectralTT(nn.Module):
     d_out × d_in matrix, e.g. per token of an embedding) follows the spectrum. A conversion given
     `row_weight` w (e.g. token frequencies) fits the TT-SVD to diag(√w)·W, minimizing Σ_i w_i‖w_i − ŵ_i‖²
     instead of the plain Frobenius error, and starts from ρ = 1/√w; the DOF grows by d_out.
+    `col_scaled` is the same on the input side, W = U Σ Vᵀ diag(γ) (γ after ρ among the originals),
+    fitted to W·diag(√c) for a `col_weight` c (e.g. each input feature's activation scale, so the
+    error counts where the inputs are large) and starting from γ = 1/√c; the DOF grows by d_in.
     """
 
     def __init__(self, kind: str, weight_shape: tuple[int, ...], rank: int,
-                 method: str = "sttp", spectrum: str = "free", row_scaled: bool = False):
+                 method: str = "sttp", spectrum: str = "free", row_scaled: bool = False,
+                 col_scaled: bool = False):
         super().__init__()
         if spectrum not in SPECTRA:
             raise ValueError(f"spectrum must be one of {SPECTRA}, got {spectrum!r}")
@@ -100,8 +104,10 @@ class SpectralTT(nn.Module):
         self.tt = TTShape.from_dims(out_f, in_f, rank, method)
         self.dims = (out_f, in_f) if method == "sttp" else None  # natural dims, for zero padding (tt.pad_matrix)
         self.rows = math.prod(out_f)  # d_out of the (unpadded) weight matrix
-        self.row_scaled = bool(row_scaled)
+        self.cols = math.prod(in_f)  # d_in of the (unpadded) weight matrix
+        self.row_scaled, self.col_scaled = bool(row_scaled), bool(col_scaled)
         self.row_weight: Tensor | None = None  # importance of each row for the next conversion (row_scaled only)
+        self.col_weight: Tensor | None = None  # ... and of each column (col_scaled only)
         frames = self.tt.frames(spectrum)
         # group frames of equal shape so each group is generated in one batched call
         self.groups: list[tuple[int, int, bool]] = []
@@ -126,13 +132,13 @@ class SpectralTT(nn.Module):
 
     def dof(self) -> int:
         """Trainable values: eq. (9) (SVDP: r(d_out+d_in) − r²), less r(r+1)/2 for Σ = I, plus d_out row
-        scales when row_scaled."""
-        return self.tt.dof(self.spectrum) + (self.rows if self.row_scaled else 0)
+        scales when row_scaled and d_in column scales when col_scaled."""
+        return self.tt.dof(self.spectrum) + (self.rows if self.row_scaled else 0) + (self.cols if self.col_scaled else 0)
 
     @property
     def n_originals(self) -> int:
-        """How many tensors the parametrization holds: the frame groups, the spectrum, the row scale."""
-        return len(self.groups) + (self.spectrum != "identity") + self.row_scaled
+        """How many tensors the parametrization holds: the frame groups, the spectrum, the row and column scales."""
+        return len(self.groups) + (self.spectrum != "identity") + self.row_scaled + self.col_scaled
 
     def config(self) -> dict:
         """Everything needed to rebuild this parametrization (JSON/weights_only friendly)."""
@@ -140,6 +146,8 @@ class SpectralTT(nn.Module):
                "method": self.method, "spectrum": self.spectrum}
         if self.row_scaled:
             cfg["row_scaled"] = True
+        if self.col_scaled:
+            cfg["col_scaled"] = True
         return cfg
 
     # -- parameters → weight ----------------------------------------------------------------
@@ -155,13 +163,15 @@ class SpectralTT(nn.Module):
         """(U, σ, V) with W_matrix = U diag(σ) Vᵀ, built from the parameters (of the zero-padded matrix
         `tt.pad_matrix` when a dimension has a large prime factor)."""
         U, s, V = self.factors_from_frames(self.frames(originals), self.spectrum_param(originals))
-        rho = self.row_scale_param(originals)
-        return (U if rho is None else self._scale_rows(U, rho)), s, V
+        rho, gamma = self.row_scale_param(originals), self.col_scale_param(originals)
+        U = U if rho is None else self._scale_rows(U, rho, 0)
+        return U, s, (V if gamma is None else self._scale_rows(V, gamma, 1))
 
-    def _scale_rows(self, U: Tensor, rho: Tensor) -> Tensor:
-        """diag(ρ)·U on the (possibly zero-padded) rows of U (padded rows, cropped off the weight, get 0)."""
+    def _scale_rows(self, U: Tensor, rho: Tensor, side: int = 0) -> Tensor:
+        """diag(ρ)·U on the (possibly zero-padded) rows of U, the frame matrix of the output (side 0) or
+        input (side 1) dimensions (padded rows, cropped off the weight, get 0)."""
         if U.shape[0] != rho.shape[0]:
-            rho = pad_matrix(rho.unsqueeze(1), self.dims[0], [1]).squeeze(1)
+            rho = pad_matrix(rho.unsqueeze(1), self.dims[side], [1]).squeeze(1)
         return U * rho.unsqueeze(1)
 
     def frames(self, originals: tuple[Tensor, ...]) -> list[Tensor]:
@@ -174,7 +184,11 @@ class SpectralTT(nn.Module):
 
     def row_scale_param(self, originals: tuple[Tensor, ...]) -> Tensor | None:
         """The row scale ρ among the originals (None unless row_scaled)."""
-        return originals[-1] if self.row_scaled else None
+        return originals[len(self.groups) + (self.spectrum != "identity")] if self.row_scaled else None
+
+    def col_scale_param(self, originals: tuple[Tensor, ...]) -> Tensor | None:
+        """The column scale γ among the originals (None unless col_scaled)."""
+        return originals[-1] if self.col_scaled else None
 
     def factors_from_frames(self, frames: list[Tensor], spectrum_param: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """(U, σ, V) from the frames of each group (n_frames, d, r) and the spectrum parameter."""
@@ -188,18 +202,22 @@ class SpectralTT(nn.Module):
         return U, self.sigma(spectrum_param), V
 
     def weight_from_frames(self, frames: list[Tensor], spectrum_param: Tensor | None,
-                           row_scale: Tensor | None = None) -> Tensor:
-        """The weight in its module's shape from the group frames, the spectrum parameter and ρ."""
+                           row_scale: Tensor | None = None, col_scale: Tensor | None = None) -> Tensor:
+        """The weight in its module's shape from the group frames, the spectrum parameter, ρ and γ."""
         U, s, V = self.factors_from_frames(frames, spectrum_param)
-        return self.weight_from_factors(U, s, V, row_scale)
+        return self.weight_from_factors(U, s, V, row_scale, col_scale)
 
-    def weight_from_factors(self, U: Tensor, s: Tensor, V: Tensor, row_scale: Tensor | None = None) -> Tensor:
-        """The weight in its module's shape from the frame matrices U, V, the effective spectrum σ and
-        the row scale ρ (the padded rows/columns of a zero-padded tensorization cropped off)."""
+    def weight_from_factors(self, U: Tensor, s: Tensor, V: Tensor, row_scale: Tensor | None = None,
+                            col_scale: Tensor | None = None) -> Tensor:
+        """The weight in its module's shape from the frame matrices U, V, the effective spectrum σ, the
+        row scale ρ and the column scale γ (the padded rows/columns of a zero-padded tensorization
+        cropped off)."""
         M = (U * s) @ V.T
         M = crop_matrix(M, *self.dims) if self.dims else M
         if row_scale is not None:
             M = M * row_scale.unsqueeze(1)
+        if col_scale is not None:
+            M = M * col_scale
         return _from_matrix(self.kind, M, self.weight_shape)
 
     def forward(self, *originals: Tensor) -> Tensor:
@@ -214,7 +232,7 @@ class SpectralTT(nn.Module):
                 return self._cache[1]
         with torch.autocast(originals[0].device.type, enabled=False):  # frames need float32 (trsm)
             W = self.weight_from_frames(self.frames(originals), self.spectrum_param(originals),
-                                        self.row_scale_param(originals))
+                                        self.row_scale_param(originals), self.col_scale_param(originals))
         self._cache = (key, W) if use_cache else None
         return W
 
@@ -232,7 +250,8 @@ class SpectralTT(nn.Module):
         groups = tuple(like.new_zeros(len(m), frame_numel(d, r, red))
                        for (d, r, red), m in zip(self.groups, self.members))
         return (groups + (() if self.spectrum == "identity" else (like.new_zeros(self.rank),))
-                + ((like.new_ones(self.rows),) if self.row_scaled else ()))
+                + ((like.new_ones(self.rows),) if self.row_scaled else ())
+                + ((like.new_ones(self.cols),) if self.col_scaled else ()))
 
     @torch.no_grad()
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, ...]:
@@ -242,14 +261,15 @@ class SpectralTT(nn.Module):
         if self.skip_conversion:
             return self.placeholder(weight)
         M = to_matrix(self.kind, weight.detach().to(torch.float64))
-        rho = ()
+        rho = gamma = ()
         if self.row_scaled:
-            w = torch.ones(self.rows, dtype=torch.float64) if self.row_weight is None else self.row_weight
-            sqrt_w = torch.as_tensor(w, dtype=torch.float64, device=M.device).reshape(-1).sqrt()
-            if sqrt_w.shape[0] != self.rows or not bool((sqrt_w > 0).all() and sqrt_w.isfinite().all()):
-                raise ValueError(f"row_weight needs {self.rows} positive finite values")
+            sqrt_w = _sqrt_weight(self.row_weight, self.rows, M.device, "row_weight")
             M = M * sqrt_w.unsqueeze(1)
             rho = ((1.0 / sqrt_w).to(weight.dtype),)
+        if self.col_scaled:
+            sqrt_c = _sqrt_weight(self.col_weight, self.cols, M.device, "col_weight")
+            M = M * sqrt_c
+            gamma = ((1.0 / sqrt_c).to(weight.dtype),)
         if self.dims:
             M = pad_matrix(M, *self.dims)
         u_cores, sigma, v_cores = spectral_tt_svd(M, self.tt)
@@ -274,7 +294,7 @@ class SpectralTT(nn.Module):
         groups = tuple(torch.stack([by_core[m] for m in members]).to(weight.dtype).contiguous()
                        for members in self.members)
         self._cache = None
-        return groups + spec + rho
+        return groups + spec + rho + gamma
 
     def spectral_penalty(self, spectrum_param: Tensor | None) -> Tensor:
         """D-optimal regularizer −Σ log|σ_i| of the normalized spectrum (0 for Σ = I)."""
@@ -288,6 +308,15 @@ class SpectralTT(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.method}, kind={self.kind}, shape={list(self.weight_shape)}, rank={self.rank}, "
                 f"spectrum={self.spectrum}, modes={list(self.tt.modes)}, dof={self.dof()}")
+
+
+def _sqrt_weight(w: Tensor | None, n: int, device: torch.device, what: str) -> Tensor:
+    """√w as float64 on `device` (ones without w); ValueError unless n positive finite values."""
+    w = torch.ones(n, dtype=torch.float64) if w is None else w
+    sqrt_w = torch.as_tensor(w, dtype=torch.float64, device=device).reshape(-1).sqrt()
+    if sqrt_w.shape[0] != n or not bool((sqrt_w > 0).all() and sqrt_w.isfinite().all()):
+        raise ValueError(f"{what} needs {n} positive finite values")
+    return sqrt_w
 
 
 def _chain(frames: list[Tensor], ranks: list[int]) -> Tensor:

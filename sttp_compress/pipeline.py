@@ -61,6 +61,7 @@ class CompressJob:
     bn_recalibrate: int = 0
     layer_ranks: dict = field(default_factory=dict)  # {layer name: rank} pinned (--layer-rank)
     token_weighting: bool = True  # text data + token embedding included: frequency-weighted conversion
+    activation_aware: bool | None = None  # Linear columns weighted by input scales (None: with text data)
     progress: bool = True
     # in-memory inputs (the built-in example and tests): bypass file loading
     module: nn.Module | None = None
@@ -181,14 +182,26 @@ def _row_weights(model: nn.Module, job: CompressJob, data: tuple | None, candida
     return {name: token_weights(data[0], candidates[name].num_embeddings)}
 
 
+def _col_weights(model: nn.Module, job: CompressJob, data: tuple | None, candidates: dict[str, nn.Module]) -> dict:
+    """{Linear name: input scales on calibration batches of the training data} for an activation-aware
+    conversion (`activation.input_scales`): with --activation-aware, or by default with text data."""
+    text = bool(job.data and job.data.startswith("text:"))
+    if data is None or not (job.activation_aware or (job.activation_aware is None and text)):
+        return {}
+    from .activation import calibration_batches, input_scales
+
+    return input_scales(model, candidates, calibration_batches(data[0], seed=job.seed))
+
+
 def _convert(model: nn.Module, job: CompressJob, device: torch.device | None,
-             on_layer: Callable[[str], None] | None, row_weights: dict | None = None) -> dict:
+             on_layer: Callable[[str], None] | None, row_weights: dict | None = None,
+             col_weights: dict | None = None) -> dict:
     """compress_to_target once: in this process, or on rank 0 with the result broadcast to every rank."""
 
     def convert(m: nn.Module) -> dict:
         parts = compress_to_target(m, job.ratio, job.rank, job.method, job.spectrum, job.allocation,
                                    job.include, job.exclude, on_layer=on_layer, row_weights=row_weights,
-                                   layer_ranks=job.layer_ranks)
+                                   layer_ranks=job.layer_ranks, col_weights=col_weights)
         if not parts["layers"]:
             raise UserError("no layer was compressed: every candidate was skipped "
                             f"({'; '.join(s['name'] + ': ' + s['reason'] for s in parts['skipped'][:3])})")
@@ -234,7 +247,8 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
     if on_layer_start:
         on_layer_start(len(candidates))
     t1 = time.perf_counter()
-    parts = _convert(model, job, device, on_layer, _row_weights(model, job, data, candidates))
+    parts = _convert(model, job, device, on_layer, _row_weights(model, job, data, candidates),
+                     _col_weights(model, job, data, candidates))
     t_convert = time.perf_counter() - t1
 
     ft_block, image_cfg = None, None

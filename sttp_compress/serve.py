@@ -70,7 +70,7 @@ def freeze(model: nn.Module, shortcut: str = "none", overhead: dict[str, float] 
         W = getattr(m, wname).detach()
         form = "dense"
         if (shortcut == "auto" and isinstance(m, nn.Linear) and id(m) not in inside_mha and not _padded(p)
-                and not p.row_scaled and best_form(p.tt) == "factors"):
+                and not p.row_scaled and not p.col_scaled and best_form(p.tt) == "factors"):
             form = "factors"
         _bind(m, wname, W, trainable)
         if form == "factors":

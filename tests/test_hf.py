@@ -279,8 +279,11 @@ def test_cli_distils_on_text_and_sttp_eval_compares_with_the_folder(tiny, texts,
     emb = next(layer for layer in report["layers"] if layer["name"] == "embeddings.word_embeddings")
     assert emb["row_scaled"] and 0 <= emb["weighted_rel_error"] <= 1  # fitted to the texts' token counts
     assert report["model"]["arch"] == f"hf:{tiny}"
-    model, _ = load_compressed(out)  # rebuilds from hf:DIR, row scales included
+    linears = [layer for layer in report["layers"] if layer["type"] == "Linear"]
+    assert linears and all(layer["col_scaled"] and 0 <= layer["weighted_rel_error"] <= 1 for layer in linears)
+    model, _ = load_compressed(out)  # rebuilds from hf:DIR, row and column scales included
     assert parametrization(model.embeddings.word_embeddings).row_scaled
+    assert parametrization(model.encoder.layer[0].attention.self.query).col_scaled
 
     js = tmp_path / "eval.json"
     rc, stdout, err = cli(eval_app, "sttp-eval", out, "--reference", f"hf:{tiny}", "--data", f"text:{texts}",
@@ -356,10 +359,10 @@ def test_token_weights_count_the_training_texts(tiny, texts, tmp_path):
     out = tmp_path / "plain.sttp.pt"
     rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--rank", "4", "--include", "*",
                      "--data", f"text:{texts}", "--steps", "1", "--batch-size", "8", "--workers", "0",
-                     "--no-token-weighting", "--output", out, "--quiet")
+                     "--no-token-weighting", "--no-activation-aware", "--output", out, "--quiet")
     assert rc == 0, err
     report = json.loads((tmp_path / "plain.sttp.report" / "report.json").read_text())
-    assert not any(layer.get("row_scaled") for layer in report["layers"])
+    assert not any(layer.get("row_scaled") or layer.get("col_scaled") for layer in report["layers"])
 
 
 def test_layer_rank_pins_one_layer_and_the_ratio_still_holds(tiny, texts, tmp_path):

@@ -291,6 +291,68 @@ def test_row_scaled_gradcheck_float64_and_bank_matches_forward():
 
 
 
+# --------------------------------------------------------------------------- column-scaled (activation-aware)
+
+
+@pytest.mark.parametrize("method", ["sttp", "svdp"])
+def test_col_scaled_full_rank_is_exact_and_counts_the_scales(method):
+    torch.manual_seed(0)
+    m = nn.Conv2d(37, 8, 3).double()  # columns 37·3·3 = 333: 37 is zero-padded to 40 by STTP
+    W0 = m.weight.detach().clone()
+    c = torch.rand(333, dtype=torch.float64) * 20 + 0.1
+    p = compress_module(m, rank=10_000, method=method, col_weight=c)
+    assert p.col_scaled and not p.row_scaled and p.col_weight is None
+    torch.testing.assert_close(m.weight, W0)
+    assert p.dof() == p.tt.dof() + 333 == count_parameters(m) - 8  # less the bias
+    torch.testing.assert_close(_originals(m)[-1], 1 / c.sqrt())  # γ starts at 1/√c
+    assert p.config()["col_scaled"] is True
+
+
+def test_col_weighted_svdp_is_the_optimal_weighted_truncation_and_sttp_lowers_it():
+    """The column-weighted error ‖(W1 − W0) diag(√c)‖ — the output error for inputs whose features have
+    second moments c — is the singular-value tail of W0·diag(√c) for SVDP, and lower than plain for STTP."""
+    torch.manual_seed(0)
+    W0 = torch.randn(20, 64, dtype=torch.float64)
+    c = torch.ones(64, dtype=torch.float64)
+    c[:8] = 1000.0  # a few input features carry most of the activation energy
+
+    def err(W):
+        return float((((W - W0) * c.sqrt()).square().sum() / (W0 * c.sqrt()).square().sum()).sqrt())
+
+    for method, rank in (("svdp", 5), ("sttp", 6)):
+        errs = {}
+        for name, cw in (("weighted", c), ("plain", None)):
+            m = nn.Linear(64, 20).double()
+            m.weight.data.copy_(W0)
+            compress_module(m, rank=rank, method=method, col_weight=cw)
+            errs[name] = err(m.weight.detach())
+        if method == "svdp":
+            s2 = torch.linalg.svdvals(W0 * c.sqrt()).square()
+            assert errs["weighted"] == pytest.approx(float((s2[5:].sum() / s2.sum()).sqrt()), rel=1e-9)
+        assert errs["weighted"] < 0.8 * errs["plain"], (method, errs)
+
+
+def test_row_and_col_scaled_gradcheck_float64_bank_and_checkpoint_structure():
+    from sttp_compress.bank import WeightBank
+
+    torch.manual_seed(0)
+    m = nn.Linear(12, 30).double()
+    p = compress_module(m, rank=3, row_weight=torch.rand(30, dtype=torch.float64) + 0.5,
+                        col_weight=torch.rand(12, dtype=torch.float64) + 0.5)
+    assert p.n_originals == len(p.groups) + 3 and p.dof() == p.tt.dof() + 30 + 12
+    origs = tuple(o.detach().clone().requires_grad_() for o in _originals(m))
+    assert torch.autograd.gradcheck(lambda *o: p(*o), origs)
+    (built,) = WeightBank(nn.Sequential(m))._build(*_originals(m))
+    torch.testing.assert_close(built, m.weight)
+    U, s, V = p.factors(*_originals(m))  # ρ on U's rows, γ on V's rows
+    torch.testing.assert_close((U * s) @ V.T, m.weight)
+    twin = nn.Linear(12, 30).double()  # the structure a checkpoint's config rebuilds, then its state
+    compress_module(twin, **{k: v for k, v in p.config().items() if k in ("rank", "method", "spectrum")},
+                    convert=False, row_scaled=True, col_scaled=True)
+    twin.load_state_dict(m.state_dict())
+    torch.testing.assert_close(twin.weight, m.weight)
+
+
 def test_eval_cache_is_rebuilt_after_a_fused_optimizer_step():
     """AdamW(fused=True) updates in place without bumping version counters: the train/eval switch
     must still drop the cached weight (fine-tunes through the weight bank, whose forwards never touch
