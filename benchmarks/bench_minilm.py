@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="convert the token embedding unweighted (default: weighted by the distillation "
                          "texts' token counts, as sttp-compress does with --data text:FILE)")
     ap.add_argument("--activation-aware", action="store_true",
-                    help="column-scaled conversion of the Linears, weighted by their input scales on 16 "
+                    help="column-scaled conversion of the Linears, weighted by their input scales on 8 "
                          "batches of the distillation texts (sttp-compress's default with text data)")
     ap.add_argument("--hidden-weight", type=float, default=None, help="layer-wise term weight (default text.HIDDEN_WEIGHT)")
     ap.add_argument("--heldout-limit", type=int, default=None, help="use only the first N held-out texts")

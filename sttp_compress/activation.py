@@ -21,7 +21,8 @@ from torch import Tensor, nn
 __all__ = ["ACTIVATION_POWER", "CALIBRATION_BATCHES", "ENERGY_FLOOR", "input_scales", "calibration_batches"]
 
 ACTIVATION_POWER = 0.5
-CALIBRATION_BATCHES = 16  # batches of the training data, in a fixed shuffled order
+CALIBRATION_BATCHES = 8  # batches of CALIBRATION_BATCH texts/images of the training data, fixed shuffled order
+CALIBRATION_BATCH = 16  # 128 MiniLM texts: 1.4 s on 2 CPU cores; 512 took 4.6 s (cosine after conversion 0.409 vs 0.407)
 ENERGY_FLOOR = 1e-3  # of the layer's mean energy: a dead input feature keeps a finite column scale
 
 
@@ -69,7 +70,7 @@ def input_scales(model: nn.Module, layers: dict[str, nn.Module], batches: Iterab
     return out
 
 
-def calibration_batches(dataset, n_batches: int = CALIBRATION_BATCHES, batch_size: int = 32,
+def calibration_batches(dataset, n_batches: int = CALIBRATION_BATCHES, batch_size: int = CALIBRATION_BATCH,
                         seed: int = 0) -> list:
     """The first `n_batches` batches of `dataset` in a fixed shuffled order (its `collate_fn` if it has one)."""
     from torch.utils.data import DataLoader

@@ -76,7 +76,7 @@ def compress_cmd(
                                          "its conversion to the tokens' frequencies in FILE (row-scaled STTP)."),
     activation_aware: Optional[bool] = typer.Option(
         None, "--activation-aware/--no-activation-aware",
-        help="Fit each compressed Linear's conversion to the scale of its inputs on 16 batches of the "
+        help="Fit each compressed Linear's conversion to the scale of its inputs on 8 batches of the "
              "fine-tuning data (column-scaled STTP). Default: on with --data text:FILE, off for images."),
     image_size: Optional[int] = typer.Option(None, help="Image side (default: from the data; 224 for large images)."),
     mean: Optional[str] = typer.Option(None, help="Normalisation mean, comma-separated (default ImageNet's)."),
