@@ -217,7 +217,7 @@ def convert_once(model: nn.Module, convert: Callable[[nn.Module], Any],
         for name, cfg in plan.items():
             compress_module(modules[name], cfg["rank"], cfg["method"], cfg["spectrum"], convert=False,
                             row_scaled=bool(cfg.get("row_scaled", False)),
-                        col_scaled=bool(cfg.get("col_scaled", False)))
+                            col_scaled=bool(cfg.get("col_scaled", False)))
     if device is not None:
         model.to(device)
     broadcast_state(model)

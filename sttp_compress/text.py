@@ -78,9 +78,10 @@ def read_texts(spec: str | os.PathLike) -> list[str]:
 class TokenizedTexts(Dataset):
     """Token id sequences, one per text; `collate_fn` pads a batch into SentenceEncoder keyword arguments."""
 
-    def __init__(self, ids: list[list[int]], pad_id: int = 0):
+    def __init__(self, ids: list[list[int]], pad_id: int = 0, max_length: int | None = None):
         self.ids = ids
         self.pad_id = int(pad_id)
+        self.max_length = max_length  # the padded length is rounded up, but never beyond this
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -89,13 +90,15 @@ class TokenizedTexts(Dataset):
         return self.ids[index]
 
     def subset(self, indices: Iterable[int]) -> "TokenizedTexts":
-        return TokenizedTexts([self.ids[i] for i in indices], self.pad_id)
+        return TokenizedTexts([self.ids[i] for i in indices], self.pad_id, self.max_length)
 
     def collate_fn(self, batch: list[list[int]]) -> dict[str, Tensor]:
-        """Right-pad to the longest text rounded up to a multiple of PAD_MULTIPLE:
+        """Right-pad to the longest text rounded up to a multiple of PAD_MULTIPLE (at most max_length):
         {"input_ids": (B, L) long, "attention_mask": (B, L) long}. One tensor per batch, built from
-        padded lists (a copy per text cost ~5 ms of CPU a MiniLM step of 128 texts)."""
-        longest = -(-max(len(x) for x in batch) // PAD_MULTIPLE) * PAD_MULTIPLE
+        padded lists (the loader took ~7 ms of CPU a MiniLM step of 128 texts with a copy per text)."""
+        longest = max(len(x) for x in batch)
+        rounded = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+        longest = max(longest, min(rounded, self.max_length)) if self.max_length else rounded
         ids = torch.tensor([x + [self.pad_id] * (longest - len(x)) for x in batch], dtype=torch.long)
         mask = torch.tensor([[1] * len(x) + [0] * (longest - len(x)) for x in batch], dtype=torch.long)
         return {"input_ids": ids, "attention_mask": mask}
@@ -114,7 +117,7 @@ def tokenize_texts(texts: list[str], folder: str | os.PathLike) -> TokenizedText
     for start in range(0, len(texts), _TOKENIZE_CHUNK):
         ids += tokenizer(texts[start:start + _TOKENIZE_CHUNK], truncation=True, max_length=limit)["input_ids"]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return TokenizedTexts(ids, pad)
+    return TokenizedTexts(ids, pad, limit)
 
 
 def text_datasets(spec: str, folder: str | os.PathLike) -> tuple[TokenizedTexts, TokenizedTexts]:

@@ -29,7 +29,7 @@ transformers = pytest.importorskip("transformers", reason="needs the optional tr
 
 from sttp_compress.checkpoint import load_compressed, save_compressed  # noqa: E402
 from sttp_compress.hf import load_encoder, read_layout  # noqa: E402
-from sttp_compress.text import (EmbeddingDistillLoss, embedding_agreement, embedding_distillation_loss,  # noqa: E402
+from sttp_compress.text import (TokenizedTexts, EmbeddingDistillLoss, embedding_agreement, embedding_distillation_loss,  # noqa: E402
                                 hidden_state_loss, nearest_neighbours, read_texts, token_weights, tokenize_texts)
 
 WORDS = ("the a an of and to in is was it that on for with as by at from this be are or his her they "
@@ -233,6 +233,9 @@ def test_collate_pads_right_with_the_pad_id(tiny):
     assert b["attention_mask"].tolist() == [[1] * n0 + [0] * (width - n0), [1] * n1 + [0] * (width - n1)]
     assert (b["input_ids"][0, n0:] == data.pad_id).all() and (b["input_ids"][1, n1:] == data.pad_id).all()
     assert b["input_ids"][1, :n1].tolist() == data[1]
+    capped = TokenizedTexts([[5] * 13, [6] * 3], pad_id=0, max_length=14)  # 13 rounds to 16, capped at 14
+    assert capped.collate_fn([capped[0], capped[1]])["input_ids"].shape == (2, 14)
+    assert capped.subset([1]).collate_fn([capped[1]])["input_ids"].shape == (1, 8)
 
 
 def test_losses_and_agreement():
