@@ -110,9 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-token-weighting", action="store_true",
                     help="convert the token embedding unweighted (default: weighted by the distillation "
                          "texts' token counts, as sttp-compress does with --data text:FILE)")
-    ap.add_argument("--activation-aware", action="store_true",
-                    help="column-scaled conversion of the Linears, weighted by their input scales on 8 "
-                         "batches of the distillation texts (sttp-compress's default with text data)")
+    ap.add_argument("--no-activation-aware", action="store_true",
+                    help="plain conversion of the Linears (default, as sttp-compress with text data: "
+                         "column-scaled by their input scales on 8 batches of the distillation texts)")
     ap.add_argument("--hidden-weight", type=float, default=None, help="layer-wise term weight (default text.HIDDEN_WEIGHT)")
     ap.add_argument("--heldout-limit", type=int, default=None, help="use only the first N held-out texts")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: ratio 4 only, 200 held-out texts, 4 steps")
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
 
     weights = None if args.no_token_weighting else token_weights(train_ds, teacher.embeddings.word_embeddings.num_embeddings)
     col_weights = None
-    if args.activation_aware:
+    if not args.no_activation_aware:
         from sttp_compress.activation import calibration_batches, input_scales
         from sttp_compress.convert import candidate_layers
 
