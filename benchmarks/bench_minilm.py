@@ -158,13 +158,13 @@ def main(argv: list[str] | None = None) -> None:
     from sttp_compress.text import token_weights
 
     weights = None if args.no_token_weighting else token_weights(train_ds, teacher.embeddings.word_embeddings.num_embeddings)
-    col_weights = None
-    if not args.no_activation_aware:
-        from sttp_compress.activation import calibration_batches, input_scales
+    moments = None
+    if not args.no_activation_aware:  # column weights and spectrum refit, as sttp-compress with text data
+        from sttp_compress.activation import calibration_batches, input_moments
         from sttp_compress.convert import candidate_layers
 
         probe_model = copy.deepcopy(teacher).cpu()
-        col_weights = input_scales(probe_model, candidate_layers(probe_model, ["*"])[0], calibration_batches(train_ds))
+        moments = input_moments(probe_model, candidate_layers(probe_model, ["*"])[0], calibration_batches(train_ds))
         del probe_model
     emb_name = teacher.token_embedding_name()
     total = count_parameters(teacher)
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
             rest_include = ["encoder.*", "embeddings.position_embeddings"]
             row_weights = None
         parts = compress_to_target(student, ratio=rest_ratio, method=args.method, allocation=args.allocation,
-                                   include=rest_include, row_weights=row_weights, col_weights=col_weights)
+                                   include=rest_include, row_weights=row_weights, input_moments=moments)
         parts["totals"]["ratio"] = total / count_parameters(student)
         parts["totals"]["params_compressed"] = count_parameters(student)
         convert_s = time.perf_counter() - t1
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         row = {"ratio": float(ratio), "method": args.method,
                "allocation": args.allocation + (f", embedding rank {emb_rank}" if emb_rank and include else ""),
                "token_weighting": bool(row_weights or (emb_rank and include and weights is not None)),
-               "activation_aware": bool(col_weights),
+               "activation_aware": bool(moments),
                "include": "*" if include else "encoder only", "batch": cfg.batch_size, "hidden_weight": loss.hidden,
                "achieved_ratio": round(parts["totals"]["ratio"], 3), "params": parts["totals"]["params_compressed"],
                "convert_seconds": round(convert_s, 2), "cosine_before": round(before["cosine"], 4),

@@ -1,11 +1,14 @@
 """Activation-aware STTP conversion of all-MiniLM-L6-v2 at whole-model ratio 4, plain vs column-scaled (CPU).
 
-    python benchmarks/probe_activation_aware_sttp.py STEPS      # e.g. 200; 0 = conversion only
+    python benchmarks/probe_activation_aware_sttp.py STEPS [DIR] [VARIANTS]   # STEPS 0: conversion only
+
+VARIANTS: comma-separated of plain, scales, refit (default plain,scales)
 
 The ratio-4 student of bench_minilm (token embedding rank 384, frequency-weighted; the rest by
-compress_to_target) converted twice: plain, and with every Linear column-scaled by its input scales
-on 16 batches of the distillation texts (`activation.input_scales`, sttp-compress's default with text
-data). For each: held-out cosine after conversion (400 texts of .data/text/heldout.txt), then STEPS
+compress_to_target) converted: `plain`; `scales`, every Linear column-scaled by its input scales on
+calibration batches of the distillation texts (`activation.input_scales`); `refit`, the same plus
+each Linear's spectrum refitted by least squares on those inputs (`input_moments`; sttp-compress's
+default with text data). For each: held-out cosine after conversion (400 texts of .data/text/heldout.txt), then STEPS
 distillation steps at batch 32 on the first 40,000 distillation texts and the cosine again. Prints
 one JSON line per variant (2 CPU threads); benchmarks/results/activation_aware_sttp.md holds a run.
 """
@@ -21,7 +24,7 @@ from sttp_compress.convert import compress_module, compress_to_target, count_par
 from sttp_compress.data import make_loaders
 from sttp_compress.finetune import FinetuneConfig
 from sttp_compress.hf import load_encoder
-from sttp_compress.activation import input_scales, calibration_batches
+from sttp_compress.activation import calibration_batches, input_moments, scales_from_moments
 from sttp_compress.text import EmbeddingDistillLoss, distill_embeddings, text_datasets, token_weights, embed, embedding_agreement
 torch.set_num_threads(2)
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 200
@@ -33,20 +36,22 @@ held = _heldout_loader(Path(folder), _find('heldout.txt'), 400, 100)
 ref = embed(teacher, held)
 t = time.time()
 probe = copy.deepcopy(teacher)
-cols = input_scales(probe, candidate_layers(probe, ["*"])[0], calibration_batches(train_ds))
+moments = input_moments(probe, candidate_layers(probe, ["*"])[0], calibration_batches(train_ds))
+cols = scales_from_moments(moments)
 stats_s = time.time() - t
 sub = train_ds.subset(range(40000))
-for aware in (False, True):
+for aware in (sys.argv[3] if len(sys.argv) > 3 else "plain,scales").split(","):
     student = copy.deepcopy(teacher)
     total = count_parameters(student)
     t = time.time()
     compress_module(student.embeddings.word_embeddings, 384, "sttp", row_weight=weights)
     compress_to_target(student, ratio=count_parameters(student) / (total / 4.0), include=["encoder.*", "embeddings.position_embeddings"],
-                       col_weights=cols if aware else None)
+                       col_weights=cols if aware == "scales" else None,
+                       input_moments=moments if aware == "refit" else None)
     conv_s = time.time() - t
     before = embedding_agreement(embed(student, held), ref)
-    row = {"activation_aware": aware, "params": count_parameters(student), "ratio": round(total / count_parameters(student), 3),
-           "convert_seconds": round(conv_s, 2), "stats_seconds": round(stats_s, 2) if aware else None,
+    row = {"variant": aware, "params": count_parameters(student), "ratio": round(total / count_parameters(student), 3),
+           "convert_seconds": round(conv_s, 2), "stats_seconds": round(stats_s, 2) if aware != "plain" else None,
            "cosine_before": round(before["cosine"], 4), "nn_agreement_before": round(before["nn_agreement"], 2)}
     if steps:
         loader = make_loaders(sub, None, 32, 0, 0, "cpu")[0]

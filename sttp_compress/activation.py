@@ -9,6 +9,10 @@ all-MiniLM-L6-v2 (benchmarks/results/activation_aware.md: plain SVD of the encod
 held-out cosine after conversion 0.304 plain, 0.368 with power 0.5, 0.356 with power 1; the probe
 scales columns by c^(power/2) and labels the rows by that exponent, "energy^0.25" and "energy^0.5").
 Only nn.Linear layers are measured; convolutions convert unweighted.
+
+`refit_spectra` then uses the full second moments C = E[x xᵀ]: with U's columns orthonormal, the
+spectrum minimizing the output error ‖X (W1 − W0)ᵀ‖ on those inputs has the closed form
+σ_i = ṽ_iᵀ C W0ᵀ u_i / ṽ_iᵀ C ṽ_i (ṽ_i: the i-th column of V with the column scales applied).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ACTIVATION_POWER", "CALIBRATION_BATCHES", "ENERGY_FLOOR", "input_scales", "calibration_batches"]
+__all__ = ["ACTIVATION_POWER", "CALIBRATION_BATCHES", "ENERGY_FLOOR", "input_scales", "input_moments",
+           "scales_from_moments", "refit_spectrum", "refit_spectra", "calibration_batches"]
 
 ACTIVATION_POWER = 0.5
 CALIBRATION_BATCHES = 8  # batches of CALIBRATION_BATCH texts/images of the training data, fixed shuffled order
@@ -26,22 +31,40 @@ CALIBRATION_BATCH = 16  # 128 MiniLM texts: 1.4 s on 2 CPU cores; 512 took 4.6 s
 ENERGY_FLOOR = 1e-3  # of the layer's mean energy: a dead input feature keeps a finite column scale
 
 
-@torch.no_grad()
 def input_scales(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable,
                  power: float = ACTIVATION_POWER) -> dict[str, Tensor]:
     """{name: (E[x_j²], floored at ENERGY_FLOOR × its mean)^power} (float64 on CPU, one value per input
     feature) of each nn.Linear in `layers`, over every input row the model gives it on `batches`
     (a dict of keyword tensors or a tensor / (inputs, targets) pair each), in eval mode."""
+    return scales_from_moments(input_moments(model, layers, batches, full=False), power)
+
+
+def scales_from_moments(moments: dict[str, Tensor], power: float = ACTIVATION_POWER) -> dict[str, Tensor]:
+    """input_scales from `input_moments` (full matrices or their diagonals)."""
+    out = {}
+    for n, C in moments.items():
+        energy = torch.diagonal(C) if C.dim() == 2 else C
+        floor = ENERGY_FLOOR * float(energy.mean())
+        out[n] = energy.clamp_min(max(floor, 1e-30)).pow(power)
+    return out
+
+
+@torch.no_grad()
+def input_moments(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable,
+                  full: bool = True) -> dict[str, Tensor]:
+    """{name: E[x xᵀ] (d_in × d_in), or only its diagonal E[x_j²] with full=False} (float64 on CPU) of
+    each nn.Linear in `layers` over the rows it sees on `batches`, in eval mode; layers never called
+    are left out."""
     linears = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
     if not linears:
         return {}
-    sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in linears.items()}
+    sums = {n: torch.zeros((m.in_features,) * (2 if full else 1), dtype=torch.float64) for n, m in linears.items()}
     rows = dict.fromkeys(linears, 0)
 
     def hook(name: str):
         def record(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            sums[name] += x.double().square().sum(0).cpu()
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # float32 GEMM, float64 sums
+            sums[name] += (x.T @ x if full else x.square().sum(0)).double().cpu()
             rows[name] += x.shape[0]
         return record
 
@@ -60,14 +83,43 @@ def input_scales(model: nn.Module, layers: dict[str, nn.Module], batches: Iterab
         for h in handles:
             h.remove()
         model.train(was_training)
-    out = {}
-    for n, total in sums.items():
-        if rows[n] == 0:
-            continue  # never called on this data (e.g. an unused head)
-        energy = total / rows[n]
-        floor = ENERGY_FLOOR * float(energy.mean())
-        out[n] = energy.clamp_min(max(floor, 1e-30)).pow(power)
-    return out
+    return {n: total / rows[n] for n, total in sums.items() if rows[n]}  # unused layers (a head) left out
+
+
+@torch.no_grad()
+def refit_spectrum(module: nn.Module, W0: Tensor, C: Tensor) -> bool:
+    """Set a compressed Linear's spectrum to the least-squares fit of x ↦ W0 x on inputs with second
+    moments C (see the module doc); in place. Only where U has orthonormal columns (free spectrum, no
+    row scale, no zero-padded output dimension): returns whether it did."""
+    from .layers import is_parametrized
+    from .tt import padded_dims
+
+    if C.dim() != 2 or not (isinstance(module, nn.Linear) and is_parametrized(module)):
+        return False
+    plist = module.parametrizations.weight
+    p = plist[0]
+    if (len(plist) != 1 or p.spectrum != "free" or p.row_scaled or tuple(W0.shape) != p.weight_shape
+            or (p.dims is not None and tuple(padded_dims(p.dims[0])) != tuple(p.dims[0]))):
+        return False
+    originals = tuple(getattr(plist, f"original{i}") for i in range(p.n_originals))
+    U, _, V = p.factors(*originals)
+    U, V = U.double(), V[:C.shape[0]].double()  # a zero-padded input's extra rows meet no input
+    CV = C.to(V.device, torch.float64) @ V
+    num = ((W0.detach().to(V.device, torch.float64) @ CV) * U).sum(0)  # u_iᵀ W0 C ṽ_i
+    den = (V * CV).sum(0)  # ṽ_iᵀ C ṽ_i
+    sigma = torch.where(den > 1e-30, num / den.clamp_min(1e-30), torch.zeros_like(num))
+    originals[len(p.groups)].copy_(sigma.to(originals[len(p.groups)].dtype))
+    p._cache = None
+    return True
+
+
+def refit_spectra(model: nn.Module, reference: nn.Module, moments: dict[str, Tensor]) -> list[str]:
+    """`refit_spectrum` for every compressed Linear of `model` with moments, against the same-named
+    layer of `reference` (the original model); returns the names refitted."""
+    refs = dict(reference.named_modules())
+    return [n for n, m in model.named_modules()
+            if n in moments and n in refs and hasattr(refs[n], "weight")
+            and refit_spectrum(m, refs[n].weight, moments[n])]
 
 
 def calibration_batches(dataset, n_batches: int = CALIBRATION_BATCHES, batch_size: int = CALIBRATION_BATCH,

@@ -236,7 +236,8 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
                        on_layer: Callable[[str], None] | None = None,
                        spectra_of: int = 4, row_weights: Mapping[str, torch.Tensor] | None = None,
                        layer_ranks: Mapping[str, int] | None = None,
-                       col_weights: Mapping[str, torch.Tensor] | None = None) -> dict:
+                       col_weights: Mapping[str, torch.Tensor] | None = None,
+                       input_moments: Mapping[str, torch.Tensor] | None = None) -> dict:
     """Compress `model` in place at one rank or to a whole-model ratio (eq. 11); return the report parts.
 
     Returns {"layers": [...], "skipped": [...], "totals": {...}, "spectra": {name: (before, after)}}
@@ -245,13 +246,21 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
     and allocation error row-weighted (e.g. an embedding by token frequency: `text.token_weights`);
     a layer's `rel_error` stays the plain Frobenius error, `weighted_rel_error` is added.
     `col_weights` {layer name: one weight per column} does the same on the input side (e.g. each input
-    feature's activation scale: `activation.input_scales`).
+    feature's activation scale: `activation.input_scales`). `input_moments` {Linear name: E[x xᵀ] of
+    its inputs} (`activation.input_moments`) gives those column weights when `col_weights` is None and
+    refits each such layer's spectrum to its original outputs on those inputs
+    (`activation.refit_spectrum`; the layer row gets `spectrum_refit`).
     `layer_ranks` {layer name: rank} pins those layers' ranks; with a ratio the others share what is left.
     """
     from .allocate import DENSE, allocate, budget_for_ratio, check_reachable, layer_options
     from .errors import UserError
 
     row_weights, layer_ranks, col_weights = dict(row_weights or {}), dict(layer_ranks or {}), dict(col_weights or {})
+    input_moments = dict(input_moments or {})
+    if input_moments and not col_weights:
+        from .activation import scales_from_moments
+
+        col_weights = scales_from_moments(input_moments)
 
     check_target(ratio, rank)
     params_original = count_parameters(model)
@@ -295,6 +304,11 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
         else:
             p = compress_module(m, r, method, spectrum, row_weight=row_weights.get(name),
                                 col_weight=col_weights.get(name))
+            refit = False
+            if name in input_moments:
+                from .activation import refit_spectrum
+
+                refit = refit_spectrum(m, W0, input_moments[name])
             with torch.no_grad():
                 W1 = weight_of(m).detach()
                 err = float(torch.linalg.vector_norm(W1 - W0, dtype=torch.float64)
@@ -307,6 +321,8 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
                 layers[-1].update({"row_scaled": name in row_weights, "col_scaled": name in col_weights})
                 layers[-1]["weighted_rel_error"] = _weighted_error(W1, W0, kind, row_weights.get(name),
                                                                    col_weights.get(name))
+            if refit:
+                layers[-1]["spectrum_refit"] = True
             if name in by_size:
                 spectra[name] = (_singular_values(to_matrix(kind, W0)), _singular_values(to_matrix(kind, W1)))
             p._cache = None  # no dense copy kept per layer: conversion peaks lower, eval rebuilds it once

@@ -182,26 +182,27 @@ def _row_weights(model: nn.Module, job: CompressJob, data: tuple | None, candida
     return {name: token_weights(data[0], candidates[name].num_embeddings)}
 
 
-def _col_weights(model: nn.Module, job: CompressJob, data: tuple | None, candidates: dict[str, nn.Module]) -> dict:
-    """{Linear name: input scales on calibration batches of the training data} for an activation-aware
-    conversion (`activation.input_scales`): with --activation-aware, or by default with text data."""
+def _input_moments(model: nn.Module, job: CompressJob, data: tuple | None, candidates: dict[str, nn.Module]) -> dict:
+    """{Linear name: E[x xᵀ] on calibration batches of the training data} for an activation-aware
+    conversion (`activation.input_moments`: column weights and spectrum refit): with --activation-aware,
+    or by default with text data."""
     text = bool(job.data and job.data.startswith("text:"))
     if data is None or not (job.activation_aware or (job.activation_aware is None and text)):
         return {}
-    from .activation import calibration_batches, input_scales
+    from .activation import calibration_batches, input_moments
 
-    return input_scales(model, candidates, calibration_batches(data[0], seed=job.seed))
+    return input_moments(model, candidates, calibration_batches(data[0], seed=job.seed))
 
 
 def _convert(model: nn.Module, job: CompressJob, device: torch.device | None,
              on_layer: Callable[[str], None] | None, row_weights: dict | None = None,
-             col_weights: dict | None = None) -> dict:
+             moments: dict | None = None) -> dict:
     """compress_to_target once: in this process, or on rank 0 with the result broadcast to every rank."""
 
     def convert(m: nn.Module) -> dict:
         parts = compress_to_target(m, job.ratio, job.rank, job.method, job.spectrum, job.allocation,
                                    job.include, job.exclude, on_layer=on_layer, row_weights=row_weights,
-                                   layer_ranks=job.layer_ranks, col_weights=col_weights)
+                                   layer_ranks=job.layer_ranks, input_moments=moments)
         if not parts["layers"]:
             raise UserError("no layer was compressed: every candidate was skipped "
                             f"({'; '.join(s['name'] + ': ' + s['reason'] for s in parts['skipped'][:3])})")
@@ -248,7 +249,7 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
         on_layer_start(len(candidates))
     t1 = time.perf_counter()
     parts = _convert(model, job, device, on_layer, _row_weights(model, job, data, candidates),
-                     _col_weights(model, job, data, candidates))
+                     _input_moments(model, job, data, candidates))
     t_convert = time.perf_counter() - t1
 
     ft_block, image_cfg = None, None

@@ -29,3 +29,34 @@ def test_calibration_batches_are_fixed_by_the_seed():
     a, b = calibration_batches(data, 3, 8, seed=1), calibration_batches(data, 3, 8, seed=1)
     assert len(a) == 3 and all(torch.equal(u, v) for u, v in zip(a, b))
     assert not torch.equal(a[0], calibration_batches(data, 3, 8, seed=2)[0])
+
+
+def test_refit_spectra_is_the_least_squares_spectrum_on_the_inputs():
+    from sttp_compress.activation import input_moments, refit_spectra
+    from sttp_compress.convert import compress_module, parametrization
+
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(24, 36)).double()
+    model = nn.Sequential(nn.Linear(24, 36), nn.Linear(36, 10)).double()
+    model[0].load_state_dict(reference[0].state_dict())
+    mix = torch.randn(24, 24, dtype=torch.float64)
+    X = torch.randn(300, 24, dtype=torch.float64) @ mix  # correlated input features
+    compress_module(model[0], 5, col_weight=X.square().mean(0).sqrt())
+    compress_module(model[1], 4, spectrum="lipschitz")  # not refitted: its spectrum is normalized
+    moments = input_moments(model, {"0": model[0], "1": model[1]}, [X[:100], X[100:]])
+    torch.testing.assert_close(moments["0"], X.T @ X / 300, rtol=1e-5, atol=1e-5)  # float32 products
+    W0 = reference[0].weight.detach()
+
+    def out_err():
+        with torch.no_grad():
+            return float((X @ (model[0].weight - W0).T).norm())
+
+    before = out_err()
+    assert refit_spectra(model, reference, moments) == ["0"]  # "1": lipschitz, and absent from reference
+    after = out_err()
+    assert after < before
+    p = parametrization(model[0])
+    U, s, V = p.factors(*(getattr(model[0].parametrizations.weight, f"original{i}") for i in range(p.n_originals)))
+    design = torch.stack([((X @ V[:, i])[:, None] * U[:, i][None, :]).reshape(-1) for i in range(5)], 1)
+    best = torch.linalg.lstsq(design, (X @ W0.T).reshape(-1, 1)).solution.squeeze(1)
+    torch.testing.assert_close(s.detach(), best, rtol=1e-4, atol=1e-8)

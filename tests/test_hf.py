@@ -284,6 +284,7 @@ def test_cli_distils_on_text_and_sttp_eval_compares_with_the_folder(tiny, texts,
     assert report["model"]["arch"] == f"hf:{tiny}"
     linears = [layer for layer in report["layers"] if layer["type"] == "Linear"]
     assert linears and all(layer["col_scaled"] and 0 <= layer["weighted_rel_error"] <= 1 for layer in linears)
+    assert all(layer.get("spectrum_refit") for layer in linears)  # least squares on the calibration inputs
     model, _ = load_compressed(out)  # rebuilds from hf:DIR, row and column scales included
     assert parametrization(model.embeddings.word_embeddings).row_scaled
     assert parametrization(model.encoder.layer[0].attention.self.query).col_scaled
