@@ -91,6 +91,7 @@ def refit_spectrum(module: nn.Module, W0: Tensor, C: Tensor) -> bool:
     """Set a compressed Linear's spectrum to the least-squares fit of x ↦ W0 x on inputs with second
     moments C (see the module doc); in place. Only where U has orthonormal columns (free spectrum, no
     row scale, no zero-padded output dimension): returns whether it did."""
+    from .contract import _originals
     from .layers import is_parametrized
     from .tt import padded_dims
 
@@ -101,7 +102,7 @@ def refit_spectrum(module: nn.Module, W0: Tensor, C: Tensor) -> bool:
     if (len(plist) != 1 or p.spectrum != "free" or p.row_scaled or tuple(W0.shape) != p.weight_shape
             or (p.dims is not None and tuple(padded_dims(p.dims[0])) != tuple(p.dims[0]))):
         return False
-    originals = tuple(getattr(plist, f"original{i}") for i in range(p.n_originals))
+    originals = _originals(module, p)
     U, _, V = p.factors(*originals)
     U, V = U.double(), V[:C.shape[0]].double()  # a zero-padded input's extra rows meet no input
     CV = C.to(V.device, torch.float64) @ V

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import SpectralTT, is_parametrized, weight_name
+from .layers import SpectralTT, _chain, is_parametrized, weight_name
 from .tt import TTShape, padded_dims
 
 __all__ = ["FORMS", "TT_PENALTY", "CALL_OVERHEAD_FLOPS", "row_flops", "best_form", "tt_linear", "chain_cores",
@@ -126,20 +126,13 @@ class _Shortcut:
             with torch.no_grad(), torch.autocast(originals[0].device.type, enabled=False):
                 u, s, v = chain_cores(self.p, originals)
                 if self.form == "factors":
-                    f = (_contract(v, self.p.tt.v_ranks), s, _contract(u, self.p.tt.u_ranks).T)
+                    f = (_chain(v, self.p.tt.v_ranks), s, _chain(u, self.p.tt.u_ranks).T)
                     self._factors = tuple(t.to(dtype).contiguous() for t in f)
                 else:
                     self._factors = ([G.to(dtype).contiguous() for G in u], s.to(dtype),
                                      [G.to(dtype).contiguous() for G in v])
             self._key = key
         return self._factors
-
-
-def _contract(frames: list[Tensor], ranks: list[int]) -> Tensor:
-    U = frames[0]
-    for k, X in enumerate(frames[1:], start=1):
-        U = (U @ X.reshape(ranks[k], -1)).reshape(-1, ranks[k + 1])
-    return U
 
 
 def _forward(self: nn.Linear, x: Tensor) -> Tensor:
@@ -179,15 +172,14 @@ def use_shortcut(model: nn.Module, form: str = "auto", tt_penalty: float = TT_PE
         raise ValueError(f"form must be 'auto' or one of {FORMS}, got {form!r}")
     overhead = (CALL_OVERHEAD_FLOPS if overhead is None else overhead) if form == "auto" else None
     chosen = {}
-    # MultiheadAttention reads out_proj.weight itself, never calling out_proj's forward
-    inside_mha = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    inside_mha = _mha_out_projs(model)
     for name, m in model.named_modules():
         if not (isinstance(m, nn.Linear) and is_parametrized(m)) or id(m) in inside_mha:
             continue
         p = next(q for q in m.parametrizations.weight if isinstance(q, SpectralTT))
         f = best_form(p.tt, tt_penalty) if form == "auto" else form
-        if _padded(p) or p.row_scaled or p.col_scaled:
-            f = "dense"  # zero-padded (tt.padded_size: its factors hold the padding too) or row/column-scaled
+        if not _factorable(p):
+            f = "dense"
         chosen[name] = f
         _remove(m)
         if f != "dense":
@@ -199,6 +191,18 @@ def use_shortcut(model: nn.Module, form: str = "auto", tt_penalty: float = TT_PE
 def _padded(p: SpectralTT) -> bool:
     """Whether the layer's tensorization pads a dimension with a large prime factor."""
     return p.dims is not None and any(tuple(padded_dims(d)) != tuple(d) for d in p.dims)
+
+
+def _factorable(p: SpectralTT) -> bool:
+    """Whether U diag(σ) Vᵀ is exactly the layer's weight matrix: not zero-padded (tt.padded_size: the
+    factors would hold the padding too), neither row- nor column-scaled."""
+    return not (_padded(p) or p.row_scaled or p.col_scaled)
+
+
+def _mha_out_projs(model: nn.Module) -> set[int]:
+    """ids of the out_proj Linears of nn.MultiheadAttention: the attention reads their weight itself,
+    never calling their forward, so a replaced forward would not run."""
+    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 
 
 def _remove(m: nn.Module) -> None:

@@ -252,14 +252,13 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
     (`activation.refit_spectrum`; the layer row gets `spectrum_refit`).
     `layer_ranks` {layer name: rank} pins those layers' ranks; with a ratio the others share what is left.
     """
+    from .activation import refit_spectrum, scales_from_moments
     from .allocate import DENSE, allocate, budget_for_ratio, check_reachable, layer_options
     from .errors import UserError
 
     row_weights, layer_ranks, col_weights = dict(row_weights or {}), dict(layer_ranks or {}), dict(col_weights or {})
     input_moments = dict(input_moments or {})
     if input_moments and not col_weights:
-        from .activation import scales_from_moments
-
         col_weights = scales_from_moments(input_moments)
 
     check_target(ratio, rank)
@@ -304,11 +303,7 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
         else:
             p = compress_module(m, r, method, spectrum, row_weight=row_weights.get(name),
                                 col_weight=col_weights.get(name))
-            refit = False
-            if name in input_moments:
-                from .activation import refit_spectrum
-
-                refit = refit_spectrum(m, W0, input_moments[name])
+            refit = name in input_moments and refit_spectrum(m, W0, input_moments[name])
             with torch.no_grad():
                 W1 = weight_of(m).detach()
                 err = float(torch.linalg.vector_norm(W1 - W0, dtype=torch.float64)

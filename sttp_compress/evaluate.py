@@ -101,10 +101,10 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .checkpoint import load_compressed
 from .convert import compressed_layers, count_parameters, decompress
-from .serve import frozen
 from .data import (IMAGE_EXTENSIONS, TENSORS_PREFIX, ImageDataConfig, image_transforms,
                    is_tensor_spec, resolve_image_config, rgb_loader)
 from .errors import UserError
+from .serve import frozen
 from .finetune import resolve_device
 from .hf import hf_path, is_hf_spec
 from .loading import atomic_torch_save, load_model, parse_size, resolve_arch

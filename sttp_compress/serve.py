@@ -28,12 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .contract import CALL_OVERHEAD_FLOPS, _contract, _padded, best_form, chain_cores, row_flops
+from .contract import CALL_OVERHEAD_FLOPS, _factorable, _mha_out_projs, _originals, best_form, row_flops
 from .layers import SpectralTT, is_parametrized, weight_name
 
 __all__ = ["freeze", "unfreeze", "frozen", "is_frozen"]
 
 _FROZEN = "_sttp_frozen"  # instance attribute: the parametrized class to restore
+_FACTORS = ("_sttp_vs", "_sttp_u")  # buffers of the factored form
 RANK_ALIGN = 16  # the factors form's rank is padded with zeros to a multiple of this
 
 
@@ -54,8 +55,7 @@ def freeze(model: nn.Module, shortcut: str = "none", overhead: dict[str, float] 
     if shortcut not in ("none", "auto"):
         raise ValueError(f"shortcut must be 'none' or 'auto', got {shortcut!r}")
     overhead = CALL_OVERHEAD_FLOPS if overhead is None else overhead
-    # MultiheadAttention reads out_proj.weight itself, never calling out_proj's forward
-    inside_mha = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    inside_mha = _mha_out_projs(model)
     forms = {}
     for name, m in model.named_modules():
         if is_frozen(m) or not is_parametrized(m):
@@ -65,18 +65,17 @@ def freeze(model: nn.Module, shortcut: str = "none", overhead: dict[str, float] 
         if len(plist) != 1:
             continue
         p: SpectralTT = plist[0]
-        originals = tuple(getattr(plist, f"original{i}") for i in range(p.n_originals))
+        originals = _originals(m, p)
         trainable = any(o.requires_grad for o in originals)
         W = getattr(m, wname).detach()
         form = "dense"
-        if (shortcut == "auto" and isinstance(m, nn.Linear) and id(m) not in inside_mha and not _padded(p)
-                and not p.row_scaled and not p.col_scaled and best_form(p.tt) == "factors"):
+        if (shortcut == "auto" and isinstance(m, nn.Linear) and id(m) not in inside_mha and _factorable(p)
+                and best_form(p.tt) == "factors"):
             form = "factors"
         _bind(m, wname, W, trainable)
         if form == "factors":
             with torch.autocast(W.device.type, enabled=False):
-                u, s, v = chain_cores(p, originals)
-                U, V = _contract(u, p.tt.u_ranks), _contract(v, p.tt.v_ranks)
+                U, s, V = p.factors(*originals)
             saving = row_flops(p.tt, "dense") - row_flops(p.tt, "factors")
             # the smallest number of rows (tokens) whose saved FLOPs pay for the extra call, per device type
             m._sttp_min_rows = {dev: int(flops // saving) + 1 for dev, flops in overhead.items()}
@@ -109,7 +108,7 @@ def _apply_keeping_leaves(self: nn.Module, fn, recurse: bool = True) -> nn.Modul
     """Module._apply (.to, .float, .cuda), after which the frozen tensors are leaves again: Module
     converts buffers with autograd on, which would leave them results of a copy."""
     type(self)._apply(self, fn, recurse)
-    for name in (weight_name(self), "_sttp_vs", "_sttp_u"):
+    for name in (weight_name(self),) + _FACTORS:
         b = self._buffers.get(name)
         if b is not None and not b.is_leaf:
             self._buffers[name] = b.detach().requires_grad_(b.requires_grad)
@@ -132,7 +131,7 @@ def unfreeze(model: nn.Module) -> None:
 
 def _unbind(m: nn.Module) -> None:
     cls = m.__dict__.pop(_FROZEN)
-    for buf in (weight_name(m), "_sttp_vs", "_sttp_u"):
+    for buf in (weight_name(m),) + _FACTORS:
         m._buffers.pop(buf, None)
     for attr in ("forward", "_apply", "_sttp_min_rows"):
         m.__dict__.pop(attr, None)
