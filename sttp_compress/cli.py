@@ -78,6 +78,9 @@ def compress_cmd(
         None, "--activation-aware/--no-activation-aware",
         help="Fit each compressed Linear's conversion to the scale of its inputs on 8 batches of the "
              "fine-tuning data (column-scaled STTP). Default: on with --data text:FILE, off for images."),
+    text_augment: float = typer.Option(
+        0.5, help="With --data text:FILE: fraction of each training batch whose tokens are replaced with "
+                  "chance 0.25 by tokens of the batch (teacher and student see the same texts; 0: off)."),
     image_size: Optional[int] = typer.Option(None, help="Image side (default: from the data; 224 for large images)."),
     mean: Optional[str] = typer.Option(None, help="Normalisation mean, comma-separated (default ImageNet's)."),
     std: Optional[str] = typer.Option(None, help="Normalisation std, comma-separated (default ImageNet's)."),
@@ -102,6 +105,8 @@ def compress_cmd(
     if not distributed.is_main():  # under torchrun only rank 0 shows progress and writes
         quiet, json_out = True, False
 
+    if not 0.0 <= text_augment <= 1.0:
+        raise UserError(f"--text-augment is a fraction of each batch, between 0 and 1; got {text_augment}")
     ft = None
     if data or train_data or example:
         ft = FinetuneConfig(epochs=epochs, steps=steps, lr=lr, optimizer=optimizer, schedule=schedule,
@@ -115,7 +120,7 @@ def compress_cmd(
                       train_data=train_data, val_data=val_data, image_size=image_size,
                       mean=_floats(mean, "--mean"), std=_floats(std, "--std"), augment=augment, finetune=ft,
                       bn_recalibrate=bn_recalibrate, token_weighting=token_weighting,
-                      activation_aware=activation_aware,
+                      activation_aware=activation_aware, text_augment=text_augment,
                       layer_ranks=_layer_ranks(layer_rank),
                       progress=not quiet and not json_out)
     if example:

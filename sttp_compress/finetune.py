@@ -678,6 +678,7 @@ def finetune(
         curve.append({
             "epoch": _epoch_value(step, steps_per_epoch),
             "train_loss": loss_sum / world / max(seg_steps, 1),
+            "val_loss": None if key is None else -key[-1],  # CE with labels, else the distillation loss
             "val_accuracy": _percent(metrics["accuracy"]),
         })
         seg_steps, seg_loss = 0, torch.zeros_like(seg_loss)

@@ -62,6 +62,7 @@ class CompressJob:
     layer_ranks: dict = field(default_factory=dict)  # {layer name: rank} pinned (--layer-rank)
     token_weighting: bool = True  # text data + token embedding included: frequency-weighted conversion
     activation_aware: bool | None = None  # Linear columns weighted by input scales (None: with text data)
+    text_augment: float = 0.5  # text data: fraction of each training batch with tokens replaced (text.perturb_tokens)
     progress: bool = True
     # in-memory inputs (the built-in example and tests): bypass file loading
     module: nn.Module | None = None
@@ -271,7 +272,9 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
         if job.data and job.data.startswith("text:"):
             from .text import distill_embeddings
 
+            train_ds.augment = job.text_augment  # after the calibration, which sees the texts as they are
             ft_block = distill_embeddings(model, teacher, *loaders, cfg, progress=job.progress and main)
+            ft_block["text_augment"] = job.text_augment
         else:
             ft_block = finetune(model, teacher, *loaders, cfg, progress=job.progress and main,
                                 bn_recalibrate=job.bn_recalibrate)

@@ -27,7 +27,7 @@ from .errors import UserError
 
 __all__ = ["TEXT_PREFIX", "is_text_spec", "text_path", "read_texts", "TokenizedTexts", "tokenize_texts",
            "text_datasets", "embedding_distillation_loss", "embed", "nearest_neighbours", "embedding_agreement",
-           "COSINE_WEIGHT", "MSE_WEIGHT"]
+           "COSINE_WEIGHT", "MSE_WEIGHT", "perturb_tokens"]
 
 TEXT_PREFIX = "text:"
 VAL_FRACTION = 0.1  # of the texts held out for validation during distillation ...
@@ -39,6 +39,7 @@ MSE_WEIGHT = 1.0  # weight of ‖student − teacher‖² / mean ‖teacher‖²
 HIDDEN_WEIGHT = 1.0  # weight of the layer-wise hidden-state term (0: sentence embeddings only)
 _TOKENIZE_CHUNK = 4096
 PAD_MULTIPLE = 8  # padded batch lengths: fewer distinct shapes, GEMM sizes tensor cores like
+REPLACE_PROB = 0.25  # augmentation: chance that a token of a perturbed text is replaced (perturb_tokens)
 
 
 def is_text_spec(spec: Any) -> bool:
@@ -78,10 +79,12 @@ def read_texts(spec: str | os.PathLike) -> list[str]:
 class TokenizedTexts(Dataset):
     """Token id sequences, one per text; `collate_fn` pads a batch into SentenceEncoder keyword arguments."""
 
-    def __init__(self, ids: list[list[int]], pad_id: int = 0, max_length: int | None = None):
+    def __init__(self, ids: list[list[int]], pad_id: int = 0, max_length: int | None = None,
+                 augment: float = 0.0):
         self.ids = ids
         self.pad_id = int(pad_id)
         self.max_length = max_length  # the padded length is rounded up, but never beyond this
+        self.augment = augment  # fraction of each batch's texts perturbed by perturb_tokens (training only)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -90,7 +93,7 @@ class TokenizedTexts(Dataset):
         return self.ids[index]
 
     def subset(self, indices: Iterable[int]) -> "TokenizedTexts":
-        return TokenizedTexts([self.ids[i] for i in indices], self.pad_id, self.max_length)
+        return TokenizedTexts([self.ids[i] for i in indices], self.pad_id, self.max_length, self.augment)
 
     def collate_fn(self, batch: list[list[int]]) -> dict[str, Tensor]:
         """Right-pad to the longest text rounded up to a multiple of PAD_MULTIPLE (at most max_length):
@@ -101,7 +104,31 @@ class TokenizedTexts(Dataset):
         longest = max(longest, min(rounded, self.max_length)) if self.max_length else rounded
         ids = torch.tensor([x + [self.pad_id] * (longest - len(x)) for x in batch], dtype=torch.long)
         mask = torch.tensor([[1] * len(x) + [0] * (longest - len(x)) for x in batch], dtype=torch.long)
+        if self.augment > 0:
+            ids = perturb_tokens(ids, mask, self.augment)
         return {"input_ids": ids, "attention_mask": mask}
+
+
+def perturb_tokens(ids: Tensor, mask: Tensor, fraction: float, prob: float = REPLACE_PROB,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """Distillation inputs beyond the data: in a `fraction` of the texts, each token between the first
+    and the last ([CLS] ... [SEP]) is replaced with chance `prob` by a token drawn from the batch's own
+    such tokens (so by their frequency). Teacher and student see the same perturbed batch, so the
+    targets stay exact; the student learns the teacher's function around the texts, not only on them."""
+    lengths = mask.sum(1, keepdim=True)
+    pos = torch.arange(ids.shape[1]).unsqueeze(0)
+    inner = (pos > 0) & (pos < lengths - 1)
+    pool = ids[inner]
+    if pool.numel() == 0 or fraction <= 0:
+        return ids
+    chosen = torch.rand(ids.shape[0], 1, generator=generator) < fraction
+    replace = inner & chosen & (torch.rand(ids.shape, generator=generator) < prob)
+    n = int(replace.sum())
+    if n == 0:
+        return ids
+    out = ids.clone()
+    out[replace] = pool[torch.randint(pool.numel(), (n,), generator=generator)]
+    return out
 
 
 def tokenize_texts(texts: list[str], folder: str | os.PathLike) -> TokenizedTexts:

@@ -30,7 +30,7 @@ transformers = pytest.importorskip("transformers", reason="needs the optional tr
 from sttp_compress.checkpoint import load_compressed, save_compressed  # noqa: E402
 from sttp_compress.hf import load_encoder, read_layout  # noqa: E402
 from sttp_compress.text import (TokenizedTexts, EmbeddingDistillLoss, embedding_agreement, embedding_distillation_loss,  # noqa: E402
-                                hidden_state_loss, nearest_neighbours, read_texts, token_weights, tokenize_texts)
+                                hidden_state_loss, nearest_neighbours, perturb_tokens, read_texts, token_weights, tokenize_texts)
 
 WORDS = ("the a an of and to in is was it that on for with as by at from this be are or his her they "
          "man woman dog cat car house plays runs eats reads guitar ball food book music city park red blue "
@@ -268,6 +268,35 @@ def test_losses_and_agreement():
 # --------------------------------------------------------------------------- CLI end to end
 
 
+def test_perturb_tokens_replaces_inner_tokens_of_chosen_texts_only():
+    ids = torch.tensor([[101, 5, 6, 7, 8, 102, 0, 0], [101, 9, 10, 102, 0, 0, 0, 0]])
+    mask = (ids != 0).long()
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(perturb_tokens(ids, mask, 0.0, 1.0, g), ids)
+    out = perturb_tokens(ids, mask, 1.0, 1.0, g)  # every inner token redrawn from the batch's inner tokens
+    inner = torch.tensor([[0, 1, 1, 1, 1, 0, 0, 0], [0, 1, 1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(out[~inner], ids[~inner])  # [CLS], [SEP] and padding stay
+    assert set(out[inner].tolist()) <= {5, 6, 7, 8, 9, 10}
+    big = torch.randint(1000, 2000, (4000, 12))
+    big[:, 0], big[:, -1] = 101, 102
+    changed = perturb_tokens(big, torch.ones_like(big), 0.5, 0.25, torch.Generator().manual_seed(1)) != big
+    texts = changed.any(1).float().mean().item()
+    assert 0.45 < texts < 0.53  # ~half the texts (a chosen one keeps all 10 tokens with chance 0.75^10)
+    assert changed[changed.any(1)].float().mean().item() == pytest.approx(0.25 * 10 / 12, abs=0.02)
+
+
+def test_augmented_training_texts_keep_clean_calibration(tiny):
+    from sttp_compress.activation import calibration_batches
+
+    data = tokenize_texts(TEXTS * 8, tiny)
+    data.augment = 1.0
+    assert data.subset(range(4)).augment == 1.0
+    clean = calibration_batches(data, n_batches=2, batch_size=4)
+    data.augment = 0.0
+    assert all(torch.equal(a["input_ids"], b["input_ids"])
+               for a, b in zip(clean, calibration_batches(data, n_batches=2, batch_size=4)))
+
+
 def test_cli_distils_on_text_and_sttp_eval_compares_with_the_folder(tiny, texts, tmp_path):
     out = tmp_path / "tiny.sttp.pt"
     rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--rank", "4", "--include", "*",
@@ -276,7 +305,8 @@ def test_cli_distils_on_text_and_sttp_eval_compares_with_the_folder(tiny, texts,
     assert rc == 0, err
     report = json.loads((tmp_path / "tiny.sttp.report" / "report.json").read_text())
     ft = report["finetune"]
-    assert ft["steps"] == 3 and ft["val_accuracy_after"] is None
+    assert ft["steps"] == 3 and ft["val_accuracy_after"] is None and ft["text_augment"] == 0.5
+    assert all(point["val_loss"] > 0 for point in ft["curve"])  # the validation distillation loss
     assert -1 <= ft["val_cosine_before"] <= 1 and -1 <= ft["val_cosine_after"] <= 1
     assert 0 <= ft["val_nn_agreement_after"] <= 100
     emb = next(layer for layer in report["layers"] if layer["name"] == "embeddings.word_embeddings")
@@ -303,6 +333,14 @@ def test_cli_distils_on_text_and_sttp_eval_compares_with_the_folder(tiny, texts,
     assert result["nn_agreement"] == pytest.approx(expected["nn_agreement"])
     assert result["params_original"] == count_parameters(ref) and result["ratio"] > 1
     assert "Mean cosine similarity" in stdout
+
+
+def test_text_augment_out_of_range_is_a_user_error(tiny, texts, tmp_path):
+    out = tmp_path / "tiny.sttp.pt"
+    rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--rank", "4", "--data",
+                     f"text:{texts}", "--text-augment", "1.5", "--output", out, "--quiet")
+    assert rc == 2 and "--text-augment" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 def test_text_data_needs_an_hf_arch(tiny, texts, tmp_path):
