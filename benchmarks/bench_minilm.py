@@ -34,7 +34,7 @@ from common import machine, markdown_table, merge_rows, print_table, today, writ
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".data" / "text"
-COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "hidden_weight", "achieved_ratio", "params", "convert_seconds", "cosine_before",
+COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "lr", "hidden_weight", "augment", "achieved_ratio", "params", "convert_seconds", "cosine_before",
            "nn_agreement_before", "cosine_after", "nn_agreement_after", "steps", "seconds", "device"]
 
 
@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=None,
                     help="distillation steps per configuration instead of a time budget (the probe, timing "
                          "short runs, overestimated the step time 2-3x on H100/H200)")
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--batch-size", default="128", help="a comma list runs one distillation per value")
+    ap.add_argument("--lr", default=None, help="peak learning rate (default: AdamW's); a comma list runs one "
+                                                 "distillation per value")
     ap.add_argument("--method", default="sttp")
     ap.add_argument("--allocation", default="greedy", help="greedy or uniform")
     ap.add_argument("--embedding-rank", default=None,
@@ -113,7 +114,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-activation-aware", action="store_true",
                     help="plain conversion of the Linears (default, as sttp-compress with text data: "
                          "column-scaled by their input scales on 8 batches of the distillation texts)")
-    ap.add_argument("--hidden-weight", type=float, default=None, help="layer-wise term weight (default text.HIDDEN_WEIGHT)")
+    ap.add_argument("--hidden-weight", default=None,
+                    help="layer-wise term weight (default text.HIDDEN_WEIGHT); a comma list runs one distillation per value")
+    ap.add_argument("--augment", type=float, default=0.0,
+                    help="fraction of each training batch's texts with tokens replaced (text.perturb_tokens)")
     ap.add_argument("--heldout-limit", type=int, default=None, help="use only the first N held-out texts")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: ratio 4 only, 200 held-out texts, 4 steps")
     ap.add_argument("--convert-only", action="store_true", help="time the CPU conversion at ratio 4 only")
@@ -148,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     train_ds, val_ds = text_datasets(f"text:{distill}", folder)
     if quick:
         train_ds, val_ds = train_ds.subset(range(256)), val_ds.subset(range(64))
+    train_ds.augment = args.augment  # the validation texts stay as they are
     print(f"loaded model and {len(train_ds) + len(val_ds):,} distillation texts ({len(held.dataset):,} held out) "
           f"in {time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -169,7 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     emb_name = teacher.token_embedding_name()
     total = count_parameters(teacher)
     rows = []
-    step_seconds = None
+    step_seconds: dict[int, float] = {}  # per batch size
+    variants = [(int(b), None if lr is None else float(lr), HIDDEN_WEIGHT if h is None else float(h))
+                for b in str(args.batch_size).split(",") for lr in _values(args.lr)
+                for h in _values(args.hidden_weight)]
     for ratio, include, emb_rank in configs:
         student = copy.deepcopy(teacher).cpu()
         if ratio == "max":  # the largest whole-model ratio with the embedding dense (every Linear at rank 1)
@@ -191,41 +199,49 @@ def main(argv: list[str] | None = None) -> None:
         convert_s = time.perf_counter() - t1
         student.to(device)
         before = embedding_agreement(embed(student, held, device), reference)
-        loss = EmbeddingDistillLoss(hidden=HIDDEN_WEIGHT if args.hidden_weight is None else args.hidden_weight)
-        cfg = FinetuneConfig(steps=1, lr=args.lr, batch_size=16 if quick else args.batch_size, device=device, workers=2,
-                             log_every=50, select_best=False, loss_fn=loss)
-        # workers=0: tokenizing in this process; forked workers after CUDA init crashed on the H100
-        # (CUDA initialization error in a worker during the second configuration)
-        loaders = make_loaders(train_ds, val_ds, cfg.batch_size, 0, cfg.seed, device)
-        if step_seconds is None and not args.steps:  # probe: time short runs on a throwaway copy
-            # each run has a fixed cost (optimizer, weight bank, CUDA graph capture, first batches), so
-            # the step time is the difference of two runs' times over their difference in steps
-            probe = copy.deepcopy(student)
-            times = {}
-            for n in ((2, 4) if quick else (10, 10, 40)):  # the first run warms up
-                cfg.steps = n
-                t2 = time.perf_counter()
-                distill_embeddings(probe, teacher, loaders[0], None, cfg, progress=False)
-                times[n] = time.perf_counter() - t2
-            (n1, t1_), (n2, t2_) = sorted(times.items())
-            step_seconds = max(1e-4, (t2_ - t1_) / (n2 - n1))
-            del probe
-            print(f"probe: {1000 * step_seconds:.1f} ms per step at batch {cfg.batch_size}", flush=True)
-        cfg.steps = 4 if quick else (args.steps or max(1, math.floor(args.seconds / step_seconds)))
-        block = distill_embeddings(student, teacher, *loaders, cfg, progress=not quick)
-        after = embedding_agreement(embed(student, held, device), reference)
-        row = {"ratio": float(ratio), "method": args.method,
-               "allocation": args.allocation + (f", embedding rank {emb_rank}" if emb_rank and include else ""),
-               "token_weighting": bool(row_weights or (emb_rank and include and weights is not None)),
-               "activation_aware": bool(moments),
-               "include": "*" if include else "encoder only", "batch": cfg.batch_size, "hidden_weight": loss.hidden,
-               "achieved_ratio": round(parts["totals"]["ratio"], 3), "params": parts["totals"]["params_compressed"],
-               "convert_seconds": round(convert_s, 2), "cosine_before": round(before["cosine"], 4),
-               "nn_agreement_before": round(before["nn_agreement"], 2), "cosine_after": round(after["cosine"], 4),
-               "nn_agreement_after": round(after["nn_agreement"], 2), "steps": block["steps"],
-               "seconds": block["seconds"], "device": machine(device)}
-        rows.append(row)
-        print(row, flush=True)
+        converted = student
+        for batch, lr, hidden in variants:
+            student = copy.deepcopy(converted)
+            loss = EmbeddingDistillLoss(hidden=hidden)
+            cfg = FinetuneConfig(steps=1, lr=lr, batch_size=16 if quick else batch, device=device, workers=2,
+                                 log_every=50, select_best=False, loss_fn=loss)
+            # workers=0: tokenizing in this process; forked workers after CUDA init crashed on the H100
+            # (CUDA initialization error in a worker during the second configuration)
+            loaders = make_loaders(train_ds, val_ds, cfg.batch_size, 0, cfg.seed, device)
+            if cfg.batch_size not in step_seconds and not args.steps:  # probe: time short runs on a throwaway copy
+                # each run has a fixed cost (optimizer, weight bank, CUDA graph capture, first batches), so
+                # the step time is the difference of two runs' times over their difference in steps
+                probe = copy.deepcopy(student)
+                times = {}
+                for n in ((2, 4) if quick else (10, 10, 40)):  # the first run warms up
+                    cfg.steps = n
+                    t2 = time.perf_counter()
+                    distill_embeddings(probe, teacher, loaders[0], None, cfg, progress=False)
+                    times[n] = time.perf_counter() - t2
+                (n1, t1_), (n2, t2_) = sorted(times.items())
+                step_seconds[cfg.batch_size] = max(1e-4, (t2_ - t1_) / (n2 - n1))
+                del probe
+                print(f"probe: {1000 * step_seconds[cfg.batch_size]:.1f} ms per step at batch {cfg.batch_size}",
+                      flush=True)
+            cfg.steps = 4 if quick else (args.steps or max(1, math.floor(args.seconds / step_seconds[cfg.batch_size])))
+            block = distill_embeddings(student, teacher, *loaders, cfg, progress=not quick)
+            after = embedding_agreement(embed(student, held, device), reference)
+            row = {"ratio": float(ratio), "method": args.method,
+                   "allocation": args.allocation + (f", embedding rank {emb_rank}" if emb_rank and include else ""),
+                   "token_weighting": bool(row_weights or (emb_rank and include and weights is not None)),
+                   "activation_aware": bool(moments),
+                   "include": "*" if include else "encoder only", "batch": cfg.batch_size, "lr": cfg.resolved_lr,
+                   "hidden_weight": loss.hidden, "augment": args.augment,
+                   "achieved_ratio": round(parts["totals"]["ratio"], 3), "params": parts["totals"]["params_compressed"],
+                   "convert_seconds": round(convert_s, 2), "cosine_before": round(before["cosine"], 4),
+                   "nn_agreement_before": round(before["nn_agreement"], 2), "cosine_after": round(after["cosine"], 4),
+                   "nn_agreement_after": round(after["nn_agreement"], 2), "steps": block["steps"],
+                   "seconds": block["seconds"], "device": machine(device),
+                   "curve": [{k: c[k] for k in ("epoch", "train_loss", "val_loss")} for c in block["curve"]]}
+            rows.append(row)
+            print(row, flush=True)
+            del student
+        student = converted
         del student
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -242,6 +258,11 @@ def main(argv: list[str] | None = None) -> None:
           + (f"Distillation: {args.steps} steps per row.\n\n" if args.steps else
              f"Distillation: {args.seconds:g} s budget per row.\n\n") + markdown_table(rows, COLUMNS))
     write_results(args.name, rows, meta, md)
+
+
+def _values(given: str | None) -> list[str | None]:
+    """A comma list's values, or [None] for the default."""
+    return [None] if given is None else [v for v in str(given).split(",") if v]
 
 
 def _largest_ratio(model: torch.nn.Module, method: str) -> float:
