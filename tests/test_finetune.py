@@ -237,7 +237,8 @@ def test_finetune_improves_student_and_reports(digits, teacher, capsys) -> None:
     assert report["original_val_accuracy"] >= 90.0
     curve = report["curve"]
     assert [p["epoch"] for p in curve] == [1, 2, 3]
-    assert all(set(p) == {"epoch", "train_loss", "val_accuracy"} for p in curve)
+    assert all(set(p) == {"epoch", "train_loss", "val_loss", "val_accuracy"} for p in curve)
+    assert all(isinstance(p["val_loss"], float) and p["val_loss"] > 0 for p in curve)  # CE with labels
     assert all(isinstance(p["train_loss"], float) and isinstance(p["val_accuracy"], float) for p in curve)
     assert curve[-1]["train_loss"] < curve[0]["train_loss"]
     assert report["val_accuracy_before"] < 30.0 < 70.0 < report["val_accuracy_after"]
