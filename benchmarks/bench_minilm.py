@@ -116,8 +116,9 @@ def main(argv: list[str] | None = None) -> None:
                          "column-scaled by their input scales on 8 batches of the distillation texts)")
     ap.add_argument("--hidden-weight", default=None,
                     help="layer-wise term weight (default text.HIDDEN_WEIGHT); a comma list runs one distillation per value")
-    ap.add_argument("--augment", type=float, default=0.0,
-                    help="fraction of each training batch's texts with tokens replaced (text.perturb_tokens)")
+    ap.add_argument("--augment", type=float, default=0.5,
+                    help="fraction of each training batch's texts with tokens replaced (text.perturb_tokens; "
+                         "default 0.5 as sttp-compress with text data, 0: off)")
     ap.add_argument("--heldout-limit", type=int, default=None, help="use only the first N held-out texts")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: ratio 4 only, 200 held-out texts, 4 steps")
     ap.add_argument("--convert-only", action="store_true", help="time the CPU conversion at ratio 4 only")

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 
 from .errors import SharedUserError, UserError, launcher_rank
+from .text import TEXT_AUGMENT
 
 err = Console(stderr=True)
 out = Console()
@@ -79,7 +80,7 @@ def compress_cmd(
         help="Fit each compressed Linear's conversion to the scale of its inputs on 8 batches of the "
              "fine-tuning data (column-scaled STTP). Default: on with --data text:FILE, off for images."),
     text_augment: float = typer.Option(
-        0.5, help="With --data text:FILE: fraction of each training batch whose tokens are replaced with "
+        TEXT_AUGMENT, help="With --data text:FILE: fraction of each training batch whose tokens are replaced with "
                   "chance 0.25 by tokens of the batch (teacher and student see the same texts; 0: off)."),
     image_size: Optional[int] = typer.Option(None, help="Image side (default: from the data; 224 for large images)."),
     mean: Optional[str] = typer.Option(None, help="Normalisation mean, comma-separated (default ImageNet's)."),

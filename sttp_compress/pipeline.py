@@ -24,6 +24,7 @@ from .convert import candidate_layers, check_target, compress_to_target
 from .errors import UserError
 from .hf import hf_path, is_hf_spec
 from .loading import load_model, resolve_arch
+from .text import TEXT_AUGMENT
 
 __all__ = ["CompressJob", "run_compress", "default_output", "state_size_bytes", "REPORT_FORMAT_VERSION"]
 
@@ -62,7 +63,7 @@ class CompressJob:
     layer_ranks: dict = field(default_factory=dict)  # {layer name: rank} pinned (--layer-rank)
     token_weighting: bool = True  # text data + token embedding included: frequency-weighted conversion
     activation_aware: bool | None = None  # Linear columns weighted by input scales (None: with text data)
-    text_augment: float = 0.5  # text data: fraction of each training batch with tokens replaced (text.perturb_tokens)
+    text_augment: float = TEXT_AUGMENT  # text data: fraction of each training batch with tokens replaced (text.perturb_tokens)
     progress: bool = True
     # in-memory inputs (the built-in example and tests): bypass file loading
     module: nn.Module | None = None

@@ -39,6 +39,7 @@ MSE_WEIGHT = 1.0  # weight of ‖student − teacher‖² / mean ‖teacher‖²
 HIDDEN_WEIGHT = 1.0  # weight of the layer-wise hidden-state term (0: sentence embeddings only)
 _TOKENIZE_CHUNK = 4096
 PAD_MULTIPLE = 8  # padded batch lengths: fewer distinct shapes, GEMM sizes tensor cores like
+TEXT_AUGMENT = 0.5  # default fraction of a training batch's texts perturbed (--text-augment; minilm_augment.md)
 REPLACE_PROB = 0.25  # augmentation: chance that a token of a perturbed text is replaced (perturb_tokens)
 
 
