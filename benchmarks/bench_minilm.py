@@ -116,9 +116,9 @@ def main(argv: list[str] | None = None) -> None:
                          "column-scaled by their input scales on 8 batches of the distillation texts)")
     ap.add_argument("--hidden-weight", default=None,
                     help="layer-wise term weight (default text.HIDDEN_WEIGHT); a comma list runs one distillation per value")
-    ap.add_argument("--augment", type=float, default=0.5,
+    ap.add_argument("--augment", type=float, default=None,
                     help="fraction of each training batch's texts with tokens replaced (text.perturb_tokens; "
-                         "default 0.5 as sttp-compress with text data, 0: off)")
+                         "default text.TEXT_AUGMENT as sttp-compress with text data, 0: off)")
     ap.add_argument("--heldout-limit", type=int, default=None, help="use only the first N held-out texts")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: ratio 4 only, 200 held-out texts, 4 steps")
     ap.add_argument("--convert-only", action="store_true", help="time the CPU conversion at ratio 4 only")
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     from sttp_compress.data import make_loaders
     from sttp_compress.finetune import FinetuneConfig, resolve_device
     from sttp_compress.hf import load_encoder
-    from sttp_compress.text import (HIDDEN_WEIGHT, EmbeddingDistillLoss, distill_embeddings, embed,
+    from sttp_compress.text import (HIDDEN_WEIGHT, TEXT_AUGMENT, EmbeddingDistillLoss, distill_embeddings, embed,
                                     embedding_agreement, text_datasets)
 
     device = str(resolve_device(args.device))
@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     train_ds, val_ds = text_datasets(f"text:{distill}", folder)
     if quick:
         train_ds, val_ds = train_ds.subset(range(256)), val_ds.subset(range(64))
+    if args.augment is None:
+        args.augment = TEXT_AUGMENT
     train_ds.augment = args.augment  # the validation texts stay as they are
     print(f"loaded model and {len(train_ds) + len(val_ds):,} distillation texts ({len(held.dataset):,} held out) "
           f"in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -242,8 +244,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             print(row, flush=True)
             del student
-        student = converted
-        del student
+        del converted
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     print_table("all-MiniLM-L6-v2 (22.7M parameters): STTP + distillation", rows, COLUMNS)

@@ -106,8 +106,6 @@ def compress_cmd(
     if not distributed.is_main():  # under torchrun only rank 0 shows progress and writes
         quiet, json_out = True, False
 
-    if not 0.0 <= text_augment <= 1.0:
-        raise UserError(f"--text-augment is a fraction of each batch, between 0 and 1; got {text_augment}")
     ft = None
     if data or train_data or example:
         ft = FinetuneConfig(epochs=epochs, steps=steps, lr=lr, optimizer=optimizer, schedule=schedule,

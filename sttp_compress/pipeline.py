@@ -116,6 +116,8 @@ def _check_target(job: CompressJob) -> None:
         raise UserError(f"--spectrum must be free, lipschitz or identity, got {job.spectrum!r}")
     if job.allocation not in ("greedy", "uniform"):
         raise UserError(f"--allocation must be greedy or uniform, got {job.allocation!r}")
+    if not 0.0 <= job.text_augment <= 1.0:
+        raise UserError(f"--text-augment is a fraction of each batch, between 0 and 1; got {job.text_augment}")
 
 
 def _datasets(job: CompressJob):
@@ -267,13 +269,15 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
             cfg = replace(cfg, device=str(device))  # this rank's GPU (or the CPU)
         dev = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else (
             "cpu" if cfg.device == "auto" else cfg.device)
+        text = job.data and job.data.startswith("text:")
+        if text:
+            train_ds.augment = job.text_augment  # after the calibration, which sees the texts as they are
         with distributed.agreed():
             loaders = make_loaders(train_ds, val_ds, cfg.batch_size, cfg.workers, cfg.seed, dev,
                                    distributed.rank(), world)
-        if job.data and job.data.startswith("text:"):
+        if text:
             from .text import distill_embeddings
 
-            train_ds.augment = job.text_augment  # after the calibration, which sees the texts as they are
             ft_block = distill_embeddings(model, teacher, *loaders, cfg, progress=job.progress and main)
             ft_block["text_augment"] = job.text_augment
         else:
