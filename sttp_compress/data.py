@@ -274,6 +274,57 @@ def seed_worker(worker_id: int) -> None:
         pass
 
 
+LENGTH_GROUP = 64  # length-grouped batches: sort by length within windows of this many batches
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler[int]):
+    """Shuffled sample order whose consecutive runs of `batch_size` have similar lengths (less padding).
+
+    Each epoch: a seeded permutation, cut into windows of `group` global batches, each window sorted
+    by length and cut into batches, the full batches shuffled (the ragged tail, if any and if there is
+    at least one full batch, is dropped). With `world` > 1 every global batch is split into `world`
+    contiguous shards and this rank yields its shard of each, so all ranks take the same number of
+    steps on texts of similar length. The order depends only on (seed, epoch): call `set_epoch`.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,
+                 group: int = LENGTH_GROUP):
+        self.lengths = torch.as_tensor(lengths, dtype=torch.long)
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.local = per_rank_batch(batch_size, world)
+        self.group = max(1, group)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[Tensor]:
+        """This epoch's global batches (index tensors), in training order."""
+        n, b = len(self.lengths), self.batch_size
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(n, generator=g)
+        window = b * self.group
+        batches = []
+        for start in range(0, n, window):
+            chunk = order[start:start + window]
+            # stable sort keeps the random order among equal lengths
+            chunk = chunk[torch.sort(self.lengths[chunk], stable=True).indices]
+            batches += list(chunk.split(b))
+        full = [x for x in batches if len(x) == b]
+        if not full:  # fewer samples than one batch: one short batch rather than none
+            return batches
+        return [full[i] for i in torch.randperm(len(full), generator=g).tolist()]
+
+    def __iter__(self) -> Iterator[int]:
+        for batch in self._batches():
+            shard = len(batch) // self.world  # a short only batch is shared evenly too
+            yield from batch[self.rank * shard:(self.rank + 1) * shard].tolist()
+
+    def __len__(self) -> int:
+        n, b = len(self.lengths), self.batch_size
+        return self.local * (n // b) if n >= b else n // self.world
+
+
 def make_loaders(
     train_ds: Dataset,
     val_ds: Dataset | None,
@@ -283,8 +334,12 @@ def make_loaders(
     device: str | torch.device,
     rank: int = 0,
     world: int = 1,
+    group_by_length: bool = True,
 ) -> tuple[DataLoader, DataLoader | None]:
     """Seeded, shuffled train loader (drop_last) and ordered val loader; pinned memory on CUDA.
+
+    A training set with a `lengths()` method (text.TokenizedTexts) is batched by LengthGroupedSampler
+    unless `group_by_length` is False: random batches of short texts pad to their longest member.
 
     With world > 1 (one process of a torchrun job) `batch_size` is the global batch: this rank
     loads batch_size / world samples per step, the training set sharded by a DistributedSampler
@@ -306,35 +361,32 @@ def make_loaders(
         worker_init_fn=seed_worker if workers > 0 else None,
         collate_fn=getattr(train_ds, "collate_fn", None),  # e.g. text.TokenizedTexts pads token batches
     )
-    if world > 1:
+    if world > 1 and len(train_ds) < world:
+        raise UserError(f"the training data has {len(train_ds)} samples, fewer than the {world} processes")
+    lengths = getattr(train_ds, "lengths", None) if group_by_length else None
+    generator = torch.Generator().manual_seed(seed + rank)  # worker seeds: augmentations differ by rank
+    if lengths is not None:
+        sampler = LengthGroupedSampler(lengths(), batch_size, seed, rank, world)
+        train_loader = DataLoader(train_ds, sampler=sampler, drop_last=False, generator=generator, **common)
+    elif world > 1:
         from torch.utils.data.distributed import DistributedSampler
 
-        from .distributed import ShardSampler
-
-        if len(train_ds) < world:
-            raise UserError(f"the training data has {len(train_ds)} samples, fewer than the {world} processes")
         sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=seed,
                                      drop_last=True)
-        train_loader = DataLoader(
-            train_ds,
-            sampler=sampler,
-            drop_last=len(sampler) >= local_batch,
-            generator=torch.Generator().manual_seed(seed + rank),  # worker seeds: augmentations differ by rank
-            **common,
-        )
-        val_loader = None if val_ds is None else DataLoader(
-            val_ds, sampler=ShardSampler(len(val_ds), rank, world), drop_last=False, **common)
-        return train_loader, val_loader
-    train_loader = DataLoader(
-        train_ds,
-        shuffle=True,
+        train_loader = DataLoader(train_ds, sampler=sampler, drop_last=len(sampler) >= local_batch,
+                                  generator=generator, **common)
+    else:
         # Dropping the ragged last batch keeps BatchNorm statistics sane, but never drop the only batch.
-        drop_last=len(train_ds) >= batch_size,
-        generator=torch.Generator().manual_seed(seed),
-        **common,
-    )
-    val_loader = None if val_ds is None else DataLoader(val_ds, shuffle=False, drop_last=False, **common)
-    return train_loader, val_loader
+        train_loader = DataLoader(train_ds, shuffle=True, drop_last=len(train_ds) >= batch_size,
+                                  generator=generator, **common)
+    if val_ds is None:
+        return train_loader, None
+    if world > 1:
+        from .distributed import ShardSampler
+
+        return train_loader, DataLoader(val_ds, sampler=ShardSampler(len(val_ds), rank, world), drop_last=False,
+                                        **common)
+    return train_loader, DataLoader(val_ds, shuffle=False, drop_last=False, **common)
 
 
 def per_rank_batch(batch_size: int, world: int) -> int:

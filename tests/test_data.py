@@ -263,3 +263,64 @@ def test_loader_user_errors(batch_size: int, workers: int) -> None:
     ds = torch.utils.data.TensorDataset(torch.arange(3.0))
     with pytest.raises(UserError):
         make_loaders(ds, None, batch_size, workers, seed=0, device="cpu")
+
+
+class _Lengths(torch.utils.data.Dataset):
+    """Samples that are their own index, with a length each (as text.TokenizedTexts has)."""
+
+    def __init__(self, lengths: list[int]):
+        self._lengths = lengths
+
+    def __len__(self) -> int:
+        return len(self._lengths)
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def lengths(self) -> list[int]:
+        return list(self._lengths)
+
+
+def _epoch(loader, epoch: int) -> list[list[int]]:
+    loader.sampler.set_epoch(epoch)
+    return [b.tolist() for b in loader]
+
+
+def test_length_grouped_batches_cover_the_data_once_with_little_padding() -> None:
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 200, (1000,), generator=g).tolist()
+    ds = _Lengths(lengths)
+    loader, _ = make_loaders(ds, None, 32, 0, 7, "cpu")
+    batches = _epoch(loader, 0)
+    assert len(batches) == len(loader) == 1000 // 32 and all(len(b) == 32 for b in batches)
+    seen = [i for b in batches for i in b]
+    assert len(set(seen)) == len(seen) == 31 * 32  # each sample at most once; only the ragged tail dropped
+    padded = sum(32 * max(lengths[i] for i in b) for b in batches)
+    assert sum(lengths[i] for i in seen) / padded > 0.9  # random batches of U(1, 200) fill about half
+    plain = [b.tolist() for b in make_loaders(ds, None, 32, 0, 7, "cpu", group_by_length=False)[0]]
+    assert [len(b) for b in plain] == [32] * 31
+    assert sum(lengths[i] for b in plain for i in b) / sum(32 * max(lengths[i] for i in b) for b in plain) < 0.6
+    # the order is a function of (seed, epoch): reproducible, and new each epoch
+    assert _epoch(make_loaders(ds, None, 32, 0, 7, "cpu")[0], 0) == batches
+    assert _epoch(loader, 1) != batches
+    assert _epoch(make_loaders(ds, None, 32, 0, 8, "cpu")[0], 0) != batches
+
+
+def test_length_grouped_shards_split_each_global_batch() -> None:
+    lengths = torch.randint(1, 50, (203,), generator=torch.Generator().manual_seed(1)).tolist()
+    ds = _Lengths(lengths)
+    ranks = [make_loaders(ds, None, 20, 0, 3, "cpu", rank=r, world=4)[0] for r in range(4)]
+    whole = _epoch(make_loaders(ds, None, 20, 0, 3, "cpu")[0], 2)
+    shards = [_epoch(loader, 2) for loader in ranks]
+    assert all(len(s) == len(whole) == 10 for s in shards) and all(len(b) == 5 for s in shards for b in s)
+    for step, batch in enumerate(whole):  # every step, the ranks hold the quarters of one global batch
+        assert [i for s in shards for i in s[step]] == batch
+    with pytest.raises(UserError, match="divisible by the 3 processes"):
+        make_loaders(ds, None, 20, 0, 3, "cpu", rank=0, world=3)
+
+
+def test_length_grouped_keeps_a_single_short_batch() -> None:
+    ds = _Lengths([3, 1, 2, 5, 4])
+    assert _epoch(make_loaders(ds, None, 8, 0, 0, "cpu")[0], 0) == [[1, 2, 0, 4, 3]]  # sorted by length
+    shards = [_epoch(make_loaders(ds, None, 8, 0, 0, "cpu", rank=r, world=2)[0], 0) for r in range(2)]
+    assert shards == [[[1, 2]], [[0, 4]]]  # shared evenly; the odd one out is left out
