@@ -238,6 +238,27 @@ def test_collate_pads_right_with_the_pad_id(tiny):
     assert capped.subset([1]).collate_fn([capped[1]])["input_ids"].shape == (1, 8)
 
 
+def test_batched_fetch_pads_like_collate():
+    """A DataLoader fetches a batch with __getitems__ (one gather from a flat tensor), the same
+    padded tensors as collating the texts' lists; lengths() feeds the length-grouped sampler."""
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(1, 99, (int(n),), generator=g).tolist() for n in torch.randint(1, 30, (40,), generator=g)]
+    data = TokenizedTexts(ids, pad_id=0, max_length=28)
+    assert data.lengths() == [len(x) for x in ids]
+    for index in ([3, 0, 17], [5], list(range(40))):
+        fetched = data.__getitems__(index)
+        listed = data.collate_fn([ids[i] for i in index])
+        assert data.collate_fn(fetched) is fetched
+        assert fetched.keys() == listed.keys() and all(torch.equal(fetched[k], listed[k]) for k in listed)
+        n = [len(ids[i]) for i in index]
+        assert fetched["input_ids"].shape[1] == min(-(-max(n) // 8) * 8, 28) or max(n) > 28
+        for row, i in enumerate(index):
+            assert fetched["input_ids"][row, :len(ids[i])].tolist() == ids[i]
+    batches = list(torch.utils.data.DataLoader(data, batch_size=8, collate_fn=data.collate_fn))
+    assert torch.equal(batches[1]["input_ids"], data.collate_fn(ids[8:16])["input_ids"])
+    assert data.subset([2, 9]).__getitems__([1])["input_ids"][0, :len(ids[9])].tolist() == ids[9]
+
+
 def test_losses_and_agreement():
     torch.manual_seed(0)
     t = torch.randn(50, 8)
