@@ -183,6 +183,7 @@ def test_weight_decay_skips_vectors_and_spectra() -> None:
     adamw = build_optimizer(model, FinetuneConfig(optimizer="adamw"))
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["lr"] == 1e-3
     assert adamw.param_groups[0]["weight_decay"] == 0.01
+    assert not adamw.defaults["fused"]  # fused only when every parameter is on a GPU
 
 
 @pytest.mark.parametrize(
