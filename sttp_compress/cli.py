@@ -82,6 +82,9 @@ def compress_cmd(
     text_augment: float = typer.Option(
         TEXT_AUGMENT, help="With --data text:FILE: fraction of each training batch whose tokens are replaced with "
                   "chance 0.25 by tokens of the batch (teacher and student see the same texts; 0: off)."),
+    group_by_length: bool = typer.Option(
+        True, help="With --data text:FILE: batch texts of similar length together (less padding: 1.47x faster "
+                   "MiniLM steps at batch 1024 on an H200). Keep --lr at 1e-3 or below with it (README)."),
     image_size: Optional[int] = typer.Option(None, help="Image side (default: from the data; 224 for large images)."),
     mean: Optional[str] = typer.Option(None, help="Normalisation mean, comma-separated (default ImageNet's)."),
     std: Optional[str] = typer.Option(None, help="Normalisation std, comma-separated (default ImageNet's)."),
@@ -119,7 +122,7 @@ def compress_cmd(
                       train_data=train_data, val_data=val_data, image_size=image_size,
                       mean=_floats(mean, "--mean"), std=_floats(std, "--std"), augment=augment, finetune=ft,
                       bn_recalibrate=bn_recalibrate, token_weighting=token_weighting,
-                      activation_aware=activation_aware, text_augment=text_augment,
+                      activation_aware=activation_aware, text_augment=text_augment, group_by_length=group_by_length,
                       layer_ranks=_layer_ranks(layer_rank),
                       progress=not quiet and not json_out)
     if example:

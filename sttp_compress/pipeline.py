@@ -64,6 +64,7 @@ class CompressJob:
     token_weighting: bool = True  # text data + token embedding included: frequency-weighted conversion
     activation_aware: bool | None = None  # Linear columns weighted by input scales (None: with text data)
     text_augment: float = TEXT_AUGMENT  # text data: fraction of each training batch with tokens replaced (text.perturb_tokens)
+    group_by_length: bool = True  # text data: batches of texts of similar length (data.LengthGroupedSampler)
     progress: bool = True
     # in-memory inputs (the built-in example and tests): bypass file loading
     module: nn.Module | None = None
@@ -274,12 +275,13 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
             train_ds.augment = job.text_augment  # after the calibration, which sees the texts as they are
         with distributed.agreed():
             loaders = make_loaders(train_ds, val_ds, cfg.batch_size, cfg.workers, cfg.seed, dev,
-                                   distributed.rank(), world)
+                                   distributed.rank(), world, group_by_length=job.group_by_length)
         if text:
             from .text import distill_embeddings
 
             ft_block = distill_embeddings(model, teacher, *loaders, cfg, progress=job.progress and main)
             ft_block["text_augment"] = job.text_augment
+            ft_block["group_by_length"] = job.group_by_length
         else:
             ft_block = finetune(model, teacher, *loaders, cfg, progress=job.progress and main,
                                 bn_recalibrate=job.bn_recalibrate)

@@ -327,6 +327,7 @@ def test_cli_distils_on_text_and_sttp_eval_compares_with_the_folder(tiny, texts,
     report = json.loads((tmp_path / "tiny.sttp.report" / "report.json").read_text())
     ft = report["finetune"]
     assert ft["steps"] == 3 and ft["val_accuracy_after"] is None and ft["text_augment"] == 0.5
+    assert ft["group_by_length"] is True
     assert all(point["val_loss"] > 0 for point in ft["curve"])  # the validation distillation loss
     assert -1 <= ft["val_cosine_before"] <= 1 and -1 <= ft["val_cosine_after"] <= 1
     assert 0 <= ft["val_nn_agreement_after"] <= 100
@@ -354,6 +355,28 @@ def test_cli_distils_on_text_and_sttp_eval_compares_with_the_folder(tiny, texts,
     assert result["nn_agreement"] == pytest.approx(expected["nn_agreement"])
     assert result["params_original"] == count_parameters(ref) and result["ratio"] > 1
     assert "Mean cosine similarity" in stdout
+
+
+def test_cli_can_batch_texts_at_random(tiny, texts, tmp_path, monkeypatch):
+    import sttp_compress.data as data_mod
+
+    samplers = []
+    real = data_mod.make_loaders
+
+    def spy(*args, **kwargs):
+        loaders = real(*args, **kwargs)
+        samplers.append(type(loaders[0].sampler).__name__)
+        return loaders
+
+    monkeypatch.setattr(data_mod, "make_loaders", spy)
+    for flag, sampler in (("--no-group-by-length", "RandomSampler"), ("--group-by-length", "LengthGroupedSampler")):
+        rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--rank", "4", "--data",
+                         f"text:{texts}", "--steps", "1", "--batch-size", "8", "--workers", "0", flag,
+                         "--output", tmp_path / f"{sampler}.sttp.pt", "--quiet")
+        assert rc == 0, err
+        report = json.loads((tmp_path / f"{sampler}.sttp.report" / "report.json").read_text())
+        assert report["finetune"]["group_by_length"] is (flag == "--group-by-length")
+        assert samplers[-1] == sampler
 
 
 def test_text_augment_out_of_range_is_a_user_error(tiny, texts, tmp_path):
