@@ -8,7 +8,8 @@
 For each configuration: convert a fresh copy of the model (`compress_to_target`, as sttp-compress does;
 `convert_seconds`), embed the held-out texts (`cosine_before`, `nn_agreement_before`), distil on the
 distillation texts for a time budget through the product's own path (`text.distill_embeddings`:
-AdamW, one-cycle, batch 128, loss on sentence embeddings and every layer's hidden states), and embed
+AdamW, one-cycle, batch 128, length-grouped batches, token augmentation, loss on sentence embeddings
+and every layer's hidden states), and embed
 the held-out texts again (`cosine_after`, `nn_agreement_after`). The budget is turned into a step
 count from the time of a short probe run. Rows go to benchmarks/results/minilm.json (+ .md).
 
@@ -34,7 +35,7 @@ from common import machine, markdown_table, merge_rows, print_table, today, writ
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".data" / "text"
-COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "lr", "hidden_weight", "augment", "achieved_ratio", "params", "convert_seconds", "cosine_before",
+COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "lr", "hidden_weight", "augment", "grouped", "achieved_ratio", "params", "convert_seconds", "cosine_before",
            "nn_agreement_before", "cosine_after", "nn_agreement_after", "steps", "seconds", "device"]
 
 
@@ -98,8 +99,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="encoder-only ratio: 'max' (the largest reachable), a number, or 'none'")
     ap.add_argument("--seconds", type=float, default=75.0, help="distillation budget per configuration")
     ap.add_argument("--steps", type=int, default=None,
-                    help="distillation steps per configuration instead of a time budget (the probe, timing "
-                         "short runs, overestimated the step time 2-3x on H100/H200)")
+                    help="distillation steps per configuration instead of a time budget")
     ap.add_argument("--batch-size", default="128", help="a comma list runs one distillation per value")
     ap.add_argument("--lr", default=None, help="peak learning rate (default: AdamW's); a comma list runs one "
                                                  "distillation per value")
@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--augment", type=float, default=None,
                     help="fraction of each training batch's texts with tokens replaced (text.perturb_tokens; "
                          "default text.TEXT_AUGMENT as sttp-compress with text data, 0: off)")
+    ap.add_argument("--no-group-by-length", action="store_true",
+                    help="random training batches (default, as sttp-compress with text data: batches of texts "
+                         "of similar length, data.LengthGroupedSampler)")
     ap.add_argument("--heldout-limit", type=int, default=None, help="use only the first N held-out texts")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: ratio 4 only, 200 held-out texts, 4 steps")
     ap.add_argument("--convert-only", action="store_true", help="time the CPU conversion at ratio 4 only")
@@ -210,13 +213,16 @@ def main(argv: list[str] | None = None) -> None:
                                  log_every=50, select_best=False, loss_fn=loss)
             # workers=0: tokenizing in this process; forked workers after CUDA init crashed on the H100
             # (CUDA initialization error in a worker during the second configuration)
-            loaders = make_loaders(train_ds, val_ds, cfg.batch_size, 0, cfg.seed, device)
+            loaders = make_loaders(train_ds, val_ds, cfg.batch_size, 0, cfg.seed, device,
+                                   group_by_length=not args.no_group_by_length)
             if cfg.batch_size not in step_seconds and not args.steps:  # probe: time short runs on a throwaway copy
                 # each run has a fixed cost (optimizer, weight bank, CUDA graph capture, first batches), so
-                # the step time is the difference of two runs' times over their difference in steps
+                # the step time is the difference of two runs' times over their difference in steps; the
+                # first run warms up every batch shape the timed runs see (new padded lengths allocate
+                # memory the first time: a 10-then-40 probe overestimated a length-grouped step by 38%)
                 probe = copy.deepcopy(student)
                 times = {}
-                for n in ((2, 4) if quick else (10, 10, 40)):  # the first run warms up
+                for n in ((2, 4) if quick else (40, 10, 40)):
                     cfg.steps = n
                     t2 = time.perf_counter()
                     distill_embeddings(probe, teacher, loaders[0], None, cfg, progress=False)
@@ -235,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
                    "activation_aware": bool(moments),
                    "include": "*" if include else "encoder only", "batch": cfg.batch_size, "lr": cfg.resolved_lr,
                    "hidden_weight": loss.hidden, "augment": args.augment,
+                   "grouped": not args.no_group_by_length,
                    "achieved_ratio": round(parts["totals"]["ratio"], 3), "params": parts["totals"]["params_compressed"],
                    "convert_seconds": round(convert_s, 2), "cosine_before": round(before["cosine"], 4),
                    "nn_agreement_before": round(before["nn_agreement"], 2), "cosine_after": round(after["cosine"], 4),

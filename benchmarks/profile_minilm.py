@@ -1,11 +1,12 @@
 """Where a MiniLM text-distillation step's time goes (GPU): the product's step against its parts.
 
-    python benchmarks/profile_minilm.py --model-dir .carry-hf/minilm16 [--batch-size 128]
+    python benchmarks/profile_minilm.py --model-dir .carry-hf/minilm16 [--batch-size 128] [--augment 0.5]
 
 Builds the ratio-4 student of bench_minilm (token embedding at rank 384, frequency-weighted, the rest
 allocated by compress_to_target) and times, per step at the distillation batch size: the product's
 distillation step (`text.distill_embeddings`, difference of two runs' wall times), the same loop with
-a dense (uncompressed) student, and the teacher's forward alone; then prints a torch.profiler table of
+a dense (uncompressed) student, and the teacher's forward alone, with length-grouped and with random
+batches; then prints a torch.profiler table of
 a few product steps (self CPU and CUDA time per op). Prints only; nothing is written.
 """
 
@@ -31,7 +32,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--no-timing", action="store_true", help="only the profiler tables")
+    ap.add_argument("--stacks", action="store_true", help="also the ops with most self CPU time by call stack")
+    ap.add_argument("--cprofile", action="store_true", help="also a cProfile of the same steps (Python time)")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--augment", type=float, default=0.5, help="text augmentation fraction (text.TEXT_AUGMENT)")
     args = ap.parse_args()
 
     from sttp_compress.convert import compress_module, compress_to_target, count_parameters
@@ -55,11 +60,14 @@ def main() -> None:
     compress_to_target(student, ratio=count_parameters(student) / (total / 4.0),
                        include=["encoder.*", "embeddings.position_embeddings"])
     print(f"student {count_parameters(student):,} params (ratio {total / count_parameters(student):.2f})", flush=True)
-    loader = make_loaders(train_ds, None, args.batch_size, 0, 0, device)[0]
+    train_ds.augment = args.augment
+    loaders = {g: make_loaders(train_ds, None, args.batch_size, 0, 0, device, group_by_length=g)[0]
+               for g in (True, False)}
+    loader = loaders[True]
 
-    def step_ms(model) -> float:
+    def step_ms(model, loader, **options) -> float:
         cfg = FinetuneConfig(steps=1, batch_size=args.batch_size, device=device, workers=0, log_every=50,
-                             select_best=False, loss_fn=EmbeddingDistillLoss())
+                             select_best=False, loss_fn=EmbeddingDistillLoss(), **options)
         times = {}
         for n in (10, 10, 10 + args.steps):
             cfg.steps = n
@@ -83,11 +91,17 @@ def main() -> None:
             sync()
         return 1000 * (time.perf_counter() - t0) / len(batches)
 
-    lengths = [len(x) for _, b in zip(range(50), loader) for x in b["attention_mask"]]
-    print(f"batch {args.batch_size}: mean tokens per text {sum(lengths) / len(lengths):.1f}", flush=True)
-    print(f"teacher forward (bf16 autocast, no grad): {teacher_ms():.2f} ms", flush=True)
-    print(f"distillation step, dense student: {step_ms(copy.deepcopy(teacher).cpu()):.2f} ms", flush=True)
-    print(f"distillation step, STTP student:  {step_ms(student):.2f} ms", flush=True)
+    for grouped, loader in ({} if args.no_timing else loaders).items():
+        name = "length-grouped" if grouped else "random"
+        padded = [b["attention_mask"].shape[1] for _, b in zip(range(50), loader)]
+        print(f"{name} batches of {args.batch_size}: mean padded length {sum(padded) / len(padded):.1f}",
+              flush=True)
+        print(f"  teacher forward (bf16 autocast, no grad): {teacher_ms():.2f} ms", flush=True)
+        print(f"  distillation step, dense student: {step_ms(copy.deepcopy(teacher).cpu(), loader):.2f} ms",
+              flush=True)
+        print(f"  distillation step, STTP student:  {step_ms(student, loader):.2f} ms", flush=True)
+        print(f"  ... with AdamW unfused (foreach): {step_ms(student, loader, fused=False):.2f} ms", flush=True)
+    loader = loaders[True]
     if args.no_profile:
         return
     from torch.profiler import ProfilerActivity, profile
@@ -95,9 +109,30 @@ def main() -> None:
     cfg = FinetuneConfig(steps=30, batch_size=args.batch_size, device=device, workers=0, log_every=50,
                          select_best=False, loss_fn=EmbeddingDistillLoss())
     probe = copy.deepcopy(student)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    if args.cprofile:  # Python-level: which functions hold the (CPU-bound) step
+        import cProfile
+        import pstats
+
+        distill_embeddings(probe, teacher, loader, None, cfg, progress=False)  # warm every shape first
+        prof_py = cProfile.Profile()
+        prof_py.enable()
         distill_embeddings(probe, teacher, loader, None, cfg, progress=False)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50))
+        prof_py.disable()
+        stats = pstats.Stats(prof_py)
+        stats.sort_stats("tottime").print_stats(35)
+        stats.sort_stats("cumulative").print_stats(60)
+    from torch._C._profiler import _ExperimentalConfig
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=args.stacks,
+                 experimental_config=_ExperimentalConfig(verbose=True) if args.stacks else None) as prof:
+        distill_embeddings(probe, teacher, loader, None, cfg, progress=False)
+    if args.stacks:
+        rows = sorted(prof.key_averages(group_by_stack_n=8), key=lambda e: -e.self_cpu_time_total)
+        for e in rows[:30]:
+            print(f"{e.self_cpu_time_total / 1e3:9.1f} ms self CPU  {e.count:6d} calls  {e.key}")
+            for frame in e.stack[:8]:
+                print(f"      {frame}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=50))
 
 
