@@ -342,9 +342,9 @@ def make_loaders(
     unless `group_by_length` is False: random batches of short texts pad to their longest member.
 
     With world > 1 (one process of a torchrun job) `batch_size` is the global batch: this rank
-    loads batch_size / world samples per step, the training set sharded by a DistributedSampler
-    (every rank draws the same number of batches; call `sampler.set_epoch` each epoch) and the
-    validation set by `ShardSampler` (every sample exactly once over all ranks).
+    loads batch_size / world samples per step, the training set sharded by a DistributedSampler or
+    LengthGroupedSampler (every rank draws the same number of batches; call `sampler.set_epoch` each
+    epoch) and the validation set by `ShardSampler` (every sample exactly once over all ranks).
     """
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
