@@ -259,6 +259,47 @@ def test_batched_fetch_pads_like_collate():
     assert data.subset([2, 9]).__getitems__([1])["input_ids"][0, :len(ids[9])].tolist() == ids[9]
 
 
+def test_text_evaluation_in_length_order_matches_file_order(tiny, tmp_path):
+    """sttp-eval embeds the texts shortest first (little padding) and puts them back in file order:
+    the numbers are those of embedding the file in order; --max-batches keeps the file's first texts."""
+    from sttp_compress.text import by_length, evaluate_texts
+
+    lines = [" ".join(WORDS[(7 * i) % len(WORDS):][: 1 + (5 * i) % 13]) for i in range(37)]
+    path = tmp_path / "lines.txt"
+    path.write_text("\n".join(lines) + "\n")
+    ref = load_encoder(tiny).eval()
+    model = load_encoder(tiny).eval()
+    compress_to_target(model, rank=3)
+    data = tokenize_texts(lines, tiny)
+    order = by_length(data)
+    assert sorted(order) == list(range(37)) and [len(data[i]) for i in order] == sorted(len(x) for x in data.ids)
+    for max_batches, n in ((None, 37), (2, 16)):
+        result, first = evaluate_texts(model, ref, f"text:{path}", tiny, torch.device("cpu"), 8, max_batches)
+        b = _batch(tiny, lines[:n])
+        with torch.no_grad():
+            expected = embedding_agreement(model(**b), ref(**b))
+        assert result["samples"] == n
+        assert result["cosine"] == pytest.approx(expected["cosine"], abs=1e-6)
+        assert result["nn_agreement"] == pytest.approx(expected["nn_agreement"])
+        assert result["rel_output_error"] == pytest.approx(expected["rel_output_error"], rel=1e-5)
+        assert torch.equal(first["input_ids"], _batch(tiny, lines[:8])["input_ids"])  # latency: the file's first batch
+
+
+def test_text_split_is_seeded_and_validates_in_length_order(tiny, tmp_path):
+    from sttp_compress.text import text_datasets
+
+    lines = [" ".join(WORDS[i % len(WORDS):][: 1 + (3 * i) % 11]) + f" w{i}" for i in range(60)]
+    path = tmp_path / "lines.txt"
+    path.write_text("\n".join(lines) + "\n")
+    train, val = text_datasets(f"text:{path}", tiny)
+    assert (len(train), len(val)) == (54, 6)  # 10% held out
+    assert val.lengths() == sorted(val.lengths())
+    everything = sorted(map(tuple, tokenize_texts(lines, tiny).ids))
+    assert sorted(map(tuple, train.ids + val.ids)) == everything
+    again = text_datasets(f"text:{path}", tiny)
+    assert again[0].ids == train.ids and again[1].ids == val.ids
+
+
 def test_losses_and_agreement():
     torch.manual_seed(0)
     t = torch.randn(50, 8)
