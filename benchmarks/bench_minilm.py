@@ -35,7 +35,7 @@ from common import machine, markdown_table, merge_rows, print_table, today, writ
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".data" / "text"
-COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "lr", "hidden_weight", "augment", "grouped", "achieved_ratio", "params", "convert_seconds", "cosine_before",
+COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "lr", "hidden_weight", "augment", "length_group", "achieved_ratio", "params", "convert_seconds", "cosine_before",
            "nn_agreement_before", "cosine_after", "nn_agreement_after", "steps", "seconds", "device"]
 
 
@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-group-by-length", action="store_true",
                     help="random training batches (default, as sttp-compress with text data: batches of texts "
                          "of similar length, data.LengthGroupedSampler)")
+    ap.add_argument("--length-group", type=int, default=None,
+                    help="length-grouping window in batches (default data.LENGTH_GROUP; fewer: more mixed batches)")
     ap.add_argument("--heldout-limit", type=int, default=None, help="use only the first N held-out texts")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: ratio 4 only, 200 held-out texts, 4 steps")
     ap.add_argument("--convert-only", action="store_true", help="time the CPU conversion at ratio 4 only")
@@ -135,11 +137,13 @@ def main(argv: list[str] | None = None) -> None:
         return convert_only(args)
 
     from sttp_compress.convert import compress_to_target, count_parameters
-    from sttp_compress.data import make_loaders
+    from sttp_compress.data import LENGTH_GROUP, make_loaders
     from sttp_compress.finetune import FinetuneConfig, resolve_device
     from sttp_compress.hf import load_encoder
     from sttp_compress.text import (HIDDEN_WEIGHT, TEXT_AUGMENT, EmbeddingDistillLoss, distill_embeddings, embed,
                                     embedding_agreement, text_datasets)
+
+    length_group = args.length_group or LENGTH_GROUP
 
     device = str(resolve_device(args.device))
     folder = _model_dir(args.model_dir)
@@ -214,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
             # workers=0: tokenizing in this process; forked workers after CUDA init crashed on the H100
             # (CUDA initialization error in a worker during the second configuration)
             loaders = make_loaders(train_ds, val_ds, cfg.batch_size, 0, cfg.seed, device,
-                                   group_by_length=not args.no_group_by_length)
+                                   group_by_length=not args.no_group_by_length, length_group=length_group)
             if cfg.batch_size not in step_seconds and not args.steps:  # probe: time short runs on a throwaway copy
                 # each run has a fixed cost (optimizer, weight bank, CUDA graph capture, first batches), so
                 # the step time is the difference of two runs' times over their difference in steps; the
@@ -241,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
                    "activation_aware": bool(moments),
                    "include": "*" if include else "encoder only", "batch": cfg.batch_size, "lr": cfg.resolved_lr,
                    "hidden_weight": loss.hidden, "augment": args.augment,
-                   "grouped": not args.no_group_by_length,
+                   "length_group": 0 if args.no_group_by_length else length_group,  # 0: random batches
                    "achieved_ratio": round(parts["totals"]["ratio"], 3), "params": parts["totals"]["params_compressed"],
                    "convert_seconds": round(convert_s, 2), "cosine_before": round(before["cosine"], 4),
                    "nn_agreement_before": round(before["nn_agreement"], 2), "cosine_after": round(after["cosine"], 4),

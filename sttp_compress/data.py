@@ -335,11 +335,13 @@ def make_loaders(
     rank: int = 0,
     world: int = 1,
     group_by_length: bool = True,
+    length_group: int = LENGTH_GROUP,
 ) -> tuple[DataLoader, DataLoader | None]:
     """Seeded, shuffled train loader (drop_last) and ordered val loader; pinned memory on CUDA.
 
     A training set with a `lengths()` method (text.TokenizedTexts) is batched by LengthGroupedSampler
     unless `group_by_length` is False: random batches of short texts pad to their longest member.
+    `length_group` is its window in batches (fewer: batches more mixed in length, more padding).
 
     With world > 1 (one process of a torchrun job) `batch_size` is the global batch: this rank
     loads batch_size / world samples per step, the training set sharded by a DistributedSampler or
@@ -366,7 +368,7 @@ def make_loaders(
     lengths = getattr(train_ds, "lengths", None) if group_by_length else None
     generator = torch.Generator().manual_seed(seed + rank)  # worker seeds: augmentations differ by rank
     if lengths is not None:
-        sampler = LengthGroupedSampler(lengths(), batch_size, seed, rank, world)
+        sampler = LengthGroupedSampler(lengths(), batch_size, seed, rank, world, length_group)
         train_loader = DataLoader(train_ds, sampler=sampler, drop_last=False, generator=generator, **common)
     elif world > 1:
         from torch.utils.data.distributed import DistributedSampler

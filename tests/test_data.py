@@ -300,6 +300,9 @@ def test_length_grouped_batches_cover_the_data_once_with_little_padding() -> Non
     plain = [b.tolist() for b in make_loaders(ds, None, 32, 0, 7, "cpu", group_by_length=False)[0]]
     assert [len(b) for b in plain] == [32] * 31
     assert sum(lengths[i] for b in plain for i in b) / sum(32 * max(lengths[i] for i in b) for b in plain) < 0.6
+    # a window of one batch sorts nothing across batches: random-batch padding, same samples
+    one = _epoch(make_loaders(ds, None, 32, 0, 7, "cpu", length_group=1)[0], 0)
+    assert sum(lengths[i] for b in one for i in b) / sum(32 * max(lengths[i] for i in b) for b in one) < 0.6
     # the order is a function of (seed, epoch): reproducible, and new each epoch
     assert _epoch(make_loaders(ds, None, 32, 0, 7, "cpu")[0], 0) == batches
     assert _epoch(loader, 1) != batches
