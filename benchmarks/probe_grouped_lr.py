@@ -1,0 +1,83 @@
+"""Does length grouping make MiniLM distillation unstable at a given LR? A small CPU run (prints one JSON line).
+
+    python benchmarks/probe_grouped_lr.py --batching group64 --lr 2e-3 [--steps 400] [--batch-size 32] [--threads 1]
+
+--batching: random, or groupN (data.LengthGroupedSampler with windows of N batches). The student is
+profile_minilm's ratio-4 MiniLM (token embedding rank 384, frequency-weighted; the rest by
+compress_to_target), distilled with the product's loss, token augmentation 0.5 and AdamW one-cycle at
+peak --lr. It prints the held-out cosine on 400 texts of heldout.txt, the highest batch loss, and the
+training loss averaged over tenths of the run. benchmarks/results/minilm_grouped_step.md holds runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_minilm import _find, _heldout_loader, _model_dir  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir")
+    ap.add_argument("--batching", default="group64", help="random or groupN")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from sttp_compress.convert import compress_module, compress_to_target, count_parameters
+    from sttp_compress.data import make_loaders
+    from sttp_compress.finetune import FinetuneConfig
+    from sttp_compress.hf import load_encoder
+    from sttp_compress.text import (EmbeddingDistillLoss, distill_embeddings, embed, embedding_agreement,
+                                    text_datasets, token_weights)
+
+    folder = _model_dir(args.model_dir)
+    teacher = load_encoder(folder).eval()
+    train_ds, _ = text_datasets(f"text:{_find('distill.txt')}", folder)
+    train_ds.augment = 0.5
+    weights = token_weights(train_ds, teacher.embeddings.word_embeddings.num_embeddings)
+    held = _heldout_loader(Path(folder), _find("heldout.txt"), 400, 100)
+    ref = embed(teacher, held)
+    student = copy.deepcopy(teacher)
+    total = count_parameters(student)
+    compress_module(student.embeddings.word_embeddings, 384, "sttp", row_weight=weights)
+    compress_to_target(student, ratio=count_parameters(student) / (total / 4.0),
+                       include=["encoder.*", "embeddings.position_embeddings"])
+    grouped = args.batching.startswith("group")
+    loader = make_loaders(train_ds, None, args.batch_size, 0, 0, "cpu", group_by_length=grouped,
+                          length_group=int(args.batching[5:] or 64) if grouped else 1)[0]
+    losses: list[float] = []
+    base = EmbeddingDistillLoss()
+
+    def loss_fn(s, t):
+        value = base(s, t)
+        losses.append(value.item())
+        return value
+
+    cfg = FinetuneConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, device="cpu", workers=0,
+                         log_every=10**6, select_best=False, loss_fn=loss_fn)
+    t0 = time.time()
+    distill_embeddings(student, teacher, loader, None, cfg, progress=False)
+    after = embedding_agreement(embed(student, held), ref)
+    k = max(1, args.steps // 10)
+    curve = [round(sum(losses[i:i + k]) / len(losses[i:i + k]), 3) for i in range(0, len(losses), k)]
+    print(json.dumps({"batching": args.batching, "lr": args.lr, "steps": args.steps, "batch": args.batch_size,
+                      "seconds": round(time.time() - t0), "cosine": round(after["cosine"], 4),
+                      "max_loss": round(max(losses), 3), "curve": curve}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
