@@ -67,6 +67,23 @@ def _heldout_loader(folder: Path, path: Path, limit: int | None, batch: int):
     return DataLoader(data, batch_size=batch, shuffle=False, collate_fn=data.collate_fn)
 
 
+def ratio4_student(teacher, train_ds):
+    """The probes' ratio-4 student: a CPU copy of `teacher` with the token embedding at rank 384, weighted
+    by `train_ds`'s token counts, and the rest (encoder, position embedding) by compress_to_target."""
+    import copy
+
+    from sttp_compress.convert import compress_module, compress_to_target, count_parameters
+    from sttp_compress.text import token_weights
+
+    weights = token_weights(train_ds, teacher.embeddings.word_embeddings.num_embeddings)
+    student = copy.deepcopy(teacher).cpu()
+    total = count_parameters(student)
+    compress_module(student.embeddings.word_embeddings, 384, "sttp", row_weight=weights)
+    compress_to_target(student, ratio=count_parameters(student) / (total / 4.0),
+                       include=["encoder.*", "embeddings.position_embeddings"])
+    return student
+
+
 def convert_only(args) -> None:
     """Time the whole-model conversion at ratio 4 (embedding included) on CPU, fresh model each run."""
     from sttp_compress.convert import compress_to_target

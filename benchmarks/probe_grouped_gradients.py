@@ -17,7 +17,6 @@ variation) and its correlation with the padded length. Prints only.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_minilm import _find, _model_dir  # noqa: E402
+from bench_minilm import _find, _model_dir, ratio4_student  # noqa: E402
 
 
 def main() -> None:
@@ -38,20 +37,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from sttp_compress.convert import compress_module, compress_to_target, count_parameters
     from sttp_compress.data import make_loaders
     from sttp_compress.hf import load_encoder
-    from sttp_compress.text import EmbeddingDistillLoss, HiddenStates, text_datasets, token_weights
+    from sttp_compress.text import EmbeddingDistillLoss, HiddenStates, text_datasets
 
     folder = _model_dir(args.model_dir)
     teacher = load_encoder(folder).eval()
     train_ds, _ = text_datasets(f"text:{_find('distill.txt')}", folder)
-    weights = token_weights(train_ds, teacher.embeddings.word_embeddings.num_embeddings)
-    student = copy.deepcopy(teacher)
-    total = count_parameters(student)
-    compress_module(student.embeddings.word_embeddings, 384, "sttp", row_weight=weights)
-    compress_to_target(student, ratio=count_parameters(student) / (total / 4.0),
-                       include=["encoder.*", "embeddings.position_embeddings"])
+    student = ratio4_student(teacher, train_ds)
     student.eval()  # dropout off, as distill_embeddings does
     params = [p for p in student.parameters() if p.requires_grad]
     loss_fn = EmbeddingDistillLoss()

@@ -12,7 +12,6 @@ training loss averaged over tenths of the run. benchmarks/results/minilm_grouped
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_minilm import _find, _heldout_loader, _model_dir  # noqa: E402
+from bench_minilm import _find, _heldout_loader, _model_dir, ratio4_student  # noqa: E402
 
 
 def main() -> None:
@@ -37,25 +36,18 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from sttp_compress.convert import compress_module, compress_to_target, count_parameters
     from sttp_compress.data import make_loaders
     from sttp_compress.finetune import FinetuneConfig
     from sttp_compress.hf import load_encoder
-    from sttp_compress.text import (EmbeddingDistillLoss, distill_embeddings, embed, embedding_agreement,
-                                    text_datasets, token_weights)
+    from sttp_compress.text import EmbeddingDistillLoss, distill_embeddings, embed, embedding_agreement, text_datasets
 
     folder = _model_dir(args.model_dir)
     teacher = load_encoder(folder).eval()
     train_ds, _ = text_datasets(f"text:{_find('distill.txt')}", folder)
     train_ds.augment = 0.5
-    weights = token_weights(train_ds, teacher.embeddings.word_embeddings.num_embeddings)
     held = _heldout_loader(Path(folder), _find("heldout.txt"), 400, 100)
     ref = embed(teacher, held)
-    student = copy.deepcopy(teacher)
-    total = count_parameters(student)
-    compress_module(student.embeddings.word_embeddings, 384, "sttp", row_weight=weights)
-    compress_to_target(student, ratio=count_parameters(student) / (total / 4.0),
-                       include=["encoder.*", "embeddings.position_embeddings"])
+    student = ratio4_student(teacher, train_ds)
     grouped = args.batching.startswith("group")
     loader = make_loaders(train_ds, None, args.batch_size, 0, 0, "cpu", group_by_length=grouped,
                           length_group=int(args.batching[5:] or 64) if grouped else 1)[0]

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_minilm import _find, _model_dir  # noqa: E402
+from bench_minilm import _find, _model_dir, ratio4_student  # noqa: E402
 
 
 def main() -> None:
@@ -39,11 +39,11 @@ def main() -> None:
     ap.add_argument("--augment", type=float, default=0.5, help="text augmentation fraction (text.TEXT_AUGMENT)")
     args = ap.parse_args()
 
-    from sttp_compress.convert import compress_module, compress_to_target, count_parameters
+    from sttp_compress.convert import count_parameters
     from sttp_compress.data import make_loaders
     from sttp_compress.finetune import FinetuneConfig
     from sttp_compress.hf import load_encoder
-    from sttp_compress.text import EmbeddingDistillLoss, distill_embeddings, text_datasets, token_weights
+    from sttp_compress.text import EmbeddingDistillLoss, distill_embeddings, text_datasets
 
     device = args.device
 
@@ -53,13 +53,9 @@ def main() -> None:
     folder = _model_dir(args.model_dir)
     teacher = load_encoder(folder).to(device)
     train_ds, _ = text_datasets(f"text:{_find('distill.txt')}", folder)
-    weights = token_weights(train_ds, teacher.embeddings.word_embeddings.num_embeddings)
-    student = copy.deepcopy(teacher).cpu()
-    total = count_parameters(student)
-    compress_module(student.embeddings.word_embeddings, 384, "sttp", row_weight=weights)
-    compress_to_target(student, ratio=count_parameters(student) / (total / 4.0),
-                       include=["encoder.*", "embeddings.position_embeddings"])
-    print(f"student {count_parameters(student):,} params (ratio {total / count_parameters(student):.2f})", flush=True)
+    student = ratio4_student(teacher, train_ds)
+    print(f"student {count_parameters(student):,} params (ratio {count_parameters(teacher) / count_parameters(student):.2f})",
+          flush=True)
     train_ds.augment = args.augment
     loaders = {g: make_loaders(train_ds, None, args.batch_size, 0, 0, device, group_by_length=g)[0]
                for g in (True, False)}
