@@ -109,6 +109,7 @@ from .finetune import resolve_device
 from .hf import hf_path, is_hf_spec
 from .loading import atomic_torch_save, load_model, parse_size, resolve_arch
 from .report import largest_layers
+from .text import is_text_spec
 
 __all__ = ["EvalOptions", "run_eval", "check_gates", "validate_options", "summary_table", "export_dense"]
 
@@ -554,7 +555,7 @@ def run_eval(path: str, opts: EvalOptions, progress: bool = False) -> dict[str, 
         if size_original is None and not is_hf_spec(opts.reference):
             size_original = Path(opts.reference).stat().st_size
 
-    if opts.data is not None and opts.data.startswith("text:"):
+    if is_text_spec(opts.data):
         base = {"file": str(path), "arch": opts.arch or info.get("arch"), "dtype": info.get("dtype"),
                 "size_bytes": size_bytes, "size_bytes_original": size_original,
                 "size_ratio": size_original / size_bytes if size_original else None, "params": params,
@@ -773,7 +774,7 @@ def summary_table(result: Mapping[str, Any], max_layers: int = SUMMARY_LAYERS) -
         acc = f"{_pct(result.get('accuracy'))} (top-5 {_pct(result.get('top5'))})"
         if _is_number(result.get("loss")):
             acc += f", loss {result['loss']:.4f}"
-        if not str(result["data"]).startswith("text:"):
+        if not is_text_spec(str(result["data"])):
             table.add_row("Accuracy", acc)
     if result.get("reference") is not None:
         table.add_row("Reference", escape(str(result["reference"])))

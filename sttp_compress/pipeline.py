@@ -24,7 +24,7 @@ from .convert import candidate_layers, check_target, compress_to_target
 from .errors import UserError
 from .hf import hf_path, is_hf_spec
 from .loading import load_model, resolve_arch
-from .text import TEXT_AUGMENT
+from .text import TEXT_AUGMENT, is_text_spec
 
 __all__ = ["CompressJob", "run_compress", "default_output", "state_size_bytes", "REPORT_FORMAT_VERSION"]
 
@@ -128,7 +128,7 @@ def _datasets(job: CompressJob):
     from .data import (ImageDataConfig, build_image_datasets, image_folder_splits, is_tensor_spec,
                        load_tensor_data, resolve_image_config)
 
-    if job.data and job.data.startswith("text:"):
+    if is_text_spec(job.data):
         from .text import text_datasets
 
         if not is_hf_spec(job.arch):
@@ -177,7 +177,7 @@ def run_compress(job: CompressJob, on_layer_start: Callable[[int], None] | None 
 def _row_weights(model: nn.Module, job: CompressJob, data: tuple | None, candidates: dict[str, nn.Module]) -> dict:
     """{token embedding name: token_weights of the training texts} when distilling on text with the
     token embedding among the `candidates` to compress (and --token-weighting on), else {}."""
-    if not (job.token_weighting and data is not None and job.data and job.data.startswith("text:")):
+    if not (job.token_weighting and data is not None and is_text_spec(job.data)):
         return {}
     name = getattr(model, "token_embedding_name", lambda: None)()
     if name not in candidates:
@@ -191,7 +191,7 @@ def _input_moments(model: nn.Module, job: CompressJob, data: tuple | None, candi
     """{Linear name: E[x xᵀ] on calibration batches of the training data} for an activation-aware
     conversion (`activation.input_moments`: column weights and spectrum refit): with --activation-aware,
     or by default with text data."""
-    text = bool(job.data and job.data.startswith("text:"))
+    text = is_text_spec(job.data)
     if data is None or not (job.activation_aware or (job.activation_aware is None and text)):
         return {}
     from .activation import calibration_batches, input_moments
@@ -233,7 +233,7 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
             if fine and world > 1:
                 from .data import per_rank_batch
 
-                if job.data and job.data.startswith("text:"):
+                if is_text_spec(job.data):
                     raise UserError("text distillation (--data text:FILE) runs in one process; "
                                     "launch it without torchrun/--gpus")
                 per_rank_batch(job.finetune.batch_size, world)
@@ -270,7 +270,7 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
             cfg = replace(cfg, device=str(device))  # this rank's GPU (or the CPU)
         dev = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else (
             "cpu" if cfg.device == "auto" else cfg.device)
-        text = job.data and job.data.startswith("text:")
+        text = is_text_spec(job.data)
         if text:
             train_ds.augment = job.text_augment  # after the calibration, which sees the texts as they are
         with distributed.agreed():
