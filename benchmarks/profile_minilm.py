@@ -59,7 +59,6 @@ def main() -> None:
     train_ds.augment = args.augment
     loaders = {g: make_loaders(train_ds, None, args.batch_size, 0, 0, device, group_by_length=g)[0]
                for g in (True, False)}
-    loader = loaders[True]
 
     def step_ms(model, loader, **options) -> float:
         cfg = FinetuneConfig(steps=1, batch_size=args.batch_size, device=device, workers=0, log_every=50,

@@ -101,9 +101,13 @@ class TokenizedTexts(Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
         """The padded batch of these texts (DataLoader's batched fetch; collate_fn passes it through)."""
+        return self._batch(*self.flat(), torch.as_tensor(indices, dtype=torch.long))
+
+    def flat(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(every token in one long tensor, each text's start in it, each text's length), built once."""
         if self._flat is None:
             self._flat = _flatten(self.ids)
-        return self._batch(*self._flat, torch.as_tensor(indices, dtype=torch.long))
+        return self._flat
 
     def lengths(self) -> list[int]:
         """Token counts, for length-grouped batching (data.LengthGroupedSampler)."""
@@ -203,7 +207,7 @@ def token_weights(data: TokenizedTexts, vocab_size: int, power: float = TOKEN_WE
     embedding compressed (rank 512, 5.8×), held-out cosine to the original: 0.648 unweighted, 0.868 with
     power 0.5, 0.840 with power 1 (600 texts of benchmarks/make_text_data.py's heldout.txt).
     """
-    ids = torch.tensor(list(chain.from_iterable(data.ids)), dtype=torch.long)
+    ids = data.flat()[0]  # the same tensor the training batches are gathered from
     counts = torch.bincount(ids[(ids >= 0) & (ids < vocab_size)], minlength=vocab_size)
     return (counts.double() + 1.0).pow(power)
 
@@ -370,8 +374,7 @@ def evaluate_texts(model: nn.Module, reference: nn.Module | None, spec: str, fol
         data = data.subset(range(min(len(data), max_batches * batch_size)))
     order = by_length(data)
     loader = DataLoader(data.subset(order), batch_size=batch_size, shuffle=False, collate_fn=data.collate_fn)
-    unsort = torch.empty(len(order), dtype=torch.long)
-    unsort[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    unsort = torch.tensor(order).argsort()
     emb = embed(model, loader, device)[unsort]  # in file order again
     result: dict[str, Any] = {"samples": len(emb), "cosine": None, "nn_agreement": None, "rel_output_error": None}
     if reference is not None:
