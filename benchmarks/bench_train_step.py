@@ -10,10 +10,19 @@ GPU: batch 256 under bf16 autocast; CPU: batch 32. A variant is a base mode join
   ...+compile    the bank's build through torch.compile first (slow to compile: minutes; measure once);
   ...+tf32       TF32 matmuls (torch.backends.cuda.matmul.allow_tf32) for dense and STTP alike;
   ...+cl         channels_last model and input, dense and STTP alike.
-Each row's dense_ms is the dense model timed with the same options (tf32, cl). Default variants:
+Each row's dense_ms is the dense model timed with the same options (tf32, cl), in the same rounds:
+dense and STTP alternate `--rounds` times (default 5 on GPUs, 1 on CPUs), so a drift of the machine
+between them shows as spread rather than as overhead. Two timings on GPUs (column `timing`):
+  synced         median of single steps, each followed by torch.cuda.synchronize (a step's latency);
+  back-to-back   `repeat` steps queued without a sync, then one sync, per step (a training loop's
+                 throughput: finetune syncs only every log_every steps).
+dense_ms and sttp_ms are medians over the rounds, overhead the median of the rounds' ratios, with
+overhead_min/overhead_max the smallest and largest round. Default variants:
 per-layer and bank on CPU; those, bank+graph, bank+graph+tf32, bank+graph+cl and bank+graph+tf32+cl on
 GPU. A variant that fails is reported with its error instead of a time. Writes
-benchmarks/results/train_step.json rows {device, batch, mode, dense_ms, sttp_ms, overhead}. Without the
+benchmarks/results/train_step.json rows {device, batch, mode, timing, dense_ms, sttp_ms, overhead, ...}.
+`--profile FILE` also writes the CUDA kernels of 10 back-to-back steps of dense and bank+graph (torch.profiler,
+summed by kernel name) to FILE, with each model's GPU-busy time per step. Without the
 shared checkpoint the model has random weights (the step time does not depend on the values).
 `--quick`: batch 8, 2 timed steps, not written (a smoke test).
 """
@@ -22,7 +31,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -51,7 +62,7 @@ def step_fn(model, device, batch, amp, channels_last=False):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     model.train()
 
     def step():
@@ -73,6 +84,40 @@ def parse_variant(v: str) -> tuple[str, set[str]]:
     return base, opts
 
 
+def back_to_back_ms(fn, device: str, steps: int) -> float:
+    """Per-step wall time of `steps` calls of fn queued without a sync (one sync at the end)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) * 1e3 / steps
+
+
+def timed_rounds(steps: dict[str, object], device: str, warmup: int, repeat: int, rounds: int,
+                 timings: list[str]) -> dict[str, dict[str, list[float]]]:
+    """{timing: {name: [ms per round]}}: the step functions alternate, round after round."""
+    out: dict[str, dict[str, list[float]]] = {t: {n: [] for n in steps} for t in timings}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            if "synced" in timings:
+                out["synced"][name].append(time_ms(fn, device, warmup=warmup, repeat=repeat))
+            if "back-to-back" in timings:
+                if "synced" not in timings:
+                    back_to_back_ms(fn, device, warmup)
+                out["back-to-back"][name].append(back_to_back_ms(fn, device, repeat))
+    return out
+
+
+def summarize(dense: list[float], sttp: list[float]) -> dict:
+    """Medians over rounds, the median round ratio and its range."""
+    ratios = [s / d for d, s in zip(dense, sttp)]
+    return {"dense_ms": round(statistics.median(dense), 2), "sttp_ms": round(statistics.median(sttp), 2),
+            "overhead": round(statistics.median(ratios), 3), "overhead_min": round(min(ratios), 3),
+            "overhead_max": round(max(ratios), 3), "rounds": len(ratios)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(SHARED / "resnet18_cifar10.pt"))
@@ -80,6 +125,8 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=10.0)
     ap.add_argument("--devices", nargs="*", default=None)
     ap.add_argument("--variants", nargs="*", default=None, help="default: see the module docstring")
+    ap.add_argument("--rounds", type=int, default=None, help="dense/STTP alternations (default 5 GPU, 1 CPU)")
+    ap.add_argument("--profile", default=None, help="write a kernel profile of dense and bank+graph (GPU) here")
     ap.add_argument("--quick", action="store_true", help="smoke test: batch 8, 2 steps, nothing written")
     ap.add_argument("--merge", action="store_true")
     args = ap.parse_args()
@@ -91,10 +138,11 @@ def main() -> None:
         gpu = dev == "cuda"
         batch = 8 if args.quick else (256 if gpu else 32)
         warmup, repeat = (1, 2) if args.quick else ((5, 30) if gpu else (2, 5))
+        rounds = args.rounds or (1 if args.quick or not gpu else 5)
+        timings = ["synced", "back-to-back"] if gpu else ["synced"]  # a CPU step is synchronous anyway
         torch.backends.cudnn.benchmark = True
         variants = args.variants or (["per-layer", "bank", "bank+graph", "bank+graph+tf32", "bank+graph+cl",
                                       "bank+graph+tf32+cl"] if gpu else ["per-layer", "bank"])
-        dense_ms: dict[tuple, float] = {}
         for variant in variants:
             base, opts = parse_variant(variant)
             if base == "bank+graph" and not gpu:
@@ -102,43 +150,108 @@ def main() -> None:
             torch.backends.cuda.matmul.allow_tf32 = "tf32" in opts
             cl = "cl" in opts
             fmt = torch.channels_last if cl else torch.contiguous_format
-            key = ("tf32" in opts, cl)
-            row = {"device": machine(dev), "product": product, "batch": batch, "mode": variant,
-                   "ratio": round(achieved, 2)}
+            head = {"device": machine(dev), "product": product, "batch": batch, "mode": variant,
+                    "ratio": round(achieved, 2)}
+            bank = None
             try:
-                if key not in dense_ms:
-                    dense = copy.deepcopy(dense0).to(dev, memory_format=fmt)
-                    dense_ms[key] = time_ms(step_fn(dense, dev, batch, gpu, cl), dev, warmup=warmup, repeat=repeat)
-                    del dense
+                dense = copy.deepcopy(dense0).to(dev, memory_format=fmt)
                 sttp = copy.deepcopy(sttp0).to(dev, memory_format=fmt)
                 bank = (WeightBank(sttp, cuda_graph=base == "bank+graph", compile="compile" in opts).attach()
                         if base != "per-layer" else None)
-                ms = time_ms(step_fn(sttp, dev, batch, gpu, cl), dev, warmup=warmup, repeat=repeat)
-                if bank:
-                    bank.detach()
-                row.update({"dense_ms": round(dense_ms[key], 2), "sttp_ms": round(ms, 2),
-                            "overhead": round(ms / dense_ms[key], 2)})
+                fns = {"dense": step_fn(dense, dev, batch, gpu, cl), "sttp": step_fn(sttp, dev, batch, gpu, cl)}
+                times = timed_rounds(fns, dev, warmup, repeat, rounds, timings)
+                new = [{**head, "timing": t, **summarize(times[t]["dense"], times[t]["sttp"])} for t in timings]
             except Exception as e:  # noqa: BLE001 - report the variant as failed, keep the others
-                row.update({"dense_ms": None, "sttp_ms": None, "overhead": None,
-                            "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"})
+                new = [{**head, "timing": None, "dense_ms": None, "sttp_ms": None, "overhead": None,
+                        "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}]
             finally:
                 torch.backends.cuda.matmul.allow_tf32 = False
-            rows.append(row)
-            print(row, flush=True)
+                if bank:
+                    bank.detach()
+                dense = sttp = fns = None
+                if gpu:
+                    torch.cuda.empty_cache()
+            for row in new:
+                rows.append(row)
+                print(row, flush=True)
             if not args.quick:  # after every variant: a run stopped by a time limit keeps what it measured
                 save(rows, args)
-    cols = ["device", "batch", "mode", "ratio", "dense_ms", "sttp_ms", "overhead"]
+        if gpu and args.profile:
+            kernel_profile(dense0, sttp0, dev, batch, args.profile)
     print_table(f"Training step, ResNet-18 at ratio {args.ratio:g}" + (" (--quick, not written)" if args.quick else ""),
-                rows, cols + (["error"] if any("error" in r for r in rows) else []))
+                rows, COLUMNS + (["error"] if any("error" in r for r in rows) else []))
+
+
+COLUMNS = ["device", "batch", "mode", "timing", "ratio", "dense_ms", "sttp_ms", "overhead", "overhead_min",
+           "overhead_max"]
+
+
+def kernel_profile(dense0, sttp0, dev: str, batch: int, path: str, steps: int = 10) -> None:
+    """CUDA kernel time per step of dense and bank+graph, summed by kernel name, written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    lines = []
+    for name in ("dense", "sttp"):
+        model = copy.deepcopy(dense0 if name == "dense" else sttp0).to(dev)
+        bank = WeightBank(model, cuda_graph=True).attach() if name == "sttp" else None
+        fn = step_fn(model, dev, batch, True)
+        back_to_back_ms(fn, dev, 10)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            wall = back_to_back_ms(fn, dev, steps)
+        kernels: dict[str, list[float]] = {}
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                k = kernels.setdefault(e.name, [0, 0.0])
+                k[0] += 1
+                k[1] += e.time_range.elapsed_us() / 1e3
+        busy = sum(v[1] for v in kernels.values()) / steps
+        lines.append(f"== {name}: wall {wall:.2f} ms/step (under the profiler), kernels {busy:.2f} ms/step, "
+                     f"{sum(v[0] for v in kernels.values()) / steps:.0f} kernels/step")
+        for k, (n, ms) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:40]:
+            lines.append(f"{ms / steps:8.3f} ms {n / steps:6.1f}x  {k[:150]}")
+        import cProfile
+        import io
+        import pstats
+
+        back_to_back_ms(fn, dev, 5)
+        torch.cuda.synchronize()
+        t0, w0 = time.process_time(), time.perf_counter()
+        for _ in range(30):
+            fn()
+        plain_cpu, plain_wall = (time.process_time() - t0) * 1e3 / 30, (time.perf_counter() - w0) * 1e3 / 30
+        torch.cuda.synchronize()
+        lines.append(f"-- {name}: CPU time {plain_cpu:.2f} ms/step, launch wall {plain_wall:.2f} ms/step "
+                     "(30 steps queued without a sync)")
+        cpu = cProfile.Profile()
+        torch.cuda.synchronize()
+        t0 = time.process_time()
+        cpu.enable()
+        for _ in range(30):  # launches do not wait while the GPU keeps up, so this is the step's CPU cost
+            fn()
+        cpu.disable()
+        cpu_ms = (time.process_time() - t0) * 1e3 / 30
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(cpu, stream=text).sort_stats("tottime").print_stats(25)
+        lines.append(f"-- {name}: CPU time {cpu_ms:.2f} ms/step under cProfile; top functions by own time (30 steps):")
+        lines += [ln for ln in text.getvalue().splitlines() if ln.strip()][-27:]
+        if bank:
+            bank.detach()
+        del model
+    Path(path).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:3]), flush=True)
 
 
 def save(rows: list[dict], args) -> None:
     """Write results/train_step.json and .md (rows of other devices kept with --merge)."""
     rows = merge_rows("train_step", rows) if args.merge else rows
-    cols = ["device", "product", "batch", "mode", "ratio", "dense_ms", "sttp_ms", "overhead"]
+    cols = ["device", "product", "batch", "mode", "timing", "ratio", "dense_ms", "sttp_ms", "overhead",
+            "overhead_min", "overhead_max"]
     md = (f"# Training step\n\nDate: {today()}. Script: `benchmarks/bench_train_step.py`. fwd + bwd + SGD step; "
           "GPU: batch 256 under bf16 autocast, CPU: batch 32. Modes: see the script's docstring "
-          "(`+tf32`, `+cl` = channels_last apply to the dense row they are compared with too).\n\n"
+          "(`+tf32`, `+cl` = channels_last apply to the dense row they are compared with too). Dense and STTP "
+          "alternate in `rounds` rounds; `timing` synced: each step followed by a sync, back-to-back: steps queued "
+          "as in a training loop; overhead is the median round's ratio, min/max the extreme rounds.\n\n"
           + markdown_table(rows, cols + (["error"] if any("error" in r for r in rows) else [])))
     write_results("train_step", rows, {"date": today(), "script": "benchmarks/bench_train_step.py"}, md)
 
