@@ -129,6 +129,12 @@ class WeightBank:
     def flat_originals(self) -> list[Tensor]:
         return [o for os_ in self.originals for o in os_]
 
+    @property
+    def inputs(self) -> list[Tensor]:
+        """The build's inputs: every non-empty original. Frames without free entries (0-sized originals)
+        are constant; leaving them out spares the graph's Python wrapper a hundred tensors per step."""
+        return [o for o in self.flat_originals if o.numel()]
+
     def _plan(self, device: torch.device) -> FramePlan:
         """The frame plan for `device`, with its constants made there (before any CUDA graph capture).
 
@@ -145,11 +151,11 @@ class WeightBank:
             self._plans[device] = plan
         return self._plans[device]
 
-    def _build(self, *flat: Tensor) -> tuple[Tensor, ...]:
-        """Weights of every layer from the flat list of originals (a pure function of them)."""
-        it = iter(flat)
-        originals = [tuple(next(it) for _ in os_) for os_ in self.originals]
-        frames = self._plan(flat[0].device)([[originals[li][gi] for li, gi in members] for _, members in self.shapes])
+    def _build(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        """Weights of every layer from `self.inputs` (a pure function of them)."""
+        it = iter(inputs)
+        originals = [tuple(next(it) if o.numel() else o for o in os_) for os_ in self.originals]
+        frames = self._plan(inputs[0].device)([[originals[li][gi] for li, gi in members] for _, members in self.shapes])
         pieces = {key: iter(X.split(self._sizes[key])) for (key, _), X in zip(self.shapes, frames)}
         final: dict[tuple[int, str], Tensor] = {}
 
@@ -183,7 +189,7 @@ class WeightBank:
         happens on a quiet device rather than inside the wrapper's first forward. Should the capture
         fail, the bank warns once and builds the weights eagerly (same values, slower).
         """
-        flat = self.flat_originals
+        flat = self.inputs
         if not (self.cuda_graph and flat and flat[0].is_cuda):
             return False
         if self._graphed is None:
@@ -201,7 +207,7 @@ class WeightBank:
 
     def build(self) -> list[Tensor]:
         """Every compressed layer's weight (with autograd), in `self.layers` order."""
-        flat = self.flat_originals
+        flat = self.inputs
         self._plan(flat[0].device)
         if self._fn is None:
             self._fn = torch.compile(self._build, dynamic=False) if self.compile else self._build

@@ -23,7 +23,7 @@ def step_grads(m, x):
     m.zero_grad()
     out = m(x)
     out.square().sum().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+    return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("method,spectrum,waste", [("sttp", "free", None), ("sttp", "identity", None),
@@ -47,6 +47,20 @@ def test_bank_step_equals_per_layer_step(method, spectrum, waste):
     bank.detach()  # back to per-layer builds
     out_c, _ = step_grads(b, x)
     torch.testing.assert_close(out_c, out_a, rtol=0, atol=1e-12)
+
+
+def test_empty_originals_are_constants():
+    """Frames without free entries (−I) have 0-sized originals: not trainable, and not inputs of the build."""
+    m = model()
+    originals = [p for n, p in m.named_parameters() if "parametrizations" in n]
+    empty = [p for p in originals if p.numel() == 0]
+    assert empty and not any(p.requires_grad for p in empty)
+    assert all(p.requires_grad for p in originals if p.numel())
+    bank = WeightBank(m)
+    assert len(bank.inputs) == len(originals) - len(empty) and all(p.numel() for p in bank.inputs)
+    opt_params = [p for p in m.parameters() if p.requires_grad]
+    m(torch.randn(1, 3, 8, 8, dtype=torch.float64)).sum().backward()
+    assert all(p.grad is not None for p in opt_params) and all(p.grad is None for p in empty)
 
 
 def test_bank_is_skipped_in_eval_and_without_grad():
