@@ -187,7 +187,12 @@ COLUMNS = ["device", "batch", "mode", "timing", "ratio", "dense_ms", "sttp_ms", 
 
 
 def kernel_profile(dense0, sttp0, dev: str, batch: int, path: str, steps: int = 10) -> None:
-    """CUDA kernel time per step of dense and bank+graph, summed by kernel name, written to `path`."""
+    """CUDA kernel time per step of dense and bank+graph, summed by kernel name, and the step's CPU time
+    (plain, then under cProfile with its top functions), written to `path`."""
+    import cProfile
+    import io
+    import pstats
+
     from torch.profiler import ProfilerActivity, profile
 
     lines = []
@@ -209,10 +214,6 @@ def kernel_profile(dense0, sttp0, dev: str, batch: int, path: str, steps: int = 
                      f"{sum(v[0] for v in kernels.values()) / steps:.0f} kernels/step")
         for k, (n, ms) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:40]:
             lines.append(f"{ms / steps:8.3f} ms {n / steps:6.1f}x  {k[:150]}")
-        import cProfile
-        import io
-        import pstats
-
         back_to_back_ms(fn, dev, 5)
         torch.cuda.synchronize()
         t0, w0 = time.process_time(), time.perf_counter()
