@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--hidden-weight", type=float, default=None,
+                    help="layer-wise term weight (default text.HIDDEN_WEIGHT; 0: sentence embeddings only)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -52,13 +54,18 @@ def main() -> None:
     loader = make_loaders(train_ds, None, args.batch_size, 0, 0, "cpu", group_by_length=grouped,
                           length_group=int(args.batching[5:] or 64) if grouped else 1)[0]
     losses: list[float] = []
-    base = EmbeddingDistillLoss()
 
-    def loss_fn(s, t):
-        value = base(s, t)
-        losses.append(value.item())
-        return value
+    class RecordingLoss(EmbeddingDistillLoss):
+        """The product's loss, recording each batch's value; an EmbeddingDistillLoss, so that
+        distill_embeddings still feeds it every layer's hidden states (a plain function gets only the
+        sentence embeddings: runs before this fix had no layer-wise term)."""
 
+        def __call__(self, s, t):
+            value = super().__call__(s, t)
+            losses.append(value.item())
+            return value
+
+    loss_fn = RecordingLoss() if args.hidden_weight is None else RecordingLoss(hidden=args.hidden_weight)
     cfg = FinetuneConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, device="cpu", workers=0,
                          log_every=10**6, select_best=False, loss_fn=loss_fn)
     t0 = time.time()
@@ -66,7 +73,8 @@ def main() -> None:
     after = embedding_agreement(embed(student, held), ref)
     k = max(1, args.steps // 10)
     curve = [round(sum(losses[i:i + k]) / len(losses[i:i + k]), 3) for i in range(0, len(losses), k)]
-    print(json.dumps({"batching": args.batching, "lr": args.lr, "steps": args.steps, "batch": args.batch_size,
+    print(json.dumps({"batching": args.batching, "lr": args.lr, "hidden_weight": loss_fn.hidden,
+                      "steps": args.steps, "batch": args.batch_size,
                       "seconds": round(time.time() - t0), "cosine": round(after["cosine"], 4),
                       "max_loss": round(max(losses), 3), "curve": curve}), flush=True)
 
