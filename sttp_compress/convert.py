@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .contract import _originals
 from .layers import SUPPORTED, SpectralTT, is_parametrized, to_matrix, weight_kind, weight_name
 
 __all__ = ["compress_module", "compress", "compress_to_target", "decompress", "count_parameters",
@@ -65,9 +66,7 @@ def compress_module(module: nn.Module, rank: int, method: str = "sttp", spectrum
     parametrize.register_parametrization(module, weight_name(module), p, unsafe=True)
     # frames without free entries (−I) have 0-sized originals: nothing to train, and each trainable tensor
     # costs CPU time every step (gradient accumulation, optimizer loops): 106 of ResNet-18's 187 at ratio 10
-    plist = getattr(module.parametrizations, weight_name(module))
-    for i in range(p.n_originals):
-        o = getattr(plist, f"original{i}")
+    for o in _originals(module, p):
         if o.numel() == 0:
             o.requires_grad_(False)
     p.skip_conversion = False
