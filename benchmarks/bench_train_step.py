@@ -95,6 +95,21 @@ def back_to_back_ms(fn, device: str, steps: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / steps
 
 
+def cpu_ms(fn, n: int = 50) -> str:
+    """CPU and wall time per call of `n` calls of fn queued without a sync (after 5 warm-up calls): a GPU
+    step whose CPU work takes longer than its kernels leaves the GPU waiting."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0, w0 = time.process_time(), time.perf_counter()
+    for _ in range(n):
+        fn()
+    cpu, launch = (time.process_time() - t0) * 1e3 / n, (time.perf_counter() - w0) * 1e3 / n
+    torch.cuda.synchronize()
+    done = (time.perf_counter() - w0) * 1e3 / n
+    return f"cpu {cpu:.2f} launch-wall {launch:.2f} done-wall {done:.2f}"
+
+
 def timed_rounds(steps: dict[str, object], device: str, warmup: int, repeat: int, rounds: int,
                  timings: list[str]) -> dict[str, dict[str, list[float]]]:
     """{timing: {name: [ms per round]}}: the step functions alternate, round after round."""
@@ -214,15 +229,7 @@ def kernel_profile(dense0, sttp0, dev: str, batch: int, path: str, steps: int = 
                      f"{sum(v[0] for v in kernels.values()) / steps:.0f} kernels/step")
         for k, (n, ms) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:40]:
             lines.append(f"{ms / steps:8.3f} ms {n / steps:6.1f}x  {k[:150]}")
-        back_to_back_ms(fn, dev, 5)
-        torch.cuda.synchronize()
-        t0, w0 = time.process_time(), time.perf_counter()
-        for _ in range(30):
-            fn()
-        plain_cpu, plain_wall = (time.process_time() - t0) * 1e3 / 30, (time.perf_counter() - w0) * 1e3 / 30
-        torch.cuda.synchronize()
-        lines.append(f"-- {name}: CPU time {plain_cpu:.2f} ms/step, launch wall {plain_wall:.2f} ms/step "
-                     "(30 steps queued without a sync)")
+        lines.append(f"-- {name} step, ms per step of 30 queued without a sync: {cpu_ms(fn, 30)}")
         cpu = cProfile.Profile()
         torch.cuda.synchronize()
         t0 = time.process_time()
@@ -230,11 +237,11 @@ def kernel_profile(dense0, sttp0, dev: str, batch: int, path: str, steps: int = 
         for _ in range(30):  # launches do not wait while the GPU keeps up, so this is the step's CPU cost
             fn()
         cpu.disable()
-        cpu_ms = (time.process_time() - t0) * 1e3 / 30
+        profiled_ms = (time.process_time() - t0) * 1e3 / 30
         torch.cuda.synchronize()
         text = io.StringIO()
         pstats.Stats(cpu, stream=text).sort_stats("tottime").print_stats(25)
-        lines.append(f"-- {name}: CPU time {cpu_ms:.2f} ms/step under cProfile; top functions by own time (30 steps):")
+        lines.append(f"-- {name}: CPU time {profiled_ms:.2f} ms/step under cProfile; top functions by own time (30 steps):")
         lines += [ln for ln in text.getvalue().splitlines() if ln.strip()][-27:]
         if bank:
             bank.detach()

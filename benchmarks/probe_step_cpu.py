@@ -14,29 +14,14 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train_step import SHARED, build, step_fn  # noqa: E402
+from bench_train_step import SHARED, build, cpu_ms, step_fn  # noqa: E402
 
 from sttp_compress.bank import WeightBank  # noqa: E402
-
-
-def cpu_ms(fn, n: int = 50) -> str:
-    """CPU and wall time per call of `n` calls of fn queued without a sync (after 5 warm-up calls)."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    t0, w0 = time.process_time(), time.perf_counter()
-    for _ in range(n):
-        fn()
-    cpu, launch = (time.process_time() - t0) * 1e3 / n, (time.perf_counter() - w0) * 1e3 / n
-    torch.cuda.synchronize()
-    done = (time.perf_counter() - w0) * 1e3 / n
-    return f"cpu {cpu:.2f} launch-wall {launch:.2f} done-wall {done:.2f}"
 
 
 def main() -> None:
