@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -217,6 +219,16 @@ class WeightBank:
                     self._graphed = torch.cuda.make_graphed_callables(self._fn, tuple(flat))
                 return list(self._graphed(*flat))
             return list(self._fn(*flat))
+
+    @contextmanager
+    def eager(self) -> Iterator[None]:
+        """Builds inside this block run without the bank's own CUDA graph (stepgraph.StepGraph captures the
+        whole training step around them; CUDA graph captures do not nest)."""
+        graph, self.cuda_graph = self.cuda_graph, False
+        try:
+            yield
+        finally:
+            self.cuda_graph = graph
 
     def _pre_hook(self, module: nn.Module, args) -> None:
         if module.training and torch.is_grad_enabled() and self.layers:

@@ -1,0 +1,127 @@
+"""StepGraph: a training step replayed as CUDA graphs equals the eager step; what it cannot graph runs eagerly.
+
+The CUDA tests run on a GPU machine only (benchmarks' device calls); on CPU the wrapper is a pass-through.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from sttp_compress.bank import WeightBank
+from sttp_compress.convert import compress
+from sttp_compress.stepgraph import StepGraph
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def model(device="cpu"):
+    """Convs with BatchNorm (buffers the capture's warm-up must not change) and compressed layers."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16),
+                      nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 12), nn.ReLU(), nn.Linear(12, 10))
+    compress(m, rank={"0": 4, "3": 4, "7": 5})
+    return m.to(device).train()
+
+
+def run_steps(net, params, batches, amp=False):
+    """SGD steps as finetune takes them; returns the losses and the outputs of the last step."""
+    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    losses = []
+    for x in batches:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            out = net(x)
+            loss = out.float().square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, out.detach().clone()
+
+
+def test_cpu_is_a_pass_through():
+    m = model()
+    net = StepGraph(m)
+    x = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(net(x), copy.deepcopy(m)(x))
+    assert not net.graphs and net.failed is None
+    net.eval()
+    assert not m.training
+
+
+def pair(bank_graph=False):
+    """Two equal models on the GPU, each with its weight bank attached; the second wrapped in StepGraph."""
+    a, b = model("cuda"), model("cuda")
+    WeightBank(a, cuda_graph=bank_graph).attach()
+    bank = WeightBank(b, cuda_graph=bank_graph).attach()
+    return a, b, StepGraph(b, bank=bank)
+
+
+@cuda
+@pytest.mark.parametrize("amp", [False, True])
+def test_graphed_steps_equal_eager_steps(amp):
+    """Losses, trained parameters and BatchNorm statistics match the eager steps (warm-up rolled back)."""
+    a, b, net = pair()
+    torch.manual_seed(1)
+    batches = [torch.randn(16, 3, 8, 8, device="cuda") for _ in range(5)]
+    losses_a, out_a = run_steps(a, [p for p in a.parameters() if p.requires_grad], batches, amp)
+    losses_b, out_b = run_steps(net, [p for p in b.parameters() if p.requires_grad], batches, amp)
+    assert len(net.graphs) == 1 and net.failed is None
+    tol = dict(rtol=2e-2, atol=2e-3) if amp else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(losses_b), torch.tensor(losses_a), **tol)
+    torch.testing.assert_close(out_b, out_a, **tol)
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        torch.testing.assert_close(sb[k].float(), sa[k].float(), **tol, msg=k)
+    assert int(sb["1.num_batches_tracked"]) == 5  # the capture's warm-up passes are not counted
+
+
+@cuda
+def test_new_shapes_eval_and_no_grad_run_eagerly():
+    a, b, net = pair(bank_graph=True)
+    x = torch.randn(16, 3, 8, 8, device="cuda")
+    run_steps(net, [p for p in b.parameters() if p.requires_grad], [x])
+    run_steps(a, [p for p in a.parameters() if p.requires_grad], [x])
+    assert len(net.graphs) == 1
+    y = torch.randn(5, 3, 8, 8, device="cuda")  # a second shape gets its own graph, up to max_graphs
+    torch.testing.assert_close(net(y), a(y), rtol=1e-4, atol=1e-5)
+    assert len(net.graphs) == 2
+    z = torch.randn(3, 3, 8, 8, device="cuda")  # beyond max_graphs: eager
+    torch.testing.assert_close(net(z), a(z), rtol=1e-4, atol=1e-5)
+    assert len(net.graphs) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), a(x), rtol=1e-4, atol=1e-5)
+    net.eval()
+    a.eval()
+    assert not b.training
+    torch.testing.assert_close(net(x), a(x), rtol=1e-4, atol=1e-5)
+    assert len(net.graphs) == 2
+
+
+class Syncing(nn.Module):
+    """A forward that reads a value back to the CPU: no CUDA graph can capture it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x) * (2.0 if x.sum().item() > 0 else 1.0)
+
+
+@cuda
+def test_capture_failure_warns_once_and_runs_eagerly():
+    torch.manual_seed(0)
+    m = Syncing().cuda().train()
+    net = StepGraph(m)
+    x = torch.randn(8, 4, device="cuda")
+    with pytest.warns(UserWarning, match="step graph: CUDA graph capture of the training step failed"):
+        out = net(x)
+    assert net.failed and not net.graphs
+    torch.testing.assert_close(out, m(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net(x).sum().backward()  # eager from now on, no second warning
+    assert m.lin.weight.grad is not None
