@@ -92,6 +92,7 @@ def compress_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or tables."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
     example: bool = typer.Option(False, help="Run the built-in example: train a small CNN on scikit-learn's digits, compress, fine-tune, evaluate."),
+    cuda_graphs: bool = typer.Option(True, help="On GPUs, replay each training step (one GPU) or the weight build (several GPUs) as CUDA graphs; --no-cuda-graphs runs them eagerly (slower; for models that misbehave under graphs)."),
     gpus: Optional[int] = typer.Option(None, help="Fine-tune on N GPUs of this machine: starts N processes through torchrun's launcher (README: Multi-GPU)."),
     debug: bool = typer.Option(False, help="Show tracebacks."),
 ) -> Optional[int]:
@@ -113,7 +114,7 @@ def compress_cmd(
     if data or train_data or example:
         ft = FinetuneConfig(epochs=epochs, steps=steps, lr=lr, optimizer=optimizer, schedule=schedule,
                             temperature=temperature, alpha=alpha, spectral_reg=spectral_reg, device=device,
-                            batch_size=batch_size, workers=workers, seed=seed)
+                            batch_size=batch_size, workers=workers, seed=seed, cuda_graph=cuda_graphs)
     elif epochs is not None or steps is not None:
         raise UserError("--epochs/--steps need fine-tuning data: pass --data")
     job = CompressJob(model=model, arch=arch, ratio=ratio, rank=rank, method=method, spectrum=spectrum,

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .bank import WeightBank
+from .stepgraph import StepGraph
 from .errors import UserError
 from .layers import is_parametrized
 
@@ -105,7 +106,8 @@ class FinetuneConfig:
     grad_clip: float | None = 5.0
     select_best: bool = True  # keep the best-validation state (False: the final state)
     weight_bank: bool = True  # build all compressed weights together each step (bank.py)
-    cuda_graph: bool = True  # ...and replay that build as a CUDA graph on GPUs
+    cuda_graph: bool = True  # on GPUs, replay the bank's build as a CUDA graph (False: no CUDA graphs at all)
+    step_graph: bool = True  # ...and in one process the whole training forward+backward (stepgraph.py)
     fused: bool = True  # AdamW's fused kernel when every parameter is on a GPU
     log_every: int = 20
     val_every_epoch: bool = True
@@ -571,7 +573,7 @@ def finetune(
 ) -> dict[str, Any]:
     """Distil the teacher into the student, validating each epoch, and keep the best-validation student.
 
-    Returns the report block {"epochs", "steps", "seconds", "device", "processes", "images_per_s",
+    Returns the report block {"epochs", "steps", "seconds", "device", "processes", "images_per_s", "cuda_graph",
     "original_val_accuracy", "val_accuracy_before", "val_accuracy_after", "curve"} with accuracies in
     percent (None when the validation data is unlabelled or absent). The best state is chosen by val
     accuracy (ties: lower val loss), or by lowest val distillation loss on unlabelled data, among the
@@ -579,7 +581,8 @@ def finetune(
     teacher is left in eval mode. "seconds" is wall time including validation; "images_per_s" counts
     training images (all processes) per second of training time after the first WARMUP_STEPS steps;
     `bn_recalibrate` > 0 first re-estimates the student's BatchNorm statistics on that many training
-    batches (so "before" already includes it).
+    batches (so "before" already includes it). "cuda_graph" says what ran as CUDA graphs: "step" (the
+    whole forward+backward, stepgraph.StepGraph), "build" (the weight bank's build), or None.
 
     Inside a torchrun process group (distributed.setup) this is one rank of a DistributedDataParallel
     job: the loaders must yield this rank's shard (data.make_loaders / DeviceTensorLoader with
@@ -630,9 +633,13 @@ def finetune(
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     bar = _Progress(progress and distributed.is_main(), total_steps)
-    if bank is not None and total_steps > 0:
-        bank.prepare()  # capture the CUDA graph now, outside DistributedDataParallel's first forward
-    net = _wrap_ddp(student, device) if multi and total_steps > 0 else student
+    net: nn.Module = student
+    if multi and total_steps > 0:
+        if bank is not None:
+            bank.prepare()  # capture the build's CUDA graph now, outside DistributedDataParallel's first forward
+        net = _wrap_ddp(student, device)
+    elif device.type == "cuda" and cfg.cuda_graph and cfg.step_graph:
+        net = StepGraph(student, bank=bank)  # the whole forward+backward as a graph (the build inside it)
 
     curve: list[dict[str, Any]] = []
     best_key: tuple[float, ...] | None = None
@@ -750,7 +757,9 @@ def finetune(
         if bank is not None:
             bank.detach()
     stop_clock()
-    del net  # the DistributedDataParallel wrapper (its hooks and buckets) is done
+    graphs = ("step" if isinstance(net, StepGraph) and net.graphs
+              else "build" if bank is not None and bank.cuda_graph and device.type == "cuda" else None)
+    del net  # the DistributedDataParallel wrapper (its hooks and buckets) or the step graphs are done
 
     if best_state is not None and cfg.select_best:
         student.load_state_dict(best_state)
@@ -764,6 +773,7 @@ def finetune(
         "device": str(device),
         "processes": world,
         "images_per_s": round(timed_images / timed_s, 1) if timed_s > 0 and timed_images else None,
+        "cuda_graph": graphs,
         "original_val_accuracy": _percent(original),
         "val_accuracy_before": _percent(before["accuracy"]),
         "val_accuracy_after": _percent(after["accuracy"]),

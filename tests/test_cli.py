@@ -748,6 +748,7 @@ def test_finetune_with_tensor_data(tiny):
     assert block["epochs"] > 0
     assert block["seconds"] >= 0
     assert block["device"] == "cpu"
+    assert block["cuda_graph"] is None  # CUDA graphs on GPUs only
     for key in ("original_val_accuracy", "val_accuracy_before", "val_accuracy_after"):
         assert isinstance(block[key], (int, float)) and 0 <= block[key] <= 100, key
     assert isinstance(block["curve"], list) and block["curve"]
@@ -757,6 +758,21 @@ def test_finetune_with_tensor_data(tiny):
     model, _ = load_compressed(out)
     with torch.no_grad():
         assert torch.isfinite(model(torch.randn(2, *INPUT_SHAPE))).all()
+
+
+@pytest.mark.parametrize("flag,expected", [(None, True), ("--no-cuda-graphs", False), ("--cuda-graphs", True)])
+def test_cuda_graphs_flag_reaches_the_finetune_config(tiny, monkeypatch, flag, expected):
+    import sttp_compress.finetune as ft
+
+    seen = []
+    real = ft.finetune
+    monkeypatch.setattr(ft, "finetune", lambda student, teacher, train, val, cfg, **kw: (
+        seen.append(cfg), real(student, teacher, train, val, cfg, **kw))[1])
+    data = tiny.dir / "data.pt"
+    torch.save({"inputs": torch.randn(16, *INPUT_SHAPE), "targets": torch.randint(0, 10, (16,))}, data)
+    ok(tiny.model, "--arch", tiny.arch, "--rank", "4", "--data", f"tensors:{data}", "--steps", "1",
+       "--workers", "0", "--batch-size", "8", "-q", *([flag] if flag else []))
+    assert [cfg.cuda_graph for cfg in seen] == [expected]
 
 
 def test_epochs_without_data_is_an_error(tiny):

@@ -26,7 +26,7 @@ from sttp_compress.finetune import (
 )
 
 REPORT_KEYS = {
-    "epochs", "steps", "seconds", "device", "processes", "images_per_s", "original_val_accuracy",
+    "epochs", "steps", "seconds", "device", "processes", "images_per_s", "cuda_graph", "original_val_accuracy",
     "val_accuracy_before", "val_accuracy_after", "curve",
 }
 
