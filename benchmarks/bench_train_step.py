@@ -7,6 +7,9 @@ GPU: batch 256 under bf16 autocast; CPU: batch 32. A variant is a base mode join
   per-layer      each layer builds its own weight in its forward (parametrize's default);
   bank           all weights built together per step (bank.py: frames of equal shape batched across layers);
   bank+graph     the bank's build (fwd and bwd) replayed as one CUDA graph (GPU only);
+  bank+sg        the whole forward and backward (the bank's build inside) replayed as CUDA graphs
+                 (stepgraph.StepGraph, what finetune runs on one GPU; GPU only), the dense model eager;
+  ...+dense-sg   (with bank+sg) the dense model's forward and backward through StepGraph too;
   ...+compile    the bank's build through torch.compile first (slow to compile: minutes; measure once);
   ...+tf32       TF32 matmuls (torch.backends.cuda.matmul.allow_tf32) for dense and STTP alike;
   ...+cl         channels_last model and input, dense and STTP alike.
@@ -21,7 +24,7 @@ overhead_min/overhead_max the smallest and largest round. Default variants:
 per-layer and bank on CPU; those, bank+graph, bank+graph+tf32, bank+graph+cl and bank+graph+tf32+cl on
 GPU. A variant that fails is reported with its error instead of a time. Writes
 benchmarks/results/train_step.json rows {device, batch, mode, timing, dense_ms, sttp_ms, overhead, ...}.
-`--profile FILE` also writes the CUDA kernels of 10 back-to-back steps of dense and bank+graph (torch.profiler,
+`--profile FILE` also writes the CUDA kernels of 10 back-to-back steps of dense, bank+graph and bank+sg (torch.profiler,
 summed by kernel name) to FILE, with each model's GPU-busy time per step. Without the
 shared checkpoint the model has random weights (the step time does not depend on the values).
 `--quick`: batch 8, 2 timed steps, not written (a smoke test).
@@ -45,6 +48,7 @@ from common import machine, markdown_table, merge_rows, print_table, time_ms, to
 from sttp_compress.bank import WeightBank  # noqa: E402
 from sttp_compress.convert import compress_to_target  # noqa: E402
 from sttp_compress.loading import load_model, resolve_arch  # noqa: E402
+from sttp_compress.stepgraph import StepGraph  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "models"
@@ -77,9 +81,10 @@ def step_fn(model, device, batch, amp, channels_last=False):
 def parse_variant(v: str) -> tuple[str, set[str]]:
     """'bank+graph+tf32' -> ('bank+graph', {'tf32'})."""
     parts = v.split("+")
-    base = "bank+graph" if parts[:2] == ["bank", "graph"] else parts[0]
-    opts = set(parts[2:] if base == "bank+graph" else parts[1:])
-    if base not in ("per-layer", "bank", "bank+graph") or not opts <= {"compile", "tf32", "cl"}:
+    base = "+".join(parts[:2]) if parts[:2] in (["bank", "graph"], ["bank", "sg"]) else parts[0]
+    opts = set(parts[len(base.split("+")):])
+    if (base not in ("per-layer", "bank", "bank+graph", "bank+sg")
+            or not opts <= {"compile", "tf32", "cl", "dense-sg"} or ("dense-sg" in opts and base != "bank+sg")):
         raise SystemExit(f"unknown variant {v!r}")
     return base, opts
 
@@ -141,7 +146,7 @@ def main() -> None:
     ap.add_argument("--devices", nargs="*", default=None)
     ap.add_argument("--variants", nargs="*", default=None, help="default: see the module docstring")
     ap.add_argument("--rounds", type=int, default=None, help="dense/STTP alternations (default 5 GPU, 1 CPU)")
-    ap.add_argument("--profile", default=None, help="write a kernel profile of dense and bank+graph (GPU) here")
+    ap.add_argument("--profile", default=None, help="write a kernel profile of dense, bank+graph and bank+sg (GPU) here")
     ap.add_argument("--quick", action="store_true", help="smoke test: batch 8, 2 steps, nothing written")
     ap.add_argument("--merge", action="store_true")
     args = ap.parse_args()
@@ -160,7 +165,7 @@ def main() -> None:
                                       "bank+graph+tf32+cl"] if gpu else ["per-layer", "bank"])
         for variant in variants:
             base, opts = parse_variant(variant)
-            if base == "bank+graph" and not gpu:
+            if base in ("bank+graph", "bank+sg") and not gpu:
                 continue
             torch.backends.cuda.matmul.allow_tf32 = "tf32" in opts
             cl = "cl" in opts
@@ -173,6 +178,10 @@ def main() -> None:
                 sttp = copy.deepcopy(sttp0).to(dev, memory_format=fmt)
                 bank = (WeightBank(sttp, cuda_graph=base == "bank+graph", compile="compile" in opts).attach()
                         if base != "per-layer" else None)
+                if base == "bank+sg":  # the bank builds inside the step's graph, not in one of its own
+                    sttp = StepGraph(sttp, bank=bank)
+                if "dense-sg" in opts:
+                    dense = StepGraph(dense)
                 fns = {"dense": step_fn(dense, dev, batch, gpu, cl), "sttp": step_fn(sttp, dev, batch, gpu, cl)}
                 times = timed_rounds(fns, dev, warmup, repeat, rounds, timings)
                 new = [{**head, "timing": t, **summarize(times[t]["dense"], times[t]["sttp"])} for t in timings]
@@ -202,7 +211,7 @@ COLUMNS = ["device", "batch", "mode", "timing", "ratio", "dense_ms", "sttp_ms", 
 
 
 def kernel_profile(dense0, sttp0, dev: str, batch: int, path: str, steps: int = 10) -> None:
-    """CUDA kernel time per step of dense and bank+graph, summed by kernel name, and the step's CPU time
+    """CUDA kernel time per step of dense, bank+graph and bank+sg, summed by kernel name, and the step's CPU time
     (plain, then under cProfile with its top functions), written to `path`."""
     import cProfile
     import io
@@ -211,10 +220,10 @@ def kernel_profile(dense0, sttp0, dev: str, batch: int, path: str, steps: int = 
     from torch.profiler import ProfilerActivity, profile
 
     lines = []
-    for name in ("dense", "sttp"):
+    for name in ("dense", "sttp", "sttp-sg"):  # sttp: bank+graph; sttp-sg: bank+sg
         model = copy.deepcopy(dense0 if name == "dense" else sttp0).to(dev)
-        bank = WeightBank(model, cuda_graph=True).attach() if name == "sttp" else None
-        fn = step_fn(model, dev, batch, True)
+        bank = WeightBank(model, cuda_graph=name == "sttp").attach() if name != "dense" else None
+        fn = step_fn(StepGraph(model, bank=bank) if name == "sttp-sg" else model, dev, batch, True)
         back_to_back_ms(fn, dev, 10)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             wall = back_to_back_ms(fn, dev, steps)
