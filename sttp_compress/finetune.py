@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -760,6 +761,8 @@ def finetune(
     graphs = ("step" if isinstance(net, StepGraph) and net.graphs
               else "build" if bank is not None and bank.cuda_graph and device.type == "cuda" else None)
     del net  # the DistributedDataParallel wrapper (its hooks and buckets) or the step graphs are done
+    if device.type == "cuda":
+        gc.collect()  # CUDA graphs sit in reference cycles: free their memory now, not at some later collection
 
     if best_state is not None and cfg.select_best:
         student.load_state_dict(best_state)

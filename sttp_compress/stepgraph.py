@@ -3,26 +3,37 @@
 On a GPU the train step of a compressed model is bound by the CPU that launches its kernels, not by the
 kernels (benchmarks/results/train_step_profile.md: ~16 ms of CPU against ~12.6 ms of kernels for the
 ResNet-18 at ratio 10). `StepGraph` captures the model's forward (the weight bank's build included) and
-its backward with `torch.cuda.make_graphed_callables` the first time it sees a training batch of a
-shape, and replays them afterwards: a step then costs the CPU two graph launches, the loss, the
+its backward with `torch.cuda.make_graphed_callables` the first time a training batch of a shape comes
+(`capture_at`), and replays them afterwards: a step then costs the CPU two graph launches, the loss, the
 gradient accumulation and the optimizer.
 
     net = StepGraph(student, bank=bank)       # on one CUDA device; DDP is not graphed
     out = net(x)                              # training + grad: graphed; otherwise student(x)
+    out = net(input_ids=ids, attention_mask=mask)   # keyword tensors too (text batches)
 
+Inputs are tensors, positional or keyword (None keywords are left out); each distinct set of names,
+shapes and dtypes (and autocast state) gets its own graph, up to `max_graphs` of them, each keeping its
+own activation memory. With `capture_at=2` a shape is captured at its second batch, so one-off shapes
+cost no capture; but capture then happens while the previous step's autograd graph may still be alive,
+and a capture fails if it is (autograd's gradient-accumulation nodes stay on the stream they were made
+on), so the default captures at a shape's first batch and callers must not keep the previous step's
+outputs or loss alive (finetune keeps only detached copies).
 
-What runs eagerly instead (same results, the old speed): eval mode, no-grad, CPU tensors, inputs that
-are not a single tensor, shapes beyond `max_graphs`, and any model whose capture fails (one warning).
-Python-side effects of the forward (hooks' state, Python random numbers) happen at capture only, as
-with any CUDA graph; the warm-up passes' BatchNorm statistics are rolled back. Each backward must
-follow `optimizer.zero_grad(set_to_none=True)` (as the fine-tune loop does): the gradients handed to
-autograd are the graph's own buffers, so accumulating two backwards into the same `.grad` is not
-supported.
+What runs eagerly instead (same results, the old speed): eval mode, no-grad, CPU tensors, non-tensor
+inputs, a shape's first `capture_at - 1` batches, shapes beyond `max_graphs`, and any model whose
+capture fails (one warning; eager from then on; the CUDA random generator's state is restored). Python-
+side effects of the forward (hooks' state, Python random numbers) happen at capture only, as with any
+CUDA graph (dropout masks are drawn anew each replay); the warm-up passes' BatchNorm statistics are
+rolled back. A graphed call's outputs are the graph's buffers, which the next replay overwrites: use
+them within the step (or clone them). Each backward must follow `optimizer.zero_grad(set_to_none=True)`
+(as the fine-tune loop does): the gradients handed to autograd are the graph's own buffers too, so
+accumulating two backwards into one `.grad` is not supported.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from contextlib import nullcontext
 from typing import Any
 
@@ -33,15 +44,16 @@ __all__ = ["StepGraph"]
 
 
 class _Shell(nn.Module):
-    """A hook-free module around the model: make_graphed_callables refuses modules with hooks (the weight
-    bank's), and takes the model's parameters as the graph's inputs through this one."""
+    """A hook-free module around the model, called with its input tensors positionally: make_graphed_callables
+    refuses modules with hooks (the weight bank's) and takes the parameters of the module it is given as
+    the graph's inputs."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, n_args: int, names: tuple[str, ...]):
         super().__init__()
-        self.model = model
+        self.model, self.n_args, self.names = model, n_args, names
 
-    def forward(self, x: Tensor) -> Any:
-        return self.model(x)
+    def forward(self, *tensors: Tensor) -> Any:
+        return self.model(*tensors[:self.n_args], **dict(zip(self.names, tensors[self.n_args:])))
 
 
 class StepGraph(nn.Module):
@@ -50,46 +62,55 @@ class StepGraph(nn.Module):
     A module wrapping `model` (like DistributedDataParallel): `train()`/`eval()` reach the model.
     """
 
-    def __init__(self, model: nn.Module, bank: Any = None, max_graphs: int = 2, warmup: int = 3):
+    def __init__(self, model: nn.Module, bank: Any = None, max_graphs: int = 8, capture_at: int = 1,
+                 warmup: int = 3):
         super().__init__()
         self.model = model
         self.bank = bank  # a WeightBank attached to model: builds eagerly inside the capture
-        self.max_graphs = max_graphs
-        self.warmup = warmup
+        self.max_graphs, self.capture_at, self.warmup = max_graphs, capture_at, warmup
         self.graphs: dict[tuple, Any] = {}
+        self.seen: Counter = Counter()
         self.failed: str | None = None  # why capture was given up, once it failed
 
-    def _key(self, x: Any) -> tuple | None:
+    def _key(self, tensors: list[Any], n_args: int, names: tuple[str, ...]) -> tuple | None:
         """The graph key of a call, or None when it runs eagerly."""
-        if (self.failed is not None or not isinstance(x, Tensor) or not x.is_cuda or not self.model.training
-                or not torch.is_grad_enabled()):
+        if (self.failed is not None or not tensors or not self.model.training or not torch.is_grad_enabled()
+                or not all(isinstance(t, Tensor) and t.is_cuda for t in tensors)):
             return None
         amp = torch.is_autocast_enabled("cuda")
-        return (tuple(x.shape), x.dtype, x.device, amp, torch.get_autocast_dtype("cuda") if amp else None)
+        return (n_args, names, tuple((tuple(t.shape), t.dtype, t.device) for t in tensors), amp,
+                torch.get_autocast_dtype("cuda") if amp else None)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        key = self._key(args[0]) if len(args) == 1 and not kwargs else None
+        names = tuple(sorted(k for k, v in kwargs.items() if v is not None))
+        tensors = [*args, *(kwargs[k] for k in names)]
+        key = self._key(tensors, len(args), names)
         if key is None:
             return self.model(*args, **kwargs)
-        x = args[0]
         graphed = self.graphs.get(key)
         if graphed is None and len(self.graphs) < self.max_graphs:
-            graphed = self._capture(key, x)
-        return self.model(x) if graphed is None else graphed(x)
+            self.seen[key] += 1
+            if self.seen[key] >= self.capture_at:
+                graphed = self._capture(key, tensors, len(args), names)
+        return self.model(*args, **kwargs) if graphed is None else graphed(*tensors)
 
-    def _capture(self, key: tuple, x: Tensor) -> Any:
-        """Capture forward and backward for inputs like `x`; None (and eager from now on) when that fails."""
+    def _capture(self, key: tuple, tensors: list[Tensor], n_args: int, names: tuple[str, ...]) -> Any:
+        """Capture forward and backward for inputs like `tensors`; None (and eager from now on) when that fails."""
         buffers = list(self.model.buffers())
         saved = [b.detach().clone() for b in buffers]
         amp, dtype = key[3], key[4]
+        generator = torch.cuda.default_generators[tensors[0].device.index or 0]
+        rng = generator.clone_state()  # a failed capture leaves the generator's state marked as capturing
         try:
             with (self.bank.eager() if self.bank is not None else nullcontext()), \
                     torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=amp, cache_enabled=False):
-                # a private copy of the input: it becomes the graph's input buffer, which each replay
-                # overwrites (x itself may be a view into the caller's data)
-                graphed = torch.cuda.make_graphed_callables(_Shell(self.model), (x.detach().clone(),),
-                                                            num_warmup_iters=self.warmup, allow_unused_input=True)
+                # private copies of the inputs: they become the graph's input buffers, which each replay
+                # overwrites (the caller's tensors may be views into its data)
+                graphed = torch.cuda.make_graphed_callables(
+                    _Shell(self.model, n_args, names), tuple(t.detach().clone() for t in tensors),
+                    num_warmup_iters=self.warmup, allow_unused_input=True)
         except Exception as e:  # noqa: BLE001 - any model may hold what a graph cannot capture; run eagerly
+            generator.graphsafe_set_state(rng)  # else the next random op fails ("Offset increment outside graph capture")
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             warnings.warn(f"step graph: CUDA graph capture of the training step failed, running it eagerly "
                           f"instead ({self.failed})", stacklevel=3)
@@ -99,4 +120,5 @@ class StepGraph(nn.Module):
                 for b, s in zip(buffers, saved):
                     b.copy_(s)
         self.graphs[key] = graphed
+        self.seen.pop(key, None)
         return graphed

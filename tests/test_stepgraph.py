@@ -27,7 +27,8 @@ def model(device="cpu"):
 
 
 def run_steps(net, params, batches, amp=False):
-    """SGD steps as finetune takes them; returns the losses and the outputs of the last step."""
+    """SGD steps as finetune takes them (nothing of a step's autograd graph kept into the next); returns the
+    losses and the outputs of the last step."""
     opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
     losses = []
     for x in batches:
@@ -38,7 +39,9 @@ def run_steps(net, params, batches, amp=False):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    return losses, out.detach().clone()
+        last = out.detach().clone()
+        del out, loss
+    return losses, last
 
 
 def test_cpu_is_a_pass_through():
@@ -51,12 +54,12 @@ def test_cpu_is_a_pass_through():
     assert not m.training
 
 
-def pair(bank_graph=False):
+def pair(bank_graph=False, **kw):
     """Two equal models on the GPU, each with its weight bank attached; the second wrapped in StepGraph."""
     a, b = model("cuda"), model("cuda")
     WeightBank(a, cuda_graph=bank_graph).attach()
     bank = WeightBank(b, cuda_graph=bank_graph).attach()
-    return a, b, StepGraph(b, bank=bank)
+    return a, b, StepGraph(b, bank=bank, **kw)
 
 
 @cuda
@@ -80,7 +83,7 @@ def test_graphed_steps_equal_eager_steps(amp):
 
 @cuda
 def test_new_shapes_eval_and_no_grad_run_eagerly():
-    a, b, net = pair(bank_graph=True)
+    a, b, net = pair(bank_graph=True, max_graphs=2, capture_at=1)
     x = torch.randn(16, 3, 8, 8, device="cuda")
     run_steps(net, [p for p in b.parameters() if p.requires_grad], [x])
     run_steps(a, [p for p in a.parameters() if p.requires_grad], [x])
@@ -125,3 +128,56 @@ def test_capture_failure_warns_once_and_runs_eagerly():
         warnings.simplefilter("error")
         net(x).sum().backward()  # eager from now on, no second warning
     assert m.lin.weight.grad is not None
+    # the failed capture left the CUDA random generator usable
+    assert torch.randn(3, device="cuda").isfinite().all()
+    assert torch.nn.functional.dropout(torch.ones(100, device="cuda"), 0.5).eq(0).any()
+
+
+@cuda
+def test_capture_at_2_captures_a_shape_at_its_second_batch():
+    a, b, net = pair(capture_at=2)
+    x = torch.randn(16, 3, 8, 8, device="cuda")
+    params = [p for p in b.parameters() if p.requires_grad]
+    run_steps(net, params, [x, torch.randn(7, 3, 8, 8, device="cuda")])
+    assert not net.graphs  # each shape seen once: eager
+    run_steps(net, params, [x])
+    assert len(net.graphs) == 1
+
+
+class Keyword(nn.Module):
+    """A text-model-like forward: keyword tensors (an integer one among them), a dict of outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.lin = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        h = self.drop(self.lin(self.emb(input_ids)))
+        if token_type_ids is not None:
+            h = h + token_type_ids.unsqueeze(-1)
+        return {"hidden": h, "pooled": (h * attention_mask.unsqueeze(-1)).sum(1), "mask": attention_mask}
+
+
+@cuda
+def test_keyword_inputs_dict_outputs_and_fresh_dropout():
+    torch.manual_seed(0)
+    m = Keyword().cuda().train()
+    ref = copy.deepcopy(m).eval()  # dropout off: compares the deterministic part
+    net = StepGraph(m, capture_at=1)
+    ids = torch.randint(0, 50, (4, 6), device="cuda")
+    mask = (torch.rand(4, 6, device="cuda") > 0.3).long()
+    # outputs are the graph's buffers, overwritten by the next replay: copy them
+    outs = [{k: v.clone() for k, v in net(input_ids=ids, attention_mask=mask, token_type_ids=None).items()}
+            for _ in range(3)]
+    assert len(net.graphs) == 1 and net.failed is None
+    assert not torch.equal(outs[1]["hidden"], outs[2]["hidden"])  # each replay draws new dropout masks
+    torch.testing.assert_close(outs[2]["mask"], mask)
+    net.eval()
+    torch.testing.assert_close(net(input_ids=ids, attention_mask=mask)["pooled"],
+                               ref(input_ids=ids, attention_mask=mask)["pooled"])
+    net.train()
+    out = net(input_ids=ids, attention_mask=mask)
+    out["pooled"].sum().backward()
+    assert m.lin.weight.grad is not None and m.emb.weight.grad is not None
