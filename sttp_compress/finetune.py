@@ -16,9 +16,9 @@ from torch import Tensor, nn
 
 from . import distributed
 from .bank import WeightBank
-from .stepgraph import StepGraph
 from .errors import UserError
 from .layers import is_parametrized
+from .stepgraph import StepGraph
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant")

@@ -20,8 +20,8 @@ on), so the default captures at a shape's first batch and callers must not keep 
 outputs or loss alive (finetune keeps only detached copies).
 
 What runs eagerly instead (same results, the old speed): eval mode, no-grad, CPU tensors, non-tensor
-inputs, a shape's first `capture_at - 1` batches, shapes beyond `max_graphs`, and any model whose
-capture fails (one warning; eager from then on; the CUDA random generator's state is restored). Python-
+inputs, a shape's first `capture_at - 1` batches, shapes beyond `max_graphs`, and after a capture fails
+every shape not captured before (one warning; the CUDA random generator's state is restored). Python-
 side effects of the forward (hooks' state, Python random numbers) happen at capture only, as with any
 CUDA graph (dropout masks are drawn anew each replay); the warm-up passes' BatchNorm statistics are
 rolled back. A graphed call's outputs are the graph's buffers, which the next replay overwrites: use
@@ -74,7 +74,7 @@ class StepGraph(nn.Module):
 
     def _key(self, tensors: list[Any], n_args: int, names: tuple[str, ...]) -> tuple | None:
         """The graph key of a call, or None when it runs eagerly."""
-        if (self.failed is not None or not tensors or not self.model.training or not torch.is_grad_enabled()
+        if (not tensors or not self.model.training or not torch.is_grad_enabled()
                 or not all(isinstance(t, Tensor) and t.is_cuda for t in tensors)):
             return None
         amp = torch.is_autocast_enabled("cuda")
@@ -88,7 +88,7 @@ class StepGraph(nn.Module):
         if key is None:
             return self.model(*args, **kwargs)
         graphed = self.graphs.get(key)
-        if graphed is None and len(self.graphs) < self.max_graphs:
+        if graphed is None and self.failed is None and len(self.graphs) < self.max_graphs:
             self.seen[key] += 1
             if self.seen[key] >= self.capture_at:
                 graphed = self._capture(key, tensors, len(args), names)

@@ -54,6 +54,44 @@ def test_cpu_is_a_pass_through():
     assert not m.training
 
 
+class FakeCapture(StepGraph):
+    """StepGraph's dispatch on CPU: every training call has a key, and a 'capture' wraps the model in a
+    recorder, or fails for batches of 3."""
+
+    def _key(self, tensors, n_args, names):
+        if not self.model.training or not torch.is_grad_enabled():
+            return None
+        return (n_args, names, tuple(tuple(t.shape) for t in tensors))
+
+    def _capture(self, key, tensors, n_args, names):
+        if tensors[0].shape[0] == 3:
+            self.failed = "no"
+            return None
+        self.graphs[key] = lambda *t: ("graph", key, self.model(*t))
+        return self.graphs[key]
+
+
+def test_dispatch_capture_limits_and_a_failure_keep_earlier_graphs():
+    m = nn.Linear(4, 2)
+    net = FakeCapture(m, max_graphs=2, capture_at=2)
+    x2, x3, x5, x7 = (torch.randn(n, 4) for n in (2, 3, 5, 7))
+    assert not isinstance(net(x2), tuple)  # first batch of a shape: eager (capture_at=2)
+    assert net(x2)[0] == "graph" and net(x2)[0] == "graph"  # captured at the second, replayed after
+    net(x5)
+    assert net(x5)[0] == "graph" and len(net.graphs) == 2
+    net(x7), net(x7)
+    assert not isinstance(net(x7), tuple)  # beyond max_graphs: eager
+    net.max_graphs = 4
+    net(x3), net(x3)  # its capture fails ...
+    assert net.failed and not isinstance(net(x3), tuple)
+    assert net(x2)[0] == "graph"  # ... the graphs captured before still replay
+    assert not isinstance(net(x7), tuple) and len(net.graphs) == 2  # and nothing new is captured
+    with torch.no_grad():
+        assert not isinstance(net(x2), tuple)
+    net.eval()
+    assert not isinstance(net(x2), tuple)
+
+
 def pair(bank_graph=False, **kw):
     """Two equal models on the GPU, each with its weight bank attached; the second wrapped in StepGraph."""
     a, b = model("cuda"), model("cuda")
