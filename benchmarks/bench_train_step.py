@@ -54,6 +54,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "models"
 
 
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """--model and --arch, defaulting to the shared CIFAR-10 ResNet-18 (random weights when the file is absent)."""
+    ap.add_argument("--model", default=str(SHARED / "resnet18_cifar10.pt"))
+    ap.add_argument("--arch", default=str(SHARED / "cifar_models.py") + ":resnet18_cifar")
+
+
 def build(model_path: str | None, arch: str, ratio: float):
     dense = load_model(model_path, arch) if model_path and Path(model_path).exists() else resolve_arch(arch)
     sttp = copy.deepcopy(dense)
@@ -140,8 +146,7 @@ def summarize(dense: list[float], sttp: list[float]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(SHARED / "resnet18_cifar10.pt"))
-    ap.add_argument("--arch", default=str(SHARED / "cifar_models.py") + ":resnet18_cifar")
+    add_model_args(ap)
     ap.add_argument("--ratio", type=float, default=10.0)
     ap.add_argument("--devices", nargs="*", default=None)
     ap.add_argument("--variants", nargs="*", default=None, help="default: see the module docstring")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train_step import SHARED, build, cpu_ms, step_fn  # noqa: E402
+from bench_train_step import add_model_args, build, cpu_ms, step_fn  # noqa: E402
 
 from sttp_compress.bank import WeightBank  # noqa: E402
 
@@ -29,8 +29,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
-    ap.add_argument("--model", default=str(SHARED / "resnet18_cifar10.pt"))
-    ap.add_argument("--arch", default=str(SHARED / "cifar_models.py") + ":resnet18_cifar")
+    add_model_args(ap)
     args = ap.parse_args()
     dense0, sttp0, _ = build(args.model, args.arch, 10.0)
     torch.backends.cudnn.benchmark = True

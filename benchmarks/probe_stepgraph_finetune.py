@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train_step import SHARED, build  # noqa: E402
+from bench_train_step import add_model_args, build  # noqa: E402
 from common import machine, today  # noqa: E402
 
 from sttp_compress.data import DeviceTensorLoader  # noqa: E402
@@ -31,8 +31,7 @@ from sttp_compress.finetune import FinetuneConfig, finetune  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
-    ap.add_argument("--model", default=str(SHARED / "resnet18_cifar10.pt"))
-    ap.add_argument("--arch", default=str(SHARED / "cifar_models.py") + ":resnet18_cifar")
+    add_model_args(ap)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
