@@ -35,7 +35,7 @@ from common import machine, markdown_table, merge_rows, print_table, today, writ
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".data" / "text"
-COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "lr", "hidden_weight", "augment", "length_group", "achieved_ratio", "params", "convert_seconds", "cosine_before",
+COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "lr", "hidden_weight", "augment", "length_group", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
            "nn_agreement_before", "cosine_after", "nn_agreement_after", "steps", "seconds", "device"]
 
 
@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--heldout-limit", type=int, default=None, help="use only the first N held-out texts")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: ratio 4 only, 200 held-out texts, 4 steps")
     ap.add_argument("--convert-only", action="store_true", help="time the CPU conversion at ratio 4 only")
+    ap.add_argument("--no-distill", action="store_true",
+                    help="convert and measure the held-out cosine only (no distillation: runs on a CPU); rows "
+                         "have cosine_before and the token embedding's share of the parameters")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--merge", action="store_true", help="keep rows of other devices in the results file")
@@ -227,7 +230,20 @@ def main(argv: list[str] | None = None) -> None:
         student.to(device)
         before = embedding_agreement(embed(student, held, device), reference)
         converted = student
-        for batch, lr, hidden in variants:
+        emb_params = sum(p.numel() for p in student.embeddings.word_embeddings.parameters())
+        if args.no_distill:
+            rows.append({"ratio": float(ratio), "method": args.method,
+                         "allocation": args.allocation + (f", embedding rank {emb_rank}" if emb_rank and include else ""),
+                         "activation_aware": bool(moments), "include": "*" if include else "encoder only",
+                         "achieved_ratio": round(parts["totals"]["ratio"], 3),
+                         "params": parts["totals"]["params_compressed"], "embedding_params": emb_params,
+                         "convert_seconds": round(convert_s, 2), "cosine_before": round(before["cosine"], 4),
+                         "nn_agreement_before": round(before["nn_agreement"], 2), "device": machine(device)})
+            print(rows[-1], flush=True)
+            variants_here = []
+        else:
+            variants_here = variants
+        for batch, lr, hidden in variants_here:
             student = copy.deepcopy(converted)
             loss = EmbeddingDistillLoss(hidden=hidden)
             cfg = FinetuneConfig(steps=1, lr=lr, batch_size=16 if quick else batch, device=device, workers=2,
@@ -264,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
                    "hidden_weight": loss.hidden, "augment": args.augment,
                    "length_group": 0 if args.no_group_by_length else length_group,  # 0: random batches
                    "achieved_ratio": round(parts["totals"]["ratio"], 3), "params": parts["totals"]["params_compressed"],
-                   "convert_seconds": round(convert_s, 2), "cosine_before": round(before["cosine"], 4),
+                   "embedding_params": emb_params, "convert_seconds": round(convert_s, 2), "cosine_before": round(before["cosine"], 4),
                    "nn_agreement_before": round(before["nn_agreement"], 2), "cosine_after": round(after["cosine"], 4),
                    "nn_agreement_after": round(after["nn_agreement"], 2), "steps": block["steps"],
                    "seconds": block["seconds"], "device": machine(device),
@@ -275,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
         del converted
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    print_table("all-MiniLM-L6-v2 (22.7M parameters): STTP + distillation", rows, COLUMNS)
+    columns = [c for c in COLUMNS if any(c in r for r in rows)]
+    print_table("all-MiniLM-L6-v2 (22.7M parameters): STTP + distillation", rows, columns)
     print(f"params original {total:,}; total {time.perf_counter() - t0:.0f} s")
     if args.no_write or quick:
         return
@@ -285,8 +302,9 @@ def main(argv: list[str] | None = None) -> None:
             "transformers": transformers.__version__, "torch": torch.__version__}
     md = (f"# all-MiniLM-L6-v2 compressed with STTP, distilled on text ({today()})\n\n"
           f"Held-out text: {len(held.dataset):,} lines of .data/text/heldout.txt (benchmarks/make_text_data.py). "
-          + (f"Distillation: {args.steps} steps per row.\n\n" if args.steps else
-             f"Distillation: {args.seconds:g} s budget per row.\n\n") + markdown_table(rows, COLUMNS))
+          + ("No distillation (--no-distill): conversion only.\n\n" if args.no_distill else
+             f"Distillation: {args.steps} steps per row.\n\n" if args.steps else
+             f"Distillation: {args.seconds:g} s budget per row.\n\n") + markdown_table(rows, columns))
     write_results(args.name, rows, meta, md)
 
 
