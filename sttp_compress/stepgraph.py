@@ -99,7 +99,8 @@ class StepGraph(nn.Module):
         buffers = list(self.model.buffers())
         saved = [b.detach().clone() for b in buffers]
         amp, dtype = key[3], key[4]
-        generator = torch.cuda.default_generators[tensors[0].device.index or 0]
+        index = tensors[0].device.index
+        generator = torch.cuda.default_generators[torch.cuda.current_device() if index is None else index]
         rng = generator.clone_state()  # a failed capture leaves the generator's state marked as capturing
         try:
             with (self.bank.eager() if self.bank is not None else nullcontext()), \
