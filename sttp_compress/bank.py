@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .contract import _originals
+from .convert import parametrization
 from .householder import FramePlan
-from .layers import SpectralTT, is_parametrized, weight_name
+from .layers import SpectralTT, is_parametrized
 
 __all__ = ["WeightBank"]
 
@@ -82,11 +84,9 @@ class WeightBank:
         self.originals: list[tuple[Tensor, ...]] = []
         for m in model.modules():
             if is_parametrized(m):
-                pl = getattr(m.parametrizations, weight_name(m))
-                p = next(q for q in pl if isinstance(q, SpectralTT))
-                n = p.n_originals
+                p = parametrization(m)
                 self.layers.append(p)
-                self.originals.append(tuple(getattr(pl, f"original{i}") for i in range(n)))
+                self.originals.append(_originals(m, p))
         # every chain: (layer, side) with the frame (group, row) of each of its cores, sorted by core shapes
         chains = []
         for li, p in enumerate(self.layers):
