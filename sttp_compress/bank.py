@@ -34,6 +34,7 @@ from .contract import _originals
 from .convert import parametrization
 from .householder import FramePlan
 from .layers import SpectralTT, is_parametrized
+from .stepgraph import make_graphed
 
 __all__ = ["WeightBank"]
 
@@ -184,14 +185,16 @@ class WeightBank:
                                            p.row_scale_param(o), p.col_scale_param(o))
                      for li, (p, o) in enumerate(zip(self.layers, originals)))
 
-    def prepare(self) -> bool:
-        """Capture the CUDA graph now (when configured); True when the builds will replay it.
+    def _function(self):
+        """The build as it runs: `_build`, through torch.compile when configured."""
+        if self._fn is None:
+            self._fn = torch.compile(self._build, dynamic=False) if self.compile else self._build
+        return self._fn
 
-        finetune calls this before wrapping the model in DistributedDataParallel, so the capture
-        happens on a quiet device rather than inside the wrapper's first forward. Should the capture
-        fail, the bank warns once and builds the weights eagerly (same values, slower).
-        """
-        flat = self.inputs
+    def _graph(self, flat: list[Tensor]) -> bool:
+        """True when builds replay the CUDA graph, capturing it first if that has not happened yet (when
+        configured and on CUDA). Should the capture fail, the bank warns once and builds the weights eagerly
+        (same values, slower)."""
         if not (self.cuda_graph and flat and flat[0].is_cuda):
             return False
         if self._graphed is None:
@@ -199,26 +202,31 @@ class WeightBank:
             torch.cuda.synchronize(flat[0].device)  # no collective or copy still running during capture
             try:
                 with torch.autocast(flat[0].device.type, enabled=False):
-                    self._graphed = torch.cuda.make_graphed_callables(self._build, tuple(flat))
+                    self._graphed = make_graphed(self._function(), tuple(flat))
             except RuntimeError as e:
                 warnings.warn(f"weight bank: CUDA graph capture failed, building weights eagerly instead "
-                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})", stacklevel=2)
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})", stacklevel=3)
                 self.cuda_graph = False
                 return False
         return True
+
+    def prepare(self) -> bool:
+        """Capture the CUDA graph now (when configured); True when the builds will replay it.
+
+        finetune calls this before wrapping the model in DistributedDataParallel, so the capture
+        happens on a quiet device rather than inside the wrapper's first forward; otherwise the first
+        build captures it.
+        """
+        return self._graph(self.inputs)
 
     def build(self) -> list[Tensor]:
         """Every compressed layer's weight (with autograd), in `self.layers` order."""
         flat = self.inputs
         self._plan(flat[0].device)
-        if self._fn is None:
-            self._fn = torch.compile(self._build, dynamic=False) if self.compile else self._build
         with torch.autocast(flat[0].device.type, enabled=False):
-            if self.cuda_graph and flat[0].is_cuda:
-                if self._graphed is None:
-                    self._graphed = torch.cuda.make_graphed_callables(self._fn, tuple(flat))
+            if self._graph(flat):
                 return list(self._graphed(*flat))
-            return list(self._fn(*flat))
+            return list(self._function()(*flat))
 
     @contextmanager
     def eager(self) -> Iterator[None]:

@@ -40,7 +40,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["StepGraph"]
+__all__ = ["StepGraph", "make_graphed"]
+
+
+def make_graphed(fn: Any, sample_args: tuple[Tensor, ...], **kwargs: Any) -> Any:
+    """`torch.cuda.make_graphed_callables(fn, sample_args, **kwargs)`, leaving the CUDA random generator usable
+    when the capture fails (the exception is re-raised): a failed capture leaves the generator's state marked
+    as capturing, and every later random op then raises "Offset increment outside graph capture"."""
+    index = sample_args[0].device.index
+    generator = torch.cuda.default_generators[torch.cuda.current_device() if index is None else index]
+    rng = generator.clone_state()
+    try:
+        return torch.cuda.make_graphed_callables(fn, sample_args, **kwargs)
+    except Exception:
+        generator.graphsafe_set_state(rng)
+        raise
 
 
 class _Shell(nn.Module):
@@ -95,23 +109,18 @@ class StepGraph(nn.Module):
         return self.model(*args, **kwargs) if graphed is None else graphed(*tensors)
 
     def _capture(self, key: tuple, tensors: list[Tensor], n_args: int, names: tuple[str, ...]) -> Any:
-        """Capture forward and backward for inputs like `tensors`; None (and eager from now on) when that fails."""
+        """Capture forward and backward for inputs like `tensors`; None when that fails (and no capture after it)."""
         buffers = list(self.model.buffers())
         saved = [b.detach().clone() for b in buffers]
         amp, dtype = key[3], key[4]
-        index = tensors[0].device.index
-        generator = torch.cuda.default_generators[torch.cuda.current_device() if index is None else index]
-        rng = generator.clone_state()  # a failed capture leaves the generator's state marked as capturing
         try:
             with (self.bank.eager() if self.bank is not None else nullcontext()), \
                     torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=amp, cache_enabled=False):
                 # private copies of the inputs: they become the graph's input buffers, which each replay
                 # overwrites (the caller's tensors may be views into its data)
-                graphed = torch.cuda.make_graphed_callables(
-                    _Shell(self.model, n_args, names), tuple(t.detach().clone() for t in tensors),
-                    num_warmup_iters=self.warmup, allow_unused_input=True)
+                graphed = make_graphed(_Shell(self.model, n_args, names), tuple(t.detach().clone() for t in tensors),
+                                       num_warmup_iters=self.warmup, allow_unused_input=True)
         except Exception as e:  # noqa: BLE001 - any model may hold what a graph cannot capture; run eagerly
-            generator.graphsafe_set_state(rng)  # else the next random op fails ("Offset increment outside graph capture")
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             warnings.warn(f"step graph: CUDA graph capture of the training step failed, running it eagerly "
                           f"instead ({self.failed})", stacklevel=3)
