@@ -230,20 +230,19 @@ def main(argv: list[str] | None = None) -> None:
         student.to(device)
         before = embedding_agreement(embed(student, held, device), reference)
         converted = student
-        emb_params = sum(p.numel() for p in student.embeddings.word_embeddings.parameters())
+        # the row's fields of the conversion: how, then what came out
+        how = {"ratio": float(ratio), "method": args.method,
+               "allocation": args.allocation + (f", embedding rank {emb_rank}" if emb_rank and include else ""),
+               "token_weighting": bool(row_weights or (emb_rank and include and weights is not None)),
+               "activation_aware": bool(moments), "include": "*" if include else "encoder only"}
+        result = {"achieved_ratio": round(parts["totals"]["ratio"], 3), "params": parts["totals"]["params_compressed"],
+                  "embedding_params": sum(p.numel() for p in student.embeddings.word_embeddings.parameters()),
+                  "convert_seconds": round(convert_s, 2), "cosine_before": round(before["cosine"], 4),
+                  "nn_agreement_before": round(before["nn_agreement"], 2)}
         if args.no_distill:
-            rows.append({"ratio": float(ratio), "method": args.method,
-                         "allocation": args.allocation + (f", embedding rank {emb_rank}" if emb_rank and include else ""),
-                         "activation_aware": bool(moments), "include": "*" if include else "encoder only",
-                         "achieved_ratio": round(parts["totals"]["ratio"], 3),
-                         "params": parts["totals"]["params_compressed"], "embedding_params": emb_params,
-                         "convert_seconds": round(convert_s, 2), "cosine_before": round(before["cosine"], 4),
-                         "nn_agreement_before": round(before["nn_agreement"], 2), "device": machine(device)})
+            rows.append({**how, **result, "device": machine(device)})
             print(rows[-1], flush=True)
-            variants_here = []
-        else:
-            variants_here = variants
-        for batch, lr, hidden in variants_here:
+        for batch, lr, hidden in ([] if args.no_distill else variants):
             student = copy.deepcopy(converted)
             loss = EmbeddingDistillLoss(hidden=hidden)
             cfg = FinetuneConfig(steps=1, lr=lr, batch_size=16 if quick else batch, device=device, workers=2,
@@ -272,16 +271,10 @@ def main(argv: list[str] | None = None) -> None:
             cfg.steps = 4 if quick else (args.steps or max(1, math.floor(args.seconds / step_seconds[cfg.batch_size])))
             block = distill_embeddings(student, teacher, *loaders, cfg, progress=not quick)
             after = embedding_agreement(embed(student, held, device), reference)
-            row = {"ratio": float(ratio), "method": args.method,
-                   "allocation": args.allocation + (f", embedding rank {emb_rank}" if emb_rank and include else ""),
-                   "token_weighting": bool(row_weights or (emb_rank and include and weights is not None)),
-                   "activation_aware": bool(moments),
-                   "include": "*" if include else "encoder only", "batch": cfg.batch_size, "lr": cfg.resolved_lr,
-                   "hidden_weight": loss.hidden, "augment": args.augment,
+            row = {**how, "batch": cfg.batch_size, "lr": cfg.resolved_lr, "hidden_weight": loss.hidden,
+                   "augment": args.augment,
                    "length_group": 0 if args.no_group_by_length else length_group,  # 0: random batches
-                   "achieved_ratio": round(parts["totals"]["ratio"], 3), "params": parts["totals"]["params_compressed"],
-                   "embedding_params": emb_params, "convert_seconds": round(convert_s, 2), "cosine_before": round(before["cosine"], 4),
-                   "nn_agreement_before": round(before["nn_agreement"], 2), "cosine_after": round(after["cosine"], 4),
+                   **result, "cosine_after": round(after["cosine"], 4),
                    "nn_agreement_after": round(after["nn_agreement"], 2), "steps": block["steps"],
                    "seconds": block["seconds"], "device": machine(device),
                    "curve": [{k: c[k] for k in ("epoch", "train_loss", "val_loss")} for c in block["curve"]]}
