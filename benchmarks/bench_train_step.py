@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import statistics
 import sys
 import time
@@ -199,6 +200,7 @@ def main() -> None:
                     bank.detach()
                 dense = sttp = fns = None
                 if gpu:
+                    gc.collect()  # StepGraph's CUDA graphs sit in reference cycles
                     torch.cuda.empty_cache()
             for row in new:
                 rows.append(row)
