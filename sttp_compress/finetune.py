@@ -485,29 +485,61 @@ def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+class DistillStep(nn.Module):
+    """The teacher's forward, the student's and `cfg.loss_fn` in one call returning (loss, student output):
+    what StepGraph captures for a custom loss (text distillation), so that the teacher's forward and the
+    loss replay inside the step's CUDA graph instead of being launched op by op from the CPU.
+
+    The teacher is held outside the module tree (its parameters are no inputs of the graph, and
+    `train()` leaves it in eval mode). The loss runs without autocast, as in the eager step.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: "FinetuneConfig"):
+        super().__init__()
+        self.student, self.teachers, self.cfg = student, (teacher,), cfg
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        inputs = kwargs if kwargs else args[0]
+        with torch.no_grad():
+            t_raw = _run(self.teachers[0], inputs)
+        s_raw = _run(self.student, inputs)
+        with torch.autocast(_primary_output(s_raw).device.type, enabled=False):
+            loss = _loss(self.cfg, s_raw, t_raw, None)
+            if self.cfg.spectral_reg > 0:
+                loss = loss + self.cfg.spectral_reg * spectral_regularizer(self.student).to(loss.device)
+        return loss, _primary_output(s_raw).detach()
+
+
 def _train_step(
     student: nn.Module, teacher: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
     trainable: list[Tensor], cfg: FinetuneConfig, device: torch.device, use_amp: bool,
-    check_labels: bool = True, net: nn.Module | None = None,
+    check_labels: bool = True, net: nn.Module | None = None, pair: nn.Module | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One distillation step; returns the detached (loss, student output, class labels or None).
 
     `net` is what runs the student's forward pass (its DistributedDataParallel wrapper under
-    torchrun, which all-reduces the gradients in backward); by default the student itself.
+    torchrun, which all-reduces the gradients in backward); by default the student itself. `pair`,
+    when given, runs teacher, student and loss together instead (a DistillStep, usually in a StepGraph;
+    cfg.loss_fn must be set: the loss then takes no labels).
     """
     inputs, targets = _split_batch(batch, device)
-    with torch.no_grad(), _autocast(device, use_amp):
-        t_raw = _run(teacher, inputs)
-    with _autocast(device, use_amp):
-        s_raw = _run(net or student, inputs)
-    s_out = _primary_output(s_raw)
+    if pair is not None:
+        with _autocast(device, use_amp):
+            loss, s_out = _run(pair, inputs)
+    else:
+        with torch.no_grad(), _autocast(device, use_amp):
+            t_raw = _run(teacher, inputs)
+        with _autocast(device, use_amp):
+            s_raw = _run(net or student, inputs)
+        s_out = _primary_output(s_raw)
     labels = targets if _is_class_labels(s_out, targets) else None
     if labels is not None and check_labels:
         with distributed.agreed():  # a bad label on any rank stops every rank
             _check_label_range(_cpu_targets(batch), s_out.shape[1])
-    loss = _loss(cfg, s_raw, t_raw, labels)
-    if cfg.spectral_reg > 0:
-        loss = loss + cfg.spectral_reg * spectral_regularizer(student).to(loss.device)
+    if pair is None:
+        loss = _loss(cfg, s_raw, t_raw, labels)
+        if cfg.spectral_reg > 0:
+            loss = loss + cfg.spectral_reg * spectral_regularizer(student).to(loss.device)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip:
@@ -583,7 +615,8 @@ def finetune(
     training images (all processes) per second of training time after the first WARMUP_STEPS steps;
     `bn_recalibrate` > 0 first re-estimates the student's BatchNorm statistics on that many training
     batches (so "before" already includes it). "cuda_graph" says what ran as CUDA graphs: "step" (the
-    whole forward+backward, stepgraph.StepGraph), "build" (the weight bank's build), or None.
+    whole forward+backward, stepgraph.StepGraph; with a cfg.loss_fn also the teacher's forward and the loss,
+    DistillStep), "build" (the weight bank's build), or None.
 
     Inside a torchrun process group (distributed.setup) this is one rank of a DistributedDataParallel
     job: the loaders must yield this rank's shard (data.make_loaders / DeviceTensorLoader with
@@ -635,12 +668,16 @@ def finetune(
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     bar = _Progress(progress and distributed.is_main(), total_steps)
     net: nn.Module = student
+    pair: nn.Module | None = None  # teacher + student + loss in one graph (a custom loss takes no labels)
     if multi and total_steps > 0:
         if bank is not None:
             bank.prepare()  # capture the build's CUDA graph now, outside DistributedDataParallel's first forward
         net = _wrap_ddp(student, device)
     elif device.type == "cuda" and cfg.cuda_graph and cfg.step_graph:
-        net = StepGraph(student, bank=bank)  # the whole forward+backward as a graph (the build inside it)
+        if cfg.loss_fn is not None:
+            net = pair = StepGraph(DistillStep(student, teacher, cfg), bank=bank)
+        else:
+            net = StepGraph(student, bank=bank)  # the whole forward+backward as a graph (the build inside it)
 
     curve: list[dict[str, Any]] = []
     best_key: tuple[float, ...] | None = None
@@ -706,7 +743,7 @@ def finetune(
                 loss, s_out, labels = _train_step(
                     student, teacher, batch, optimizer, trainable, cfg, device, use_amp,
                     check_labels=step == 0,  # once: checking every batch would sync with the GPU
-                    net=net,
+                    net=net, pair=pair,
                 )
                 if scheduler is not None:
                     scheduler.step()
@@ -760,7 +797,7 @@ def finetune(
     stop_clock()
     graphs = ("step" if isinstance(net, StepGraph) and net.graphs
               else "build" if bank is not None and bank.cuda_graph and device.type == "cuda" else None)
-    del net  # the DistributedDataParallel wrapper (its hooks and buckets) or the step graphs are done
+    del net, pair  # the DistributedDataParallel wrapper (its hooks and buckets) or the step graphs are done
     if device.type == "cuda":
         gc.collect()  # CUDA graphs sit in reference cycles: free their memory now, not at some later collection
 

@@ -5,7 +5,8 @@ kernels (benchmarks/results/train_step_profile.md: ~16 ms of CPU against ~12.6 m
 ResNet-18 at ratio 10). `StepGraph` captures the model's forward (the weight bank's build included) and
 its backward with `torch.cuda.make_graphed_callables` the first time a training batch of a shape comes
 (`capture_at`), and replays them afterwards: a step then costs the CPU two graph launches, the loss, the
-gradient accumulation and the optimizer.
+gradient accumulation and the optimizer. `finetune` hands it a `finetune.DistillStep` when the loss is a
+custom one (text distillation), so that the teacher's forward and the loss are captured too.
 
     net = StepGraph(student, bank=bank)       # on one CUDA device; DDP is not graphed
     out = net(x)                              # training + grad: graphed; otherwise student(x)

@@ -329,6 +329,36 @@ def test_finetune_spectral_reg_shrinks_penalty(digits, teacher) -> None:
     assert spectral_regularizer(student).item() < start
 
 
+@pytest.mark.parametrize("spectral_reg", [0.0, 0.1])
+def test_distill_step_is_the_separate_step(digits, teacher, spectral_reg) -> None:
+    """Teacher, student and loss in one DistillStep call (what StepGraph captures for a custom loss) take
+    the same step as the teacher, student and loss run one after the other."""
+    from sttp_compress import compress_module
+    from sttp_compress.finetune import DistillStep, _train_step, build_optimizer
+
+    cfg = FinetuneConfig(device="cpu", lr=1e-2, spectral_reg=spectral_reg,
+                         loss_fn=lambda s, t: F.mse_loss(s, t) + (s.softmax(1) - t.softmax(1)).abs().mean())
+    a = _student()
+    compress_module(a[1], rank=4)
+    b = copy.deepcopy(a)
+    x, y = next(iter(_loaders(digits)[0]))
+    teacher.zero_grad(set_to_none=True)  # (its training left gradients)
+    results = []
+    for student, pair in ((a, None), (b, DistillStep(b, teacher, cfg))):
+        opt = build_optimizer(student, cfg)
+        trainable = [p for g in opt.param_groups for p in g["params"]]
+        results.append(_train_step(student, teacher, (x, y), opt, trainable, cfg, torch.device("cpu"), False,
+                                   pair=pair))
+    (loss_a, out_a, labels_a), (loss_b, out_b, labels_b) = results
+    torch.testing.assert_close(loss_b, loss_a)
+    torch.testing.assert_close(out_b, out_a)
+    assert torch.equal(labels_a, y) and torch.equal(labels_b, y)  # class labels still found (accuracy counts)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(vb, va, msg=k)
+    assert not teacher.training and all(p.grad is None for p in teacher.parameters())
+    assert list(DistillStep(b, teacher, cfg).parameters()) == list(b.parameters())  # the teacher is no input
+
+
 def test_finetune_progress_goes_to_stderr_only(digits, teacher, capsys) -> None:
     _run(_student(), teacher, digits, steps=3, progress=True, log_every=1)
     assert capsys.readouterr().out == ""
