@@ -7,7 +7,7 @@ compress_to_target, not activation-aware: speed does not depend on it) and runs 
 `text.distill_embeddings` (batch 1024, length-grouped batches in windows of 64, augmentation 0.5,
 layer-wise loss) for `--steps` steps with `step_graph` on (the whole step as CUDA graphs, one per padded
 batch shape, stepgraph.StepGraph) and off (only the weight bank's build as a CUDA graph), alternating for
-`--rounds` rounds. Writes each run's texts per second (first 10 steps left out; captures of later shapes
+`--rounds` rounds (`--step-graph-only`: on only, e.g. to compare two versions of the package). Writes each run's texts per second (first 10 steps left out; captures of later shapes
 included), wall seconds, final train loss, the report's cuda_graph and the peak GPU memory.
 """
 
@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--step-graph-only", action="store_true", help="leave out the runs without the step graph")
     args = ap.parse_args()
 
     from sttp_compress.data import LENGTH_GROUP, make_loaders
@@ -50,7 +51,7 @@ def main() -> None:
     train_ds.augment = TEXT_AUGMENT
     rows = []
     for r in range(args.rounds):
-        for step_graph in (True, False):
+        for step_graph in (True,) if args.step_graph_only else (True, False):
             loader = make_loaders(train_ds, None, args.batch_size, 0, r, "cuda", group_by_length=True,
                                   length_group=LENGTH_GROUP)[0]
             cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, device="cuda", workers=0, log_every=50,
