@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--cprofile", action="store_true", help="also a cProfile of the same steps (Python time)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--augment", type=float, default=0.5, help="text augmentation fraction (text.TEXT_AUGMENT)")
+    ap.add_argument("--grouped-only", action="store_true", help="time length-grouped batches only (the default)")
     args = ap.parse_args()
 
     from sttp_compress.convert import count_parameters
@@ -87,6 +88,8 @@ def main() -> None:
         return 1000 * (time.perf_counter() - t0) / len(batches)
 
     for grouped, loader in ({} if args.no_timing else loaders).items():
+        if args.grouped_only and not grouped:
+            continue
         name = "length-grouped" if grouped else "random"
         padded = [b["attention_mask"].shape[1] for _, b in zip(range(50), loader)]
         print(f"{name} batches of {args.batch_size}: mean padded length {sum(padded) / len(padded):.1f}",
@@ -101,8 +104,9 @@ def main() -> None:
         return
     from torch.profiler import ProfilerActivity, profile
 
+    # eager (no step graph): the profiler sees each kernel, whose times are those a graph replays
     cfg = FinetuneConfig(steps=30, batch_size=args.batch_size, device=device, workers=0, log_every=50,
-                         select_best=False, loss_fn=EmbeddingDistillLoss())
+                         select_best=False, loss_fn=EmbeddingDistillLoss(), step_graph=False)
     probe = copy.deepcopy(student)
     if args.cprofile:  # Python-level: which functions hold the (CPU-bound) step
         import cProfile
@@ -128,7 +132,9 @@ def main() -> None:
             for frame in e.stack[:8]:
                 print(f"      {frame}")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60))
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=50))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=50))
+    kernels = sum(e.self_device_time_total for e in prof.key_averages())  # every op's own kernels, once
+    print(f"CUDA kernel time: {kernels / 1e3 / cfg.steps:.2f} ms per step ({cfg.steps} steps, incl. first-batch costs)")
 
 
 if __name__ == "__main__":
