@@ -84,6 +84,21 @@ def ratio4_student(teacher, train_ds):
     return student
 
 
+def cpu_probe_setup(model_dir: str | None, augment: float = 0.5, heldout: int = 400):
+    """What the small CPU distillation probes share: (teacher in eval mode, training texts augmenting at
+    `augment`, a loader of the first `heldout` held-out texts, the teacher's embeddings of them, the
+    ratio4_student)."""
+    from sttp_compress.hf import load_encoder
+    from sttp_compress.text import embed, text_datasets
+
+    folder = _model_dir(model_dir)
+    teacher = load_encoder(folder).eval()
+    train_ds, _ = text_datasets(f"text:{_find('distill.txt')}", folder)
+    train_ds.augment = augment
+    held = _heldout_loader(Path(folder), _find("heldout.txt"), heldout, 100)
+    return teacher, train_ds, held, embed(teacher, held), ratio4_student(teacher, train_ds)
+
+
 def convert_only(args) -> None:
     """Time the whole-model conversion at ratio 4 (embedding included) on CPU, fresh model each run."""
     from sttp_compress.convert import compress_to_target

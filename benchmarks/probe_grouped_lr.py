@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_minilm import _find, _heldout_loader, _model_dir, ratio4_student  # noqa: E402
+from bench_minilm import cpu_probe_setup  # noqa: E402
 
 
 def main() -> None:
@@ -40,16 +40,9 @@ def main() -> None:
 
     from sttp_compress.data import make_loaders
     from sttp_compress.finetune import FinetuneConfig
-    from sttp_compress.hf import load_encoder
-    from sttp_compress.text import EmbeddingDistillLoss, distill_embeddings, embed, embedding_agreement, text_datasets
+    from sttp_compress.text import EmbeddingDistillLoss, distill_embeddings, embed, embedding_agreement
 
-    folder = _model_dir(args.model_dir)
-    teacher = load_encoder(folder).eval()
-    train_ds, _ = text_datasets(f"text:{_find('distill.txt')}", folder)
-    train_ds.augment = 0.5
-    held = _heldout_loader(Path(folder), _find("heldout.txt"), 400, 100)
-    ref = embed(teacher, held)
-    student = ratio4_student(teacher, train_ds)
+    teacher, train_ds, held, ref, student = cpu_probe_setup(args.model_dir)
     grouped = args.batching.startswith("group")
     loader = make_loaders(train_ds, None, args.batch_size, 0, 0, "cpu", group_by_length=grouped,
                           length_group=int(args.batching[5:] or 64) if grouped else 1)[0]
