@@ -35,7 +35,7 @@ from common import machine, markdown_table, merge_rows, print_table, today, writ
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".data" / "text"
-COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "lr", "hidden_weight", "augment", "length_group", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
+COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "lr", "hidden_weight", "seed", "augment", "length_group", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
            "nn_agreement_before", "cosine_after", "nn_agreement_after", "steps", "seconds", "device"]
 
 
@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
                          "column-scaled by their input scales on 8 batches of the distillation texts)")
     ap.add_argument("--hidden-weight", default=None,
                     help="layer-wise term weight (default text.HIDDEN_WEIGHT); a comma list runs one distillation per value")
+    ap.add_argument("--seed", default="0", help="fine-tune seed (batch order, augmentation); a comma list runs "
+                    "one distillation per seed, e.g. to measure the spread between runs")
     ap.add_argument("--augment", type=float, default=None,
                     help="fraction of each training batch's texts with tokens replaced (text.perturb_tokens; "
                          "default text.TEXT_AUGMENT as sttp-compress with text data, 0: off)")
@@ -220,9 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     total = count_parameters(teacher)
     rows = []
     step_seconds: dict[int, float] = {}  # per batch size
-    variants = [(int(b), None if lr is None else float(lr), HIDDEN_WEIGHT if h is None else float(h))
+    variants = [(int(b), None if lr is None else float(lr), HIDDEN_WEIGHT if h is None else float(h), int(seed))
                 for b in str(args.batch_size).split(",") for lr in _values(args.lr)
-                for h in _values(args.hidden_weight)]
+                for h in _values(args.hidden_weight) for seed in str(args.seed).split(",")]
     for ratio, include, emb_rank in configs:
         student = copy.deepcopy(teacher).cpu()
         if ratio == "max":  # the largest whole-model ratio with the embedding dense (every Linear at rank 1)
@@ -257,11 +259,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.no_distill:
             rows.append({**how, **result, "device": machine(device)})
             print(rows[-1], flush=True)
-        for batch, lr, hidden in ([] if args.no_distill else variants):
+        for batch, lr, hidden, seed in ([] if args.no_distill else variants):
             student = copy.deepcopy(converted)
             loss = EmbeddingDistillLoss(hidden=hidden)
             cfg = FinetuneConfig(steps=1, lr=lr, batch_size=16 if quick else batch, device=device, workers=2,
-                                 log_every=50, select_best=False, loss_fn=loss)
+                                 log_every=50, select_best=False, loss_fn=loss, seed=seed)
             # workers=0: tokenizing in this process; forked workers after CUDA init crashed on the H100
             # (CUDA initialization error in a worker during the second configuration)
             loaders = make_loaders(train_ds, val_ds, cfg.batch_size, 0, cfg.seed, device,
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
             cfg.steps = 4 if quick else (args.steps or max(1, math.floor(args.seconds / step_seconds[cfg.batch_size])))
             block = distill_embeddings(student, teacher, *loaders, cfg, progress=not quick)
             after = embedding_agreement(embed(student, held, device), reference)
-            row = {**how, "batch": cfg.batch_size, "lr": cfg.resolved_lr, "hidden_weight": loss.hidden,
+            row = {**how, "batch": cfg.batch_size, "lr": cfg.resolved_lr, "hidden_weight": loss.hidden, "seed": seed,
                    "augment": args.augment,
                    "length_group": 0 if args.no_group_by_length else length_group,  # 0: random batches
                    **result, "cosine_after": round(after["cosine"], 4),
