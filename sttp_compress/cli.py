@@ -51,7 +51,8 @@ def compress_cmd(
     include: List[str] = typer.Option([], help="Glob on module names; only matching layers are candidates (repeatable)."),
     exclude: List[str] = typer.Option([], help="Glob on module names to keep dense (repeatable)."),
     layer_rank: List[str] = typer.Option([], help="NAME=RANK: pin one layer's rank; with --ratio the other "
-                                         "layers share what is left (repeatable)."),
+                                         "layers share what is left (repeatable). An hf: encoder's token "
+                                         "embedding defaults to its width, within half the target's parameters."),
     seed: int = typer.Option(0, help="Random seed."),
     output: Optional[str] = typer.Option(None, help="Compressed checkpoint path (default: <MODEL stem>.sttp.pt beside MODEL)."),
     force: bool = typer.Option(False, help="Overwrite an existing output."),

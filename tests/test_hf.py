@@ -441,6 +441,39 @@ def test_text_data_needs_an_hf_arch(tiny, texts, tmp_path):
     assert not (tmp_path / "m.sttp.pt").exists()
 
 
+def test_token_embedding_rank_defaults_to_its_width_within_half_the_budget(tiny, tmp_path):
+    """With --ratio and no --layer-rank for it, the token embedding is pinned at rank = its width, lowered
+    until its parameters fit in half the target (the greedy allocation starves a flat-spectrum embedding)."""
+    from sttp_compress.layers import SpectralTT
+    from sttp_compress.pipeline import CompressJob, _layer_ranks
+
+    enc = load_encoder(tiny)
+    cands = candidate_layers(enc, ["*"])[0]
+    name, total = "embeddings.word_embeddings", count_parameters(enc)
+
+    def dof(r):
+        return SpectralTT("embedding", (222, 24), r).dof()
+
+    assert _layer_ranks(enc, CompressJob(ratio=2, include=["*"]), cands) == ({name: 24}, name)  # its width fits
+    ranks, pinned = _layer_ranks(enc, CompressJob(ratio=4, include=["*"]), cands)
+    r = ranks[name]
+    assert pinned == name and r < 24 and dof(r) <= total / 4 / 2 < dof(r + 1)  # the largest that fits in half
+    # left to the user's pins and to the allocation otherwise
+    assert _layer_ranks(enc, CompressJob(ratio=4, include=["*"], layer_ranks={name: 3}), cands) == ({name: 3}, None)
+    assert _layer_ranks(enc, CompressJob(rank=4, include=["*"]), cands) == ({}, None)
+    encoder_only = candidate_layers(enc, ["encoder.*"])[0]
+    assert _layer_ranks(enc, CompressJob(ratio=1.5, include=["encoder.*"]), encoder_only) == ({}, None)
+    # through the CLI: the report says which rule set the rank, and the whole-model ratio still holds
+    out = tmp_path / "default.sttp.pt"
+    rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--ratio", "4", "--include", "*",
+                     "--output", out, "--quiet")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "default.sttp.report" / "report.json").read_text())
+    emb = next(layer for layer in report["layers"] if layer["name"] == name)
+    assert emb["rank"] == r and "token embedding" in emb["rank_rule"] and report["totals"]["ratio"] >= 4
+    assert all("rank_rule" not in layer for layer in report["layers"] if layer["name"] != name)
+
+
 # --------------------------------------------------------------------------- all-MiniLM-L6-v2
 
 
@@ -506,3 +539,15 @@ def test_layer_rank_pins_one_layer_and_the_ratio_still_holds(tiny, texts, tmp_pa
                          "--layer-rank", bad, "--output", tmp_path / "bad.sttp.pt", "--quiet")
         assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "bad.sttp.pt").exists()
+
+
+def test_minilm_token_embedding_default_is_the_benchmark_rank(minilm):
+    """The default pin reproduces bench_minilm's rows (embedding rank 384 at whole-model ratios 2, 4 and 8)."""
+    from sttp_compress.pipeline import CompressJob, _layer_ranks
+
+    enc = load_encoder(minilm)
+    cands = candidate_layers(enc, ["*"])[0]
+    for ratio in (2, 4, 8):
+        ranks, pinned = _layer_ranks(enc, CompressJob(ratio=ratio, include=["*"]), cands)
+        assert ranks == {"embeddings.word_embeddings": 384} and pinned == "embeddings.word_embeddings"
+    assert _layer_ranks(enc, CompressJob(ratio=16, include=["*"]), cands)[0]["embeddings.word_embeddings"] < 384
