@@ -190,42 +190,39 @@ def _row_weights(model: nn.Module, job: CompressJob, data: tuple | None, candida
 TOKEN_EMBEDDING_SHARE = 0.5  # at most this share of the target's parameters for the default token-embedding rank
 
 
-def _layer_ranks(model: nn.Module, job: CompressJob, candidates: dict[str, nn.Module]) -> tuple[dict, str | None]:
+def _layer_ranks(model: nn.Module, job: CompressJob, candidates: dict[str, nn.Module],
+                 row_weights: dict) -> tuple[dict, str | None]:
     """(--layer-rank's pins plus the default one, the name pinned by default or None).
 
     With a whole-model --ratio and an hf encoder's token embedding among the layers to compress (and no
     --layer-rank for it), the embedding is pinned at rank = its width (only the vocabulary side of the TT
-    is compressed), lowered until its parameters are at most TOKEN_EMBEDDING_SHARE of the target's. The
-    allocation's error-per-parameter rule gives a token embedding, whose spectrum is flat, too little:
-    all-MiniLM-L6-v2 at ratio 4 got 0.25M parameters and cosine 0.283 after conversion, against 0.444 at
-    rank 384 (benchmarks/results/minilm_split.md), and distillation does not make up for it (README).
+    is compressed), lowered until its parameters are at most TOKEN_EMBEDDING_SHARE of the target's and the
+    other layers can still reach the ratio. The allocation's error-per-parameter rule gives a token
+    embedding, whose spectrum is flat, too little: all-MiniLM-L6-v2 at ratio 4 got 0.25M parameters and
+    cosine 0.283 after conversion, against 0.444 at rank 384 (benchmarks/results/minilm_split.md), and
+    distillation does not make up for it (README). Parameters are counted as the allocation counts them
+    (`allocate.layer_options`, row-scaled when `row_weights` weights the embedding).
     """
     ranks = dict(job.layer_ranks)
     name = getattr(model, "token_embedding_name", lambda: None)()
     if job.ratio is None or name not in candidates or name in ranks:
         return ranks, None
-    from .allocate import layer_options
+    from .allocate import budget_for_ratio, layer_options
     from .convert import count_parameters
-    from .layers import SpectralTT, weight_kind, weight_name
 
-    emb = candidates[name]
-    weight = getattr(emb, weight_name(emb))
-    target = count_parameters(model) / job.ratio
-    # what the other layers need at the least (rank 1, or their pinned rank), and what is never compressed
-    others = [layer_options(n, m, job.method, job.spectrum, with_errors=False) for n, m in candidates.items() if n != name]
-    least = (count_parameters(model) - sum(getattr(m, weight_name(m)).numel() for m in candidates.values())
-             + sum(o.dof(ranks[o.name]) if o.name in ranks else o.dofs[0] for o in others))
-    cap = min(TOKEN_EMBEDDING_SHARE * target, target - least)
-    row_scaled = job.token_weighting and is_text_spec(job.data)  # as _row_weights decides
-
-    def dof(r: int) -> int:
-        return SpectralTT(weight_kind(emb), tuple(weight.shape), r, job.method, job.spectrum, row_scaled).dof()
-
-    lo, hi = 0, weight.shape[1]  # the largest rank ≤ the width whose parameters fit under the cap
+    opts = {n: layer_options(n, m, job.method, job.spectrum, with_errors=False, row_weight=row_weights.get(n))
+            for n, m in candidates.items()}
+    emb = opts.pop(name)
+    total = count_parameters(model)
+    dense = total - emb.numel - sum(o.numel for o in opts.values())  # never compressed
+    # the other layers at their least: rank 1, or their pinned rank (dense when that saves nothing)
+    others = sum(min(o.numel, o.dof(ranks[n])) if n in ranks else o.dofs[0] for n, o in opts.items())
+    cap = min(TOKEN_EMBEDDING_SHARE * total / job.ratio, budget_for_ratio(total, dense, job.ratio) - others)
+    lo, hi = 0, emb.weight_shape[1]  # the largest rank ≤ the width whose parameters fit under the cap
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if dof(mid) <= cap else (lo, mid - 1)
-    if lo < 1 or dof(lo) >= weight.numel():
+        lo, hi = (mid, hi) if emb.dof(mid) <= cap else (lo, mid - 1)
+    if lo < 1 or emb.dof(lo) >= emb.numel:
         return ranks, None  # nothing sensible to pin: the allocation decides
     ranks[name] = lo
     return ranks, name
@@ -298,9 +295,10 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
     if on_layer_start:
         on_layer_start(len(candidates))
     t1 = time.perf_counter()
-    layer_ranks, pinned = _layer_ranks(model, job, candidates)
-    parts = _convert(model, job, device, on_layer, _row_weights(model, job, data, candidates),
-                     _input_moments(model, job, data, candidates), layer_ranks)
+    row_weights = _row_weights(model, job, data, candidates)
+    layer_ranks, pinned = _layer_ranks(model, job, candidates, row_weights)
+    parts = _convert(model, job, device, on_layer, row_weights, _input_moments(model, job, data, candidates),
+                     layer_ranks)
     for layer in parts["layers"]:
         if layer["name"] == pinned:
             layer["rank_rule"] = "token embedding: its width, at most half the target's parameters"

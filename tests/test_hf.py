@@ -454,15 +454,15 @@ def test_token_embedding_rank_defaults_to_its_width_within_half_the_budget(tiny,
     def dof(r):
         return SpectralTT("embedding", (222, 24), r).dof()
 
-    assert _layer_ranks(enc, CompressJob(ratio=2, include=["*"]), cands) == ({name: 24}, name)  # its width fits
-    ranks, pinned = _layer_ranks(enc, CompressJob(ratio=4, include=["*"]), cands)
+    assert _layer_ranks(enc, CompressJob(ratio=2, include=["*"]), cands, {}) == ({name: 24}, name)  # its width fits
+    ranks, pinned = _layer_ranks(enc, CompressJob(ratio=4, include=["*"]), cands, {})
     r = ranks[name]
     assert pinned == name and r < 24 and dof(r) <= total / 4 / 2 < dof(r + 1)  # the largest that fits in half
     # left to the user's pins and to the allocation otherwise
-    assert _layer_ranks(enc, CompressJob(ratio=4, include=["*"], layer_ranks={name: 3}), cands) == ({name: 3}, None)
-    assert _layer_ranks(enc, CompressJob(rank=4, include=["*"]), cands) == ({}, None)
+    assert _layer_ranks(enc, CompressJob(ratio=4, include=["*"], layer_ranks={name: 3}), cands, {}) == ({name: 3}, None)
+    assert _layer_ranks(enc, CompressJob(rank=4, include=["*"]), cands, {}) == ({}, None)
     encoder_only = candidate_layers(enc, ["encoder.*"])[0]
-    assert _layer_ranks(enc, CompressJob(ratio=1.5, include=["encoder.*"]), encoder_only) == ({}, None)
+    assert _layer_ranks(enc, CompressJob(ratio=1.5, include=["encoder.*"]), encoder_only, {}) == ({}, None)
     # through the CLI: the report says which rule set the rank, and the whole-model ratio still holds
     out = tmp_path / "default.sttp.pt"
     rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--ratio", "4", "--include", "*",
@@ -548,6 +548,6 @@ def test_minilm_token_embedding_default_is_the_benchmark_rank(minilm):
     enc = load_encoder(minilm)
     cands = candidate_layers(enc, ["*"])[0]
     for ratio in (2, 4, 8):
-        ranks, pinned = _layer_ranks(enc, CompressJob(ratio=ratio, include=["*"]), cands)
+        ranks, pinned = _layer_ranks(enc, CompressJob(ratio=ratio, include=["*"]), cands, {})
         assert ranks == {"embeddings.word_embeddings": 384} and pinned == "embeddings.word_embeddings"
-    assert _layer_ranks(enc, CompressJob(ratio=16, include=["*"]), cands)[0]["embeddings.word_embeddings"] < 384
+    assert _layer_ranks(enc, CompressJob(ratio=16, include=["*"]), cands, {})[0]["embeddings.word_embeddings"] < 384
