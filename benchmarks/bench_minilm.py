@@ -117,6 +117,8 @@ def convert_only(args) -> None:
                      "device": machine("cpu")})
         print(rows[-1], flush=True)
     cols = ["ratio", "include", "achieved_ratio", "threads", "run", "convert_seconds", "device"]
+    if args.no_write:
+        return
     write_results("minilm_convert", merge_rows("minilm_convert", rows) if args.merge else rows,
                   {"date": today(), "machine": machine("cpu"), "note": "shared machine: timings are noisy"},
                   f"# MiniLM conversion time (CPU, {today()})\n\n" + markdown_table(rows, cols))
