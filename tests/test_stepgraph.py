@@ -121,6 +121,22 @@ def test_graphed_steps_equal_eager_steps(amp):
 
 
 @cuda
+def test_interleaved_shapes_equal_eager_steps():
+    """Graphs of three shapes replayed in an order unlike their capture's (length-grouped text batches come
+    so) end where the eager steps end."""
+    a, b, net = pair()
+    torch.manual_seed(2)
+    batches = [torch.randn(n, 3, 8, 8, device="cuda") for n in (16, 48, 16, 32, 48, 32, 16, 48)]
+    losses_a, out_a = run_steps(a, [p for p in a.parameters() if p.requires_grad], batches)
+    losses_b, out_b = run_steps(net, [p for p in b.parameters() if p.requires_grad], batches)
+    assert len(net.graphs) == 3 and net.failed is None
+    torch.testing.assert_close(torch.tensor(losses_b), torch.tensor(losses_a), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out_b, out_a, rtol=1e-4, atol=1e-5)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(vb.float(), va.float(), rtol=1e-4, atol=1e-5, msg=k)
+
+
+@cuda
 def test_new_shapes_eval_and_no_grad_run_eagerly():
     a, b, net = pair(bank_graph=True, max_graphs=2, capture_at=1)
     x = torch.randn(16, 3, 8, 8, device="cuda")
