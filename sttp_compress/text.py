@@ -27,7 +27,7 @@ from .errors import UserError
 
 __all__ = ["TEXT_PREFIX", "is_text_spec", "text_path", "read_texts", "TokenizedTexts", "tokenize_texts",
            "text_datasets", "embedding_distillation_loss", "embed", "nearest_neighbours", "embedding_agreement",
-           "COSINE_WEIGHT", "MSE_WEIGHT", "perturb_tokens"]
+           "similarity_spearman", "COSINE_WEIGHT", "MSE_WEIGHT", "perturb_tokens"]
 
 TEXT_PREFIX = "text:"
 VAL_FRACTION = 0.1  # of the texts held out for validation during distillation ...
@@ -305,9 +305,43 @@ def nearest_neighbours(emb: Tensor, chunk: int = 2048) -> Tensor:
     return out
 
 
+MAX_PAIRS = 5_000_000  # similarity_spearman: all pairs of up to 3,162 texts, else of a seeded sample of them
+
+
+def _average_ranks(x: Tensor) -> Tensor:
+    """1-based ranks of a 1-D tensor's values, ties sharing their mean rank (as Spearman's ρ needs)."""
+    order = x.argsort()
+    _, group, counts = torch.unique_consecutive(x[order], return_inverse=True, return_counts=True)
+    mean_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2
+    ranks = torch.empty(len(x), dtype=torch.float64)
+    ranks[order] = mean_rank[group]
+    return ranks
+
+
+@torch.no_grad()
+def similarity_spearman(emb: Tensor, ref: Tensor, max_pairs: int = MAX_PAIRS, seed: int = 0) -> float | None:
+    """Spearman's ρ between the two models' cosine similarities over every pair of texts: how well the
+    order of similarities, which semantic-similarity benchmarks score, is kept. With more than `max_pairs`
+    pairs, over every pair of a seeded random subset of the texts instead. None with fewer than 3 texts or
+    when either model's similarities are all equal."""
+    n = len(emb)
+    if n < 3:
+        return None
+    keep = torch.arange(n)
+    m = max(3, (1 + math.isqrt(1 + 8 * max_pairs)) // 2)  # the most texts with at most max_pairs pairs
+    if n > m:
+        keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:m]
+    e, r = (F.normalize(x[keep].double(), dim=-1) for x in (emb, ref))
+    i, j = torch.triu_indices(len(keep), len(keep), offset=1)
+    ranks = [_average_ranks((a @ a.T)[i, j]) for a in (e, r)]  # an m×m matrix: 80 MB at the default
+    ranks = [v - v.mean() for v in ranks]
+    norm = float(ranks[0].norm() * ranks[1].norm())
+    return float(ranks[0] @ ranks[1]) / norm if norm > 0 else None
+
+
 def embedding_agreement(emb: Tensor, ref: Tensor) -> dict[str, float | None]:
-    """Mean cosine similarity to the reference embeddings, top-1 nearest-neighbour agreement (%) and
-    the relative error ‖emb − ref‖ / ‖ref‖ over all texts."""
+    """Mean cosine similarity to the reference embeddings, top-1 nearest-neighbour agreement (%), Spearman's
+    ρ between the two models' pairwise similarities and the relative error ‖emb − ref‖ / ‖ref‖ over all texts."""
     if emb.shape != ref.shape:
         raise UserError(f"the compressed model's embeddings {list(emb.shape)} differ in shape from the "
                         f"reference's {list(ref.shape)}")
@@ -317,7 +351,8 @@ def embedding_agreement(emb: Tensor, ref: Tensor) -> dict[str, float | None]:
     if len(e) >= 2:
         agree = 100.0 * float((nearest_neighbours(e) == nearest_neighbours(r)).double().mean())
     rel = float((e - r).norm() / r.norm().clamp_min(1e-30))
-    return {"cosine": cosine, "nn_agreement": agree, "rel_output_error": rel}
+    return {"cosine": cosine, "nn_agreement": agree, "similarity_spearman": similarity_spearman(e, r),
+            "rel_output_error": rel}
 
 
 # --------------------------------------------------------------------------- distillation and evaluation
@@ -362,7 +397,8 @@ def distill_embeddings(student: nn.Module, teacher: nn.Module, train_loader: Ite
 def evaluate_texts(model: nn.Module, reference: nn.Module | None, spec: str, folder: str | os.PathLike,
                    device: torch.device, batch_size: int, max_batches: int | None = None
                    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """sttp-eval on text:FILE: ({"samples", "cosine", "nn_agreement", "rel_output_error"}, first batch).
+    """sttp-eval on text:FILE: ({"samples", "cosine", "nn_agreement", "similarity_spearman", "rel_output_error"},
+    first batch).
 
     The texts are tokenized with `folder`'s tokenizer; without a reference only "samples" is measured.
     """
@@ -376,7 +412,8 @@ def evaluate_texts(model: nn.Module, reference: nn.Module | None, spec: str, fol
     loader = DataLoader(data.subset(order), batch_size=batch_size, shuffle=False, collate_fn=data.collate_fn)
     unsort = torch.tensor(order).argsort()
     emb = embed(model, loader, device)[unsort]  # in file order again
-    result: dict[str, Any] = {"samples": len(emb), "cosine": None, "nn_agreement": None, "rel_output_error": None}
+    result: dict[str, Any] = {"samples": len(emb), "cosine": None, "nn_agreement": None, "similarity_spearman": None,
+                              "rel_output_error": None}
     if reference is not None:
         result.update(embedding_agreement(emb, embed(reference, loader, device)[unsort]))
     return result, first

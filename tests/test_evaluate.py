@@ -267,6 +267,15 @@ def test_gates_with_unknown_values(files):
     assert "ratio unknown" in line and "--min-ratio 2" in line
     [line] = check_gates(result, _opts(min_accuracy=50))
     assert "accuracy unknown" in line and "labelled data" in line
+    [line] = check_gates(result, _opts(min_cosine=0.9))  # image or tensor data: no embeddings to compare
+    assert "cosine unknown" in line and "--data text:FILE and --reference hf:DIR" in line
+
+
+def test_min_cosine_gate(result):
+    text = {**result, "cosine": 0.93125}
+    assert check_gates(text, _opts(min_cosine=0.93)) == [] and check_gates(text, _opts(min_cosine=-1)) == []
+    [line] = check_gates(text, _opts(min_cosine=0.95))
+    assert line == "mean cosine similarity to the reference 0.9313 < --min-cosine 0.95"
 
 
 def test_baseline_drop_gate(result, tmp_path):
@@ -288,6 +297,8 @@ def test_baseline_drop_gate(result, tmp_path):
     ({"max_params": 0}, "--max-params"),
     ({"min_ratio": -1.0}, "--min-ratio"),
     ({"min_accuracy": 120.0}, "--min-accuracy"),
+    ({"min_cosine": 1.5}, "--min-cosine is a cosine similarity between -1 and 1"),
+    ({"min_cosine": float("nan")}, "--min-cosine"),
     ({"max_drop": 1.0}, "--max-drop needs --baseline"),
     ({"baseline": "x.json"}, "--baseline needs --max-drop"),
     ({"baseline": "missing.json", "max_drop": 1.0}, "baseline file not found"),

@@ -30,7 +30,8 @@ transformers = pytest.importorskip("transformers", reason="needs the optional tr
 from sttp_compress.checkpoint import load_compressed, save_compressed  # noqa: E402
 from sttp_compress.hf import load_encoder, read_layout  # noqa: E402
 from sttp_compress.text import (TokenizedTexts, EmbeddingDistillLoss, embedding_agreement, embedding_distillation_loss,  # noqa: E402
-                                hidden_state_loss, nearest_neighbours, perturb_tokens, read_texts, token_weights, tokenize_texts)
+                                hidden_state_loss, nearest_neighbours, perturb_tokens, read_texts, similarity_spearman,
+                                token_weights, tokenize_texts)
 
 WORDS = ("the a an of and to in is was it that on for with as by at from this be are or his her they "
          "man woman dog cat car house plays runs eats reads guitar ball food book music city park red blue "
@@ -281,6 +282,7 @@ def test_text_evaluation_in_length_order_matches_file_order(tiny, tmp_path):
         assert result["samples"] == n
         assert result["cosine"] == pytest.approx(expected["cosine"], abs=1e-6)
         assert result["nn_agreement"] == pytest.approx(expected["nn_agreement"])
+        assert result["similarity_spearman"] == pytest.approx(expected["similarity_spearman"], abs=1e-6)
         assert result["rel_output_error"] == pytest.approx(expected["rel_output_error"], rel=1e-5)
         assert torch.equal(first["input_ids"], _batch(tiny, lines[:8])["input_ids"])  # latency: the file's first batch
 
@@ -325,6 +327,34 @@ def test_losses_and_agreement():
     same = embedding_agreement(t, t)
     assert same["cosine"] == pytest.approx(1.0) and same["nn_agreement"] == 100.0 and same["rel_output_error"] == 0
     assert embedding_agreement(t, -t)["cosine"] == pytest.approx(-1.0)
+
+
+def test_similarity_spearman_against_hand_and_reference_values():
+    from sttp_compress.text import _average_ranks
+
+    assert _average_ranks(torch.tensor([3.0, 1, 2, 2, 5, 1])).tolist() == [5, 1.5, 3.5, 3.5, 6, 1.5]  # ties share
+    # three texts, three pairs: the reference orders the pairs' similarities (0,2) < (1,2) < (0,1), the
+    # embedding (0,2) < (0,1) < (1,2): rank differences (1, 0, -1), rho = 1 - 6*2 / (3*8) = 0.5
+    deg = torch.tensor([[0.0, 10, 90], [0.0, 90, 100]]).deg2rad()
+    ref, emb = (torch.stack([a.cos(), a.sin()], dim=-1) for a in deg)
+    assert similarity_spearman(emb, ref) == pytest.approx(0.5)
+    assert similarity_spearman(ref, ref) == pytest.approx(1.0)
+    torch.manual_seed(0)
+    t = torch.randn(50, 8)
+    q, _ = torch.linalg.qr(torch.randn(8, 8))
+    assert similarity_spearman(3 * t @ q, t) == pytest.approx(1.0)  # rotation and scale keep every cosine
+    assert similarity_spearman(t[:2], t[:2]) is None  # one pair: no order
+    assert similarity_spearman(torch.ones(5, 3), t[:5, :3]) is None  # all similarities equal
+    s = t + 0.5 * torch.randn(50, 8)
+    keep = torch.randperm(50, generator=torch.Generator().manual_seed(0))[:5]  # 10 pairs: 5 texts
+    assert similarity_spearman(s, t, max_pairs=10) == pytest.approx(similarity_spearman(s[keep], t[keep]))
+    assert similarity_spearman(s, t, max_pairs=10) != pytest.approx(similarity_spearman(s, t))
+    assert embedding_agreement(s, t)["similarity_spearman"] == pytest.approx(similarity_spearman(s, t))
+    stats = pytest.importorskip("scipy.stats")
+    e, r = (torch.nn.functional.normalize(x.double(), dim=-1) for x in (s, t))
+    i, j = torch.triu_indices(50, 50, offset=1)
+    expected = stats.spearmanr((e @ e.T)[i, j].numpy(), (r @ r.T)[i, j].numpy()).statistic
+    assert similarity_spearman(s, t) == pytest.approx(expected, abs=1e-12)
 
 
 # --------------------------------------------------------------------------- CLI end to end
@@ -394,8 +424,19 @@ def test_cli_distils_on_text_and_sttp_eval_compares_with_the_folder(tiny, texts,
         expected = embedding_agreement(enc(**b), ref(**b))
     assert result["cosine"] == pytest.approx(expected["cosine"], abs=1e-5)
     assert result["nn_agreement"] == pytest.approx(expected["nn_agreement"])
+    # each text is there 4 times: its copies' similarity 1 ties, and batching noise orders the ties
+    assert result["similarity_spearman"] == pytest.approx(expected["similarity_spearman"], abs=1e-3)
     assert result["params_original"] == count_parameters(ref) and result["ratio"] > 1
-    assert "Mean cosine similarity" in stdout
+    assert "Mean cosine similarity" in stdout and "Pair-similarity rank correlation" in stdout
+    # the quality gate of a text model: one line on stderr, exit 1, the JSON written all the same
+    js.unlink()
+    rc, _, err = cli(eval_app, "sttp-eval", out, "--reference", f"hf:{tiny}", "--data", f"text:{texts}",
+                     "--json", js, "--batch-size", "16", "--min-cosine", "1", "--quiet")
+    assert rc == 1 and js.is_file()
+    assert f"gate failed: mean cosine similarity to the reference {result['cosine']:.4f} < --min-cosine 1" in err
+    rc, _, err = cli(eval_app, "sttp-eval", out, "--reference", f"hf:{tiny}", "--data", f"text:{texts}",
+                     "--batch-size", "16", "--min-cosine", "-0.5", "--quiet")
+    assert rc == 0, err
 
 
 def test_cli_can_batch_texts_at_random(tiny, texts, tmp_path, monkeypatch):
