@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import math
 import sys
 import time
@@ -37,7 +38,7 @@ from common import machine, markdown_table, merge_rows, print_table, today, writ
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".data" / "text"
 COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "lr", "hidden_weight", "seed", "augment", "length_group", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
-           "nn_agreement_before", "cosine_after", "nn_agreement_after", "spearman_after", "steps", "seconds", "device"]
+           "nn_agreement_before", "cosine_after", "nn_agreement_after", "spearman_after", "steps", "seconds", "peak_gpu_gib", "device"]
 
 
 def _model_dir(given: str | None) -> Path:
@@ -286,10 +287,18 @@ def main(argv: list[str] | None = None) -> None:
                 (n1, t1_), (n2, t2_) = sorted(times.items())
                 step_seconds[cfg.batch_size] = max(1e-4, (t2_ - t1_) / (n2 - n1))
                 del probe
-                print(f"probe: {1000 * step_seconds[cfg.batch_size]:.1f} ms per step at batch {cfg.batch_size}",
+                memory = ""
+                if device.startswith("cuda"):  # what the probe's runs leave behind (a batch-2048 run once ran
+                    gc.collect()               # out of memory after its probe with 97 GiB in graph pools)
+                    memory = (f"; GPU memory after the probe: {torch.cuda.memory_allocated() / 2**30:.2f} GiB "
+                              f"allocated, {torch.cuda.memory_reserved() / 2**30:.2f} GiB reserved")
+                print(f"probe: {1000 * step_seconds[cfg.batch_size]:.1f} ms per step at batch {cfg.batch_size}{memory}",
                       flush=True)
             cfg.steps = 4 if quick else (args.steps or max(1, math.floor(args.seconds / step_seconds[cfg.batch_size])))
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
             block = distill_embeddings(student, teacher, *loaders, cfg, progress=not quick)
+            peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.startswith("cuda") else None
             after = embedding_agreement(embed(student, held, device), reference)
             row = {**how, "batch": cfg.batch_size, "lr": cfg.resolved_lr, "hidden_weight": loss.hidden, "seed": seed,
                    "augment": args.augment,
@@ -297,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
                    **result, "cosine_after": round(after["cosine"], 4),
                    "nn_agreement_after": round(after["nn_agreement"], 2),
                    "spearman_after": round(after["similarity_spearman"], 4), "steps": block["steps"],
-                   "seconds": block["seconds"], "device": machine(device),
+                   "seconds": block["seconds"], "peak_gpu_gib": peak, "device": machine(device),
                    "curve": [{k: c[k] for k in ("epoch", "train_loss", "val_loss")} for c in block["curve"]]}
             rows.append(row)
             print(row, flush=True)
