@@ -362,8 +362,8 @@ def distill_embeddings(student: nn.Module, teacher: nn.Module, train_loader: Ite
                        cfg: Any, progress: bool = True) -> dict[str, Any]:
     """`finetune` with the text loss (default EmbeddingDistillLoss: sentence embeddings and, through
     HiddenStates views, every layer's token states) and the student's dropout off; the block also gets
-    the validation texts' mean cosine similarity to the teacher and top-1 nearest-neighbour agreement
-    (%), before and after."""
+    the validation texts' mean cosine similarity to the teacher, top-1 nearest-neighbour agreement (%)
+    and pair-similarity rank correlation (`similarity_spearman`), before and after."""
     from dataclasses import replace
 
     from .finetune import finetune, resolve_device
@@ -390,7 +390,9 @@ def distill_embeddings(student: nn.Module, teacher: nn.Module, train_loader: Ite
         after = embedding_agreement(embed(student, val_loader, device), ref)
         block.update({"val_cosine_before": before["cosine"], "val_cosine_after": after["cosine"],
                       "val_nn_agreement_before": before["nn_agreement"],
-                      "val_nn_agreement_after": after["nn_agreement"]})
+                      "val_nn_agreement_after": after["nn_agreement"],
+                      "val_similarity_spearman_before": before["similarity_spearman"],
+                      "val_similarity_spearman_after": after["similarity_spearman"]})
     return block
 
 

@@ -402,6 +402,8 @@ def test_cli_distils_on_text_and_sttp_eval_compares_with_the_folder(tiny, texts,
     assert all(point["val_loss"] > 0 for point in ft["curve"])  # the validation distillation loss
     assert -1 <= ft["val_cosine_before"] <= 1 and -1 <= ft["val_cosine_after"] <= 1
     assert 0 <= ft["val_nn_agreement_after"] <= 100
+    assert -1 <= ft["val_similarity_spearman_before"] <= 1 and -1 <= ft["val_similarity_spearman_after"] <= 1
+    assert "Val. pair-similarity rank correlation" in (tmp_path / "tiny.sttp.report" / "report.md").read_text()
     emb = next(layer for layer in report["layers"] if layer["name"] == "embeddings.word_embeddings")
     assert emb["row_scaled"] and 0 <= emb["weighted_rel_error"] <= 1  # fitted to the texts' token counts
     assert report["model"]["arch"] == f"hf:{tiny}"
