@@ -234,8 +234,9 @@ def _finetune_lines(block: Mapping[str, Any]) -> list[str]:
                 ("Val. nearest-neighbour agreement, before → after",
                  f"{_percent(block.get('val_nn_agreement_before'))} → {_percent(block.get('val_nn_agreement_after'))}")]
         if isinstance(block.get("val_similarity_spearman_after"), (int, float)):
+            rho = block.get("val_similarity_spearman_before")
             rows.append(("Val. pair-similarity rank correlation, before → after",
-                         f"{block.get('val_similarity_spearman_before') or 0:.4f} → "
+                         f"{_DASH if rho is None else f'{rho:.4f}'} → "
                          f"{block['val_similarity_spearman_after']:.4f}"))
     rows += [
         ("Epochs", str(epochs)),
