@@ -1,7 +1,8 @@
 """`sttp-compress` and `sttp-eval`: a thin typer layer over `pipeline` and `evaluate`.
 
-Bad input ends in one line on stderr and exit code 2 (a traceback only with --debug); a failed
-sttp-eval gate ends in one line per gate and exit code 1.
+Bad input ends in one line on stderr and exit code 2 (a traceback only with --debug), and so does
+running out of GPU memory (with what to change); a failed sttp-eval gate ends in one line per gate and
+exit code 1.
 """
 
 from __future__ import annotations
@@ -261,6 +262,23 @@ def eval_cmd(
 # entry points
 
 
+def _is_cuda_oom(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.cuda.OutOfMemoryError)
+
+
+def _oom_line(e: BaseException, prog: str) -> str:
+    """One line for a CUDA out-of-memory error: PyTorch's first sentences (what was asked, what was free)
+    and what to change."""
+    what = str(e).split(". Including")[0].split(". Of the allocated")[0].strip().rstrip(".")
+    advice = "pass a smaller --batch-size"
+    if prog.startswith("sttp-compress"):
+        advice += (", or --no-cuda-graphs (on one GPU each padded batch shape of a text distillation keeps "
+                   "its own CUDA graph memory)")
+    return f"out of GPU memory ({' '.join(what.split())[:200]}); {advice}"
+
+
 def _main(app: typer.Typer, prog: str, argv: list[str] | None = None) -> int:
     """Run a typer app; user errors become one stderr line and exit code 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -291,6 +309,11 @@ def _main(app: typer.Typer, prog: str, argv: list[str] | None = None) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug, not bad input: still one line unless --debug
+        if _is_cuda_oom(e):  # a limit the options can move, not a bug
+            if debug:
+                traceback.print_exc()
+            print(f"{prog}: error: {_oom_line(e, prog)}", file=sys.stderr)
+            return 2
         if debug:
             traceback.print_exc()
         else:

@@ -775,6 +775,31 @@ def test_cuda_graphs_flag_reaches_the_finetune_config(tiny, monkeypatch, flag, e
     assert [cfg.cuda_graph for cfg in seen] == [expected]
 
 
+def test_out_of_gpu_memory_is_one_line_and_writes_nothing(tiny, monkeypatch):
+    import sttp_compress.finetune as ft
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 480.00 MiB. GPU 0 has a total capacity of 139.80 GiB of which "
+            "349.12 MiB is free. Including non-PyTorch memory, this process has 139.45 GiB memory in use. Of the "
+            "allocated memory 132.32 GiB is allocated by PyTorch, with 96.69 GiB allocated in private pools")
+
+    monkeypatch.setattr(ft, "finetune", oom)
+    data = tiny.dir / "data.pt"
+    torch.save({"inputs": torch.randn(16, *INPUT_SHAPE), "targets": torch.randint(0, 10, (16,))}, data)
+    out = tiny.dir / "oom.sttp.pt"
+    res = cli(tiny.model, "--arch", tiny.arch, "--rank", "4", "--data", f"tensors:{data}", "--steps", "1",
+              "--workers", "0", "--batch-size", "8", "--output", out, "-q")
+    line = _one_error_line(res, "out of GPU memory (CUDA out of memory. Tried to allocate 480.00 MiB",
+                           "349.12 MiB is free)", "smaller --batch-size", "--no-cuda-graphs")
+    assert "Including" not in line and "internal error" not in line
+    assert not out.exists() and not (tiny.dir / "oom.sttp.report").exists()
+    from sttp_compress.cli import _oom_line
+
+    assert _oom_line(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB."), "sttp-eval") == (
+        "out of GPU memory (CUDA out of memory. Tried to allocate 2 GiB); pass a smaller --batch-size")
+
+
 def test_epochs_without_data_is_an_error(tiny):
     res = cli(tiny.model, "--arch", tiny.arch, "--rank", "4", "--steps", "5")
     _one_error_line(res, "--data")
