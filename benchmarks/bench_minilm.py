@@ -42,7 +42,7 @@ from common import machine, markdown_table, merge_rows, print_table, today, writ
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".data" / "text"
 COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "lr", "hidden_weight", "seed", "augment", "length_group", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
-           "nn_agreement_before", "cosine_after", "nn_agreement_after", "spearman_after", "steps", "seconds", "peak_gpu_gib", "device"]
+           "nn_agreement_before", "cosine_after", "nn_agreement_after", "spearman_after", "steps", "seconds", "peak_gpu_gib", "peak_reserved_gib", "device"]
 
 
 def _model_dir(given: str | None) -> Path:
@@ -302,10 +302,14 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"probe: {1000 * step_seconds[cfg.batch_size]:.1f} ms per step at batch {cfg.batch_size}{memory}",
                       flush=True)
             cfg.steps = 4 if quick else (args.steps or max(1, math.floor(args.seconds / step_seconds[cfg.batch_size])))
+            peak = reserved = None
             if device.startswith("cuda"):
+                torch.cuda.empty_cache()  # so that the reserved peak is this run's
                 torch.cuda.reset_peak_memory_stats()
             block = distill_embeddings(student, teacher, *loaders, cfg, progress=not quick)
-            peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.startswith("cuda") else None
+            if device.startswith("cuda"):  # reserved: the CUDA graphs' pools count in full there
+                peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                reserved = round(torch.cuda.max_memory_reserved() / 2**30, 2)
             after = embedding_agreement(embed(student, held, device), reference)
             if args.save_dir:  # to study the model elsewhere (sttp-eval on other texts) without the GPU
                 from sttp_compress.checkpoint import save_compressed
@@ -321,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
                    **result, "cosine_after": round(after["cosine"], 4),
                    "nn_agreement_after": round(after["nn_agreement"], 2),
                    "spearman_after": round(after["similarity_spearman"], 4), "steps": block["steps"],
-                   "seconds": block["seconds"], "peak_gpu_gib": peak, "device": machine(device),
+                   "seconds": block["seconds"], "peak_gpu_gib": peak, "peak_reserved_gib": reserved,
+                   "device": machine(device),
                    "curve": [{k: c[k] for k in ("epoch", "train_loss", "val_loss")} for c in block["curve"]]}
             rows.append(row)
             print(row, flush=True)

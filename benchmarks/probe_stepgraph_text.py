@@ -8,7 +8,8 @@ compress_to_target, not activation-aware: speed does not depend on it) and runs 
 layer-wise loss) for `--steps` steps with `step_graph` on (the whole step as CUDA graphs, one per padded
 batch shape, stepgraph.StepGraph) and off (only the weight bank's build as a CUDA graph), alternating for
 `--rounds` rounds (`--step-graph-only`: on only, e.g. to compare two versions of the package). Writes each run's texts per second (first 10 steps left out; captures of later shapes
-included), wall seconds, final train loss, the report's cuda_graph and the peak GPU memory.
+included), wall seconds, final train loss, the report's cuda_graph and the peak GPU memory (allocated, and
+reserved: the CUDA graphs' pools count in full there).
 """
 
 from __future__ import annotations
@@ -56,13 +57,15 @@ def main() -> None:
                                   length_group=LENGTH_GROUP)[0]
             cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, device="cuda", workers=0, log_every=50,
                                  select_best=False, loss_fn=EmbeddingDistillLoss(), step_graph=step_graph)
+            torch.cuda.empty_cache()  # so that the reserved peak is this run's
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             block = distill_embeddings(copy.deepcopy(student), teacher, loader, None, cfg, progress=False)
             row = {"round": r, "step_graph": step_graph, "cuda_graph": block["cuda_graph"],
                    "texts_per_s": block["images_per_s"], "seconds": round(time.perf_counter() - t0, 2),
                    "train_loss_last": round(block["curve"][-1]["train_loss"], 4),
-                   "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+                   "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                   "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
             rows.append(row)
             print(row, flush=True)
     result = {"date": today(), "device": machine("cuda"), "torch": torch.__version__, "steps": args.steps,
