@@ -204,7 +204,7 @@ def _finish(report: dict, extras: dict, quiet: bool, json_out: bool) -> None:
 def eval_cmd(
     compressed: str = typer.Argument(..., help="A checkpoint written by sttp-compress."),
     arch: Optional[str] = typer.Option(None, help="Override the architecture recorded in the file."),
-    data: Optional[str] = typer.Option(None, help="ImageFolder root (class subfolders), tensors:FILE.pt, or text:FILE (hf:DIR models)."),
+    data: Optional[str] = typer.Option(None, help="ImageFolder root (class subfolders), tensors:FILE.pt, text:FILE (one text per line) or pairs:FILE (tab-separated sentence1, sentence2, score; hf:DIR models)."),
     image_size: Optional[int] = typer.Option(None, help="Image side (default: recorded at compression, else from the data)."),
     mean: Optional[str] = typer.Option(None, help="Normalisation mean, comma-separated (default: recorded, else ImageNet's)."),
     std: Optional[str] = typer.Option(None, help="Normalisation std, comma-separated (default: recorded, else ImageNet's)."),
@@ -219,6 +219,7 @@ def eval_cmd(
     min_ratio: Optional[float] = typer.Option(None, help="Gate: compression ratio at least this."),
     min_accuracy: Optional[float] = typer.Option(None, help="Gate: top-1 accuracy (percent) at least this."),
     min_cosine: Optional[float] = typer.Option(None, help="Gate: with text:FILE and --reference hf:DIR, mean cosine similarity to the original's embeddings at least this."),
+    min_sts_spearman: Optional[float] = typer.Option(None, help="Gate: with pairs:FILE, Spearman correlation of the pairs' cosine similarities with their scores at least this."),
     baseline: Optional[str] = typer.Option(None, help="Gate: a previous --json result to compare accuracy with."),
     max_drop: Optional[float] = typer.Option(None, help="Gate: accuracy drop from --baseline at most this many points."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write every number to this JSON file."),
@@ -241,7 +242,7 @@ def eval_cmd(
                        std=_floats(std, "--std"), reference=reference, reference_arch=reference_arch,
                        trust_pickle=trust_pickle, input_shape=shape, device=device, batch_size=batch_size,
                        max_size=max_size, max_params=max_params, min_ratio=min_ratio, min_accuracy=min_accuracy,
-                       min_cosine=min_cosine, baseline=baseline, max_drop=max_drop)
+                       min_cosine=min_cosine, min_sts_spearman=min_sts_spearman, baseline=baseline, max_drop=max_drop)
     result = run_eval(compressed, opts, progress=not quiet)
     if export_dense:
         _export(compressed, export_dense, arch=arch, force=force)
@@ -253,7 +254,7 @@ def eval_cmd(
         out.print(summary_table(result))
     failed = check_gates(result, opts)
     for line in failed:
-        err.print(f"gate failed: {line}", markup=False, highlight=False)
+        err.print(f"gate failed: {line}", markup=False, highlight=False, soft_wrap=True)  # one line, any width
     if failed:
         raise typer.Exit(1)
 

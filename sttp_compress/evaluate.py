@@ -33,7 +33,7 @@ The Python API behind ``sttp-eval COMPRESSED [options]``::
     values), ``params_compressed`` (degrees of freedom), ``modes`` and ``tt_ranks`` (the tensor-train shape).
 ``data``
     What was evaluated on: the image folder, ``tensors:FILE``, ``text:FILE`` (one text per line, tokenized
-    with the ``hf:DIR`` model's tokenizer), or null without ``--data``.
+    with the ``hf:DIR`` model's tokenizer), ``pairs:FILE`` (scored sentence pairs), or null without ``--data``.
 ``samples``
     Number of data samples evaluated (fewer than the data set with ``max_batches``), or null without data.
 ``accuracy``, ``top5``
@@ -59,6 +59,12 @@ The Python API behind ``sttp-eval COMPRESSED [options]``::
     over every pair of texts (over every pair of a seeded sample of 3,162 texts when there are more): whether
     the compressed model orders pairs by similarity as the original does, which is what semantic-similarity
     benchmarks score; else null.
+``sts_spearman``, ``sts_spearman_reference``
+    With ``--data pairs:FILE`` (tab-separated sentence1, sentence2, score; see ``sttp_compress.pairs``):
+    Spearman's rank correlation between the cosine similarity of each pair's embeddings and its score,
+    for the compressed model and for the reference (null without one), as sentence-similarity benchmarks
+    score a model; else null. ``samples`` counts the pairs; the agreement fields are measured on the
+    file's distinct sentences.
 ``rel_output_error``
     ``‖y − y_ref‖ / ‖y_ref‖`` over all evaluated outputs together (Frobenius norm); null without a reference.
 ``reference_inputs``
@@ -114,6 +120,7 @@ from .finetune import resolve_device
 from .hf import hf_path, is_hf_spec
 from .loading import atomic_torch_save, load_model, parse_size, resolve_arch
 from .report import largest_layers
+from .pairs import is_pairs_spec
 from .text import is_text_spec
 
 __all__ = ["EvalOptions", "run_eval", "check_gates", "validate_options", "summary_table", "export_dense"]
@@ -153,6 +160,7 @@ class EvalOptions:
     min_ratio: float | None = None
     min_accuracy: float | None = None   # in percent
     min_cosine: float | None = None     # text data: mean cosine similarity to the reference's embeddings
+    min_sts_spearman: float | None = None  # pairs data: Spearman of pair similarities with the file's scores
     baseline: str | None = None         # a previous --json output; with max_drop gates the accuracy drop
     max_drop: float | None = None       # in percentage points
 
@@ -206,6 +214,10 @@ def _gate_limits(opts: EvalOptions) -> dict[str, Any]:
         if not _is_number(opts.min_cosine) or not -1 <= opts.min_cosine <= 1:
             raise UserError(f"--min-cosine is a cosine similarity between -1 and 1, got {opts.min_cosine}")
         limits["min_cosine"] = float(opts.min_cosine)
+    if opts.min_sts_spearman is not None:
+        if not _is_number(opts.min_sts_spearman) or not -1 <= opts.min_sts_spearman <= 1:
+            raise UserError(f"--min-sts-spearman is a correlation between -1 and 1, got {opts.min_sts_spearman}")
+        limits["min_sts_spearman"] = float(opts.min_sts_spearman)
     if (opts.baseline is None) != (opts.max_drop is None):
         given, missing = ("--baseline", "--max-drop") if opts.baseline is not None else ("--max-drop", "--baseline")
         raise UserError(f"{given} needs {missing} as well (the accuracy drop is measured against a baseline "
@@ -277,9 +289,16 @@ def check_gates(result: Mapping[str, Any], opts: EvalOptions) -> list[str]:
         cosine, limit = result.get("cosine"), limits["min_cosine"]
         if not _is_number(cosine):
             failures.append(f"cosine unknown, so --min-cosine {limit:g} cannot be checked: it needs --data text:FILE "
-                            "and --reference hf:DIR (the original model)")
+                            "(or pairs:FILE) and --reference hf:DIR (the original model)")
         elif cosine < limit:
             failures.append(f"mean cosine similarity to the reference {cosine:.4f} < --min-cosine {limit:g}")
+    if "min_sts_spearman" in limits:
+        rho, limit = result.get("sts_spearman"), limits["min_sts_spearman"]
+        if not _is_number(rho):
+            failures.append(f"pair-score Spearman unknown, so --min-sts-spearman {limit:g} cannot be checked: it "
+                            "needs --data pairs:FILE (tab-separated sentence1, sentence2, score)")
+        elif rho < limit:
+            failures.append(f"Spearman of pair similarities with the scores {rho:.4f} < --min-sts-spearman {limit:g}")
     if "max_drop" in limits:
         base, limit = limits["baseline_accuracy"], limits["max_drop"]
         if not _is_number(accuracy):
@@ -572,7 +591,7 @@ def run_eval(path: str, opts: EvalOptions, progress: bool = False) -> dict[str, 
         if size_original is None and not is_hf_spec(opts.reference):
             size_original = Path(opts.reference).stat().st_size
 
-    if is_text_spec(opts.data):
+    if is_text_spec(opts.data) or is_pairs_spec(opts.data):
         base = {"file": str(path), "arch": opts.arch or info.get("arch"), "dtype": info.get("dtype"),
                 "size_bytes": size_bytes, "size_bytes_original": size_original,
                 "size_ratio": size_original / size_bytes if size_original else None, "params": params,
@@ -689,6 +708,8 @@ def run_eval(path: str, opts: EvalOptions, progress: bool = False) -> dict[str, 
         "cosine": None,
         "nn_agreement": None,
         "similarity_spearman": None,
+        "sts_spearman": None,
+        "sts_spearman_reference": None,
         "rel_output_error": rel_err,
         "reference_inputs": ("data" if loader is not None else "random") if compare else None,
         "input_shape": list(shape) if shape is not None else None,
@@ -703,24 +724,27 @@ def run_eval(path: str, opts: EvalOptions, progress: bool = False) -> dict[str, 
 
 def _run_text_eval(base: dict[str, Any], model: nn.Module, reference: nn.Module | None, opts: EvalOptions,
                    device: torch.device, notes: list[str], progress: bool) -> dict[str, Any]:
-    """run_eval on --data text:FILE (an hf:DIR model): mean cosine similarity and top-1 nearest-neighbour
-    agreement with the reference's embeddings, latency on the first batch of texts."""
+    """run_eval on --data text:FILE or pairs:FILE (an hf:DIR model): agreement with the reference's
+    embeddings (mean cosine, nearest neighbours, pair-similarity order), for pairs:FILE also the Spearman
+    correlation of each model's pair similarities with the file's scores; latency on a first batch of texts."""
+    from .pairs import evaluate_pairs, is_pairs_spec
     from .text import evaluate_texts
 
     arch = base["arch"]
     folder = hf_path(arch) if is_hf_spec(arch) else (
         hf_path(opts.reference) if is_hf_spec(opts.reference) else None)
+    kind = "pairs:FILE" if is_pairs_spec(opts.data) else "text:FILE"
     if folder is None:
-        raise UserError("--data text:FILE needs a model built from --arch hf:DIR (the tokenizer comes from DIR)")
+        raise UserError(f"--data {kind} needs a model built from --arch hf:DIR (the tokenizer comes from DIR)")
     model.to(device)
     if reference is not None:
         reference.to(device)
     else:
         notes.append("cosine and nearest-neighbour agreement need --reference hf:DIR (the original model)")
+    evaluate = evaluate_pairs if is_pairs_spec(opts.data) else evaluate_texts
     with _progress(progress) as bar:
         task = bar.add_task("embedding texts", total=None) if bar is not None else None
-        metrics, first = evaluate_texts(model, reference, opts.data, folder, device, opts.batch_size,
-                                        opts.max_batches)
+        metrics, first = evaluate(model, reference, opts.data, folder, device, opts.batch_size, opts.max_batches)
         if task is not None:
             bar.update(task, completed=1, total=1)
         latency_s = runs = None
@@ -733,6 +757,7 @@ def _run_text_eval(base: dict[str, Any], model: nn.Module, reference: nn.Module 
         "reference": opts.reference, "reference_accuracy": None, "reference_top5": None, "agreement": None,
         "cosine": metrics["cosine"], "nn_agreement": metrics["nn_agreement"],
         "similarity_spearman": metrics["similarity_spearman"], "rel_output_error": metrics["rel_output_error"],
+        "sts_spearman": metrics.get("sts_spearman"), "sts_spearman_reference": metrics.get("sts_spearman_reference"),
         "reference_inputs": "data" if compared else None,
         "input_shape": None, "latency_ms": None if latency_s is None else 1000.0 * latency_s,
         "throughput": None if latency_s is None else opts.batch_size / latency_s, "latency_runs": runs,
@@ -793,8 +818,12 @@ def summary_table(result: Mapping[str, Any], max_layers: int = SUMMARY_LAYERS) -
         acc = f"{_pct(result.get('accuracy'))} (top-5 {_pct(result.get('top5'))})"
         if _is_number(result.get("loss")):
             acc += f", loss {result['loss']:.4f}"
-        if not is_text_spec(str(result["data"])):
+        if not is_text_spec(str(result["data"])) and not is_pairs_spec(str(result["data"])):
             table.add_row("Accuracy", acc)
+        if _is_number(result.get("sts_spearman")):
+            ref = result.get("sts_spearman_reference")
+            table.add_row("Pair scores: Spearman", f"{result['sts_spearman']:.4f}" +
+                          (f" (original {ref:.4f})" if _is_number(ref) else ""))
     if result.get("reference") is not None:
         table.add_row("Reference", escape(str(result["reference"])))
         if _is_number(result.get("reference_accuracy")):

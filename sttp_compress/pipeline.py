@@ -24,6 +24,7 @@ from .convert import candidate_layers, check_target, compress_to_target
 from .errors import UserError
 from .hf import hf_path, is_hf_spec
 from .loading import load_model, resolve_arch
+from .pairs import is_pairs_spec
 from .text import TEXT_AUGMENT, is_text_spec
 
 __all__ = ["CompressJob", "run_compress", "default_output", "state_size_bytes", "REPORT_FORMAT_VERSION"]
@@ -128,6 +129,9 @@ def _datasets(job: CompressJob):
     from .data import (ImageDataConfig, build_image_datasets, image_folder_splits, is_tensor_spec,
                        load_tensor_data, resolve_image_config)
 
+    if is_pairs_spec(job.data):
+        raise UserError("--data pairs:FILE scores an encoder in sttp-eval; distil with --data text:FILE "
+                        "(one text per line)")
     if is_text_spec(job.data):
         from .text import text_datasets
 

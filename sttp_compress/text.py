@@ -27,7 +27,7 @@ from .errors import UserError
 
 __all__ = ["TEXT_PREFIX", "is_text_spec", "text_path", "read_texts", "TokenizedTexts", "tokenize_texts",
            "text_datasets", "embedding_distillation_loss", "embed", "nearest_neighbours", "embedding_agreement",
-           "similarity_spearman", "COSINE_WEIGHT", "MSE_WEIGHT", "perturb_tokens"]
+           "similarity_spearman", "spearman", "embed_in_length_order", "COSINE_WEIGHT", "MSE_WEIGHT", "perturb_tokens"]
 
 TEXT_PREFIX = "text:"
 VAL_FRACTION = 0.1  # of the texts held out for validation during distillation ...
@@ -333,7 +333,15 @@ def similarity_spearman(emb: Tensor, ref: Tensor, max_pairs: int = MAX_PAIRS, se
         keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:m]
     e, r = (F.normalize(x[keep].double(), dim=-1) for x in (emb, ref))
     i, j = torch.triu_indices(len(keep), len(keep), offset=1)
-    ranks = [_average_ranks((a @ a.T)[i, j]) for a in (e, r)]  # an m×m matrix: 80 MB at the default
+    return spearman((e @ e.T)[i, j], (r @ r.T)[i, j])  # m×m matrices: 80 MB each at the default
+
+
+def spearman(x: Tensor, y: Tensor) -> float | None:
+    """Spearman's rank correlation of two equally long 1-D tensors (ties take their mean rank); None when
+    either is constant or shorter than 2."""
+    if len(x) < 2:
+        return None
+    ranks = [_average_ranks(v.double().flatten()) for v in (x, y)]
     ranks = [v - v.mean() for v in ranks]
     norm = float(ranks[0].norm() * ranks[1].norm())
     return float(ranks[0] @ ranks[1]) / norm if norm > 0 else None
@@ -404,21 +412,25 @@ def evaluate_texts(model: nn.Module, reference: nn.Module | None, spec: str, fol
 
     The texts are tokenized with `folder`'s tokenizer; without a reference only "samples" is measured.
     """
-    from torch.utils.data import DataLoader
-
     data = tokenize_texts(read_texts(spec), folder)
     first = data.collate_fn(data.ids[:batch_size])  # the file's first batch, for the latency
     if max_batches is not None:
         data = data.subset(range(min(len(data), max_batches * batch_size)))
-    order = by_length(data)
-    loader = DataLoader(data.subset(order), batch_size=batch_size, shuffle=False, collate_fn=data.collate_fn)
-    unsort = torch.tensor(order).argsort()
-    emb = embed(model, loader, device)[unsort]  # in file order again
+    emb, ref = (None if m is None else embed_in_length_order(m, data, device, batch_size) for m in (model, reference))
     result: dict[str, Any] = {"samples": len(emb), "cosine": None, "nn_agreement": None, "similarity_spearman": None,
                               "rel_output_error": None}
-    if reference is not None:
-        result.update(embedding_agreement(emb, embed(reference, loader, device)[unsort]))
+    if ref is not None:
+        result.update(embedding_agreement(emb, ref))
     return result, first
+
+
+def embed_in_length_order(model: nn.Module, data: TokenizedTexts, device: torch.device, batch_size: int) -> Tensor:
+    """Embeddings (N, D) of `data`'s texts in their order, computed in batches of similar lengths (little padding)."""
+    from torch.utils.data import DataLoader
+
+    order = by_length(data)
+    loader = DataLoader(data.subset(order), batch_size=batch_size, shuffle=False, collate_fn=data.collate_fn)
+    return embed(model, loader, device)[torch.tensor(order).argsort()]
 
 
 def by_length(data: TokenizedTexts) -> list[int]:

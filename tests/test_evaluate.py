@@ -268,7 +268,7 @@ def test_gates_with_unknown_values(files):
     [line] = check_gates(result, _opts(min_accuracy=50))
     assert "accuracy unknown" in line and "labelled data" in line
     [line] = check_gates(result, _opts(min_cosine=0.9))  # image or tensor data: no embeddings to compare
-    assert "cosine unknown" in line and "--data text:FILE and --reference hf:DIR" in line
+    assert "cosine unknown" in line and "--data text:FILE (or pairs:FILE) and --reference hf:DIR" in line
 
 
 def test_min_cosine_gate(result):

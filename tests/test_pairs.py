@@ -1,0 +1,113 @@
+"""pairs:FILE in sttp-eval: scored sentence pairs read strictly, and each model's Spearman correlation of pair
+similarities with the scores, as sentence-similarity benchmarks compute it. Needs `transformers` (the tiny
+BERT of test_hf) and skips without it."""
+
+import gzip
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="needs the optional transformers package (pip install .[hf])")
+
+from test_hf import TEXTS, _batch, cli, tiny  # noqa: E402,F401 - tiny is a fixture
+
+from sttp_compress.cli import compress_app, eval_app  # noqa: E402
+from sttp_compress.convert import compress_to_target  # noqa: E402
+from sttp_compress.errors import UserError  # noqa: E402
+from sttp_compress.hf import load_encoder  # noqa: E402
+from sttp_compress.pairs import evaluate_pairs, read_pairs  # noqa: E402
+from sttp_compress.text import embedding_agreement, spearman  # noqa: E402
+
+PAIRS = [(TEXTS[i], TEXTS[(3 * i + 1) % len(TEXTS)], float((5 * i) % 7) / 1.2) for i in range(len(TEXTS))]
+
+
+def _write(path, rows, header=None):
+    lines = (["\t".join(header)] if header else []) + ["\t".join(str(v) for v in row) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_read_pairs_with_and_without_a_header(tmp_path):
+    plain = _write(tmp_path / "plain.tsv", PAIRS)
+    a, b, scores = read_pairs(f"pairs:{plain}")
+    assert a == [p[0] for p in PAIRS] and b == [p[1] for p in PAIRS]
+    assert scores.dtype == torch.float64 and scores.tolist() == pytest.approx([p[2] for p in PAIRS])
+    # sentence-transformers' stsbenchmark.tsv layout: named columns in another order, extra columns ignored
+    rows = [("test", "news", str(p[2]), p[1], p[0]) for p in PAIRS]
+    named = _write(tmp_path / "sts.tsv", rows, header=("split", "genre", "score", "sentence2", "sentence1"))
+    gz = tmp_path / "sts.tsv.gz"
+    gz.write_bytes(gzip.compress(named.read_bytes()))
+    for path in (named, gz):
+        a2, b2, s2 = read_pairs(f"pairs:{path}")
+        assert a2 == a and b2 == b and torch.equal(s2, scores)
+
+
+@pytest.mark.parametrize("content, match", [
+    ("a\tb\n", "line 1: expected 3 tab-separated fields"),
+    ("a\tb\t1\nc\td\tmuch\n", "line 2: the score 'much' is not a number"),
+    ("a\t\t1\nc\td\t2\n", "line 1: an empty sentence"),
+    ("sentence1\tsentence2\tscore\nx\ty\n", "line 2: 2 tab-separated field"),
+    ("\n\n", "has no pairs"),
+    ("a\tb\t1\n", "has 1 pair; a rank correlation needs at least 2"),
+    (b"\xff\xfe\t1", "not UTF-8"),
+])
+def test_malformed_pair_files_are_one_line_errors(tmp_path, content, match):
+    path = tmp_path / "bad.tsv"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(UserError, match=match):
+        read_pairs(f"pairs:{path}")
+    with pytest.raises(UserError, match="not found"):
+        read_pairs(f"pairs:{tmp_path / 'missing.tsv'}")
+
+
+def test_evaluate_pairs_against_direct_embeddings(tiny, tmp_path):
+    path = _write(tmp_path / "pairs.tsv", PAIRS)
+    ref = load_encoder(tiny).eval()
+    model = load_encoder(tiny).eval()
+    compress_to_target(model, rank=3)
+    result, first = evaluate_pairs(model, ref, f"pairs:{path}", tiny, torch.device("cpu"), 4)
+    distinct = list(dict.fromkeys([p[0] for p in PAIRS] + [p[1] for p in PAIRS]))
+    assert result["samples"] == len(PAIRS) and result["texts"] == len(distinct)
+    scores = torch.tensor([p[2] for p in PAIRS], dtype=torch.float64)
+    with torch.no_grad():
+        for key, m in (("sts_spearman", model), ("sts_spearman_reference", ref)):
+            ea, eb = (m(**_batch(tiny, [p[i] for p in PAIRS])).double() for i in (0, 1))
+            expected = spearman(torch.nn.functional.cosine_similarity(ea, eb), scores)
+            assert result[key] == pytest.approx(expected, abs=1e-6), key
+        agree = embedding_agreement(model(**_batch(tiny, distinct)), ref(**_batch(tiny, distinct)))
+    assert result["cosine"] == pytest.approx(agree["cosine"], abs=1e-6)
+    assert first["input_ids"].shape[0] == 4
+    # the first max_batches × batch_size pairs only, and no reference: its fields stay null
+    capped, _ = evaluate_pairs(model, None, f"pairs:{path}", tiny, torch.device("cpu"), 4, max_batches=2)
+    assert capped["samples"] == 8 and capped["sts_spearman_reference"] is None and capped["cosine"] is None
+
+
+def test_sttp_eval_on_pairs_reports_and_gates(tiny, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS * 4) + "\n")
+    out = tmp_path / "tiny.sttp.pt"
+    rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--rank", "4", "--output", out, "--quiet")
+    assert rc == 0, err
+    pairs = _write(tmp_path / "pairs.tsv", PAIRS)
+    js = tmp_path / "eval.json"
+    rc, stdout, err = cli(eval_app, "sttp-eval", out, "--reference", f"hf:{tiny}", "--data", f"pairs:{pairs}",
+                          "--json", js, "--batch-size", "8", "--min-sts-spearman", "-1")
+    assert rc == 0, err
+    result = json.loads(js.read_text())
+    assert result["samples"] == len(PAIRS) and result["accuracy"] is None
+    assert -1 <= result["sts_spearman"] <= 1 and -1 <= result["sts_spearman_reference"] <= 1
+    assert 0 < result["cosine"] <= 1
+    assert "Pair scores: Spearman" in stdout and "(original " in stdout
+    rc, _, err = cli(eval_app, "sttp-eval", out, "--data", f"pairs:{pairs}", "--batch-size", "8", "--quiet",
+                     "--min-sts-spearman", "1")
+    assert rc == 1 and f"gate failed: Spearman of pair similarities with the scores {result['sts_spearman']:.4f} < " \
+                       "--min-sts-spearman 1" in err
+    rc, _, err = cli(eval_app, "sttp-eval", out, "--data", f"text:{texts}", "--quiet", "--min-sts-spearman", "0")
+    assert rc == 1 and "pair-score Spearman unknown" in err
+    rc, _, err = cli(eval_app, "sttp-eval", out, "--data", f"pairs:{pairs}", "--min-sts-spearman", "2")
+    assert rc == 2 and "--min-sts-spearman is a correlation between -1 and 1" in err
+    # distillation takes texts, not pairs
+    rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--rank", "4", "--output",
+                     tmp_path / "x.sttp.pt", "--data", f"pairs:{pairs}", "--steps", "1")
+    assert rc == 2 and "distil with --data text:FILE" in err and not (tmp_path / "x.sttp.pt").exists()
