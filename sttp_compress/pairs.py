@@ -12,6 +12,7 @@ file, tab-separated, one pair per line (`.gz` read transparently):
 from __future__ import annotations
 
 import gzip
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -67,14 +68,17 @@ def read_pairs(spec: str | os.PathLike) -> tuple[list[str], list[str], Tensor]:
         try:
             value = float(score)
         except ValueError:
-            raise UserError(f"{path} line {n}: the score {score[:40]!r} is not a number") from None
+            value = math.nan
+        if not math.isfinite(value):
+            raise UserError(f"{path} line {n}: the score {score[:40]!r} is not a finite number")
         if not s1 or not s2:
             raise UserError(f"{path} line {n}: an empty sentence")
         a.append(s1)
         b.append(s2)
         scores.append(value)
     if len(scores) < 2:
-        raise UserError(f"sentence-pair file {path} has {len(scores)} pair; a rank correlation needs at least 2")
+        raise UserError(f"sentence-pair file {path} has {len(scores)} pair{'' if len(scores) == 1 else 's'}; "
+                        "a rank correlation needs at least 2")
     return a, b, torch.tensor(scores, dtype=torch.float64)
 
 

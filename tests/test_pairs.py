@@ -45,7 +45,9 @@ def test_read_pairs_with_and_without_a_header(tmp_path):
 
 @pytest.mark.parametrize("content, match", [
     ("a\tb\n", "line 1: expected 3 tab-separated fields"),
-    ("a\tb\t1\nc\td\tmuch\n", "line 2: the score 'much' is not a number"),
+    ("a\tb\t1\nc\td\tmuch\n", "line 2: the score 'much' is not a finite number"),
+    ("a\tb\tnan\nc\td\t1\n", "line 1: the score 'nan' is not a finite number"),
+    ("sentence1\tsentence2\tscore\n", "has 0 pairs; a rank correlation needs at least 2"),
     ("a\t\t1\nc\td\t2\n", "line 1: an empty sentence"),
     ("sentence1\tsentence2\tscore\nx\ty\n", "line 2: 2 tab-separated field"),
     ("\n\n", "has no pairs"),
