@@ -24,6 +24,12 @@ from .text import TEXT_AUGMENT
 err = Console(stderr=True)
 out = Console()
 
+# typer >= 0.2x parses with its own copy of click, whose usage errors are not click's classes (and whose
+# Exit/Abort are typer's): catch both kinds, found through typer's public BadParameter
+_CLICK_ERRORS = tuple({click.ClickException, *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")})
+_EXITS = tuple({click.exceptions.Exit, typer.Exit})
+_ABORTS = tuple({click.exceptions.Abort, typer.Abort})
+
 compress_app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False,
                            context_settings={"help_option_names": ["-h", "--help"]})
 eval_app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False,
@@ -298,12 +304,12 @@ def _main(app: typer.Typer, prog: str, argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    except click.exceptions.Exit as e:
+    except _EXITS as e:
         return e.exit_code
-    except click.exceptions.Abort:
+    except _ABORTS:
         print(f"{prog}: aborted", file=sys.stderr)
         return 130
-    except click.ClickException as e:
+    except _CLICK_ERRORS as e:
         print(f"{prog}: error: {e.format_message()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

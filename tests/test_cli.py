@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sttp_compress.checkpoint import load_compressed
-from sttp_compress.cli import _main, compress_app
+from sttp_compress.cli import _main, compress_app, eval_app
 from sttp_compress.errors import UserError
 from sttp_compress.pipeline import CompressJob, run_compress
 
@@ -773,6 +773,25 @@ def test_cuda_graphs_flag_reaches_the_finetune_config(tiny, monkeypatch, flag, e
     ok(tiny.model, "--arch", tiny.arch, "--rank", "4", "--data", f"tensors:{data}", "--steps", "1",
        "--workers", "0", "--batch-size", "8", "-q", *([flag] if flag else []))
     assert [cfg.cuda_graph for cfg in seen] == [expected]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--bogus"], "--bogus"),  # "No such option: --bogus" (typer's wording varies by version)
+    (["m.pt", "--rank"], "--rank"),  # an option without its value
+    (["m.pt", "--rank", "four"], "Invalid value for '--rank'"),
+])
+def test_usage_errors_are_one_line_and_exit_2(args, fragment):
+    """Typer >= 0.2x raises its own copy of click's usage errors: still one line, exit 2, not an internal error."""
+    line = _one_error_line(cli(*args), fragment)
+    assert line.startswith("sttp-compress: error: ") and "internal error" not in line
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = _main(eval_app, "sttp-eval", ["--no-such-flag"])
+    line = err.getvalue().strip()
+    assert rc == 2 and line.startswith("sttp-eval: error: No such option") and "--no-such-flag" in line
+    with redirect_stdout(out), redirect_stderr(err := io.StringIO()):
+        rc = _main(eval_app, "sttp-eval", [])
+    assert rc == 2 and "Missing argument" in err.getvalue() and "internal error" not in err.getvalue()
 
 
 def test_out_of_gpu_memory_is_one_line_and_writes_nothing(tiny, monkeypatch):
