@@ -14,7 +14,6 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
 from rich.console import Console
 
@@ -24,11 +23,25 @@ from .text import TEXT_AUGMENT
 err = Console(stderr=True)
 out = Console()
 
-# typer >= 0.2x parses with its own copy of click, whose usage errors are not click's classes (and whose
-# Exit/Abort are typer's): catch both kinds, found through typer's public BadParameter
-_CLICK_ERRORS = tuple({click.ClickException, *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")})
-_EXITS = tuple({click.exceptions.Exit, typer.Exit})
-_ABORTS = tuple({click.exceptions.Abort, typer.Abort})
+
+def _parser_errors() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, exits, aborts) of the click that typer runs: typer >= 0.2x parses with its own copy of
+    click (and no longer installs click), older typer with click itself; found through typer's public
+    classes, plus click's own when it is installed."""
+    errors = {c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"}
+    exits, aborts = {typer.Exit}, {typer.Abort}
+    try:
+        import click
+    except ImportError:
+        pass
+    else:
+        errors.add(click.ClickException)
+        exits.add(click.exceptions.Exit)
+        aborts.add(click.exceptions.Abort)
+    return tuple(errors), tuple(exits), tuple(aborts)
+
+
+_CLICK_ERRORS, _EXITS, _ABORTS = _parser_errors()
 
 compress_app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False,
                            context_settings={"help_option_names": ["-h", "--help"]})

@@ -794,6 +794,23 @@ def test_usage_errors_are_one_line_and_exit_2(args, fragment):
     assert rc == 2 and "Missing argument" in err.getvalue() and "internal error" not in err.getvalue()
 
 
+def test_the_cli_works_without_click_installed():
+    """typer >= 0.2x no longer installs click (only the hf extra brings it, through huggingface_hub): the CLI
+    must not import it."""
+    code = ("import builtins, sys\n"
+            "real = builtins.__import__\n"
+            "def guard(name, *args, **kwargs):\n"
+            "    if name == 'click' or name.startswith('click.'):\n"
+            "        raise ImportError('No module named ' + repr(name))\n"
+            "    return real(name, *args, **kwargs)\n"
+            "builtins.__import__ = guard\n"
+            "from sttp_compress.cli import _main, eval_app\n"
+            "sys.exit(_main(eval_app, 'sttp-eval', ['--bogus']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().startswith("sttp-eval: error: No such option") and "--bogus" in proc.stderr
+
+
 def test_out_of_gpu_memory_is_one_line_and_writes_nothing(tiny, monkeypatch):
     import sttp_compress.finetune as ft
 
