@@ -278,27 +278,22 @@ def check_gates(result: Mapping[str, Any], opts: EvalOptions) -> list[str]:
             failures.append(f"ratio {ratio:.2f}x < --min-ratio {limit:g}x "
                             f"({result.get('params_original'):,} → {int(result['params']):,} params)")
     accuracy = result.get("accuracy")
-    if "min_accuracy" in limits:
-        limit = limits["min_accuracy"]
-        if not _is_number(accuracy):
-            failures.append(f"accuracy unknown, so --min-accuracy {limit:g} cannot be checked: it needs "
-                            "labelled data (--data DIR with class subfolders, or tensors:FILE.pt with targets)")
-        elif accuracy < limit:
-            failures.append(f"accuracy {accuracy:.2f} % < --min-accuracy {limit:g} %")
-    if "min_cosine" in limits:
-        cosine, limit = result.get("cosine"), limits["min_cosine"]
-        if not _is_number(cosine):
-            failures.append(f"cosine unknown, so --min-cosine {limit:g} cannot be checked: it needs --data text:FILE "
-                            "(or pairs:FILE) and --reference hf:DIR (the original model)")
-        elif cosine < limit:
-            failures.append(f"mean cosine similarity to the reference {cosine:.4f} < --min-cosine {limit:g}")
-    if "min_sts_spearman" in limits:
-        rho, limit = result.get("sts_spearman"), limits["min_sts_spearman"]
-        if not _is_number(rho):
-            failures.append(f"pair-score Spearman unknown, so --min-sts-spearman {limit:g} cannot be checked: it "
-                            "needs --data pairs:FILE (tab-separated sentence1, sentence2, score)")
-        elif rho < limit:
-            failures.append(f"Spearman of pair similarities with the scores {rho:.4f} < --min-sts-spearman {limit:g}")
+    lower_bounds = [  # (limit key, result key, what it is, how it prints, unit, what it needs when unknown)
+        ("min_accuracy", "accuracy", "accuracy", "accuracy {:.2f}", " %",
+         "labelled data (--data DIR with class subfolders, or tensors:FILE.pt with targets)"),
+        ("min_cosine", "cosine", "cosine", "mean cosine similarity to the reference {:.4f}", "",
+         "--data text:FILE (or pairs:FILE) and --reference hf:DIR (the original model)"),
+        ("min_sts_spearman", "sts_spearman", "pair-score Spearman", "Spearman of pair similarities with the scores "
+         "{:.4f}", "", "--data pairs:FILE (tab-separated sentence1, sentence2, score)"),
+    ]
+    for key, field, what, measured, unit, needs in lower_bounds:
+        if key not in limits:
+            continue
+        value, limit, flag = result.get(field), limits[key], "--" + key.replace("_", "-")
+        if not _is_number(value):
+            failures.append(f"{what} unknown, so {flag} {limit:g} cannot be checked: it needs {needs}")
+        elif value < limit:
+            failures.append(f"{measured.format(value)}{unit} < {flag} {limit:g}{unit}")
     if "max_drop" in limits:
         base, limit = limits["baseline_accuracy"], limits["max_drop"]
         if not _is_number(accuracy):
