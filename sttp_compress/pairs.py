@@ -11,7 +11,6 @@ file, tab-separated, one pair per line (`.gz` read transparently):
 
 from __future__ import annotations
 
-import gzip
 import math
 import os
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import UserError
-from .text import embed_in_length_order, embedding_agreement, spearman, tokenize_texts
+from .text import embed_in_length_order, embedding_agreement, read_lines, spearman, tokenize_texts
 
 __all__ = ["PAIRS_PREFIX", "is_pairs_spec", "read_pairs", "evaluate_pairs"]
 
@@ -44,14 +43,7 @@ def read_pairs(spec: str | os.PathLike) -> tuple[list[str], list[str], Tensor]:
         raise UserError("bad --data 'pairs:': expected pairs:FILE, tab-separated sentence1, sentence2, score")
     if not path.is_file():
         raise UserError(f"sentence-pair file not found: {path}")
-    try:
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
-            lines = [line.rstrip("\r\n") for line in f]
-    except UnicodeDecodeError as exc:
-        raise UserError(f"sentence-pair file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    except (OSError, EOFError) as exc:
-        raise UserError(f"cannot read sentence-pair file {path}: {' '.join(str(exc).split())[:160]}") from None
-    rows = [(n, line.split("\t")) for n, line in enumerate(lines, 1) if line.strip()]
+    rows = [(n, line.split("\t")) for n, line in enumerate(read_lines(path, "sentence-pair file"), 1) if line.strip()]
     if not rows:
         raise UserError(f"sentence-pair file {path} has no pairs")
     header = [c.strip().lower() for c in rows[0][1]]

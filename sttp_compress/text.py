@@ -27,7 +27,7 @@ from .errors import UserError
 
 __all__ = ["TEXT_PREFIX", "is_text_spec", "text_path", "read_texts", "TokenizedTexts", "tokenize_texts",
            "text_datasets", "embedding_distillation_loss", "embed", "nearest_neighbours", "embedding_agreement",
-           "similarity_spearman", "spearman", "embed_in_length_order", "COSINE_WEIGHT", "MSE_WEIGHT", "perturb_tokens"]
+           "similarity_spearman", "spearman", "embed_in_length_order", "read_lines", "COSINE_WEIGHT", "MSE_WEIGHT", "perturb_tokens"]
 
 TEXT_PREFIX = "text:"
 VAL_FRACTION = 0.1  # of the texts held out for validation during distillation ...
@@ -63,18 +63,22 @@ def read_texts(spec: str | os.PathLike) -> list[str]:
         raise UserError(f"text data file not found: {path}")
     if path.is_dir():
         raise UserError(f"text data {path} is a folder; text:FILE needs a file with one text per line")
-    try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            texts = [line.strip() for line in f]
-    except UnicodeDecodeError as exc:
-        raise UserError(f"text data {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    except (OSError, EOFError) as exc:
-        raise UserError(f"cannot read text data {path}: {' '.join(str(exc).split())[:160]}") from None
-    texts = [t for t in texts if t]
+    texts = [t for t in (line.strip() for line in read_lines(path, "text data")) if t]
     if not texts:
         raise UserError(f"text data {path} has no texts (expected one text per line)")
     return texts
+
+
+def read_lines(path: Path, what: str) -> list[str]:
+    """The lines of a UTF-8 file (gzip-compressed when it ends in .gz), line ends removed; a one-line UserError
+    naming `what` (e.g. "text data") and the file when it cannot be read or decoded."""
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+            return [line.rstrip("\r\n") for line in f]
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except (OSError, EOFError) as exc:
+        raise UserError(f"cannot read {what} {path}: {' '.join(str(exc).split())[:160]}") from None
 
 
 class TokenizedTexts(Dataset):
