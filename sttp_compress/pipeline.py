@@ -245,15 +245,14 @@ def _input_moments(model: nn.Module, job: CompressJob, data: tuple | None, candi
 
 
 def _convert(model: nn.Module, job: CompressJob, device: torch.device | None,
-             on_layer: Callable[[str], None] | None, row_weights: dict | None = None,
-             moments: dict | None = None, layer_ranks: dict | None = None) -> dict:
+             on_layer: Callable[[str], None] | None, row_weights: dict | None, moments: dict | None,
+             layer_ranks: dict) -> dict:
     """compress_to_target once: in this process, or on rank 0 with the result broadcast to every rank."""
 
     def convert(m: nn.Module) -> dict:
         parts = compress_to_target(m, job.ratio, job.rank, job.method, job.spectrum, job.allocation,
                                    job.include, job.exclude, on_layer=on_layer, row_weights=row_weights,
-                                   layer_ranks=job.layer_ranks if layer_ranks is None else layer_ranks,
-                                   input_moments=moments)
+                                   layer_ranks=layer_ranks, input_moments=moments)
         if not parts["layers"]:
             raise UserError("no layer was compressed: every candidate was skipped "
                             f"({'; '.join(s['name'] + ': ' + s['reason'] for s in parts['skipped'][:3])})")
