@@ -44,7 +44,7 @@ from common import machine, markdown_table, merge_rows, print_table, today, writ
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".data" / "text"
-COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "lr", "hidden_weight", "seed", "augment", "length_group", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
+COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "lr", "hidden_weight", "seed", "augment", "distill", "length_group", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
            "nn_agreement_before", "wordnet_before", "cosine_after", "nn_agreement_after", "spearman_after", "wordnet_after", "steps", "seconds", "peak_gpu_gib", "peak_reserved_gib", "device"]
 
 
@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
                          "of similar length, data.LengthGroupedSampler)")
     ap.add_argument("--length-group", type=int, default=None,
                     help="length-grouping window in batches (default data.LENGTH_GROUP; fewer: more mixed batches)")
+    ap.add_argument("--distill", default="distill.txt",
+                    help="distillation file under .data/text (distill_large.txt: make_text_data.py --large)")
     ap.add_argument("--heldout-limit", type=int, default=None, help="use only the first N held-out texts")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: ratio 4 only, 200 held-out texts, 4 steps")
     ap.add_argument("--convert-only", action="store_true", help="time the CPU conversion at ratio 4 only")
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     wordnet_teacher = _pair_scores(teacher, pairs, folder, device)
     if pairs is not None:
         print(f"the original model's Spearman on {pairs.name}: {wordnet_teacher}", flush=True)
-    distill = _find("distill.txt")
+    distill = _find(args.distill)
     train_ds, val_ds = text_datasets(f"text:{distill}", folder)
     if quick:
         train_ds, val_ds = train_ds.subset(range(256)), val_ds.subset(range(64))
@@ -339,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
                 student.to(device)
                 print(f"saved {path}", flush=True)
             row = {**how, "batch": cfg.batch_size, "lr": cfg.resolved_lr, "hidden_weight": loss.hidden, "seed": seed,
-                   "augment": args.augment,
+                   "augment": args.augment, "distill": distill.name.removesuffix(".gz"),
                    "length_group": 0 if args.no_group_by_length else length_group,  # 0: random batches
                    **result, "cosine_after": round(after["cosine"], 4),
                    "nn_agreement_after": round(after["nn_agreement"], 2),

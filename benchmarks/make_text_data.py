@@ -10,6 +10,11 @@ and unpacked into .data/text/debs/ without installing anything):
   sentence ("teach new skills" / "We must retrain the linguists who cannot find employment").
 - BSD fortune cookies (`fortunes`, `fortunes-min`; the BSD licence of fortune-mod, Debian main):
   quotations and short texts, one per line, attributions dropped; the ascii-art file is skipped.
+- With `--large` only: GCIDE, the GNU Collaborative International Dictionary of English (`dict-gcide`;
+  GPL-2+), mostly Webster's 1913: its definitions and quotations up to 160 characters, one per paragraph, into
+  `distill_large.txt(.gz)` = distill.txt + those lines. Paragraphs GCIDE took from WordNet are skipped and
+  lines equal to a held-out line are dropped, so the held-out files stay unseen; distill.txt, heldout.txt
+  and heldout_pairs.tsv are the same bytes with or without `--large`.
 
 General English prose of this kind (definitions, example sentences, quotations) covers the
 vocabulary broadly. No sentence-similarity benchmark data is used. Lines are grouped by origin
@@ -33,25 +38,36 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / ".data" / "text"
 PACKAGES = ("wordnet-base", "fortunes", "fortunes-min")
+LARGE_PACKAGES = ("dict-gcide",)
+GCIDE_FILE = "dictd/gcide.dict.dz"  # dictzip: gzip-readable
+GCIDE_MAX_CHARS = 160  # GCIDE lines run longer than WordNet's (80 vs 54 chars): keep the shorter 90%, so a
+#                        batch (padded to its longest text) costs about what a distill.txt batch does
 WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
 FORTUNE_SKIP = {"ascii-art", "translate-me"}
 MIN_WORDS, MAX_CHARS = 3, 400
 SEED = 0
 
 
-def _find_share(out: Path) -> Path:
-    """A /usr/share-like folder holding wordnet/ and games/fortunes/: the system's, else unpacked debs."""
+def _has(share: Path, large: bool) -> bool:
+    return ((share / "wordnet" / "data.noun").is_file() and (share / "games" / "fortunes").is_dir()
+            and (not large or (share / GCIDE_FILE).is_file()))
+
+
+def _find_share(out: Path, large: bool = False) -> Path:
+    """A /usr/share-like folder holding wordnet/ and games/fortunes/ (and dictd/gcide.dict.dz with `large`):
+    the system's, else unpacked debs."""
     system = Path("/usr/share")
-    if (system / "wordnet" / "data.noun").is_file() and (system / "games" / "fortunes").is_dir():
+    if _has(system, large):
         return system
     unpacked = out / "debs" / "root" / "usr" / "share"
-    if (unpacked / "wordnet" / "data.noun").is_file() and (unpacked / "games" / "fortunes").is_dir():
+    if _has(unpacked, large):
         return unpacked
     debs = out / "debs"
     debs.mkdir(parents=True, exist_ok=True)
+    packages = PACKAGES + (LARGE_PACKAGES if large else ())
     if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
-        sys.exit("need apt-get and dpkg-deb (Debian/Ubuntu), or: apt-get install " + " ".join(PACKAGES))
-    subprocess.run(["apt-get", "download", *PACKAGES], cwd=debs, check=True)
+        sys.exit("need apt-get and dpkg-deb (Debian/Ubuntu), or: apt-get install " + " ".join(packages))
+    subprocess.run(["apt-get", "download", *packages], cwd=debs, check=True)
     for deb in sorted(debs.glob("*.deb")):
         subprocess.run(["dpkg-deb", "-x", str(deb), str(debs / "root")], check=True)
     return unpacked
@@ -179,6 +195,42 @@ def fortune_groups(share: Path) -> list[list[str]]:
     return groups
 
 
+_TAG = re.compile(r"^\s*\[[^\]]*\]\s*$")  # a paragraph's source line: [1913 Webster], [WordNet 1.5], [PJC]
+
+
+def gcide_lines(share: Path) -> list[str]:
+    """GCIDE's definitions and quotations, one line per paragraph: headwords, etymologies, bracketed
+    notes, `--Author` attributions and markup dropped; paragraphs sourced from WordNet skipped (the
+    held-out text is WordNet's); synonym lists skipped."""
+    raw = gzip.open(share / GCIDE_FILE, "rb").read().decode("utf-8", "replace")
+    out = []
+    for para in raw.split("\n\n"):
+        lines = [ln for ln in para.split("\n") if ln.strip()]
+        if not lines or any("wordnet" in ln.lower() for ln in lines if _TAG.match(ln)):
+            continue
+        body = [ln for ln in lines if not _TAG.match(ln)]
+        if body and not body[0].startswith(" "):  # a headword line; its etymology may run on over lines
+            depth = body[0].count("[") - body[0].count("]")
+            body = body[1:]
+            while body and depth > 0:
+                depth += body[0].count("[") - body[0].count("]")
+                body = body[1:]
+        text = " ".join(ln.strip() for ln in body)
+        if text.startswith(("Syn:", "Usage:")):
+            continue
+        text = text.split(" --", 1)[0]  # a quotation's attribution
+        text = re.sub(r"\[[^\]]*\]", " ", text)  # [Obs.], [R.], etymologies
+        text = re.sub(r"^\s*(\d+\.|\([a-z]\))\s*", "", text)  # sense numbers
+        text = re.sub(r"^Note:\s*", "", text)
+        text = text.replace("{", "").replace("}", "").replace("`", "'")
+        if text.count('"') % 2:  # an inline quotation cut by its attribution
+            text = text[: text.rfind('"')]
+        text = _clean(text)
+        if _ok(text) and len(text) <= GCIDE_MAX_CHARS and not re.search(r"[\\*|<>\[\]]| \.", text):
+            out.append(text)
+    return out
+
+
 def _write(path: Path, lines: list[str]) -> str:
     """Write lines (one text each) and return the file's sha256."""
     data = ("\n".join(lines) + "\n").encode("utf-8")
@@ -189,6 +241,11 @@ def _write(path: Path, lines: list[str]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _write_gz(path: Path, lines: list[str]) -> None:
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0) as f:
+        f.write(("\n".join(lines) + "\n").encode("utf-8"))  # mtime=0: reproducible bytes
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default .data/text)")
@@ -196,9 +253,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-distill", type=int, default=200_000, help="at most this many distillation lines")
     ap.add_argument("--gzip", action="store_true", help="also write distill.txt.gz (smaller to carry)")
     ap.add_argument("--pairs", type=int, default=3000, help="scored held-out definition pairs (heldout_pairs.tsv)")
+    ap.add_argument("--large", action="store_true",
+                    help="also write distill_large.txt(.gz): distill.txt plus GCIDE's definitions and quotations")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    share = _find_share(args.out)
+    share = _find_share(args.out, args.large)
 
     sources = {"wordnet": wordnet_groups(share), "fortunes": fortune_groups(share)}
     rng = random.Random(SEED)
@@ -227,9 +286,25 @@ def main(argv: list[str] | None = None) -> None:
     p_sha = _write(args.out / "heldout_pairs.tsv", ["sentence1\tsentence2\tscore"] +
                    [f"{a}\t{b}\t{v}" for a, b, v in pairs])
     if args.gzip:
-        with open(args.out / "distill.txt.gz", "wb") as raw, \
-                gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0) as f:  # reproducible bytes
-            f.write(("\n".join(distill) + "\n").encode("utf-8"))
+        _write_gz(args.out / "distill.txt.gz", distill)
+    large_note = ""
+    if args.large:
+        kept = set(seen)  # every WordNet and fortune line, held out or not (lowercased)
+        extra = []
+        for t in gcide_lines(share):
+            if t.lower() not in kept:
+                kept.add(t.lower())
+                extra.append(t)
+        large = distill + extra
+        random.Random(SEED).shuffle(large)
+        l_sha = _write(args.out / "distill_large.txt", large)
+        if args.gzip:
+            _write_gz(args.out / "distill_large.txt.gz", large)
+        counts["gcide"] = {"distill": len(extra), "heldout": 0}
+        large_note = (f"\ndistill_large.txt (`--large`): distill.txt's {len(distill)} lines plus {len(extra)} GCIDE "
+                      f"lines (GNU Collaborative International Dictionary of English, Debian package dict-gcide, "
+                      f"GPL-2+: definitions and quotations up to {GCIDE_MAX_CHARS} characters, paragraphs sourced from WordNet skipped, lines equal to "
+                      f"a WordNet or fortune line dropped), shuffled: {len(large)} lines, sha256 {l_sha}\n")
     (args.out / "SOURCES.md").write_text(
         "# Text data for sentence-encoder distillation\n\n"
         f"Built by `benchmarks/make_text_data.py` from {'the installed packages' if share == Path('/usr/share') else 'the unpacked .deb files'} ({share}).\n\n"
@@ -242,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         f"heldout_pairs.tsv: {len(pairs)} pairs of held-out noun definitions (WordNet), each scored by its "
         "synsets' Wu-Palmer similarity (make_text_data.heldout_pairs: a third random pairs, a third sharing a "
         "hypernym, a third an ancestor two steps up), for `sttp-eval --data pairs:FILE`; a sentence-similarity "
-        f"stand-in built from the taxonomy, not from human ratings; sha256 {p_sha}\n")
+        f"stand-in built from the taxonomy, not from human ratings; sha256 {p_sha}\n" + large_note)
     print(f"wrote {args.out}/distill.txt ({len(distill)} lines), heldout.txt ({len(heldout)} lines) and "
           f"heldout_pairs.tsv ({len(pairs)} pairs); sources in SOURCES.md")
 
