@@ -13,20 +13,24 @@ custom one (text distillation), so that the teacher's forward and the loss are c
     out = net(input_ids=ids, attention_mask=mask)   # keyword tensors too (text batches)
 
 Inputs are tensors, positional or keyword (None keywords are left out); each distinct set of names,
-shapes and dtypes (and autocast state) gets its own graph, up to `max_graphs` of them, each keeping its
-own activation memory. With `capture_at=2` a shape is captured at its second batch, so one-off shapes
+shapes and dtypes (and autocast state) gets its own graph, up to `max_graphs` of them. The graphs capture
+into one shared memory pool, so the activation memory they keep is about that of the largest, not the sum
+(safe: they replay one at a time on one stream, and what one graph keeps between replays, its input and
+output buffers, is never handed to another); a new shape is captured only while the free device memory is
+at least `MEMORY_MARGIN` times what the largest capture so far took (else it runs eagerly, one warning).
+With `capture_at=2` a shape is captured at its second batch, so one-off shapes
 cost no capture; but capture then happens while the previous step's autograd graph may still be alive,
 and a capture fails if it is (autograd's gradient-accumulation nodes stay on the stream they were made
 on), so the default captures at a shape's first batch and callers must not keep the previous step's
 outputs or loss alive (finetune keeps only detached copies).
 
 What runs eagerly instead (same results, the old speed): eval mode, no-grad, CPU tensors, non-tensor
-inputs, a shape's first `capture_at - 1` batches, shapes beyond `max_graphs`, and after a capture fails
+inputs, a shape's first `capture_at - 1` batches, shapes beyond `max_graphs` or the free memory, and after a capture fails
 every shape not captured before (one warning; the CUDA random generator's state is restored). Python-
 side effects of the forward (hooks' state, Python random numbers) happen at capture only, as with any
 CUDA graph (dropout masks are drawn anew each replay); the warm-up passes' BatchNorm statistics are
 rolled back. A graphed call's outputs are the graph's buffers, which the next replay overwrites: use
-them within the step (or clone them). Each backward must follow `optimizer.zero_grad(set_to_none=True)`
+them within the step (or clone them): the next replay of any shape's graph may overwrite them. Each backward must follow `optimizer.zero_grad(set_to_none=True)`
 (as the fine-tune loop does): the gradients handed to autograd are the graph's own buffers too, so
 accumulating two backwards into one `.grad` is not supported.
 """
@@ -41,7 +45,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["StepGraph", "make_graphed"]
+__all__ = ["StepGraph", "make_graphed", "MEMORY_MARGIN"]
+
+MEMORY_MARGIN = 2.0  # capture a new shape only with this many times the largest capture's memory free
 
 
 def make_graphed(fn: Any, sample_args: tuple[Tensor, ...], **kwargs: Any) -> Any:
@@ -86,6 +92,9 @@ class StepGraph(nn.Module):
         self.graphs: dict[tuple, Any] = {}
         self.seen: Counter = Counter()
         self.failed: str | None = None  # why capture was given up, once it failed
+        self.pool: Any = None  # the memory pool all graphs capture into (made at the first capture)
+        self.capture_bytes = 0  # the most device memory one capture has taken (reserved before vs after)
+        self.full = False  # a shape was left eager for want of memory (warned once)
 
     def _key(self, tensors: list[Any], n_args: int, names: tuple[str, ...]) -> tuple | None:
         """The graph key of a call, or None when it runs eagerly."""
@@ -105,22 +114,41 @@ class StepGraph(nn.Module):
         graphed = self.graphs.get(key)
         if graphed is None and self.failed is None and len(self.graphs) < self.max_graphs:
             self.seen[key] += 1
-            if self.seen[key] >= self.capture_at:
+            if self.seen[key] >= self.capture_at and self._room(tensors[0].device):
                 graphed = self._capture(key, tensors, len(args), names)
         return self.model(*args, **kwargs) if graphed is None else graphed(*tensors)
+
+    def _room(self, device: torch.device) -> bool:
+        """Whether the device has room for one more graph: MEMORY_MARGIN × the largest capture so far free
+        (what the driver has free plus what PyTorch's cache holds unused)."""
+        if not self.graphs or not self.capture_bytes:
+            return True
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        if free >= MEMORY_MARGIN * self.capture_bytes:
+            return True
+        if not self.full:
+            self.full = True
+            warnings.warn(f"step graph: {len(self.graphs)} batch shapes captured; further shapes run eagerly "
+                          f"({free / 2**30:.1f} GiB free, a capture took up to {self.capture_bytes / 2**30:.1f} GiB)",
+                          stacklevel=3)
+        return False
 
     def _capture(self, key: tuple, tensors: list[Tensor], n_args: int, names: tuple[str, ...]) -> Any:
         """Capture forward and backward for inputs like `tensors`; None when that fails (and no capture after it)."""
         buffers = list(self.model.buffers())
         saved = [b.detach().clone() for b in buffers]
         amp, dtype = key[3], key[4]
+        device = tensors[0].device
+        before = torch.cuda.memory_reserved(device)
         try:
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
             with (self.bank.eager() if self.bank is not None else nullcontext()), \
                     torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=amp, cache_enabled=False):
                 # private copies of the inputs: they become the graph's input buffers, which each replay
                 # overwrites (the caller's tensors may be views into its data)
                 graphed = make_graphed(_Shell(self.model, n_args, names), tuple(t.detach().clone() for t in tensors),
-                                       num_warmup_iters=self.warmup, allow_unused_input=True)
+                                       num_warmup_iters=self.warmup, allow_unused_input=True, pool=self.pool)
         except Exception as e:  # noqa: BLE001 - any model may hold what a graph cannot capture; run eagerly
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             warnings.warn(f"step graph: CUDA graph capture of the training step failed, running it eagerly "
@@ -132,4 +160,5 @@ class StepGraph(nn.Module):
                     b.copy_(s)
         self.graphs[key] = graphed
         self.seen.pop(key, None)
+        self.capture_bytes = max(self.capture_bytes, torch.cuda.memory_reserved(device) - before)
         return graphed

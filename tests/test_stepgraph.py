@@ -270,3 +270,28 @@ def test_finetune_with_a_custom_loss_graphs_teacher_student_and_loss(amp):
     for k in sa:
         torch.testing.assert_close(sb[k].float(), sa[k].float(), **tol, msg=k)
     assert not teacher.training and all(p.grad is None for p in teacher.parameters())
+
+
+def test_no_new_capture_without_room_for_it(monkeypatch):
+    """A new shape is captured only while MEMORY_MARGIN × the largest capture so far is free (driver-free
+    plus PyTorch's unused cache); otherwise it runs eagerly, with one warning."""
+    from sttp_compress import stepgraph
+
+    gib = 2**30
+    free = {"driver": 30 * gib}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["driver"], 140 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 50 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 45 * gib)
+    net = StepGraph(nn.Linear(2, 2))
+    device = torch.device("cpu")
+    assert net._room(device)  # nothing captured yet: always
+    net.graphs[("a",)], net.capture_bytes = object(), 20 * gib
+    with pytest.warns(UserWarning, match=r"1 batch shapes captured; further shapes run eagerly \(35.0 GiB free"):
+        assert not net._room(device) and net.full  # 30 + 5 GiB free < 2 × 20 GiB
+    free["driver"] = 35 * gib
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        assert net._room(device)  # 35 + 5 >= 40
+        free["driver"] = 0
+        assert not net._room(device)
+    assert stepgraph.MEMORY_MARGIN == 2.0
