@@ -44,7 +44,7 @@ from common import machine, markdown_table, merge_rows, print_table, today, writ
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".data" / "text"
-COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "lr", "hidden_weight", "seed", "augment", "distill", "length_group", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
+COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "lr", "hidden_weight", "hidden_end", "seed", "augment", "distill", "length_group", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
            "nn_agreement_before", "wordnet_before", "cosine_after", "nn_agreement_after", "spearman_after", "wordnet_after", "steps", "seconds", "peak_gpu_gib", "peak_reserved_gib", "device"]
 
 
@@ -85,6 +85,25 @@ def _heldout_loader(folder: Path, path: Path, limit: int | None, batch: int):
 
     data = tokenize_texts(read_texts(f"text:{path}")[:limit], folder)
     return DataLoader(data, batch_size=batch, shuffle=False, collate_fn=data.collate_fn)
+
+
+RARITY_BINS = ((0, 0), (1, 9), (10, 99), (100, None))  # the rarest token's count in the distillation texts
+
+
+def cosine_by_rarity(student_emb, reference, held_ds, counts) -> dict[str, list]:
+    """Mean cosine to the original per group of held-out texts, grouped by how often the text's rarest
+    token occurs in the distillation texts ({"0": [mean, n], "1-9": ..., ...}): whether unseen or rare
+    tokens' embedding rows are where the student falls short."""
+    cos = torch.nn.functional.cosine_similarity(student_emb.float(), reference.float(), dim=-1)
+    special = {0, 100, 101, 102, 103}  # [PAD] [UNK] [CLS] [SEP] [MASK] in BERT's vocabulary
+    rarest = torch.tensor([min((int(counts[i]) for i in ids if i not in special), default=10**9)
+                           for ids in held_ds.ids])
+    out = {}
+    for lo, hi in RARITY_BINS:
+        sel = (rarest >= lo) & (rarest <= (hi if hi is not None else 10**9))
+        out[f"{lo}-{hi}" if hi is not None else f"{lo}+"] = [round(float(cos[sel].mean()), 4) if sel.any() else None,
+                                                               int(sel.sum())]
+    return out
 
 
 def ratio4_student(teacher, train_ds):
@@ -170,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
                          "column-scaled by their input scales on 8 batches of the distillation texts)")
     ap.add_argument("--hidden-weight", default=None,
                     help="layer-wise term weight (default text.HIDDEN_WEIGHT); a comma list runs one distillation per value")
+    ap.add_argument("--hidden-end", type=float, default=None,
+                    help="layer-wise weight at the last step: it moves linearly from --hidden-weight to this")
     ap.add_argument("--seed", default="0", help="fine-tune seed (batch order, augmentation); a comma list runs "
                     "one distillation per seed, e.g. to measure the spread between runs")
     ap.add_argument("--augment", type=float, default=None,
@@ -240,7 +261,9 @@ def main(argv: list[str] | None = None) -> None:
         configs.append((args.encoder_only, [], 0))
     from sttp_compress.text import token_weights
 
-    weights = None if args.no_token_weighting else token_weights(train_ds, teacher.embeddings.word_embeddings.num_embeddings)
+    vocab = teacher.embeddings.word_embeddings.num_embeddings
+    weights = None if args.no_token_weighting else token_weights(train_ds, vocab)
+    counts = token_weights(train_ds, vocab, power=1.0) - 1  # each token's count in the distillation texts
     moments = None
     if not args.no_activation_aware:  # column weights and spectrum refit, as sttp-compress with text data
         from sttp_compress.activation import calibration_batches, input_moments
@@ -293,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
             print(rows[-1], flush=True)
         for batch, lr, hidden, seed in ([] if args.no_distill else variants):
             student = copy.deepcopy(converted)
-            loss = EmbeddingDistillLoss(hidden=hidden)
+            loss = EmbeddingDistillLoss(hidden=hidden, hidden_end=args.hidden_end)
             cfg = FinetuneConfig(steps=1, lr=lr, batch_size=16 if quick else batch, device=device, workers=2,
                                  log_every=50, select_best=False, loss_fn=loss, seed=seed)
             # workers=0: tokenizing in this process; forked workers after CUDA init crashed on the H100
@@ -331,7 +354,10 @@ def main(argv: list[str] | None = None) -> None:
             if device.startswith("cuda"):  # reserved: the CUDA graphs' pools count in full there
                 peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 reserved = round(torch.cuda.max_memory_reserved() / 2**30, 2)
-            after = embedding_agreement(embed(student, held, device), reference)
+            student_emb = embed(student, held, device)
+            after = embedding_agreement(student_emb, reference)
+            by_rarity = cosine_by_rarity(student_emb, reference, held.dataset, counts)
+            print(f"cosine by the rarest token's count in the distillation texts: {by_rarity}", flush=True)
             if args.save_dir:  # to study the model elsewhere (sttp-eval on other texts) without the GPU
                 from sttp_compress.checkpoint import save_compressed
 
@@ -340,13 +366,15 @@ def main(argv: list[str] | None = None) -> None:
                 save_compressed(student.cpu(), path, f"hf:{folder}", meta={"params_original": total}, force=True)
                 student.to(device)
                 print(f"saved {path}", flush=True)
-            row = {**how, "batch": cfg.batch_size, "lr": cfg.resolved_lr, "hidden_weight": loss.hidden, "seed": seed,
+            row = {**how, "batch": cfg.batch_size, "lr": cfg.resolved_lr, "hidden_weight": loss.hidden, "hidden_end": loss.hidden_end,
+                   "seed": seed,
                    "augment": args.augment, "distill": distill.name.removesuffix(".gz"),
                    "length_group": 0 if args.no_group_by_length else length_group,  # 0: random batches
                    **result, "cosine_after": round(after["cosine"], 4),
                    "nn_agreement_after": round(after["nn_agreement"], 2),
                    "spearman_after": round(after["similarity_spearman"], 4),
-                   "wordnet_after": _pair_scores(student, pairs, folder, device), "steps": block["steps"],
+                   "wordnet_after": _pair_scores(student, pairs, folder, device), "cosine_by_rarity": by_rarity,
+                   "steps": block["steps"],
                    "seconds": block["seconds"], "peak_gpu_gib": peak, "peak_reserved_gib": reserved,
                    "device": machine(device),
                    "curve": [{k: c[k] for k in ("epoch", "train_loss", "val_loss")} for c in block["curve"]]}

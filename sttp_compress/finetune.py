@@ -736,10 +736,13 @@ def finetune(
         start_clock()
     attention = _attention_backends(device)
     attention.__enter__()
+    progress_to = getattr(cfg.loss_fn, "set_progress", None)  # a loss whose weights follow the steps
     try:
         while step < total_steps:
             _set_epoch(train_loader, epoch)
             for batch in train_loader:
+                if progress_to is not None:
+                    progress_to(step / max(total_steps - 1, 1))
                 loss, s_out, labels = _train_step(
                     student, teacher, batch, optimizer, trainable, cfg, device, use_amp,
                     check_labels=step == 0,  # once: checking every batch would sync with the GPU

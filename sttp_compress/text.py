@@ -247,19 +247,43 @@ def hidden_state_loss(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...], 
 
 class EmbeddingDistillLoss:
     """The text distillation loss on `HiddenStates` outputs: embedding_distillation_loss on the sentence
-    embeddings + hidden·hidden_state_loss over every layer's token states (plain tensors: the first part)."""
+    embeddings + hidden·hidden_state_loss over every layer's token states (plain tensors: the first part).
 
-    def __init__(self, cosine: float = COSINE_WEIGHT, mse: float = MSE_WEIGHT, hidden: float = HIDDEN_WEIGHT):
-        self.cosine, self.mse, self.hidden = cosine, mse, hidden
+    With `hidden_end` the layer-wise weight moves linearly from `hidden` at the first step to `hidden_end`
+    at the last (`set_progress`, which the fine-tune loop calls before each step): the layers' states
+    guide the start, the sentence embedding the finish. The weight is a device tensor the loss reads, so
+    a step replayed as a CUDA graph sees each step's value.
+    """
+
+    def __init__(self, cosine: float = COSINE_WEIGHT, mse: float = MSE_WEIGHT, hidden: float = HIDDEN_WEIGHT,
+                 hidden_end: float | None = None):
+        self.cosine, self.mse, self.hidden, self.hidden_end = cosine, mse, hidden, hidden_end
+        self._weight: Tensor | None = None  # the current layer-wise weight (hidden_end given), on the loss's device
+
+    @property
+    def layerwise(self) -> bool:
+        """Whether the hidden states are needed at any step."""
+        return self.hidden > 0 or bool(self.hidden_end)
+
+    def set_progress(self, fraction: float) -> None:
+        """The fraction of the fine-tune's steps done (0 at the first step, 1 at the end)."""
+        if self.hidden_end is not None and self._weight is not None:
+            f = min(max(fraction, 0.0), 1.0)
+            self._weight.fill_(self.hidden + f * (self.hidden_end - self.hidden))
 
     def __call__(self, student_out: Any, teacher_out: Any) -> Tensor:
         both = isinstance(student_out, dict) and isinstance(teacher_out, dict)
         s = student_out["sentence_embedding"] if both else student_out
         t = teacher_out["sentence_embedding"] if both else teacher_out
         loss = embedding_distillation_loss(s, t, self.cosine, self.mse)
-        if both and self.hidden:
-            loss = loss + self.hidden * hidden_state_loss(student_out["hidden_states"], teacher_out["hidden_states"],
-                                                          teacher_out["attention_mask"])
+        if both and self.layerwise:
+            weight: float | Tensor = self.hidden
+            if self.hidden_end is not None:
+                if self._weight is None or self._weight.device != loss.device:
+                    self._weight = torch.tensor(float(self.hidden), device=loss.device)
+                weight = self._weight
+            loss = loss + weight * hidden_state_loss(student_out["hidden_states"], teacher_out["hidden_states"],
+                                                     teacher_out["attention_mask"])
         return loss
 
 
@@ -381,7 +405,7 @@ def distill_embeddings(student: nn.Module, teacher: nn.Module, train_loader: Ite
     from .finetune import finetune, resolve_device
 
     cfg = replace(cfg, loss_fn=cfg.loss_fn or EmbeddingDistillLoss())
-    layerwise = isinstance(cfg.loss_fn, EmbeddingDistillLoss) and cfg.loss_fn.hidden > 0
+    layerwise = isinstance(cfg.loss_fn, EmbeddingDistillLoss) and cfg.loss_fn.layerwise
     device = resolve_device(cfg.device)
     ref = before = None
     if val_loader is not None:

@@ -414,3 +414,22 @@ def test_digits_example_shapes() -> None:
     model = digits_factory()
     assert isinstance(model, DigitsCNN) and model(x[:2]).shape == (2, 10)
     assert sum(p.numel() for p in model.parameters()) > 500_000
+
+
+def test_a_loss_with_set_progress_hears_each_steps_fraction(digits, teacher) -> None:
+    """finetune tells a loss that has `set_progress` the fraction of steps done before each step: 0 first,
+    1 at the last (text distillation's layer-wise weight ramps with it)."""
+
+    class Recording:
+        def __init__(self):
+            self.fractions = []
+
+        def set_progress(self, fraction):
+            self.fractions.append(fraction)
+
+        def __call__(self, s, t):
+            return F.mse_loss(s, t)
+
+    loss = Recording()
+    _run(_student(), teacher, digits, steps=5, loss_fn=loss)
+    assert loss.fractions == [0.0, 0.25, 0.5, 0.75, 1.0]

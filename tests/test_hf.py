@@ -319,6 +319,13 @@ def test_losses_and_agreement():
     out_s = {"sentence_embedding": t, "hidden_states": (h_t[0] * 2,), "attention_mask": mask}
     out_t = {"sentence_embedding": t, "hidden_states": h_t, "attention_mask": mask}
     assert float(loss(out_s, out_t)) == pytest.approx(2.0)  # relative MSE of 2·h vs h is 1, times 2
+    ramp = EmbeddingDistillLoss(hidden=2.0, hidden_end=0.5)  # the layer-wise weight from 2 down to 0.5
+    ramp.set_progress(0.5)  # before the first call: nothing to set yet, the first call uses 2
+    assert ramp.layerwise and float(ramp(out_s, out_t)) == pytest.approx(2.0)
+    for fraction, weight in ((0.5, 1.25), (1.0, 0.5), (3.0, 0.5), (0.0, 2.0)):
+        ramp.set_progress(fraction)
+        assert float(ramp(out_s, out_t)) == pytest.approx(weight)
+    assert EmbeddingDistillLoss(hidden=0.0, hidden_end=1.0).layerwise and not EmbeddingDistillLoss(hidden=0.0).layerwise
     # nearest neighbours: brute force reference
     nn_idx = nearest_neighbours(s, chunk=7)
     sims = torch.nn.functional.normalize(s, dim=-1) @ torch.nn.functional.normalize(s, dim=-1).T
