@@ -44,7 +44,7 @@ from common import machine, markdown_table, merge_rows, print_table, today, writ
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".data" / "text"
-COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "lr", "hidden_weight", "hidden_end", "seed", "augment", "distill", "length_group", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
+COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "lr", "hidden_weight", "hidden_end", "seed", "augment", "augment_vocab", "distill", "length_group", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
            "nn_agreement_before", "wordnet_before", "cosine_after", "nn_agreement_after", "spearman_after", "wordnet_after", "steps", "seconds", "peak_gpu_gib", "peak_reserved_gib", "device"]
 
 
@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> None:
                          "column-scaled by their input scales on 8 batches of the distillation texts)")
     ap.add_argument("--hidden-weight", default=None,
                     help="layer-wise term weight (default text.HIDDEN_WEIGHT); a comma list runs one distillation per value")
+    ap.add_argument("--augment-vocab", type=float, default=0.0,
+                    help="share of the augmentation's replacement tokens drawn uniformly from the vocabulary "
+                         "instead of the batch (text.perturb_tokens' vocab_share)")
     ap.add_argument("--hidden-end", type=float, default=None,
                     help="layer-wise weight at the last step: it moves linearly from --hidden-weight to this")
     ap.add_argument("--seed", default="0", help="fine-tune seed (batch order, augmentation); a comma list runs "
@@ -252,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.augment is None:
         args.augment = TEXT_AUGMENT
     train_ds.augment = args.augment  # the validation texts stay as they are
+    train_ds.vocab_share = args.augment_vocab
     print(f"loaded model and {len(train_ds) + len(val_ds):,} distillation texts ({len(held.dataset):,} held out) "
           f"in {time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -368,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"saved {path}", flush=True)
             row = {**how, "batch": cfg.batch_size, "lr": cfg.resolved_lr, "hidden_weight": loss.hidden, "hidden_end": loss.hidden_end,
                    "seed": seed,
-                   "augment": args.augment, "distill": distill.name.removesuffix(".gz"),
+                   "augment": args.augment, "augment_vocab": args.augment_vocab, "distill": distill.name.removesuffix(".gz"),
                    "length_group": 0 if args.no_group_by_length else length_group,  # 0: random batches
                    **result, "cosine_after": round(after["cosine"], 4),
                    "nn_agreement_after": round(after["nn_agreement"], 2),

@@ -90,11 +90,13 @@ class TokenizedTexts(Dataset):
     """
 
     def __init__(self, ids: list[list[int]], pad_id: int = 0, max_length: int | None = None,
-                 augment: float = 0.0):
+                 augment: float = 0.0, vocab: Tensor | None = None, vocab_share: float = 0.0):
         self.ids = ids
         self.pad_id = int(pad_id)
         self.max_length = max_length  # the padded length is rounded up, but never beyond this
         self.augment = augment  # fraction of each batch's texts perturbed by perturb_tokens (training only)
+        self.vocab = vocab  # the tokenizer's ordinary token ids (tokenize_texts), for vocab_share
+        self.vocab_share = vocab_share  # share of perturb_tokens' replacements drawn from vocab, not the batch
         self._flat: tuple[Tensor, Tensor, Tensor] | None = None  # tokens, offsets, lengths (built lazily)
 
     def __len__(self) -> int:
@@ -118,7 +120,8 @@ class TokenizedTexts(Dataset):
         return [len(x) for x in self.ids]
 
     def subset(self, indices: Iterable[int]) -> "TokenizedTexts":
-        return TokenizedTexts([self.ids[i] for i in indices], self.pad_id, self.max_length, self.augment)
+        return TokenizedTexts([self.ids[i] for i in indices], self.pad_id, self.max_length, self.augment,
+                              self.vocab, self.vocab_share)
 
     def collate_fn(self, batch: list[list[int]] | dict[str, Tensor]) -> dict[str, Tensor]:
         """Right-pad to the longest text rounded up to a multiple of PAD_MULTIPLE (at most max_length):
@@ -139,7 +142,7 @@ class TokenizedTexts(Dataset):
         ids = torch.where(valid, tokens[where] if len(tokens) else self.pad_id, self.pad_id)
         mask = valid.long()
         if self.augment > 0:
-            ids = perturb_tokens(ids, mask, self.augment)
+            ids = perturb_tokens(ids, mask, self.augment, vocab=self.vocab, vocab_share=self.vocab_share)
         return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -152,11 +155,14 @@ def _flatten(ids: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def perturb_tokens(ids: Tensor, mask: Tensor, fraction: float, prob: float = REPLACE_PROB,
-                   generator: torch.Generator | None = None) -> Tensor:
+                   generator: torch.Generator | None = None, vocab: Tensor | None = None,
+                   vocab_share: float = 0.0) -> Tensor:
     """Distillation inputs beyond the data: in a `fraction` of the texts, each token between the first
     and the last ([CLS] ... [SEP]) is replaced with chance `prob` by a token drawn from the batch's own
-    such tokens (so by their frequency). Teacher and student see the same perturbed batch, so the
-    targets stay exact; the student learns the teacher's function around the texts, not only on them."""
+    such tokens (so by their frequency), or, for a `vocab_share` of the replacements, uniformly from
+    `vocab` (so that tokens rare or absent in the texts are trained in context too). Teacher and student
+    see the same perturbed batch, so the targets stay exact; the student learns the teacher's function
+    around the texts, not only on them."""
     lengths = mask.sum(1, keepdim=True)
     pos = torch.arange(ids.shape[1]).unsqueeze(0)
     inner = (pos > 0) & (pos < lengths - 1)
@@ -169,7 +175,11 @@ def perturb_tokens(ids: Tensor, mask: Tensor, fraction: float, prob: float = REP
     if n == 0:
         return ids
     out = ids.clone()
-    out[replace] = pool[torch.randint(pool.numel(), (n,), generator=generator)]
+    new = pool[torch.randint(pool.numel(), (n,), generator=generator)]
+    if vocab is not None and len(vocab) and vocab_share > 0:
+        wide = torch.rand(n, generator=generator) < vocab_share
+        new[wide] = vocab[torch.randint(len(vocab), (int(wide.sum()),), generator=generator)].to(new.dtype)
+    out[replace] = new
     return out
 
 
@@ -186,7 +196,16 @@ def tokenize_texts(texts: list[str], folder: str | os.PathLike) -> TokenizedText
     for start in range(0, len(texts), _TOKENIZE_CHUNK):
         ids += tokenizer(texts[start:start + _TOKENIZE_CHUNK], truncation=True, max_length=limit)["input_ids"]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return TokenizedTexts(ids, pad, limit)
+    return TokenizedTexts(ids, pad, limit, vocab=ordinary_tokens(tokenizer))
+
+
+def ordinary_tokens(tokenizer: Any) -> Tensor:
+    """The ids of a tokenizer's ordinary tokens: not special ([CLS], [PAD], ...) nor bracketed
+    placeholders ([unused17]), sorted."""
+    special = set(tokenizer.all_special_ids)
+    keep = [i for tok, i in tokenizer.get_vocab().items()
+            if i not in special and not (tok.startswith("[") and tok.endswith("]"))]
+    return torch.tensor(sorted(keep), dtype=torch.long)
 
 
 def text_datasets(spec: str, folder: str | os.PathLike) -> tuple[TokenizedTexts, TokenizedTexts]:

@@ -382,6 +382,31 @@ def test_perturb_tokens_replaces_inner_tokens_of_chosen_texts_only():
     texts = changed.any(1).float().mean().item()
     assert 0.45 < texts < 0.53  # ~half the texts (a chosen one keeps all 10 tokens with chance 0.75^10)
     assert changed[changed.any(1)].float().mean().item() == pytest.approx(0.25 * 10 / 12, abs=0.02)
+    # vocab_share: that share of the replacements comes from the vocabulary instead; the same positions change
+    vocab = torch.tensor([7000, 7001])
+    for share in (0.0, 1.0):
+        wide = perturb_tokens(ids, mask, 1.0, 1.0, torch.Generator().manual_seed(0), vocab=vocab, vocab_share=share)
+        assert torch.equal(wide[~inner], ids[~inner])
+        assert set(wide[inner].tolist()) <= ({7000, 7001} if share else {5, 6, 7, 8, 9, 10})
+    half = perturb_tokens(big, torch.ones_like(big), 1.0, 1.0, torch.Generator().manual_seed(2), vocab=vocab,
+                          vocab_share=0.3)
+    assert (half[:, 1:-1] >= 7000).float().mean().item() == pytest.approx(0.3, abs=0.01)
+
+
+def test_ordinary_tokens_leave_out_special_and_placeholder_tokens(tiny):
+    from sttp_compress.hf import load_tokenizer
+    from sttp_compress.text import ordinary_tokens
+
+    tokenizer = load_tokenizer(tiny)
+    ids = ordinary_tokens(tokenizer)
+    vocab = tokenizer.get_vocab()
+    names = {i: t for t, i in vocab.items()}
+    assert ids.tolist() == sorted(ids.tolist()) and len(ids) > 0
+    assert not set(ids.tolist()) & set(tokenizer.all_special_ids)
+    assert all(not (names[i].startswith("[") and names[i].endswith("]")) for i in ids.tolist())
+    assert len(ids) == sum(1 for t in vocab if not (t.startswith("[") and t.endswith("]")))
+    data = tokenize_texts(TEXTS, tiny)
+    assert torch.equal(data.vocab, ids) and torch.equal(data.subset(range(2)).vocab, ids)
 
 
 def test_augmented_training_texts_keep_clean_calibration(tiny):
