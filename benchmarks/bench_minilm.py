@@ -44,7 +44,7 @@ from common import machine, markdown_table, merge_rows, print_table, today, writ
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".data" / "text"
-COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "lr", "hidden_weight", "hidden_end", "seed", "augment", "augment_vocab", "distill", "length_group", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
+COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "lr", "hidden_weight", "hidden_end", "beta2", "seed", "augment", "augment_vocab", "distill", "length_group", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
            "nn_agreement_before", "wordnet_before", "cosine_after", "nn_agreement_after", "spearman_after", "wordnet_after", "steps", "seconds", "peak_gpu_gib", "peak_reserved_gib", "device"]
 
 
@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--augment-vocab", type=float, default=0.0,
                     help="share of the augmentation's replacement tokens drawn uniformly from the vocabulary "
                          "instead of the batch (text.perturb_tokens' vocab_share)")
+    ap.add_argument("--beta2", type=float, default=0.999, help="AdamW's beta2 (FinetuneConfig.adam_beta2)")
     ap.add_argument("--hidden-end", type=float, default=None,
                     help="layer-wise weight at the last step: it moves linearly from --hidden-weight to this")
     ap.add_argument("--seed", default="0", help="fine-tune seed (batch order, augmentation); a comma list runs "
@@ -322,7 +323,8 @@ def main(argv: list[str] | None = None) -> None:
             student = copy.deepcopy(converted)
             loss = EmbeddingDistillLoss(hidden=hidden, hidden_end=args.hidden_end)
             cfg = FinetuneConfig(steps=1, lr=lr, batch_size=16 if quick else batch, device=device, workers=2,
-                                 log_every=50, select_best=False, loss_fn=loss, seed=seed)
+                                 log_every=50, select_best=False, loss_fn=loss, seed=seed,
+                                 adam_beta2=args.beta2)
             # workers=0: tokenizing in this process; forked workers after CUDA init crashed on the H100
             # (CUDA initialization error in a worker during the second configuration)
             loaders = make_loaders(train_ds, val_ds, cfg.batch_size, 0, cfg.seed, device,
@@ -371,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
                 student.to(device)
                 print(f"saved {path}", flush=True)
             row = {**how, "batch": cfg.batch_size, "lr": cfg.resolved_lr, "hidden_weight": loss.hidden, "hidden_end": loss.hidden_end,
-                   "seed": seed,
+                   "beta2": args.beta2, "seed": seed,
                    "augment": args.augment, "augment_vocab": args.augment_vocab, "distill": distill.name.removesuffix(".gz"),
                    "length_group": 0 if args.no_group_by_length else length_group,  # 0: random batches
                    **result, "cosine_after": round(after["cosine"], 4),

@@ -105,6 +105,7 @@ class FinetuneConfig:
     workers: int = 2
     seed: int = 0
     grad_clip: float | None = 5.0
+    adam_beta2: float = 0.999  # AdamW's second-moment decay (PyTorch's default); lower reacts faster to gradient jumps
     select_best: bool = True  # keep the best-validation state (False: the final state)
     weight_bank: bool = True  # build all compressed weights together each step (bank.py)
     cuda_graph: bool = True  # on GPUs, replay the bank's build as a CUDA graph (False: no CUDA graphs at all)
@@ -142,6 +143,8 @@ class FinetuneConfig:
             raise UserError(f"distillation alpha must be in [0, 1], got {self.alpha}")
         if self.log_every < 1:
             raise UserError(f"log interval must be at least 1 step, got {self.log_every}")
+        if not 0.0 < self.adam_beta2 < 1.0:
+            raise UserError(f"AdamW beta2 must be in (0, 1), got {self.adam_beta2}")
 
     @property
     def resolved_lr(self) -> float:
@@ -415,7 +418,9 @@ def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimi
     # hundreds of small frame tensors). Fused updates do not bump version counters; SpectralTT.train()
     # drops its cached weight on every mode switch, so no stale weight survives a step.
     fused = cfg.fused and all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=lr, fused=True) if fused else torch.optim.AdamW(groups, lr=lr)
+    betas = (0.9, cfg.adam_beta2)  # beta1 as PyTorch's default (OneCycleLR cycles it)
+    return (torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True) if fused
+            else torch.optim.AdamW(groups, lr=lr, betas=betas))
 
 
 def build_scheduler(

@@ -184,6 +184,8 @@ def test_weight_decay_skips_vectors_and_spectra() -> None:
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["lr"] == 1e-3
     assert adamw.param_groups[0]["weight_decay"] == 0.01
     assert not adamw.defaults["fused"]  # fused only when every parameter is on a GPU
+    assert adamw.defaults["betas"] == (0.9, 0.999)
+    assert build_optimizer(model, FinetuneConfig(adam_beta2=0.98)).defaults["betas"] == (0.9, 0.98)
 
 
 @pytest.mark.parametrize(
@@ -196,6 +198,7 @@ def test_weight_decay_skips_vectors_and_spectra() -> None:
         ({"lr": -1.0}, "learning rate"),
         ({"steps": -2}, "negative"),
         ({"device": "tpu"}, "device"),
+        ({"adam_beta2": 1.0}, "beta2"),
     ],
 )
 def test_config_user_errors(digits, teacher, overrides, fragment: str) -> None:
