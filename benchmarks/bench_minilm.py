@@ -44,7 +44,7 @@ from common import machine, markdown_table, merge_rows, print_table, today, writ
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".data" / "text"
-COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "lr", "hidden_weight", "hidden_end", "beta2", "seed", "augment", "augment_vocab", "distill", "length_group", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
+COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "lr", "hidden_weight", "hidden_end", "beta2", "seed", "augment", "augment_vocab", "vocab_rows", "vocab_weight", "distill", "length_group", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
            "nn_agreement_before", "wordnet_before", "cosine_after", "nn_agreement_after", "spearman_after", "wordnet_after", "steps", "seconds", "peak_gpu_gib", "peak_reserved_gib", "device"]
 
 
@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--augment-vocab", type=float, default=0.0,
                     help="share of the augmentation's replacement tokens drawn uniformly from the vocabulary "
                          "instead of the batch (text.perturb_tokens' vocab_share)")
+    ap.add_argument("--vocab-rows", type=int, default=0,
+                    help="token-embedding rows drawn from the whole vocabulary per batch for the loss's vocab term")
+    ap.add_argument("--vocab-weight", type=float, default=1.0, help="weight of that term (with --vocab-rows)")
     ap.add_argument("--beta2", type=float, default=0.999, help="AdamW's beta2 (FinetuneConfig.adam_beta2)")
     ap.add_argument("--hidden-end", type=float, default=None,
                     help="layer-wise weight at the last step: it moves linearly from --hidden-weight to this")
@@ -257,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
         args.augment = TEXT_AUGMENT
     train_ds.augment = args.augment  # the validation texts stay as they are
     train_ds.vocab_share = args.augment_vocab
+    train_ds.vocab_rows = args.vocab_rows
     print(f"loaded model and {len(train_ds) + len(val_ds):,} distillation texts ({len(held.dataset):,} held out) "
           f"in {time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -321,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
             print(rows[-1], flush=True)
         for batch, lr, hidden, seed in ([] if args.no_distill else variants):
             student = copy.deepcopy(converted)
-            loss = EmbeddingDistillLoss(hidden=hidden, hidden_end=args.hidden_end)
+            loss = EmbeddingDistillLoss(hidden=hidden, hidden_end=args.hidden_end,
+                                        vocab=args.vocab_weight if args.vocab_rows else 0.0)
             cfg = FinetuneConfig(steps=1, lr=lr, batch_size=16 if quick else batch, device=device, workers=2,
                                  log_every=50, select_best=False, loss_fn=loss, seed=seed,
                                  adam_beta2=args.beta2)
@@ -374,7 +379,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"saved {path}", flush=True)
             row = {**how, "batch": cfg.batch_size, "lr": cfg.resolved_lr, "hidden_weight": loss.hidden, "hidden_end": loss.hidden_end,
                    "beta2": args.beta2, "seed": seed,
-                   "augment": args.augment, "augment_vocab": args.augment_vocab, "distill": distill.name.removesuffix(".gz"),
+                   "augment": args.augment, "augment_vocab": args.augment_vocab,
+                   "vocab_rows": args.vocab_rows, "vocab_weight": loss.vocab, "distill": distill.name.removesuffix(".gz"),
                    "length_group": 0 if args.no_group_by_length else length_group,  # 0: random batches
                    **result, "cosine_after": round(after["cosine"], 4),
                    "nn_agreement_after": round(after["nn_agreement"], 2),

@@ -130,9 +130,9 @@ def calibration_batches(dataset, n_batches: int = CALIBRATION_BATCHES, batch_siz
 
     from torch.utils.data import DataLoader
 
-    if getattr(dataset, "augment", 0):  # calibrate on the texts as they are, not perturbed ones
-        dataset = copy.copy(dataset)
-        dataset.augment = 0.0
+    if getattr(dataset, "augment", 0) or getattr(dataset, "vocab_rows", 0):  # the texts as they are, not
+        dataset = copy.copy(dataset)                                         # perturbed, and no extra keys
+        dataset.augment, dataset.vocab_rows = 0.0, 0
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
                         collate_fn=getattr(dataset, "collate_fn", None))
     return [b for _, b in zip(range(n_batches), loader)]

@@ -90,13 +90,15 @@ class TokenizedTexts(Dataset):
     """
 
     def __init__(self, ids: list[list[int]], pad_id: int = 0, max_length: int | None = None,
-                 augment: float = 0.0, vocab: Tensor | None = None, vocab_share: float = 0.0):
+                 augment: float = 0.0, vocab: Tensor | None = None, vocab_share: float = 0.0,
+                 vocab_rows: int = 0):
         self.ids = ids
         self.pad_id = int(pad_id)
         self.max_length = max_length  # the padded length is rounded up, but never beyond this
         self.augment = augment  # fraction of each batch's texts perturbed by perturb_tokens (training only)
         self.vocab = vocab  # the tokenizer's ordinary token ids (tokenize_texts), for vocab_share
         self.vocab_share = vocab_share  # share of perturb_tokens' replacements drawn from vocab, not the batch
+        self.vocab_rows = vocab_rows  # per batch, this many ids drawn from vocab ("vocab_ids", the loss's vocab term)
         self._flat: tuple[Tensor, Tensor, Tensor] | None = None  # tokens, offsets, lengths (built lazily)
 
     def __len__(self) -> int:
@@ -121,7 +123,7 @@ class TokenizedTexts(Dataset):
 
     def subset(self, indices: Iterable[int]) -> "TokenizedTexts":
         return TokenizedTexts([self.ids[i] for i in indices], self.pad_id, self.max_length, self.augment,
-                              self.vocab, self.vocab_share)
+                              self.vocab, self.vocab_share, self.vocab_rows)
 
     def collate_fn(self, batch: list[list[int]] | dict[str, Tensor]) -> dict[str, Tensor]:
         """Right-pad to the longest text rounded up to a multiple of PAD_MULTIPLE (at most max_length):
@@ -143,7 +145,10 @@ class TokenizedTexts(Dataset):
         mask = valid.long()
         if self.augment > 0:
             ids = perturb_tokens(ids, mask, self.augment, vocab=self.vocab, vocab_share=self.vocab_share)
-        return {"input_ids": ids, "attention_mask": mask}
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if self.vocab_rows > 0 and self.vocab is not None and len(self.vocab):
+            batch["vocab_ids"] = self.vocab[torch.randint(len(self.vocab), (self.vocab_rows,))]
+        return batch
 
 
 def _flatten(ids: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
@@ -268,6 +273,10 @@ class EmbeddingDistillLoss:
     """The text distillation loss on `HiddenStates` outputs: embedding_distillation_loss on the sentence
     embeddings + hidden·hidden_state_loss over every layer's token states (plain tensors: the first part).
 
+    With `vocab` > 0 and training batches carrying "vocab_ids" (TokenizedTexts.vocab_rows), it adds
+    vocab·‖E_s − E_t‖² / ‖E_t‖² over those token-embedding rows, drawn from the whole vocabulary each
+    step: rows of tokens the texts rarely or never hold are trained toward the original's too.
+
     With `hidden_end` the layer-wise weight moves linearly from `hidden` at the first step to `hidden_end`
     at the last (`set_progress`, which the fine-tune loop calls before each step): the layers' states
     guide the start, the sentence embedding the finish. The weight is a device tensor the loss reads, so
@@ -275,8 +284,9 @@ class EmbeddingDistillLoss:
     """
 
     def __init__(self, cosine: float = COSINE_WEIGHT, mse: float = MSE_WEIGHT, hidden: float = HIDDEN_WEIGHT,
-                 hidden_end: float | None = None):
+                 hidden_end: float | None = None, vocab: float = 0.0):
         self.cosine, self.mse, self.hidden, self.hidden_end = cosine, mse, hidden, hidden_end
+        self.vocab = vocab  # weight of the token-embedding rows term (needs batches with "vocab_ids")
         self._weight: Tensor | None = None  # the current layer-wise weight (hidden_end given), on the loss's device
 
     @property
@@ -303,6 +313,9 @@ class EmbeddingDistillLoss:
                 weight = self._weight
             loss = loss + weight * hidden_state_loss(student_out["hidden_states"], teacher_out["hidden_states"],
                                                      teacher_out["attention_mask"])
+        if both and self.vocab and "vocab_rows" in student_out and "vocab_rows" in teacher_out:
+            rs, rt = student_out["vocab_rows"].float(), teacher_out["vocab_rows"].detach().float()
+            loss = loss + self.vocab * (rs - rt).pow(2).sum() / rt.pow(2).sum().clamp_min(1e-12)
         return loss
 
 
@@ -314,8 +327,11 @@ class HiddenStates(nn.Module):
         self.encoder = encoder
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                token_type_ids: Tensor | None = None) -> dict[str, Any]:
-        return self.encoder.features(input_ids, attention_mask, token_type_ids)
+                token_type_ids: Tensor | None = None, vocab_ids: Tensor | None = None) -> dict[str, Any]:
+        out = self.encoder.features(input_ids, attention_mask, token_type_ids)
+        if vocab_ids is not None:  # rows of the token embedding (EmbeddingDistillLoss's vocab term)
+            out["vocab_rows"] = self.encoder._hf.get_input_embeddings()(vocab_ids)
+        return out
 
 
 # --------------------------------------------------------------------------- metrics
@@ -424,7 +440,8 @@ def distill_embeddings(student: nn.Module, teacher: nn.Module, train_loader: Ite
     from .finetune import finetune, resolve_device
 
     cfg = replace(cfg, loss_fn=cfg.loss_fn or EmbeddingDistillLoss())
-    layerwise = isinstance(cfg.loss_fn, EmbeddingDistillLoss) and cfg.loss_fn.layerwise
+    rows = getattr(getattr(train_loader, "dataset", None), "vocab_rows", 0) > 0  # batches carry "vocab_ids"
+    layerwise = rows or isinstance(cfg.loss_fn, EmbeddingDistillLoss) and cfg.loss_fn.layerwise
     device = resolve_device(cfg.device)
     ref = before = None
     if val_loader is not None:

@@ -421,6 +421,57 @@ def test_augmented_training_texts_keep_clean_calibration(tiny):
                for a, b in zip(clean, calibration_batches(data, n_batches=2, batch_size=4)))
 
 
+def test_vocab_rows_term_trains_rows_the_texts_never_hold(tiny):
+    """Batches with vocab_rows carry "vocab_ids" drawn from the ordinary tokens (not in calibration
+    batches); the loss's vocab term is the rows' relative MSE, and distilling with it brings the rows
+    of tokens absent from the texts nearer the original's, where without it they drift away."""
+    import copy
+
+    from torch.utils.data import DataLoader
+
+    from sttp_compress.activation import calibration_batches
+    from sttp_compress.finetune import FinetuneConfig
+    from sttp_compress.text import HiddenStates, distill_embeddings
+
+    data = tokenize_texts(TEXTS * 8, tiny)
+    data.vocab_rows = 16
+    batch = data.collate_fn([data[i] for i in range(3)])
+    assert batch["vocab_ids"].shape == (16,) and set(batch["vocab_ids"].tolist()) <= set(data.vocab.tolist())
+    assert data.subset(range(4)).vocab_rows == 16
+    assert all("vocab_ids" not in b for b in calibration_batches(data, n_batches=2, batch_size=4))
+    teacher = load_encoder(tiny).eval()
+    out = HiddenStates(teacher)(batch["input_ids"], batch["attention_mask"], vocab_ids=batch["vocab_ids"])
+    torch.testing.assert_close(out["vocab_rows"], teacher.embeddings.word_embeddings.weight[batch["vocab_ids"]])
+    loss = EmbeddingDistillLoss(hidden=0.0, vocab=2.0)
+    s_out = {**out, "vocab_rows": 3 * out["vocab_rows"]}  # rows off by 2x theirs: relative MSE 4
+    assert float(loss(s_out, out).detach()) == pytest.approx(8.0, rel=1e-5)
+
+    # rows of tokens absent from the texts: fitted loosely at conversion (weighted by count), they drift
+    # further while the seen rows train, unless the vocab term holds them to the original's
+    seen = {i for ids in data.ids for i in ids}
+    unseen = torch.tensor([i for i in data.vocab.tolist() if i not in seen])
+    w0 = teacher.embeddings.word_embeddings.weight.detach()[unseen]
+    start = copy.deepcopy(teacher)
+    compress_module(start.embeddings.word_embeddings, 16, "sttp",
+                    row_weight=token_weights(data, teacher.embeddings.word_embeddings.num_embeddings, power=1.0))
+
+    def unseen_error(model):
+        with torch.no_grad():
+            return float((model.embeddings.word_embeddings.weight[unseen] - w0).norm() / w0.norm())
+
+    errors = []
+    for rows, weight in ((0, 0.0), (128, 4.0)):
+        student = copy.deepcopy(start)
+        data.vocab_rows = rows
+        torch.manual_seed(0)
+        loader = DataLoader(data, batch_size=8, shuffle=True, collate_fn=data.collate_fn)
+        cfg = FinetuneConfig(steps=40, lr=1e-2, device="cpu", workers=0, select_best=False,
+                             loss_fn=EmbeddingDistillLoss(vocab=weight))
+        distill_embeddings(student, teacher, loader, None, cfg, progress=False)
+        errors.append(unseen_error(student))
+    assert errors[0] > 1.1 * unseen_error(start) > 1.05 * errors[1], (unseen_error(start), errors)
+
+
 def test_cli_distils_on_text_and_sttp_eval_compares_with_the_folder(tiny, texts, tmp_path):
     out = tmp_path / "tiny.sttp.pt"
     rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--rank", "4", "--include", "*",
