@@ -12,27 +12,27 @@ custom one (text distillation), so that the teacher's forward and the loss are c
     out = net(x)                              # training + grad: graphed; otherwise student(x)
     out = net(input_ids=ids, attention_mask=mask)   # keyword tensors too (text batches)
 
-Inputs are tensors, positional or keyword (None keywords are left out); each distinct set of names,
-shapes and dtypes (and autocast state) gets its own graph, up to `max_graphs` of them. The graphs capture
-into one shared memory pool, so the activation memory they keep is about that of the largest, not the sum
-(safe: they replay one at a time on one stream, and what one graph keeps between replays, its input and
-output buffers, is never handed to another); a new shape is captured only while the free device memory is
-at least `MEMORY_MARGIN` times what the largest capture so far took (else it runs eagerly, one warning).
-With `capture_at=2` a shape is captured at its second batch, so one-off shapes
-cost no capture; but capture then happens while the previous step's autograd graph may still be alive,
-and a capture fails if it is (autograd's gradient-accumulation nodes stay on the stream they were made
-on), so the default captures at a shape's first batch and callers must not keep the previous step's
-outputs or loss alive (finetune keeps only detached copies).
+Inputs are tensors, positional or keyword (None keywords are left out); each distinct set of names, shapes
+and dtypes (and autocast state) gets its own graph, up to `max_graphs` of them. The graphs capture into one
+shared memory pool, so the activation memory they keep is about that of the largest, not the sum (safe: they
+replay one at a time on one stream, and what one graph keeps between replays, its input and output buffers,
+is never handed to another); a new shape is captured only while the free device memory is at least
+`MEMORY_MARGIN` times what the largest capture so far took (else it runs eagerly, one warning). With
+`capture_at=2` a shape is captured at its second batch, so one-off shapes cost no capture; but capture then
+happens while the previous step's autograd graph may still be alive, and a capture fails if it is
+(autograd's gradient-accumulation nodes stay on the stream they were made on), so the default captures at a
+shape's first batch and callers must not keep the previous step's outputs or loss alive (finetune keeps only
+detached copies).
 
-What runs eagerly instead (same results, the old speed): eval mode, no-grad, CPU tensors, non-tensor
-inputs, a shape's first `capture_at - 1` batches, shapes beyond `max_graphs` or the free memory, and after a capture fails
-every shape not captured before (one warning; the CUDA random generator's state is restored). Python-
-side effects of the forward (hooks' state, Python random numbers) happen at capture only, as with any
-CUDA graph (dropout masks are drawn anew each replay); the warm-up passes' BatchNorm statistics are
-rolled back. A graphed call's outputs are the graph's buffers, which the next replay overwrites: use
-them within the step (or clone them): the next replay of any shape's graph may overwrite them. Each backward must follow `optimizer.zero_grad(set_to_none=True)`
-(as the fine-tune loop does): the gradients handed to autograd are the graph's own buffers too, so
-accumulating two backwards into one `.grad` is not supported.
+What runs eagerly instead (same results, the old speed): eval mode, no-grad, CPU tensors, non-tensor inputs,
+a shape's first `capture_at - 1` batches, shapes beyond `max_graphs` or the free memory, and after a capture
+fails every shape not captured before (one warning; the CUDA random generator's state is restored).
+Python-side effects of the forward (hooks' state, Python random numbers) happen at capture only, as with any
+CUDA graph (dropout masks are drawn anew each replay); the warm-up passes' BatchNorm statistics are rolled
+back. A graphed call's outputs are the graph's buffers, which the next replay of any shape's graph may
+overwrite: use them within the step (or clone them). Each backward must follow
+`optimizer.zero_grad(set_to_none=True)` (as the fine-tune loop does): the gradients handed to autograd are
+the graph's own buffers too, so accumulating two backwards into one `.grad` is not supported.
 """
 
 from __future__ import annotations
