@@ -92,11 +92,11 @@ RARITY_BINS = ((0, 0), (1, 9), (10, 99), (100, None))  # the rarest token's coun
 
 def cosine_by_rarity(student_emb, reference, held_ds, counts) -> dict[str, list]:
     """Mean cosine to the original per group of held-out texts, grouped by how often the text's rarest
-    token occurs in the distillation texts ({"0": [mean, n], "1-9": ..., ...}): whether unseen or rare
-    tokens' embedding rows are where the student falls short."""
+    token occurs in the distillation texts ({"0-0": [mean, n], "1-9": ..., "100+": ...}): whether unseen
+    or rare tokens' embedding rows are where the student falls short. Special tokens do not count."""
     cos = torch.nn.functional.cosine_similarity(student_emb.float(), reference.float(), dim=-1)
-    special = {0, 100, 101, 102, 103}  # [PAD] [UNK] [CLS] [SEP] [MASK] in BERT's vocabulary
-    rarest = torch.tensor([min((int(counts[i]) for i in ids if i not in special), default=10**9)
+    ordinary = set(held_ds.vocab.tolist())  # text.ordinary_tokens: no [CLS], [SEP], [PAD], ...
+    rarest = torch.tensor([min((int(counts[i]) for i in ids if i in ordinary), default=10**9)
                            for ids in held_ds.ids])
     out = {}
     for lo, hi in RARITY_BINS:
