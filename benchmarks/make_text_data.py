@@ -231,19 +231,15 @@ def gcide_lines(share: Path) -> list[str]:
     return out
 
 
-def _write(path: Path, lines: list[str]) -> str:
-    """Write lines (one text each) and return the file's sha256."""
+def _write(path: Path, lines: list[str], gz: bool = False) -> str:
+    """Write lines (one text each; gzip-compressed with `gz`, reproducibly) through a temporary file
+    renamed into place, and return the sha256 of the text."""
     data = ("\n".join(lines) + "\n").encode("utf-8")
     with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
-        tmp.write(data)
+        tmp.write(gzip.compress(data, compresslevel=9, mtime=0) if gz else data)
     Path(tmp.name).chmod(0o644)
     Path(tmp.name).replace(path)
     return hashlib.sha256(data).hexdigest()
-
-
-def _write_gz(path: Path, lines: list[str]) -> None:
-    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0) as f:
-        f.write(("\n".join(lines) + "\n").encode("utf-8"))  # mtime=0: reproducible bytes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -286,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     p_sha = _write(args.out / "heldout_pairs.tsv", ["sentence1\tsentence2\tscore"] +
                    [f"{a}\t{b}\t{v}" for a, b, v in pairs])
     if args.gzip:
-        _write_gz(args.out / "distill.txt.gz", distill)
+        _write(args.out / "distill.txt.gz", distill, gz=True)
     large_note = ""
     if args.large:
         kept = set(seen)  # every WordNet and fortune line, held out or not (lowercased)
@@ -299,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         random.Random(SEED).shuffle(large)
         l_sha = _write(args.out / "distill_large.txt", large)
         if args.gzip:
-            _write_gz(args.out / "distill_large.txt.gz", large)
+            _write(args.out / "distill_large.txt.gz", large, gz=True)
         counts["gcide"] = {"distill": len(extra), "heldout": 0}
         large_note = (f"\ndistill_large.txt (`--large`): distill.txt's {len(distill)} lines plus {len(extra)} GCIDE "
                       f"lines (GNU Collaborative International Dictionary of English, Debian package dict-gcide, "
