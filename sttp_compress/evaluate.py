@@ -206,18 +206,13 @@ def _gate_limits(opts: EvalOptions) -> dict[str, Any]:
         if not _is_number(opts.min_ratio) or opts.min_ratio <= 0:
             raise UserError(f"--min-ratio must be a positive number, got {opts.min_ratio}")
         limits["min_ratio"] = float(opts.min_ratio)
-    if opts.min_accuracy is not None:
-        if not _is_number(opts.min_accuracy) or not 0 <= opts.min_accuracy <= 100:
-            raise UserError(f"--min-accuracy is a percentage between 0 and 100, got {opts.min_accuracy}")
-        limits["min_accuracy"] = float(opts.min_accuracy)
-    if opts.min_cosine is not None:
-        if not _is_number(opts.min_cosine) or not -1 <= opts.min_cosine <= 1:
-            raise UserError(f"--min-cosine is a cosine similarity between -1 and 1, got {opts.min_cosine}")
-        limits["min_cosine"] = float(opts.min_cosine)
-    if opts.min_sts_spearman is not None:
-        if not _is_number(opts.min_sts_spearman) or not -1 <= opts.min_sts_spearman <= 1:
-            raise UserError(f"--min-sts-spearman is a correlation between -1 and 1, got {opts.min_sts_spearman}")
-        limits["min_sts_spearman"] = float(opts.min_sts_spearman)
+    for key, lo, hi, what in (("min_accuracy", 0, 100, "a percentage"), ("min_cosine", -1, 1, "a cosine similarity"),
+                              ("min_sts_spearman", -1, 1, "a correlation")):  # the lower-bound gates' ranges
+        value = getattr(opts, key)
+        if value is not None:
+            if not _is_number(value) or not lo <= value <= hi:
+                raise UserError(f"--{key.replace('_', '-')} is {what} between {lo} and {hi}, got {value}")
+            limits[key] = float(value)
     if (opts.baseline is None) != (opts.max_drop is None):
         given, missing = ("--baseline", "--max-drop") if opts.baseline is not None else ("--max-drop", "--baseline")
         raise UserError(f"{given} needs {missing} as well (the accuracy drop is measured against a baseline "
@@ -722,13 +717,14 @@ def _run_text_eval(base: dict[str, Any], model: nn.Module, reference: nn.Module 
     """run_eval on --data text:FILE or pairs:FILE (an hf:DIR model): agreement with the reference's
     embeddings (mean cosine, nearest neighbours, pair-similarity order), for pairs:FILE also the Spearman
     correlation of each model's pair similarities with the file's scores; latency on a first batch of texts."""
-    from .pairs import evaluate_pairs, is_pairs_spec
+    from .pairs import evaluate_pairs
     from .text import evaluate_texts
 
     arch = base["arch"]
     folder = hf_path(arch) if is_hf_spec(arch) else (
         hf_path(opts.reference) if is_hf_spec(opts.reference) else None)
-    kind = "pairs:FILE" if is_pairs_spec(opts.data) else "text:FILE"
+    pairs = is_pairs_spec(opts.data)
+    kind = "pairs:FILE" if pairs else "text:FILE"
     if folder is None:
         raise UserError(f"--data {kind} needs a model built from --arch hf:DIR (the tokenizer comes from DIR)")
     model.to(device)
@@ -736,7 +732,7 @@ def _run_text_eval(base: dict[str, Any], model: nn.Module, reference: nn.Module 
         reference.to(device)
     else:
         notes.append("cosine and nearest-neighbour agreement need --reference hf:DIR (the original model)")
-    evaluate = evaluate_pairs if is_pairs_spec(opts.data) else evaluate_texts
+    evaluate = evaluate_pairs if pairs else evaluate_texts
     with _progress(progress) as bar:
         task = bar.add_task("embedding texts", total=None) if bar is not None else None
         metrics, first = evaluate(model, reference, opts.data, folder, device, opts.batch_size, opts.max_batches)
