@@ -264,9 +264,13 @@ def hidden_state_loss(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...], 
     if len(student) != len(teacher):
         raise UserError(f"the student has {len(student)} hidden states, the teacher {len(teacher)}")
     m = mask.unsqueeze(-1).float()
-    terms = [((hs.float() - ht.detach().float()).pow(2) * m).sum() / (ht.detach().float().pow(2) * m).sum().clamp_min(1e-12)
-             for hs, ht in zip(student, teacher)]
-    return torch.stack(terms).mean()
+    return torch.stack([relative_sq_error(hs, ht, m) for hs, ht in zip(student, teacher)]).mean()
+
+
+def relative_sq_error(student: Tensor, teacher: Tensor, weight: Tensor | float = 1.0) -> Tensor:
+    """Σ w‖s − t‖² / Σ w‖t‖² in float32, the teacher detached (hidden states under their mask, embedding rows)."""
+    s, t = student.float(), teacher.detach().float()
+    return ((s - t).pow(2) * weight).sum() / (t.pow(2) * weight).sum().clamp_min(1e-12)
 
 
 class EmbeddingDistillLoss:
@@ -314,8 +318,7 @@ class EmbeddingDistillLoss:
             loss = loss + weight * hidden_state_loss(student_out["hidden_states"], teacher_out["hidden_states"],
                                                      teacher_out["attention_mask"])
         if both and self.vocab and "vocab_rows" in student_out and "vocab_rows" in teacher_out:
-            rs, rt = student_out["vocab_rows"].float(), teacher_out["vocab_rows"].detach().float()
-            loss = loss + self.vocab * (rs - rt).pow(2).sum() / rt.pow(2).sum().clamp_min(1e-12)
+            loss = loss + self.vocab * relative_sq_error(student_out["vocab_rows"], teacher_out["vocab_rows"])
         return loss
 
 
