@@ -25,6 +25,19 @@ from sttp_compress.text import text_datasets, token_weights  # noqa: E402
 BINS = ((0, 0), (1, 9), (10, 99), (100, 999), (1000, None))
 
 
+def count_groups(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"0-0": mask, "1-9": ..., "1000+": ...}: the vocabulary rows by their token's count (BINS)."""
+    return {(f"{lo}-{hi}" if hi is not None else f"{lo}+"): (counts >= lo) & (counts <= (counts.max() if hi is None else hi))
+            for lo, hi in BINS}
+
+
+def row_errors(weight: torch.Tensor, w0: torch.Tensor, groups: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean relative row error ‖w_i − w0_i‖ / ‖w0_i‖ per group of rows."""
+    with torch.no_grad():
+        err = (weight - w0).norm(dim=1) / w0.norm(dim=1)
+    return {g: round(float(err[m].mean()), 3) for g, m in groups.items()}
+
+
 def main() -> None:
     torch.set_num_threads(2)
     folder = sys.argv[1] if len(sys.argv) > 1 else ".carry-hf/minilm16"  # benchmarks/pack_minilm.py's copy
@@ -33,17 +46,14 @@ def main() -> None:
     table = teacher.embeddings.word_embeddings
     counts = token_weights(train_ds, table.num_embeddings, power=1.0) - 1  # each token's count
     w0 = table.weight.detach().clone()
-    groups = {(f"{lo}-{hi}" if hi is not None else f"{lo}+"): (counts >= lo) & (counts <= (counts.max() if hi is None else hi))
-              for lo, hi in BINS}
+    groups = count_groups(counts)
     rows = []
     for rank in (384, 512):
         for power in (0.0, 0.5, 1.0):
             emb = copy.deepcopy(table)
             compress_module(emb, rank, "sttp", row_weight=(counts + 1).pow(power))
-            with torch.no_grad():
-                err = (emb.weight - w0).norm(dim=1) / w0.norm(dim=1)
-            row = {"rank": rank, "power": power, "params": sum(p.numel() for p in emb.parameters())}
-            row.update({g: round(float(err[m].mean()), 3) for g, m in groups.items()})
+            row = {"rank": rank, "power": power, "params": sum(p.numel() for p in emb.parameters()),
+                   **row_errors(emb.weight, w0, groups)}
             rows.append(row)
             print(row, flush=True)
     sizes = {g: int(m.sum()) for g, m in groups.items()}

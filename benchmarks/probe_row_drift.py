@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_minilm import _find, _heldout_loader  # noqa: E402
 from common import machine, today, write_results  # noqa: E402
+from probe_embedding_rows import count_groups, row_errors  # noqa: E402
 from sttp_compress.convert import compress_module  # noqa: E402
 from sttp_compress.data import make_loaders  # noqa: E402
 from sttp_compress.finetune import FinetuneConfig  # noqa: E402
@@ -28,7 +29,6 @@ from sttp_compress.hf import load_encoder  # noqa: E402
 from sttp_compress.text import (EmbeddingDistillLoss, distill_embeddings, embed, embedding_agreement,  # noqa: E402
                                 text_datasets, token_weights)
 
-BINS = ((0, 0), (1, 9), (10, 99), (100, 999), (1000, None))
 ROWS = 2048
 
 
@@ -44,18 +44,15 @@ def main() -> None:
     table = teacher.embeddings.word_embeddings
     counts = token_weights(train_ds, table.num_embeddings, power=1.0) - 1
     w0 = table.weight.detach().clone()
-    groups = {(f"{lo}-{hi}" if hi is not None else f"{lo}+"): (counts >= lo) & (counts <= (counts.max() if hi is None else hi))
-              for lo, hi in BINS}
+    groups = count_groups(counts)
     start = copy.deepcopy(teacher)
     compress_module(start.embeddings.word_embeddings, 512, "sttp", row_weight=token_weights(train_ds, table.num_embeddings))
 
-    def row_errors(model) -> dict:
-        with torch.no_grad():
-            err = (model.embeddings.word_embeddings.weight - w0).norm(dim=1) / w0.norm(dim=1)
-        return {g: round(float(err[m].mean()), 3) for g, m in groups.items()}
+    def errors(model) -> dict:
+        return row_errors(model.embeddings.word_embeddings.weight, w0, groups)
 
     rows = [{"variant": "converted", "steps": 0, "cosine": round(embedding_agreement(embed(start, held), ref)["cosine"], 4),
-             **row_errors(start)}]
+             **errors(start)}]
     print(rows[-1], flush=True)
     for name, vocab_rows, weight in (("distilled", 0, 0.0), ("distilled + vocab term", ROWS, 1.0)):
         student = copy.deepcopy(start)
@@ -66,7 +63,7 @@ def main() -> None:
         t = time.time()
         distill_embeddings(student, teacher, loader, None, cfg, progress=False)
         rows.append({"variant": name, "steps": steps, "seconds": round(time.time() - t, 1),
-                     "cosine": round(embedding_agreement(embed(student, held), ref)["cosine"], 4), **row_errors(student)})
+                     "cosine": round(embedding_agreement(embed(student, held), ref)["cosine"], 4), **errors(student)})
         print(rows[-1], flush=True)
     sizes = {g: int(m.sum()) for g, m in groups.items()}
     md = [f"# Token embedding rows during distillation, by the token's count in distill.txt ({today()})", "",
