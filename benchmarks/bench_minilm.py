@@ -268,11 +268,11 @@ def main(argv: list[str] | None = None) -> None:
     configs = [(float(r), ["*"], e) for r in (["4"] if quick else args.ratios.split(",")) if r for e in emb_ranks]
     if not quick and args.encoder_only != "none":
         configs.append((args.encoder_only, [], 0))
-    from sttp_compress.text import token_weights
+    from sttp_compress.text import token_counts, token_weights
 
     vocab = teacher.embeddings.word_embeddings.num_embeddings
     weights = None if args.no_token_weighting else token_weights(train_ds, vocab)
-    counts = token_weights(train_ds, vocab, power=1.0) - 1  # each token's count in the distillation texts
+    counts = token_counts(train_ds, vocab)  # each token's count in the distillation texts
     moments = None
     if not args.no_activation_aware:  # column weights and spectrum refit, as sttp-compress with text data
         from sttp_compress.activation import calibration_batches, input_moments

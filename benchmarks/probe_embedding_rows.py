@@ -20,7 +20,7 @@ from bench_minilm import _find  # noqa: E402
 from common import machine, today, write_results  # noqa: E402
 from sttp_compress.convert import compress_module  # noqa: E402
 from sttp_compress.hf import load_encoder  # noqa: E402
-from sttp_compress.text import text_datasets, token_weights  # noqa: E402
+from sttp_compress.text import text_datasets, token_counts, token_weights  # noqa: E402
 
 BINS = ((0, 0), (1, 9), (10, 99), (100, 999), (1000, None))
 
@@ -44,14 +44,14 @@ def main() -> None:
     teacher = load_encoder(folder).eval()
     train_ds, _ = text_datasets(f"text:{_find('distill.txt')}", folder)
     table = teacher.embeddings.word_embeddings
-    counts = token_weights(train_ds, table.num_embeddings, power=1.0) - 1  # each token's count
+    counts = token_counts(train_ds, table.num_embeddings)
     w0 = table.weight.detach().clone()
     groups = count_groups(counts)
     rows = []
     for rank in (384, 512):
         for power in (0.0, 0.5, 1.0):
             emb = copy.deepcopy(table)
-            compress_module(emb, rank, "sttp", row_weight=(counts + 1).pow(power))
+            compress_module(emb, rank, "sttp", row_weight=token_weights(train_ds, table.num_embeddings, power))
             row = {"rank": rank, "power": power, "params": sum(p.numel() for p in emb.parameters()),
                    **row_errors(emb.weight, w0, groups)}
             rows.append(row)

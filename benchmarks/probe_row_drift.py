@@ -27,7 +27,7 @@ from sttp_compress.data import make_loaders  # noqa: E402
 from sttp_compress.finetune import FinetuneConfig  # noqa: E402
 from sttp_compress.hf import load_encoder  # noqa: E402
 from sttp_compress.text import (EmbeddingDistillLoss, distill_embeddings, embed, embedding_agreement,  # noqa: E402
-                                text_datasets, token_weights)
+                                text_datasets, token_counts, token_weights)
 
 ROWS = 2048
 
@@ -42,7 +42,7 @@ def main() -> None:
     held = _heldout_loader(Path(folder), _find("heldout.txt"), 400, 100)
     ref = embed(teacher, held)
     table = teacher.embeddings.word_embeddings
-    counts = token_weights(train_ds, table.num_embeddings, power=1.0) - 1
+    counts = token_counts(train_ds, table.num_embeddings)
     w0 = table.weight.detach().clone()
     groups = count_groups(counts)
     start = copy.deepcopy(teacher)

@@ -235,9 +235,13 @@ def token_weights(data: TokenizedTexts, vocab_size: int, power: float = TOKEN_WE
     embedding compressed (rank 512, 5.8×), held-out cosine to the original: 0.648 unweighted, 0.868 with
     power 0.5, 0.840 with power 1 (600 texts of benchmarks/make_text_data.py's heldout.txt).
     """
+    return (token_counts(data, vocab_size).double() + 1.0).pow(power)
+
+
+def token_counts(data: TokenizedTexts, vocab_size: int) -> Tensor:
+    """How often each token id (0 .. vocab_size − 1) occurs in the texts (int64, length vocab_size)."""
     ids = data.flat()[0]  # the same tensor the training batches are gathered from
-    counts = torch.bincount(ids[(ids >= 0) & (ids < vocab_size)], minlength=vocab_size)
-    return (counts.double() + 1.0).pow(power)
+    return torch.bincount(ids[(ids >= 0) & (ids < vocab_size)], minlength=vocab_size)
 
 
 # --------------------------------------------------------------------------- loss

@@ -31,7 +31,7 @@ from sttp_compress.checkpoint import load_compressed, save_compressed  # noqa: E
 from sttp_compress.hf import load_encoder, read_layout  # noqa: E402
 from sttp_compress.text import (TokenizedTexts, EmbeddingDistillLoss, embedding_agreement, embedding_distillation_loss,  # noqa: E402
                                 hidden_state_loss, nearest_neighbours, perturb_tokens, read_texts, similarity_spearman,
-                                token_weights, tokenize_texts)
+                                token_counts, token_weights, tokenize_texts)
 
 WORDS = ("the a an of and to in is was it that on for with as by at from this be are or his her they "
          "man woman dog cat car house plays runs eats reads guitar ball food book music city park red blue "
@@ -640,6 +640,7 @@ def test_token_weights_count_the_training_texts(tiny, texts, tmp_path):
         for i in ids:
             counts[i] += 1
     torch.testing.assert_close(w, (counts + 1).sqrt())
+    assert torch.equal(token_counts(data, 222), counts.long())
     assert load_encoder(tiny).token_embedding_name() == "embeddings.word_embeddings"
     # --no-token-weighting: the plain conversion (no row scales)
     out = tmp_path / "plain.sttp.pt"
