@@ -126,13 +126,10 @@ def refit_spectra(model: nn.Module, reference: nn.Module, moments: dict[str, Ten
 def calibration_batches(dataset, n_batches: int = CALIBRATION_BATCHES, batch_size: int = CALIBRATION_BATCH,
                         seed: int = 0) -> list:
     """The first `n_batches` batches of `dataset` in a fixed shuffled order (its `collate_fn` if it has one)."""
-    import copy
-
     from torch.utils.data import DataLoader
 
-    if getattr(dataset, "augment", 0) or getattr(dataset, "vocab_rows", 0):  # the texts as they are, not
-        dataset = copy.copy(dataset)                                         # perturbed, and no extra keys
-        dataset.augment, dataset.vocab_rows = 0.0, 0
+    if hasattr(dataset, "plain"):  # text.TokenizedTexts: the texts as they are, without training extras
+        dataset = dataset.plain()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
                         collate_fn=getattr(dataset, "collate_fn", None))
     return [b for _, b in zip(range(n_batches), loader)]

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import math
 import os
@@ -124,6 +125,12 @@ class TokenizedTexts(Dataset):
     def subset(self, indices: Iterable[int]) -> "TokenizedTexts":
         return TokenizedTexts([self.ids[i] for i in indices], self.pad_id, self.max_length, self.augment,
                               self.vocab, self.vocab_share, self.vocab_rows)
+
+    def plain(self) -> "TokenizedTexts":
+        """These texts without the training extras (no augmentation, no "vocab_ids"), e.g. for calibration."""
+        data = copy.copy(self)
+        data.augment, data.vocab_rows = 0.0, 0
+        return data
 
     def collate_fn(self, batch: list[list[int]] | dict[str, Tensor]) -> dict[str, Tensor]:
         """Right-pad to the longest text rounded up to a multiple of PAD_MULTIPLE (at most max_length):
