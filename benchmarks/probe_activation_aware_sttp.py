@@ -55,7 +55,8 @@ for aware in (sys.argv[3] if len(sys.argv) > 3 else "plain,scales").split(","):
            "cosine_before": round(before["cosine"], 4), "nn_agreement_before": round(before["nn_agreement"], 2)}
     if steps:
         loader = make_loaders(sub, None, 32, 0, 0, "cpu")[0]
-        cfg = FinetuneConfig(steps=steps, batch_size=32, device="cpu", workers=0, log_every=50, select_best=False, loss_fn=EmbeddingDistillLoss())
+        cfg = FinetuneConfig(steps=steps, batch_size=32, device="cpu", workers=0, log_every=50, select_best=False, loss_fn=EmbeddingDistillLoss(),
+                             adam_beta2=0.999)  # as when its results were made (text default: 0.98)
         t = time.time()
         distill_embeddings(student, teacher, loader, None, cfg, progress=False)
         after = embedding_agreement(embed(student, held), ref)

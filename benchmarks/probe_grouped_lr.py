@@ -60,7 +60,8 @@ def main() -> None:
 
     loss_fn = RecordingLoss() if args.hidden_weight is None else RecordingLoss(hidden=args.hidden_weight)
     cfg = FinetuneConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, device="cpu", workers=0,
-                         log_every=10**6, select_best=False, loss_fn=loss_fn)
+                         log_every=10**6, select_best=False, loss_fn=loss_fn,
+                         adam_beta2=0.999)  # as when its results were made (text default: 0.98)
     t0 = time.time()
     distill_embeddings(student, teacher, loader, None, cfg, progress=False)
     after = embedding_agreement(embed(student, held), ref)

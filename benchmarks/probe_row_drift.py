@@ -59,7 +59,8 @@ def main() -> None:
         train_ds.vocab_rows = vocab_rows
         loader = make_loaders(train_ds, None, 32, 0, 0, "cpu")[0]
         cfg = FinetuneConfig(steps=steps, batch_size=32, device="cpu", workers=0, log_every=50, select_best=False,
-                             loss_fn=EmbeddingDistillLoss(vocab=weight))
+                             loss_fn=EmbeddingDistillLoss(vocab=weight),
+                             adam_beta2=0.999)  # as when its results were made (text default: 0.98)
         t = time.time()
         distill_embeddings(student, teacher, loader, None, cfg, progress=False)
         rows.append({"variant": name, "steps": steps, "seconds": round(time.time() - t, 1),

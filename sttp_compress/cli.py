@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 
 from .errors import SharedUserError, UserError, launcher_rank
-from .text import TEXT_AUGMENT
+from .text import TEXT_AUGMENT, TEXT_VOCAB_SHARE
 
 err = Console(stderr=True)
 out = Console()
@@ -103,6 +103,9 @@ def compress_cmd(
     text_augment: float = typer.Option(
         TEXT_AUGMENT, help="With --data text:FILE: fraction of each training batch whose tokens are replaced with "
                   "chance 0.25 by tokens of the batch (teacher and student see the same texts; 0: off)."),
+    text_vocab_share: float = typer.Option(
+        TEXT_VOCAB_SHARE, help="With --data text:FILE: share of those replacement tokens drawn from the whole "
+                               "vocabulary instead of the batch, so rows of tokens the texts rarely hold train too."),
     group_by_length: bool = typer.Option(
         True, help="With --data text:FILE: batch texts of similar length together (less padding: 1.47x faster "
                    "MiniLM steps at batch 1024 on an H200). Keep --lr at 1e-3 or below with it (README)."),
@@ -144,7 +147,8 @@ def compress_cmd(
                       train_data=train_data, val_data=val_data, image_size=image_size,
                       mean=_floats(mean, "--mean"), std=_floats(std, "--std"), augment=augment, finetune=ft,
                       bn_recalibrate=bn_recalibrate, token_weighting=token_weighting,
-                      activation_aware=activation_aware, text_augment=text_augment, group_by_length=group_by_length,
+                      activation_aware=activation_aware, text_augment=text_augment,
+                      text_vocab_share=text_vocab_share, group_by_length=group_by_length,
                       layer_ranks=_layer_ranks(layer_rank),
                       progress=not quiet and not json_out)
     if example:

@@ -28,6 +28,7 @@ LOSS_KINDS = ("auto", "logits", "mse")
 DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.01}
 SGD_MOMENTUM = 0.9
+ADAM_BETA2 = 0.999  # AdamW's second-moment decay by default (PyTorch's); lower reacts faster to gradient jumps
 ONECYCLE_PCT_START = 0.15
 
 
@@ -105,7 +106,7 @@ class FinetuneConfig:
     workers: int = 2
     seed: int = 0
     grad_clip: float | None = 5.0
-    adam_beta2: float = 0.999  # AdamW's second-moment decay (PyTorch's default); lower reacts faster to gradient jumps
+    adam_beta2: float | None = None  # AdamW's second-moment decay; None: ADAM_BETA2, text.TEXT_ADAM_BETA2 for text
     select_best: bool = True  # keep the best-validation state (False: the final state)
     weight_bank: bool = True  # build all compressed weights together each step (bank.py)
     cuda_graph: bool = True  # on GPUs, replay the bank's build as a CUDA graph (False: no CUDA graphs at all)
@@ -143,7 +144,7 @@ class FinetuneConfig:
             raise UserError(f"distillation alpha must be in [0, 1], got {self.alpha}")
         if self.log_every < 1:
             raise UserError(f"log interval must be at least 1 step, got {self.log_every}")
-        if not 0.0 < self.adam_beta2 < 1.0:
+        if self.adam_beta2 is not None and not 0.0 < self.adam_beta2 < 1.0:
             raise UserError(f"AdamW beta2 must be in (0, 1), got {self.adam_beta2}")
 
     @property
@@ -418,7 +419,7 @@ def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimi
     # hundreds of small frame tensors). Fused updates do not bump version counters; SpectralTT.train()
     # drops its cached weight on every mode switch, so no stale weight survives a step.
     fused = cfg.fused and all(p.is_cuda for g in groups for p in g["params"])
-    betas = (0.9, cfg.adam_beta2)  # beta1 as PyTorch's default (OneCycleLR cycles it)
+    betas = (0.9, ADAM_BETA2 if cfg.adam_beta2 is None else cfg.adam_beta2)  # beta1: PyTorch's (OneCycleLR cycles it)
     return (torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True) if fused
             else torch.optim.AdamW(groups, lr=lr, betas=betas))
 

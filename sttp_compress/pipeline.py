@@ -25,7 +25,7 @@ from .errors import UserError
 from .hf import hf_path, is_hf_spec
 from .loading import load_model, resolve_arch
 from .pairs import is_pairs_spec
-from .text import TEXT_AUGMENT, is_text_spec
+from .text import TEXT_AUGMENT, TEXT_VOCAB_SHARE, is_text_spec
 
 __all__ = ["CompressJob", "run_compress", "default_output", "state_size_bytes", "REPORT_FORMAT_VERSION"]
 
@@ -65,6 +65,7 @@ class CompressJob:
     token_weighting: bool = True  # text data + token embedding included: frequency-weighted conversion
     activation_aware: bool | None = None  # Linear columns weighted by input scales (None: with text data)
     text_augment: float = TEXT_AUGMENT  # text data: fraction of each training batch with tokens replaced (text.perturb_tokens)
+    text_vocab_share: float = TEXT_VOCAB_SHARE  # text data: share of those replacements from the whole vocabulary
     group_by_length: bool = True  # text data: batches of texts of similar length (data.LengthGroupedSampler)
     progress: bool = True
     # in-memory inputs (the built-in example and tests): bypass file loading
@@ -120,6 +121,9 @@ def _check_target(job: CompressJob) -> None:
         raise UserError(f"--allocation must be greedy or uniform, got {job.allocation!r}")
     if not 0.0 <= job.text_augment <= 1.0:
         raise UserError(f"--text-augment is a fraction of each batch, between 0 and 1; got {job.text_augment}")
+    if not 0.0 <= job.text_vocab_share <= 1.0:
+        raise UserError(f"--text-vocab-share is a share of the replacement tokens, between 0 and 1; "
+                        f"got {job.text_vocab_share}")
 
 
 def _datasets(job: CompressJob):
@@ -323,6 +327,7 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
         text = is_text_spec(job.data)
         if text:
             train_ds.augment = job.text_augment  # after the calibration, which sees the texts as they are
+            train_ds.vocab_share = job.text_vocab_share
         with distributed.agreed():
             loaders = make_loaders(train_ds, val_ds, cfg.batch_size, cfg.workers, cfg.seed, dev,
                                    distributed.rank(), world, group_by_length=job.group_by_length)
@@ -330,7 +335,7 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
             from .text import distill_embeddings
 
             ft_block = distill_embeddings(model, teacher, *loaders, cfg, progress=job.progress and main)
-            ft_block["text_augment"] = job.text_augment
+            ft_block["text_augment"], ft_block["text_vocab_share"] = job.text_augment, job.text_vocab_share
             ft_block["group_by_length"] = job.group_by_length
         else:
             ft_block = finetune(model, teacher, *loaders, cfg, progress=job.progress and main,
