@@ -99,7 +99,7 @@ def refit_spectrum(module: nn.Module, W0: Tensor, C: Tensor) -> bool:
         return False
     plist = module.parametrizations.weight
     p = plist[0]
-    if (len(plist) != 1 or p.spectrum != "free" or p.row_scaled or tuple(W0.shape) != p.weight_shape
+    if (len(plist) != 1 or p.spectrum != "free" or p.row_scaled or p.row_ordered or tuple(W0.shape) != p.weight_shape
             or (p.dims is not None and tuple(padded_dims(p.dims[0])) != tuple(p.dims[0]))):
         return False
     originals = _originals(module, p)

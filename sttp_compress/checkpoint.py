@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .convert import compress_module, compressed_layers, named_layers, weight_of
+from .convert import attach_structure, compressed_layers, named_layers, weight_of
 from .errors import UserError
 from .layers import weight_name
 from .loading import atomic_torch_save, resolve_arch
@@ -103,9 +103,7 @@ def load_compressed(path: str | os.PathLike, arch: str | None = None) -> tuple[n
             found = "missing" if W is None else f"shape {list(W.shape)}"
             raise UserError(f"architecture {spec} does not match {path}: layer {name} is {found}, "
                             f"the checkpoint has {cfg['weight_shape']}")
-        compress_module(m, cfg["rank"], cfg["method"], cfg["spectrum"], convert=False,
-                        row_scaled=bool(cfg.get("row_scaled", False)),
-                        col_scaled=bool(cfg.get("col_scaled", False)))
+        attach_structure(m, cfg)
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in data["state_dict"].items()}
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:

@@ -195,8 +195,8 @@ def _padded(p: SpectralTT) -> bool:
 
 def _factorable(p: SpectralTT) -> bool:
     """Whether U diag(σ) Vᵀ is exactly the layer's weight matrix: not zero-padded (tt.padded_size: the
-    factors would hold the padding too), neither row- nor column-scaled."""
-    return not (_padded(p) or p.row_scaled or p.col_scaled)
+    factors would hold the padding too), neither row- nor column-scaled, nor its rows reordered."""
+    return not (_padded(p) or p.row_scaled or p.col_scaled or p.row_ordered)
 
 
 def _mha_out_projs(model: nn.Module) -> set[int]:

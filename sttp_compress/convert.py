@@ -44,21 +44,29 @@ def named_layers(model: nn.Module) -> dict[str, nn.Module]:
 def compress_module(module: nn.Module, rank: int, method: str = "sttp", spectrum: str = "free",
                     convert: bool = True, row_scaled: bool = False,
                     row_weight: torch.Tensor | None = None, col_scaled: bool = False,
-                    col_weight: torch.Tensor | None = None) -> SpectralTT:
+                    col_weight: torch.Tensor | None = None, row_ordered: bool = False,
+                    row_order: torch.Tensor | None = None) -> SpectralTT:
     """Register an STTP (or SVDP) parametrization on `module.weight` (MHA: `in_proj_weight`), converted by TT-SVD.
 
     With convert=False the structure is attached with zero parameters (no TT-SVD), ready for
     `load_state_dict` of a compressed checkpoint. `row_weight` (one positive value per row of the
     weight matrix, e.g. per token of an embedding) makes it row-scaled and weights the TT-SVD's error
     by it (see SpectralTT); `col_weight` (one per column, e.g. the input features' activation scale)
-    does the same on the input side.
+    does the same on the input side. `row_order` (a permutation of the rows, e.g. `weight_order(row_weight)`)
+    makes the tensor train factorize the rows in that order; `row_ordered` attaches that structure for a
+    state_dict to fill.
     """
     kind = weight_kind(module)
     if is_parametrized(module):
         raise ValueError(f"{type(module).__name__} is already compressed")
     W = weight_of(module)
     p = SpectralTT(kind, tuple(W.shape), rank, method, spectrum, row_scaled or row_weight is not None,
-                   col_scaled or col_weight is not None).to(W.device)
+                   col_scaled or col_weight is not None, row_ordered or row_order is not None).to(W.device)
+    if row_order is not None:
+        order = torch.as_tensor(row_order, dtype=torch.long).flatten()
+        if not torch.equal(order.sort().values, torch.arange(p.rows)):
+            raise ValueError(f"row_order must be a permutation of the weight's {p.rows} rows")
+        p.row_order.copy_(order)
     p.row_weight, p.col_weight = row_weight, col_weight
     p.skip_conversion = not convert
     # unsafe: skip parametrize's check that builds the weight once more; right_inverse returns exactly the
@@ -72,6 +80,21 @@ def compress_module(module: nn.Module, rank: int, method: str = "sttp", spectrum
     p.skip_conversion = False
     p.row_weight = p.col_weight = None  # used once, by the conversion
     return p
+
+
+def weight_order(row_weight: torch.Tensor) -> torch.Tensor:
+    """The rows by descending weight (ties in index order): a `row_order` that gives the heaviest rows
+    (e.g. the most frequent tokens) the tensor train's leading digits together."""
+    return torch.as_tensor(row_weight).flatten().argsort(descending=True, stable=True)
+
+
+def attach_structure(module: nn.Module, cfg: Mapping) -> SpectralTT:
+    """The parametrization a layer's `SpectralTT.config()` describes, with zero parameters, for a
+    state_dict to fill (a compressed checkpoint, or the main process's conversion under DDP)."""
+    return compress_module(module, cfg["rank"], cfg["method"], cfg["spectrum"], convert=False,
+                           row_scaled=bool(cfg.get("row_scaled", False)),
+                           col_scaled=bool(cfg.get("col_scaled", False)),
+                           row_ordered=bool(cfg.get("row_ordered", False)))
 
 
 def parametrization(module: nn.Module) -> SpectralTT:

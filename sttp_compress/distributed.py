@@ -205,7 +205,7 @@ def convert_once(model: nn.Module, convert: Callable[[nn.Module], Any],
     """
     if not active():
         return convert(model)
-    from .convert import compress_module, compressed_layers
+    from .convert import attach_structure, compressed_layers
 
     def on_main() -> tuple[Any, dict]:
         result = convert(model)
@@ -215,9 +215,7 @@ def convert_once(model: nn.Module, convert: Callable[[nn.Module], Any],
     if not is_main():
         modules = dict(model.named_modules())
         for name, cfg in plan.items():
-            compress_module(modules[name], cfg["rank"], cfg["method"], cfg["spectrum"], convert=False,
-                            row_scaled=bool(cfg.get("row_scaled", False)),
-                            col_scaled=bool(cfg.get("col_scaled", False)))
+            attach_structure(modules[name], cfg)
     if device is not None:
         model.to(device)
     broadcast_state(model)

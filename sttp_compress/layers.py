@@ -90,11 +90,18 @@ class SpectralTT(nn.Module):
     `col_scaled` is the same on the input side, W = U Σ Vᵀ diag(γ) (γ after ρ among the originals),
     fitted to W·diag(√c) for a `col_weight` c (e.g. each input feature's activation scale, so the
     error counts where the inputs are large) and starting from γ = 1/√c; the DOF grows by d_in.
+
+    With `row_ordered`, the tensor train factorizes the rows in the order of the buffer `row_order` (a
+    permutation, set before the conversion; ρ follows it too) and the weight puts them back. A TT
+    tensorizes the row index digit by digit, so which rows share its leading digits matters: rows sorted
+    by weight (`convert.weight_order`) kept a frequency-weighted token embedding closer to the original
+    (benchmarks/results/embedding_order.md). The order is a fixed index, not a trainable value: the DOF
+    is unchanged.
     """
 
     def __init__(self, kind: str, weight_shape: tuple[int, ...], rank: int,
                  method: str = "sttp", spectrum: str = "free", row_scaled: bool = False,
-                 col_scaled: bool = False):
+                 col_scaled: bool = False, row_ordered: bool = False):
         super().__init__()
         if spectrum not in SPECTRA:
             raise ValueError(f"spectrum must be one of {SPECTRA}, got {spectrum!r}")
@@ -120,12 +127,17 @@ class SpectralTT(nn.Module):
             self.members[self.groups.index(key)].append((side, k))
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("signs", torch.ones(self.tt.middle) if spectrum == "identity" else None)
+        self.register_buffer("row_order", torch.arange(self.rows) if row_ordered else None)
         self._cache: tuple | None = None
         self.generation = 0  # bumped by every train()/eval() call
         self.skip_conversion = False  # set while attaching a structure that a state_dict will fill
         self.override: Tensor | None = None  # a weight a WeightBank built for the current forward
 
     # -- structure ---------------------------------------------------------------------------
+    @property
+    def row_ordered(self) -> bool:
+        return self.row_order is not None
+
     @property
     def rank(self) -> int:
         return self.tt.middle
@@ -148,6 +160,8 @@ class SpectralTT(nn.Module):
             cfg["row_scaled"] = True
         if self.col_scaled:
             cfg["col_scaled"] = True
+        if self.row_ordered:
+            cfg["row_ordered"] = True
         return cfg
 
     # -- parameters → weight ----------------------------------------------------------------
@@ -218,6 +232,8 @@ class SpectralTT(nn.Module):
             M = M * row_scale.unsqueeze(1)
         if col_scale is not None:
             M = M * col_scale
+        if self.row_order is not None:  # row i of M is row row_order[i] of the weight
+            M = M.new_zeros(M.shape).index_copy(0, self.row_order, M)
         return _from_matrix(self.kind, M, self.weight_shape)
 
     def forward(self, *originals: Tensor) -> Tensor:
@@ -261,9 +277,15 @@ class SpectralTT(nn.Module):
         if self.skip_conversion:
             return self.placeholder(weight)
         M = to_matrix(self.kind, weight.detach().to(torch.float64))
+        row_weight = self.row_weight
+        if self.row_order is not None:
+            order = self.row_order.to(M.device)
+            M = M[order]
+            if row_weight is not None:
+                row_weight = torch.as_tensor(row_weight, device=M.device)[order]
         rho = gamma = ()
         if self.row_scaled:
-            sqrt_w = _sqrt_weight(self.row_weight, self.rows, M.device, "row_weight")
+            sqrt_w = _sqrt_weight(row_weight, self.rows, M.device, "row_weight")
             M = M * sqrt_w.unsqueeze(1)
             rho = ((1.0 / sqrt_w).to(weight.dtype),)
         if self.col_scaled:
@@ -307,7 +329,8 @@ class SpectralTT(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.method}, kind={self.kind}, shape={list(self.weight_shape)}, rank={self.rank}, "
-                f"spectrum={self.spectrum}, modes={list(self.tt.modes)}, dof={self.dof()}")
+                f"spectrum={self.spectrum}, modes={list(self.tt.modes)}, dof={self.dof()}"
+                + (", row_ordered" if self.row_ordered else ""))
 
 
 def _sqrt_weight(w: Tensor | None, n: int, device: torch.device, what: str) -> Tensor:

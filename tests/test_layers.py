@@ -293,6 +293,61 @@ def test_row_scaled_gradcheck_float64_and_bank_matches_forward():
 
 
 
+# --------------------------------------------------------------------------- row-ordered conversion
+
+
+def test_row_ordered_is_the_conversion_of_the_permuted_rows_put_back():
+    from sttp_compress.convert import weight_order
+
+    torch.manual_seed(0)
+    W0 = torch.randn(222, 24, dtype=torch.float64)  # 222 = 2·3·37: zero-padded to 225 rows by STTP
+    w = torch.rand(222, dtype=torch.float64) * 50 + 0.1
+    order = weight_order(w)
+    assert torch.equal(order, torch.tensor(sorted(range(222), key=lambda i: -float(w[i]))))
+    ordered, permuted = nn.Embedding(222, 24).double(), nn.Embedding(222, 24).double()
+    ordered.weight.data.copy_(W0)
+    permuted.weight.data.copy_(W0[order])
+    p = compress_module(ordered, rank=6, row_weight=w, row_order=order)
+    q = compress_module(permuted, rank=6, row_weight=w[order])
+    assert p.row_ordered and not q.row_ordered and p.config()["row_ordered"] is True
+    assert p.dof() == q.dof() == count_parameters(ordered)  # the order is a buffer, not a parameter
+    for a, b in zip(_originals(ordered), _originals(permuted)):  # same parameters (ρ in the order too)
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ordered.weight[order], permuted.weight)
+    assert (ordered.weight - W0).norm() > 0.1 * W0.norm()  # a real truncation
+    full = nn.Embedding(222, 24).double()
+    full.weight.data.copy_(W0)
+    compress_module(full, rank=10_000, row_weight=w, row_order=order)
+    torch.testing.assert_close(full.weight, W0)  # exact when the ranks suffice
+    with pytest.raises(ValueError, match="permutation"):
+        compress_module(nn.Embedding(222, 24), rank=6, row_order=torch.arange(1, 223))
+
+
+def test_row_ordered_gradcheck_bank_and_checkpoint_round_trip(tmp_path):
+    from sttp_compress.bank import WeightBank
+    from sttp_compress.checkpoint import load_compressed, save_compressed
+
+    torch.manual_seed(0)
+    m = nn.Embedding(30, 6).double()
+    p = compress_module(m, rank=3, row_weight=torch.rand(30, dtype=torch.float64) + 0.5,
+                        row_order=torch.randperm(30))
+    origs = tuple(o.detach().clone().requires_grad_() for o in _originals(m))
+    assert torch.autograd.gradcheck(lambda *o: p(*o), origs)
+    bank = WeightBank(nn.Sequential(m))
+    (built,) = bank._build(*bank.inputs)
+    torch.testing.assert_close(built, m.weight)
+    arch = tmp_path / "net.py"
+    arch.write_text("from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Embedding(30, 6))\n")
+    model = nn.Sequential(m.float())
+    path = tmp_path / "m.sttp.pt"
+    save_compressed(model, path, f"{arch}:build")
+    state = torch.load(path, weights_only=True)["state_dict"]
+    torch.testing.assert_close(state["0.parametrizations.weight.0.row_order"], p.row_order)
+    loaded, _ = load_compressed(path)  # the structure from the config, the order from the state
+    assert loaded[0].parametrizations.weight[0].row_ordered
+    torch.testing.assert_close(loaded[0].weight, model[0].weight)
+
+
 # --------------------------------------------------------------------------- column-scaled (activation-aware)
 
 
