@@ -44,7 +44,7 @@ from common import machine, markdown_table, merge_rows, print_table, today, writ
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".data" / "text"
-COLUMNS = ["ratio", "method", "allocation", "token_weighting", "activation_aware", "include", "batch", "lr", "hidden_weight", "hidden_end", "beta2", "tf32", "seed", "augment", "augment_vocab", "vocab_rows", "vocab_weight", "distill", "length_group", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
+COLUMNS = ["ratio", "method", "allocation", "token_weighting", "order_rows", "activation_aware", "include", "batch", "lr", "hidden_weight", "hidden_end", "beta2", "tf32", "seed", "augment", "augment_vocab", "vocab_rows", "vocab_weight", "distill", "length_group", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
            "nn_agreement_before", "wordnet_before", "cosine_after", "nn_agreement_after", "spearman_after", "wordnet_after", "steps", "seconds", "peak_gpu_gib", "peak_reserved_gib", "device"]
 
 
@@ -106,18 +106,20 @@ def cosine_by_rarity(student_emb, reference, held_ds, counts) -> dict[str, list]
     return out
 
 
-def ratio4_student(teacher, train_ds, rank: int = 384):
+def ratio4_student(teacher, train_ds, rank: int = 384, order_rows: bool = False):
     """The probes' ratio-4 student: a CPU copy of `teacher` with the token embedding at `rank`, weighted
-    by `train_ds`'s token counts, and the rest (encoder, position embedding) by compress_to_target."""
+    by `train_ds`'s token counts (its rows by descending weight with `order_rows`), and the rest (encoder,
+    position embedding) by compress_to_target."""
     import copy
 
-    from sttp_compress.convert import compress_module, compress_to_target, count_parameters
+    from sttp_compress.convert import compress_module, compress_to_target, count_parameters, weight_order
     from sttp_compress.text import token_weights
 
     weights = token_weights(train_ds, teacher.embeddings.word_embeddings.num_embeddings)
     student = copy.deepcopy(teacher).cpu()
     total = count_parameters(student)
-    compress_module(student.embeddings.word_embeddings, rank, "sttp", row_weight=weights)
+    compress_module(student.embeddings.word_embeddings, rank, "sttp", row_weight=weights,
+                    row_order=weight_order(weights) if order_rows else None)
     compress_to_target(student, ratio=count_parameters(student) / (total / 4.0),
                        include=["encoder.*", "embeddings.position_embeddings"])
     return student
@@ -186,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-token-weighting", action="store_true",
                     help="convert the token embedding unweighted (default: weighted by the distillation "
                          "texts' token counts, as sttp-compress does with --data text:FILE)")
+    ap.add_argument("--order-rows", action="store_true",
+                    help="with --embedding-rank and token weighting: the token embedding's tensor train takes the "
+                         "rows by descending token weight (compress_module's row_order=convert.weight_order)")
     ap.add_argument("--no-activation-aware", action="store_true",
                     help="plain conversion of the Linears (default, as sttp-compress with text data: "
                          "column-scaled by their input scales on 8 batches of the distillation texts)")
@@ -313,9 +318,11 @@ def main(argv: list[str] | None = None) -> None:
         rest_ratio, rest_include = float(ratio), include
         row_weights = {emb_name: weights} if weights is not None and include else None
         if emb_rank and include:
-            from sttp_compress.convert import compress_module
+            from sttp_compress.convert import compress_module, weight_order
 
-            compress_module(student.embeddings.word_embeddings, emb_rank, args.method, row_weight=weights)
+            order = weight_order(weights) if args.order_rows and weights is not None else None
+            compress_module(student.embeddings.word_embeddings, emb_rank, args.method, row_weight=weights,
+                            row_order=order)
             rest_ratio = count_parameters(student) / (total / float(ratio))  # the rest reaches the same total
             rest_include = ["encoder.*", "embeddings.position_embeddings"]
             row_weights = None
@@ -332,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         how = {"ratio": float(ratio), "method": args.method,
                "allocation": args.allocation + (f", embedding rank {emb_rank}" if emb_rank and include else ""),
                "token_weighting": bool(row_weights or (emb_rank and include and weights is not None)),
+               "order_rows": bool(emb_rank and include and args.order_rows and weights is not None),
                "activation_aware": bool(moments), "include": "*" if include else "encoder only"}
         result = {"achieved_ratio": round(parts["totals"]["ratio"], 3), "params": parts["totals"]["params_compressed"],
                   "embedding_params": sum(p.numel() for p in student.embeddings.word_embeddings.parameters()),

@@ -1,0 +1,68 @@
+"""Does the order of the vocabulary rows matter to the token embedding's tensor train? (CPU)
+
+    python benchmarks/probe_embedding_order.py [DIR]     # -> benchmarks/results/embedding_order.{json,md}
+
+A TT tensorizes the row index digit by digit, so rows that share the leading digits share the first cores'
+ranks. all-MiniLM-L6-v2's token embedding converted as sttp-compress converts it (STTP, rows weighted by
+text.token_weights, power 0.5), in vocabulary order and with the rows sorted by descending weight
+(`compress_module(row_order=convert.weight_order(w))`), at ranks 384 and 512. For each: the mean relative
+row error by the token's count in distill.txt (as probe_embedding_rows), the mean cosine to the original
+on the first 600 held-out texts with only the embedding converted, and the same for the ratio-4 student
+(bench_minilm.ratio4_student: the encoder by compress_to_target, plain conversion) before distillation.
+"""
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_minilm import _find, _heldout_loader, ratio4_student  # noqa: E402
+from common import machine, today, write_results  # noqa: E402
+from probe_embedding_rows import count_groups, row_errors  # noqa: E402
+from sttp_compress.convert import compress_module, count_parameters, weight_order  # noqa: E402
+from sttp_compress.hf import load_encoder  # noqa: E402
+from sttp_compress.text import embed, embedding_agreement, text_datasets, token_counts, token_weights  # noqa: E402
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    folder = sys.argv[1] if len(sys.argv) > 1 else ".carry-hf/minilm16"  # benchmarks/pack_minilm.py's copy
+    teacher = load_encoder(folder).eval()
+    train_ds, _ = text_datasets(f"text:{_find('distill.txt')}", folder)
+    table = teacher.embeddings.word_embeddings
+    weights = token_weights(train_ds, table.num_embeddings)
+    groups = count_groups(token_counts(train_ds, table.num_embeddings))
+    w0 = table.weight.detach().clone()
+    held = _heldout_loader(Path(folder), _find("heldout.txt"), 600, 100)
+    reference = embed(teacher, held)
+
+    def cosine(model) -> float:
+        return round(embedding_agreement(embed(model.eval(), held), reference)["cosine"], 4)
+
+    rows = []
+    for rank in (384, 512):
+        for ordered in (False, True):
+            student = copy.deepcopy(teacher)
+            emb = student.embeddings.word_embeddings
+            compress_module(emb, rank, "sttp", row_weight=weights, row_order=weight_order(weights) if ordered else None)
+            row = {"rank": rank, "order": "by weight" if ordered else "vocabulary", "params": count_parameters(emb),
+                   **row_errors(emb.weight, w0, groups), "cosine_embedding_only": cosine(student),
+                   "cosine_ratio4": cosine(ratio4_student(teacher, train_ds, rank, order_rows=ordered))}
+            rows.append(row)
+            print(row, flush=True)
+    sizes = {g: int(m.sum()) for g, m in groups.items()}
+    head = ("| rank | rows | parameters | " + " | ".join(f"{g} ({n:,} tokens)" for g, n in sizes.items())
+            + " | cosine, embedding only | cosine, ratio-4 student |")
+    md = [f"# Token embedding: rows in vocabulary order or by weight ({today()})", "",
+          " ".join(__doc__.split("\n\n", 2)[2].split()), "", f"Machine: {machine('cpu')}.", "", head,
+          "|" + "---|" * (5 + len(sizes))]
+    md += [f"| {r['rank']} | {r['order']} | {r['params']:,} | " + " | ".join(f"{r[g]:.3f}" for g in sizes)
+           + f" | {r['cosine_embedding_only']:.4f} | {r['cosine_ratio4']:.4f} |" for r in rows]
+    write_results("embedding_order", rows, {"date": today(), "machine": machine("cpu"), "token_counts": sizes},
+                  "\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()
