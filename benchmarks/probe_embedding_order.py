@@ -14,27 +14,18 @@ import copy
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_minilm import _find, _heldout_loader, ratio4_student  # noqa: E402
 from common import machine, today, write_results  # noqa: E402
-from probe_embedding_rows import count_groups, row_errors  # noqa: E402
+from probe_embedding_rows import embedding_setup, row_errors  # noqa: E402
 from sttp_compress.convert import compress_module, count_parameters, weight_order  # noqa: E402
-from sttp_compress.hf import load_encoder  # noqa: E402
-from sttp_compress.text import embed, embedding_agreement, text_datasets, token_counts, token_weights  # noqa: E402
+from sttp_compress.text import embed, embedding_agreement, token_weights  # noqa: E402
 
 
 def main() -> None:
-    torch.set_num_threads(2)
-    folder = sys.argv[1] if len(sys.argv) > 1 else ".carry-hf/minilm16"  # benchmarks/pack_minilm.py's copy
-    teacher = load_encoder(folder).eval()
-    train_ds, _ = text_datasets(f"text:{_find('distill.txt')}", folder)
-    table = teacher.embeddings.word_embeddings
+    folder, teacher, train_ds, table, groups, w0 = embedding_setup()
     weights = token_weights(train_ds, table.num_embeddings)
-    groups = count_groups(token_counts(train_ds, table.num_embeddings))
-    w0 = table.weight.detach().clone()
     held = _heldout_loader(Path(folder), _find("heldout.txt"), 600, 100)
     reference = embed(teacher, held)
 

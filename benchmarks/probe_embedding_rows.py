@@ -38,15 +38,21 @@ def row_errors(weight: torch.Tensor, w0: torch.Tensor, groups: dict[str, torch.T
     return {g: round(float(err[m].mean()), 3) for g, m in groups.items()}
 
 
-def main() -> None:
+def embedding_setup():
+    """What the token-embedding probes share, on 2 threads: (model folder from argv or
+    benchmarks/pack_minilm.py's copy, teacher in eval mode, training texts, its token embedding, the
+    vocabulary rows by count group, the embedding's original rows)."""
     torch.set_num_threads(2)
-    folder = sys.argv[1] if len(sys.argv) > 1 else ".carry-hf/minilm16"  # benchmarks/pack_minilm.py's copy
+    folder = sys.argv[1] if len(sys.argv) > 1 else ".carry-hf/minilm16"
     teacher = load_encoder(folder).eval()
     train_ds, _ = text_datasets(f"text:{_find('distill.txt')}", folder)
     table = teacher.embeddings.word_embeddings
-    counts = token_counts(train_ds, table.num_embeddings)
-    w0 = table.weight.detach().clone()
-    groups = count_groups(counts)
+    groups = count_groups(token_counts(train_ds, table.num_embeddings))
+    return folder, teacher, train_ds, table, groups, table.weight.detach().clone()
+
+
+def main() -> None:
+    folder, teacher, train_ds, table, groups, w0 = embedding_setup()
     rows = []
     for rank in (384, 512):
         for power in (0.0, 0.5, 1.0):
