@@ -5,8 +5,9 @@
 The text step of an STTP student takes about 9.5 ms more than a dense student's at batch 1024 on an H200
 (profile_minilm.py); that is the build of every compressed weight from its frames and back. This times
 the graphed build (median CUDA-event ms) of the whole student, of the token embedding alone and of the
-rest, with TF32 off and on and at FramePlan's max_waste 1, 2 and 4, and prints the eager build's kernels
-(torch.profiler). Prints only; nothing is written.
+rest, with TF32 off and on, at FramePlan's max_waste 1, 2 and 4 and through torch.compile (added after
+results/minilm_build.md was measured: not run yet), and prints the eager build's kernels (torch.profiler).
+Prints only; nothing is written.
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ def main() -> None:
     row["all_ms_tf32"] = timed(student)
     row["token_embedding_ms_tf32"] = timed(parts["token_embedding"])
     torch.backends.cuda.matmul.allow_tf32 = False
+    try:  # the build through torch.compile (fusing the frames' small elementwise kernels), under the graph
+        row["all_ms_compile"] = timed(student, compile=True)
+    except Exception as e:  # noqa: BLE001 - a measurement, not a product path
+        row["all_ms_compile"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     print(json.dumps(row), flush=True)
 
     from torch.profiler import ProfilerActivity, profile
