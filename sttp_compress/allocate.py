@@ -214,13 +214,13 @@ class _Profile:
     Keeps what every rank shares: the weight as a float32 matrix (a view when it already is one),
     ‖W‖², and W Wᵀ for the U chains when d_out <= d_in (`tt_error2`). With `row_weight` w the error is
     that of diag(√w)·W, the matrix a row-scaled conversion factorizes (layers.SpectralTT); with
-    `col_weight` c that of W·diag(√c) (column-scaled).
+    `col_weight` c that of W·diag(√c) (column-scaled); with `row_order` that of its rows in that order.
     """
 
     def __init__(self, module: nn.Module, kind: str, method: str, row_weight: Tensor | None = None,
-                 col_weight: Tensor | None = None):
+                 col_weight: Tensor | None = None, row_order: Tensor | None = None):
         self.module, self.kind, self.method, self.row_weight = module, kind, method, row_weight
-        self.col_weight = col_weight
+        self.col_weight, self.row_order = col_weight, row_order
         self._W: Tensor | None = None
         self._gram: Tensor | None = None
         self._n2 = 0.0
@@ -234,6 +234,8 @@ class _Profile:
                 W = W * torch.as_tensor(self.row_weight, dtype=W.dtype, device=W.device).reshape(-1, 1).sqrt()
             if self.col_weight is not None:
                 W = W * torch.as_tensor(self.col_weight, dtype=W.dtype, device=W.device).reshape(1, -1).sqrt()
+            if self.row_order is not None:
+                W = W[torch.as_tensor(self.row_order, device=W.device)]
             if self.method == "sttp":  # the zero-padded tensorization (tt.padded_size)
                 W = pad_matrix(W, *matrix_factors(self.kind, tuple(weight.shape)))
             self._n2 = float(W.square().sum())
@@ -265,13 +267,13 @@ class _Profile:
 
 def layer_options(name: str, module: nn.Module, method: str = "sttp", spectrum: str = "free",
                   with_errors: bool = True, eager: bool = False, row_weight: Tensor | None = None,
-                  col_weight: Tensor | None = None) -> LayerOptions:
+                  col_weight: Tensor | None = None, row_order: Tensor | None = None) -> LayerOptions:
     """Options on a geometric rank grid (1, 1.5, 2, 3, 4, 6, …) while DOF < numel, plus DENSE.
 
     With errors, each grid rank's error is profiled lazily (`LayerOptions.error2`) from the module's
     weight at that time, or all at once with `eager`. A `row_weight` makes the options row-scaled
     (d_out more parameters each) and their errors row-weighted (`_Profile`); a `col_weight` the same
-    on the input side (d_in more).
+    on the input side (d_in more); a `row_order` profiles the rows in that order (SpectralTT.row_order).
     """
     kind = weight_kind(module)
     W = getattr(module, weight_name(module))
@@ -294,7 +296,7 @@ def layer_options(name: str, module: nn.Module, method: str = "sttp", spectrum: 
     opts.dofs.append(opts.numel)
     opts.err2 = [None] * (len(opts.ranks) - 1) + [0.0]
     if with_errors:
-        opts.profile = _Profile(module, kind, method, row_weight, col_weight)
+        opts.profile = _Profile(module, kind, method, row_weight, col_weight, row_order)
         if eager:
             for i in range(len(opts.ranks)):
                 opts.error2(i)

@@ -266,7 +266,8 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
                        spectra_of: int = 4, row_weights: Mapping[str, torch.Tensor] | None = None,
                        layer_ranks: Mapping[str, int] | None = None,
                        col_weights: Mapping[str, torch.Tensor] | None = None,
-                       input_moments: Mapping[str, torch.Tensor] | None = None) -> dict:
+                       input_moments: Mapping[str, torch.Tensor] | None = None,
+                       row_orders: Mapping[str, torch.Tensor] | None = None) -> dict:
     """Compress `model` in place at one rank or to a whole-model ratio (eq. 11); return the report parts.
 
     Returns {"layers": [...], "skipped": [...], "totals": {...}, "spectra": {name: (before, after)}}
@@ -280,13 +281,16 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
     refits each such layer's spectrum to its original outputs on those inputs
     (`activation.refit_spectrum`; the layer row gets `spectrum_refit`).
     `layer_ranks` {layer name: rank} pins those layers' ranks; with a ratio the others share what is left.
+    `row_orders` {layer name: a permutation of its rows} makes those layers' tensor trains take their rows
+    in that order (e.g. `weight_order` of the row weights; the layer row gets `row_ordered`), in the
+    conversion and in the allocation's errors.
     """
     from .activation import refit_spectrum, scales_from_moments
     from .allocate import DENSE, allocate, budget_for_ratio, check_reachable, layer_options
     from .errors import UserError
 
     row_weights, layer_ranks, col_weights = dict(row_weights or {}), dict(layer_ranks or {}), dict(col_weights or {})
-    input_moments = dict(input_moments or {})
+    input_moments, row_orders = dict(input_moments or {}), dict(row_orders or {})
     if input_moments and not col_weights:
         col_weights = scales_from_moments(input_moments)
 
@@ -306,7 +310,8 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
             free = n not in layer_ranks
             (opts if free else pinned).append(layer_options(n, m, method, spectrum, row_weight=row_weights.get(n),
                                                             with_errors=free and allocation == "greedy",
-                                                            col_weight=col_weights.get(n)))
+                                                            col_weight=col_weights.get(n),
+                                                            row_order=row_orders.get(n)))
         # parameters outside the allocation: dense layers, and the pinned layers at their rank (or dense)
         fixed = params_original - sum(o.numel for o in opts) - sum(
             o.numel - min(o.numel, o.dof(layer_ranks[o.name])) for o in pinned)
@@ -331,7 +336,7 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
             skipped[name] = f"rank {r} would not save parameters (DOF >= {numel:,} weights)"
         else:
             p = compress_module(m, r, method, spectrum, row_weight=row_weights.get(name),
-                                col_weight=col_weights.get(name))
+                                col_weight=col_weights.get(name), row_order=row_orders.get(name))
             refit = name in input_moments and refit_spectrum(m, W0, input_moments[name])
             with torch.no_grad():
                 W1 = weight_of(m).detach()
@@ -345,6 +350,8 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
                 layers[-1].update({"row_scaled": name in row_weights, "col_scaled": name in col_weights})
                 layers[-1]["weighted_rel_error"] = _weighted_error(W1, W0, kind, row_weights.get(name),
                                                                    col_weights.get(name))
+            if p.row_ordered:
+                layers[-1]["row_ordered"] = True
             if refit:
                 layers[-1]["spectrum_refit"] = True
             if name in by_size:

@@ -63,6 +63,7 @@ class CompressJob:
     bn_recalibrate: int = 0
     layer_ranks: dict = field(default_factory=dict)  # {layer name: rank} pinned (--layer-rank)
     token_weighting: bool = True  # text data + token embedding included: frequency-weighted conversion
+    order_rows: bool = False  # ...and its tensor train takes the rows by descending weight (convert.weight_order)
     activation_aware: bool | None = None  # Linear columns weighted by input scales (None: with text data)
     text_augment: float = TEXT_AUGMENT  # text data: fraction of each training batch with tokens replaced (text.perturb_tokens)
     text_vocab_share: float = TEXT_VOCAB_SHARE  # text data: share of those replacements from the whole vocabulary
@@ -121,6 +122,8 @@ def _check_target(job: CompressJob) -> None:
         raise UserError(f"--allocation must be greedy or uniform, got {job.allocation!r}")
     if not 0.0 <= job.text_augment <= 1.0:
         raise UserError(f"--text-augment is a fraction of each batch, between 0 and 1; got {job.text_augment}")
+    if job.order_rows and not (job.token_weighting and job.data and is_text_spec(job.data)):
+        raise UserError(ORDER_ROWS_NEEDS)
     if not 0.0 <= job.text_vocab_share <= 1.0:
         raise UserError(f"--text-vocab-share is a share of the replacement tokens, between 0 and 1; "
                         f"got {job.text_vocab_share}")
@@ -195,6 +198,21 @@ def _row_weights(model: nn.Module, job: CompressJob, data: tuple | None, candida
     return {name: token_weights(data[0], candidates[name].num_embeddings)}
 
 
+ORDER_ROWS_NEEDS = ("--order-rows orders the token embedding's rows by token weight: it needs --data text:FILE, "
+                    "the token embedding among the layers to compress (--include) and --token-weighting")
+
+
+def _row_orders(job: CompressJob, row_weights: dict) -> dict:
+    """{token embedding name: its rows by descending token weight} with --order-rows, else {}."""
+    if not job.order_rows:
+        return {}
+    if not row_weights:
+        raise UserError(ORDER_ROWS_NEEDS)
+    from .convert import weight_order
+
+    return {name: weight_order(w) for name, w in row_weights.items()}
+
+
 TOKEN_EMBEDDING_SHARE = 0.5  # at most this share of the target's parameters for the default token-embedding rank
 
 
@@ -250,13 +268,13 @@ def _input_moments(model: nn.Module, job: CompressJob, data: tuple | None, candi
 
 def _convert(model: nn.Module, job: CompressJob, device: torch.device | None,
              on_layer: Callable[[str], None] | None, row_weights: dict | None, moments: dict | None,
-             layer_ranks: dict) -> dict:
+             layer_ranks: dict, row_orders: dict | None = None) -> dict:
     """compress_to_target once: in this process, or on rank 0 with the result broadcast to every rank."""
 
     def convert(m: nn.Module) -> dict:
         parts = compress_to_target(m, job.ratio, job.rank, job.method, job.spectrum, job.allocation,
                                    job.include, job.exclude, on_layer=on_layer, row_weights=row_weights,
-                                   layer_ranks=layer_ranks, input_moments=moments)
+                                   layer_ranks=layer_ranks, input_moments=moments, row_orders=row_orders)
         if not parts["layers"]:
             raise UserError("no layer was compressed: every candidate was skipped "
                             f"({'; '.join(s['name'] + ': ' + s['reason'] for s in parts['skipped'][:3])})")
@@ -305,7 +323,7 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
     row_weights = _row_weights(model, job, data, candidates)
     layer_ranks, pinned = _layer_ranks(model, job, candidates, row_weights)
     parts = _convert(model, job, device, on_layer, row_weights, _input_moments(model, job, data, candidates),
-                     layer_ranks)
+                     layer_ranks, _row_orders(job, row_weights))
     for layer in parts["layers"]:
         if layer["name"] == pinned:
             layer["rank_rule"] = "token embedding: its width, at most half the target's parameters"

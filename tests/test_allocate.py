@@ -158,3 +158,22 @@ def test_resnet18_ranks_equal_those_of_the_exhaustive_profile():
     for ratio in ["50", "20", "10", "5"]:
         assert A.allocate(opts, A.budget_for_ratio(total, fixed, float(ratio))) == stored[ratio], ratio
     assert sum(o.profiled() for o in opts) < sum(len(o.ranks) - 1 for o in opts)
+
+
+def test_row_order_profiles_and_converts_the_rows_in_that_order():
+    from sttp_compress.convert import compress_to_target, weight_order
+
+    torch.manual_seed(0)
+    W0 = torch.randn(96, 32)
+    w = torch.rand(96, dtype=torch.float64).pow(4) * 100 + 0.01
+    order = weight_order(w)
+    ordered, permuted = nn.Embedding(96, 32), nn.Embedding(96, 32)
+    ordered.weight.data.copy_(W0)
+    permuted.weight.data.copy_(W0[order])
+    a = A.layer_options("a", ordered, row_weight=w, row_order=order, eager=True)
+    b = A.layer_options("b", permuted, row_weight=w[order], eager=True)
+    plain = A.layer_options("c", ordered, row_weight=w, eager=True)
+    assert a.err2 == pytest.approx(b.err2, rel=1e-5) and a.err2 != pytest.approx(plain.err2, rel=1e-3)
+    model = nn.Sequential(ordered)
+    parts = compress_to_target(model, ratio=2, row_weights={"0": w}, row_orders={"0": order})
+    assert parts["layers"][0]["row_ordered"] and torch.equal(model[0].parametrizations.weight[0].row_order, order)

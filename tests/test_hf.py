@@ -696,6 +696,31 @@ def test_token_weights_count_the_training_texts(tiny, texts, tmp_path):
     assert not any(layer.get("row_scaled") or layer.get("col_scaled") for layer in report["layers"])
 
 
+def test_order_rows_orders_the_token_embedding_by_weight(tiny, texts, tmp_path):
+    from sttp_compress.convert import weight_order
+
+    out = tmp_path / "ordered.sttp.pt"
+    args = ("--arch", f"hf:{tiny}", "--ratio", "2", "--include", "*", "--data", f"text:{texts}", "--steps", "1",
+            "--batch-size", "8", "--workers", "0")
+    rc, _, err = cli(compress_app, "sttp-compress", *args, "--order-rows", "--output", out, "--quiet")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "ordered.sttp.report" / "report.json").read_text())
+    ordered = [layer["name"] for layer in report["layers"] if layer.get("row_ordered")]
+    assert ordered == ["embeddings.word_embeddings"]
+    model, _ = load_compressed(out)  # weights_only; the order comes back from the state
+    p = parametrization(model.embeddings.word_embeddings)
+    from sttp_compress.text import text_datasets
+
+    train = text_datasets(f"text:{texts}", tiny)[0]  # the rows by the training texts' token weights
+    assert p.row_ordered and torch.equal(p.row_order, weight_order(token_weights(train, 222)))
+    # without token weights there is no order to take: one line, exit 2, nothing written
+    for bad_args in ([*args, "--no-token-weighting"], ["--arch", f"hf:{tiny}", "--ratio", "2", "--include", "*"]):
+        bad = tmp_path / "bad.sttp.pt"
+        rc, _, err = cli(compress_app, "sttp-compress", *bad_args, "--order-rows", "--output", bad, "--quiet")
+        assert rc == 2 and "--order-rows" in err and len(err.strip().splitlines()) == 1, err
+        assert not bad.exists()
+
+
 def test_layer_rank_pins_one_layer_and_the_ratio_still_holds(tiny, texts, tmp_path):
     out = tmp_path / "pinned.sttp.pt"
     rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--ratio", "2", "--include", "*",
