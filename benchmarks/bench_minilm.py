@@ -125,10 +125,9 @@ def ratio4_student(teacher, train_ds, rank: int = 384, order_rows: bool = False)
     return student
 
 
-def cpu_probe_setup(model_dir: str | None, augment: float = 0.5, heldout: int = 400):
+def cpu_probe_texts(model_dir: str | None, augment: float = 0.5, heldout: int = 400):
     """What the small CPU distillation probes share: (teacher in eval mode, training texts augmenting at
-    `augment`, a loader of the first `heldout` held-out texts, the teacher's embeddings of them, the
-    ratio4_student)."""
+    `augment`, a loader of the first `heldout` held-out texts, the teacher's embeddings of them)."""
     from sttp_compress.hf import load_encoder
     from sttp_compress.text import embed, text_datasets
 
@@ -136,8 +135,15 @@ def cpu_probe_setup(model_dir: str | None, augment: float = 0.5, heldout: int = 
     teacher = load_encoder(folder).eval()
     train_ds, _ = text_datasets(f"text:{_find('distill.txt')}", folder)
     train_ds.augment = augment
-    held = _heldout_loader(Path(folder), _find("heldout.txt"), heldout, 100)
-    return teacher, train_ds, held, embed(teacher, held), ratio4_student(teacher, train_ds)
+    held = _heldout_loader(folder, _find("heldout.txt"), heldout, 100)
+    return teacher, train_ds, held, embed(teacher, held)
+
+
+def cpu_probe_setup(model_dir: str | None, augment: float = 0.5, heldout: int = 400):
+    """cpu_probe_texts' (teacher, training texts, held-out loader, the teacher's embeddings of it) and the
+    ratio4_student."""
+    teacher, train_ds, held, ref = cpu_probe_texts(model_dir, augment, heldout)
+    return teacher, train_ds, held, ref, ratio4_student(teacher, train_ds)
 
 
 def convert_only(args) -> None:

@@ -18,23 +18,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_minilm import _find, _heldout_loader, ratio4_student  # noqa: E402
+from bench_minilm import cpu_probe_texts, ratio4_student  # noqa: E402
 from common import machine, today, write_results  # noqa: E402
 from sttp_compress.data import make_loaders  # noqa: E402
 from sttp_compress.finetune import FinetuneConfig  # noqa: E402
-from sttp_compress.hf import load_encoder  # noqa: E402
 from sttp_compress.text import (TEXT_AUGMENT, TEXT_VOCAB_SHARE, distill_embeddings, embed,  # noqa: E402
-                                embedding_agreement, text_datasets)
+                                embedding_agreement)
 
 
 def main() -> None:
     torch.set_num_threads(2)
     steps = int(sys.argv[1]) if len(sys.argv) > 1 else 400
     folder = sys.argv[2] if len(sys.argv) > 2 else ".carry-hf/minilm16"  # benchmarks/pack_minilm.py's copy
-    teacher = load_encoder(folder).eval()
-    train_ds, _ = text_datasets(f"text:{_find('distill.txt')}", folder)
-    held = _heldout_loader(Path(folder), _find("heldout.txt"), 400, 100)
-    ref = embed(teacher, held)
+    teacher, train_ds, held, ref = cpu_probe_texts(folder, augment=0.0)  # conversions see plain texts
     rows = []
     for ordered in (False, True):
         student = ratio4_student(teacher, train_ds, 512, order_rows=ordered).eval()

@@ -19,15 +19,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_minilm import _find, _heldout_loader  # noqa: E402
+from bench_minilm import cpu_probe_texts  # noqa: E402
 from common import machine, today, write_results  # noqa: E402
 from probe_embedding_rows import count_groups, row_errors  # noqa: E402
 from sttp_compress.convert import compress_module  # noqa: E402
 from sttp_compress.data import make_loaders  # noqa: E402
 from sttp_compress.finetune import FinetuneConfig  # noqa: E402
-from sttp_compress.hf import load_encoder  # noqa: E402
 from sttp_compress.text import (EmbeddingDistillLoss, distill_embeddings, embed, embedding_agreement,  # noqa: E402
-                                text_datasets, token_counts, token_weights)
+                                token_counts, token_weights)
 
 ROWS = 2048
 
@@ -36,11 +35,7 @@ def main() -> None:
     torch.set_num_threads(2)
     steps = int(sys.argv[1]) if len(sys.argv) > 1 else 300
     folder = sys.argv[2] if len(sys.argv) > 2 else ".carry-hf/minilm16"  # benchmarks/pack_minilm.py's copy
-    teacher = load_encoder(folder).eval()
-    train_ds, _ = text_datasets(f"text:{_find('distill.txt')}", folder)
-    train_ds.augment = 0.5
-    held = _heldout_loader(Path(folder), _find("heldout.txt"), 400, 100)
-    ref = embed(teacher, held)
+    teacher, train_ds, held, ref = cpu_probe_texts(folder, augment=0.5)
     table = teacher.embeddings.word_embeddings
     counts = token_counts(train_ds, table.num_embeddings)
     w0 = table.weight.detach().clone()
