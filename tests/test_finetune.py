@@ -26,7 +26,7 @@ from sttp_compress.finetune import (
 )
 
 REPORT_KEYS = {
-    "epochs", "steps", "seconds", "device", "processes", "images_per_s", "cuda_graph", "original_val_accuracy",
+    "epochs", "steps", "seconds", "device", "processes", "images_per_s", "cuda_graph", "tf32", "original_val_accuracy",
     "val_accuracy_before", "val_accuracy_after", "curve",
 }
 
@@ -290,6 +290,48 @@ def test_finetune_steps_across_epochs(digits, teacher) -> None:
     steps_per_epoch = len(_loaders(digits)[0])
     report = _run(_student(), teacher, digits, steps=steps_per_epoch + 3, optimizer="adamw", schedule="constant")
     assert [p["epoch"] for p in report["curve"]] == [1, round(1 + 3 / steps_per_epoch, 3)]
+
+
+@pytest.mark.parametrize("asked, device, amp, expected", [
+    (None, "cuda", True, True), (None, "cuda", False, False), (None, "cpu", True, False),
+    (False, "cuda", True, False), (True, "cpu", False, True),
+])
+def test_tf32_defaults_to_cuda_under_autocast(asked, device, amp, expected) -> None:
+    from sttp_compress.finetune import _tf32_enabled
+
+    assert _tf32_enabled(asked, torch.device(device), amp) is expected
+
+
+class _SeesTf32(nn.Module):
+    """A student that records torch.backends.cuda.matmul.allow_tf32 at each training forward."""
+
+    def __init__(self, fail_at: int | None = None):
+        super().__init__()
+        self.net, self.seen, self.fail_at = _student(), [], fail_at
+
+    def forward(self, x):
+        if self.training:
+            self.seen.append(torch.backends.cuda.matmul.allow_tf32)
+            if len(self.seen) == self.fail_at:
+                raise RuntimeError("boom")
+        return self.net(x)
+
+
+def test_tf32_holds_during_the_steps_and_is_restored(digits, teacher) -> None:
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        student = _SeesTf32()
+        report = _run(student, teacher, digits, steps=3, tf32=True)
+        assert report["tf32"] is True and student.seen == [True] * 3
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+        assert _run(_SeesTf32(), teacher, digits, steps=1)["tf32"] is False  # the default on a CPU
+        failing = _SeesTf32(fail_at=2)
+        with pytest.raises(RuntimeError, match="boom"):
+            _run(failing, teacher, digits, steps=3, tf32=True)
+        assert failing.seen == [True, True] and torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def test_finetune_zero_steps_keeps_student(digits, teacher) -> None:
