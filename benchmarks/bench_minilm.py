@@ -33,6 +33,7 @@ import gc
 import math
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -44,8 +45,8 @@ from common import machine, markdown_table, merge_rows, print_table, today, writ
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".data" / "text"
-COLUMNS = ["ratio", "method", "allocation", "token_weighting", "order_rows", "activation_aware", "include", "batch", "lr", "hidden_weight", "hidden_end", "beta2", "tf32", "seed", "augment", "augment_vocab", "vocab_rows", "vocab_weight", "distill", "length_group", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
-           "nn_agreement_before", "wordnet_before", "cosine_after", "nn_agreement_after", "spearman_after", "wordnet_after", "steps", "seconds", "peak_gpu_gib", "peak_reserved_gib", "device"]
+COLUMNS = ["ratio", "method", "allocation", "token_weighting", "order_rows", "activation_aware", "include", "batch", "lr", "hidden_weight", "hidden_end", "beta2", "tf32", "seed", "augment", "augment_vocab", "vocab_rows", "vocab_weight", "distill", "length_group", "attention", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
+           "nn_agreement_before", "wordnet_before", "cosine_after", "nn_agreement_after", "spearman_after", "wordnet_after", "steps", "seconds", "texts_per_s", "peak_gpu_gib", "peak_reserved_gib", "device"]
 
 
 def _model_dir(given: str | None) -> Path:
@@ -187,6 +188,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", default=None, help="peak learning rate (default: AdamW's); a comma list runs one "
                                                  "distillation per value")
     ap.add_argument("--method", default="sttp")
+    ap.add_argument("--encoder-method", default=None,
+                    help="method of the layers other than the token embedding (default --method), e.g. svdp: "
+                         "the encoder's Linears as plain SVD frames while the embedding keeps its tensor train")
+    ap.add_argument("--attention", default="auto", choices=["auto", "math", "efficient"],
+                    help="scaled_dot_product_attention backends of the training steps (auto: the product's, "
+                         "finetune._attention_backends; math or efficient: only that one)")
     ap.add_argument("--allocation", default="greedy", help="greedy or uniform")
     ap.add_argument("--embedding-rank", default=None,
                     help="experiment: convert the token embedding at this rank first, then allocate the rest "
@@ -212,10 +219,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--beta2", type=float, default=None,
                     help="AdamW's beta2 (FinetuneConfig.adam_beta2; default text.TEXT_ADAM_BETA2 as sttp-compress "
                          "with text data)")
-    ap.add_argument("--tf32", action="store_true",
-                    help="let float32 matmuls use TF32 (torch.backends.cuda.matmul.allow_tf32): the weight build "
-                         "runs in float32 outside autocast; on an H200 its forward + backward took 6.4 ms instead "
-                         "of 9.0 (profile_minilm_build.py)")
+    ap.add_argument("--tf32", default="auto", choices=["auto", "on", "off"],
+                    help="FinetuneConfig.tf32: the training steps' float32 matmuls (the weight build) as TF32 (auto: "
+                         "sttp-compress's default, on under bf16 autocast; off: as runs before 2026-11-30). On an H200 "
+                         "the build's forward + backward took 6.4 ms instead of 9.0 (profile_minilm_build.py)")
     ap.add_argument("--hidden-end", type=lambda v: None if v == "none" else float(v), default=HIDDEN_END,
                     help="layer-wise weight at the last step: it moves linearly from --hidden-weight to this "
                          "(default text.HIDDEN_END as sttp-compress with text data; none: constant)")
@@ -248,8 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.convert_only:
         return convert_only(args)
-    if args.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    if args.attention != "auto":
+        _force_attention(args.attention)
+    encoder_method = args.encoder_method or args.method
 
     from sttp_compress.convert import compress_to_target, count_parameters
     from sttp_compress.data import LENGTH_GROUP, make_loaders
@@ -332,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
             rest_ratio = count_parameters(student) / (total / float(ratio))  # the rest reaches the same total
             rest_include = ["encoder.*", "embeddings.position_embeddings"]
             row_weights = None
-        parts = compress_to_target(student, ratio=rest_ratio, method=args.method, allocation=args.allocation,
+        parts = compress_to_target(student, ratio=rest_ratio, method=encoder_method, allocation=args.allocation,
                                    include=rest_include, row_weights=row_weights, input_moments=moments)
         parts["totals"]["ratio"] = total / count_parameters(student)
         parts["totals"]["params_compressed"] = count_parameters(student)
@@ -342,7 +350,8 @@ def main(argv: list[str] | None = None) -> None:
         wordnet_before = _pair_scores(student, pairs, folder, device)
         converted = student
         # the row's fields of the conversion: how, then what came out
-        how = {"ratio": float(ratio), "method": args.method,
+        how = {"ratio": float(ratio), "method": args.method if encoder_method == args.method else
+               f"{args.method} (token embedding), {encoder_method}", "attention": args.attention,
                "allocation": args.allocation + (f", embedding rank {emb_rank}" if emb_rank and include else ""),
                "token_weighting": bool(row_weights or (emb_rank and include and weights is not None)),
                "order_rows": bool(emb_rank and include and args.order_rows and weights is not None),
@@ -360,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
                                         vocab=args.vocab_weight if args.vocab_rows else 0.0)
             cfg = FinetuneConfig(steps=1, lr=lr, batch_size=16 if quick else batch, device=device, workers=2,
                                  log_every=50, select_best=False, loss_fn=loss, seed=seed,
-                                 adam_beta2=args.beta2)
+                                 adam_beta2=args.beta2, tf32={"auto": None, "on": True, "off": False}[args.tf32])
             # workers=0: tokenizing in this process; forked workers after CUDA init crashed on the H100
             # (CUDA initialization error in a worker during the second configuration)
             loaders = make_loaders(train_ds, val_ds, cfg.batch_size, 0, cfg.seed, device,
@@ -409,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
                 student.to(device)
                 print(f"saved {path}", flush=True)
             row = {**how, "batch": cfg.batch_size, "lr": cfg.resolved_lr, "hidden_weight": loss.hidden, "hidden_end": loss.hidden_end,
-                   "beta2": args.beta2, "tf32": args.tf32, "seed": seed,
+                   "beta2": args.beta2, "tf32": block.get("tf32"), "seed": seed,
                    "augment": args.augment, "augment_vocab": args.augment_vocab,
                    "vocab_rows": args.vocab_rows, "vocab_weight": loss.vocab, "distill": distill.name.removesuffix(".gz"),
                    "length_group": 0 if args.no_group_by_length else length_group,  # 0: random batches
@@ -417,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
                    "nn_agreement_after": round(after["nn_agreement"], 2),
                    "spearman_after": round(after["similarity_spearman"], 4),
                    "wordnet_after": _pair_scores(student, pairs, folder, device), "cosine_by_rarity": by_rarity,
-                   "steps": block["steps"],
+                   "steps": block["steps"], "texts_per_s": block.get("images_per_s"),
                    "seconds": block["seconds"], "peak_gpu_gib": peak, "peak_reserved_gib": reserved,
                    "device": machine(device),
                    "curve": [{k: c[k] for k in ("epoch", "train_loss", "val_loss")} for c in block["curve"]]}
@@ -451,6 +460,16 @@ def main(argv: list[str] | None = None) -> None:
 def _values(given: str | None) -> list[str | None]:
     """A comma list's values, or [None] for the default."""
     return [None] if given is None else [v for v in str(given).split(",") if v]
+
+
+def _force_attention(backend: str) -> None:
+    """Make the product's training steps use one scaled_dot_product_attention backend (an experiment)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from sttp_compress import finetune
+
+    chosen = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
+    finetune._attention_backends = lambda device: sdpa_kernel([chosen]) if device.type == "cuda" else nullcontext()
 
 
 def _largest_ratio(model: torch.nn.Module, method: str) -> float:
