@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
                          "with text data)")
     ap.add_argument("--tf32", default="auto", choices=["auto", "on", "off"],
                     help="FinetuneConfig.tf32: the training steps' float32 matmuls (the weight build) as TF32 (auto: "
-                         "sttp-compress's default, on under bf16 autocast; off: as runs before 2026-11-30). On an H200 "
+                         "sttp-compress's default, on under bf16 autocast; off: as the runs before that default, minilm_recipe.md). On an H200 "
                          "the build's forward + backward took 6.4 ms instead of 9.0 (profile_minilm_build.py)")
     ap.add_argument("--hidden-end", type=lambda v: None if v == "none" else float(v), default=HIDDEN_END,
                     help="layer-wise weight at the last step: it moves linearly from --hidden-weight to this "

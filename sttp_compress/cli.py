@@ -120,7 +120,7 @@ def compress_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
     example: bool = typer.Option(False, help="Run the built-in example: train a small CNN on scikit-learn's digits, compress, fine-tune, evaluate."),
     cuda_graphs: bool = typer.Option(True, help="On GPUs, replay each training step (one GPU) or the weight build (several GPUs) as CUDA graphs; --no-cuda-graphs runs them eagerly (slower; for models that misbehave under graphs)."),
-    tf32: Optional[bool] = typer.Option(None, "--tf32/--no-tf32", help="Run the training steps' float32 matmuls (the STTP weight build) as TF32 on GPUs; default: on under bfloat16 autocast (always on CUDA), where the layers already run in bfloat16."),
+    tf32: Optional[bool] = typer.Option(None, "--tf32/--no-tf32", help="Run the training steps' float32 matmuls (the STTP weight build; the layers run in bfloat16 there) as TF32; default: on when training on CUDA, where the steps run under bfloat16 autocast."),
     gpus: Optional[int] = typer.Option(None, help="Fine-tune on N GPUs of this machine: starts N processes through torchrun's launcher (README: Multi-GPU)."),
     debug: bool = typer.Option(False, help="Show tracebacks."),
 ) -> Optional[int]:

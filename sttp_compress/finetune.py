@@ -579,8 +579,9 @@ def _tf32_enabled(tf32: bool | None, device: torch.device, use_amp: bool) -> boo
 
     Under autocast the layers' matmuls already run in bfloat16 (8 mantissa bits); the float32 matmuls left
     are the weight build's (frames from reflectors, the train's contraction), whose weight is then cast to
-    bfloat16 for the forward. TF32 (10 mantissa bits) there costs less precision than that cast and made
-    MiniLM's build 1.42x faster on an H200 (benchmarks/results/minilm_build.md).
+    bfloat16 for the forward, and any a model runs with autocast turned off inside its forward (those get
+    TF32 too; tf32=False keeps them float32). TF32 (10 mantissa bits) in the build costs less precision than
+    that cast and made MiniLM's build 1.42x faster on an H200 (benchmarks/results/minilm_build.md).
     """
     return bool(tf32) if tf32 is not None else (device.type == "cuda" and use_amp)
 

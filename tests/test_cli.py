@@ -775,6 +775,24 @@ def test_cuda_graphs_flag_reaches_the_finetune_config(tiny, monkeypatch, flag, e
     assert [cfg.cuda_graph for cfg in seen] == [expected]
 
 
+@pytest.mark.parametrize("flag,expected", [(None, None), ("--no-tf32", False), ("--tf32", True)])
+def test_tf32_flag_reaches_the_finetune_config_and_the_report(tiny, monkeypatch, flag, expected):
+    import sttp_compress.finetune as ft
+
+    seen = []
+    real = ft.finetune
+    monkeypatch.setattr(ft, "finetune", lambda student, teacher, train, val, cfg, **kw: (
+        seen.append(cfg), real(student, teacher, train, val, cfg, **kw))[1])
+    data = tiny.dir / "data.pt"
+    torch.save({"inputs": torch.randn(16, *INPUT_SHAPE), "targets": torch.randint(0, 10, (16,))}, data)
+    out = tiny.dir / "tf32.sttp.pt"
+    ok(tiny.model, "--arch", tiny.arch, "--rank", "4", "--data", f"tensors:{data}", "--steps", "1",
+       "--workers", "0", "--batch-size", "8", "-q", "--output", out, "--force", *([flag] if flag else []))
+    assert [cfg.tf32 for cfg in seen] == [expected]
+    report = json.loads((tiny.dir / "tf32.sttp.report" / "report.json").read_text())
+    assert report["finetune"]["tf32"] is bool(expected)  # the default is off on a CPU
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--bogus"], "--bogus"),  # "No such option: --bogus" (typer's wording varies by version)
     (["m.pt", "--rank"], "--rank"),  # an option without its value
