@@ -45,7 +45,7 @@ from common import machine, markdown_table, merge_rows, print_table, today, writ
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".data" / "text"
-COLUMNS = ["ratio", "method", "allocation", "token_weighting", "order_rows", "activation_aware", "include", "batch", "lr", "hidden_weight", "hidden_end", "beta2", "tf32", "seed", "augment", "augment_vocab", "vocab_rows", "vocab_weight", "distill", "length_group", "attention", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
+COLUMNS = ["ratio", "method", "allocation", "token_weighting", "order_rows", "activation_aware", "include", "batch", "lr", "hidden_weight", "hidden_end", "beta2", "spectrum_lr", "tf32", "seed", "augment", "augment_vocab", "vocab_rows", "vocab_weight", "distill", "length_group", "attention", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
            "nn_agreement_before", "wordnet_before", "cosine_after", "nn_agreement_after", "spearman_after", "wordnet_after", "steps", "seconds", "texts_per_s", "peak_gpu_gib", "peak_reserved_gib", "device"]
 
 
@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="FinetuneConfig.tf32: the training steps' float32 matmuls (the weight build) as TF32 (auto: "
                          "sttp-compress's default, on under bf16 autocast; off: as the runs before that default, minilm_recipe.md). On an H200 "
                          "the build's forward + backward took 6.4 ms instead of 9.0 (profile_minilm_build.py)")
+    ap.add_argument("--spectrum-lr", type=float, default=1.0,
+                    help="FinetuneConfig.spectrum_lr_mult: learning rate of the compressed layers' spectra and "
+                         "row/column scales as a multiple of --lr (default 1: one rate for all)")
     ap.add_argument("--hidden-end", type=lambda v: None if v == "none" else float(v), default=HIDDEN_END,
                     help="layer-wise weight at the last step: it moves linearly from --hidden-weight to this "
                          "(default text.HIDDEN_END as sttp-compress with text data; none: constant)")
@@ -369,7 +372,8 @@ def main(argv: list[str] | None = None) -> None:
                                         vocab=args.vocab_weight if args.vocab_rows else 0.0)
             cfg = FinetuneConfig(steps=1, lr=lr, batch_size=16 if quick else batch, device=device, workers=2,
                                  log_every=50, select_best=False, loss_fn=loss, seed=seed,
-                                 adam_beta2=args.beta2, tf32={"auto": None, "on": True, "off": False}[args.tf32])
+                                 adam_beta2=args.beta2, tf32={"auto": None, "on": True, "off": False}[args.tf32],
+                                 spectrum_lr_mult=args.spectrum_lr)
             # workers=0: tokenizing in this process; forked workers after CUDA init crashed on the H100
             # (CUDA initialization error in a worker during the second configuration)
             loaders = make_loaders(train_ds, val_ds, cfg.batch_size, 0, cfg.seed, device,
@@ -418,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
                 student.to(device)
                 print(f"saved {path}", flush=True)
             row = {**how, "batch": cfg.batch_size, "lr": cfg.resolved_lr, "hidden_weight": loss.hidden, "hidden_end": loss.hidden_end,
-                   "beta2": args.beta2, "tf32": block.get("tf32"), "seed": seed,
+                   "beta2": args.beta2, "spectrum_lr": args.spectrum_lr, "tf32": block.get("tf32"), "seed": seed,
                    "augment": args.augment, "augment_vocab": args.augment_vocab,
                    "vocab_rows": args.vocab_rows, "vocab_weight": loss.vocab, "distill": distill.name.removesuffix(".gz"),
                    "length_group": 0 if args.no_group_by_length else length_group,  # 0: random batches

@@ -107,6 +107,7 @@ class FinetuneConfig:
     seed: int = 0
     grad_clip: float | None = 5.0
     adam_beta2: float | None = None  # AdamW's second-moment decay; None: ADAM_BETA2, text.TEXT_ADAM_BETA2 for text
+    spectrum_lr_mult: float = 1.0  # learning rate of compressed layers' spectra and row/column scales, × lr
     select_best: bool = True  # keep the best-validation state (False: the final state)
     weight_bank: bool = True  # build all compressed weights together each step (bank.py)
     cuda_graph: bool = True  # on GPUs, replay the bank's build as a CUDA graph (False: no CUDA graphs at all)
@@ -147,6 +148,8 @@ class FinetuneConfig:
             raise UserError(f"log interval must be at least 1 step, got {self.log_every}")
         if self.adam_beta2 is not None and not 0.0 < self.adam_beta2 < 1.0:
             raise UserError(f"AdamW beta2 must be in (0, 1), got {self.adam_beta2}")
+        if not self.spectrum_lr_mult > 0:
+            raise UserError(f"the spectra's learning-rate multiple must be positive, got {self.spectrum_lr_mult}")
 
     @property
     def resolved_lr(self) -> float:
@@ -400,20 +403,25 @@ def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimi
 
     Not on biases, norms, spectra, nor on the Householder parameters of compressed layers
     (`parametrizations.*`): their size says nothing about the weight's norm, so decay would only
-    pull the frames toward an arbitrary fixed frame.
+    pull the frames toward an arbitrary fixed frame. With `cfg.spectrum_lr_mult` != 1 the compressed
+    layers' 1-D parameters (spectra, row and column scales) form a third group at that multiple of the lr.
     """
-    decay, no_decay = [], []
+    decay, no_decay, scales = [], [], []
+    separate = cfg.spectrum_lr_mult != 1.0
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        if separate and p.dim() == 1 and "parametrizations." in name:
+            scales.append(p)
+            continue
         skip = p.dim() <= 1 or "spectr" in name.lower() or "parametrizations." in name
         (no_decay if skip else decay).append(p)
-    if not decay and not no_decay:
+    if not decay and not no_decay and not scales:
         raise UserError("the student model has no trainable parameters to fine-tune")
     wd = cfg.resolved_weight_decay
-    groups = [g for g in ({"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0})
-              if g["params"]]
     lr = cfg.resolved_lr
+    groups = [g for g in ({"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0},
+                          {"params": scales, "weight_decay": 0.0, "lr": lr * cfg.spectrum_lr_mult}) if g["params"]]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=SGD_MOMENTUM, nesterov=True)
     # fused: one kernel launch per step instead of per-tensor Python work (a compressed model has

@@ -18,6 +18,7 @@ from sttp_compress.example import DigitsCNN, digits_data, digits_factory, train_
 from sttp_compress.finetune import (
     FinetuneConfig,
     build_optimizer,
+    build_scheduler,
     distillation_loss,
     evaluate,
     finetune,
@@ -188,6 +189,28 @@ def test_weight_decay_skips_vectors_and_spectra() -> None:
     assert build_optimizer(model, FinetuneConfig(adam_beta2=0.98)).defaults["betas"] == (0.9, 0.98)
 
 
+def test_spectrum_lr_mult_puts_spectra_and_scales_in_their_own_group() -> None:
+    from sttp_compress import compress_module
+
+    model = nn.Sequential(nn.Linear(16, 8), nn.Linear(16, 8))
+    compress_module(model[1], rank=2, col_weight=torch.rand(16) + 0.5)
+    one_d = {n for n, p in model[1].named_parameters() if "parametrizations." in n and p.dim() == 1}
+    assert len(one_d) == 2  # the spectrum and the column scales
+    default = build_optimizer(model, FinetuneConfig())
+    assert len(default.param_groups) == 2 and {g["lr"] for g in default.param_groups} == {1e-3}
+    opt = build_optimizer(model, FinetuneConfig(spectrum_lr_mult=3.0))
+    fast = [g for g in opt.param_groups if g["lr"] != 1e-3]
+    assert len(opt.param_groups) == 3 and len(fast) == 1 and fast[0]["lr"] == pytest.approx(3e-3)
+    names = {id(p): n for n, p in model[1].named_parameters()}
+    assert {names[id(p)] for p in fast[0]["params"]} == one_d and fast[0]["weight_decay"] == 0.0
+    # the one-cycle schedule peaks each group at its own rate
+    sched = build_scheduler(opt, FinetuneConfig(), total_steps=100)
+    for _ in range(15):
+        opt.step()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-3, 3e-3], rel=1e-3)
+
+
 @pytest.mark.parametrize(
     "overrides, fragment",
     [
@@ -199,6 +222,7 @@ def test_weight_decay_skips_vectors_and_spectra() -> None:
         ({"steps": -2}, "negative"),
         ({"device": "tpu"}, "device"),
         ({"adam_beta2": 1.0}, "beta2"),
+        ({"spectrum_lr_mult": 0.0}, "multiple"),
     ],
 )
 def test_config_user_errors(digits, teacher, overrides, fragment: str) -> None:
