@@ -760,8 +760,8 @@ def test_finetune_with_tensor_data(tiny):
         assert torch.isfinite(model(torch.randn(2, *INPUT_SHAPE))).all()
 
 
-@pytest.mark.parametrize("flag,expected", [(None, True), ("--no-cuda-graphs", False), ("--cuda-graphs", True)])
-def test_cuda_graphs_flag_reaches_the_finetune_config(tiny, monkeypatch, flag, expected):
+def _finetune_configs(tiny, monkeypatch, *args) -> list:
+    """The FinetuneConfigs a one-step CLI fine-tune of `tiny` passes to finetune (extra CLI `args` appended)."""
     import sttp_compress.finetune as ft
 
     seen = []
@@ -771,23 +771,20 @@ def test_cuda_graphs_flag_reaches_the_finetune_config(tiny, monkeypatch, flag, e
     data = tiny.dir / "data.pt"
     torch.save({"inputs": torch.randn(16, *INPUT_SHAPE), "targets": torch.randint(0, 10, (16,))}, data)
     ok(tiny.model, "--arch", tiny.arch, "--rank", "4", "--data", f"tensors:{data}", "--steps", "1",
-       "--workers", "0", "--batch-size", "8", "-q", *([flag] if flag else []))
+       "--workers", "0", "--batch-size", "8", "-q", *args)
+    return seen
+
+
+@pytest.mark.parametrize("flag,expected", [(None, True), ("--no-cuda-graphs", False), ("--cuda-graphs", True)])
+def test_cuda_graphs_flag_reaches_the_finetune_config(tiny, monkeypatch, flag, expected):
+    seen = _finetune_configs(tiny, monkeypatch, *([flag] if flag else []))
     assert [cfg.cuda_graph for cfg in seen] == [expected]
 
 
 @pytest.mark.parametrize("flag,expected", [(None, None), ("--no-tf32", False), ("--tf32", True)])
 def test_tf32_flag_reaches_the_finetune_config_and_the_report(tiny, monkeypatch, flag, expected):
-    import sttp_compress.finetune as ft
-
-    seen = []
-    real = ft.finetune
-    monkeypatch.setattr(ft, "finetune", lambda student, teacher, train, val, cfg, **kw: (
-        seen.append(cfg), real(student, teacher, train, val, cfg, **kw))[1])
-    data = tiny.dir / "data.pt"
-    torch.save({"inputs": torch.randn(16, *INPUT_SHAPE), "targets": torch.randint(0, 10, (16,))}, data)
     out = tiny.dir / "tf32.sttp.pt"
-    ok(tiny.model, "--arch", tiny.arch, "--rank", "4", "--data", f"tensors:{data}", "--steps", "1",
-       "--workers", "0", "--batch-size", "8", "-q", "--output", out, "--force", *([flag] if flag else []))
+    seen = _finetune_configs(tiny, monkeypatch, "--output", out, "--force", *([flag] if flag else []))
     assert [cfg.tf32 for cfg in seen] == [expected]
     report = json.loads((tiny.dir / "tf32.sttp.report" / "report.json").read_text())
     assert report["finetune"]["tf32"] is bool(expected)  # the default is off on a CPU
