@@ -33,7 +33,6 @@ import gc
 import math
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -193,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
                          "the encoder's Linears as plain SVD frames while the embedding keeps its tensor train")
     ap.add_argument("--attention", default="auto", choices=["auto", "math", "efficient"],
                     help="scaled_dot_product_attention backends of the training steps (auto: the product's, "
-                         "finetune._attention_backends; math or efficient: only that one)")
+                         "finetune.ATTENTION_BACKENDS; math or efficient: only that one)")
     ap.add_argument("--allocation", default="greedy", help="greedy or uniform")
     ap.add_argument("--embedding-rank", default=None,
                     help="experiment: convert the token embedding at this rank first, then allocate the rest "
@@ -258,8 +257,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.convert_only:
         return convert_only(args)
-    if args.attention != "auto":
-        _force_attention(args.attention)
+    if args.attention != "auto":  # the product's training steps use only that backend (an experiment)
+        from sttp_compress import finetune
+
+        finetune.ATTENTION_BACKENDS = ({"math": "MATH", "efficient": "EFFICIENT_ATTENTION"}[args.attention],)
     encoder_method = args.encoder_method or args.method
 
     from sttp_compress.convert import compress_to_target, count_parameters
@@ -464,16 +465,6 @@ def main(argv: list[str] | None = None) -> None:
 def _values(given: str | None) -> list[str | None]:
     """A comma list's values, or [None] for the default."""
     return [None] if given is None else [v for v in str(given).split(",") if v]
-
-
-def _force_attention(backend: str) -> None:
-    """Make the product's training steps use one scaled_dot_product_attention backend (an experiment)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from sttp_compress import finetune
-
-    chosen = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
-    finetune._attention_backends = lambda device: sdpa_kernel([chosen]) if device.type == "cuda" else nullcontext()
 
 
 def _largest_ratio(model: torch.nn.Module, method: str) -> float:

@@ -97,8 +97,8 @@ def compress_cmd(
     token_weighting: bool = typer.Option(True, help="With --data text:FILE and the token embedding included: fit "
                                          "its conversion to the tokens' frequencies in FILE (row-scaled STTP)."),
     order_rows: bool = typer.Option(False, help="With token weighting: the embedding's tensor train takes the rows "
-                                    "by descending token weight (closer after conversion; not yet measured "
-                                    "after distillation, README)."),
+                                    "by descending token weight (closer after conversion; no gain after distillation "
+                                    "so far, README)."),
     activation_aware: Optional[bool] = typer.Option(
         None, "--activation-aware/--no-activation-aware",
         help="Fit each compressed Linear's conversion to the scale of its inputs on 8 batches of the "

@@ -566,8 +566,13 @@ def _train_step(
 WARMUP_STEPS = 10  # steps left out of images_per_s (CUDA-graph capture, cuDNN autotuning, allocator growth)
 
 
+# scaled_dot_product_attention backends of the training steps on CUDA (torch.nn.attention.SDPBackend names);
+# math alone was 15% slower for MiniLM's short texts (benchmarks/results/minilm_recipe.md, third session)
+ATTENTION_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
 def _attention_backends(device: torch.device) -> Any:
-    """On CUDA, scaled_dot_product_attention without the cuDNN backend for the training steps.
+    """On CUDA, scaled_dot_product_attention limited to ATTENTION_BACKENDS (no cuDNN) for the training steps.
 
     cuDNN's kernel spent ~1.8 ms of CPU per call (building its plan) when every batch of texts has
     another padded length: 31 ms of a 63 ms MiniLM distillation step on an H200, whose GPU work was
@@ -579,7 +584,7 @@ def _attention_backends(device: torch.device) -> Any:
         return nullcontext()
     if device.type != "cuda":
         return nullcontext()
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    return sdpa_kernel([getattr(SDPBackend, name) for name in ATTENTION_BACKENDS])
 
 
 def _tf32_enabled(tf32: bool | None, device: torch.device, use_amp: bool) -> bool:

@@ -326,6 +326,18 @@ def test_tf32_defaults_to_cuda_under_autocast(asked, device, amp, expected) -> N
     assert _tf32_enabled(asked, torch.device(device), amp) is expected
 
 
+def test_attention_backends_name_real_backends_without_cudnn() -> None:
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend
+
+    from sttp_compress.finetune import ATTENTION_BACKENDS, _attention_backends
+
+    assert all(isinstance(getattr(SDPBackend, n), SDPBackend) for n in ATTENTION_BACKENDS)
+    assert "CUDNN_ATTENTION" not in ATTENTION_BACKENDS
+    assert isinstance(_attention_backends(torch.device("cpu")), nullcontext)
+
+
 class _SeesTf32(nn.Module):
     """A student that records torch.backends.cuda.matmul.allow_tf32 at each training forward."""
 
