@@ -222,9 +222,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="FinetuneConfig.tf32: the training steps' float32 matmuls (the weight build) as TF32 (auto: "
                          "sttp-compress's default, on under bf16 autocast; off: as the runs before that default, minilm_recipe.md). On an H200 "
                          "the build's forward + backward took 6.4 ms instead of 9.0 (profile_minilm_build.py)")
-    ap.add_argument("--spectrum-lr", type=float, default=1.0,
+    ap.add_argument("--spectrum-lr", type=float, default=None,
                     help="FinetuneConfig.spectrum_lr_mult: learning rate of the compressed layers' spectra and "
-                         "row/column scales as a multiple of --lr (default 1: one rate for all)")
+                         "row/column scales as a multiple of --lr (default text.TEXT_SPECTRUM_LR_MULT, as "
+                         "sttp-compress; 1: one rate for all)")
     ap.add_argument("--hidden-end", type=lambda v: None if v == "none" else float(v), default=HIDDEN_END,
                     help="layer-wise weight at the last step: it moves linearly from --hidden-weight to this "
                          "(default text.HIDDEN_END as sttp-compress with text data; none: constant)")
@@ -423,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
                 student.to(device)
                 print(f"saved {path}", flush=True)
             row = {**how, "batch": cfg.batch_size, "lr": cfg.resolved_lr, "hidden_weight": loss.hidden, "hidden_end": loss.hidden_end,
-                   "beta2": args.beta2, "spectrum_lr": args.spectrum_lr, "tf32": block.get("tf32"), "seed": seed,
+                   "beta2": args.beta2, "spectrum_lr": block.get("spectrum_lr_mult"), "tf32": block.get("tf32"), "seed": seed,
                    "augment": args.augment, "augment_vocab": args.augment_vocab,
                    "vocab_rows": args.vocab_rows, "vocab_weight": loss.vocab, "distill": distill.name.removesuffix(".gz"),
                    "length_group": 0 if args.no_group_by_length else length_group,  # 0: random batches

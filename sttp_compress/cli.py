@@ -93,6 +93,9 @@ def compress_cmd(
     temperature: float = typer.Option(4.0, help="Distillation temperature T."),
     alpha: float = typer.Option(0.9, help="Weight of the distillation term (1 − alpha on the labels)."),
     spectral_reg: float = typer.Option(0.0, help="Weight λ of the D-optimal spectral regularizer."),
+    spectrum_lr: Optional[float] = typer.Option(
+        None, help="Learning rate of the compressed layers' spectra and row/column scales, as a multiple of --lr "
+                   "(their own AdamW group). Default: 10 with --data text:FILE (README), 1 for images."),
     bn_recalibrate: int = typer.Option(0, help="Re-estimate BatchNorm statistics on this many batches before fine-tuning."),
     token_weighting: bool = typer.Option(True, help="With --data text:FILE and the token embedding included: fit "
                                          "its conversion to the tokens' frequencies in FILE (row-scaled STTP)."),
@@ -143,7 +146,7 @@ def compress_cmd(
         ft = FinetuneConfig(epochs=epochs, steps=steps, lr=lr, optimizer=optimizer, schedule=schedule,
                             temperature=temperature, alpha=alpha, spectral_reg=spectral_reg, device=device,
                             batch_size=batch_size, workers=workers, seed=seed, cuda_graph=cuda_graphs,
-                            tf32=tf32)
+                            tf32=tf32, spectrum_lr_mult=spectrum_lr)
     elif epochs is not None or steps is not None:
         raise UserError("--epochs/--steps need fine-tuning data: pass --data")
     job = CompressJob(model=model, arch=arch, ratio=ratio, rank=rank, method=method, spectrum=spectrum,

@@ -107,7 +107,8 @@ class FinetuneConfig:
     seed: int = 0
     grad_clip: float | None = 5.0
     adam_beta2: float | None = None  # AdamW's second-moment decay; None: ADAM_BETA2, text.TEXT_ADAM_BETA2 for text
-    spectrum_lr_mult: float = 1.0  # learning rate of compressed layers' spectra and row/column scales, × lr
+    # learning rate of compressed layers' spectra and row/column scales, × lr; None: 1, text.TEXT_SPECTRUM_LR_MULT for text
+    spectrum_lr_mult: float | None = None
     select_best: bool = True  # keep the best-validation state (False: the final state)
     weight_bank: bool = True  # build all compressed weights together each step (bank.py)
     cuda_graph: bool = True  # on GPUs, replay the bank's build as a CUDA graph (False: no CUDA graphs at all)
@@ -148,7 +149,7 @@ class FinetuneConfig:
             raise UserError(f"log interval must be at least 1 step, got {self.log_every}")
         if self.adam_beta2 is not None and not 0.0 < self.adam_beta2 < 1.0:
             raise UserError(f"AdamW beta2 must be in (0, 1), got {self.adam_beta2}")
-        if not self.spectrum_lr_mult > 0:
+        if self.spectrum_lr_mult is not None and not self.spectrum_lr_mult > 0:
             raise UserError(f"the spectra's learning-rate multiple must be positive, got {self.spectrum_lr_mult}")
 
     @property
@@ -407,7 +408,8 @@ def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimi
     layers' 1-D parameters (spectra, row and column scales) form a third group at that multiple of the lr.
     """
     decay, no_decay, scales = [], [], []
-    separate = cfg.spectrum_lr_mult != 1.0
+    mult = 1.0 if cfg.spectrum_lr_mult is None else cfg.spectrum_lr_mult
+    separate = mult != 1.0
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -421,7 +423,7 @@ def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimi
     wd = cfg.resolved_weight_decay
     lr = cfg.resolved_lr
     groups = [g for g in ({"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0},
-                          {"params": scales, "weight_decay": 0.0, "lr": lr * cfg.spectrum_lr_mult}) if g["params"]]
+                          {"params": scales, "weight_decay": 0.0, "lr": lr * mult}) if g["params"]]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=SGD_MOMENTUM, nesterov=True)
     # fused: one kernel launch per step instead of per-tensor Python work (a compressed model has

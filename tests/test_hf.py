@@ -482,8 +482,10 @@ def test_cli_distils_on_text_and_sttp_eval_compares_with_the_folder(tiny, texts,
     ft = report["finetune"]
     assert ft["steps"] == 3 and ft["val_accuracy_after"] is None and ft["text_augment"] == 0.5
     assert ft["group_by_length"] is True
-    # the text recipe's defaults (text.TEXT_VOCAB_SHARE, TEXT_ADAM_BETA2, HIDDEN_WEIGHT ramped to HIDDEN_END)
+    # the text recipe's defaults (text.TEXT_VOCAB_SHARE, TEXT_ADAM_BETA2, HIDDEN_WEIGHT ramped to HIDDEN_END,
+    # TEXT_SPECTRUM_LR_MULT)
     assert (ft["text_vocab_share"], ft["adam_beta2"], ft["hidden_weight"], ft["hidden_end"]) == (0.25, 0.98, 1.0, 0.0)
+    assert ft["spectrum_lr_mult"] == 10.0
     assert all(point["val_loss"] > 0 for point in ft["curve"])  # the validation distillation loss
     assert -1 <= ft["val_cosine_before"] <= 1 and -1 <= ft["val_cosine_after"] <= 1
     assert 0 <= ft["val_nn_agreement_after"] <= 100
@@ -747,3 +749,38 @@ def test_minilm_token_embedding_default_is_the_benchmark_rank(minilm):
         ranks, pinned = _layer_ranks(enc, CompressJob(ratio=ratio, include=["*"]), cands, {})
         assert ranks == {"embeddings.word_embeddings": 384} and pinned == "embeddings.word_embeddings"
     assert _layer_ranks(enc, CompressJob(ratio=16, include=["*"]), cands, {})[0]["embeddings.word_embeddings"] < 384
+
+
+def test_text_distillation_trains_spectra_at_ten_times_the_lr_unless_told(tiny, texts, tmp_path, monkeypatch):
+    import copy
+
+    import sttp_compress.finetune as ft_mod
+    from sttp_compress.finetune import FinetuneConfig
+    from sttp_compress.text import distill_embeddings, text_datasets
+
+    lrs, real_opt = [], ft_mod.build_optimizer
+
+    def opt_spy(*args, **kwargs):
+        opt = real_opt(*args, **kwargs)
+        lrs.append(sorted({g["lr"] for g in opt.param_groups}))
+        return opt
+
+    monkeypatch.setattr(ft_mod, "build_optimizer", opt_spy)
+    for extra, mult in (([], 10.0), (["--spectrum-lr", "2.5"], 2.5)):
+        rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--rank", "4", "--data",
+                         f"text:{texts}", "--steps", "1", "--batch-size", "8", "--workers", "0", "--lr", "1e-3",
+                         *extra, "--output", tmp_path / f"m{mult}.sttp.pt", "--quiet")
+        assert rc == 0, err
+        assert lrs[-1] == pytest.approx([1e-3, 1e-3 * mult])  # a third AdamW group for spectra and scales
+    rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--rank", "4", "--data",
+                     f"text:{texts}", "--steps", "1", "--spectrum-lr", "0", "--output", tmp_path / "z.sttp.pt")
+    assert rc == 2 and "multiple must be positive" in err and not (tmp_path / "z.sttp.pt").exists()
+    # the Python API: a multiple the config sets is kept (1: one group rate for all)
+    teacher = load_encoder(tiny)
+    from sttp_compress.data import make_loaders
+
+    loader = make_loaders(text_datasets(f"text:{texts}", tiny)[0], None, 8, 0, 0, "cpu")[0]
+    block = distill_embeddings(copy.deepcopy(teacher), teacher, loader, None,
+                               FinetuneConfig(steps=1, device="cpu", workers=0, lr=1e-3, spectrum_lr_mult=1.0),
+                               progress=False)
+    assert block["spectrum_lr_mult"] == 1.0 and lrs[-1] == pytest.approx([1e-3])
