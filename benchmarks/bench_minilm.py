@@ -14,8 +14,8 @@ the held-out texts again (`cosine_after`, `nn_agreement_after`, and `spearman_af
 correlation of the two models' similarities over all pairs of held-out texts). With
 .data/text/heldout_pairs.tsv (make_text_data.py) rows also get `wordnet_before`/`wordnet_after`: Spearman
 of each pair's similarity with its WordNet score, the way sentence-similarity benchmarks score a model
-(the original model's value is in the header). The budget is turned into a step
-count from the time of a short probe run. Rows go to benchmarks/results/minilm.json (+ .md).
+(the original model's value is in the header). The budget is sttp-compress's `--time-budget`
+(`FinetuneConfig.time_budget`); `--steps N` fixes the step count instead. Rows go to benchmarks/results/minilm.json (+ .md).
 
 `--save-dir DIR` also writes each distilled student as an sttp-compress checkpoint, so that a GPU run's
 model can be studied on a CPU afterwards (`sttp-eval CKPT --arch hf:DIR --reference hf:DIR --data text:FILE`
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import math
 import sys
 import time
@@ -180,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ratios", default="2,4,8", help="whole-model ratios with the embedding included")
     ap.add_argument("--encoder-only", default="max",
                     help="encoder-only ratio: 'max' (the largest reachable), a number, or 'none'")
-    ap.add_argument("--seconds", type=float, default=75.0, help="distillation budget per configuration")
+    ap.add_argument("--seconds", type=float, default=75.0,
+                    help="distillation budget per configuration (FinetuneConfig.time_budget; ignored with --steps)")
     ap.add_argument("--steps", type=int, default=None,
                     help="distillation steps per configuration instead of a time budget")
     ap.add_argument("--batch-size", default="128", help="a comma list runs one distillation per value")
@@ -325,7 +325,6 @@ def main(argv: list[str] | None = None) -> None:
     emb_name = teacher.token_embedding_name()
     total = count_parameters(teacher)
     rows = []
-    step_seconds: dict[int, float] = {}  # per batch size
     variants = [(int(b), None if lr is None else float(lr), HIDDEN_WEIGHT if h is None else float(h), int(seed))
                 for b in str(args.batch_size).split(",") for lr in _values(args.lr)
                 for h in _values(args.hidden_weight) for seed in str(args.seed).split(",")]
@@ -380,29 +379,10 @@ def main(argv: list[str] | None = None) -> None:
             # (CUDA initialization error in a worker during the second configuration)
             loaders = make_loaders(train_ds, val_ds, cfg.batch_size, 0, cfg.seed, device,
                                    group_by_length=not args.no_group_by_length, length_group=length_group)
-            if cfg.batch_size not in step_seconds and not args.steps:  # probe: time short runs on a throwaway copy
-                # each run has a fixed cost (optimizer, weight bank, CUDA graph capture, first batches), so
-                # the step time is the difference of two runs' times over their difference in steps; the
-                # first run warms up every batch shape the timed runs see (new padded lengths allocate
-                # memory the first time: a 10-then-40 probe overestimated a length-grouped step by 38%)
-                probe = copy.deepcopy(student)
-                times = {}
-                for n in ((2, 4) if quick else (40, 10, 40)):
-                    cfg.steps = n
-                    t2 = time.perf_counter()
-                    distill_embeddings(probe, teacher, loaders[0], None, cfg, progress=False)
-                    times[n] = time.perf_counter() - t2
-                (n1, t1_), (n2, t2_) = sorted(times.items())
-                step_seconds[cfg.batch_size] = max(1e-4, (t2_ - t1_) / (n2 - n1))
-                del probe
-                memory = ""
-                if device.startswith("cuda"):  # what the probe's runs leave behind (a batch-2048 run once ran
-                    gc.collect()               # out of memory after its probe with 97 GiB in graph pools)
-                    memory = (f"; GPU memory after the probe: {torch.cuda.memory_allocated() / 2**30:.2f} GiB "
-                              f"allocated, {torch.cuda.memory_reserved() / 2**30:.2f} GiB reserved")
-                print(f"probe: {1000 * step_seconds[cfg.batch_size]:.1f} ms per step at batch {cfg.batch_size}{memory}",
-                      flush=True)
-            cfg.steps = 4 if quick else (args.steps or max(1, math.floor(args.seconds / step_seconds[cfg.batch_size])))
+            if quick or args.steps:
+                cfg.steps = 4 if quick else args.steps
+            else:  # the product's time budget: the loop (validations included) ends when it is spent
+                cfg.steps, cfg.time_budget = None, args.seconds
             peak = reserved = None
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()  # so that the reserved peak is this run's

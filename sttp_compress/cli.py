@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -58,6 +59,19 @@ def _floats(text: Optional[str], name: str) -> Optional[tuple[float, ...]]:
         raise UserError(f"{name} takes comma-separated numbers such as 0.485,0.456,0.406; got {text!r}") from None
 
 
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def _duration(text: Optional[str], name: str) -> Optional[float]:
+    """Seconds from a duration such as 300, 90s, 5m, 5min or 1.5h (None stays None)."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*", text.lower())
+    if match is None or match.group(2) not in _DURATION_UNITS or not float(match.group(1)) > 0:
+        raise UserError(f"{name} takes a positive duration such as 300, 90s, 5m or 1.5h; got {text!r}")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
 @compress_app.command()
 def compress_cmd(
     ctx: typer.Context,
@@ -84,6 +98,10 @@ def compress_cmd(
     val_data: Optional[str] = typer.Option(None, help="Validation ImageFolder (with --train-data)."),
     epochs: Optional[int] = typer.Option(None, help="Fine-tune epochs (default 1 when data is given)."),
     steps: Optional[int] = typer.Option(None, help="Fine-tune steps instead of epochs."),
+    time_budget: Optional[str] = typer.Option(
+        None, help="Fine-tune for this long instead of epochs or steps (e.g. 300, 90s, 5m, 1.5h): the training "
+                   "loop, its per-epoch validation included, stops when the time is spent, and the learning-rate "
+                   "schedule follows the clock. The report's finetune block gives the steps it took."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: 0.01 SGD, 1e-3 AdamW)."),
     optimizer: str = typer.Option("adamw", help="adamw (default, lr 1e-3) or sgd (Nesterov, lr 0.01)."),
     schedule: str = typer.Option("onecycle", help="onecycle, cosine or constant."),
@@ -143,12 +161,12 @@ def compress_cmd(
 
     ft = None
     if data or train_data or example:
-        ft = FinetuneConfig(epochs=epochs, steps=steps, lr=lr, optimizer=optimizer, schedule=schedule,
-                            temperature=temperature, alpha=alpha, spectral_reg=spectral_reg, device=device,
-                            batch_size=batch_size, workers=workers, seed=seed, cuda_graph=cuda_graphs,
-                            tf32=tf32, spectrum_lr_mult=spectrum_lr)
-    elif epochs is not None or steps is not None:
-        raise UserError("--epochs/--steps need fine-tuning data: pass --data")
+        ft = FinetuneConfig(epochs=epochs, steps=steps, time_budget=_duration(time_budget, "--time-budget"),
+                            lr=lr, optimizer=optimizer, schedule=schedule, temperature=temperature, alpha=alpha,
+                            spectral_reg=spectral_reg, device=device, batch_size=batch_size, workers=workers,
+                            seed=seed, cuda_graph=cuda_graphs, tf32=tf32, spectrum_lr_mult=spectrum_lr)
+    elif epochs is not None or steps is not None or time_budget is not None:
+        raise UserError("--epochs/--steps/--time-budget need fine-tuning data: pass --data")
     job = CompressJob(model=model, arch=arch, ratio=ratio, rank=rank, method=method, spectrum=spectrum,
                       allocation=allocation, include=include, exclude=exclude, seed=seed, output=output,
                       force=force, dtype=dtype, report_dir=report_dir, trust_pickle=trust_pickle, data=data,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -93,6 +94,7 @@ class FinetuneConfig:
 
     epochs: int | None = None
     steps: int | None = None
+    time_budget: float | None = None  # seconds of training loop instead of epochs/steps; the schedule follows the clock
     lr: float | None = None
     optimizer: str = "adamw"  # measured: 91.01% vs SGD 90.43% at ratio 10 (benchmarks/results/finetune_cifar10.md)
     weight_decay: float | None = None
@@ -107,7 +109,8 @@ class FinetuneConfig:
     seed: int = 0
     grad_clip: float | None = 5.0
     adam_beta2: float | None = None  # AdamW's second-moment decay; None: ADAM_BETA2, text.TEXT_ADAM_BETA2 for text
-    # learning rate of compressed layers' spectra and row/column scales, × lr; None: 1, text.TEXT_SPECTRUM_LR_MULT for text
+    # learning rate of the compressed layers' spectra and row/column scales, × lr;
+    # None: 1, text.TEXT_SPECTRUM_LR_MULT for text
     spectrum_lr_mult: float | None = None
     select_best: bool = True  # keep the best-validation state (False: the final state)
     weight_bank: bool = True  # build all compressed weights together each step (bank.py)
@@ -123,8 +126,10 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         """Raise UserError for impossible settings (both epochs and steps, negative counts, unknown names)."""
-        if self.epochs is not None and self.steps is not None:
-            raise UserError("give either --epochs or --steps, not both")
+        if sum(v is not None for v in (self.epochs, self.steps, self.time_budget)) > 1:
+            raise UserError("give one of --epochs, --steps and --time-budget, not several")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise UserError(f"the time budget must be positive, got {self.time_budget} s")
         if self.epochs is not None and self.epochs < 0:
             raise UserError(f"epochs cannot be negative, got {self.epochs}")
         if self.steps is not None and self.steps < 0:
@@ -466,7 +471,7 @@ def _epoch_value(steps: int, steps_per_epoch: int) -> int | float:
 class _Progress:
     """A transient rich progress bar on stderr, or nothing at all when disabled."""
 
-    def __init__(self, enabled: bool, total: int):
+    def __init__(self, enabled: bool, total: float, unit: str = ""):
         self.bar = None
         if not enabled:
             return
@@ -477,6 +482,7 @@ class _Progress:
             TextColumn("fine-tuning"),
             BarColumn(),
             MofNCompleteColumn(),
+            TextColumn(unit),
             TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"),
             console=Console(stderr=True),
@@ -563,6 +569,43 @@ def _train_step(
         torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
     optimizer.step()
     return loss.detach(), s_out.detach(), labels
+
+
+SCHEDULE_TICKS = 100_000  # with a time budget the lr schedule runs over this many ticks of the budget
+
+
+class _BudgetClock:
+    """A time-budgeted loop's clock: the budget's spent fraction at a step, from the last reading that
+    every rank shares (`sync`: at steps 1, 2, 4, ..., at logging steps and epoch ends) extrapolated at the
+    loop's mean time per step so far, so every rank follows the same schedule and stops at the same step
+    without a sync per step."""
+
+    def __init__(self, budget: float | None):
+        self.budget, self.start = budget, time.perf_counter()
+        self.synced_s, self.synced_step, self.per_step = 0.0, 0, 0.0
+        self.reported = 0.0
+
+    def elapsed(self) -> float:
+        """This process's seconds since the loop began."""
+        return time.perf_counter() - self.start
+
+    def sync(self, seconds: float, step: int) -> bool:
+        """Take a reading shared by all ranks; True when it says the budget is spent."""
+        self.synced_s, self.synced_step = seconds, step
+        self.per_step = seconds / max(step, 1)  # captures and validations included, on average
+        return seconds >= (self.budget or math.inf)
+
+    def fraction(self, step: int) -> float:
+        """The spent fraction of the budget at `step` (at most 1)."""
+        if not self.budget:
+            return 0.0
+        return min((self.synced_s + (step - self.synced_step) * self.per_step) / self.budget, 1.0)
+
+    def advance(self) -> float:
+        """Seconds of the budget spent since the last call (the progress bar's advance)."""
+        now = min(self.synced_s, self.budget or 0.0)
+        step, self.reported = now - self.reported, now
+        return step
 
 
 WARMUP_STEPS = 10  # steps left out of images_per_s (CUDA-graph capture, cuDNN autotuning, allocator growth)
@@ -690,7 +733,10 @@ def finetune(
     distributed.check_equal(steps_per_epoch, "the number of training batches per epoch")
     if steps_per_epoch == 0:
         raise UserError("the training data yields no batches (fewer samples than the batch size?)")
-    if cfg.steps is not None:
+    budget = cfg.time_budget
+    if budget is not None:
+        total_steps = sys.maxsize  # the clock sets it to the last step
+    elif cfg.steps is not None:
         total_steps = cfg.steps
     else:
         total_steps = round((1 if cfg.epochs is None else cfg.epochs) * steps_per_epoch)
@@ -709,9 +755,10 @@ def finetune(
     before, _ = validate()
 
     optimizer = build_optimizer(student, cfg)
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    scheduler = build_scheduler(optimizer, cfg, total_steps if budget is None else SCHEDULE_TICKS)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    bar = _Progress(progress and distributed.is_main(), total_steps)
+    bar = _Progress(progress and distributed.is_main(), total_steps if budget is None else budget,
+                    "" if budget is None else "s")
     tf32 = _tf32_enabled(cfg.tf32, device, use_amp)
     contexts = ExitStack()  # left when the loop ends, however it ends
     contexts.enter_context(_attention_backends(device))
@@ -747,6 +794,7 @@ def finetune(
     pending = 0
     warmup = min(WARMUP_STEPS, total_steps // 4)
     timed_images, timed_s, clock = 0, 0.0, None
+    budget_clock = _BudgetClock(budget)
     tick = time.perf_counter()
     net.train()
     if bank is not None:
@@ -793,15 +841,22 @@ def finetune(
             _set_epoch(train_loader, epoch)
             for batch in train_loader:
                 if progress_to is not None:
-                    progress_to(step / max(total_steps - 1, 1))
+                    progress_to(step / max(total_steps - 1, 1) if budget is None else budget_clock.fraction(step))
                 loss, s_out, labels = _train_step(
                     student, teacher, batch, optimizer, trainable, cfg, device, use_amp,
                     check_labels=step == 0,  # once: checking every batch would sync with the GPU
                     net=net, pair=pair,
                 )
-                if scheduler is not None:
-                    scheduler.step()
                 step += 1
+                if budget is not None:
+                    if budget_clock.fraction(step) >= 1.0:
+                        total_steps = step  # the budget is spent by the synced clock's extrapolation
+                    if scheduler is not None:  # the schedule's position is the fraction of the budget spent
+                        target = min(int(budget_clock.fraction(step) * SCHEDULE_TICKS), SCHEDULE_TICKS - 1)
+                        while scheduler.last_epoch < target:
+                            scheduler.step()
+                elif scheduler is not None:
+                    scheduler.step()
                 seg_steps += 1
                 pending += 1
                 seg_loss += loss.double()
@@ -816,8 +871,12 @@ def finetune(
                     labelled_seen += batch_n
 
                 epoch_end = step % steps_per_epoch == 0
-                if step % cfg.log_every == 0 or epoch_end or step == total_steps:
-                    loss_sum, correct = reduced(seg_loss, run_correct)  # every rank sees the same loss
+                early = budget is not None and step & (step - 1) == 0  # the clock's first readings: steps 1, 2, 4...
+                if step % cfg.log_every == 0 or epoch_end or step == total_steps or early:
+                    # every rank sees the same loss and, with a budget, the same clock (the ranks' mean)
+                    loss_sum, correct, elapsed = reduced(seg_loss, run_correct, budget_clock.elapsed())
+                    if budget is not None and budget_clock.sync(elapsed / world, step):
+                        total_steps = step
                     mean_loss = loss_sum / world / seg_steps
                     if not math.isfinite(mean_loss):
                         raise distributed.SharedUserError(
@@ -828,7 +887,7 @@ def finetune(
                     info = f"loss {mean_loss:.4f}  {rate:,.0f} img/s"
                     if labelled_seen:
                         info += f"  acc {100.0 * correct / labelled_seen:.1f}%"
-                    bar.update(pending, info)
+                    bar.update(pending if budget is None else budget_clock.advance(), info)
                     pending, samples, tick = 0, 0, now
                 if epoch_end:
                     run_correct.zero_()
@@ -863,6 +922,7 @@ def finetune(
     return {
         "epochs": _epoch_value(step, steps_per_epoch),
         "steps": step,
+        "time_budget": budget,
         "seconds": round(time.perf_counter() - start, 2),
         "device": str(device),
         "processes": world,

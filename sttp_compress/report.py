@@ -241,7 +241,8 @@ def _finetune_lines(block: Mapping[str, Any]) -> list[str]:
     rows += [
         ("Epochs", str(epochs)),
         ("Device", str(block.get("device", _DASH))),
-        ("Time", _seconds(block.get("seconds"))),
+        ("Time", _seconds(block.get("seconds")) + (f" (budget {_seconds(block['time_budget'])})"
+                                                     if block.get("time_budget") else "")),
     ]
     return ["## Fine-tuning", "", *_table(["", ""], rows), ""]
 

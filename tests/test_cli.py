@@ -790,6 +790,34 @@ def test_tf32_flag_reaches_the_finetune_config_and_the_report(tiny, monkeypatch,
     assert report["finetune"]["tf32"] is bool(expected)  # the default is off on a CPU
 
 
+@pytest.mark.parametrize("text, seconds", [("300", 300.0), ("90s", 90.0), ("5m", 300.0), ("5 min", 300.0),
+                                           ("1.5h", 5400.0), ("0.5", 0.5)])
+def test_time_budget_reads_durations(text, seconds):
+    from sttp_compress.cli import _duration
+
+    assert _duration(text, "--time-budget") == seconds
+
+
+def test_time_budget_ends_the_fine_tune_and_reaches_the_report(tiny):
+    data = tiny.dir / "budget.pt"
+    torch.save({"inputs": torch.randn(16, *INPUT_SHAPE), "targets": torch.randint(0, 10, (16,))}, data)
+    out = tiny.dir / "budget.sttp.pt"
+    common = [tiny.model, "--arch", tiny.arch, "--rank", "4", "--data", f"tensors:{data}", "--workers", "0",
+              "--batch-size", "8", "-q", "--force"]
+    ok(*common, "--time-budget", "1s", "--output", out)
+    ft = json.loads((tiny.dir / "budget.sttp.report" / "report.json").read_text())["finetune"]
+    assert ft["time_budget"] == 1.0 and ft["steps"] >= 1 and ft["curve"]
+    assert "(budget 1.00 s)" in (tiny.dir / "budget.sttp.report" / "report.md").read_text()
+    for extra, fragment in ((["--time-budget", "5 parsecs"], "--time-budget takes a positive duration"),
+                            (["--time-budget", "0"], "--time-budget takes a positive duration"),
+                            (["--time-budget", "5m", "--steps", "3"], "one of --epochs, --steps and --time-budget")):
+        bad = tiny.dir / "bad.sttp.pt"
+        _one_error_line(cli(*common, *extra, "--output", bad), fragment)
+        assert not bad.exists()
+    _one_error_line(cli(tiny.model, "--arch", tiny.arch, "--rank", "4", "--time-budget", "5m", "--output",
+                        tiny.dir / "nodata.sttp.pt"), "need fine-tuning data")
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--bogus"], "--bogus"),  # "No such option: --bogus" (typer's wording varies by version)
     (["m.pt", "--rank"], "--rank"),  # an option without its value

@@ -66,12 +66,14 @@ def job(tmp_path_factory):
     return d
 
 
-def _args(job: Path, data: Path) -> list[str]:
+def _args(job: Path, data: Path, length: tuple[str, str] = ("--steps", "4")) -> list[str]:
     return [str(job / "m.pt"), "--arch", f"{job / 'arch.py'}:build", "--rank", "4",
-            "--data", f"tensors:{data}", "--steps", "4", "--batch-size", "32", "--workers", "0", "-q"]
+            "--data", f"tensors:{data}", *length, "--batch-size", "32", "--workers", "0", "-q"]
 
 
-def test_torchrun_two_cpu_processes_stay_in_sync_and_only_rank_0_writes(job, tmp_path):
+@pytest.mark.parametrize("length", [("--steps", "4"), ("--time-budget", "2s")])
+def test_torchrun_two_cpu_processes_stay_in_sync_and_only_rank_0_writes(job, tmp_path, length):
+    """With --time-budget the ranks read one clock (their mean), so they stop at the same step."""
     base, states = tmp_path / "ranks", tmp_path / "states"
     for folder in (base / "rank0", base / "rank1", states):
         folder.mkdir(parents=True)
@@ -79,7 +81,7 @@ def test_torchrun_two_cpu_processes_stay_in_sync_and_only_rank_0_writes(job, tmp
     script.write_text(IN_RANK_FOLDER)
     res = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(script), str(base), *_args(job, job / "data.pt"), "--output", "m.sttp.pt"],
+         str(script), str(base), *_args(job, job / "data.pt", length), "--output", "m.sttp.pt"],
         capture_output=True, text=True, timeout=240, env=_env(STTP_DEBUG_STATE_DIR=str(states)))
     assert res.returncode == 0, res.stderr
     assert "error" not in res.stderr.lower(), res.stderr
@@ -113,7 +115,8 @@ def test_torchrun_two_cpu_processes_stay_in_sync_and_only_rank_0_writes(job, tmp
 
     report = json.loads((base / "rank0" / "m.sttp.report" / "report.json").read_text())
     block = report["finetune"]
-    assert block["processes"] == 2 and block["steps"] == 4
+    assert block["processes"] == 2
+    assert block["steps"] == 4 if length[0] == "--steps" else block["time_budget"] == 2.0 and block["steps"] >= 1
     model, _ = load_compressed(base / "rank0" / "m.sttp.pt")
     for k, v in model.state_dict().items():
         assert torch.equal(v, tuned[k]), k

@@ -27,7 +27,7 @@ from sttp_compress.finetune import (
 )
 
 REPORT_KEYS = {
-    "epochs", "steps", "seconds", "device", "processes", "images_per_s", "cuda_graph", "tf32", "original_val_accuracy",
+    "epochs", "steps", "time_budget", "seconds", "device", "processes", "images_per_s", "cuda_graph", "tf32", "original_val_accuracy",
     "val_accuracy_before", "val_accuracy_after", "curve",
 }
 
@@ -214,7 +214,7 @@ def test_spectrum_lr_mult_puts_spectra_and_scales_in_their_own_group() -> None:
 @pytest.mark.parametrize(
     "overrides, fragment",
     [
-        ({"epochs": 1, "steps": 5}, "not both"),
+        ({"epochs": 1, "steps": 5}, "not several"),
         ({"optimizer": "lion"}, "optimizer"),
         ({"schedule": "step"}, "schedule"),
         ({"amp": "fp8"}, "amp"),
@@ -514,3 +514,81 @@ def test_a_loss_with_set_progress_hears_each_steps_fraction(digits, teacher) -> 
     loss = Recording()
     _run(_student(), teacher, digits, steps=5, loss_fn=loss)
     assert loss.fractions == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+class _FakeClock:
+    """Steps that take `per_step` seconds each on a clock the budget reads (no real time involved)."""
+
+    def __init__(self, monkeypatch, per_step: float):
+        import sttp_compress.finetune as ft
+
+        self.now, real_step = 0.0, ft._train_step
+
+        def step(*args, **kwargs):
+            self.now += per_step
+            return real_step(*args, **kwargs)
+
+        real_init = ft._BudgetClock.__init__
+
+        def init(clock, budget):
+            real_init(clock, budget)
+            clock.t0 = self.now  # the loop's clock starts at the first step
+
+        monkeypatch.setattr(ft, "_train_step", step)
+        monkeypatch.setattr(ft._BudgetClock, "__init__", init)
+        monkeypatch.setattr(ft._BudgetClock, "elapsed", lambda clock: self.now - clock.t0)
+
+
+def test_time_budget_ends_the_loop_when_spent_and_the_schedule_follows_the_clock(digits, teacher,
+                                                                                   monkeypatch) -> None:
+    import sttp_compress.finetune as ft
+
+    _FakeClock(monkeypatch, per_step=0.1)
+    schedulers, real_build = [], ft.build_scheduler
+    monkeypatch.setattr(ft, "build_scheduler", lambda *a: schedulers.append(real_build(*a)) or schedulers[-1])
+
+    class Recording:
+        def __init__(self):
+            self.fractions = []
+
+        def set_progress(self, fraction):
+            self.fractions.append(fraction)
+
+        def __call__(self, s, t):
+            return F.mse_loss(s, t)
+
+    loss = Recording()
+    report = _run(_student(), teacher, digits, time_budget=3.0, log_every=5, lr=1e-2, loss_fn=loss)
+    # synced every 5 steps at 0.1 s a step: the step that reaches 3.0 s is the last
+    assert report["steps"] == 30 and report["time_budget"] == 3.0
+    assert report["curve"][-1]["epoch"] == report["epochs"]  # the final validation ran
+    f = loss.fractions
+    assert len(f) == 30 and f[0] == 0.0 and all(a <= b for a, b in zip(f, f[1:])) and f[-1] == pytest.approx(29 / 30)
+    sched = schedulers[0]  # one-cycle over the budget's ticks: at its end when the budget is spent
+    assert sched.total_steps == ft.SCHEDULE_TICKS and sched.last_epoch == ft.SCHEDULE_TICKS - 1
+    assert sched.get_last_lr()[0] == pytest.approx(1e-2 / 25 / 1e4, rel=1e-3)
+    # the clock is read at steps 1, 2, 4, 8, ... too, so a long logging interval does not overrun the budget
+    assert _run(_student(), teacher, digits, time_budget=1.0, log_every=1000)["steps"] == 10
+
+
+def test_time_budget_counts_validation_and_excludes_epochs_and_steps(digits, teacher, monkeypatch) -> None:
+    import sttp_compress.finetune as ft
+
+    clock = _FakeClock(monkeypatch, per_step=0.0)  # only the validations take time: 1 s each
+    real_evaluate = ft.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        clock.now += 1.0
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "evaluate", slow_evaluate)
+    steps_per_epoch = len(_loaders(digits)[0])
+    report = _run(_student(), teacher, digits, time_budget=2.5, log_every=1000)
+    # two epochs' validations leave 0.5 s; the third spends it, so the loop ends in the fourth epoch
+    assert 3 * steps_per_epoch < report["steps"] <= 4 * steps_per_epoch
+    assert len(report["curve"]) == 4 and report["curve"][-1]["epoch"] == report["epochs"]
+    for kwargs, message in (({"steps": 5, "time_budget": 1.0}, "one of --epochs, --steps and --time-budget"),
+                            ({"epochs": 1, "time_budget": 1.0}, "one of"),
+                            ({"time_budget": 0.0}, "time budget must be positive")):
+        with pytest.raises(UserError, match=message):
+            FinetuneConfig(**kwargs).validate()
