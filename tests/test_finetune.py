@@ -497,21 +497,24 @@ def test_digits_example_shapes() -> None:
     assert sum(p.numel() for p in model.parameters()) > 500_000
 
 
+class _ProgressRecording:
+    """An MSE loss with `set_progress` that records each fraction it hears."""
+
+    def __init__(self):
+        self.fractions = []
+
+    def set_progress(self, fraction):
+        self.fractions.append(fraction)
+
+    def __call__(self, s, t):
+        return F.mse_loss(s, t)
+
+
 def test_a_loss_with_set_progress_hears_each_steps_fraction(digits, teacher) -> None:
     """finetune tells a loss that has `set_progress` the fraction of steps done before each step: 0 first,
     1 at the last (text distillation's layer-wise weight ramps with it)."""
 
-    class Recording:
-        def __init__(self):
-            self.fractions = []
-
-        def set_progress(self, fraction):
-            self.fractions.append(fraction)
-
-        def __call__(self, s, t):
-            return F.mse_loss(s, t)
-
-    loss = Recording()
+    loss = _ProgressRecording()
     _run(_student(), teacher, digits, steps=5, loss_fn=loss)
     assert loss.fractions == [0.0, 0.25, 0.5, 0.75, 1.0]
 
@@ -547,17 +550,7 @@ def test_time_budget_ends_the_loop_when_spent_and_the_schedule_follows_the_clock
     schedulers, real_build = [], ft.build_scheduler
     monkeypatch.setattr(ft, "build_scheduler", lambda *a: schedulers.append(real_build(*a)) or schedulers[-1])
 
-    class Recording:
-        def __init__(self):
-            self.fractions = []
-
-        def set_progress(self, fraction):
-            self.fractions.append(fraction)
-
-        def __call__(self, s, t):
-            return F.mse_loss(s, t)
-
-    loss = Recording()
+    loss = _ProgressRecording()
     report = _run(_student(), teacher, digits, time_budget=3.0, log_every=5, lr=1e-2, loss_fn=loss)
     # synced every 5 steps at 0.1 s a step: the step that reaches 3.0 s is the last
     assert report["steps"] == 30 and report["time_budget"] == 3.0
