@@ -158,7 +158,7 @@ def run_example(job, console=None) -> tuple[dict, dict]:
     job.datasets = digits_data()
     job.input_shape = [1, 8, 8]
     cfg = job.finetune or FinetuneConfig()
-    if cfg.epochs is None and cfg.steps is None:
+    if cfg.epochs is None and cfg.steps is None and cfg.time_budget is None:
         cfg.epochs = 8
     cfg.workers, cfg.batch_size = 0, min(cfg.batch_size, 64)
     cfg.optimizer, cfg.lr = "adamw", cfg.lr or 2e-3

@@ -901,6 +901,14 @@ def test_example_runs_end_to_end(tmp_path):
     torch.load(folder / "digits.sttp.pt", weights_only=True)
 
 
+def test_example_takes_a_time_budget_instead_of_its_8_epochs(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    monkeypatch.chdir(tmp_path)
+    ok("--example", "--time-budget", "2s", "-q")
+    ft = _report(tmp_path / "sttp-example" / "digits.sttp.report")["finetune"]
+    assert ft["time_budget"] == 2.0 and ft["steps"] >= 1 and ft["epochs"] != 8
+
+
 # --------------------------------------------------------------------------- the shared CIFAR-10 ResNet-18
 
 
