@@ -1,6 +1,7 @@
 """Where a MiniLM text-distillation step's time goes (GPU): the product's step against its parts.
 
     python benchmarks/profile_minilm.py --model-dir .carry-hf/minilm16 [--batch-size 128] [--augment 0.5]
+    python benchmarks/profile_minilm.py --model-dir .carry-hf/minilm16 --batch-size 1024 --embedding-rank 512 --grouped-only
 
 Builds the ratio-4 student of bench_minilm (token embedding at rank 384, frequency-weighted, the rest
 allocated by compress_to_target) and times, per step at the distillation batch size: the product's
@@ -30,6 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir")
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--embedding-rank", type=int, default=384, help="the token embedding's rank (the README's: 512)")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--no-timing", action="store_true", help="only the profiler tables")
@@ -54,7 +56,7 @@ def main() -> None:
     folder = _model_dir(args.model_dir)
     teacher = load_encoder(folder).to(device)
     train_ds, _ = text_datasets(f"text:{_find('distill.txt')}", folder)
-    student = ratio4_student(teacher, train_ds)
+    student = ratio4_student(teacher, train_ds, rank=args.embedding_rank)
     print(f"student {count_parameters(student):,} params (ratio {count_parameters(teacher) / count_parameters(student):.2f})",
           flush=True)
     train_ds.augment = args.augment
