@@ -105,10 +105,10 @@ def cosine_by_rarity(student_emb, reference, held_ds, counts) -> dict[str, list]
     return out
 
 
-def ratio4_student(teacher, train_ds, rank: int = 384, order_rows: bool = False):
+def ratio4_student(teacher, train_ds, rank: int = 384, order_rows: bool = False, allocation: str = "greedy"):
     """The probes' ratio-4 student: a CPU copy of `teacher` with the token embedding at `rank`, weighted
     by `train_ds`'s token counts (its rows by descending weight with `order_rows`), and the rest (encoder,
-    position embedding) by compress_to_target."""
+    position embedding) by compress_to_target with `allocation`."""
     import copy
 
     from sttp_compress.convert import compress_module, compress_to_target, count_parameters, weight_order
@@ -119,7 +119,7 @@ def ratio4_student(teacher, train_ds, rank: int = 384, order_rows: bool = False)
     total = count_parameters(student)
     compress_module(student.embeddings.word_embeddings, rank, "sttp", row_weight=weights,
                     row_order=weight_order(weights) if order_rows else None)
-    compress_to_target(student, ratio=count_parameters(student) / (total / 4.0),
+    compress_to_target(student, ratio=count_parameters(student) / (total / 4.0), allocation=allocation,
                        include=["encoder.*", "embeddings.position_embeddings"])
     return student
 
