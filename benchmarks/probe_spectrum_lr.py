@@ -26,8 +26,8 @@ from bench_minilm import cpu_probe_texts, ratio4_student  # noqa: E402
 from common import RESULTS, machine, today, write_results  # noqa: E402
 from sttp_compress.data import make_loaders  # noqa: E402
 from sttp_compress.finetune import FinetuneConfig  # noqa: E402
-from sttp_compress.text import (TEXT_AUGMENT, TEXT_VOCAB_SHARE, distill_embeddings, embed,  # noqa: E402
-                                embedding_agreement)
+from sttp_compress.text import (TEXT_AUGMENT, TEXT_VOCAB_SHARE, TOKEN_WEIGHT_POWER,  # noqa: E402
+                                distill_embeddings, embed, embedding_agreement)
 
 
 def main() -> None:
@@ -36,7 +36,8 @@ def main() -> None:
     ap.add_argument("steps", type=int, nargs="?", default=400)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--allocation", default="greedy", choices=["greedy", "uniform"])
-    ap.add_argument("--power", type=float, default=0.5, help="token weights (count + 1)^P of the embedding's rows")
+    ap.add_argument("--power", type=float, default=TOKEN_WEIGHT_POWER,
+                    help="token weights (count + 1)^P of the embedding's rows")
     ap.add_argument("--model-dir", default=".carry-hf/minilm16")  # benchmarks/pack_minilm.py's copy
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -56,7 +57,8 @@ def main() -> None:
     path = RESULTS / "spectrum_lr.json"
 
     def key(r: dict) -> tuple:  # rows from before --allocation/--power are the defaults'
-        return r["steps"], r.get("allocation", "greedy"), r.get("power", 0.5), r["spectrum_lr_mult"]
+        return (r["steps"], r.get("allocation", "greedy"), r.get("power", TOKEN_WEIGHT_POWER),
+                r["spectrum_lr_mult"])
 
     rows = sorted([r for r in (json.loads(path.read_text()) if path.exists() else []) if key(r) != key(row)] + [row],
                   key=key)
@@ -65,8 +67,9 @@ def main() -> None:
           "| allocation | token weight power | lr multiple | steps | threads | seconds | cosine after conversion "
           "| cosine after the steps |",
           "|---|---|---|---|---|---|---|---|"]
-    md += [f"| {r.get('allocation', 'greedy')} | {r.get('power', 0.5):g} | {r['spectrum_lr_mult']:g} | {r['steps']} "
-           f"| {r['threads']} | {r['seconds']} | {r['cosine_before']:.4f} | {r['cosine_after']:.4f} |" for r in rows]
+    md += [f"| {r.get('allocation', 'greedy')} | {r.get('power', TOKEN_WEIGHT_POWER):g} | {r['spectrum_lr_mult']:g} "
+           f"| {r['steps']} | {r['threads']} | {r['seconds']} | {r['cosine_before']:.4f} | {r['cosine_after']:.4f} |"
+           for r in rows]
     write_results("spectrum_lr", rows, {"date": today(), "machine": machine("cpu")}, "\n".join(md) + "\n")
 
 

@@ -849,10 +849,11 @@ def finetune(
                 )
                 step += 1
                 if budget is not None:
-                    if budget_clock.fraction(step) >= 1.0:
+                    spent = budget_clock.fraction(step)
+                    if spent >= 1.0:
                         total_steps = step  # the budget is spent by the synced clock's extrapolation
                     if scheduler is not None:  # the schedule's position is the fraction of the budget spent
-                        target = min(int(budget_clock.fraction(step) * SCHEDULE_TICKS), SCHEDULE_TICKS - 1)
+                        target = min(int(spent * SCHEDULE_TICKS), SCHEDULE_TICKS - 1)
                         while scheduler.last_epoch < target:
                             scheduler.step()
                 elif scheduler is not None:
