@@ -137,6 +137,8 @@ def main() -> None:
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=50))
     kernels = sum(e.self_device_time_total for e in prof.key_averages())  # every op's own kernels, once
     print(f"CUDA kernel time: {kernels / 1e3 / cfg.steps:.2f} ms per step ({cfg.steps} steps, incl. first-batch costs)")
+    launches = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"CUDA kernels launched: {launches / cfg.steps:.0f} per step")
 
 
 if __name__ == "__main__":
