@@ -105,6 +105,19 @@ def cosine_by_rarity(student_emb, reference, held_ds, counts) -> dict[str, list]
     return out
 
 
+def product_embedding_rank(model, ratio: float, method: str, weights) -> int:
+    """The token embedding's rank that sttp-compress pins by default at whole-model `ratio` with every layer
+    included (pipeline._layer_ranks: its width, at most TOKEN_EMBEDDING_SHARE of the target); 0 when it pins
+    none (the allocation then decides)."""
+    from sttp_compress.convert import candidate_layers
+    from sttp_compress.pipeline import CompressJob, _layer_ranks
+
+    name = model.token_embedding_name()
+    ranks, pinned = _layer_ranks(model, CompressJob(ratio=ratio, method=method, include=["*"]),
+                                 candidate_layers(model, ["*"])[0], {} if weights is None else {name: weights})
+    return ranks[pinned] if pinned else 0
+
+
 def ratio4_student(teacher, train_ds, rank: int = 384, order_rows: bool = False, allocation: str = "greedy",
                    power: float | None = None):
     """The probes' ratio-4 student: a CPU copy of `teacher` with the token embedding at `rank`, weighted
@@ -199,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--allocation", default="greedy", help="greedy or uniform")
     ap.add_argument("--embedding-rank", default=None,
                     help="experiment: convert the token embedding at this rank first, then allocate the rest "
-                         "(a comma list runs one configuration per rank; 0: the allocation decides)")
+                         "(a comma list runs one configuration per rank; 0: the allocation decides; default: "
+                         "sttp-compress's rule, pipeline.TOKEN_EMBEDDING_SHARE)")
     ap.add_argument("--no-token-weighting", action="store_true",
                     help="convert the token embedding unweighted (default: weighted by the distillation "
                          "texts' token counts, as sttp-compress does with --data text:FILE)")
@@ -311,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"loaded model and {len(train_ds) + len(val_ds):,} distillation texts ({len(held.dataset):,} held out) "
           f"in {time.perf_counter() - t0:.1f} s", flush=True)
 
-    emb_ranks = [int(r) for r in str(args.embedding_rank or 0).split(",")]
+    emb_ranks = [None] if args.embedding_rank is None else [int(r) for r in str(args.embedding_rank).split(",")]
     configs = [(float(r), ["*"], e) for r in (["4"] if quick else args.ratios.split(",")) if r for e in emb_ranks]
     if not quick and args.encoder_only != "none":
         configs.append((args.encoder_only, [], 0))
@@ -340,6 +354,9 @@ def main(argv: list[str] | None = None) -> None:
             ratio = _largest_ratio(student, args.method)
         t1 = time.perf_counter()
         rest_ratio, rest_include = float(ratio), include
+        rule = emb_rank is None and bool(include)
+        if rule:  # the token embedding's rank as sttp-compress picks it by default
+            emb_rank = product_embedding_rank(student, float(ratio), args.method, weights)
         row_weights = {emb_name: weights} if weights is not None and include else None
         if emb_rank and include:
             from sttp_compress.convert import compress_module, weight_order
@@ -362,7 +379,8 @@ def main(argv: list[str] | None = None) -> None:
         # the row's fields of the conversion: how, then what came out
         how = {"ratio": float(ratio), "method": args.method if encoder_method == args.method else
                f"{args.method} (token embedding), {encoder_method}", "attention": args.attention,
-               "allocation": args.allocation + (f", embedding rank {emb_rank}" if emb_rank and include else ""),
+               "allocation": args.allocation + (f", embedding rank {emb_rank}" + (" (rule)" if rule else "")
+                                                if emb_rank and include else ""),
                "token_weighting": bool(row_weights or (emb_rank and include and weights is not None)),
                "token_power": None if weights is None else args.token_power,
                "order_rows": bool(emb_rank and include and args.order_rows and weights is not None),
