@@ -15,7 +15,9 @@ correlation of the two models' similarities over all pairs of held-out texts). W
 .data/text/heldout_pairs.tsv (make_text_data.py) rows also get `wordnet_before`/`wordnet_after`: Spearman
 of each pair's similarity with its WordNet score, the way sentence-similarity benchmarks score a model
 (the original model's value is in the header). The budget is sttp-compress's `--time-budget`
-(`FinetuneConfig.time_budget`); `--steps N` fixes the step count instead. Rows go to benchmarks/results/minilm.json (+ .md).
+(`FinetuneConfig.time_budget`); `--steps N` fixes the step count instead. Rows go to
+benchmarks/results/<--name>.json (+ .md; default minilm_run); the issue's table, results/minilm.json, is
+assembled from named runs by benchmarks/minilm_table.py (its commands are in results/minilm.md).
 
 `--save-dir DIR` also writes each distilled student as an sttp-compress checkpoint, so that a GPU run's
 model can be studied on a CPU afterwards (`sttp-eval CKPT --arch hf:DIR --reference hf:DIR --data text:FILE`
@@ -274,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--save-dir", default=None,
                     help="also save each distilled student there as an sttp-compress checkpoint (float32, "
                          "NAME_r{ratio}_e{embedding rank}_b{batch}_s{seed}.sttp.pt; sttp-eval reads it with --arch hf:DIR)")
-    ap.add_argument("--name", default="minilm", help="results file stem (e.g. minilm_embrank for a variant)")
+    ap.add_argument("--name", default="minilm_run",
+                    help="results file stem (minilm.json is minilm_table.py's, assembled from named runs)")
     args = ap.parse_args(argv)
     if args.convert_only:
         return convert_only(args)
