@@ -88,6 +88,7 @@ def _heldout_loader(folder: Path, path: Path, limit: int | None, batch: int):
     return DataLoader(data, batch_size=batch, shuffle=False, collate_fn=data.collate_fn)
 
 
+RECOMPILE_LIMIT = 64  # compile_layers: dynamo compiles once per parametrized layer (see compile_layers)
 RARITY_BINS = ((0, 0), (1, 9), (10, 99), (100, None))  # the rarest token's count in the distillation texts
 
 
@@ -105,6 +106,23 @@ def cosine_by_rarity(student_emb, reference, held_ds, counts) -> dict[str, list]
         out[f"{lo}-{hi}" if hi is not None else f"{lo}+"] = [round(float(cos[sel].mean()), 4) if sel.any() else None,
                                                                int(sel.sum())]
     return out
+
+
+def compile_layers(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` (a SentenceEncoder) with each transformer layer compiled in place (regional compilation:
+    one small graph per layer kind, so compiling costs seconds, not the whole model's minutes).
+
+    torch.nn.utils.parametrize gives every parametrized Linear a class of its own, and dynamo guards on
+    the class: each compressed layer compiles once more (and the teacher's, under no_grad, once), so the
+    recompile limit is raised above the model's layer count (RECOMPILE_LIMIT)."""
+    import torch._dynamo.config as dynamo_config
+
+    for key in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(dynamo_config, key):
+            setattr(dynamo_config, key, max(getattr(dynamo_config, key), RECOMPILE_LIMIT))
+    for layer in model._hf.encoder.layer:
+        layer.compile(dynamic=True)
+    return model
 
 
 def product_embedding_rank(model, ratio: float, method: str, weights) -> int:
@@ -240,6 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--beta2", type=float, default=None,
                     help="AdamW's beta2 (FinetuneConfig.adam_beta2; default text.TEXT_ADAM_BETA2 as sttp-compress "
                          "with text data)")
+    ap.add_argument("--compile-layers", action="store_true",
+                    help="experiment: each transformer layer of student and teacher through torch.compile for "
+                         "the distillation (compile_layers; the compile time counts in the budget)")
     ap.add_argument("--tf32", default="auto", choices=["auto", "on", "off"],
                     help="FinetuneConfig.tf32: the training steps' float32 matmuls (the weight build) as TF32 (auto: "
                          "sttp-compress's default, on under bf16 autocast; off: as the runs before that default, minilm_recipe.md). On an H200 "
@@ -415,7 +436,10 @@ def main(argv: list[str] | None = None) -> None:
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()  # so that the reserved peak is this run's
                 torch.cuda.reset_peak_memory_stats()
-            block = distill_embeddings(student, teacher, *loaders, cfg, progress=not quick)
+            if args.compile_layers:  # an experiment: the layers' kernels fused (teacher: a compiled copy)
+                compile_layers(student)
+            block = distill_embeddings(student, compile_layers(copy.deepcopy(teacher)) if args.compile_layers
+                                       else teacher, *loaders, cfg, progress=not quick)
             if device.startswith("cuda"):  # reserved: the CUDA graphs' pools count in full there
                 peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 reserved = round(torch.cuda.max_memory_reserved() / 2**30, 2)
@@ -433,6 +457,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"saved {path}", flush=True)
             row = {**how, "batch": cfg.batch_size, "lr": cfg.resolved_lr, "hidden_weight": loss.hidden, "hidden_end": loss.hidden_end,
                    "beta2": args.beta2, "spectrum_lr": block.get("spectrum_lr_mult"), "tf32": block.get("tf32"), "seed": seed,
+                   "compile_layers": args.compile_layers,
                    "augment": args.augment, "augment_vocab": args.augment_vocab,
                    "vocab_rows": args.vocab_rows, "vocab_weight": loss.vocab, "distill": distill.name.removesuffix(".gz"),
                    "length_group": 0 if args.no_group_by_length else length_group,  # 0: random batches

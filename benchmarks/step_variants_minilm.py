@@ -13,6 +13,8 @@ Variants (each changes one thing from the product's default):
     noclip         no gradient clipping (grad_clip=0): what the clipping costs
     teacher_bf16   the teacher's Linear weights and biases stored in bfloat16 (autocast casts them anyway)
     b512, b2048    batch 512 / 2048 (the step's fixed cost against its per-text cost)
+    compile_layers each transformer layer of student and teacher through torch.compile (dynamic shapes;
+                   fuses the layer's small kernels; its compile time is in the run's `run_s`)
 
 Prints a table and writes benchmarks/results/<name>.json and .md.
 """
@@ -32,10 +34,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_minilm import _find, _model_dir, ratio4_student  # noqa: E402
+from bench_minilm import _find, _model_dir, compile_layers, ratio4_student  # noqa: E402
 from common import machine, write_results  # noqa: E402
 
-VARIANTS = ("default", "foreach", "noclip", "teacher_bf16", "b512", "b2048")
+VARIANTS = ("default", "foreach", "noclip", "teacher_bf16", "b512", "b2048", "compile_layers")
 
 
 def bf16_linears(model: nn.Module) -> nn.Module:
@@ -94,12 +96,15 @@ def main() -> None:
                              fused=name != "foreach", grad_clip=0.0 if name == "noclip" else 5.0)
         loader = make_loaders(train_ds, None, batch, 0, 0, device)[0]
         ref = bf16_linears(teacher) if name == "teacher_bf16" else teacher
+        probe = copy.deepcopy(student)
+        if name == "compile_layers":
+            ref, probe = compile_layers(copy.deepcopy(teacher)), compile_layers(probe)
         marks.clear()
         timed_step.n = 0
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
         t0 = time.perf_counter()
-        block = distill_embeddings(copy.deepcopy(student), ref, loader, None, cfg, progress=False)
+        block = distill_embeddings(probe, ref, loader, None, cfg, progress=False)
         total = time.perf_counter() - t0
         ms = 1000 * (marks[args.steps] - marks[args.skip]) / (args.steps - args.skip)
         rows.append({"variant": name, "batch": batch, "steps": args.steps, "timed_steps": args.steps - args.skip,
