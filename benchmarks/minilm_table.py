@@ -32,23 +32,26 @@ COLUMNS = ["ratio", "include", "allocation", "achieved_ratio", "params", "embedd
 
 
 def main() -> None:
-    rows, dates = [], set()
+    rows, metas = [], {}
     for name, ratio, include, budget, _ in SOURCES:
         found = [r for r in json.loads((RESULTS / f"{name}.json").read_text())
                  if r["include"] == include and (ratio is None or r["ratio"] == ratio)]
         if len(found) != 1:
             raise SystemExit(f"{name}.json: expected one row for ratio {ratio}, include {include!r}; found {len(found)}")
         rows.append({**found[0], "source": name, "seconds_budget": budget})
-        dates.add(json.loads((RESULTS / f"{name}.meta.json").read_text())["date"])
+        metas.setdefault(name, json.loads((RESULTS / f"{name}.meta.json").read_text()))
+    # what the sources' meta files say (one value each when the runs agree)
+    dates, machines, torches, transformers = (sorted({m[k] for m in metas.values()})
+                                              for k in ("date", "machine", "torch", "transformers"))
     commands = "\n".join(f"    {cmd}   # {name}" for name, _, _, _, cmd in SOURCES)
-    text = f"""# all-MiniLM-L6-v2 compressed with STTP, distilled on text ({", ".join(sorted(dates))})
+    text = f"""# all-MiniLM-L6-v2 compressed with STTP, distilled on text ({", ".join(dates)})
 
 The issue's table (`benchmarks/minilm_table.py` assembles it from the bench runs below): whole-model ratios
 2, 4 and 8 with the token embedding included, and the largest encoder-only ratio (the embedding dense, every
 encoder Linear at rank 1). Held-out text: the 3,001 lines of .data/text/heldout.txt (make_text_data.py);
-`wordnet_after` is Spearman's ρ on heldout_pairs.tsv (the original model: 0.7324). One NVIDIA H200 (device
-tool), torch 2.11.0+cu130, transformers 5.17.0, one run at a time, the float16 copy of the model
-(pack_minilm.py) as the original.
+`wordnet_after` is Spearman's ρ on heldout_pairs.tsv (the original model: 0.7324). {" / ".join(machines)}
+(device tool, one GPU), torch {" / ".join(torches)}, transformers {" / ".join(transformers)}, one run at a
+time, the float16 copy of the model (pack_minilm.py) as the original.
 
 Every row has the product's text recipe as of 2026-12-02: activation-aware conversion, token-weighted
 embedding, length-grouped batches of 1024, augmentation 0.5 with vocabulary draws, the layer-wise term ramped
@@ -68,8 +71,8 @@ Commands (the rows' `source`):
 {commands}
     python benchmarks/minilm_table.py
 """
-    meta = {"dates": sorted(dates), "machine": "NVIDIA H200", "torch": "2.11.0+cu130", "transformers": "5.17.0",
-            "sources": [s[0] for s in SOURCES]}
+    meta = {"dates": dates, "machine": " / ".join(machines), "torch": " / ".join(torches),
+            "transformers": " / ".join(transformers), "sources": list(metas)}
     write_results("minilm", rows, meta, markdown=text)
     print(text)
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_minilm import _find, _model_dir, compile_layers, ratio4_student  # noqa: E402
-from common import machine, write_results  # noqa: E402
+from common import machine, markdown_table, today, write_results  # noqa: E402
 
 VARIANTS = ("default", "foreach", "noclip", "teacher_bf16", "b512", "b2048", "compile_layers")
 
@@ -115,16 +115,14 @@ def main() -> None:
     base = next((r for r in rows if r["variant"] == "default"), rows[0])
     for r in rows:
         r["texts_per_s_vs_default"] = round(r["texts_per_s"] / base["texts_per_s"], 3)
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(r[k]) for k in header) + " |" for r in rows]
-    print("\n".join(lines))
+    table = markdown_table(rows, list(rows[0]))
+    print(table)
     if not args.no_write:
-        meta = {"device": machine(device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+        meta = {"device": machine(device), "torch": torch.__version__, "date": today(),
                 "command": " ".join(sys.argv)}
         title = (f"# MiniLM ratio-4 distillation step: steady-state time of variants ({meta['date']})\n\n"
                  f"{meta['device']}, torch {meta['torch']}; steps {args.skip}-{args.steps} of each run timed.\n\n")
-        write_results(args.name, rows, meta, markdown=title + "\n".join(lines) + "\n")
+        write_results(args.name, rows, meta, markdown=title + table)
     else:
         print(json.dumps(rows))
 
