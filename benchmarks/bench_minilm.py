@@ -138,23 +138,37 @@ def product_embedding_rank(model, ratio: float, method: str, weights) -> int:
     return ranks[pinned] if pinned else 0
 
 
-def ratio4_student(teacher, train_ds, rank: int = 384, order_rows: bool = False, allocation: str = "greedy",
+def embedding_row_order(table, weights, order: bool | int):
+    """The token embedding's `row_order`: None (vocabulary order) for False/0, convert.weight_order for True,
+    convert.tiered_order with that many tier digits for an int (sttp-compress's default: 3)."""
+    from sttp_compress.convert import tiered_order, weight_order
+    from sttp_compress.tt import TTShape
+
+    if order is True:
+        return weight_order(weights)
+    if not order:
+        return None
+    modes = TTShape.from_dims([table.num_embeddings], [table.embedding_dim], 1).out_modes
+    return tiered_order(table.weight, weights, modes, int(order))
+
+
+def ratio4_student(teacher, train_ds, rank: int = 384, order_rows: bool | int = False, allocation: str = "greedy",
                    power: float | None = None):
     """The probes' ratio-4 student: a CPU copy of `teacher` with the token embedding at `rank`, weighted
-    by `train_ds`'s token counts ((count + 1)^power, default text.TOKEN_WEIGHT_POWER; its rows by descending
-    weight with `order_rows`), and the rest (encoder, position embedding) by compress_to_target with
+    by `train_ds`'s token counts ((count + 1)^power, default text.TOKEN_WEIGHT_POWER; its rows in the order
+    `embedding_row_order(order_rows)`), and the rest (encoder, position embedding) by compress_to_target with
     `allocation`."""
     import copy
 
-    from sttp_compress.convert import compress_module, compress_to_target, count_parameters, weight_order
+    from sttp_compress.convert import compress_module, compress_to_target, count_parameters
     from sttp_compress.text import TOKEN_WEIGHT_POWER, token_weights
 
     weights = token_weights(train_ds, teacher.embeddings.word_embeddings.num_embeddings,
                             TOKEN_WEIGHT_POWER if power is None else power)
     student = copy.deepcopy(teacher).cpu()
     total = count_parameters(student)
-    compress_module(student.embeddings.word_embeddings, rank, "sttp", row_weight=weights,
-                    row_order=weight_order(weights) if order_rows else None)
+    table = student.embeddings.word_embeddings
+    compress_module(table, rank, "sttp", row_weight=weights, row_order=embedding_row_order(table, weights, order_rows))
     compress_to_target(student, ratio=count_parameters(student) / (total / 4.0), allocation=allocation,
                        include=["encoder.*", "embeddings.position_embeddings"])
     return student
@@ -243,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--order-rows", action="store_true",
                     help="with --embedding-rank and token weighting: the token embedding's tensor train takes the "
                          "rows by descending token weight (compress_module's row_order=convert.weight_order)")
+    ap.add_argument("--tiered-rows", type=int, default=0, metavar="D",
+                    help="with --embedding-rank and token weighting: the rows in convert.tiered_order with D tier "
+                         "digits (weight tiers, then a principal-direction tree in each; 0: off)")
     ap.add_argument("--no-activation-aware", action="store_true",
                     help="plain conversion of the Linears (default, as sttp-compress with text data: "
                          "column-scaled by their input scales on 8 batches of the distillation texts)")
@@ -383,9 +400,10 @@ def main(argv: list[str] | None = None) -> None:
             emb_rank = product_embedding_rank(student, float(ratio), args.method, weights)
         row_weights = {emb_name: weights} if weights is not None and include else None
         if emb_rank and include:
-            from sttp_compress.convert import compress_module, weight_order
+            from sttp_compress.convert import compress_module
 
-            order = weight_order(weights) if args.order_rows and weights is not None else None
+            table = student.embeddings.word_embeddings
+            order = None if weights is None else embedding_row_order(table, weights, args.tiered_rows or args.order_rows)
             compress_module(student.embeddings.word_embeddings, emb_rank, args.method, row_weight=weights,
                             row_order=order)
             rest_ratio = count_parameters(student) / (total / float(ratio))  # the rest reaches the same total
@@ -407,7 +425,8 @@ def main(argv: list[str] | None = None) -> None:
                                                 if emb_rank and include else ""),
                "token_weighting": bool(row_weights or (emb_rank and include and weights is not None)),
                "token_power": None if weights is None else args.token_power,
-               "order_rows": bool(emb_rank and include and args.order_rows and weights is not None),
+               "order_rows": (f"tiered {args.tiered_rows}" if args.tiered_rows else True)
+               if emb_rank and include and (args.order_rows or args.tiered_rows) and weights is not None else False,
                "activation_aware": bool(moments), "include": "*" if include else "encoder only"}
         result = {"achieved_ratio": round(parts["totals"]["ratio"], 3), "params": parts["totals"]["params_compressed"],
                   "embedding_params": sum(p.numel() for p in student.embeddings.word_embeddings.parameters()),

@@ -10,6 +10,7 @@ The Python API in a nutshell::
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -20,7 +21,7 @@ from .contract import _originals
 from .layers import SUPPORTED, SpectralTT, is_parametrized, to_matrix, weight_kind, weight_name
 
 __all__ = ["compress_module", "compress", "compress_to_target", "decompress", "count_parameters",
-           "candidate_layers", "compressed_layers", "parametrization", "spectral_penalty", "weight_of",
+           "candidate_layers", "compressed_layers", "parametrization", "spectral_penalty", "weight_of", "tiered_order",
            "layer_name", "named_layers"]
 
 
@@ -86,6 +87,36 @@ def weight_order(row_weight: torch.Tensor) -> torch.Tensor:
     """The rows by descending weight (ties in index order): a `row_order` that gives the heaviest rows
     (e.g. the most frequent tokens) the tensor train's leading digits together."""
     return torch.as_tensor(row_weight).flatten().argsort(descending=True, stable=True)
+
+
+def tiered_order(W: torch.Tensor, row_weight: torch.Tensor, modes: tuple[int, ...], tier_digits: int = 3,
+                 iters: int = 16) -> torch.Tensor:
+    """A `row_order` for a tensor train over the row modes `modes` (memory order, padded size ∏ modes):
+    the rows by descending weight into ∏ modes[:tier_digits] equal tiers, then within each tier a
+    principal-direction tree: each block is sorted along its rows' top principal direction and cut into
+    the next mode's equal parts, down to single rows. Rows that share the fast digits (the bonds that the
+    rank truncates) are then alike, and the heavy rows share tiers. Deterministic; batched over blocks.
+    """
+    W = W.detach().to(torch.float32)
+    n, size = W.shape[0], math.prod(modes)
+    if size < n:
+        raise ValueError(f"modes {modes} hold {size} rows, fewer than the weight's {n}")
+    lead = math.prod(modes[:tier_digits])
+    slots = torch.full((size,), -1, dtype=torch.long)  # padding (-1) after the last row, as tt.pad_matrix
+    slots[:n] = weight_order(row_weight)
+    blocks = slots.view(lead, size // lead)
+    for m in modes[tier_digits:]:
+        valid = blocks >= 0
+        X = W[blocks.clamp(min=0)] * valid[..., None]  # (blocks, S, d)
+        count = valid.sum(1, keepdim=True).clamp(min=1)
+        X = (X - (X.sum(1) / count)[:, None]) * valid[..., None]
+        v = X.gather(1, X.norm(dim=-1).argmax(1)[:, None, None].expand(-1, 1, X.shape[-1])).squeeze(1)
+        for _ in range(iters):  # power iteration for each block's top principal direction
+            v = torch.einsum("bsd,bs->bd", X, torch.einsum("bsd,bd->bs", X, v))
+            v = v / v.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+        key = torch.einsum("bsd,bd->bs", X, v).masked_fill(~valid, float("inf"))
+        blocks = blocks.gather(1, key.argsort(dim=1, stable=True)).reshape(-1, blocks.shape[1] // m)
+    return blocks.flatten()[:n]
 
 
 def attach_structure(module: nn.Module, cfg: Mapping) -> SpectralTT:
