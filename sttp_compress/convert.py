@@ -90,31 +90,35 @@ def weight_order(row_weight: torch.Tensor) -> torch.Tensor:
 
 
 def tiered_order(W: torch.Tensor, row_weight: torch.Tensor, modes: tuple[int, ...], tier_digits: int = 3,
-                 iters: int = 16) -> torch.Tensor:
+                 dims: int | None = 128) -> torch.Tensor:
     """A `row_order` for a tensor train over the row modes `modes` (memory order, padded size ∏ modes):
     the rows by descending weight into ∏ modes[:tier_digits] equal tiers, then within each tier a
     principal-direction tree: each block is sorted along its rows' top principal direction and cut into
     the next mode's equal parts, down to single rows. Rows that share the fast digits (the bonds that the
-    rank truncates) are then alike, and the heavy rows share tiers. Deterministic; batched over blocks.
+    rank truncates) are then alike, and the heavy rows share tiers. The directions are found in W's
+    leading `dims` principal coordinates (None: all), which keeps it about a second for a BERT vocabulary
+    on 2 CPU cores. Deterministic; batched over blocks.
     """
     W = W.detach().to(torch.float32)
-    n, size = W.shape[0], math.prod(modes)
+    if dims is not None and dims < W.shape[1]:
+        W = W @ torch.linalg.eigh(W.T @ W)[1][:, -dims:]
+    n, d, size = W.shape[0], W.shape[1], math.prod(modes)
     if size < n:
         raise ValueError(f"modes {modes} hold {size} rows, fewer than the weight's {n}")
     lead = math.prod(modes[:tier_digits])
-    slots = torch.full((size,), -1, dtype=torch.long)  # padding (-1) after the last row, as tt.pad_matrix
+    Wz = torch.cat([W, W.new_zeros(1, d)])  # row n: the padding's (zero) row
+    slots = torch.full((size,), n, dtype=torch.long)  # padding after the last row, as tt.pad_matrix
     slots[:n] = weight_order(row_weight)
     blocks = slots.view(lead, size // lead)
     for m in modes[tier_digits:]:
-        valid = blocks >= 0
-        X = W[blocks.clamp(min=0)] * valid[..., None]  # (blocks, S, d)
-        count = valid.sum(1, keepdim=True).clamp(min=1)
-        X = (X - (X.sum(1) / count)[:, None]) * valid[..., None]
-        v = X.gather(1, X.norm(dim=-1).argmax(1)[:, None, None].expand(-1, 1, X.shape[-1])).squeeze(1)
-        for _ in range(iters):  # power iteration for each block's top principal direction
-            v = torch.einsum("bsd,bs->bd", X, torch.einsum("bsd,bd->bs", X, v))
-            v = v / v.norm(dim=-1, keepdim=True).clamp(min=1e-30)
-        key = torch.einsum("bsd,bd->bs", X, v).masked_fill(~valid, float("inf"))
+        valid = (blocks < n).unsqueeze(-1)
+        X = Wz[blocks]  # (blocks, S, d), padding rows zero
+        X = X - valid * (X.sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1))
+        if X.shape[1] <= d:  # top eigenvector of the S×S Gram matrix: the rows' coordinates on the direction
+            key = torch.linalg.eigh(X @ X.transpose(1, 2))[1][..., -1]
+        else:  # top eigenvector of the d×d scatter matrix, projected
+            key = (X @ torch.linalg.eigh(X.transpose(1, 2) @ X)[1][..., -1:]).squeeze(-1)
+        key = key.masked_fill(~valid.squeeze(-1), float("inf"))
         blocks = blocks.gather(1, key.argsort(dim=1, stable=True)).reshape(-1, blocks.shape[1] // m)
     return blocks.flatten()[:n]
 

@@ -323,6 +323,49 @@ def test_row_ordered_is_the_conversion_of_the_permuted_rows_put_back():
         compress_module(nn.Embedding(222, 24), rank=6, row_order=torch.arange(1, 223))
 
 
+def test_tiered_order_tiers_by_weight_then_groups_alike_rows():
+    from sttp_compress.convert import tiered_order, weight_order
+
+    torch.manual_seed(0)
+    n, modes = 222, (2, 2, 2, 2, 2, 3, 3)  # 288 slots: the last 66 are padding, after the rows
+    values = torch.randperm(n).double()
+    W = torch.zeros(n, 5, dtype=torch.float64)
+    W[:, 2] = values  # 1-D rows: each block's principal direction is that axis
+    w = torch.rand(n, dtype=torch.float64)
+    order = tiered_order(W, w, modes, tier_digits=2)
+    assert torch.equal(order.sort().values, torch.arange(n))  # a permutation of the rows
+    assert torch.equal(order, tiered_order(W, w, modes, tier_digits=2))  # deterministic
+    tier = 288 // 4  # the first tier holds the heaviest rows
+    assert set(order[:tier].tolist()) == set(weight_order(w)[:tier].tolist())
+    # within a tier every block of a trailing digit holds a contiguous run of the values
+    for size in (36, 18, 9, 3):
+        for start in range(0, n, size):
+            v = values[order[start:start + size]]
+            same_tier = weight_order(w)[start // tier * tier:(start // tier + 1) * tier]
+            inside = values[same_tier].sort().values
+            rank = torch.searchsorted(inside, v)
+            assert int(rank.max() - rank.min()) == len(v) - 1, (size, start)
+    assert torch.equal(tiered_order(W, w, modes, tier_digits=0, dims=None).sort().values, torch.arange(n))
+    with pytest.raises(ValueError, match="fewer than"):
+        tiered_order(W, w, (2, 3), tier_digits=0)
+
+
+def test_tiered_order_lowers_the_error_of_clustered_rows():
+    from sttp_compress.convert import tiered_order
+
+    torch.manual_seed(0)
+    centres = torch.randn(16, 24, dtype=torch.float64) * 3
+    W0 = (centres.repeat_interleave(16, 0) + 0.05 * torch.randn(256, 24, dtype=torch.float64))[torch.randperm(256)]
+    w = torch.ones(256, dtype=torch.float64)
+    errors = {}
+    for name, order in (("vocabulary", None), ("tiered", tiered_order(W0, w, (2,) * 8, tier_digits=0))):
+        m = nn.Embedding(256, 24).double()
+        m.weight.data.copy_(W0)
+        compress_module(m, rank=16, row_weight=w, row_order=order)  # 16 clusters: rank 16 holds them in order
+        errors[name] = float((m.weight.detach() - W0).norm() / W0.norm())
+    assert errors["tiered"] < 0.05 < 0.3 < errors["vocabulary"], errors
+
+
 def test_row_ordered_gradcheck_bank_and_checkpoint_round_trip(tmp_path):
     from sttp_compress.bank import WeightBank
     from sttp_compress.checkpoint import load_compressed, save_compressed
