@@ -141,15 +141,11 @@ def product_embedding_rank(model, ratio: float, method: str, weights) -> int:
 def embedding_row_order(table, weights, order: bool | int):
     """The token embedding's `row_order`: None (vocabulary order) for False/0, convert.weight_order for True,
     convert.tiered_order with that many tier digits for an int (sttp-compress's default: 3)."""
-    from sttp_compress.convert import tiered_order, weight_order
-    from sttp_compress.tt import TTShape
+    from sttp_compress.convert import layer_tiered_order, weight_order
 
     if order is True:
         return weight_order(weights)
-    if not order:
-        return None
-    modes = TTShape.from_dims([table.num_embeddings], [table.embedding_dim], 1).out_modes
-    return tiered_order(table.weight, weights, modes, int(order))
+    return layer_tiered_order(table, weights, int(order)) if order else None
 
 
 def ratio4_student(teacher, train_ds, rank: int = 384, order_rows: bool | int = False, allocation: str = "greedy",
@@ -406,8 +402,7 @@ def main(argv: list[str] | None = None) -> None:
 
             table = student.embeddings.word_embeddings
             order = None if weights is None else embedding_row_order(table, weights, True if args.order_rows else args.tiered_rows)
-            compress_module(student.embeddings.word_embeddings, emb_rank, args.method, row_weight=weights,
-                            row_order=order)
+            compress_module(table, emb_rank, args.method, row_weight=weights, row_order=order)
             rest_ratio = count_parameters(student) / (total / float(ratio))  # the rest reaches the same total
             rest_include = ["encoder.*", "embeddings.position_embeddings"]
             row_weights = None

@@ -22,7 +22,7 @@ from bench_minilm import _find, _heldout_loader, ratio4_student  # noqa: E402
 from common import machine, today, write_results  # noqa: E402
 from probe_embedding_rows import embedding_setup, row_errors  # noqa: E402
 from bench_minilm import embedding_row_order  # noqa: E402
-from sttp_compress.convert import compress_module, count_parameters  # noqa: E402
+from sttp_compress.convert import compress_module, count_parameters, layer_tiered_order  # noqa: E402
 from sttp_compress.text import embed, embedding_agreement, token_weights  # noqa: E402
 
 
@@ -44,12 +44,8 @@ def main() -> None:
     for rank, order, whole in runs:
         student = copy.deepcopy(teacher)
         emb = student.embeddings.word_embeddings
-        if order == 0 and order is not False:  # the tree alone: tiered_order with no tier digits
-            from sttp_compress.convert import tiered_order
-            from sttp_compress.tt import TTShape
-
-            modes = TTShape.from_dims([emb.num_embeddings], [emb.embedding_dim], 1).out_modes
-            row_order = tiered_order(emb.weight, weights, modes, 0)
+        if order == 0 and order is not False:  # the tree alone: no tier digits (embedding_row_order's 0 is none)
+            row_order = layer_tiered_order(emb, weights, 0)
         else:
             row_order = embedding_row_order(emb, weights, order)
         compress_module(emb, rank, "sttp", row_weight=weights, row_order=row_order)

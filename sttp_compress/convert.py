@@ -18,10 +18,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .contract import _originals
-from .layers import SUPPORTED, SpectralTT, is_parametrized, to_matrix, weight_kind, weight_name
+from .layers import SUPPORTED, SpectralTT, is_parametrized, matrix_factors, to_matrix, weight_kind, weight_name
+from .tt import TTShape
 
 __all__ = ["compress_module", "compress", "compress_to_target", "decompress", "count_parameters",
            "candidate_layers", "compressed_layers", "parametrization", "spectral_penalty", "weight_of", "tiered_order",
+           "layer_tiered_order",
            "layer_name", "named_layers"]
 
 
@@ -121,6 +123,13 @@ def tiered_order(W: torch.Tensor, row_weight: torch.Tensor, modes: tuple[int, ..
         key = key.masked_fill(~valid.squeeze(-1), float("inf"))
         blocks = blocks.gather(1, key.argsort(dim=1, stable=True)).reshape(-1, blocks.shape[1] // m)
     return blocks.flatten()[:n]
+
+
+def layer_tiered_order(module: nn.Module, row_weight: torch.Tensor, tier_digits: int = 3) -> torch.Tensor:
+    """`tiered_order` of `module`'s weight matrix over the row modes of its STTP tensorization."""
+    kind, W = weight_kind(module), weight_of(module)
+    modes = TTShape.from_dims(*matrix_factors(kind, tuple(W.shape)), 1).out_modes
+    return tiered_order(to_matrix(kind, W), row_weight, modes, tier_digits)
 
 
 def attach_structure(module: nn.Module, cfg: Mapping) -> SpectralTT:

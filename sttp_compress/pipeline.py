@@ -206,31 +206,22 @@ ORDER_ROWS_NEEDS = ("--row-order {} orders the token embedding's rows by token w
 TIER_DIGITS = 3  # tiered order: 8 weight tiers (minilm_recipe.md, sixth part: 0.9467 against 0.9455 unordered)
 
 
-def _row_orders(job: CompressJob, row_weights: dict, candidates: dict[str, nn.Module]) -> dict:
-    """{token embedding name: (its row order, the order's kind)} for --row-order: `tiered` (convert.tiered_order,
-    the default with token weights and STTP), `weight` (convert.weight_order) or none (`vocabulary`; SVDP's
-    factorization does not depend on the rows' order)."""
+def _row_orders(job: CompressJob, row_weights: dict, candidates: dict[str, nn.Module]) -> tuple[dict, str]:
+    """({token embedding name: its row order}, the order's kind) for --row-order: `tiered`
+    (convert.layer_tiered_order, the default with token weights and STTP), `weight` (convert.weight_order) or
+    none (`vocabulary`; SVDP's factorization does not depend on the rows' order)."""
     kind = job.row_order
     if kind == "auto":
         kind = "tiered" if row_weights and job.method == "sttp" else "vocabulary"
     if kind == "vocabulary" or (job.method != "sttp" and kind == "tiered"):
-        return {}
+        return {}, "vocabulary"
     if not row_weights:
         raise UserError(ORDER_ROWS_NEEDS.format(kind))
-    from .convert import tiered_order, weight_of, weight_order
-    from .layers import matrix_factors, to_matrix, weight_kind
-    from .tt import TTShape
+    from .convert import layer_tiered_order, weight_order
 
     if kind == "weight":
-        return {name: (weight_order(w), kind) for name, w in row_weights.items()}
-    out = {}
-    for name, w in row_weights.items():
-        module = candidates[name]
-        kind_of = weight_kind(module)
-        W = to_matrix(kind_of, weight_of(module))
-        modes = TTShape.from_dims(*matrix_factors(kind_of, tuple(weight_of(module).shape)), 1).out_modes
-        out[name] = (tiered_order(W, w, modes, TIER_DIGITS), kind)
-    return out
+        return {name: weight_order(w) for name, w in row_weights.items()}, kind
+    return {name: layer_tiered_order(candidates[name], w, TIER_DIGITS) for name, w in row_weights.items()}, kind
 
 
 TOKEN_EMBEDDING_SHARE = 0.5  # at most this share of the target's parameters for the default token-embedding rank
@@ -342,12 +333,12 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
     t1 = time.perf_counter()
     row_weights = _row_weights(model, job, data, candidates)
     layer_ranks, pinned = _layer_ranks(model, job, candidates, row_weights)
-    orders = _row_orders(job, row_weights, candidates)
+    orders, order_kind = _row_orders(job, row_weights, candidates)
     parts = _convert(model, job, device, on_layer, row_weights, _input_moments(model, job, data, candidates),
-                     layer_ranks, {name: order for name, (order, _) in orders.items()})
+                     layer_ranks, orders)
     for layer in parts["layers"]:
         if layer["name"] in orders and layer.get("row_ordered"):
-            layer["row_order"] = orders[layer["name"]][1]
+            layer["row_order"] = order_kind
         if layer["name"] == pinned:
             layer["rank_rule"] = "token embedding: its width, at most half the target's parameters"
     t_convert = time.perf_counter() - t1
