@@ -45,7 +45,7 @@ from common import machine, markdown_table, merge_rows, print_table, today, writ
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".data" / "text"
-COLUMNS = ["ratio", "method", "allocation", "token_weighting", "token_power", "order_rows", "activation_aware", "include", "batch", "lr", "hidden_weight", "hidden_end", "beta2", "spectrum_lr", "tf32", "seed", "augment", "augment_vocab", "vocab_rows", "vocab_weight", "distill", "length_group", "attention", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
+COLUMNS = ["ratio", "method", "allocation", "token_weighting", "token_power", "order_rows", "activation_aware", "include", "batch", "lr", "hidden_weight", "hidden_end", "beta2", "spectrum_lr", "free_cores", "tf32", "seed", "augment", "augment_vocab", "vocab_rows", "vocab_weight", "distill", "length_group", "attention", "achieved_ratio", "params", "embedding_params", "convert_seconds", "cosine_before",
            "nn_agreement_before", "wordnet_before", "cosine_after", "nn_agreement_after", "spearman_after", "wordnet_after", "steps", "seconds", "texts_per_s", "peak_gpu_gib", "peak_reserved_gib", "device"]
 
 
@@ -280,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="FinetuneConfig.tf32: the training steps' float32 matmuls (the weight build) as TF32 (auto: "
                          "sttp-compress's default, on under bf16 autocast; off: as the runs before that default, minilm_recipe.md). On an H200 "
                          "the build's forward + backward took 6.4 ms instead of 9.0 (profile_minilm_build.py)")
+    ap.add_argument("--free-cores", default="auto", choices=["auto", "on", "off"],
+                    help="FinetuneConfig.free_cores: train the cores as free matrices, the gauge restored after "
+                         "(auto: the text default, text.TEXT_FREE_CORES)")
     ap.add_argument("--spectrum-lr", type=float, default=None,
                     help="FinetuneConfig.spectrum_lr_mult: learning rate of the compressed layers' spectra and "
                          "row/column scales as a multiple of --lr (default text.TEXT_SPECTRUM_LR_MULT, as "
@@ -439,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
             cfg = FinetuneConfig(steps=1, lr=lr, batch_size=16 if quick else batch, device=device, workers=2,
                                  log_every=50, select_best=False, loss_fn=loss, seed=seed,
                                  adam_beta2=args.beta2, tf32={"auto": None, "on": True, "off": False}[args.tf32],
-                                 spectrum_lr_mult=args.spectrum_lr)
+                                 spectrum_lr_mult=args.spectrum_lr, free_cores={"auto": None, "on": True, "off": False}[args.free_cores])
             # workers=0: tokenizing in this process; forked workers after CUDA init crashed on the H100
             # (CUDA initialization error in a worker during the second configuration)
             loaders = make_loaders(train_ds, val_ds, cfg.batch_size, 0, cfg.seed, device,
@@ -472,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
                 student.to(device)
                 print(f"saved {path}", flush=True)
             row = {**how, "batch": cfg.batch_size, "lr": cfg.resolved_lr, "hidden_weight": loss.hidden, "hidden_end": loss.hidden_end,
-                   "beta2": args.beta2, "spectrum_lr": block.get("spectrum_lr_mult"), "tf32": block.get("tf32"), "seed": seed,
+                   "beta2": args.beta2, "spectrum_lr": block.get("spectrum_lr_mult"), "free_cores": block.get("free_cores"), "tf32": block.get("tf32"), "seed": seed,
                    "compile_layers": args.compile_layers,
                    "augment": args.augment, "augment_vocab": args.augment_vocab,
                    "vocab_rows": args.vocab_rows, "vocab_weight": loss.vocab, "distill": distill.name.removesuffix(".gz"),

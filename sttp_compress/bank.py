@@ -75,6 +75,20 @@ def _walk(nodes: list[_Node]):
         yield from _walk(n.children)
 
 
+class _FreePlan:
+    """FramePlan's stand-in for free cores: each shape's frames concatenated and put in tree order."""
+
+    def __init__(self, orders: list[list[int] | None], device: torch.device):
+        self.index = [None if o is None else torch.tensor(o, device=device) for o in orders]
+
+    def __call__(self, groups: list[list[Tensor]]) -> list[Tensor]:
+        out = []
+        for members, index in zip(groups, self.index):
+            X = torch.cat(members) if len(members) > 1 else members[0]
+            out.append(X if index is None else X.index_select(0, index))
+        return out
+
+
 class WeightBank:
     """All STTP/SVDP weights of a model, built together; see the module docstring."""
 
@@ -82,12 +96,17 @@ class WeightBank:
                  max_waste: float | None = None):
         self.model = model
         self.layers: list[SpectralTT] = []
-        self.originals: list[tuple[Tensor, ...]] = []
+        self.originals: list[tuple[Tensor, ...]] = []  # per layer: the group frames' sources, then the rest
         for m in model.modules():
             if is_parametrized(m):
                 p = parametrization(m)
                 self.layers.append(p)
-                self.originals.append(_originals(m, p))
+                o = _originals(m, p)
+                self.originals.append(o if p.free is None else (*p.free, *o[len(p.groups):]))
+        released = {p.free is not None for p in self.layers}
+        if len(released) > 1:
+            raise ValueError("a weight bank needs every layer's cores free (freecores.release_gauge) or none")
+        self.free = released == {True}  # the group sources are the frames themselves (n_frames, d, r)
         # every chain: (layer, side) with the frame (group, row) of each of its cores, sorted by core shapes
         chains = []
         for li, p in enumerate(self.layers):
@@ -128,6 +147,9 @@ class WeightBank:
         self._graphed = None
         self._handles: list = []
 
+    def __repr__(self) -> str:
+        return f"WeightBank({len(self.layers)} layers{', free cores' if self.free else ''})"
+
     @property
     def flat_originals(self) -> list[Tensor]:
         return [o for os_ in self.originals for o in os_]
@@ -147,6 +169,9 @@ class WeightBank:
         ResNet-18 at ratio 10 1.4x slower).
         """
         if device not in self._plans:
+            if self.free:  # no reflectors: each shape's frames only gathered in tree order
+                self._plans[device] = _FreePlan([self._order[k] for k, _ in self.shapes], device)
+                return self._plans[device]
             waste = self.max_waste if self.max_waste is not None else (2.0 if device.type == "cuda" else 1.0)
             plan = FramePlan([k for k, _ in self.shapes], self._counts, [self._order[k] for k, _ in self.shapes],
                              max_waste=waste)

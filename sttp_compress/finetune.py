@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from . import distributed
 from .bank import WeightBank
 from .errors import UserError
+from .freecores import can_release, free_cores
 from .layers import is_parametrized
 from .stepgraph import StepGraph
 
@@ -117,6 +118,8 @@ class FinetuneConfig:
     cuda_graph: bool = True  # on GPUs, replay the bank's build as a CUDA graph (False: no CUDA graphs at all)
     step_graph: bool = True  # ...and in one process the whole training forward+backward (stepgraph.py)
     fused: bool = True  # AdamW's fused kernel when every parameter is on a GPU
+    free_cores: bool | None = None  # train the cores as free matrices, the gauge restored after (freecores.py);
+    # None: off (images: not measured), text.TEXT_FREE_CORES for text
     tf32: bool | None = None  # float32 matmuls (the weight build's) as TF32 on CUDA; None: when amp is on
     log_every: int = 20
     val_every_epoch: bool = True
@@ -710,8 +713,30 @@ def finetune(
     job: the loaders must yield this rank's shard (data.make_loaders / DeviceTensorLoader with
     rank/world), cfg.device this rank's device; metrics, losses and the best-state choice are
     reduced over ranks, so every rank returns the same block and ends with the same student.
+
+    With `cfg.free_cores` the compressed layers train free cores (freecores.py) and get their gauge back before
+    this returns, however it ends: the student leaves with its non-redundant parameters either way.
     """
     cfg.validate()
+    release = bool(cfg.free_cores) and any(is_parametrized(m) for m in student.modules())
+    if release and not can_release(student):
+        raise UserError("free cores need the free spectrum on every compressed layer (--spectrum free)")
+    with free_cores(student, release):
+        block = _finetune(student, teacher, train_loader, val_loader, cfg, progress, bn_recalibrate)
+    block["free_cores"] = release
+    return block
+
+
+def _finetune(
+    student: nn.Module,
+    teacher: nn.Module,
+    train_loader: Iterable,
+    val_loader: Iterable | None,
+    cfg: FinetuneConfig,
+    progress: bool = True,
+    bn_recalibrate: int = 0,
+) -> dict[str, Any]:
+    """`finetune`'s body, on a student whose cores are free or not."""
     device = resolve_device(cfg.device)
     use_amp = _amp_enabled(cfg.amp, device)
     multi = distributed.active()

@@ -27,7 +27,7 @@ from sttp_compress.finetune import (
 )
 
 REPORT_KEYS = {
-    "epochs", "steps", "time_budget", "seconds", "device", "processes", "images_per_s", "cuda_graph", "tf32", "original_val_accuracy",
+    "epochs", "steps", "time_budget", "seconds", "device", "processes", "images_per_s", "cuda_graph", "tf32", "free_cores", "original_val_accuracy",
     "val_accuracy_before", "val_accuracy_after", "curve",
 }
 
@@ -291,6 +291,31 @@ def test_finetune_restores_best_state_when_training_hurts(digits, teacher) -> No
     assert accs[-1] < max(accs)  # the last state is not the best, so a restore must have happened
     assert report["val_accuracy_after"] == max(accs)
     assert round(100 * evaluate(student, val_loader, "cpu", "off")["accuracy"], 2) == max(accs)
+
+
+def test_free_cores_train_and_the_student_ends_in_sttp_form_at_its_best_state(digits, teacher) -> None:
+    from sttp_compress import compress, count_parameters
+    from sttp_compress.freecores import gauge_released
+
+    student = copy.deepcopy(teacher)
+    compress(student, rank=8)
+    n = count_parameters(student)
+    report = _run(student, teacher, digits, epochs=2, free_cores=True)
+    assert report["free_cores"] is True
+    assert not gauge_released(student) and count_parameters(student) == n
+    best = max(p["val_accuracy"] for p in report["curve"])
+    assert report["val_accuracy_after"] == best > report["val_accuracy_before"]
+    assert round(100 * evaluate(student, _loaders(digits)[1], "cpu", "off")["accuracy"], 2) == best
+    assert _run(copy.deepcopy(student), teacher, digits, steps=2)["free_cores"] is False  # images: off by default
+
+
+def test_free_cores_refuse_a_bounded_spectrum(digits, teacher) -> None:
+    from sttp_compress import compress
+
+    student = copy.deepcopy(teacher)
+    compress(student, rank=4, spectrum="lipschitz")
+    with pytest.raises(UserError, match="free spectrum"):
+        _run(student, teacher, digits, steps=2, free_cores=True)
 
 
 def test_finetune_is_reproducible(digits, teacher) -> None:
