@@ -114,6 +114,11 @@ def compress_cmd(
     spectrum_lr: Optional[float] = typer.Option(
         None, help="Learning rate of the compressed layers' spectra and row/column scales, as a multiple of --lr "
                    "(their own AdamW group). Default: 10 with --data text:FILE (README), 1 for images."),
+    free_cores: Optional[bool] = typer.Option(
+        None, "--free-cores/--no-free-cores",
+        help="Fine-tune the tensor-train cores as free matrices and restore the orthonormal gauge afterwards (same "
+             "checkpoint format and parameter count; faster steps). Default: on with --data text:FILE when every "
+             "spectrum is free (README: Free cores), off for images."),
     bn_recalibrate: int = typer.Option(0, help="Re-estimate BatchNorm statistics on this many batches before fine-tuning."),
     token_weighting: bool = typer.Option(True, help="With --data text:FILE and the token embedding included: fit "
                                          "its conversion to the tokens' frequencies in FILE (row-scaled STTP)."),
@@ -166,7 +171,8 @@ def compress_cmd(
         ft = FinetuneConfig(epochs=epochs, steps=steps, time_budget=_duration(time_budget, "--time-budget"),
                             lr=lr, optimizer=optimizer, schedule=schedule, temperature=temperature, alpha=alpha,
                             spectral_reg=spectral_reg, device=device, batch_size=batch_size, workers=workers,
-                            seed=seed, cuda_graph=cuda_graphs, tf32=tf32, spectrum_lr_mult=spectrum_lr)
+                            seed=seed, cuda_graph=cuda_graphs, tf32=tf32, spectrum_lr_mult=spectrum_lr,
+                            free_cores=free_cores)
     elif epochs is not None or steps is not None or time_budget is not None:
         raise UserError("--epochs/--steps/--time-budget need fine-tuning data: pass --data")
     job = CompressJob(model=model, arch=arch, ratio=ratio, rank=rank, method=method, spectrum=spectrum,

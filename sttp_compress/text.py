@@ -42,6 +42,7 @@ HIDDEN_WEIGHT = 1.0  # weight of the layer-wise hidden-state term (0: sentence e
 HIDDEN_END = 0.0  # the layer-wise weight ramps from HIDDEN_WEIGHT to this by the last step (~+0.001 cosine)
 TEXT_ADAM_BETA2 = 0.98  # AdamW's beta2: no loss spike in 8 runs, against 5 of 15 at PyTorch's 0.999
 TEXT_SPECTRUM_LR_MULT = 10.0  # spectra and row/column scales at 10x the lr: 0.9455 against 0.9448 (minilm_recipe.md)
+TEXT_FREE_CORES = True  # cores trained as free matrices (freecores.py): 0.9512 against 0.9467 in 5 minutes
 TEXT_VOCAB_SHARE = 0.25  # share of the augmentation's replacement tokens drawn from the whole vocabulary
 _TOKENIZE_CHUNK = 4096
 PAD_MULTIPLE = 8  # padded batch lengths: fewer distinct shapes, GEMM sizes tensor cores like
@@ -452,17 +453,20 @@ def distill_embeddings(student: nn.Module, teacher: nn.Module, train_loader: Ite
                        cfg: Any, progress: bool = True) -> dict[str, Any]:
     """`finetune` with the text loss (default EmbeddingDistillLoss(hidden_end=HIDDEN_END): sentence embeddings
     and, through HiddenStates views, every layer's token states), AdamW's beta2 at TEXT_ADAM_BETA2 and the
-    spectra's lr multiple at TEXT_SPECTRUM_LR_MULT unless `cfg` sets them, and the student's dropout off; the
+    spectra's lr multiple at TEXT_SPECTRUM_LR_MULT and free cores when every spectrum allows
+    (TEXT_FREE_CORES) unless `cfg` sets them, and the student's dropout off; the
     block also gets the beta2, the lr multiple and the layer-wise weights, and the validation texts' mean
     cosine similarity to the teacher, top-1 nearest-neighbour agreement (%) and pair-similarity rank
     correlation (`similarity_spearman`), before and after."""
     from dataclasses import replace
 
     from .finetune import finetune, resolve_device
+    from .freecores import can_release
 
     cfg = replace(cfg, loss_fn=cfg.loss_fn or EmbeddingDistillLoss(hidden_end=HIDDEN_END),
                   adam_beta2=TEXT_ADAM_BETA2 if cfg.adam_beta2 is None else cfg.adam_beta2,
-                  spectrum_lr_mult=TEXT_SPECTRUM_LR_MULT if cfg.spectrum_lr_mult is None else cfg.spectrum_lr_mult)
+                  spectrum_lr_mult=TEXT_SPECTRUM_LR_MULT if cfg.spectrum_lr_mult is None else cfg.spectrum_lr_mult,
+                  free_cores=TEXT_FREE_CORES and can_release(student) if cfg.free_cores is None else cfg.free_cores)
     rows = getattr(getattr(train_loader, "dataset", None), "vocab_rows", 0) > 0  # batches carry "vocab_ids"
     layerwise = rows or isinstance(cfg.loss_fn, EmbeddingDistillLoss) and cfg.loss_fn.layerwise
     device = resolve_device(cfg.device)

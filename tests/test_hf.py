@@ -485,7 +485,7 @@ def test_cli_distils_on_text_and_sttp_eval_compares_with_the_folder(tiny, texts,
     # the text recipe's defaults (text.TEXT_VOCAB_SHARE, TEXT_ADAM_BETA2, HIDDEN_WEIGHT ramped to HIDDEN_END,
     # TEXT_SPECTRUM_LR_MULT)
     assert (ft["text_vocab_share"], ft["adam_beta2"], ft["hidden_weight"], ft["hidden_end"]) == (0.25, 0.98, 1.0, 0.0)
-    assert ft["spectrum_lr_mult"] == 10.0
+    assert ft["spectrum_lr_mult"] == 10.0 and ft["free_cores"] is True  # TEXT_FREE_CORES
     assert all(point["val_loss"] > 0 for point in ft["curve"])  # the validation distillation loss
     assert -1 <= ft["val_cosine_before"] <= 1 and -1 <= ft["val_cosine_after"] <= 1
     assert 0 <= ft["val_nn_agreement_after"] <= 100
@@ -801,3 +801,25 @@ def test_text_distillation_trains_spectra_at_ten_times_the_lr_unless_told(tiny, 
                                FinetuneConfig(steps=1, device="cpu", workers=0, lr=1e-3, spectrum_lr_mult=1.0),
                                progress=False)
     assert block["spectrum_lr_mult"] == 1.0 and lrs[-1] == pytest.approx([1e-3])
+
+
+def test_free_cores_by_default_for_text_off_on_request_and_refused_with_a_bounded_spectrum(tiny, texts, tmp_path):
+    from sttp_compress.freecores import gauge_released
+
+    base = ["--arch", f"hf:{tiny}", "--rank", "4", "--data", f"text:{texts}", "--steps", "2", "--batch-size", "8",
+            "--workers", "0", "--quiet"]
+    for i, (extra, expected) in enumerate((([], True), (["--no-free-cores"], False),
+                                           (["--spectrum", "lipschitz"], False))):
+        out = tmp_path / f"m{i}.sttp.pt"
+        rc, _, err = cli(compress_app, "sttp-compress", *base, *extra, "--output", out)
+        assert rc == 0, err
+        report = json.loads((tmp_path / f"m{i}.sttp.report" / "report.json").read_text())
+        assert report["finetune"]["free_cores"] is expected
+        model, _ = load_compressed(out)
+        assert not gauge_released(model)
+        assert report["totals"]["params_compressed"] == count_parameters(model)  # the DOF, not the free cores
+    out = tmp_path / "bad.sttp.pt"
+    rc, _, err = cli(compress_app, "sttp-compress", *base, "--spectrum", "lipschitz", "--free-cores", "--output", out)
+    assert rc == 2 and not out.exists()
+    assert err.strip().splitlines() == ["sttp-compress: error: free cores need the free spectrum on every compressed layer "
+                                        "(--spectrum free)"]
