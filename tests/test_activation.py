@@ -60,3 +60,49 @@ def test_refit_spectra_is_the_least_squares_spectrum_on_the_inputs():
     design = torch.stack([((X @ V[:, i])[:, None] * U[:, i][None, :]).reshape(-1) for i in range(5)], 1)
     best = torch.linalg.lstsq(design, (X @ W0.T).reshape(-1, 1)).solution.squeeze(1)
     torch.testing.assert_close(s.detach(), best, rtol=1e-4, atol=1e-8)
+
+
+class _Tokens(nn.Module):
+    """A toy text encoder: embedding, then q/k/v-style Linears that share their input, then a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.q, self.k, self.v = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids)
+        return self.out(self.q(h) + self.k(h) * self.v(h))
+
+
+def test_text_moments_count_real_tokens_only_and_shared_inputs_once():
+    from sttp_compress.activation import input_moments
+
+    torch.manual_seed(0)
+    model = _Tokens().double()
+    ids = torch.tensor([[1, 2, 3, 0, 0], [4, 5, 0, 0, 0], [6, 7, 8, 9, 10]])
+    mask = (torch.arange(5) < torch.tensor([[3], [2], [5]])).long()
+    moments = input_moments(model, dict(model.named_children()), [{"input_ids": ids, "attention_mask": mask}])
+    assert set(moments) == {"q", "k", "v", "out"}
+    with torch.no_grad():
+        h = model.emb(ids)[mask.bool()]  # the 10 real tokens; the 5 padding positions do not count
+        o = model.q(h) + model.k(h) * model.v(h)
+    for name in ("q", "k", "v"):
+        torch.testing.assert_close(moments[name], h.T @ h / 10)
+    torch.testing.assert_close(moments["out"], o.T @ o / 10)
+
+
+def test_text_calibration_batches_group_the_same_texts_by_length():
+    from sttp_compress.text import TokenizedTexts
+
+    torch.manual_seed(0)
+    texts = TokenizedTexts([[1] * n for n in torch.randint(1, 40, (200,)).tolist()])
+    batches = calibration_batches(texts, 4, 8, seed=3)
+    assert [tuple(b["input_ids"].shape)[0] for b in batches] == [8] * 4
+    lengths = [int(n) for b in batches for n in b["attention_mask"].sum(1)]
+    assert lengths == sorted(lengths)  # re-batched in order of length: little padding
+    chosen = torch.randperm(200, generator=torch.Generator().manual_seed(3))[:32].tolist()
+    assert sorted(lengths) == sorted(len(texts.ids[i]) for i in chosen)  # the seed's 32 texts
+    again = calibration_batches(texts, 4, 8, seed=3)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, again))
