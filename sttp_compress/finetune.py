@@ -727,16 +727,9 @@ def finetune(
     return block
 
 
-def _finetune(
-    student: nn.Module,
-    teacher: nn.Module,
-    train_loader: Iterable,
-    val_loader: Iterable | None,
-    cfg: FinetuneConfig,
-    progress: bool = True,
-    bn_recalibrate: int = 0,
-) -> dict[str, Any]:
-    """`finetune`'s body, on a student whose cores are free or not."""
+def _finetune(student: nn.Module, teacher: nn.Module, train_loader: Iterable, val_loader: Iterable | None,
+              cfg: FinetuneConfig, progress: bool, bn_recalibrate: int) -> dict[str, Any]:
+    """`finetune`'s body (the same arguments), on a student whose cores are free or not."""
     device = resolve_device(cfg.device)
     use_amp = _amp_enabled(cfg.amp, device)
     multi = distributed.active()
