@@ -62,8 +62,9 @@ ratios 2 and 8, and 512 at ratio 4 (the README command's `--layer-rank`, the bes
 the issue's 5 minutes (a 293 s budget: 12,290 steps, 294.0 s with its validations), the other rows a 140 s
 budget each. The ratio-4 row is from 2026-12-03, with the activation statistics over real tokens only
 (commit 73f8644); the other rows are from 2026-12-02, before that change (their statistics also counted
-padding). Ratio 4 before the change: 0.9512 (12,438 steps, `minilm_free_cores.json`). The table before free cores (ratio 4 at 10,800 steps with Householder-generated cores, 0.9467;
-ratios 2 and 8 also before the tiered order) is in git history (this file's sources then: minilm_rows2026,
+padding). Ratio 4 before the change: 0.9512 (12,438 steps, `minilm_free_cores.json`). The table before
+free cores (ratio 4 at 10,800 steps with Householder-generated cores, 0.9467; ratios 2 and 8 also before the
+tiered order) is in git history (this file's sources then: minilm_rows2026,
 minilm_tiered3, minilm_rows2026_r8).
 
 **Ratio 4 reaches the issue's 0.95, by a thin margin: 0.9508 (seed 0; the README's commands at seed 1:

@@ -2,9 +2,9 @@
 
     python benchmarks/probe_convert_stages.py [--runs 3] [--threads 2]   # -> results/convert_stages.json|md
 
-The same stages, in the same order, as the report's `timings.convert` of the README's MiniLM command
-(`pipeline._run`): token weights, the pinned embedding rank, the tiered row order, the activation statistics,
-then `compress_to_target` (allocation and TT-SVD). Loading the model and tokenizing the texts come before and
+The stages of the report's `timings.convert` of the README's MiniLM command, timed inside the product's
+own `pipeline.conversion_phase`: token weights, the pinned embedding rank, the tiered row order, the
+activation statistics, then `compress_to_target` (allocation and TT-SVD). Loading the model and tokenizing the texts come before and
 are not counted, as in the report. Each run converts a fresh copy. The `steal` column is the share of CPU time
 the host took from this virtual machine during the run (/proc/stat): a shared host makes the same work slower,
 so compare runs with little steal.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -39,28 +38,15 @@ def _cpu_times() -> tuple[int, int]:
 
 
 def convert_stages(model, job, data) -> dict:
-    """Seconds of each stage of pipeline._run's conversion phase on `model` (converted in place)."""
+    """Seconds of each stage of sttp-compress's conversion phase (`pipeline.conversion_phase`) on `model`,
+    converted in place."""
     from sttp_compress import pipeline as P
 
     t, total0 = {}, _cpu_times()
     candidates = P.candidate_layers(model, job.include, job.exclude)[0]
-    t0 = time.perf_counter()
-    row_weights = P._row_weights(model, job, data, candidates)
-    t["token_weights"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ranks, _ = P._layer_ranks(model, job, candidates, row_weights)
-    t["layer_ranks"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    orders, _ = P._row_orders(job, row_weights, candidates)
-    t["row_order"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    moments = P._input_moments(model, job, data, candidates)
-    t["statistics"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    parts = P._convert(model, job, None, None, row_weights, moments, ranks, orders)
-    t["compress_to_target"] = time.perf_counter() - t0
+    parts = P.conversion_phase(model, job, data, candidates, stage_seconds=t)
     total1 = _cpu_times()
-    row = {k: round(v, 2) for k, v in t.items()}
+    row = {k: round(t[k], 2) for k in STAGES}
     row["convert"] = round(sum(t.values()), 2)
     row["steal"] = round((total1[1] - total0[1]) / max(1, total1[0] - total0[0]), 3)
     row["params"] = parts["totals"]["params_compressed"]

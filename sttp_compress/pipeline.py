@@ -296,6 +296,38 @@ def _convert(model: nn.Module, job: CompressJob, device: torch.device | None,
     return parts
 
 
+def conversion_phase(model: nn.Module, job: CompressJob, data: tuple | None, candidates: dict[str, nn.Module],
+                     device: torch.device | None = None, on_layer: Callable[[str], None] | None = None,
+                     stage_seconds: dict | None = None) -> dict:
+    """What the report's `timings.convert` covers, in order: token weights, pinned ranks, row orders,
+    activation statistics, then `compress_to_target`; returns its parts with the layer rows annotated.
+    `stage_seconds`, when given, receives each stage's wall time (benchmarks/probe_convert_stages.py)."""
+    seconds = stage_seconds if stage_seconds is not None else {}
+    t = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        seconds[stage], t = now - t, now
+
+    row_weights = _row_weights(model, job, data, candidates)
+    lap("token_weights")
+    layer_ranks, pinned = _layer_ranks(model, job, candidates, row_weights)
+    lap("layer_ranks")
+    orders, order_kind = _row_orders(job, row_weights, candidates)
+    lap("row_order")
+    moments = _input_moments(model, job, data, candidates)
+    lap("statistics")
+    parts = _convert(model, job, device, on_layer, row_weights, moments, layer_ranks, orders)
+    lap("compress_to_target")
+    for layer in parts["layers"]:
+        if layer["name"] in orders and layer.get("row_ordered"):
+            layer["row_order"] = order_kind
+        if layer["name"] == pinned:
+            layer["rank_rule"] = "token embedding: its width, at most half the target's parameters"
+    return parts
+
+
 def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable[[int], None] | None,
          on_layer: Callable[[str], None] | None) -> tuple[dict | None, dict]:
     t0 = time.perf_counter()
@@ -331,16 +363,7 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
     if on_layer_start:
         on_layer_start(len(candidates))
     t1 = time.perf_counter()
-    row_weights = _row_weights(model, job, data, candidates)
-    layer_ranks, pinned = _layer_ranks(model, job, candidates, row_weights)
-    orders, order_kind = _row_orders(job, row_weights, candidates)
-    parts = _convert(model, job, device, on_layer, row_weights, _input_moments(model, job, data, candidates),
-                     layer_ranks, orders)
-    for layer in parts["layers"]:
-        if layer["name"] in orders and layer.get("row_ordered"):
-            layer["row_order"] = order_kind
-        if layer["name"] == pinned:
-            layer["rank_rule"] = "token embedding: its width, at most half the target's parameters"
+    parts = conversion_phase(model, job, data, candidates, device, on_layer)
     t_convert = time.perf_counter() - t1
 
     ft_block, image_cfg = None, None
