@@ -8,17 +8,21 @@ exit code 1.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import signal
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
 
-from .errors import SharedUserError, UserError, launcher_rank
+from .errors import Interrupted, SharedUserError, UserError, launcher_rank
 from .text import TEXT_AUGMENT, TEXT_VOCAB_SHARE
 
 err = Console(stderr=True)
@@ -233,9 +237,8 @@ def _run_with_progress(job, quiet: bool):
 
 
 def _finish(report: dict, extras: dict, quiet: bool, json_out: bool) -> None:
-    from .report import summary_table, write_report
+    from .report import summary_table
 
-    paths = write_report(report, extras["report_dir"], extras["spectra"])
     if json_out:
         out.print_json(json.dumps(report))
     elif not quiet:
@@ -251,7 +254,8 @@ def _finish(report: dict, extras: dict, quiet: bool, json_out: bool) -> None:
                    f"{ft['val_cosine_after']:.4f} after distillation")
         err.print(f"ratio {t['ratio']:.2f}x ({t['params_original']:,} → {t['params_compressed']:,} parameters){acc}",
                   soft_wrap=True)
-        err.print(f"wrote {extras['output']} and {paths['md']}", soft_wrap=True, markup=False)
+        err.print(f"wrote {extras['output']} and {Path(extras['report_dir']) / 'report.md'}", soft_wrap=True,
+                  markup=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,6 +273,9 @@ def eval_cmd(
     reference: Optional[str] = typer.Option(None, help="The original model file (top-1 agreement, relative output error), or hf:DIR (with text:FILE: mean cosine, nearest-neighbour agreement, pair-similarity rank correlation)."),
     reference_arch: Optional[str] = typer.Option(None, help="Architecture of --reference (default: the compressed file's)."),
     trust_pickle: bool = typer.Option(False, help="Allow a pickled nn.Module as --reference."),
+    trust_arch: bool = typer.Option(False, help="Build the architecture recorded in the file even when that runs "
+                                    "code it names (module:factory, file.py:factory): only for files you trust. "
+                                    "Without it such a file needs --arch."),
     input_shape: Optional[str] = typer.Option(None, help="Input shape without batch, e.g. 3,32,32, for random inputs when no data is given."),
     device: str = typer.Option("cpu", help="cpu, cuda or auto."),
     batch_size: int = typer.Option(64, help="Batch size for evaluation and latency."),
@@ -280,16 +287,26 @@ def eval_cmd(
     min_sts_spearman: Optional[float] = typer.Option(None, help="Gate: with pairs:FILE, Spearman correlation of the pairs' cosine similarities with their scores at least this."),
     baseline: Optional[str] = typer.Option(None, help="Gate: a previous --json result to compare accuracy with."),
     max_drop: Optional[float] = typer.Option(None, help="Gate: accuracy drop from --baseline at most this many points."),
-    json_path: Optional[str] = typer.Option(None, "--json", help="Write every number to this JSON file."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write every number to this JSON file (- for "
+                                            "standard output, instead of the table)."),
     export_dense: Optional[str] = typer.Option(None, help="Write a plain state_dict for the original architecture here."),
-    force: bool = typer.Option(False, help="Overwrite an existing --export-dense/--json file."),
+    force: bool = typer.Option(False, help="Overwrite an existing --export-dense/--json file (never a symlink or "
+                               "a device)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No tables."),
     debug: bool = typer.Option(False, help="Show tracebacks."),
 ) -> None:
     """Measure a compressed checkpoint (size, parameters, accuracy, latency) and gate CI on it."""
     from .evaluate import EvalOptions, check_gates, export_dense as _export, run_eval, summary_table
-    from .loading import atomic_write
+    from .outputs import atomic_write, check_output_path
 
+    to_stdout = json_path == "-"
+    for given, what in ((None if to_stdout else json_path, "--json"), (export_dense, "--export-dense")):
+        if given is not None:
+            check_output_path(given, force, what)
+    if export_dense and json_path and not to_stdout and Path(export_dense).absolute() == Path(json_path).absolute():
+        raise UserError("--json and --export-dense name the same file")
+    if export_dense and Path(export_dense).absolute() == Path(compressed).absolute():
+        raise UserError(f"--export-dense {export_dense} would overwrite the checkpoint it reads")
     shape = None
     if input_shape:
         try:
@@ -298,23 +315,37 @@ def eval_cmd(
             raise UserError(f"--input-shape takes comma-separated integers such as 3,32,32; got {input_shape!r}") from None
     opts = EvalOptions(arch=arch, data=data, image_size=image_size, mean=_floats(mean, "--mean"),
                        std=_floats(std, "--std"), reference=reference, reference_arch=reference_arch,
-                       trust_pickle=trust_pickle, input_shape=shape, device=device, batch_size=batch_size,
+                       trust_pickle=trust_pickle, trust_arch=trust_arch, input_shape=shape, device=device, batch_size=batch_size,
                        max_size=max_size, max_params=max_params, min_ratio=min_ratio, min_accuracy=min_accuracy,
                        min_cosine=min_cosine, min_sts_spearman=min_sts_spearman, baseline=baseline, max_drop=max_drop)
-    result = run_eval(compressed, opts, progress=not quiet)
+    result = run_eval(compressed, opts, progress=not quiet and not to_stdout)
     if export_dense:
-        _export(compressed, export_dense, arch=arch, force=force)
+        _export(compressed, export_dense, arch=arch, force=force, trust_arch=trust_arch)
         result["exported_dense"] = export_dense
     if json_path:
-        text = json.dumps(result, indent=2) + "\n"
-        atomic_write(json_path, lambda tmp: Path(tmp).write_text(text), force=True)
-    if not quiet:
+        text = json.dumps(_finite(result), indent=2, allow_nan=False) + "\n"
+        if to_stdout:
+            sys.stdout.write(text)
+        else:
+            atomic_write(json_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), force=force)
+    if not quiet and not to_stdout:
         out.print(summary_table(result))
     failed = check_gates(result, opts)
     for line in failed:
         err.print(f"gate failed: {line}", markup=False, highlight=False, soft_wrap=True)  # one line, any width
     if failed:
         raise typer.Exit(1)
+
+
+def _finite(value):
+    """The --json result with every NaN or infinity as null, so the file is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,8 +369,43 @@ def _oom_line(e: BaseException, prog: str) -> str:
     return f"out of GPU memory ({' '.join(what.split())[:200]}); {advice}"
 
 
+def _user_message(e: UserError) -> str:
+    """A UserError's message on one line. Raised in a DataLoader worker, it comes back wrapped in the worker's
+    traceback; its own message is the traceback's last line."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if last.startswith(("sttp_compress.", "UserError")) and ": " in last else last
+    return " ".join(text.split())
+
+
+def _interrupted_line(prog: str) -> str:
+    from .outputs import written
+
+    done = "nothing written" if not written else f"already written: {', '.join(str(p) for p in written)}"
+    return f"{prog}: interrupted; {done}"
+
+
+@contextmanager
+def _signals_raise() -> Iterator[None]:
+    """Ctrl-C and SIGTERM raise errors.Interrupted in the main thread while a command runs."""
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    try:
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: leave the handlers alone
+        old = {}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def _main(app: typer.Typer, prog: str, argv: list[str] | None = None) -> int:
-    """Run a typer app; user errors become one stderr line and exit code 2."""
+    """Run a typer app; user errors become one stderr line and exit code 2, an interrupt one line and
+    128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     cmd = typer.main.get_command(app)
@@ -347,26 +413,29 @@ def _main(app: typer.Typer, prog: str, argv: list[str] | None = None) -> int:
     if rank:  # a torchrun rank other than 0: say which one speaks
         prog = f"{prog} [rank {rank}]"
     try:
-        rv = cmd.main(argv, prog_name=prog, standalone_mode=False, obj={"argv": argv})
+        with _signals_raise():
+            rv = cmd.main(argv, prog_name=prog, standalone_mode=False, obj={"argv": argv})
         return rv if isinstance(rv, int) else 0
     except UserError as e:
         if isinstance(e, SharedUserError) and rank:
             return 2  # every rank has it; rank 0 reports it
         if debug:
             traceback.print_exc()
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {_user_message(e)}", file=sys.stderr)
         return 2
     except _EXITS as e:
         return e.exit_code
     except _ABORTS:
-        print(f"{prog}: aborted", file=sys.stderr)
+        print(_interrupted_line(prog), file=sys.stderr)
         return 130
     except _CLICK_ERRORS as e:
         print(f"{prog}: error: {e.format_message()}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    except (Interrupted, KeyboardInterrupt) as e:
+        if debug:
+            traceback.print_exc()
+        print(_interrupted_line(prog), file=sys.stderr)
+        return 128 + (e.signum if isinstance(e, Interrupted) else signal.SIGINT)
     except Exception as e:  # a bug, not bad input: still one line unless --debug
         if _is_cuda_oom(e):  # a limit the options can move, not a bug
             if debug:

@@ -155,10 +155,15 @@ def image_transforms(cfg: ImageDataConfig) -> tuple[T.Compose, T.Compose]:
 
 
 def rgb_loader(path: str) -> Image.Image:
-    """Decode one image with PIL into RGB; a module-level function so worker processes can pickle it."""
-    with open(path, "rb") as handle:
-        img = Image.open(handle)
-        return img.convert("RGB")
+    """Decode one image with PIL into RGB; a module-level function so worker processes can pickle it.
+    A file that does not decode is a UserError naming it."""
+    try:
+        with open(path, "rb") as handle:
+            img = Image.open(handle)
+            return img.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise UserError(f"cannot read image {path}: {reason}") from None
 
 
 class _ImageFolder(ImageFolder):

@@ -20,3 +20,14 @@ def launcher_rank() -> int | None:
         return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     except (KeyError, ValueError):
         return None
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM, raised by the CLI's signal handlers; `signum` says which (exit code 128 + signum).
+
+    Not a KeyboardInterrupt, so no library in between turns it into something else, and a KeyboardInterrupt
+    raised by code the user pointed us at (a model factory) is told apart from the user's keyboard."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

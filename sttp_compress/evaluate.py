@@ -118,7 +118,8 @@ from .errors import UserError
 from .serve import frozen
 from .finetune import resolve_device
 from .hf import hf_path, is_hf_spec
-from .loading import atomic_torch_save, load_model, parse_size, resolve_arch
+from .loading import load_model, parse_size, resolve_arch
+from .outputs import atomic_torch_save
 from .report import largest_layers
 from .pairs import is_pairs_spec
 from .text import is_text_spec
@@ -141,6 +142,7 @@ class EvalOptions:
     """What to evaluate on, what to compare with, and the pass/fail gates (see the module docstring)."""
 
     arch: str | None = None             # override the checkpoint's architecture spec
+    trust_arch: bool = False            # build a recorded spec that runs code (module:factory, file.py:factory)
     data: str | None = None             # ImageFolder root with class subfolders, or "tensors:FILE.pt"
     image_size: int | None = None
     mean: tuple[float, ...] | None = None
@@ -190,7 +192,29 @@ def validate_options(opts: EvalOptions) -> None:
         raise UserError(f"{'/'.join(image_opts)} only apply to an image folder given with --data DIR")
     if opts.reference_arch is not None and opts.reference is None:
         raise UserError("--reference-arch needs --reference FILE")
+    resolve_device(opts.device)
+    _check_gates_measurable(opts)
     _gate_limits(opts)
+
+
+def _check_gates_measurable(opts: EvalOptions) -> None:
+    """Refuse, before any work, a gate that the given data and reference can never measure (a usage
+    error, not a failed gate)."""
+    text = is_text_spec(opts.data) or is_pairs_spec(opts.data)
+    labelled = opts.data is not None and not text
+    for given, key, needs in (
+            (opts.min_accuracy, "--min-accuracy", "labelled data: --data DIR (class subfolders) or tensors:FILE.pt "
+                                                  "with targets"),
+            (opts.max_drop, "--max-drop", "labelled data: --data DIR (class subfolders) or tensors:FILE.pt with "
+                                          "targets")):
+        if given is not None and not labelled:
+            raise UserError(f"{key} cannot be checked without {needs}")
+    if opts.min_cosine is not None and not (text and is_hf_spec(opts.reference)):
+        raise UserError("--min-cosine cannot be checked without --data text:FILE (or pairs:FILE) and "
+                        "--reference hf:DIR (the original model)")
+    if opts.min_sts_spearman is not None and not is_pairs_spec(opts.data):
+        raise UserError("--min-sts-spearman cannot be checked without --data pairs:FILE "
+                        "(tab-separated sentence1, sentence2, score)")
 
 
 def _gate_limits(opts: EvalOptions) -> dict[str, Any]:
@@ -373,6 +397,9 @@ def _data_loader(opts: EvalOptions, meta: Mapping[str, Any], device: torch.devic
         return None
     if is_tensor_spec(opts.data):
         ds, workers = _load_tensor_file(opts.data), 0
+        if len(ds.tensors) < 2 and (opts.min_accuracy is not None or opts.max_drop is not None):
+            gate = "--min-accuracy" if opts.min_accuracy is not None else "--max-drop"
+            raise UserError(f"{gate} cannot be checked: {opts.data} has no 'targets' tensor")
     else:
         ds, workers = _image_dataset(opts.data, opts, meta), min(MAX_WORKERS, os.cpu_count() or 1)
     if opts.workers is not None:
@@ -560,12 +587,15 @@ def run_eval(path: str, opts: EvalOptions, progress: bool = False) -> dict[str, 
     device = resolve_device(opts.device)
     if Path(path).is_dir():
         raise UserError(f"{path} is a directory, not a compressed checkpoint")
-    model, info = load_compressed(path, opts.arch)
+    model, info = load_compressed(path, opts.arch, opts.trust_arch)
     meta = info.get("meta") if isinstance(info.get("meta"), dict) else {}
     notes: list[str] = []
 
     params = count_parameters(model)
     params_original = _meta_int(meta, "params_original")
+    if opts.min_ratio is not None and params_original is None and opts.reference is None:
+        raise UserError(f"--min-ratio cannot be checked: {path} records no original parameter count; "
+                        "pass --reference ORIGINAL")
     size_bytes = Path(path).stat().st_size
     size_original = _meta_int(meta, "size_bytes_original")
 
@@ -861,7 +891,8 @@ def summary_table(result: Mapping[str, Any], max_layers: int = SUMMARY_LAYERS) -
 # --------------------------------------------------------------------------- export
 
 
-def export_dense(path: str, out: str, arch: str | None = None, force: bool = False) -> int:
+def export_dense(path: str, out: str, arch: str | None = None, force: bool = False,
+                 trust_arch: bool = False) -> int:
     """Rebuild the dense weights and save a plain float32 state_dict of the original architecture.
 
     The file loads with ``model.load_state_dict(torch.load(out, weights_only=True))`` into a fresh
@@ -869,7 +900,7 @@ def export_dense(path: str, out: str, arch: str | None = None, force: bool = Fal
     """
     if Path(path).is_dir():
         raise UserError(f"{path} is a directory, not a compressed checkpoint")
-    model, _ = load_compressed(path, arch)
+    model, _ = load_compressed(path, arch, trust_arch)
     decompress(model)
     state = {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()).clone()
              for k, v in model.state_dict().items()}

@@ -137,7 +137,7 @@ def run_example(job, console=None) -> tuple[dict, dict]:
     from pathlib import Path
 
     from .finetune import FinetuneConfig
-    from .loading import atomic_torch_save
+    from .outputs import atomic_torch_save
     from .pipeline import run_compress
 
     say = (lambda text: console.print(text, soft_wrap=True)) if console is not None else (lambda text: None)

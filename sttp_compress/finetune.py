@@ -159,6 +159,7 @@ class FinetuneConfig:
             raise UserError(f"AdamW beta2 must be in (0, 1), got {self.adam_beta2}")
         if self.spectrum_lr_mult is not None and not self.spectrum_lr_mult > 0:
             raise UserError(f"the spectra's learning-rate multiple must be positive, got {self.spectrum_lr_mult}")
+        resolve_device(self.device)
 
     @property
     def resolved_lr(self) -> float:
@@ -178,9 +179,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise UserError(f"unknown device {device!r}") from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {device!r}: choose auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device {device} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 

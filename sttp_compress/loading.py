@@ -15,10 +15,9 @@ import os
 import pickle
 import re
 import sys
-import tempfile
 import uuid
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,8 @@ from sttp_compress.errors import UserError
 __all__ = [
     "load_weights",
     "resolve_arch",
+    "recorded_arch_problem",
     "load_model",
-    "atomic_write",
-    "atomic_torch_save",
     "parse_size",
 ]
 
@@ -43,6 +41,9 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _MAX_REASON = 160
+# What code named by an --arch spec may raise, beyond Exception: exit() and a stray KeyboardInterrupt
+# (under the CLI a real Ctrl-C arrives as errors.Interrupted, which is not caught here).
+_USER_CODE_ERRORS = (Exception, SystemExit, KeyboardInterrupt)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -335,7 +336,7 @@ def _build_torchvision(name: str, kwargs: dict[str, Any], spec: str) -> Any:
     kwargs = {"weights": None, **kwargs}
     try:
         return tvm.get_model(name, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - the factory may raise anything
+    except _USER_CODE_ERRORS as exc:  # the factory may raise anything
         raise _fail(f"bad --arch {spec!r}: building torchvision {name} failed: {_reason(exc)}") from exc
 
 
@@ -347,7 +348,7 @@ def _import_module(module: str, spec: str) -> Any:
         if exc.name and (module == exc.name or module.startswith(exc.name + ".")):
             raise _fail(f"bad --arch {spec!r}: no module named {exc.name!r}") from exc
         raise _fail(f"bad --arch {spec!r}: importing {module} failed: {_reason(exc)}") from exc
-    except Exception as exc:  # noqa: BLE001 - module code may raise anything
+    except _USER_CODE_ERRORS as exc:  # module code may raise anything
         raise _fail(f"bad --arch {spec!r}: importing {module} failed: {_reason(exc)}") from exc
 
 
@@ -369,7 +370,7 @@ def _call_factory(factory: Any, name: str, kwargs: dict[str, Any], spec: str) ->
         raise _fail(f"bad --arch {spec!r}: {name} is a {type(factory).__name__}, not callable")
     try:
         model = factory(**kwargs)
-    except Exception as exc:  # noqa: BLE001 - the factory may raise anything
+    except _USER_CODE_ERRORS as exc:  # the factory may raise anything
         raise _fail(f"bad --arch {spec!r}: calling {name} failed: {_reason(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise _fail(f"bad --arch {spec!r}: {name} returned a {type(model).__name__}, "
@@ -395,7 +396,7 @@ def _build_from_file(file: str, factory: str, kwargs: dict[str, Any], spec: str)
     try:
         try:
             module_spec.loader.exec_module(module)
-        except Exception as exc:  # noqa: BLE001 - user code may raise anything
+        except _USER_CODE_ERRORS as exc:  # user code may raise anything
             raise _fail(f"bad --arch {spec!r}: running {file} failed: {_reason(exc)}") from exc
         obj = _get_attr(module, factory, file, spec)
         model = _call_factory(obj, factory, kwargs, spec)
@@ -425,6 +426,36 @@ def resolve_arch(spec: str) -> nn.Module:
     mod = _import_module(module, spec)
     obj = _get_attr(mod, factory, f"module {module}", spec)
     return _call_factory(obj, factory, kwargs, spec)
+
+
+# Architectures of this package that a recorded spec may name on its own (they only build a network).
+BUILTIN_ARCHS = frozenset({"sttp_compress.example:DigitsCNN"})
+
+
+def recorded_arch_problem(spec: Any) -> str | None:
+    """Why building a spec read from a file would not be safe, or None when it is plain data.
+
+    Data: `torchvision:NAME` with literal arguments and no weights (nothing imported beyond torchvision,
+    nothing downloaded), one of this package's BUILTIN_ARCHS (the example's network), or `hf:DIR` naming a
+    local folder (loaded offline, without remote code). Any other
+    spec imports or runs code that the file names, so it needs the user's word before it is built.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        return "it is not an architecture spec"
+    if spec.strip().startswith("hf:"):
+        folder = Path(spec.strip()[3:].strip()).expanduser()
+        return None if folder.is_dir() else f"its folder {folder} does not exist on this machine"
+    try:
+        module, factory, kwargs = _split_spec(spec)
+    except UserError:
+        return "it is not a well-formed MODULE:FACTORY spec"
+    if f"{module}:{factory}" in BUILTIN_ARCHS:
+        return None
+    if module != "torchvision" or "." in factory:
+        return "building it imports and runs the Python code it names"
+    if any("weights" in key.lower() for key in kwargs):
+        return "it asks torchvision for pretrained weights, which may be downloaded"
+    return None
 
 
 # --------------------------------------------------------------------------- load_model
@@ -478,61 +509,6 @@ def load_model(
     except Exception as exc:  # noqa: BLE001 - custom _load_from_state_dict hooks
         raise _fail(f"checkpoint does not load into --arch {arch}: {_reason(exc)}") from exc
     return model.float().eval()
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def _new_file_mode() -> int:
-    """The permission bits a plain open() would give a new file (0o666 minus the umask; not thread-safe)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None], force: bool = False) -> None:
-    """Write a file via a temp file and os.replace so readers never see a half-written output."""
-    target = Path(path)
-    shown = str(path)
-    folder = target.absolute().parent
-    if target.is_dir():
-        raise _fail(f"{shown} is a directory; give a file name to write")
-    if (target.exists() or target.is_symlink()) and not force:
-        raise _fail(f"{shown} exists; pass --force to overwrite")
-    if not folder.exists():
-        raise _fail(f"cannot write {shown}: folder {folder} does not exist")
-    if not folder.is_dir():
-        raise _fail(f"cannot write {shown}: {folder} is not a folder")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise _fail(f"cannot write {shown}: folder {folder} is not writable "
-                    f"({exc.strerror or exc})") from exc
-    os.close(fd)
-    try:
-        write(tmp)
-        try:
-            mode = (target.stat().st_mode & 0o7777) if target.exists() else _new_file_mode()
-            os.chmod(tmp, mode)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, target)
-        except OSError as exc:
-            raise _fail(f"cannot write {shown}: {exc.strerror or exc}") from exc
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike, force: bool = False) -> None:
-    """torch.save through atomic_write, so an interrupted save never leaves a corrupt file."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp), force=force)
 
 
 # --------------------------------------------------------------------------- parse_size

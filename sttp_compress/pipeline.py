@@ -9,7 +9,6 @@ Every bad input raises `UserError` before anything is written; outputs are writt
 from __future__ import annotations
 
 import copy
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,11 +18,14 @@ import torch
 from torch import nn
 
 from . import __version__, distributed
-from .checkpoint import save_compressed
+from .checkpoint import DTYPES, checkpoint_payload
 from .convert import candidate_layers, check_target, compress_to_target
+from .data import AUGMENTS
 from .errors import UserError
 from .hf import hf_path, is_hf_spec
 from .loading import load_model, resolve_arch
+from .outputs import check_output_folder, check_output_path, publish
+from .report import is_report_file, render_report
 from .pairs import is_pairs_spec
 from .text import TEXT_AUGMENT, TEXT_VOCAB_SHARE, is_text_spec
 
@@ -94,21 +96,16 @@ def _check_output(job: CompressJob) -> tuple[Path, Path]:
     """Resolve and check the output checkpoint and report folder before any work is done."""
     stem = hf_path(job.arch).name if not job.model and is_hf_spec(job.arch) else "model"
     out = Path(job.output) if job.output else default_output(job.model or stem)
+    if out.suffix.lower() == ".safetensors":
+        raise UserError(f"--output {out}: safetensors output is not supported yet; name the file .pt "
+                        "(e.g. model.sttp.pt)")
     if job.model and out.resolve() == Path(job.model).resolve():
         raise UserError(f"--output {out} would overwrite the input model; choose another path")
-    if out.exists() and not job.force:
-        raise UserError(f"{out} exists; pass --force to overwrite")
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise UserError(f"output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"output folder {folder} is not writable")
+    check_output_path(out, job.force)
     report_dir = Path(job.report_dir) if job.report_dir else out.with_name(out.stem + ".report")
-    if report_dir.exists() and not report_dir.is_dir():
-        raise UserError(f"report folder {report_dir} exists and is not a folder")
-    anchor = next(p for p in [report_dir, *report_dir.parents] if p.exists())
-    if not anchor.is_dir() or not os.access(anchor, os.W_OK):
-        raise UserError(f"cannot create the report folder {report_dir}: {anchor} is not a writable folder")
+    check_output_folder(report_dir, job.force, is_report_file)
+    if report_dir.absolute() == out.absolute():
+        raise UserError(f"the report folder {report_dir} and the output {out} are the same path")
     return out, report_dir
 
 
@@ -118,6 +115,17 @@ def _check_target(job: CompressJob) -> None:
         raise UserError(f"--method must be sttp or svdp, got {job.method!r}")
     if job.spectrum not in ("free", "lipschitz", "identity"):
         raise UserError(f"--spectrum must be free, lipschitz or identity, got {job.spectrum!r}")
+    if job.dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {job.dtype!r}")
+    if job.augment not in AUGMENTS:
+        raise UserError(f"--augment must be one of {', '.join(AUGMENTS)}, got {job.augment!r}")
+    if job.image_size is not None and job.image_size < 1:
+        raise UserError(f"--image-size must be a positive number of pixels, got {job.image_size}")
+    for name, values in (("--mean", job.mean), ("--std", job.std)):
+        if values is not None and len(values) not in (1, 3):
+            raise UserError(f"{name} takes 1 or 3 comma-separated values, got {len(values)}")
+    if job.std is not None and min(job.std) <= 0:
+        raise UserError(f"--std values must be positive, got {','.join(map(str, job.std))}")
     if job.allocation not in ("greedy", "uniform"):
         raise UserError(f"--allocation must be greedy or uniform, got {job.allocation!r}")
     if not 0.0 <= job.text_augment <= 1.0:
@@ -154,6 +162,33 @@ def _datasets(job: CompressJob):
     cfg = resolve_image_config(ImageDataConfig(job.image_size, job.mean, job.std, job.augment), train_dir)
     train_ds, val_ds = build_image_datasets(train_dir, val_dir, cfg)
     return train_ds, val_ds, cfg
+
+
+def _check_data_fits(model: nn.Module, ds) -> None:
+    """Run the model on the first two training samples before any conversion, so data that does not fit it
+    (wrong shape, channels or dtype) is one clear error rather than a failure deep in fine-tuning."""
+    try:
+        samples = [ds[i] for i in range(min(2, len(ds)))]
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a dataset may raise anything on a broken sample
+        raise UserError(f"cannot read the training data's first samples: {' '.join(str(exc).split())[:160]}") \
+            from None
+    inputs = [s[0] if isinstance(s, (tuple, list)) else s for s in samples]
+    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        return  # text batches and other structured samples are checked by their own collate
+    x = torch.stack(inputs)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise UserError(f"the data's samples (shape {list(x.shape[1:])}, {str(x.dtype)[6:]}) do not fit the "
+                        f"model: {reason}") from None
+    finally:
+        model.train(was_training)
 
 
 def _input_shape(ds) -> list[int] | None:
@@ -355,6 +390,8 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
             model = resolve_arch(job.arch)
         t_load = time.perf_counter() - t0
         data = _datasets(job) if fine else None
+        if data is not None and not is_text_spec(job.data):
+            _check_data_fits(model, data[0])
 
     torch.manual_seed(job.seed)
     size_original = state_size_bytes(model)
@@ -407,18 +444,24 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
             "std": list(image_cfg.std) if image_cfg is not None and image_cfg.std else None,
             "method": job.method, "spectrum": job.spectrum}
     t2 = time.perf_counter()
-    size = save_compressed(model, out, job.arch, job.dtype, meta, force=job.force)
-    t_save = time.perf_counter() - t2
-    totals = {**parts["totals"], "size_bytes_original": size_original, "size_bytes_compressed": size}
-    report = {
-        "format_version": REPORT_FORMAT_VERSION, "tool_version": __version__,
-        "method": job.method, "spectrum": job.spectrum,
-        "target": {"ratio": job.ratio} if job.ratio is not None else {"rank": job.rank},
-        "allocation": job.allocation if job.ratio is not None else None,
-        "model": {"path": job.model, "arch": job.arch, "output": str(out)},
-        "totals": totals, "layers": parts["layers"], "skipped": parts["skipped"],
-        "finetune": ft_block,
-        "timings": {"load": round(t_load, 3), "convert": round(t_convert, 3), "save": round(t_save, 3),
-                    "total": round(time.perf_counter() - t0, 3)},
-    }
+    payload = checkpoint_payload(model, job.arch, job.dtype, meta)
+    report: dict = {}
+
+    def render(size: int) -> dict[str, bytes]:
+        """The report, once the checkpoint's size on disk is known."""
+        totals = {**parts["totals"], "size_bytes_original": size_original, "size_bytes_compressed": size}
+        report.update({
+            "format_version": REPORT_FORMAT_VERSION, "tool_version": __version__,
+            "method": job.method, "spectrum": job.spectrum,
+            "target": {"ratio": job.ratio} if job.ratio is not None else {"rank": job.rank},
+            "allocation": job.allocation if job.ratio is not None else None,
+            "model": {"path": job.model, "arch": job.arch, "output": str(out)},
+            "totals": totals, "layers": parts["layers"], "skipped": parts["skipped"],
+            "finetune": ft_block,
+            "timings": {"load": round(t_load, 3), "convert": round(t_convert, 3),
+                        "save": round(time.perf_counter() - t2, 3), "total": round(time.perf_counter() - t0, 3)},
+        })
+        return render_report(report, parts["spectra"])
+
+    publish(out, lambda tmp: torch.save(payload, tmp), report_dir, render, job.force, is_report_file)
     return report, {"spectra": parts["spectra"], "output": out, "report_dir": report_dir, "model": model}

@@ -19,9 +19,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import UserError
-from .loading import atomic_write
+from .outputs import atomic_write
 
-__all__ = ["write_report", "render_markdown", "summary_table", "human_bytes"]
+__all__ = ["write_report", "render_report", "is_report_file", "render_markdown", "summary_table", "human_bytes"]
 
 # Plot files in the order they are embedded in report.md.
 PLOT_FILES = ("params.png", "rel_error.png", "spectra.png", "finetune.png")
@@ -585,21 +585,32 @@ def _writer(data: bytes) -> Callable[[str], None]:
     return write
 
 
+def render_report(report: dict, spectra: dict[str, tuple[list[float], list[float]]] | None = None
+                  ) -> dict[str, bytes]:
+    """The report folder's files, name -> bytes: the PNG plots, report.md and report.json."""
+    json_text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+    plots = _render_plots(report, spectra)
+    markdown = render_markdown(report, list(plots))
+    return {**plots, "report.md": markdown.encode("utf-8"), "report.json": json_text.encode("utf-8")}
+
+
+def is_report_file(name: str) -> bool:
+    """Whether a file of this name belongs in a report folder (what a rerun with --force may replace)."""
+    return name in ("report.json", "report.md", *PLOT_FILES)
+
+
 def write_report(
     report: dict,
     report_dir: str | Path,
     spectra: dict[str, tuple[list[float], list[float]]] | None = None,
 ) -> dict[str, Path]:
     """Write report.json, report.md and the PNG plots into report_dir; return {kind: path} of the files written."""
-    # Render everything first: a bug or bad value here leaves nothing on disk.
-    json_text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
-    plots = _render_plots(report, spectra)
-    markdown = render_markdown(report, list(plots))
-
+    rendered = render_report(report, spectra)  # everything first: a bug or bad value here leaves nothing on disk
+    plots = {name: data for name, data in rendered.items() if name.endswith(".png")}
     folder = Path(report_dir)
     created_dirs = _make_dir(folder)
     files: list[tuple[str, str, bytes]] = [(name[:-4], name, data) for name, data in plots.items()]
-    files += [("md", "report.md", markdown.encode("utf-8")), ("json", "report.json", json_text.encode("utf-8"))]
+    files += [("md", "report.md", rendered["report.md"]), ("json", "report.json", rendered["report.json"])]
 
     written: dict[str, Path] = {}
     new_files: list[Path] = []

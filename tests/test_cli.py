@@ -523,7 +523,7 @@ def test_float16_output_is_about_half_the_size(tiny):
         assert sizes[dtype] <= 1.05 * _stored_bytes(state) + 64 * 1024
         assert _report(tiny.dir / f"mlp-{dtype}.report")["totals"]["size_bytes_compressed"] == sizes[dtype]
     assert 0.45 <= sizes["float16"] / sizes["float32"] <= 0.6, sizes
-    model, _ = load_compressed(tiny.dir / "mlp-float16.pt")
+    model, _ = load_compressed(tiny.dir / "mlp-float16.pt", trust_arch=True)
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
@@ -710,7 +710,7 @@ def test_round_trip_in_a_new_process(tiny):
     code = textwrap.dedent("""
         import sys, torch
         from sttp_compress.checkpoint import load_compressed
-        model, info = load_compressed(sys.argv[1])
+        model, info = load_compressed(sys.argv[1], trust_arch=True)  # the file this test just wrote
         x = torch.load(sys.argv[2], weights_only=True)
         with torch.no_grad():
             torch.save(model(x), sys.argv[3])
@@ -755,7 +755,7 @@ def test_finetune_with_tensor_data(tiny):
     assert (tiny.dir / "ft.sttp.report" / "finetune.png").is_file()
     assert torch.load(out, weights_only=True)["meta"]["input_shape"] == list(INPUT_SHAPE)
     # the fine-tuned checkpoint still loads
-    model, _ = load_compressed(out)
+    model, _ = load_compressed(out, trust_arch=True)
     with torch.no_grad():
         assert torch.isfinite(model(torch.randn(2, *INPUT_SHAPE))).all()
 
@@ -946,7 +946,7 @@ def test_resnet18_output_file(resnet_run):
     # the shared input was only read
     after = SHARED_MODEL.stat()
     assert (after.st_size, after.st_mtime_ns) == (resnet_run.stat_before.st_size, resnet_run.stat_before.st_mtime_ns)
-    model, _ = load_compressed(resnet_run.out)
+    model, _ = load_compressed(resnet_run.out, trust_arch=True)
     with torch.no_grad():
         y = model(torch.randn(2, 3, 32, 32))
     assert y.shape == (2, 10) and torch.isfinite(y).all()

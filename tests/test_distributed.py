@@ -117,7 +117,7 @@ def test_torchrun_two_cpu_processes_stay_in_sync_and_only_rank_0_writes(job, tmp
     block = report["finetune"]
     assert block["processes"] == 2
     assert block["steps"] == 4 if length[0] == "--steps" else block["time_budget"] == 2.0 and block["steps"] >= 1
-    model, _ = load_compressed(base / "rank0" / "m.sttp.pt")
+    model, _ = load_compressed(base / "rank0" / "m.sttp.pt", trust_arch=True)
     for k, v in model.state_dict().items():
         assert torch.equal(v, tuned[k]), k
     _, val_ds = load_tensor_data(f"tensors:{job / 'data.pt'}")

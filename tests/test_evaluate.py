@@ -14,7 +14,6 @@ from rich.console import Console
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from sttp_compress import evaluate as ev
 from sttp_compress.checkpoint import load_compressed, save_compressed
 from sttp_compress.convert import compress, compressed_layers, count_parameters
 from sttp_compress.data import ImageDataConfig, image_transforms, resolve_image_config
@@ -40,11 +39,7 @@ def embed():
 """
 
 
-@pytest.fixture(autouse=True)
-def fast_timing(monkeypatch):
-    """Time only the minimum number of runs so the tests stay fast."""
-    monkeypatch.setattr(ev, "TIMING_BUDGET_S", 0.0)
-    monkeypatch.setattr(ev, "WARMUP_RUNS", 1)
+pytestmark = pytest.mark.usefixtures("fast_eval_timing")
 
 
 @pytest.fixture(scope="module")
@@ -153,16 +148,16 @@ def test_no_data_no_shape_skips_latency(files):
 
 
 def test_image_folder(files):
-    result = run_eval(files["net"], _opts(data=files["images"], latency=True, batch_size=4, workers=0))
+    result = run_eval(files["net"], _opts(data=files["images"], latency=True, batch_size=4, workers=0, trust_arch=True))
     assert result["samples"] == 9 and result["input_shape"] == [3, 12, 12]
-    model, _ = load_compressed(files["net"])
+    model, _ = load_compressed(files["net"], trust_arch=True)
     cfg = resolve_image_config(ImageDataConfig(mean=(0.5,) * 3, std=(0.25,) * 3), files["images"])
     ds = ImageFolder(files["images"], transform=image_transforms(cfg)[1])
     direct = evaluate(model, DataLoader(ds, batch_size=4), "cpu")
     assert result["accuracy"] == pytest.approx(100 * direct["accuracy"])
     assert result["loss"] == pytest.approx(direct["loss"], rel=1e-5)
     # --image-size overrides the image's own size
-    assert run_eval(files["net"], _opts(data=files["images"], image_size=8, workers=0))["input_shape"] == [3, 8, 8]
+    assert run_eval(files["net"], _opts(data=files["images"], image_size=8, workers=0, trust_arch=True))["input_shape"] == [3, 8, 8]
 
 
 def test_image_folder_train_val_layout(files, tmp_path):
@@ -171,7 +166,7 @@ def test_image_folder_train_val_layout(files, tmp_path):
     shutil.copytree(files["images"], tmp_path / "val")
     shutil.rmtree(tmp_path / "val" / "owl")
     (tmp_path / "val" / "owl").mkdir()
-    result = run_eval(files["net"], _opts(data=str(tmp_path), workers=0))
+    result = run_eval(files["net"], _opts(data=str(tmp_path), workers=0, trust_arch=True))
     assert result["samples"] == 6
 
 
@@ -229,7 +224,7 @@ def test_embedding_first_model_gets_token_ids(files, tmp_path):
     model = resolve_arch(spec)
     path = tmp_path / "emb.sttp.pt"
     save_compressed(model, path, spec, meta={"input_shape": [8]})
-    result = run_eval(str(path), _opts(latency=True))
+    result = run_eval(str(path), _opts(arch=spec, latency=True))
     assert result["latency_ms"] > 0 and result["input_shape"] == [8]
 
 
@@ -356,7 +351,7 @@ def test_bad_inputs(files, tmp_path):
         (ckpt, _opts(input_shape=(3, 8, 8), latency=True), "check that the data or --input-shape"),
         (ckpt, _opts(reference=str(tmp_path / "ref.pt")), "no such file"),
         (ckpt, _opts(device="tpu"), "device"),
-        (files["net"], _opts(data=files["tensors"]), "check that the data"),
+        (files["net"], _opts(data=files["tensors"], trust_arch=True), "check that the data"),
     ]
     for path, opts, match in cases:
         _one_line_error(run_eval, path, opts, match=match)

@@ -13,11 +13,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sttp_compress import loading
+from sttp_compress import outputs
 from sttp_compress.errors import UserError
+from sttp_compress.outputs import atomic_torch_save, atomic_write
 from sttp_compress.loading import (
-    atomic_torch_save,
-    atomic_write,
     load_model,
     load_weights,
     parse_size,
@@ -496,7 +495,8 @@ def test_atomic_write_uses_hidden_temp_in_same_folder(tmp_path):
     atomic_write(tmp_path / "m.pt", lambda tmp: (seen.append(tmp), open(tmp, "w").write("x")))
     tmp = seen[0]
     assert os.path.dirname(tmp) == str(tmp_path)
-    assert os.path.basename(tmp).startswith(".m.pt.") and tmp.endswith(".tmp")
+    # hidden, named by the writer's pid (so a killed run's leftovers are recognised), short whatever the target
+    assert os.path.basename(tmp).startswith(f"{outputs.TEMP_PREFIX}{os.getpid()}-") and tmp.endswith(".tmp")
 
 
 def test_atomic_write_cleans_up_when_writer_raises(tmp_path):
@@ -554,7 +554,7 @@ def test_atomic_write_unwritable_folder(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(loading.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", denied)
     with pytest.raises(UserError) as ei:
         atomic_write(tmp_path / "out.pt", lambda tmp: None)
     _error(ei, "out.pt", "not writable", "Permission denied")

@@ -106,7 +106,8 @@ def test_sttp_eval_on_pairs_reports_and_gates(tiny, tmp_path):
     assert rc == 1 and f"gate failed: Spearman of pair similarities with the scores {result['sts_spearman']:.4f} < " \
                        "--min-sts-spearman 1" in err
     rc, _, err = cli(eval_app, "sttp-eval", out, "--data", f"text:{texts}", "--quiet", "--min-sts-spearman", "0")
-    assert rc == 1 and "pair-score Spearman unknown" in err
+    # a gate the data can never measure is a usage error found before any work, not a failed gate
+    assert rc == 2 and "--min-sts-spearman cannot be checked without --data pairs:FILE" in err
     rc, _, err = cli(eval_app, "sttp-eval", out, "--data", f"pairs:{pairs}", "--min-sts-spearman", "2")
     assert rc == 2 and "--min-sts-spearman is a correlation between -1 and 1" in err
     # distillation takes texts, not pairs
