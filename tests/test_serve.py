@@ -127,6 +127,9 @@ def test_shortcut_skips_embeddings_convolutions_and_multihead_attention():
 
 
 def test_bad_shortcut_is_rejected():
+    model = small_model()
     with pytest.raises(ValueError, match="shortcut must be 'none' or 'auto'"):
-        freeze(small_model(), "tt")
-    assert parametrization(small_model()[2]) is not None
+        freeze(model, "tt")
+    # refused before anything changed: no layer frozen, every compressed layer still parametrized
+    assert not any(is_frozen(m) for m in model)
+    assert all(is_parametrized(model[i]) for i in (0, 2, 4))
