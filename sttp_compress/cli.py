@@ -117,19 +117,19 @@ def compress_cmd(
     spectral_reg: float = typer.Option(0.0, help="Weight λ of the D-optimal spectral regularizer."),
     spectrum_lr: Optional[float] = typer.Option(
         None, help="Learning rate of the compressed layers' spectra and row/column scales, as a multiple of --lr "
-                   "(their own AdamW group). Default: 10 with --data text:FILE (README), 1 for images."),
+                   "(their own AdamW group). Default: 10 with --data text:FILE (docs/transformers.md), 1 for images."),
     free_cores: Optional[bool] = typer.Option(
         None, "--free-cores/--no-free-cores",
         help="Fine-tune the tensor-train cores as free matrices and restore the orthonormal gauge afterwards (same "
              "checkpoint format and parameter count; faster steps). Default: on with --data text:FILE when every "
-             "spectrum is free (README: Free cores), off for images."),
+             "spectrum is free (docs/transformers.md: Free cores), off for images."),
     bn_recalibrate: int = typer.Option(0, help="Re-estimate BatchNorm statistics on this many batches before fine-tuning."),
     token_weighting: bool = typer.Option(True, help="With --data text:FILE and the token embedding included: fit "
                                          "its conversion to the tokens' frequencies in FILE (row-scaled STTP)."),
     row_order: str = typer.Option("auto", help="With token weighting: the order in which the token embedding's "
                                   "tensor train takes its rows: tiered (weight tiers, alike rows together; the "
                                   "default with token weights), weight (by descending token weight), vocabulary "
-                                  "(as stored). README: Row order."),
+                                  "(as stored). docs/transformers.md: Row order."),
     order_rows: bool = typer.Option(False, hidden=True, help="The same as --row-order weight (older name)."),
     activation_aware: Optional[bool] = typer.Option(
         None, "--activation-aware/--no-activation-aware",
@@ -143,7 +143,7 @@ def compress_cmd(
                                "vocabulary instead of the batch, so rows of tokens the texts rarely hold train too."),
     group_by_length: bool = typer.Option(
         True, help="With --data text:FILE: batch texts of similar length together (less padding: 1.47x faster "
-                   "MiniLM steps at batch 1024 on an H200). Keep --lr at 1e-3 or below with it (README)."),
+                   "MiniLM steps at batch 1024 on an H200). Keep --lr at 1e-3 or below with it (docs/transformers.md)."),
     image_size: Optional[int] = typer.Option(None, help="Image side (default: from the data; 224 for large images)."),
     mean: Optional[str] = typer.Option(None, help="Normalisation mean, comma-separated (default ImageNet's)."),
     std: Optional[str] = typer.Option(None, help="Normalisation std, comma-separated (default ImageNet's)."),
@@ -153,7 +153,7 @@ def compress_cmd(
     example: bool = typer.Option(False, help="Run the built-in example: train a small CNN on scikit-learn's digits, compress, fine-tune, evaluate."),
     cuda_graphs: bool = typer.Option(True, help="On GPUs, replay each training step (one GPU) or the weight build (several GPUs) as CUDA graphs; --no-cuda-graphs runs them eagerly (slower; for models that misbehave under graphs)."),
     tf32: Optional[bool] = typer.Option(None, "--tf32/--no-tf32", help="Run the training steps' float32 matmuls (the STTP weight build; the layers run in bfloat16 there) as TF32; default: on when training on CUDA, where the steps run under bfloat16 autocast."),
-    gpus: Optional[int] = typer.Option(None, help="Fine-tune on N GPUs of this machine: starts N processes through torchrun's launcher (README: Multi-GPU)."),
+    gpus: Optional[int] = typer.Option(None, help="Fine-tune on N GPUs of this machine: starts N processes through torchrun's launcher (docs/usage.md: Multi-GPU)."),
     debug: bool = typer.Option(False, help="Show tracebacks."),
 ) -> Optional[int]:
     """Compress a trained PyTorch model with STTP: a compressed checkpoint and a report."""

@@ -6,7 +6,7 @@ A thin wrapper over `torch.distributed.run` (what the `torchrun` command runs): 
 
 with the launcher's own log lines silenced (each process reports its errors itself) and the
 exit code of the first process that failed (2 for bad input) as this command's exit code.
-Several machines: run torchrun yourself with its rendezvous flags (README, "Multi-GPU").
+Several machines: run torchrun yourself with its rendezvous flags (docs/usage.md, "Multi-GPU").
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def launch_self(nproc: int, argv: list[str], device: str = "auto") -> int:
         found = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if found < nproc:
             raise UserError(f"--gpus {nproc} needs {nproc} CUDA devices; this machine has {found} "
-                            "(several machines: see README, Multi-GPU)")
+                            "(several machines: see docs/usage.md, Multi-GPU)")
     # torchrun would pin every process to 1 thread; rank 0's conversion runs on the CPU, so share them out
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cpus() // nproc)))
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

@@ -272,7 +272,7 @@ def _layer_ranks(model: nn.Module, job: CompressJob, candidates: dict[str, nn.Mo
     other layers can still reach the ratio. The allocation's error-per-parameter rule gives a token
     embedding, whose spectrum is flat, too little: all-MiniLM-L6-v2 at ratio 4 got 0.25M parameters and
     cosine 0.283 after conversion, against 0.444 at rank 384 (benchmarks/results/minilm_split.md), and
-    distillation does not make up for it (README). Parameters are counted as the allocation counts them
+    distillation does not make up for it (docs/transformers.md). Parameters are counted as the allocation counts them
     (`allocate.layer_options`, row-scaled when `row_weights` weights the embedding).
     """
     ranks = dict(job.layer_ranks)

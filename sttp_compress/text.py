@@ -535,6 +535,6 @@ def embed_in_length_order(model: nn.Module, data: TokenizedTexts, device: torch.
 
 def by_length(data: TokenizedTexts) -> list[int]:
     """Indices of the texts from shortest to longest (stable): evaluation batches in this order pad
-    little (sttp-eval on 3,001 held-out texts, MiniLM and its reference, 2 CPU cores: see README)."""
+    little (sttp-eval on 3,001 held-out texts, MiniLM and its reference, 2 CPU cores: see docs/transformers.md)."""
     lengths = data.lengths()
     return sorted(range(len(lengths)), key=lengths.__getitem__)

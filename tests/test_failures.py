@@ -1,4 +1,4 @@
-"""The failure contract (README: Failure contract): a checkpoint is data, never code; every bad input ends
+"""The failure contract (docs/usage.md: Failure contract): a checkpoint is data, never code; every bad input ends
 in one line on stderr and exit code 2 (no traceback without --debug); outputs are whole or absent.
 
 Each case runs through both commands where it applies and through the Python API. The property-based
