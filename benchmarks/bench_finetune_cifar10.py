@@ -6,7 +6,7 @@ DIR holds CIFAR-10 as `train/<class>/*.jpg` and `test/<class>/*.jpg` (the shared
 Each run: compress (sttp / svdp through sttp-compress's own allocation; svd = the obvious baseline,
 every layer but the first conv and the classifier replaced by two plain low-rank layers with the
 same reduction factor, initialised by truncated SVD), then distil from the original for the same
-epoch budget with sttp_compress.finetune. The test split is only *reported*: the final epoch's
+epoch budget with sttp_compress.train.loop. The test split is only *reported*: the final epoch's
 state is kept (no best-epoch selection on it). Writes rows {ratio, method, achieved_ratio,
 acc_original, acc_before, acc_after, epochs, seconds, gpu, recipe} to
 benchmarks/results/finetune_cifar10.json (+ .md).
@@ -28,10 +28,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, markdown_table, today, write_results  # noqa: E402
 
-from sttp_compress.convert import candidate_layers, compress_to_target, count_parameters  # noqa: E402
-from sttp_compress.data import DeviceTensorLoader, decode_image_folder  # noqa: E402
-from sttp_compress.finetune import FinetuneConfig, evaluate, finetune  # noqa: E402
-from sttp_compress.loading import load_model  # noqa: E402
+from sttp_compress.compress.convert import candidate_layers, compress_to_target, count_parameters  # noqa: E402
+from sttp_compress.data.images import DeviceTensorLoader, decode_image_folder  # noqa: E402
+from sttp_compress.train.loop import FinetuneConfig, evaluate, finetune  # noqa: E402
+from sttp_compress.io.sources import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "models"

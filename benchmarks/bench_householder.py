@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, merge_rows, print_table, time_ms, today, write_results  # noqa: E402
 
-from sttp_compress.householder import frame, frame_numel, reflectors  # noqa: E402
+from sttp_compress.core.householder import frame, frame_numel, reflectors  # noqa: E402
 
 SIZES = [(64, 512, 64), (16, 2304, 64)]
 

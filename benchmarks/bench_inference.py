@@ -50,11 +50,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_convert import product_version  # noqa: E402
 from common import RESULTS, machine, markdown_table, merge_rows, print_table, time_ms, today, write_results  # noqa: E402
 
-from sttp_compress.convert import compress, compress_module, compress_to_target, count_parameters  # noqa: E402
-from sttp_compress.contract import remove_shortcut, row_flops, use_shortcut  # noqa: E402
-from sttp_compress.serve import freeze, unfreeze  # noqa: E402
-from sttp_compress.loading import load_model, resolve_arch  # noqa: E402
-from sttp_compress.tt import TTShape  # noqa: E402
+from sttp_compress.compress.convert import compress, compress_module, compress_to_target, count_parameters  # noqa: E402
+from sttp_compress.core.forms import remove_shortcut, row_flops, use_shortcut  # noqa: E402
+from sttp_compress.compress.serve import freeze, unfreeze  # noqa: E402
+from sttp_compress.io.sources import load_model, resolve_arch  # noqa: E402
+from sttp_compress.core.tt import TTShape  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "models"

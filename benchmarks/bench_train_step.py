@@ -46,10 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_convert import product_version  # noqa: E402
 from common import machine, markdown_table, merge_rows, print_table, time_ms, today, write_results  # noqa: E402
 
-from sttp_compress.bank import WeightBank  # noqa: E402
-from sttp_compress.convert import compress_to_target  # noqa: E402
-from sttp_compress.loading import load_model, resolve_arch  # noqa: E402
-from sttp_compress.stepgraph import StepGraph  # noqa: E402
+from sttp_compress.train.bank import WeightBank  # noqa: E402
+from sttp_compress.compress.convert import compress_to_target  # noqa: E402
+from sttp_compress.io.sources import load_model, resolve_arch  # noqa: E402
+from sttp_compress.train.stepgraph import StepGraph  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "models"

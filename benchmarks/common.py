@@ -7,6 +7,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -14,6 +16,7 @@ from typing import Callable
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+EXPERIMENT_RESULTS = RESULTS / "experiments"  # what the scripts in benchmarks/experiments/ write
 
 
 def machine(device: str = "cpu") -> str:
@@ -43,14 +46,35 @@ def time_ms(fn: Callable[[], object], device: str = "cpu", warmup: int = 2, repe
     return statistics.median(times)
 
 
+def commit() -> str:
+    """The checked-out commit (with '+dirty' when the tree has changes), or 'unknown' outside git."""
+    try:
+        root = Path(__file__).resolve().parents[1]
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _results_dir() -> Path:
+    """results/ for the benchmarks, results/experiments/ for a script run from benchmarks/experiments/."""
+    return EXPERIMENT_RESULTS if Path(sys.argv[0]).resolve().parent.name == "experiments" else RESULTS
+
+
 def write_results(name: str, rows: list[dict], meta: dict, markdown: str | None = None) -> Path:
-    """Write rows to benchmarks/results/<name>.json (and .md) and return the JSON path."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    """Rewrite the current table <name>.json (and .md, and .meta.json with the commit added) in
+    benchmarks/results/ (experiments: results/experiments/); return the JSON path. History is git's."""
+    folder = _results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     path.write_text(json.dumps(rows, indent=2) + "\n")
-    (RESULTS / f"{name}.meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    meta = {"commit": commit(), **meta}
+    (folder / f"{name}.meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     if markdown is not None:
-        (RESULTS / f"{name}.md").write_text(markdown)
+        (folder / f"{name}.md").write_text(markdown)
     return path
 
 

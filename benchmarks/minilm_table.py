@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, markdown_table, write_results  # noqa: E402
+from common import EXPERIMENT_RESULTS, markdown_table, write_results  # noqa: E402
 
 B = ("python benchmarks/bench_minilm.py --model-dir .carry-hf/minilm16 --batch-size 1024 --lr 1e-3 --seed 0")
 # (result file, ratio of the row in it, include of the row, distillation budget in s, the command)
@@ -34,12 +34,12 @@ COLUMNS = ["ratio", "include", "allocation", "order_rows", "achieved_ratio", "pa
 def main() -> None:
     rows, metas = [], {}
     for name, ratio, include, budget, _ in SOURCES:
-        found = [r for r in json.loads((RESULTS / f"{name}.json").read_text())
+        found = [r for r in json.loads((EXPERIMENT_RESULTS / f"{name}.json").read_text())
                  if r["include"] == include and (ratio is None or r["ratio"] == ratio)]
         if len(found) != 1:
             raise SystemExit(f"{name}.json: expected one row for ratio {ratio}, include {include!r}; found {len(found)}")
         rows.append({**found[0], "source": name, "seconds_budget": budget})
-        metas.setdefault(name, json.loads((RESULTS / f"{name}.meta.json").read_text()))
+        metas.setdefault(name, json.loads((EXPERIMENT_RESULTS / f"{name}.meta.json").read_text()))
     # what the sources' meta files say (one value each when the runs agree)
     dates, machines, torches, transformers = (sorted({m[k] for m in metas.values()})
                                               for k in ("date", "machine", "torch", "transformers"))

@@ -43,8 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.heldout.is_file():
         from torch.utils.data import DataLoader
 
-        from sttp_compress.hf import load_encoder
-        from sttp_compress.text import embed, embedding_agreement, read_texts, tokenize_texts
+        from sttp_compress.io.hf import load_encoder
+        from sttp_compress.train.embedding_metrics import embed, embedding_agreement
+        from sttp_compress.data.text import read_texts, tokenize_texts
 
         data = tokenize_texts(read_texts(f"text:{args.heldout}")[:1000], src)
         loader = DataLoader(data, batch_size=100, collate_fn=data.collate_fn)

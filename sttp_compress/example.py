@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .errors import UserError
+from sttp_compress.errors import UserError
 
 DIGITS_VAL_FRACTION = 0.2
 
@@ -136,9 +136,9 @@ def run_example(job, console=None) -> tuple[dict, dict]:
     """
     from pathlib import Path
 
-    from .finetune import FinetuneConfig
-    from .outputs import atomic_torch_save
-    from .pipeline import run_compress
+    from sttp_compress.train.loop import FinetuneConfig
+    from sttp_compress.io.outputs import atomic_torch_save
+    from sttp_compress.pipeline import run_compress
 
     say = (lambda text: console.print(text, soft_wrap=True)) if console is not None else (lambda text: None)
     folder = Path(job.output).parent if job.output else Path("sttp-example")

@@ -17,17 +17,18 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import __version__, distributed
-from .checkpoint import DTYPES, checkpoint_payload
-from .convert import candidate_layers, check_target, compress_to_target
-from .data import AUGMENTS
-from .errors import UserError
-from .hf import hf_path, is_hf_spec
-from .loading import load_model, resolve_arch
-from .outputs import check_output_folder, check_output_path, publish
-from .report import is_report_file, render_report
-from .pairs import is_pairs_spec
-from .text import TEXT_AUGMENT, TEXT_VOCAB_SHARE, is_text_spec
+from sttp_compress import __version__
+from sttp_compress.train import distributed
+from sttp_compress.io.checkpoint import DTYPES, checkpoint_payload
+from sttp_compress.compress.convert import candidate_layers, check_target, compress_to_target
+from sttp_compress.data.images import AUGMENTS
+from sttp_compress.errors import UserError
+from sttp_compress.io.hf import hf_path, is_hf_spec
+from sttp_compress.io.sources import load_model, resolve_arch
+from sttp_compress.io.outputs import check_output_folder, check_output_path, publish
+from sttp_compress.evaluate.report import is_report_file, render_report
+from sttp_compress.data.pairs import is_pairs_spec
+from sttp_compress.data.text import TEXT_AUGMENT, TEXT_VOCAB_SHARE, is_text_spec
 
 __all__ = ["CompressJob", "run_compress", "default_output", "state_size_bytes", "REPORT_FORMAT_VERSION"]
 
@@ -143,14 +144,14 @@ def _datasets(job: CompressJob):
     """(train_ds, val_ds, image_cfg | None) for fine-tuning, checked before the conversion starts."""
     if job.datasets is not None:
         return (*job.datasets, None)
-    from .data import (ImageDataConfig, build_image_datasets, image_folder_splits, is_tensor_spec,
+    from sttp_compress.data.images import (ImageDataConfig, build_image_datasets, image_folder_splits, is_tensor_spec,
                        load_tensor_data, resolve_image_config)
 
     if is_pairs_spec(job.data):
         raise UserError("--data pairs:FILE scores an encoder in sttp-eval; distil with --data text:FILE "
                         "(one text per line)")
     if is_text_spec(job.data):
-        from .text import text_datasets
+        from sttp_compress.data.text import text_datasets
 
         if not is_hf_spec(job.arch):
             raise UserError("--data text:FILE needs --arch hf:DIR (the tokenizer comes from DIR)")
@@ -230,7 +231,7 @@ def _row_weights(model: nn.Module, job: CompressJob, data: tuple | None, candida
     name = getattr(model, "token_embedding_name", lambda: None)()
     if name not in candidates:
         return {}
-    from .text import token_weights
+    from sttp_compress.data.text import token_weights
 
     return {name: token_weights(data[0], candidates[name].num_embeddings)}
 
@@ -252,7 +253,7 @@ def _row_orders(job: CompressJob, row_weights: dict, candidates: dict[str, nn.Mo
         return {}, "vocabulary"
     if not row_weights:
         raise UserError(ORDER_ROWS_NEEDS.format(kind))
-    from .convert import layer_tiered_order, weight_order
+    from sttp_compress.compress.convert import layer_tiered_order, weight_order
 
     if kind == "weight":
         return {name: weight_order(w) for name, w in row_weights.items()}, kind
@@ -271,7 +272,7 @@ def _layer_ranks(model: nn.Module, job: CompressJob, candidates: dict[str, nn.Mo
     is compressed), lowered until its parameters are at most TOKEN_EMBEDDING_SHARE of the target's and the
     other layers can still reach the ratio. The allocation's error-per-parameter rule gives a token
     embedding, whose spectrum is flat, too little: all-MiniLM-L6-v2 at ratio 4 got 0.25M parameters and
-    cosine 0.283 after conversion, against 0.444 at rank 384 (benchmarks/results/minilm_split.md), and
+    cosine 0.283 after conversion, against 0.444 at rank 384 (benchmarks/results/experiments/minilm_split.md), and
     distillation does not make up for it (docs/transformers.md). Parameters are counted as the allocation counts them
     (`allocate.layer_options`, row-scaled when `row_weights` weights the embedding).
     """
@@ -279,8 +280,8 @@ def _layer_ranks(model: nn.Module, job: CompressJob, candidates: dict[str, nn.Mo
     name = getattr(model, "token_embedding_name", lambda: None)()
     if job.ratio is None or name not in candidates or name in ranks:
         return ranks, None
-    from .allocate import budget_for_ratio, layer_options
-    from .convert import count_parameters
+    from sttp_compress.compress.allocate import budget_for_ratio, layer_options
+    from sttp_compress.compress.convert import count_parameters
 
     opts = {n: layer_options(n, m, job.method, job.spectrum, with_errors=False, row_weight=row_weights.get(n))
             for n, m in candidates.items()}
@@ -307,7 +308,7 @@ def _input_moments(model: nn.Module, job: CompressJob, data: tuple | None, candi
     text = is_text_spec(job.data)
     if data is None or not (job.activation_aware or (job.activation_aware is None and text)):
         return {}
-    from .activation import calibration_batches, input_moments
+    from sttp_compress.compress.activation import calibration_batches, input_moments
 
     return input_moments(model, candidates, calibration_batches(data[0], seed=job.seed))
 
@@ -376,7 +377,7 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
         if job.finetune is not None:
             job.finetune.validate()
             if fine and world > 1:
-                from .data import per_rank_batch
+                from sttp_compress.data.images import per_rank_batch
 
                 if is_text_spec(job.data):
                     raise UserError("text distillation (--data text:FILE) runs in one process; "
@@ -406,8 +407,8 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
     ft_block, image_cfg = None, None
     input_shape = job.input_shape
     if fine:
-        from .data import make_loaders
-        from .finetune import finetune
+        from sttp_compress.data.images import make_loaders
+        from sttp_compress.train.loop import finetune
 
         train_ds, val_ds, image_cfg = data
         input_shape = input_shape or _input_shape(train_ds)
@@ -424,7 +425,7 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
             loaders = make_loaders(train_ds, val_ds, cfg.batch_size, cfg.workers, cfg.seed, dev,
                                    distributed.rank(), world, group_by_length=job.group_by_length)
         if text:
-            from .text import distill_embeddings
+            from sttp_compress.train.text_distill import distill_embeddings
 
             ft_block = distill_embeddings(model, teacher, *loaders, cfg, progress=job.progress and main)
             ft_block["text_augment"], ft_block["text_vocab_share"] = job.text_augment, job.text_vocab_share

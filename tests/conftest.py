@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sttp_compress import evaluate
-
-
+from sttp_compress.evaluate import run as evaluate
 @pytest.fixture
 def fast_eval_timing(monkeypatch):
     """sttp-eval times only the minimum number of forward passes, so tests that measure latency stay fast."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from sttp_compress.activation import ENERGY_FLOOR, calibration_batches, input_scales
+from sttp_compress.compress.activation import ENERGY_FLOOR, calibration_batches, input_scales
 
 
 def test_input_scales_are_the_rms_of_each_input_feature():
@@ -32,8 +32,8 @@ def test_calibration_batches_are_fixed_by_the_seed():
 
 
 def test_refit_spectra_is_the_least_squares_spectrum_on_the_inputs():
-    from sttp_compress.activation import input_moments, refit_spectra
-    from sttp_compress.convert import compress_module, parametrization
+    from sttp_compress.compress.activation import input_moments, refit_spectra
+    from sttp_compress.compress.convert import compress_module, parametrization
 
     torch.manual_seed(0)
     reference = nn.Sequential(nn.Linear(24, 36)).double()
@@ -77,7 +77,7 @@ class _Tokens(nn.Module):
 
 
 def test_text_moments_count_real_tokens_only_and_shared_inputs_once():
-    from sttp_compress.activation import input_moments
+    from sttp_compress.compress.activation import input_moments
 
     torch.manual_seed(0)
     model = _Tokens().double()
@@ -94,7 +94,7 @@ def test_text_moments_count_real_tokens_only_and_shared_inputs_once():
 
 
 def test_text_calibration_batches_group_the_same_texts_by_length():
-    from sttp_compress.text import TokenizedTexts
+    from sttp_compress.data.text import TokenizedTexts
 
     torch.manual_seed(0)
     texts = TokenizedTexts([[1] * n for n in torch.randint(1, 40, (200,)).tolist()])

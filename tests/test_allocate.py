@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from sttp_compress import allocate as A
-from sttp_compress.tt import TTShape
+from sttp_compress.compress import allocate as A
+from sttp_compress.core.tt import TTShape
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
 if not SHARED.exists():  # a worktree next to the main checkout: ../shared from the project root
@@ -128,7 +128,7 @@ def test_eager_profile_fills_every_rank_and_matches_lazy_values():
 
 
 def test_compress_to_target_uses_the_exhaustive_greedy_ranks():
-    from sttp_compress.convert import candidate_layers, compress_to_target, count_parameters
+    from sttp_compress.compress.convert import candidate_layers, compress_to_target, count_parameters
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 32, 3), nn.Conv2d(32, 64, 3), nn.Flatten(),
@@ -146,8 +146,8 @@ def test_compress_to_target_uses_the_exhaustive_greedy_ranks():
 @pytest.mark.skipif(not (SHARED / "resnet18_cifar10.pt").exists(), reason="needs ../shared/models")
 def test_resnet18_ranks_equal_those_of_the_exhaustive_profile():
     """The CIFAR ResNet-18 ranks at ratios 5/10/20/50 that the fine-tuning runs validated (stored)."""
-    from sttp_compress.convert import candidate_layers, count_parameters
-    from sttp_compress.loading import load_model
+    from sttp_compress.compress.convert import candidate_layers, count_parameters
+    from sttp_compress.io.sources import load_model
 
     stored = json.loads(STORED.read_text())["ranks"]
     model = load_model(SHARED / "resnet18_cifar10.pt", str(SHARED / "cifar_models.py") + ":resnet18_cifar")
@@ -161,7 +161,7 @@ def test_resnet18_ranks_equal_those_of_the_exhaustive_profile():
 
 
 def test_row_order_profiles_and_converts_the_rows_in_that_order():
-    from sttp_compress.convert import compress_to_target, weight_order
+    from sttp_compress.compress.convert import compress_to_target, weight_order
 
     torch.manual_seed(0)
     W0 = torch.randn(96, 32)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from sttp_compress.bank import WeightBank, _walk
-from sttp_compress.convert import compress
+from sttp_compress.train.bank import WeightBank, _walk
+from sttp_compress.compress.convert import compress
 
 
 def model(method="sttp", spectrum="free"):

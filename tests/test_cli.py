@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sttp_compress.checkpoint import load_compressed
+from sttp_compress.io.checkpoint import load_compressed
 from sttp_compress.cli import _main, compress_app, eval_app
 from sttp_compress.errors import UserError
 from sttp_compress.pipeline import CompressJob, run_compress
@@ -709,7 +709,7 @@ def test_round_trip_in_a_new_process(tiny):
         expected = model(x)
     code = textwrap.dedent("""
         import sys, torch
-        from sttp_compress.checkpoint import load_compressed
+        from sttp_compress.io.checkpoint import load_compressed
         model, info = load_compressed(sys.argv[1], trust_arch=True)  # the file this test just wrote
         x = torch.load(sys.argv[2], weights_only=True)
         with torch.no_grad():
@@ -762,7 +762,7 @@ def test_finetune_with_tensor_data(tiny):
 
 def _finetune_configs(tiny, monkeypatch, *args) -> list:
     """The FinetuneConfigs a one-step CLI fine-tune of `tiny` passes to finetune (extra CLI `args` appended)."""
-    import sttp_compress.finetune as ft
+    import sttp_compress.train.loop as ft
 
     seen = []
     real = ft.finetune
@@ -855,7 +855,7 @@ def test_the_cli_works_without_click_installed():
 
 
 def test_out_of_gpu_memory_is_one_line_and_writes_nothing(tiny, monkeypatch):
-    import sttp_compress.finetune as ft
+    import sttp_compress.train.loop as ft
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError(

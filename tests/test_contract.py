@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from sttp_compress.contract import (best_form, chain_cores, remove_shortcut, row_flops, shortcut_forms,
+from sttp_compress.core.forms import (best_form, chain_cores, remove_shortcut, row_flops, shortcut_forms,
                                     tt_linear, use_shortcut)
-from sttp_compress.convert import compress_module, parametrization
-from sttp_compress.tt import TTShape
+from sttp_compress.compress.convert import compress_module, parametrization
+from sttp_compress.core.tt import TTShape
 
 SHAPES = [(24, 36, 5), (64, 48, 8), (96, 96, 40), (10, 7, 3), (45, 60, 12)]
 
@@ -23,7 +23,7 @@ def compressed_linear(d_out, d_in, rank, bias=True, seed=0):
     return m.eval()
 
 
-def originals(m):
+def layer_originals(m):
     p = parametrization(m)
     pl = m.parametrizations.weight
     return tuple(getattr(pl, f"original{i}") for i in range(len(p.groups) + 1))
@@ -32,7 +32,7 @@ def originals(m):
 @pytest.mark.parametrize("d_out,d_in,rank", SHAPES)
 def test_tt_linear_equals_the_materialized_weight(d_out, d_in, rank):
     m = compressed_linear(d_out, d_in, rank)
-    u, s, v = chain_cores(parametrization(m), originals(m))
+    u, s, v = chain_cores(parametrization(m), layer_originals(m))
     x = torch.randn(3, 4, d_in, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(tt_linear(x, u, s, v, m.bias), F.linear(x, m.weight, m.bias), rtol=0, atol=1e-12)
@@ -102,7 +102,7 @@ def test_training_and_gradients_are_unchanged_and_parameter_updates_are_seen():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loss = model(x).square().sum()
     loss.backward()
-    assert all(p.grad is not None for p in originals(m) if p.requires_grad)  # not the 0-sized (−I frames)
+    assert all(p.grad is not None for p in layer_originals(m) if p.requires_grad)  # not the 0-sized (−I frames)
     opt.step()
     model.eval()
     with torch.no_grad():  # the new parameters, not factors cached before the step

@@ -1,4 +1,4 @@
-"""Tests for sttp_compress.data: image-folder splits, transforms, tensor files and seeded loaders."""
+"""Tests for sttp_compress.data.images: image-folder splits, transforms, tensor files and seeded loaders."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sttp_compress.data import (
+from sttp_compress.data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageDataConfig,

@@ -18,13 +18,13 @@ import pytest
 import torch
 from torch import nn
 
-from sttp_compress import distributed
-from sttp_compress.checkpoint import load_compressed
-from sttp_compress.convert import compress_to_target
-from sttp_compress.data import DeviceTensorLoader, load_tensor_data, make_loaders
+from sttp_compress.train import distributed
+from sttp_compress.io.checkpoint import load_compressed
+from sttp_compress.compress.convert import compress_to_target
+from sttp_compress.data.images import DeviceTensorLoader, load_tensor_data, make_loaders
 from sttp_compress.errors import UserError
-from sttp_compress.finetune import evaluate
-from sttp_compress.launch import launch_self, torchrun_args, without_option
+from sttp_compress.train.loop import evaluate
+from sttp_compress.cli.launch import launch_self, torchrun_args, without_option
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Tests for sttp_compress.evaluate: run_eval numbers, reference comparison, gates, summary table, export."""
+"""Tests for sttp_compress.evaluate.run: run_eval numbers, reference comparison, gates, summary table, export."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from rich.console import Console
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from sttp_compress.checkpoint import load_compressed, save_compressed
-from sttp_compress.convert import compress, compressed_layers, count_parameters
-from sttp_compress.data import ImageDataConfig, image_transforms, resolve_image_config
+from sttp_compress.io.checkpoint import load_compressed, save_compressed
+from sttp_compress.compress.convert import compress, compressed_layers, count_parameters
+from sttp_compress.data.images import ImageDataConfig, image_transforms, resolve_image_config
 from sttp_compress.errors import UserError
-from sttp_compress.evaluate import EvalOptions, check_gates, export_dense, run_eval, summary_table
+from sttp_compress.evaluate.run import EvalOptions, check_gates, export_dense, run_eval, summary_table
 from sttp_compress.example import DigitsCNN, digits_data
-from sttp_compress.finetune import evaluate
-from sttp_compress.loading import resolve_arch
+from sttp_compress.train.loop import evaluate
+from sttp_compress.io.sources import resolve_arch
 
 DIGITS = "sttp_compress.example:DigitsCNN"
 NET_PY = """

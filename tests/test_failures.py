@@ -25,12 +25,12 @@ from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 
-from sttp_compress.checkpoint import load_compressed, save_compressed
+from sttp_compress.io.checkpoint import load_compressed, save_compressed
 from sttp_compress.cli import _main, compress_app, eval_app
-from sttp_compress.convert import compress
+from sttp_compress.compress.convert import compress
 from sttp_compress.errors import UserError
 from sttp_compress.example import DigitsCNN, digits_data
-from sttp_compress.outputs import TEMP_PREFIX
+from sttp_compress.io.outputs import TEMP_PREFIX
 
 DIGITS = "sttp_compress.example:DigitsCNN"
 # Specs a tampered file might record; each would run code or download if it were built.
@@ -226,7 +226,7 @@ def test_an_unreadable_image_is_named(env, tmp_path):
     refused(run(eval_app, env["ckpt"], "--data", folder, "-q"), "cannot read image", "9.png")
     refused(run(compress_app, env["ckpt"].parent / "nothing.pt", "--arch", DIGITS, "--rank", "4"), "no such file")
     spec = f"{env['arch_py']}:conv"
-    from sttp_compress.loading import resolve_arch
+    from sttp_compress.io.sources import resolve_arch
     torch.save(resolve_arch(spec).state_dict(), tmp_path / "d.pt")
     for subset in ("train", "val"):
         for c in ("a", "b"):
@@ -326,8 +326,7 @@ def test_json_output_honours_force_symlinks_and_stdout(env, tmp_path):
 
 
 def test_checkpoint_and_report_land_together(env, tmp_path, monkeypatch):
-    from sttp_compress import report as report_mod
-
+    from sttp_compress.evaluate import report as report_mod
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 

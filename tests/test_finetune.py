@@ -1,4 +1,4 @@
-"""Tests for sttp_compress.finetune (distillation, loop, best-state restore, BN recalibration) and the example."""
+"""Tests for sttp_compress.train.loop (distillation, loop, best-state restore, BN recalibration) and the example."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from sttp_compress.data import make_loaders
+from sttp_compress.data.images import make_loaders
 from sttp_compress.errors import UserError
 from sttp_compress.example import DigitsCNN, digits_data, digits_factory, train_digits_model
-from sttp_compress.finetune import (
+from sttp_compress.train.loop import (
     FinetuneConfig,
     build_optimizer,
     build_scheduler,
@@ -295,7 +295,7 @@ def test_finetune_restores_best_state_when_training_hurts(digits, teacher) -> No
 
 def test_free_cores_train_and_the_student_ends_in_sttp_form_at_its_best_state(digits, teacher) -> None:
     from sttp_compress import compress, count_parameters
-    from sttp_compress.freecores import gauge_released
+    from sttp_compress.train.freecores import gauge_released
 
     student = copy.deepcopy(teacher)
     compress(student, rank=8)
@@ -346,7 +346,7 @@ def test_finetune_steps_across_epochs(digits, teacher) -> None:
     (False, "cuda", True, False), (True, "cpu", False, True),
 ])
 def test_tf32_defaults_to_cuda_under_autocast(asked, device, amp, expected) -> None:
-    from sttp_compress.finetune import _tf32_enabled
+    from sttp_compress.train.loop import _tf32_enabled
 
     assert _tf32_enabled(asked, torch.device(device), amp) is expected
 
@@ -356,7 +356,7 @@ def test_attention_backends_name_real_backends_without_cudnn() -> None:
 
     from torch.nn.attention import SDPBackend
 
-    from sttp_compress.finetune import ATTENTION_BACKENDS, _attention_backends
+    from sttp_compress.train.loop import ATTENTION_BACKENDS, _attention_backends
 
     assert all(isinstance(getattr(SDPBackend, n), SDPBackend) for n in ATTENTION_BACKENDS)
     assert "CUDNN_ATTENTION" not in ATTENTION_BACKENDS
@@ -440,7 +440,7 @@ def test_distill_step_is_the_separate_step(digits, teacher, spectral_reg) -> Non
     """Teacher, student and loss in one DistillStep call (what StepGraph captures for a custom loss) take
     the same step as the teacher, student and loss run one after the other."""
     from sttp_compress import compress_module
-    from sttp_compress.finetune import DistillStep, _train_step, build_optimizer
+    from sttp_compress.train.loop import DistillStep, _train_step, build_optimizer
 
     cfg = FinetuneConfig(device="cpu", lr=1e-2, spectral_reg=spectral_reg,
                          loss_fn=lambda s, t: F.mse_loss(s, t) + (s.softmax(1) - t.softmax(1)).abs().mean())
@@ -548,7 +548,7 @@ class _FakeClock:
     """Steps that take `per_step` seconds each on a clock the budget reads (no real time involved)."""
 
     def __init__(self, monkeypatch, per_step: float):
-        import sttp_compress.finetune as ft
+        import sttp_compress.train.loop as ft
 
         self.now, real_step = 0.0, ft._train_step
 
@@ -569,7 +569,7 @@ class _FakeClock:
 
 def test_time_budget_ends_the_loop_when_spent_and_the_schedule_follows_the_clock(digits, teacher,
                                                                                    monkeypatch) -> None:
-    import sttp_compress.finetune as ft
+    import sttp_compress.train.loop as ft
 
     _FakeClock(monkeypatch, per_step=0.1)
     schedulers, real_build = [], ft.build_scheduler
@@ -590,7 +590,7 @@ def test_time_budget_ends_the_loop_when_spent_and_the_schedule_follows_the_clock
 
 
 def test_time_budget_counts_validation_and_excludes_epochs_and_steps(digits, teacher, monkeypatch) -> None:
-    import sttp_compress.finetune as ft
+    import sttp_compress.train.loop as ft
 
     clock = _FakeClock(monkeypatch, per_step=0.0)  # only the validations take time: 1 s each
     real_evaluate = ft.evaluate

@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 from sttp_compress import compress_module, count_parameters
-from sttp_compress.bank import WeightBank
-from sttp_compress.contract import _originals
-from sttp_compress.freecores import free_cores, gauge_released, release_gauge, restore_gauge
-from sttp_compress.householder import frame
+from sttp_compress.train.bank import WeightBank
+from sttp_compress.core.forms import layer_originals
+from sttp_compress.train.freecores import free_cores, gauge_released, release_gauge, restore_gauge
+from sttp_compress.core.householder import frame
 
 LAYERS = [
     ("linear", lambda: nn.Linear(48, 40), dict(rank=5)),
@@ -43,10 +43,10 @@ def test_restoring_the_gauge_keeps_the_trained_weight_and_the_dof(name, make, kw
     assert not gauge_released(m) and p.free is None
     torch.testing.assert_close(m.weight, trained, rtol=1e-9, atol=1e-9)
     assert count_parameters(m) == n_params
-    assert sum(o.numel() for o in _originals(m, p)) == p.dof()
+    assert sum(o.numel() for o in layer_originals(m, p)) == p.dof()
     assert "(free)" not in repr(p)
-    assert all(o.requires_grad for o in _originals(m, p))
-    for (d, r, red), P in zip(p.groups, _originals(m, p)):  # the originals generate orthonormal frames again
+    assert all(o.requires_grad for o in layer_originals(m, p))
+    for (d, r, red), P in zip(p.groups, layer_originals(m, p)):  # the originals generate orthonormal frames again
         X = frame(P, d, r, red)
         torch.testing.assert_close(X.transpose(-1, -2) @ X, torch.eye(r, dtype=X.dtype).expand(len(X), r, r))
 
@@ -58,7 +58,7 @@ def test_free_cores_train_and_only_they_take_gradients():
     x, target = torch.randn(64, 32), torch.randn(64, 24)
     with free_cores(m):
         params = [q for q in m.parameters() if q.requires_grad]
-        assert {id(q) for q in params} == {id(q) for q in p.free} | {id(_originals(m, p)[-1]), id(m.bias)}
+        assert {id(q) for q in params} == {id(q) for q in p.free} | {id(layer_originals(m, p)[-1]), id(m.bias)}
         opt = torch.optim.Adam(params, lr=1e-2)
         first = None
         for _ in range(50):

@@ -21,17 +21,20 @@ import torch
 from torch import nn
 
 from sttp_compress.cli import _main, compress_app, eval_app
-from sttp_compress.convert import (candidate_layers, compress_module, compress_to_target, count_parameters,
+from sttp_compress.compress.convert import (candidate_layers, compress_module, compress_to_target, count_parameters,
                                    parametrization)
 from sttp_compress.errors import UserError
 
 transformers = pytest.importorskip("transformers", reason="needs the optional transformers package (pip install .[hf])")
 
-from sttp_compress.checkpoint import load_compressed, save_compressed  # noqa: E402
-from sttp_compress.hf import load_encoder, read_layout  # noqa: E402
-from sttp_compress.text import (TokenizedTexts, EmbeddingDistillLoss, embedding_agreement, embedding_distillation_loss,  # noqa: E402
-                                hidden_state_loss, nearest_neighbours, perturb_tokens, read_texts, similarity_spearman,
-                                token_counts, token_weights, tokenize_texts)
+from sttp_compress.io.checkpoint import load_compressed, save_compressed  # noqa: E402
+from sttp_compress.io.hf import load_encoder, read_layout  # noqa: E402
+from sttp_compress.data.text import (TokenizedTexts, perturb_tokens, read_texts, token_counts,  # noqa: E402
+                                     token_weights, tokenize_texts)
+from sttp_compress.train.embedding_metrics import (embedding_agreement, nearest_neighbours,  # noqa: E402
+                                                   similarity_spearman)
+from sttp_compress.train.text_distill import (EmbeddingDistillLoss, embedding_distillation_loss,  # noqa: E402
+                                              hidden_state_loss)
 
 WORDS = ("the a an of and to in is was it that on for with as by at from this be are or his her they "
          "man woman dog cat car house plays runs eats reads guitar ball food book music city park red blue "
@@ -263,7 +266,8 @@ def test_batched_fetch_pads_like_collate():
 def test_text_evaluation_in_length_order_matches_file_order(tiny, tmp_path):
     """sttp-eval embeds the texts shortest first (little padding) and puts them back in file order:
     the numbers are those of embedding the file in order; --max-batches keeps the file's first texts."""
-    from sttp_compress.text import by_length, evaluate_texts
+    from sttp_compress.data.text import by_length
+    from sttp_compress.evaluate.texts import evaluate_texts
 
     lines = [" ".join(WORDS[(7 * i) % len(WORDS):][: 1 + (5 * i) % 13]) for i in range(37)]
     path = tmp_path / "lines.txt"
@@ -288,7 +292,7 @@ def test_text_evaluation_in_length_order_matches_file_order(tiny, tmp_path):
 
 
 def test_text_split_is_seeded_and_validates_in_length_order(tiny, tmp_path):
-    from sttp_compress.text import text_datasets
+    from sttp_compress.data.text import text_datasets
 
     lines = [" ".join(WORDS[i % len(WORDS):][: 1 + (3 * i) % 11]) + f" w{i}" for i in range(60)]
     path = tmp_path / "lines.txt"
@@ -337,7 +341,7 @@ def test_losses_and_agreement():
 
 
 def test_similarity_spearman_against_hand_and_reference_values():
-    from sttp_compress.text import _average_ranks
+    from sttp_compress.train.embedding_metrics import _average_ranks
 
     assert _average_ranks(torch.tensor([3.0, 1, 2, 2, 5, 1])).tolist() == [5, 1.5, 3.5, 3.5, 6, 1.5]  # ties share
     # three texts, three pairs: the reference orders the pairs' similarities (0,2) < (1,2) < (0,1), the
@@ -394,8 +398,8 @@ def test_perturb_tokens_replaces_inner_tokens_of_chosen_texts_only():
 
 
 def test_ordinary_tokens_leave_out_special_and_placeholder_tokens(tiny):
-    from sttp_compress.hf import load_tokenizer
-    from sttp_compress.text import ordinary_tokens
+    from sttp_compress.io.hf import load_tokenizer
+    from sttp_compress.data.text import ordinary_tokens
 
     tokenizer = load_tokenizer(tiny)
     ids = ordinary_tokens(tokenizer)
@@ -410,7 +414,7 @@ def test_ordinary_tokens_leave_out_special_and_placeholder_tokens(tiny):
 
 
 def test_augmented_training_texts_keep_clean_calibration(tiny):
-    from sttp_compress.activation import calibration_batches
+    from sttp_compress.compress.activation import calibration_batches
 
     data = tokenize_texts(TEXTS * 8, tiny)
     data.augment = 1.0
@@ -429,9 +433,9 @@ def test_vocab_rows_term_trains_rows_the_texts_never_hold(tiny):
 
     from torch.utils.data import DataLoader
 
-    from sttp_compress.activation import calibration_batches
-    from sttp_compress.finetune import FinetuneConfig
-    from sttp_compress.text import HiddenStates, distill_embeddings
+    from sttp_compress.compress.activation import calibration_batches
+    from sttp_compress.train.loop import FinetuneConfig
+    from sttp_compress.train.text_distill import HiddenStates, distill_embeddings
 
     data = tokenize_texts(TEXTS * 8, tiny)
     data.vocab_rows = 16
@@ -531,7 +535,7 @@ def test_cli_distils_on_text_and_sttp_eval_compares_with_the_folder(tiny, texts,
 
 
 def test_cli_can_batch_texts_at_random(tiny, texts, tmp_path, monkeypatch):
-    import sttp_compress.data as data_mod
+    import sttp_compress.data.images as data_mod
 
     samplers = []
     real = data_mod.make_loaders
@@ -564,10 +568,11 @@ def test_text_augment_out_of_range_is_a_user_error(tiny, texts, tmp_path, flag):
 def test_cli_sets_the_vocabulary_share_and_text_distillation_uses_beta2_098(tiny, texts, tmp_path, monkeypatch):
     import copy
 
-    import sttp_compress.data as data_mod
-    import sttp_compress.finetune as ft_mod
-    from sttp_compress.finetune import FinetuneConfig
-    from sttp_compress.text import distill_embeddings, text_datasets
+    import sttp_compress.data.images as data_mod
+    import sttp_compress.train.loop as ft_mod
+    from sttp_compress.train.loop import FinetuneConfig
+    from sttp_compress.train.text_distill import distill_embeddings
+    from sttp_compress.data.text import text_datasets
 
     shares, betas = [], []
     real_loaders, real_opt = data_mod.make_loaders, ft_mod.build_optimizer
@@ -616,7 +621,7 @@ def test_text_data_needs_an_hf_arch(tiny, texts, tmp_path):
 def test_token_embedding_rank_defaults_to_its_width_within_half_the_budget(tiny, tmp_path):
     """With --ratio and no --layer-rank for it, the token embedding is pinned at rank = its width, lowered
     until its parameters fit in half the target (the greedy allocation starves a flat-spectrum embedding)."""
-    from sttp_compress.layers import SpectralTT
+    from sttp_compress.core.spectral_tt import SpectralTT
     from sttp_compress.pipeline import CompressJob, _layer_ranks
 
     enc = load_encoder(tiny)
@@ -699,8 +704,8 @@ def test_token_weights_count_the_training_texts(tiny, texts, tmp_path):
 
 
 def test_row_order_tiered_by_default_weight_on_request(tiny, texts, tmp_path):
-    from sttp_compress.convert import tiered_order, weight_order
-    from sttp_compress.text import text_datasets
+    from sttp_compress.compress.convert import tiered_order, weight_order
+    from sttp_compress.data.text import text_datasets
 
     args = ("--arch", f"hf:{tiny}", "--ratio", "2", "--include", "*", "--data", f"text:{texts}", "--steps", "1",
             "--batch-size", "8", "--workers", "0")
@@ -771,9 +776,10 @@ def test_minilm_token_embedding_default_is_the_benchmark_rank(minilm):
 def test_text_distillation_trains_spectra_at_ten_times_the_lr_unless_told(tiny, texts, tmp_path, monkeypatch):
     import copy
 
-    import sttp_compress.finetune as ft_mod
-    from sttp_compress.finetune import FinetuneConfig
-    from sttp_compress.text import distill_embeddings, text_datasets
+    import sttp_compress.train.loop as ft_mod
+    from sttp_compress.train.loop import FinetuneConfig
+    from sttp_compress.train.text_distill import distill_embeddings
+    from sttp_compress.data.text import text_datasets
 
     lrs, real_opt = [], ft_mod.build_optimizer
 
@@ -794,7 +800,7 @@ def test_text_distillation_trains_spectra_at_ten_times_the_lr_unless_told(tiny, 
     assert rc == 2 and "multiple must be positive" in err and not (tmp_path / "z.sttp.pt").exists()
     # the Python API: a multiple the config sets is kept (1: one group rate for all)
     teacher = load_encoder(tiny)
-    from sttp_compress.data import make_loaders
+    from sttp_compress.data.images import make_loaders
 
     loader = make_loaders(text_datasets(f"text:{texts}", tiny)[0], None, 8, 0, 0, "cpu")[0]
     block = distill_embeddings(copy.deepcopy(teacher), teacher, loader, None,
@@ -804,7 +810,7 @@ def test_text_distillation_trains_spectra_at_ten_times_the_lr_unless_told(tiny, 
 
 
 def test_free_cores_by_default_for_text_off_on_request_and_refused_with_a_bounded_spectrum(tiny, texts, tmp_path):
-    from sttp_compress.freecores import gauge_released
+    from sttp_compress.train.freecores import gauge_released
 
     base = ["--arch", f"hf:{tiny}", "--rank", "4", "--data", f"text:{texts}", "--steps", "2", "--batch-size", "8",
             "--workers", "0", "--quiet"]

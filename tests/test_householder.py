@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sttp_compress.householder import FramePlan, frame, frame_inverse, frame_numel, reflectors
+from sttp_compress.core.householder import FramePlan, frame, frame_inverse, frame_numel, reflectors
 
 SHAPES = [(5, 3), (4, 4), (10, 1), (7, 2), (64, 16), (3, 1)]
 

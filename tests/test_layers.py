@@ -6,9 +6,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sttp_compress import compress, compress_module, compressed_layers, count_parameters, decompress
-from sttp_compress.householder import frame
-from sttp_compress.layers import SpectralTT
-from sttp_compress.tt import svdp_dof
+from sttp_compress.core.householder import frame
+from sttp_compress.core.spectral_tt import SpectralTT
+from sttp_compress.core.tt import svdp_dof
 
 MODULES = [
     lambda: nn.Linear(64, 32),
@@ -33,7 +33,7 @@ def _input(m: nn.Module) -> torch.Tensor:
     return torch.randn(2, m.in_channels, *spatial)
 
 
-def _originals(m):
+def layer_originals(m):
     pl = m.parametrizations.weight
     return [getattr(pl, f"original{i}") for i in range(len([n for n, _ in pl.named_parameters()]))]
 
@@ -125,7 +125,7 @@ def test_frames_stay_orthonormal_after_500_adam_steps(spectrum):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    for (d, r, red), P in zip(p.groups, _originals(m)):
+    for (d, r, red), P in zip(p.groups, layer_originals(m)):
         X = frame(P.detach(), d, r, red)
         assert (X.transpose(-1, -2) @ X - torch.eye(r)).abs().max() < 1e-5
 
@@ -136,7 +136,7 @@ def test_gradcheck_float64(spectrum, method):
     torch.manual_seed(0)
     m = nn.Conv2d(4, 6, 2).double()
     p = compress_module(m, rank=3, method=method, spectrum=spectrum)
-    origs = tuple(o.detach().clone().requires_grad_() for o in _originals(m))
+    origs = tuple(o.detach().clone().requires_grad_() for o in layer_originals(m))
     assert torch.autograd.gradcheck(lambda *o: p(*o), origs)
 
 
@@ -153,7 +153,7 @@ def test_eval_mode_caches_weight_until_parameters_change(monkeypatch):
         y2 = m(x)
     assert len(calls) == 1 and torch.equal(y1, y2)
     with torch.no_grad():
-        _originals(m)[-1].mul_(2)  # spectrum changed in place → rebuild
+        layer_originals(m)[-1].mul_(2)  # spectrum changed in place → rebuild
         y3 = m(x)
     assert len(calls) == 2
     torch.testing.assert_close(y3 - m.bias, 2 * (y1 - m.bias))
@@ -163,7 +163,7 @@ def test_eval_mode_caches_weight_until_parameters_change(monkeypatch):
     assert len(calls) == 4  # training mode: rebuilt every call so gradients flow
     m.eval()
     m(x).sum().backward()  # eval with grad: rebuilt, and gradients reach the parameters
-    trainable = [o for o in _originals(m) if o.requires_grad]  # all but the 0-sized ones (−I frames)
+    trainable = [o for o in layer_originals(m) if o.requires_grad]  # all but the 0-sized ones (−I frames)
     assert trainable and all(o.grad is not None for o in trainable)
 
 
@@ -209,7 +209,7 @@ def test_state_dict_round_trip_into_a_fresh_structure():
 def test_decompressing_a_deep_copy_leaves_the_original_compressed():
     import copy
 
-    from sttp_compress.convert import compressed_layers, decompress
+    from sttp_compress.compress.convert import compressed_layers, decompress
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 16, 3), nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
@@ -242,7 +242,7 @@ def test_row_scaled_full_rank_is_exact_and_counts_the_scales(method):
     assert p.row_scaled and p.row_weight is None  # the weight is used by the conversion only
     torch.testing.assert_close(m.weight, W0)
     assert p.dof() == p.tt.dof() + 222 == count_parameters(m)
-    torch.testing.assert_close(_originals(m)[-1], 1 / w.sqrt())  # ρ starts at 1/√w
+    torch.testing.assert_close(layer_originals(m)[-1], 1 / w.sqrt())  # ρ starts at 1/√w
     assert p.config()["row_scaled"] is True
 
 
@@ -278,12 +278,12 @@ def test_row_weighted_sttp_lowers_the_weighted_error():
 
 
 def test_row_scaled_gradcheck_float64_and_bank_matches_forward():
-    from sttp_compress.bank import WeightBank
+    from sttp_compress.train.bank import WeightBank
 
     torch.manual_seed(0)
     m = nn.Embedding(30, 6).double()  # 30 = 2·3·5, no padding
     p = compress_module(m, rank=3, row_weight=torch.rand(30, dtype=torch.float64) + 0.5)
-    origs = tuple(o.detach().clone().requires_grad_() for o in _originals(m))
+    origs = tuple(o.detach().clone().requires_grad_() for o in layer_originals(m))
     assert torch.autograd.gradcheck(lambda *o: p(*o), origs)
     model = nn.Sequential(m, nn.Linear(6, 4).double())
     compress_module(model[1], rank=2)
@@ -297,7 +297,7 @@ def test_row_scaled_gradcheck_float64_and_bank_matches_forward():
 
 
 def test_row_ordered_is_the_conversion_of_the_permuted_rows_put_back():
-    from sttp_compress.convert import weight_order
+    from sttp_compress.compress.convert import weight_order
 
     torch.manual_seed(0)
     W0 = torch.randn(222, 24, dtype=torch.float64)  # 222 = 2·3·37: zero-padded to 225 rows by STTP
@@ -311,7 +311,7 @@ def test_row_ordered_is_the_conversion_of_the_permuted_rows_put_back():
     q = compress_module(permuted, rank=6, row_weight=w[order])
     assert p.row_ordered and not q.row_ordered and p.config()["row_ordered"] is True
     assert p.dof() == q.dof() == count_parameters(ordered)  # the order is a buffer, not a parameter
-    for a, b in zip(_originals(ordered), _originals(permuted)):  # same parameters (ρ in the order too)
+    for a, b in zip(layer_originals(ordered), layer_originals(permuted)):  # same parameters (ρ in the order too)
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(ordered.weight[order], permuted.weight)
     assert (ordered.weight - W0).norm() > 0.1 * W0.norm()  # a real truncation
@@ -324,7 +324,7 @@ def test_row_ordered_is_the_conversion_of_the_permuted_rows_put_back():
 
 
 def test_tiered_order_tiers_by_weight_then_groups_alike_rows():
-    from sttp_compress.convert import tiered_order, weight_order
+    from sttp_compress.compress.convert import tiered_order, weight_order
 
     torch.manual_seed(0)
     n, modes = 222, (2, 2, 2, 2, 2, 3, 3)  # 288 slots: the last 66 are padding, after the rows
@@ -351,7 +351,7 @@ def test_tiered_order_tiers_by_weight_then_groups_alike_rows():
 
 
 def test_tiered_order_lowers_the_error_of_clustered_rows():
-    from sttp_compress.convert import tiered_order
+    from sttp_compress.compress.convert import tiered_order
 
     torch.manual_seed(0)
     centres = torch.randn(16, 24, dtype=torch.float64) * 3
@@ -367,14 +367,14 @@ def test_tiered_order_lowers_the_error_of_clustered_rows():
 
 
 def test_row_ordered_gradcheck_bank_and_checkpoint_round_trip(tmp_path):
-    from sttp_compress.bank import WeightBank
-    from sttp_compress.checkpoint import load_compressed, save_compressed
+    from sttp_compress.train.bank import WeightBank
+    from sttp_compress.io.checkpoint import load_compressed, save_compressed
 
     torch.manual_seed(0)
     m = nn.Embedding(30, 6).double()
     p = compress_module(m, rank=3, row_weight=torch.rand(30, dtype=torch.float64) + 0.5,
                         row_order=torch.randperm(30))
-    origs = tuple(o.detach().clone().requires_grad_() for o in _originals(m))
+    origs = tuple(o.detach().clone().requires_grad_() for o in layer_originals(m))
     assert torch.autograd.gradcheck(lambda *o: p(*o), origs)
     bank = WeightBank(nn.Sequential(m))
     (built,) = bank._build(*bank.inputs)
@@ -404,7 +404,7 @@ def test_col_scaled_full_rank_is_exact_and_counts_the_scales(method):
     assert p.col_scaled and not p.row_scaled and p.col_weight is None
     torch.testing.assert_close(m.weight, W0)
     assert p.dof() == p.tt.dof() + 333 == count_parameters(m) - 8  # less the bias
-    torch.testing.assert_close(_originals(m)[-1], 1 / c.sqrt())  # γ starts at 1/√c
+    torch.testing.assert_close(layer_originals(m)[-1], 1 / c.sqrt())  # γ starts at 1/√c
     assert p.config()["col_scaled"] is True
 
 
@@ -433,19 +433,19 @@ def test_col_weighted_svdp_is_the_optimal_weighted_truncation_and_sttp_lowers_it
 
 
 def test_row_and_col_scaled_gradcheck_float64_bank_and_checkpoint_structure():
-    from sttp_compress.bank import WeightBank
+    from sttp_compress.train.bank import WeightBank
 
     torch.manual_seed(0)
     m = nn.Linear(12, 30).double()
     p = compress_module(m, rank=3, row_weight=torch.rand(30, dtype=torch.float64) + 0.5,
                         col_weight=torch.rand(12, dtype=torch.float64) + 0.5)
     assert p.n_originals == len(p.groups) + 3 and p.dof() == p.tt.dof() + 30 + 12
-    origs = tuple(o.detach().clone().requires_grad_() for o in _originals(m))
+    origs = tuple(o.detach().clone().requires_grad_() for o in layer_originals(m))
     assert torch.autograd.gradcheck(lambda *o: p(*o), origs)
     bank = WeightBank(nn.Sequential(m))
     (built,) = bank._build(*bank.inputs)
     torch.testing.assert_close(built, m.weight)
-    U, s, V = p.factors(*_originals(m))  # ρ on U's rows, γ on V's rows
+    U, s, V = p.factors(*layer_originals(m))  # ρ on U's rows, γ on V's rows
     torch.testing.assert_close((U * s) @ V.T, m.weight)
     twin = nn.Linear(12, 30).double()  # the structure a checkpoint's config rebuilds, then its state
     compress_module(twin, **{k: v for k, v in p.config().items() if k in ("rank", "method", "spectrum")},
@@ -458,8 +458,8 @@ def test_eval_cache_is_rebuilt_after_a_fused_optimizer_step():
     """AdamW(fused=True) updates in place without bumping version counters: the train/eval switch
     must still drop the cached weight (fine-tunes through the weight bank, whose forwards never touch
     the cache, kept the pre-training weight for evaluation)."""
-    from sttp_compress.bank import WeightBank
-    from sttp_compress.convert import compress_module
+    from sttp_compress.train.bank import WeightBank
+    from sttp_compress.compress.convert import compress_module
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(24, 36))

@@ -1,4 +1,4 @@
-"""Tests for sttp_compress.loading: checkpoint loading, --arch specs, atomic writes, sizes."""
+"""Tests for sttp_compress.io.sources: checkpoint loading, --arch specs, atomic writes, sizes."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sttp_compress import outputs
+from sttp_compress.io import outputs
 from sttp_compress.errors import UserError
-from sttp_compress.outputs import atomic_torch_save, atomic_write
-from sttp_compress.loading import (
+from sttp_compress.io.outputs import atomic_torch_save, atomic_write
+from sttp_compress.io.sources import (
     load_model,
     load_weights,
     parse_size,

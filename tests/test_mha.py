@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from sttp_compress.bank import WeightBank
-from sttp_compress.checkpoint import load_compressed, save_compressed
-from sttp_compress.convert import (candidate_layers, compress, compress_module, compress_to_target,
+from sttp_compress.train.bank import WeightBank
+from sttp_compress.io.checkpoint import load_compressed, save_compressed
+from sttp_compress.compress.convert import (candidate_layers, compress, compress_module, compress_to_target,
                                    compressed_layers, count_parameters, decompress, parametrization)
-from sttp_compress.tt import TTShape
+from sttp_compress.core.tt import TTShape
 
 E, HEADS = 24, 4
 

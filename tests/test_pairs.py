@@ -13,11 +13,12 @@ pytest.importorskip("transformers", reason="needs the optional transformers pack
 from test_hf import TEXTS, _batch, cli, tiny  # noqa: E402,F401 - tiny is a fixture
 
 from sttp_compress.cli import compress_app, eval_app  # noqa: E402
-from sttp_compress.convert import compress_to_target  # noqa: E402
+from sttp_compress.compress.convert import compress_to_target  # noqa: E402
 from sttp_compress.errors import UserError  # noqa: E402
-from sttp_compress.hf import load_encoder  # noqa: E402
-from sttp_compress.pairs import evaluate_pairs, read_pairs  # noqa: E402
-from sttp_compress.text import embedding_agreement, spearman  # noqa: E402
+from sttp_compress.io.hf import load_encoder  # noqa: E402
+from sttp_compress.evaluate.texts import evaluate_pairs
+from sttp_compress.data.pairs import read_pairs  # noqa: E402
+from sttp_compress.train.embedding_metrics import embedding_agreement, spearman  # noqa: E402
 
 PAIRS = [(TEXTS[i], TEXTS[(3 * i + 1) % len(TEXTS)], float((5 * i) % 7) / 1.2) for i in range(len(TEXTS))]
 

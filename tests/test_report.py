@@ -1,4 +1,4 @@
-"""Tests for sttp_compress.report: report.json / report.md / PNG plots and the terminal summary."""
+"""Tests for sttp_compress.evaluate.report: report.json / report.md / PNG plots and the terminal summary."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 
 from sttp_compress.errors import UserError
-from sttp_compress.report import human_bytes, render_markdown, summary_table, write_report
+from sttp_compress.evaluate.report import human_bytes, render_markdown, summary_table, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -141,8 +141,7 @@ def test_report_dir_is_a_file(tmp_path):
 
 
 def test_failure_midway_rolls_back(tmp_path, monkeypatch):
-    from sttp_compress import report as report_mod
-
+    from sttp_compress.evaluate import report as report_mod
     real = report_mod.atomic_write
 
     def flaky(path, write, force=False):

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sttp_compress.convert import compress_module, parametrization
-from sttp_compress.layers import is_parametrized
-from sttp_compress.serve import freeze, frozen, is_frozen, unfreeze
+from sttp_compress.compress.convert import compress_module, parametrization
+from sttp_compress.core.spectral_tt import is_parametrized
+from sttp_compress.compress.serve import freeze, frozen, is_frozen, unfreeze
 
 
 def small_model(seed=0):

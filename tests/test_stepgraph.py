@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from sttp_compress.bank import WeightBank
-from sttp_compress.convert import compress
-from sttp_compress.stepgraph import StepGraph, _Shell
+from sttp_compress.train.bank import WeightBank
+from sttp_compress.compress.convert import compress
+from sttp_compress.train.stepgraph import StepGraph, _Shell
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -245,7 +245,7 @@ def test_finetune_with_a_custom_loss_graphs_teacher_student_and_loss(amp):
     too (finetune.DistillStep); the fine-tune ends where the eager-teacher fine-tune ends."""
     import torch.nn.functional as F
 
-    from sttp_compress.finetune import FinetuneConfig, finetune
+    from sttp_compress.train.loop import FinetuneConfig, finetune
 
     torch.manual_seed(2)
     teacher = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16),
@@ -275,8 +275,7 @@ def test_finetune_with_a_custom_loss_graphs_teacher_student_and_loss(amp):
 def test_no_new_capture_without_room_for_it(monkeypatch):
     """A new shape is captured only while MEMORY_MARGIN × the largest capture so far is free (driver-free
     plus PyTorch's unused cache); otherwise it runs eagerly, with one warning."""
-    from sttp_compress import stepgraph
-
+    from sttp_compress.train import stepgraph
     gib = 2**30
     free = {"driver": 30 * gib}
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["driver"], 140 * gib))

@@ -4,9 +4,9 @@ from collections import Counter
 import pytest
 import torch
 
-from sttp_compress.householder import frame_numel
-from sttp_compress.layers import matrix_factors
-from sttp_compress.tt import (TTShape, chain_matrix, prime_factors, reduce_chain, spectral_tt_svd,
+from sttp_compress.core.householder import frame_numel
+from sttp_compress.core.spectral_tt import matrix_factors
+from sttp_compress.core.tt import (TTShape, chain_matrix, prime_factors, reduce_chain, spectral_tt_svd,
                               svdp_dof, tt_dof, tt_ranks)
 
 
@@ -106,7 +106,7 @@ def test_svdp_conversion_is_truncated_svd():
 
 @pytest.mark.parametrize("reduce_last", [False, True])
 def test_reduce_chain_keeps_the_frame(reduce_last):
-    from sttp_compress.householder import frame
+    from sttp_compress.core.householder import frame
     W = torch.randn(48, 20, dtype=torch.float64)
     shape = TTShape.from_dims([48], [20], 6)
     u, _, _ = spectral_tt_svd(W, shape)

@@ -1,0 +1,3 @@
+from sttp_compress.cli import compress_main
+
+compress_main()

@@ -1,0 +1,519 @@
+"""Per-layer rank allocation for a whole-model compression ratio (method notes §6, eq. 11).
+
+`greedy` spends the parameter budget where it cuts the most weight error: each layer's options
+(rank → DOF, cost −log(1 − e²) of its relative TT-SVD error e) are reduced to their lower convex
+hull, and hull segments are taken across layers in order of cost removed per parameter, then
+single-rank steps fill what is left of the budget. `uniform` finds the largest single rank that fits, then raises
+the largest layers one rank at a time while the budget allows. Both reach the target from above.
+
+The error profile is lazy: a layer's TT-SVD error at a grid rank is computed only when the greedy
+needs it. The hull is walked vertex by vertex (the next vertex is the option that removes the most
+cost per parameter, the farthest on ties — what the monotone-chain hull keeps), with every
+unprofiled option standing in at the least cost it can have (0, or once a layer needs it, the tail
+of W's singular values beyond the option's middle rank). A segment whose end is a profiled
+option is then exact (no unprofiled option can beat it); one whose end is unprofiled is an upper
+bound, and its end is profiled when that bound reaches the front of the queue. A layer whose next
+option does not fit in what is left of the budget stops without profiling anything above it. The
+ranks are the same as profiling every grid rank first (`_greedy_exhaustive`, kept as the reference);
+only the high ranks that no allocation can reach are never profiled.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+from torch import Tensor, nn
+
+from sttp_compress.errors import UserError
+from sttp_compress.core.spectral_tt import matrix_factors, to_matrix, weight_kind, weight_name
+from sttp_compress.core.tt import TTShape, chain_matrix, chain_svd, pad_matrix
+
+__all__ = ["LayerOptions", "tt_error", "tt_error2", "layer_options", "allocate", "budget_for_ratio", "uniform_rank",
+           "check_reachable"]
+
+DENSE = 0  # rank value meaning "kept dense"
+_GRID = sorted({int(round(b * 2 ** e)) for e in range(0, 14) for b in (1, 1.5)} | {3, 5, 6})
+
+
+def tt_error(W: Tensor, shape: TTShape) -> float:
+    """Relative error ‖W − W_r‖/‖W‖ of the spectral TT-SVD of the matrix W at `shape`'s ranks.
+
+    The plain computation (both chains of `tt.chain_svd` in full); `tt_error2` gets the same number
+    with less work.
+    """
+    _, B = chain_svd(W, shape.out_modes, shape.u_ranks)
+    _, C = chain_svd(B.T.contiguous(), shape.in_modes, shape.v_ranks)
+    n2 = float(W.square().sum())
+    return math.sqrt(max(0.0, 1.0 - float(C.square().sum()) / n2)) if n2 > 0 else 0.0
+
+
+def _lossy(modes: tuple[int, ...], ranks: list[int], cols: int) -> list[bool]:
+    """Which bonds of a chain truncate: R_k < min(rows, cols) of the k-th unfolding of its rest."""
+    out, rest = [], math.prod(modes) * cols
+    for k, m in enumerate(modes):
+        rows = ranks[k] * m
+        out.append(ranks[k + 1] < min(rows, rest // rows))
+        rest = rest // rows * ranks[k + 1]
+    return out
+
+
+def _top(S: Tensor, R: int) -> Tensor:
+    """Eigenvectors of the R largest eigenvalues of the symmetric S, largest first."""
+    return torch.linalg.eigh(S)[1][:, -R:].flip(-1)
+
+
+def _kept(M: Tensor, R: int) -> float:
+    """‖U_Rᵀ M‖² for U_R the R leading left singular vectors of M: its R largest squared singular values."""
+    S = M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
+    return float(torch.linalg.eigvalsh(S)[-R:].sum())
+
+
+def _sweep(rest: Tensor, ranks: list[int], modes: tuple[int, ...], lossy: list[bool], last: int,
+           n2: float) -> tuple[float | None, Tensor]:
+    """One chain's TT-SVD truncations, mode by mode: (relative squared error, None) once the final
+    truncating bond `last` is reached (its kept energy is the leading eigenvalues' sum), else
+    (None, what is left after every mode)."""
+    for k in range(min(len(modes), last + 1)):
+        M = rest.reshape(ranks[k] * modes[k], -1)
+        R = ranks[k + 1]
+        if not lossy[k] and R == M.shape[0]:
+            rest = M
+            continue
+        if k == last:
+            return max(0.0, 1.0 - _kept(M, R) / n2), None
+        Uk = _top(M @ M.T, R) if M.shape[0] <= M.shape[1] else torch.linalg.svd(M, full_matrices=False)[0][:, :R]
+        rest = Uk.T @ M
+    return None, rest
+
+
+def tt_error2(W: Tensor, shape: TTShape, gram: Tensor | None = None, n2: float | None = None) -> float:
+    """Relative squared error of the spectral TT-SVD of W at `shape` (= tt_error² up to rounding).
+
+    The same truncations as `tt_error` with less work: the U chain runs on the Gram matrix
+    `gram` = W Wᵀ when given (cheap when d_out <= d_in; it only ever needs W Wᵀ), bonds that keep
+    their whole unfolding are identities, and nothing after the last truncating bond is computed —
+    the energy it keeps is the sum of that unfolding's leading eigenvalues. `n2` = ‖W‖² if known.
+    """
+    n2 = float(W.square().sum()) if n2 is None else n2
+    if n2 <= 0:
+        return 0.0
+    u_lossy = _lossy(shape.out_modes, shape.u_ranks, shape.d_in)
+    v_lossy = _lossy(shape.in_modes, shape.v_ranks, shape.middle)
+    if not any(u_lossy) and not any(v_lossy):
+        return 0.0
+    u_last = max((k for k, x in enumerate(u_lossy) if x), default=-1) if not any(v_lossy) else len(u_lossy)
+    ranks, modes = shape.u_ranks, shape.out_modes
+    cores = []
+    if gram is not None:  # rest Gram H: (R_{k-1}·D_k) × (R_{k-1}·D_k), D_k the product of modes k..
+        H = gram
+        for k, m in enumerate(modes):
+            rows, R = ranks[k] * m, ranks[k + 1]
+            if not u_lossy[k] and R == rows:
+                cores.append(torch.eye(R, dtype=W.dtype, device=W.device).reshape(ranks[k], m, R))
+                continue
+            D = H.shape[0] // rows
+            H4 = H.reshape(rows, D, rows, D)
+            S = torch.diagonal(H4, dim1=1, dim2=3).sum(-1)
+            if k == u_last:
+                return max(0.0, 1.0 - float(torch.linalg.eigvalsh(S)[-R:].sum()) / n2)
+            Uk = _top(S, R)
+            cores.append(Uk.reshape(ranks[k], m, R))
+            H = torch.einsum("ia,itjs,jb->atbs", Uk, H4, Uk).reshape(R * D, R * D)
+        B = chain_matrix(cores).T @ W if any(u_lossy) else W
+    else:
+        err, rest = _sweep(W, ranks, modes, u_lossy, u_last, n2)
+        if err is not None:
+            return err
+        B = rest.reshape(ranks[-1], -1)
+    v_last = max(k for k, x in enumerate(v_lossy) if x)
+    err, _ = _sweep(B.T, shape.v_ranks, shape.in_modes, v_lossy, v_last, n2)
+    if err is None:
+        raise AssertionError("unreachable: the V chain truncates at bond v_last")
+    return err
+
+
+@dataclass
+class LayerOptions:
+    """Candidate ranks of one layer with their DOF and relative squared error (DENSE last).
+
+    `err2[i]` is None until option i is profiled; `error2(i)` profiles it on first use.
+    """
+
+    name: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    numel: int
+    method: str
+    spectrum: str
+    ranks: list[int] = field(default_factory=list)
+    dofs: list[int] = field(default_factory=list)
+    err2: list[float | None] = field(default_factory=list)
+    profile: Callable[[TTShape], float] | None = field(default=None, repr=False, compare=False)
+    lower: list[float] | None = field(default=None, repr=False, compare=False)  # err2 bounds, see tighten()
+    extra: int = 0  # parameters beside the TT at every rank (a row-scaled layer's d_out row scales)
+
+    def error2(self, i: int) -> float:
+        """Relative squared TT-SVD error of option i, computed on first use (DENSE: 0)."""
+        e = self.err2[i]
+        if e is None:
+            if self.profile is None:
+                raise ValueError(f"{self.name}: options built without an error profile")
+            e = self.err2[i] = float(self.profile(self.tt(self.ranks[i])))
+        return e
+
+    def profiled(self) -> int:
+        """How many grid ranks have had their error computed."""
+        return sum(e is not None for e in self.err2[:-1])
+
+    def tighten(self) -> bool:
+        """Compute lower bounds of every option's err2 if the profile offers them; True if it did.
+
+        A TT of middle rank r is a matrix of rank <= r, so its error is at least the tail of W's singular
+        values beyond r (less a margin for rounding): one eigvalsh per layer, far cheaper than the
+        TT-SVDs at high ranks it saves.
+        """
+        bounds = getattr(self.profile, "lower_bounds", None)
+        if self.lower is not None or bounds is None:
+            return False
+        self.lower = [float(b) for b in bounds([self.tt(r) for r in self.ranks[:-1]])] + [0.0]
+        return True
+
+    def optimistic(self, i: int) -> float:
+        """err2 of option i if profiled, else the least it can be."""
+        e = self.err2[i]
+        if e is not None:
+            return e
+        return self.lower[i] if self.lower is not None else 0.0
+
+    def release(self) -> None:
+        """Drop the profile's weight view and caches (the computed errors stay)."""
+        self.profile = None
+
+    def tt(self, rank: int) -> TTShape:
+        return _tt_shape(self.kind, self.weight_shape, rank, self.method)
+
+    def dof(self, rank: int) -> int:
+        """Parameters at `rank` (DENSE: the dense weight)."""
+        return self.numel if rank == DENSE else self.tt(rank).dof(self.spectrum) + self.extra
+
+
+@lru_cache(maxsize=65536)
+def _tt_shape(kind: str, weight_shape: tuple[int, ...], rank: int, method: str) -> TTShape:
+    out_f, in_f = matrix_factors(kind, weight_shape)
+    return TTShape.from_dims(out_f, in_f, rank, method)
+
+
+class _Profile:
+    """A layer's relative squared TT-SVD (or SVD) error at any TT shape, from its current weight.
+
+    Keeps what every rank shares: the weight as a float32 matrix (a view when it already is one),
+    ‖W‖², and W Wᵀ for the U chains when d_out <= d_in (`tt_error2`). With `row_weight` w the error is
+    that of diag(√w)·W, the matrix a row-scaled conversion factorizes (layers.SpectralTT); with
+    `col_weight` c that of W·diag(√c) (column-scaled); with `row_order` that of its rows in that order.
+    """
+
+    def __init__(self, module: nn.Module, kind: str, method: str, row_weight: Tensor | None = None,
+                 col_weight: Tensor | None = None, row_order: Tensor | None = None):
+        self.module, self.kind, self.method, self.row_weight = module, kind, method, row_weight
+        self.col_weight, self.row_order = col_weight, row_order
+        self._W: Tensor | None = None
+        self._gram: Tensor | None = None
+        self._n2 = 0.0
+        self._tail: list[float] | None = None
+
+    def _matrix(self) -> Tensor:
+        if self._W is None:
+            weight = getattr(self.module, weight_name(self.module)).detach().to(torch.float32)
+            W = to_matrix(self.kind, weight)
+            if self.row_weight is not None:
+                W = W * torch.as_tensor(self.row_weight, dtype=W.dtype, device=W.device).reshape(-1, 1).sqrt()
+            if self.col_weight is not None:
+                W = W * torch.as_tensor(self.col_weight, dtype=W.dtype, device=W.device).reshape(1, -1).sqrt()
+            if self.row_order is not None:
+                W = W[torch.as_tensor(self.row_order, device=W.device)]
+            if self.method == "sttp":  # the zero-padded tensorization (tt.padded_size)
+                W = pad_matrix(W, *matrix_factors(self.kind, tuple(weight.shape)))
+            self._n2 = float(W.square().sum())
+            if self.method == "sttp" and W.shape[0] <= W.shape[1]:
+                self._gram = W @ W.T
+            self._W = W
+        return self._W
+
+    def lower_bounds(self, shapes: list[TTShape]) -> list[float]:
+        """Lower bounds of the relative squared error at each TT shape: W's singular-value tail beyond
+        the middle rank, less 1e-4 for the float32 Gram's rounding (STTP only; SVDP is exact anyway)."""
+        if self.method != "sttp":
+            return [0.0] * len(shapes)
+        W = self._matrix()
+        G = self._gram if self._gram is not None else (W @ W.T if W.shape[0] <= W.shape[1] else W.T @ W)
+        s2 = torch.linalg.eigvalsh(G.double()).clamp_min(0).flip(0)
+        tail = (s2.flip(0).cumsum(0).flip(0) / max(self._n2, 1e-30)).tolist() + [0.0]
+        return [max(0.0, tail[min(sh.middle, len(tail) - 1)] - 1e-4) for sh in shapes]
+
+    def __call__(self, shape: TTShape) -> float:
+        W = self._matrix()
+        if self.method == "svdp":
+            if self._tail is None:
+                s2 = torch.linalg.svdvals(W.double()).square()
+                self._tail = (s2.flip(0).cumsum(0).flip(0) / s2.sum().clamp_min(1e-30)).tolist() + [0.0]
+            return self._tail[shape.middle]
+        return tt_error2(W, shape, self._gram, self._n2)
+
+
+def layer_options(name: str, module: nn.Module, method: str = "sttp", spectrum: str = "free",
+                  with_errors: bool = True, eager: bool = False, row_weight: Tensor | None = None,
+                  col_weight: Tensor | None = None, row_order: Tensor | None = None) -> LayerOptions:
+    """Options on a geometric rank grid (1, 1.5, 2, 3, 4, 6, …) while DOF < numel, plus DENSE.
+
+    With errors, each grid rank's error is profiled lazily (`LayerOptions.error2`) from the module's
+    weight at that time, or all at once with `eager`. A `row_weight` makes the options row-scaled
+    (d_out more parameters each) and their errors row-weighted (`_Profile`); a `col_weight` the same
+    on the input side (d_in more); a `row_order` profiles the rows in that order (SpectralTT.row_order).
+    """
+    kind = weight_kind(module)
+    W = getattr(module, weight_name(module))
+    opts = LayerOptions(name, kind, tuple(W.shape), W.numel(), method, spectrum)
+    shape = opts.weight_shape
+    out_f, in_f = matrix_factors(kind, shape)
+    opts.extra = (math.prod(out_f) if row_weight is not None else 0) + (math.prod(in_f) if col_weight is not None else 0)
+    last = None
+    for r in _GRID:
+        tt = TTShape.from_dims(out_f, in_f, r, method)
+        if tt.tt_ranks == last:
+            break
+        last = tt.tt_ranks
+        dof = tt.dof(spectrum) + opts.extra
+        if dof >= opts.numel:
+            break
+        opts.ranks.append(r)
+        opts.dofs.append(dof)
+    opts.ranks.append(DENSE)
+    opts.dofs.append(opts.numel)
+    opts.err2 = [None] * (len(opts.ranks) - 1) + [0.0]
+    if with_errors:
+        opts.profile = _Profile(module, kind, method, row_weight, col_weight, row_order)
+        if eager:
+            for i in range(len(opts.ranks)):
+                opts.error2(i)
+            opts.release()
+    return opts
+
+
+def budget_for_ratio(params_original: int, params_fixed: int, ratio: float) -> int:
+    """Parameter budget of the compressed layers so that original / total >= ratio."""
+    return math.floor(params_original / ratio) - params_fixed
+
+
+def _cost(err2: float) -> float:
+    """What the allocation minimizes per layer: −log(1 − e²), the log of the weight energy lost.
+
+    Summed over layers it is −log Π(1 − e²_ℓ), the signal kept through the whole network. For small
+    errors it equals e²; near e² = 1 it grows without bound, so no layer is starved to a rank that
+    leaves almost nothing of it (which a plain Σ e² allowed: at ratio 50 it left layer4 at rank 1–2).
+    """
+    return -math.log1p(-min(err2, 1.0 - 1e-6))
+
+
+def _hull(dofs: list[int], err2: list[float]) -> list[int]:
+    """Indices of the lower convex hull of (dof, err²), from the cheapest option."""
+    idx = [0]
+    for i in range(1, len(dofs)):
+        if err2[i] >= err2[idx[-1]]:
+            continue  # never worth more parameters for no less error
+        while len(idx) >= 2:
+            a, b = idx[-2], idx[-1]
+            # drop b when the segment a→i removes error per parameter at least as fast as a→b
+            if (err2[a] - err2[i]) * (dofs[b] - dofs[a]) >= (err2[a] - err2[b]) * (dofs[i] - dofs[a]):
+                idx.pop()
+            else:
+                break
+        idx.append(i)
+    return idx
+
+
+def _interp_err2(o: LayerOptions, rank: int) -> float:
+    """Relative squared error at a rank between grid points (linear in DOF)."""
+    if rank == DENSE:
+        return 0.0
+    grid = o.ranks[:-1]
+    j = next((i for i, r in enumerate(grid) if r >= rank), None)
+    if j is None:
+        return o.error2(len(grid) - 1)
+    if grid[j] == rank or j == 0:
+        return o.error2(j)
+    d, d0, d1 = o.dof(rank), o.dofs[j - 1], o.dofs[j]
+    t = (d - d0) / max(1, d1 - d0)
+    return o.error2(j - 1) + t * (o.error2(j) - o.error2(j - 1))
+
+
+def allocate(options: list[LayerOptions], budget: int, allocation: str = "greedy") -> dict[str, int]:
+    """Choose a rank per layer (DENSE = keep dense) with Σ DOF <= budget, as full as possible."""
+    minimum = sum(o.dofs[0] for o in options)
+    if minimum > budget:
+        raise ValueError("budget below the smallest configuration")
+    if allocation == "uniform":
+        return _uniform(options, budget)
+    if allocation != "greedy":
+        raise ValueError(f"allocation must be 'greedy' or 'uniform', got {allocation!r}")
+    left = budget - minimum
+    at = [0] * len(options)  # each layer's current hull vertex (an index into its options)
+    queue: list[tuple[float, int, int, bool]] = []
+    for li, o in enumerate(options):
+        _enqueue(queue, li, o, 0)
+    while queue:
+        _, li, b, exact = heapq.heappop(queue)
+        o, a = options[li], at[li]
+        if o.dofs[a + 1] - o.dofs[a] > left:
+            continue  # not even the next grid rank fits: this layer is done, whatever its hull holds
+        if not exact:
+            if not o.tighten():  # the bound reached the front: bound every option, or else
+                o.error2(b)  # profile the segment's end, and look again
+            _enqueue(queue, li, o, a)
+            continue
+        extra = o.dofs[b] - o.dofs[a]
+        if extra > left:
+            continue  # later segments of this layer are less efficient still
+        at[li] = b
+        left -= extra
+        _enqueue(queue, li, o, b)
+    ranks = {o.name: o.ranks[at[li]] for li, o in enumerate(options)}
+    return _fill(options, ranks, left)
+
+
+def _next_vertex(o: LayerOptions, a: int) -> tuple[float, int] | None:
+    """The hull's next vertex after vertex a as (gain, index), unprofiled options at their least cost.
+
+    The option removing the most cost per parameter, the farthest on ties (the monotone chain of
+    `_hull` keeps the same one), compared by the same cross-multiplied test as `_hull`.
+    """
+    ca = _cost(o.error2(a))
+    best, cb = None, 0.0
+    for i in range(a + 1, len(o.dofs)):
+        c = _cost(o.optimistic(i))
+        if c >= ca:
+            continue
+        if best is None or (ca - c) * (o.dofs[best] - o.dofs[a]) >= (ca - cb) * (o.dofs[i] - o.dofs[a]):
+            best, cb = i, c
+    if best is None:
+        return None
+    return (ca - cb) / (o.dofs[best] - o.dofs[a]), best
+
+
+def _enqueue(queue: list, li: int, o: LayerOptions, a: int) -> None:
+    """Queue layer li's segment from vertex a, keyed like the exhaustive sort: gain, then layer order."""
+    nxt = _next_vertex(o, a) if a < len(o.dofs) - 1 else None
+    if nxt is not None:
+        gain, b = nxt
+        heapq.heappush(queue, (-gain, li, b, o.err2[b] is not None))
+
+
+def _greedy_exhaustive(options: list[LayerOptions], budget: int) -> dict[str, int]:
+    """The greedy allocation with every option profiled first (the reference `allocate` must match)."""
+    for o in options:
+        for i in range(len(o.err2)):
+            o.error2(i)
+    minimum = sum(o.dofs[0] for o in options)
+    choice = {o.name: 0 for o in options}  # index into the layer's options
+    used = minimum
+    segments = []
+    for li, o in enumerate(options):
+        cost = [_cost(e) for e in o.err2]
+        h = _hull(o.dofs, cost)
+        for a, b in zip(h, h[1:]):
+            gain = (cost[a] - cost[b]) / (o.dofs[b] - o.dofs[a])
+            segments.append((gain, li, a, b))
+    segments.sort(key=lambda s: -s[0])
+    blocked = set()
+    for gain, li, a, b in segments:
+        o = options[li]
+        if li in blocked or choice[o.name] != a:
+            continue
+        extra = o.dofs[b] - o.dofs[a]
+        if used + extra > budget:
+            blocked.add(li)  # later segments of this layer are less efficient still
+            continue
+        choice[o.name] = b
+        used += extra
+    ranks = {o.name: o.ranks[choice[o.name]] for o in options}
+    return _fill(options, ranks, budget - used)
+
+
+def _fill(options: list[LayerOptions], ranks: dict[str, int], left: int) -> dict[str, int]:
+    """Spend the remaining budget in single-rank steps where they remove the most error per DOF."""
+    by_name = {o.name: o for o in options}
+    while True:
+        best = None
+        for name, r in ranks.items():
+            o = by_name[name]
+            if r == DENSE:
+                continue
+            nxt = _next_rank(o, r)
+            extra = o.dof(nxt) - o.dof(r)
+            if 0 < extra <= left:
+                gain = (_cost(_interp_err2(o, r)) - _cost(_interp_err2(o, nxt))) / extra
+                if best is None or gain > best[0]:
+                    best = (gain, name, nxt, extra)
+        if best is None:
+            return ranks
+        _, name, nxt, extra = best
+        ranks[name] = nxt
+        left -= extra
+
+
+def _next_rank(o: LayerOptions, r: int) -> int:
+    """The next rank that changes the layer (DENSE once it would not save parameters)."""
+    ranks = o.tt(r).tt_ranks
+    nxt = r + 1
+    while o.tt(nxt).tt_ranks == ranks and nxt < 10 ** 6:
+        nxt += 1
+    return nxt if o.dof(nxt) < o.numel and o.tt(nxt).tt_ranks != ranks else DENSE
+
+
+def _total(options: list[LayerOptions], r: int) -> int:
+    return sum(min(o.dof(r), o.numel) for o in options)
+
+
+def uniform_rank(options: list[LayerOptions], budget: int) -> int:
+    """The largest single rank r whose total DOF (layers that would not shrink kept dense) fits."""
+    lo, hi = 1, max(max(o.tt(10 ** 9).tt_ranks) for o in options)
+    while lo < hi:  # total(r) is non-decreasing in r
+        mid = (lo + hi + 1) // 2
+        if _total(options, mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _uniform(options: list[LayerOptions], budget: int) -> dict[str, int]:
+    """The largest single rank that fits, then one step up on the largest layers while it fits."""
+    lo = uniform_rank(options, budget)
+    ranks = {o.name: (lo if o.dof(lo) < o.numel else DENSE) for o in options}
+    left = budget - _total(options, lo)
+    for o in sorted(options, key=lambda o: -o.numel):
+        r = ranks[o.name]
+        if r == DENSE:
+            continue
+        nxt = _next_rank(o, r)
+        extra = o.dof(nxt) - o.dof(r)
+        if 0 < extra <= left:
+            ranks[o.name] = nxt
+            left -= extra
+    return ranks
+
+
+def check_reachable(params_original: int, params_fixed: int, options: list[LayerOptions], ratio: float) -> None:
+    """Raise UserError naming the largest reachable ratio when `ratio` cannot be met."""
+    if ratio <= 1:
+        raise UserError(f"--ratio must be > 1 (original/compressed parameters), got {ratio:g}")
+    smallest = params_fixed + sum(o.dofs[0] for o in options)
+    if params_original / ratio < smallest:
+        largest = math.floor(100 * params_original / smallest) / 100  # rounded down: itself reachable
+        raise UserError(f"--ratio {ratio:g} is unreachable: the largest reachable ratio is "
+                        f"{largest:.2f} (every eligible layer at rank 1; "
+                        f"{params_fixed:,} parameters stay dense)")

@@ -1,0 +1,412 @@
+"""Walk a model, pick layers, convert them to STTP/SVDP parametrizations, and undo it.
+
+The Python API in a nutshell::
+
+    layers = compress(model, rank=32)              # in place; returns {name: SpectralTT}
+    count_parameters(model)                        # what training sees (= Σ DOF + the rest)
+    decompress(model)                              # back to plain modules with the current weights
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from sttp_compress.core.forms import layer_originals
+from sttp_compress.core.spectral_tt import SUPPORTED, SpectralTT, is_parametrized, matrix_factors, to_matrix, weight_kind, weight_name
+from sttp_compress.core.tt import TTShape
+
+__all__ = ["compress_module", "compress", "compress_to_target", "decompress", "count_parameters",
+           "candidate_layers", "compressed_layers", "parametrization", "spectral_penalty", "weight_of", "tiered_order",
+           "layer_tiered_order",
+           "layer_name", "named_layers"]
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The module's compressible weight (`weight`, or MultiheadAttention's `in_proj_weight`)."""
+    return getattr(module, weight_name(module))
+
+
+def layer_name(module_name: str, module: nn.Module) -> str:
+    """A layer's name in reports, rank maps and checkpoints: the module's, or
+    `<module>.in_proj_weight` for a MultiheadAttention's packed q/k/v projection."""
+    w = weight_name(module)
+    return module_name if w == "weight" else f"{module_name}.{w}"
+
+
+def named_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """{layer name: module} of every named submodule (see `layer_name`)."""
+    return {layer_name(n, m): m for n, m in model.named_modules() if n}
+
+
+def compress_module(module: nn.Module, rank: int, method: str = "sttp", spectrum: str = "free",
+                    convert: bool = True, row_scaled: bool = False,
+                    row_weight: torch.Tensor | None = None, col_scaled: bool = False,
+                    col_weight: torch.Tensor | None = None, row_ordered: bool = False,
+                    row_order: torch.Tensor | None = None) -> SpectralTT:
+    """Register an STTP (or SVDP) parametrization on `module.weight` (MHA: `in_proj_weight`), converted by TT-SVD.
+
+    With convert=False the structure is attached with zero parameters (no TT-SVD), ready for
+    `load_state_dict` of a compressed checkpoint. `row_weight` (one positive value per row of the
+    weight matrix, e.g. per token of an embedding) makes it row-scaled and weights the TT-SVD's error
+    by it (see SpectralTT); `col_weight` (one per column, e.g. the input features' activation scale)
+    does the same on the input side. `row_order` (a permutation of the rows, e.g. `weight_order(row_weight)`)
+    makes the tensor train factorize the rows in that order; `row_ordered` attaches that structure for a
+    state_dict to fill.
+    """
+    kind = weight_kind(module)
+    if is_parametrized(module):
+        raise ValueError(f"{type(module).__name__} is already compressed")
+    W = weight_of(module)
+    p = SpectralTT(kind, tuple(W.shape), rank, method, spectrum, row_scaled or row_weight is not None,
+                   col_scaled or col_weight is not None, row_ordered or row_order is not None).to(W.device)
+    if row_order is not None:
+        order = torch.as_tensor(row_order, dtype=torch.long).flatten()
+        if not torch.equal(order.sort().values, torch.arange(p.rows)):
+            raise ValueError(f"row_order must be a permutation of the weight's {p.rows} rows")
+        p.row_order.copy_(order)
+    p.row_weight, p.col_weight = row_weight, col_weight
+    p.skip_conversion = not convert
+    # unsafe: skip parametrize's check that builds the weight once more; right_inverse returns exactly the
+    # parameters forward() expects (tests/test_layers.py), and that build was a sixth of a layer's conversion
+    parametrize.register_parametrization(module, weight_name(module), p, unsafe=True)
+    # frames without free entries (−I) have 0-sized originals: nothing to train, and each trainable tensor
+    # costs CPU time every step (gradient accumulation, optimizer loops): 106 of ResNet-18's 187 at ratio 10
+    for o in layer_originals(module, p):
+        if o.numel() == 0:
+            o.requires_grad_(False)
+    p.skip_conversion = False
+    p.row_weight = p.col_weight = None  # used once, by the conversion
+    return p
+
+
+def weight_order(row_weight: torch.Tensor) -> torch.Tensor:
+    """The rows by descending weight (ties in index order): a `row_order` that gives the heaviest rows
+    (e.g. the most frequent tokens) the tensor train's leading digits together."""
+    return torch.as_tensor(row_weight).flatten().argsort(descending=True, stable=True)
+
+
+def tiered_order(W: torch.Tensor, row_weight: torch.Tensor, modes: tuple[int, ...], tier_digits: int = 3,
+                 dims: int | None = 128) -> torch.Tensor:
+    """A `row_order` for a tensor train over the row modes `modes` (memory order, padded size ∏ modes):
+    the rows by descending weight into ∏ modes[:tier_digits] equal tiers, then within each tier a
+    principal-direction tree: each block is sorted along its rows' top principal direction and cut into
+    the next mode's equal parts, down to single rows. Rows that share the fast digits (the bonds that the
+    rank truncates) are then alike, and the heavy rows share tiers. The directions are found in W's
+    leading `dims` principal coordinates (None: all), which keeps it about a second for a BERT vocabulary
+    on 2 CPU cores. Deterministic; batched over blocks.
+    """
+    W = W.detach().to(torch.float32)
+    if dims is not None and dims < W.shape[1]:
+        W = W @ torch.linalg.eigh(W.T @ W)[1][:, -dims:]
+    n, d, size = W.shape[0], W.shape[1], math.prod(modes)
+    if size < n:
+        raise ValueError(f"modes {modes} hold {size} rows, fewer than the weight's {n}")
+    lead = math.prod(modes[:tier_digits])
+    Wz = torch.cat([W, W.new_zeros(1, d)])  # row n: the padding's (zero) row
+    slots = torch.full((size,), n, dtype=torch.long)  # padding after the last row, as tt.pad_matrix
+    slots[:n] = weight_order(row_weight)
+    blocks = slots.view(lead, size // lead)
+    for m in modes[tier_digits:]:
+        valid = (blocks < n).unsqueeze(-1)
+        X = Wz[blocks]  # (blocks, S, d), padding rows zero
+        X = X - valid * (X.sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1))
+        if X.shape[1] <= d:  # top eigenvector of the S×S Gram matrix: the rows' coordinates on the direction
+            key = torch.linalg.eigh(X @ X.transpose(1, 2))[1][..., -1]
+        else:  # top eigenvector of the d×d scatter matrix, projected
+            key = (X @ torch.linalg.eigh(X.transpose(1, 2) @ X)[1][..., -1:]).squeeze(-1)
+        key = key.masked_fill(~valid.squeeze(-1), float("inf"))
+        blocks = blocks.gather(1, key.argsort(dim=1, stable=True)).reshape(-1, blocks.shape[1] // m)
+    return blocks.flatten()[:n]
+
+
+def layer_tiered_order(module: nn.Module, row_weight: torch.Tensor, tier_digits: int = 3) -> torch.Tensor:
+    """`tiered_order` of `module`'s weight matrix over the row modes of its STTP tensorization."""
+    kind, W = weight_kind(module), weight_of(module)
+    modes = TTShape.from_dims(*matrix_factors(kind, tuple(W.shape)), 1).out_modes
+    return tiered_order(to_matrix(kind, W), row_weight, modes, tier_digits)
+
+
+def attach_structure(module: nn.Module, cfg: Mapping) -> SpectralTT:
+    """The parametrization a layer's `SpectralTT.config()` describes, with zero parameters, for a
+    state_dict to fill (a compressed checkpoint, or the main process's conversion under DDP)."""
+    return compress_module(module, cfg["rank"], cfg["method"], cfg["spectrum"], convert=False,
+                           row_scaled=bool(cfg.get("row_scaled", False)),
+                           col_scaled=bool(cfg.get("col_scaled", False)),
+                           row_ordered=bool(cfg.get("row_ordered", False)))
+
+
+def parametrization(module: nn.Module) -> SpectralTT:
+    """The SpectralTT parametrization on a compressed module."""
+    return next(p for p in getattr(module.parametrizations, weight_name(module)) if isinstance(p, SpectralTT))
+
+
+def candidate_layers(model: nn.Module, include: Iterable[str] | None = None,
+                     exclude: Iterable[str] | None = None,
+                     keep_first_last: bool = True) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Split the model's weight layers into candidates and skipped ones (with the reason).
+
+    Candidates: Linear, ConvNd, ConvTransposeNd (groups == 1), Embedding, MultiheadAttention's packed
+    q/k/v projection (named `<module>.in_proj_weight`; its out_proj is a Linear). By default the first
+    convolution and the last Linear (the classifier) stay dense, the paper's practice; `include`
+    globs (on module names) select candidates explicitly and override that rule; `exclude` globs
+    always win. A model with a `sttp_layer_policy()` method (hf.SentenceEncoder) replaces the first/last
+    rule by its own: layers it keeps dense always, and layers dense unless `include` selects them.
+    """
+    include, exclude = list(include or []), list(exclude or [])
+    layers = [(layer_name(n, m), m) for n, m in model.named_modules() if isinstance(m, SUPPORTED) and n]
+    # a model may name its own dense layers (hf.SentenceEncoder: poolers always, embeddings by default)
+    policy = getattr(model, "sttp_layer_policy", None)
+    always, by_default = policy() if callable(policy) else ({}, {})
+    keep_first_last = keep_first_last and not callable(policy)
+    first_conv = next((n for n, m in layers
+                       if not isinstance(m, (nn.Linear, nn.Embedding, nn.MultiheadAttention))), None)
+    last_linear = next((n for n, m in reversed(layers) if isinstance(m, nn.Linear)), None)
+    chosen, skipped = {}, {}
+    for name, m in layers:
+        if name in always:
+            skipped[name] = always[name]
+        elif any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            skipped[name] = "excluded by --exclude"
+        elif include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+            skipped[name] = "not matched by --include"
+        elif not include and name in by_default:
+            skipped[name] = by_default[name]
+        elif not include and keep_first_last and name == first_conv:
+            skipped[name] = "first convolution kept dense"
+        elif not include and keep_first_last and name == last_linear:
+            skipped[name] = "final classifier kept dense"
+        elif is_parametrized(m):
+            skipped[name] = "already compressed"
+        else:
+            try:
+                weight_kind(m)
+                chosen[name] = m
+            except ValueError as e:
+                skipped[name] = str(e)
+    return chosen, skipped
+
+
+def compress(model: nn.Module, rank: int | Mapping[str, int], method: str = "sttp",
+             spectrum: str = "free", include: Iterable[str] | None = None,
+             exclude: Iterable[str] | None = None, keep_first_last: bool = True) -> dict[str, SpectralTT]:
+    """Convert the model's eligible layers in place at one rank, or per-layer ranks {name: rank}.
+
+    With a mapping, exactly the named layers are converted. A layer whose DOF would not be smaller
+    than its dense weight is left dense. Returns {name: parametrization} of the converted layers.
+    """
+    if isinstance(rank, Mapping):
+        modules = named_layers(model)
+        missing = [n for n in rank if n not in modules]
+        if missing:
+            raise ValueError(f"no such layers: {', '.join(missing[:3])}")
+        targets = {n: (modules[n], r) for n, r in rank.items()}
+    else:
+        chosen, _ = candidate_layers(model, include, exclude, keep_first_last)
+        targets = {n: (m, rank) for n, m in chosen.items()}
+    out = {}
+    for name, (m, r) in targets.items():
+        W = weight_of(m)
+        probe = SpectralTT(weight_kind(m), tuple(W.shape), r, method, spectrum)
+        if probe.dof() >= W.numel():
+            continue
+        out[name] = compress_module(m, r, method, spectrum)
+    return out
+
+
+def spectral_penalty(model: nn.Module) -> torch.Tensor:
+    """Σ over compressed layers of the D-optimal regularizer −Σ log|σ_i| (§5); add λ times it to a loss."""
+    terms = []
+    for m in model.modules():
+        if is_parametrized(m):
+            p = parametrization(m)
+            if p.spectrum != "identity":
+                plist = getattr(m.parametrizations, weight_name(m))
+                terms.append(p.spectral_penalty(getattr(plist, f"original{len(p.groups)}")))
+    if not terms:
+        ref = next(model.parameters(), None)
+        return torch.zeros((), device=ref.device if ref is not None else "cpu")
+    return torch.stack(terms).sum()
+
+
+def compressed_layers(model: nn.Module) -> dict[str, SpectralTT]:
+    """{name: parametrization} of every compressed layer in the model."""
+    return {layer_name(n, m): parametrization(m) for n, m in model.named_modules() if is_parametrized(m)}
+
+
+def decompress(model: nn.Module) -> nn.Module:
+    """Replace every STTP/SVDP parametrization by a plain weight holding its current value."""
+    for m in list(model.modules()):
+        if is_parametrized(m):
+            _unparametrize(m, weight_name(m))
+    return model
+
+
+def _unparametrize(m: nn.Module, name: str) -> None:
+    """`parametrize.remove_parametrizations(m, name, leave_parametrized=True)` without deleting the
+    property from the parametrized class, which deep copies of the model share: torch's version would
+    leave every copy's layer without its weight."""
+    if len(m.parametrizations) > 1:  # other parametrizations stay: only torch can untangle the class
+        with torch.enable_grad():
+            parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+        w = getattr(m, name)
+        if not isinstance(w, nn.Parameter):
+            delattr(m, name)
+            setattr(m, name, nn.Parameter(w.detach(), requires_grad=w.requires_grad))
+        return
+    with torch.no_grad():
+        w = getattr(m, name).detach().clone()
+    trainable = any(p.requires_grad for p in m.parametrizations[name].parameters())
+    del m._modules["parametrizations"]
+    m.__class__ = m.__class__.__bases__[0]  # the class parametrize derived for this layer (and its copies)
+    setattr(m, name, nn.Parameter(w, requires_grad=trainable))
+
+
+def _weighted_error(W1: torch.Tensor, W0: torch.Tensor, kind: str, row_weight: torch.Tensor | None,
+                    col_weight: torch.Tensor | None = None) -> float:
+    """‖diag(√w)(W1 − W0)diag(√c)‖ / ‖diag(√w) W0 diag(√c)‖ on the weight matrices (w: row, c: column weights)."""
+    D, M = to_matrix(kind, (W1 - W0).double()), to_matrix(kind, W0.double())
+    w = torch.ones((), dtype=torch.float64, device=W0.device)
+    if row_weight is not None:
+        w = w * torch.as_tensor(row_weight, dtype=torch.float64).reshape(-1, 1).to(W0.device)
+    if col_weight is not None:
+        w = w * torch.as_tensor(col_weight, dtype=torch.float64).reshape(1, -1).to(W0.device)
+    return float(((D.square() * w).sum() / (M.square() * w).sum().clamp_min(1e-60)).sqrt())
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter values (a compressed layer counts its DOF, not its dense weight)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _singular_values(M: torch.Tensor) -> list[float]:
+    """Singular values, descending, from the eigenvalues of the smaller Gram matrix (float64)."""
+    M = M.detach().double()
+    G = M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
+    return torch.linalg.eigvalsh(G).clamp_min(0).sqrt().flip(0).tolist()
+
+
+def check_target(ratio: float | None, rank: int | None) -> None:
+    """Exactly one of a ratio > 1 or a rank >= 1, else UserError (checked before any work is done)."""
+    from sttp_compress.errors import UserError
+
+    if (ratio is None) == (rank is None):
+        raise UserError("give exactly one of --ratio or --rank")
+    if rank is not None and rank < 1:
+        raise UserError(f"--rank must be a positive integer, got {rank}")
+    if ratio is not None and not ratio > 1:
+        raise UserError(f"--ratio must be > 1 (original/compressed parameters), got {ratio:g}")
+
+
+def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int | None = None,
+                       method: str = "sttp", spectrum: str = "free", allocation: str = "greedy",
+                       include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
+                       on_layer: Callable[[str], None] | None = None,
+                       spectra_of: int = 4, row_weights: Mapping[str, torch.Tensor] | None = None,
+                       layer_ranks: Mapping[str, int] | None = None,
+                       col_weights: Mapping[str, torch.Tensor] | None = None,
+                       input_moments: Mapping[str, torch.Tensor] | None = None,
+                       row_orders: Mapping[str, torch.Tensor] | None = None) -> dict:
+    """Compress `model` in place at one rank or to a whole-model ratio (eq. 11); return the report parts.
+
+    Returns {"layers": [...], "skipped": [...], "totals": {...}, "spectra": {name: (before, after)}}
+    in the report.json schema; `on_layer(name)` is called after each layer (for progress bars).
+    `row_weights` {layer name: one weight per row} makes those layers row-scaled, their conversion
+    and allocation error row-weighted (e.g. an embedding by token frequency: `text.token_weights`);
+    a layer's `rel_error` stays the plain Frobenius error, `weighted_rel_error` is added.
+    `col_weights` {layer name: one weight per column} does the same on the input side (e.g. each input
+    feature's activation scale: `activation.input_scales`). `input_moments` {Linear name: E[x xᵀ] of
+    its inputs} (`activation.input_moments`) gives those column weights when `col_weights` is None and
+    refits each such layer's spectrum to its original outputs on those inputs
+    (`activation.refit_spectrum`; the layer row gets `spectrum_refit`).
+    `layer_ranks` {layer name: rank} pins those layers' ranks; with a ratio the others share what is left.
+    `row_orders` {layer name: a permutation of its rows} makes those layers' tensor trains take their rows
+    in that order (e.g. `weight_order` of the row weights; the layer row gets `row_ordered`), in the
+    conversion and in the allocation's errors.
+    """
+    from sttp_compress.compress.activation import refit_spectrum, scales_from_moments
+    from sttp_compress.compress.allocate import DENSE, allocate, budget_for_ratio, check_reachable, layer_options
+    from sttp_compress.errors import UserError
+
+    row_weights, layer_ranks, col_weights = dict(row_weights or {}), dict(layer_ranks or {}), dict(col_weights or {})
+    input_moments, row_orders = dict(input_moments or {}), dict(row_orders or {})
+    if input_moments and not col_weights:
+        col_weights = scales_from_moments(input_moments)
+
+    check_target(ratio, rank)
+    params_original = count_parameters(model)
+    chosen, skipped = candidate_layers(model, include, exclude)
+    for n, r in layer_ranks.items():
+        if n not in chosen:
+            raise UserError(f"--layer-rank {n}={r}: {n!r} is not a layer to compress "
+                            f"({skipped.get(n, 'no such layer')})")
+        if not isinstance(r, int) or r < 1:
+            raise UserError(f"--layer-rank {n}={r}: the rank must be a positive integer")
+    if ratio is not None:
+        # errors are profiled lazily, only where the greedy allocation looks (uniform needs none)
+        opts, pinned = [], []
+        for n, m in chosen.items():
+            free = n not in layer_ranks
+            (opts if free else pinned).append(layer_options(n, m, method, spectrum, row_weight=row_weights.get(n),
+                                                            with_errors=free and allocation == "greedy",
+                                                            col_weight=col_weights.get(n),
+                                                            row_order=row_orders.get(n)))
+        # parameters outside the allocation: dense layers, and the pinned layers at their rank (or dense)
+        fixed = params_original - sum(o.numel for o in opts) - sum(
+            o.numel - min(o.numel, o.dof(layer_ranks[o.name])) for o in pinned)
+        check_reachable(params_original, fixed, opts, ratio)
+        ranks = allocate(opts, budget_for_ratio(params_original, fixed, ratio), allocation)
+        ranks.update(layer_ranks)
+        for o in opts:
+            o.release()
+    else:
+        ranks = {n: layer_ranks.get(n, rank) for n in chosen}
+    by_size = sorted(chosen, key=lambda n: -weight_of(chosen[n]).numel())[:spectra_of]
+    layers, spectra = [], {}
+    for name, m in chosen.items():
+        r = ranks[name]
+        kind = weight_kind(m)
+        W0 = weight_of(m).detach()  # the dense tensor itself: compressing drops the module's reference
+        numel = W0.numel()
+        if r == DENSE:
+            skipped[name] = "kept dense by the allocation (compressing it was not worth its parameters)"
+        elif SpectralTT(kind, tuple(W0.shape), r, method, spectrum, name in row_weights,
+                        name in col_weights).dof() >= numel:
+            skipped[name] = f"rank {r} would not save parameters (DOF >= {numel:,} weights)"
+        else:
+            p = compress_module(m, r, method, spectrum, row_weight=row_weights.get(name),
+                                col_weight=col_weights.get(name), row_order=row_orders.get(name))
+            refit = name in input_moments and refit_spectrum(m, W0, input_moments[name])
+            with torch.no_grad():
+                W1 = weight_of(m).detach()
+                err = float(torch.linalg.vector_norm(W1 - W0, dtype=torch.float64)
+                            / torch.linalg.vector_norm(W0, dtype=torch.float64).clamp_min(1e-30))
+            layers.append({"name": name, "type": type(m).__name__.removeprefix("Parametrized"),
+                           "shape": list(W0.shape), "modes": list(p.tt.modes), "tt_ranks": list(p.tt.tt_ranks),
+                           "rank": p.rank, "params_original": numel, "params_compressed": p.dof(),
+                           "rel_error": err})
+            if name in row_weights or name in col_weights:
+                layers[-1].update({"row_scaled": name in row_weights, "col_scaled": name in col_weights})
+                layers[-1]["weighted_rel_error"] = _weighted_error(W1, W0, kind, row_weights.get(name),
+                                                                   col_weights.get(name))
+            if p.row_ordered:
+                layers[-1]["row_ordered"] = True
+            if refit:
+                layers[-1]["spectrum_refit"] = True
+            if name in by_size:
+                spectra[name] = (_singular_values(to_matrix(kind, W0)), _singular_values(to_matrix(kind, W1)))
+            p._cache = None  # no dense copy kept per layer: conversion peaks lower, eval rebuilds it once
+            del W0, W1
+        if on_layer:
+            on_layer(name)
+    params_compressed = count_parameters(model)
+    totals = {"params_original": params_original, "params_compressed": params_compressed,
+              "ratio": params_original / params_compressed,
+              "z_percent": 100.0 * params_compressed / params_original}
+    skipped_list = [{"name": n, "reason": skipped[n]} for n, _ in model.named_modules() if n in skipped]
+    return {"layers": layers, "skipped": skipped_list, "totals": totals, "spectra": spectra}

@@ -1,0 +1,155 @@
+"""Serve a compressed model at dense speed: bind each built weight to its layer as a plain tensor.
+
+In eval mode a compressed layer already caches its built weight, but every call still goes through
+`torch.nn.utils.parametrize`'s property and our cache check (~17 µs a layer on CPU), which is most of
+a small GPU call. `freeze(model)` builds every weight once and hands it to its layer as a plain
+(non-persistent) buffer under the layer's own class, so a call costs exactly what the dense layer's
+costs; the STTP parameters stay in the model and `state_dict()` is unchanged (saving a frozen model
+writes the compressed checkpoint). `unfreeze(model)` undoes it; `frozen(model)` does both around a block:
+
+    with frozen(model):                  # eval mode, no autograd: weights built once, plain F.linear/conv
+        y = model(x)
+    freeze(model, shortcut="auto")       # serving: also the factored form where it saves FLOPs
+
+With `shortcut="auto"`, a compressed Linear whose factors form (method notes §7) needs fewer FLOPs per
+row (`contract.best_form`) also binds V·diag(σ) and U, and runs y = (x V σ) Uᵀ + b on calls whose rows
+save more than the device's `contract.CALL_OVERHEAD_FLOPS`, the dense weight on smaller calls.
+
+A frozen layer does not follow later changes of its STTP parameters (training, `load_state_dict`):
+unfreeze first. Gradients do not reach the STTP parameters through a frozen layer.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sttp_compress.core.forms import CALL_OVERHEAD_FLOPS, factorable, mha_out_projs, layer_originals, best_form, row_flops
+from sttp_compress.core.spectral_tt import SpectralTT, is_parametrized, weight_name
+
+__all__ = ["freeze", "unfreeze", "frozen", "is_frozen"]
+
+_FROZEN = "_sttp_frozen"  # instance attribute: the parametrized class to restore
+_FACTORS = ("_sttp_vs", "_sttp_u")  # buffers of the factored form
+RANK_ALIGN = 16  # the factors form's rank is padded with zeros to a multiple of this
+
+
+def is_frozen(module: nn.Module) -> bool:
+    """True when `freeze` bound this layer's weight as a plain tensor."""
+    return _FROZEN in module.__dict__
+
+
+@torch.no_grad()
+def freeze(model: nn.Module, shortcut: str = "none", overhead: dict[str, float] | None = None) -> dict[str, str]:
+    """Bind every compressed layer's built weight as a plain tensor (see the module doc); in place.
+
+    shortcut: 'none' (every layer runs its dense weight) or 'auto' (compressed Linears run the factors
+    form on calls whose rows pay for its extra kernel call, `overhead` FLOPs per device type, default
+    `contract.CALL_OVERHEAD_FLOPS`). Returns {module name: 'dense' | 'factors'} of the layers frozen.
+    Layers with another parametrization stacked on ours are left as they are.
+    """
+    if shortcut not in ("none", "auto"):
+        raise ValueError(f"shortcut must be 'none' or 'auto', got {shortcut!r}")
+    overhead = CALL_OVERHEAD_FLOPS if overhead is None else overhead
+    inside_mha = mha_out_projs(model)
+    forms = {}
+    for name, m in model.named_modules():
+        if is_frozen(m) or not is_parametrized(m):
+            continue
+        wname = weight_name(m)
+        plist = m.parametrizations[wname]
+        if len(plist) != 1:
+            continue
+        p: SpectralTT = plist[0]
+        originals = layer_originals(m, p)
+        trainable = any(o.requires_grad for o in originals)
+        W = getattr(m, wname).detach()
+        form = "dense"
+        if (shortcut == "auto" and isinstance(m, nn.Linear) and id(m) not in inside_mha and factorable(p)
+                and best_form(p.tt) == "factors"):
+            form = "factors"
+        _bind(m, wname, W, trainable)
+        if form == "factors":
+            with torch.autocast(W.device.type, enabled=False):
+                U, s, V = p.factors(*originals)
+            saving = row_flops(p.tt, "dense") - row_flops(p.tt, "factors")
+            # the smallest number of rows (tokens) whose saved FLOPs pay for the extra call, per device type
+            m._sttp_min_rows = {dev: int(flops // saving) + 1 for dev, flops in overhead.items()}
+            # the rank padded with zero columns to a multiple of RANK_ALIGN: GEMMs whose inner size is not
+            # 16-byte aligned in bf16 ran 5x below the dense layer's FLOP rate on an H200 (rank 318)
+            pad = -U.shape[1] % RANK_ALIGN
+            Vs, U = F.pad(V * s, (0, pad)), F.pad(U, (0, pad))
+            m.register_buffer("_sttp_vs", _leaf(Vs.T.contiguous().to(W.dtype), trainable), persistent=False)
+            m.register_buffer("_sttp_u", _leaf(U.contiguous().to(W.dtype), trainable), persistent=False)
+            m.forward = _factors_forward.__get__(m)
+        forms[name] = form
+    return forms
+
+
+def _leaf(t: Tensor, requires_grad: bool) -> Tensor:
+    """A fresh leaf: requiring grad like the dense parameter it stands for, so autocast caches its
+    low-precision copy exactly as it does the dense model's weights."""
+    return t.detach().clone().requires_grad_(requires_grad)
+
+
+def _bind(m: nn.Module, wname: str, W: Tensor, trainable: bool) -> None:
+    cls = type(m)
+    m.__class__ = cls.__bases__[0]  # the layer's own class (parametrize derived `cls` from it)
+    object.__setattr__(m, _FROZEN, cls)
+    m.register_buffer(wname, _leaf(W, trainable), persistent=False)
+    m._apply = _apply_keeping_leaves.__get__(m)
+
+
+def _apply_keeping_leaves(self: nn.Module, fn, recurse: bool = True) -> nn.Module:
+    """Module._apply (.to, .float, .cuda), after which the frozen tensors are leaves again: Module
+    converts buffers with autograd on, which would leave them results of a copy."""
+    type(self)._apply(self, fn, recurse)
+    for name in (weight_name(self),) + _FACTORS:
+        b = self._buffers.get(name)
+        if b is not None and not b.is_leaf:
+            self._buffers[name] = b.detach().requires_grad_(b.requires_grad)
+    return self
+
+
+def _factors_forward(self: nn.Linear, x: Tensor) -> Tensor:
+    """y = (x V σ) Uᵀ + b when the call has enough rows to pay for the extra kernel, else x Wᵀ + b."""
+    if x.numel() < self._sttp_min_rows.get(x.device.type, 0) * self.in_features:
+        return F.linear(x, self.weight, self.bias)
+    return F.linear(F.linear(x, self._sttp_vs), self._sttp_u, self.bias)
+
+
+def unfreeze(model: nn.Module) -> None:
+    """Back to the parametrized layers (the weights follow the STTP parameters again)."""
+    for m in model.modules():
+        if is_frozen(m):
+            _unbind(m)
+
+
+def _unbind(m: nn.Module) -> None:
+    cls = m.__dict__.pop(_FROZEN)
+    for buf in (weight_name(m),) + _FACTORS:
+        m._buffers.pop(buf, None)
+    for attr in ("forward", "_apply", "_sttp_min_rows"):
+        m.__dict__.pop(attr, None)
+    m.__class__ = cls
+
+
+@contextmanager
+def frozen(model: nn.Module, shortcut: str = "none") -> Iterator[nn.Module]:
+    """Eval mode under torch.no_grad with the weights frozen (`freeze`); everything restored on exit."""
+    was_training = model.training
+    before = {id(m) for m in model.modules() if is_frozen(m)}  # a caller's own freeze stays
+    model.eval()
+    try:
+        with torch.no_grad():
+            freeze(model, shortcut)
+            yield model
+    finally:
+        for m in model.modules():
+            if is_frozen(m) and id(m) not in before:
+                _unbind(m)
+        model.train(was_training)

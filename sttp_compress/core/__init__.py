@@ -1,0 +1,1 @@
+"""The method on tensors: Householder frames, tensor-train maths, the STTP parametrization, inference forms."""

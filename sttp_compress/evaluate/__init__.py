@@ -1,0 +1,1 @@
+"""Measuring a compressed checkpoint (sttp-eval) and the compression report."""

@@ -1,0 +1,1 @@
+"""Files in and out: model and architecture sources, compressed checkpoints, atomic outputs, local Hugging Face folders."""

@@ -1,0 +1,260 @@
+"""Compressed checkpoints: save and load, loadable with `torch.load(..., weights_only=True)`.
+
+The file is a plain dict of strings, numbers, lists and tensors::
+
+    {"format": "sttp-compress", "format_version": 1, "tool_version": "0.1.0",
+     "arch": "torchvision:resnet18?num_classes=10" | None, "dtype": "float32" | "float16",
+     "layers": {name: {"kind", "weight_shape", "rank", "method", "spectrum"}},
+     "state_dict": {...}, "meta": {...}}
+
+Loading rebuilds the architecture from `arch` (or an override), attaches each layer's STTP/SVDP
+structure without running a TT-SVD, and loads the state dict.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sttp_compress import __version__
+from sttp_compress.compress.convert import attach_structure, compressed_layers, named_layers, weight_of
+from sttp_compress.errors import UserError
+from sttp_compress.core.spectral_tt import weight_name
+from sttp_compress.io.sources import recorded_arch_problem, resolve_arch
+from sttp_compress.io.outputs import atomic_torch_save
+from sttp_compress.core.tt import SPECTRA
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "DTYPES", "checkpoint_payload", "save_compressed", "load_compressed",
+           "read_compressed", "portable_arch"]
+
+FORMAT = "sttp-compress"
+FORMAT_VERSION = 1
+METHODS = ("sttp", "svdp")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def portable_arch(spec: str | None) -> str | None:
+    """Make a `path/file.py:factory` or `hf:DIR` spec absolute so the checkpoint resolves from any folder."""
+    if not spec:
+        return spec
+    if spec.strip().startswith("hf:"):  # a local model folder
+        return "hf:" + str(Path(spec.strip()[3:].strip()).expanduser().resolve())
+    module, sep, rest = spec.partition(":")
+    if sep and (module.endswith(".py") or os.sep in module or "/" in module):
+        return str(Path(module).resolve()) + sep + rest
+    return spec
+
+
+def checkpoint_payload(model: nn.Module, arch: str | None, dtype: str = "float32", meta: dict | None = None) -> dict:
+    """The dict a compressed checkpoint file holds (see the module docstring), tensors on the CPU in `dtype`."""
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    tdtype = DTYPES[dtype]
+    state = {k: (v.detach().to("cpu", tdtype) if v.is_floating_point() else v.detach().cpu()).clone()
+             for k, v in model.state_dict().items()}
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "tool_version": __version__,
+            "arch": portable_arch(arch), "dtype": dtype,
+            "layers": {n: p.config() for n, p in compressed_layers(model).items()},
+            "state_dict": state, "meta": meta or {}}
+
+
+def save_compressed(model: nn.Module, path: str | os.PathLike, arch: str | None,
+                    dtype: str = "float32", meta: dict | None = None, force: bool = False) -> int:
+    """Write the compressed model atomically; returns the file size in bytes."""
+    payload = checkpoint_payload(model, arch, dtype, meta)
+    atomic_torch_save(payload, path, force=force)
+    return Path(path).stat().st_size
+
+
+def read_compressed(path: str | os.PathLike) -> dict:
+    """Load and validate a compressed checkpoint's dict (weights_only: no code is unpickled).
+
+    Every field is checked for type and range, and every tensor for NaN/Inf, so a tampered or broken file
+    ends in one UserError here rather than somewhere inside the model.
+    """
+    data = _load_dict(path)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise UserError(f"{path} is not an sttp-compress checkpoint (no 'format': '{FORMAT}' entry); "
+                        "compress it first with sttp-compress")
+    version = data.get("format_version")
+    if not _is_int(version) or version < 1:
+        raise UserError(f"{path} is a damaged sttp-compress checkpoint: 'format_version' must be a positive "
+                        f"integer, got {_shown(version)}")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{path} has format version {version}; this sttp-compress "
+                        f"({__version__}) reads up to {FORMAT_VERSION}: upgrade sttp-compress")
+    problem = _payload_problem(data)
+    if problem:
+        raise UserError(f"{path} is a damaged sttp-compress checkpoint: {problem}")
+    bad = _non_finite(data["state_dict"])
+    if bad:
+        raise UserError(f"{path}: tensor '{bad[0]}' contains {bad[1]} values; the checkpoint is broken "
+                        "(diverged fine-tuning or a damaged file)")
+    return data
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+    """A short, one-line rendering of a value from the file for an error message."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _layer_problem(name: str, cfg: Any) -> str | None:
+    """What is wrong with one entry of 'layers', or None."""
+    if not isinstance(cfg, dict):
+        return f"layer {name!r} is a {type(cfg).__name__}, not a dict"
+    shape = cfg.get("weight_shape")
+    if not isinstance(shape, (list, tuple)) or len(shape) < 2 or not all(_is_int(d) and d >= 1 for d in shape):
+        return f"layer {name!r} has weight_shape {_shown(shape)}, not a list of positive integers"
+    if not _is_int(cfg.get("rank")) or cfg["rank"] < 1:
+        return f"layer {name!r} has rank {_shown(cfg.get('rank'))}; a rank is an integer of at least 1"
+    if cfg.get("method") not in METHODS:
+        return f"layer {name!r} has method {_shown(cfg.get('method'))}; known: {', '.join(METHODS)}"
+    if cfg.get("spectrum") not in SPECTRA:
+        return f"layer {name!r} has spectrum {_shown(cfg.get('spectrum'))}; known: {', '.join(SPECTRA)}"
+    for flag in ("row_scaled", "col_scaled", "row_ordered"):
+        if not isinstance(cfg.get(flag, False), bool):
+            return f"layer {name!r} has {flag} {_shown(cfg.get(flag))}, not true or false"
+    return None
+
+
+def _meta_problem(meta: Any) -> str | None:
+    """What is wrong with 'meta' (the numbers sttp-eval reads from it), or None."""
+    if meta is None:
+        return None
+    if not isinstance(meta, dict):
+        return f"'meta' is a {type(meta).__name__}, not a dict"
+    checks = {
+        "params_original": lambda v: _is_int(v) and v >= 0,
+        "size_bytes_original": lambda v: _is_int(v) and v >= 0,
+        "image_size": lambda v: _is_int(v) and v >= 1,
+        "input_shape": lambda v: isinstance(v, list) and all(_is_int(d) and d >= 1 for d in v),
+        "mean": lambda v: isinstance(v, list) and v and all(_is_real(x) for x in v),
+        "std": lambda v: isinstance(v, list) and v and all(_is_real(x) and x > 0 for x in v),
+    }
+    for key, fits in checks.items():
+        if meta.get(key) is not None and not fits(meta[key]):
+            return f"meta entry {key!r} is {_shown(meta[key])}"
+    return None
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _payload_problem(data: dict) -> str | None:
+    """The first structural problem of a checkpoint dict (types of every entry the loader reads), or None."""
+    if data.get("arch") is not None and not isinstance(data["arch"], str):
+        return f"'arch' is a {type(data['arch']).__name__}, not a spec string"
+    if data.get("dtype", "float32") not in DTYPES:
+        return f"'dtype' is {_shown(data.get('dtype'))}; known: {', '.join(DTYPES)}"
+    layers, state = data.get("layers"), data.get("state_dict")
+    if not isinstance(layers, dict):
+        return "'layers' is missing" if layers is None else f"'layers' is a {type(layers).__name__}, not a dict"
+    if not isinstance(state, dict):
+        return ("'state_dict' is missing" if state is None
+                else f"'state_dict' is a {type(state).__name__}, not a dict")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            return f"state_dict entry {_shown(key)} is a {type(value).__name__}, not a tensor"
+    for name, cfg in layers.items():
+        problem = _layer_problem(str(name), cfg)
+        if problem:
+            return problem
+    return _meta_problem(data.get("meta"))
+
+
+def _non_finite(state: dict[str, torch.Tensor]) -> tuple[str, str] | None:
+    """(name, 'NaN' or 'Inf') of the first floating tensor that is not all finite, or None."""
+    for key, t in state.items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            return key, "NaN" if bool(torch.isnan(t).any()) else "Inf"
+    return None
+
+
+def _load_dict(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"no such file: {path}")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, or not ours
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a readable sttp-compress checkpoint (corrupt or truncated?): "
+                        f"{reason}") from None
+
+
+def load_compressed(path: str | os.PathLike, arch: str | None = None,
+                    trust_arch: bool = False) -> tuple[nn.Module, dict]:
+    """Rebuild the compressed model from the file: from `arch` when given, else from the architecture the
+    file records -- which is built on its own only when it is data (`recorded_arch_problem`): any recorded
+    spec that would import or run code needs `trust_arch=True`.
+
+    Returns (model in eval mode, float32, the checkpoint dict without its state_dict).
+    """
+    data = read_compressed(path)
+    spec = arch or _recorded_arch(path, data.get("arch"), trust_arch)
+    model = resolve_arch(spec)
+    _attach_layers(model, data["layers"], spec, path)
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in data["state_dict"].items()}
+    _check_state_fits(model, state, spec, path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except Exception as exc:  # noqa: BLE001 - custom _load_from_state_dict hooks may raise anything
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise UserError(f"architecture {spec} does not load the state of {path}: {reason}") from None
+    model.float().eval()
+    info = {k: v for k, v in data.items() if k != "state_dict"}
+    return model, info
+
+
+def _recorded_arch(path: str | os.PathLike, spec: str | None, trust_arch: bool) -> str:
+    """The recorded architecture spec, if it may be built: it is data, or the user trusts the file."""
+    if not spec:
+        raise UserError(f"{path} does not record an architecture; pass --arch SPEC")
+    problem = recorded_arch_problem(spec)
+    if problem and not trust_arch:
+        raise UserError(f"{path} records the architecture {spec!r}, which is not used on its own because "
+                        f"{problem}: pass --arch SPEC to give the architecture yourself, or --trust-arch to "
+                        "build the recorded one if you trust the file")
+    return spec
+
+
+def _attach_layers(model: nn.Module, layers: dict, spec: str, path: str | os.PathLike) -> None:
+    """Give each recorded layer its STTP/SVDP structure (no TT-SVD), checking it exists with that shape."""
+    modules = named_layers(model)
+    for name, cfg in layers.items():
+        m = modules.get(name)
+        W = weight_of(m) if m is not None and hasattr(m, weight_name(m)) else None
+        if W is None or tuple(W.shape) != tuple(cfg["weight_shape"]):
+            found = "missing" if W is None else f"shape {list(W.shape)}"
+            raise UserError(f"architecture {spec} does not match {path}: layer {name} is {found}, "
+                            f"the checkpoint has {cfg['weight_shape']}")
+        try:
+            attach_structure(m, cfg)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+            raise UserError(f"{path}: layer {name}'s recorded structure cannot be rebuilt: {reason}") from None
+
+
+def _check_state_fits(model: nn.Module, state: dict, spec: str, path: str | os.PathLike) -> None:
+    """Refuse a state dict whose keys or shapes disagree with the rebuilt model, naming the first few."""
+    expected = model.state_dict()
+    miss = [k for k in expected if k not in state]
+    unexp = [k for k in state if k not in expected]
+    if miss or unexp:
+        raise UserError(f"architecture {spec} does not match {path}: {len(miss)} missing "
+                        f"({', '.join(miss[:3])}), {len(unexp)} unexpected ({', '.join(unexp[:3])})")
+    for key, want in expected.items():
+        if tuple(state[key].shape) != tuple(want.shape):
+            raise UserError(f"{path}: tensor {key} has shape {list(state[key].shape)}, but its layer's "
+                            f"recorded structure needs {list(want.shape)} (a damaged or edited checkpoint)")

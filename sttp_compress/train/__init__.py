@@ -1,0 +1,1 @@
+"""Fine-tuning: the distillation loop, its fast path (weight bank, step graph, free cores) and multi-process runs."""
