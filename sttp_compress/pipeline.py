@@ -367,28 +367,10 @@ def conversion_phase(model: nn.Module, job: CompressJob, data: tuple | None, can
 def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable[[int], None] | None,
          on_layer: Callable[[str], None] | None) -> tuple[dict | None, dict]:
     t0 = time.perf_counter()
-    main, world = distributed.is_main(), distributed.world()
+    main = distributed.is_main()
     with distributed.agreed():  # a bad input on any rank stops every rank with its message
-        _check_target(job)
-        if job.module is None and not job.model and not is_hf_spec(job.arch):
-            raise UserError("missing MODEL (a checkpoint file), or --arch hf:DIR, or use --example")
-        out, report_dir = _check_output(job) if main else (None, None)  # only rank 0 writes
-        fine = job.finetune is not None and (job.data or job.train_data or job.datasets is not None)
-        if job.finetune is not None:
-            job.finetune.validate()
-            if fine and world > 1:
-                from sttp_compress.data.images import per_rank_batch
-
-                if is_text_spec(job.data):
-                    raise UserError("text distillation (--data text:FILE) runs in one process; "
-                                    "launch it without torchrun/--gpus")
-                per_rank_batch(job.finetune.batch_size, world)
-        if job.module is not None:
-            model = job.module
-        elif job.model:
-            model = load_model(job.model, job.arch, job.trust_pickle)
-        else:  # hf:DIR holds the weights too
-            model = resolve_arch(job.arch)
+        out, report_dir, fine = _check_job(job, main)
+        model = _load(job)
         t_load = time.perf_counter() - t0
         data = _datasets(job) if fine else None
         if data is not None and not is_text_spec(job.data):
@@ -403,38 +385,10 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
     t1 = time.perf_counter()
     parts = conversion_phase(model, job, data, candidates, device, on_layer)
     t_convert = time.perf_counter() - t1
-
-    ft_block, image_cfg = None, None
-    input_shape = job.input_shape
+    ft_block, image_cfg, input_shape = None, None, job.input_shape
     if fine:
-        from sttp_compress.data.images import make_loaders
-        from sttp_compress.train.loop import finetune
-
-        train_ds, val_ds, image_cfg = data
-        input_shape = input_shape or _input_shape(train_ds)
-        cfg = job.finetune
-        if device is not None:
-            cfg = replace(cfg, device=str(device))  # this rank's GPU (or the CPU)
-        dev = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else (
-            "cpu" if cfg.device == "auto" else cfg.device)
-        text = is_text_spec(job.data)
-        if text:
-            train_ds.augment = job.text_augment  # after the calibration, which sees the texts as they are
-            train_ds.vocab_share = job.text_vocab_share
-        with distributed.agreed():
-            loaders = make_loaders(train_ds, val_ds, cfg.batch_size, cfg.workers, cfg.seed, dev,
-                                   distributed.rank(), world, group_by_length=job.group_by_length)
-        if text:
-            from sttp_compress.train.text_distill import distill_embeddings
-
-            ft_block = distill_embeddings(model, teacher, *loaders, cfg, progress=job.progress and main)
-            ft_block["text_augment"], ft_block["text_vocab_share"] = job.text_augment, job.text_vocab_share
-            ft_block["group_by_length"] = job.group_by_length
-        else:
-            ft_block = finetune(model, teacher, *loaders, cfg, progress=job.progress and main,
-                                bn_recalibrate=job.bn_recalibrate)
-        distributed.debug_dump_state(model, "finetuned")
-        model.to("cpu")
+        image_cfg, input_shape = data[2], input_shape or _input_shape(data[0])  # before training, as ever
+        ft_block = _finetune_phase(model, teacher, job, data, device)
     if not main:
         return None, {"model": model}
 
@@ -450,19 +404,90 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
 
     def render(size: int) -> dict[str, bytes]:
         """The report, once the checkpoint's size on disk is known."""
-        totals = {**parts["totals"], "size_bytes_original": size_original, "size_bytes_compressed": size}
-        report.update({
-            "format_version": REPORT_FORMAT_VERSION, "tool_version": __version__,
-            "method": job.method, "spectrum": job.spectrum,
-            "target": {"ratio": job.ratio} if job.ratio is not None else {"rank": job.rank},
-            "allocation": job.allocation if job.ratio is not None else None,
-            "model": {"path": job.model, "arch": job.arch, "output": str(out)},
-            "totals": totals, "layers": parts["layers"], "skipped": parts["skipped"],
-            "finetune": ft_block,
-            "timings": {"load": round(t_load, 3), "convert": round(t_convert, 3),
-                        "save": round(time.perf_counter() - t2, 3), "total": round(time.perf_counter() - t0, 3)},
-        })
+        timings = {"load": round(t_load, 3), "convert": round(t_convert, 3),
+                   "save": round(time.perf_counter() - t2, 3), "total": round(time.perf_counter() - t0, 3)}
+        report.update(_report(job, parts, ft_block, out, size_original, size, timings))
         return render_report(report, parts["spectra"])
 
     publish(out, lambda tmp: torch.save(payload, tmp), report_dir, render, job.force, is_report_file)
     return report, {"spectra": parts["spectra"], "output": out, "report_dir": report_dir, "model": model}
+
+
+def _check_job(job: CompressJob, main: bool) -> tuple[Path | None, Path | None, bool]:
+    """Every check that needs no file read: target and options, the outputs (on the writing rank), the
+    fine-tuning settings; returns (output, report folder, whether to fine-tune)."""
+    _check_target(job)
+    if job.module is None and not job.model and not is_hf_spec(job.arch):
+        raise UserError("missing MODEL (a checkpoint file), or --arch hf:DIR, or use --example")
+    out, report_dir = _check_output(job) if main else (None, None)  # only rank 0 writes
+    fine = job.finetune is not None and bool(job.data or job.train_data or job.datasets is not None)
+    if job.finetune is not None:
+        job.finetune.validate()
+        world = distributed.world()
+        if fine and world > 1:
+            from sttp_compress.data.images import per_rank_batch
+
+            if is_text_spec(job.data):
+                raise UserError("text distillation (--data text:FILE) runs in one process; "
+                                "launch it without torchrun/--gpus")
+            per_rank_batch(job.finetune.batch_size, world)
+    return out, report_dir, fine
+
+
+def _load(job: CompressJob) -> nn.Module:
+    """The model to compress: given in memory, a checkpoint file, or an hf:DIR folder (which holds weights)."""
+    if job.module is not None:
+        return job.module
+    if job.model:
+        return load_model(job.model, job.arch, job.trust_pickle)
+    return resolve_arch(job.arch)
+
+
+def _finetune_phase(model: nn.Module, teacher: nn.Module, job: CompressJob, data: tuple,
+                    device: torch.device | None) -> dict:
+    """Distil the teacher into the converted model (`finetune`, or `distill_embeddings` on text) on this
+    rank's shard of the data; returns the report's finetune block. The model ends on the CPU."""
+    from sttp_compress.data.images import make_loaders
+    from sttp_compress.train.loop import finetune
+
+    train_ds, val_ds, _ = data
+    cfg = job.finetune
+    if device is not None:
+        cfg = replace(cfg, device=str(device))  # this rank's GPU (or the CPU)
+    dev = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else (
+        "cpu" if cfg.device == "auto" else cfg.device)
+    text = is_text_spec(job.data)
+    if text:
+        train_ds.augment = job.text_augment  # after the calibration, which sees the texts as they are
+        train_ds.vocab_share = job.text_vocab_share
+    with distributed.agreed():
+        loaders = make_loaders(train_ds, val_ds, cfg.batch_size, cfg.workers, cfg.seed, dev,
+                               distributed.rank(), distributed.world(), group_by_length=job.group_by_length)
+    progress = job.progress and distributed.is_main()
+    if text:
+        from sttp_compress.train.text_distill import distill_embeddings
+
+        block = distill_embeddings(model, teacher, *loaders, cfg, progress=progress)
+        block["text_augment"], block["text_vocab_share"] = job.text_augment, job.text_vocab_share
+        block["group_by_length"] = job.group_by_length
+    else:
+        block = finetune(model, teacher, *loaders, cfg, progress=progress, bn_recalibrate=job.bn_recalibrate)
+    distributed.debug_dump_state(model, "finetuned")
+    model.to("cpu")
+    return block
+
+
+def _report(job: CompressJob, parts: dict, ft_block: dict | None, out: Path, size_original: int, size: int,
+            timings: dict) -> dict:
+    """The report.json dict (REPORT_FORMAT_VERSION)."""
+    return {
+        "format_version": REPORT_FORMAT_VERSION, "tool_version": __version__,
+        "method": job.method, "spectrum": job.spectrum,
+        "target": {"ratio": job.ratio} if job.ratio is not None else {"rank": job.rank},
+        "allocation": job.allocation if job.ratio is not None else None,
+        "model": {"path": job.model, "arch": job.arch, "output": str(out)},
+        "totals": {**parts["totals"], "size_bytes_original": size_original, "size_bytes_compressed": size},
+        "layers": parts["layers"], "skipped": parts["skipped"],
+        "finetune": ft_block,
+        "timings": timings,
+    }

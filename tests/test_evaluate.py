@@ -18,7 +18,7 @@ from sttp_compress.io.checkpoint import load_compressed, save_compressed
 from sttp_compress.compress.convert import compress, compressed_layers, count_parameters
 from sttp_compress.data.images import ImageDataConfig, image_transforms, resolve_image_config
 from sttp_compress.errors import UserError
-from sttp_compress.evaluate.run import EvalOptions, check_gates, export_dense, run_eval, summary_table
+from sttp_compress.evaluate.run import RESULT_KEYS, EvalOptions, check_gates, export_dense, run_eval, summary_table
 from sttp_compress.example import DigitsCNN, digits_data
 from sttp_compress.train.loop import evaluate
 from sttp_compress.io.sources import resolve_arch
@@ -90,6 +90,7 @@ def _opts(**kw) -> EvalOptions:
 
 def test_numbers_on_tensor_data(files):
     result = run_eval(files["ckpt"], _opts(data=files["tensors"], latency=True))
+    assert tuple(result) == RESULT_KEYS  # every documented key, in the documented order
     model, _ = load_compressed(files["ckpt"])
     assert result["params"] == count_parameters(model)
     assert result["size_bytes"] == (files["root"] / "digits.sttp.pt").stat().st_size

@@ -124,7 +124,7 @@ def refit_spectrum(module: nn.Module, W0: Tensor, C: Tensor) -> bool:
     den = (V * CV).sum(0)  # ṽ_iᵀ C ṽ_i
     sigma = torch.where(den > 1e-30, num / den.clamp_min(1e-30), torch.zeros_like(num))
     originals[len(p.groups)].copy_(sigma.to(originals[len(p.groups)].dtype))
-    p._cache = None
+    p.drop_cache()
     return True
 
 

@@ -329,9 +329,8 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
     in that order (e.g. `weight_order` of the row weights; the layer row gets `row_ordered`), in the
     conversion and in the allocation's errors.
     """
-    from sttp_compress.compress.activation import refit_spectrum, scales_from_moments
-    from sttp_compress.compress.allocate import DENSE, allocate, budget_for_ratio, check_reachable, layer_options
-    from sttp_compress.errors import UserError
+    from sttp_compress.compress.activation import scales_from_moments
+    from sttp_compress.compress.allocate import DENSE
 
     row_weights, layer_ranks, col_weights = dict(row_weights or {}), dict(layer_ranks or {}), dict(col_weights or {})
     input_moments, row_orders = dict(input_moments or {}), dict(row_orders or {})
@@ -341,67 +340,29 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
     check_target(ratio, rank)
     params_original = count_parameters(model)
     chosen, skipped = candidate_layers(model, include, exclude)
-    for n, r in layer_ranks.items():
-        if n not in chosen:
-            raise UserError(f"--layer-rank {n}={r}: {n!r} is not a layer to compress "
-                            f"({skipped.get(n, 'no such layer')})")
-        if not isinstance(r, int) or r < 1:
-            raise UserError(f"--layer-rank {n}={r}: the rank must be a positive integer")
+    _check_pinned(layer_ranks, chosen, skipped)
     if ratio is not None:
-        # errors are profiled lazily, only where the greedy allocation looks (uniform needs none)
-        opts, pinned = [], []
-        for n, m in chosen.items():
-            free = n not in layer_ranks
-            (opts if free else pinned).append(layer_options(n, m, method, spectrum, row_weight=row_weights.get(n),
-                                                            with_errors=free and allocation == "greedy",
-                                                            col_weight=col_weights.get(n),
-                                                            row_order=row_orders.get(n)))
-        # parameters outside the allocation: dense layers, and the pinned layers at their rank (or dense)
-        fixed = params_original - sum(o.numel for o in opts) - sum(
-            o.numel - min(o.numel, o.dof(layer_ranks[o.name])) for o in pinned)
-        check_reachable(params_original, fixed, opts, ratio)
-        ranks = allocate(opts, budget_for_ratio(params_original, fixed, ratio), allocation)
-        ranks.update(layer_ranks)
-        for o in opts:
-            o.release()
+        ranks = _allocate_ranks(chosen, ratio, params_original, method, spectrum, allocation, layer_ranks,
+                                row_weights, col_weights, row_orders)
     else:
         ranks = {n: layer_ranks.get(n, rank) for n in chosen}
     by_size = sorted(chosen, key=lambda n: -weight_of(chosen[n]).numel())[:spectra_of]
     layers, spectra = [], {}
     for name, m in chosen.items():
         r = ranks[name]
-        kind = weight_kind(m)
-        W0 = weight_of(m).detach()  # the dense tensor itself: compressing drops the module's reference
-        numel = W0.numel()
+        numel = weight_of(m).numel()
         if r == DENSE:
             skipped[name] = "kept dense by the allocation (compressing it was not worth its parameters)"
-        elif SpectralTT(kind, tuple(W0.shape), r, method, spectrum, name in row_weights,
+        elif SpectralTT(weight_kind(m), tuple(weight_of(m).shape), r, method, spectrum, name in row_weights,
                         name in col_weights).dof() >= numel:
             skipped[name] = f"rank {r} would not save parameters (DOF >= {numel:,} weights)"
         else:
-            p = compress_module(m, r, method, spectrum, row_weight=row_weights.get(name),
-                                col_weight=col_weights.get(name), row_order=row_orders.get(name))
-            refit = name in input_moments and refit_spectrum(m, W0, input_moments[name])
-            with torch.no_grad():
-                W1 = weight_of(m).detach()
-                err = float(torch.linalg.vector_norm(W1 - W0, dtype=torch.float64)
-                            / torch.linalg.vector_norm(W0, dtype=torch.float64).clamp_min(1e-30))
-            layers.append({"name": name, "type": type(m).__name__.removeprefix("Parametrized"),
-                           "shape": list(W0.shape), "modes": list(p.tt.modes), "tt_ranks": list(p.tt.tt_ranks),
-                           "rank": p.rank, "params_original": numel, "params_compressed": p.dof(),
-                           "rel_error": err})
-            if name in row_weights or name in col_weights:
-                layers[-1].update({"row_scaled": name in row_weights, "col_scaled": name in col_weights})
-                layers[-1]["weighted_rel_error"] = _weighted_error(W1, W0, kind, row_weights.get(name),
-                                                                   col_weights.get(name))
-            if p.row_ordered:
-                layers[-1]["row_ordered"] = True
-            if refit:
-                layers[-1]["spectrum_refit"] = True
-            if name in by_size:
-                spectra[name] = (_singular_values(to_matrix(kind, W0)), _singular_values(to_matrix(kind, W1)))
-            p._cache = None  # no dense copy kept per layer: conversion peaks lower, eval rebuilds it once
-            del W0, W1
+            row, spectrum_pair = _convert_layer(name, m, r, method, spectrum, row_weights.get(name),
+                                                col_weights.get(name), row_orders.get(name),
+                                                input_moments.get(name), with_spectra=name in by_size)
+            layers.append(row)
+            if spectrum_pair is not None:
+                spectra[name] = spectrum_pair
         if on_layer:
             on_layer(name)
     params_compressed = count_parameters(model)
@@ -410,3 +371,68 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
               "z_percent": 100.0 * params_compressed / params_original}
     skipped_list = [{"name": n, "reason": skipped[n]} for n, _ in model.named_modules() if n in skipped]
     return {"layers": layers, "skipped": skipped_list, "totals": totals, "spectra": spectra}
+
+
+def _check_pinned(layer_ranks: Mapping[str, int], chosen: Mapping[str, nn.Module], skipped: Mapping[str, str]) -> None:
+    """Each pinned rank names a layer to compress and is a positive integer."""
+    from sttp_compress.errors import UserError
+
+    for n, r in layer_ranks.items():
+        if n not in chosen:
+            raise UserError(f"--layer-rank {n}={r}: {n!r} is not a layer to compress "
+                            f"({skipped.get(n, 'no such layer')})")
+        if not isinstance(r, int) or r < 1:
+            raise UserError(f"--layer-rank {n}={r}: the rank must be a positive integer")
+
+
+def _allocate_ranks(chosen: Mapping[str, nn.Module], ratio: float, params_original: int, method: str,
+                    spectrum: str, allocation: str, layer_ranks: Mapping[str, int], row_weights: Mapping,
+                    col_weights: Mapping, row_orders: Mapping) -> dict[str, int]:
+    """Ranks (or DENSE) of the chosen layers for a whole-model ratio, the pinned ones at their rank. Errors
+    are profiled lazily, only where the greedy allocation looks (uniform needs none)."""
+    from sttp_compress.compress.allocate import allocate, budget_for_ratio, check_reachable, layer_options
+
+    opts, pinned = [], []
+    for n, m in chosen.items():
+        free = n not in layer_ranks
+        (opts if free else pinned).append(layer_options(n, m, method, spectrum, row_weight=row_weights.get(n),
+                                                        with_errors=free and allocation == "greedy",
+                                                        col_weight=col_weights.get(n), row_order=row_orders.get(n)))
+    # parameters outside the allocation: dense layers, and the pinned layers at their rank (or dense)
+    fixed = params_original - sum(o.numel for o in opts) - sum(
+        o.numel - min(o.numel, o.dof(layer_ranks[o.name])) for o in pinned)
+    check_reachable(params_original, fixed, opts, ratio)
+    ranks = allocate(opts, budget_for_ratio(params_original, fixed, ratio), allocation)
+    ranks.update(layer_ranks)
+    for o in opts:
+        o.release()
+    return ranks
+
+
+def _convert_layer(name: str, m: nn.Module, r: int, method: str, spectrum: str, row_weight: torch.Tensor | None,
+                   col_weight: torch.Tensor | None, row_order: torch.Tensor | None, moments: torch.Tensor | None,
+                   with_spectra: bool) -> tuple[dict, tuple | None]:
+    """Compress one layer in place: (its report row, (singular values before, after) or None)."""
+    from sttp_compress.compress.activation import refit_spectrum
+
+    kind = weight_kind(m)
+    W0 = weight_of(m).detach()  # the dense tensor itself: compressing drops the module's reference
+    p = compress_module(m, r, method, spectrum, row_weight=row_weight, col_weight=col_weight, row_order=row_order)
+    refit = moments is not None and refit_spectrum(m, W0, moments)
+    with torch.no_grad():
+        W1 = weight_of(m).detach()
+        err = float(torch.linalg.vector_norm(W1 - W0, dtype=torch.float64)
+                    / torch.linalg.vector_norm(W0, dtype=torch.float64).clamp_min(1e-30))
+    row = {"name": name, "type": type(m).__name__.removeprefix("Parametrized"), "shape": list(W0.shape),
+           "modes": list(p.tt.modes), "tt_ranks": list(p.tt.tt_ranks), "rank": p.rank,
+           "params_original": W0.numel(), "params_compressed": p.dof(), "rel_error": err}
+    if row_weight is not None or col_weight is not None:
+        row.update({"row_scaled": row_weight is not None, "col_scaled": col_weight is not None})
+        row["weighted_rel_error"] = _weighted_error(W1, W0, kind, row_weight, col_weight)
+    if p.row_ordered:
+        row["row_ordered"] = True
+    if refit:
+        row["spectrum_refit"] = True
+    spectra = (_singular_values(to_matrix(kind, W0)), _singular_values(to_matrix(kind, W1))) if with_spectra else None
+    p.drop_cache()  # no dense copy kept per layer: conversion peaks lower, eval rebuilds it once
+    return row, spectra

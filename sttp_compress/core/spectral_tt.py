@@ -259,6 +259,11 @@ class SpectralTT(nn.Module):
         self._cache = (key, W) if use_cache else None
         return W
 
+    def drop_cache(self) -> None:
+        """Forget the cached eval-mode weight (after the parameters changed behind the cache's back, or to keep
+        no dense copy while converting a whole model)."""
+        self._cache = None
+
     def train(self, mode: bool = True) -> "SpectralTT":
         """Also forget the cached eval-mode weight: optimizers that update in place without bumping
         the tensors' version counters (AdamW(fused=True)) would otherwise leave it stale; the

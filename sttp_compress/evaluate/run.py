@@ -126,6 +126,12 @@ from sttp_compress.data.text import is_text_spec
 
 __all__ = ["EvalOptions", "run_eval", "check_gates", "validate_options", "summary_table", "export_dense"]
 
+# The --json result's keys, in their order (the module docstring describes each).
+RESULT_KEYS = ("file", "arch", "dtype", "size_bytes", "size_bytes_original", "size_ratio", "params", "params_original",
+               "ratio", "layers", "data", "samples", "accuracy", "top5", "loss", "reference", "reference_accuracy",
+               "reference_top5", "agreement", "cosine", "nn_agreement", "similarity_spearman", "sts_spearman",
+               "sts_spearman_reference", "rel_output_error", "reference_inputs", "input_shape", "latency_ms",
+               "throughput", "latency_runs", "device", "batch_size", "notes")
 WARMUP_RUNS = 3          # untimed forward passes before timing
 MIN_TIMED_RUNS = 5       # at least this many timed passes ...
 MAX_TIMED_RUNS = 100     # ... and at most this many
@@ -589,157 +595,165 @@ def run_eval(path: str, opts: EvalOptions, progress: bool = False) -> dict[str, 
         raise UserError(f"{path} is a directory, not a compressed checkpoint")
     model, info = load_compressed(path, opts.arch, opts.trust_arch)
     meta = info.get("meta") if isinstance(info.get("meta"), dict) else {}
-    notes: list[str] = []
-
-    params = count_parameters(model)
-    params_original = _meta_int(meta, "params_original")
-    if opts.min_ratio is not None and params_original is None and opts.reference is None:
+    if opts.min_ratio is not None and _meta_int(meta, "params_original") is None and opts.reference is None:
         raise UserError(f"--min-ratio cannot be checked: {path} records no original parameter count; "
                         "pass --reference ORIGINAL")
-    size_bytes = Path(path).stat().st_size
-    size_original = _meta_int(meta, "size_bytes_original")
-
-    reference = None
-    if opts.reference is not None:
-        ref_arch = opts.reference_arch or opts.arch or info.get("arch")
-        if is_hf_spec(opts.reference):  # the original model folder itself
-            reference = resolve_arch(opts.reference).float().eval()
-        else:
-            reference = load_model(opts.reference, arch=ref_arch, trust_pickle=opts.trust_pickle).float().eval()
-        if params_original is None:
-            params_original = count_parameters(reference)
-        if size_original is None and not is_hf_spec(opts.reference):
-            size_original = Path(opts.reference).stat().st_size
-
+    reference = _load_reference(opts, info)
+    base = _sizes_and_params(path, opts, info, meta, model, reference)
+    notes: list[str] = []
     if is_text_spec(opts.data) or is_pairs_spec(opts.data):
-        base = {"file": str(path), "arch": opts.arch or info.get("arch"), "dtype": info.get("dtype"),
-                "size_bytes": size_bytes, "size_bytes_original": size_original,
-                "size_ratio": size_original / size_bytes if size_original else None, "params": params,
-                "params_original": params_original,
-                "ratio": params_original / params if params_original and params else None,
-                "layers": _layer_entries(model)}
         return _run_text_eval(base, model, reference, opts, device, notes, progress)
 
     loader = _data_loader(opts, meta, device)
-    shape = None if opts.input_shape is None else tuple(opts.input_shape)
-    shape = shape or _meta_shape(meta)
-    if loader is not None:
-        shape = None  # taken from the first data batch below
-
+    shape = None if loader is not None else (tuple(opts.input_shape) if opts.input_shape else _meta_shape(meta))
     model.to(device)
     if reference is not None:
         reference.to(device)
-
-    metrics, ref_metrics = _Metrics(device), _Metrics(device)
-    labelled = loader is not None
-    diff_sq = torch.zeros((), dtype=torch.float64, device=device)
-    ref_sq = torch.zeros((), dtype=torch.float64, device=device)
-    agree = torch.zeros((), dtype=torch.long, device=device)
-    agree_total = 0
-    samples = 0
-    first_inputs: Tensor | None = None
     compare = reference is not None and (loader is not None or shape is not None)
     if reference is not None and not compare:
         notes.append("reference comparison skipped: no inputs (pass --data, or --input-shape for random inputs)")
-    run_batches = loader is not None or compare
-
     with _progress(progress) as bar:
-        if run_batches:
-            total = None
-            if loader is not None:
-                total = len(loader) if opts.max_batches is None else min(len(loader), opts.max_batches)
-            else:
-                total = min(RANDOM_BATCHES, opts.max_batches or RANDOM_BATCHES)
-            task = bar.add_task("evaluating", total=total) if bar is not None else None
-            non_blocking = device.type == "cuda"
-            with torch.no_grad():
-                for inputs, targets in _batches(loader, opts, model, shape):
-                    if first_inputs is None:
-                        first_inputs = inputs
-                    x = inputs.to(device, non_blocking=non_blocking)
-                    out = _forward(model, x, "compressed")
-                    samples += len(inputs)
-                    if labelled and _is_class_labels(out, targets):
-                        _check_labels(targets, out.shape[1])
-                        y = targets.to(device, non_blocking=non_blocking)
-                        metrics.add(out, y)
-                    else:
-                        labelled, y = False, None
-                    if compare:
-                        ref = _forward(reference, x, "reference")
-                        if ref.shape != out.shape:
-                            raise UserError(f"the reference model's output shape {list(ref.shape)} differs from "
-                                            f"the compressed model's {list(out.shape)}; check --reference-arch")
-                        if y is not None:
-                            ref_metrics.add(ref, y)
-                        out64, ref64 = out.double(), ref.double()
-                        diff_sq += (out64 - ref64).pow(2).sum()
-                        ref_sq += ref64.pow(2).sum()
-                        if out.dim() >= 2:
-                            agree += (out.argmax(dim=1) == ref.argmax(dim=1)).sum()
-                            agree_total += out.numel() // out.shape[1]
-                    if task is not None:
-                        bar.update(task, advance=1)
-            if loader is not None and samples == 0:
-                raise UserError(f"the data {opts.data} yields no samples")
-        if first_inputs is not None and loader is not None:
-            shape = tuple(first_inputs.shape[1:])
-
-        latency_s = runs = None
-        if opts.latency and shape is None:
-            notes.append("latency skipped: input shape unknown (pass --data or --input-shape)")
-        elif opts.latency:
-            if first_inputs is not None and loader is not None:
-                x = _tile(first_inputs, opts.batch_size)
-            else:
-                x = _random_inputs(model, shape, opts.batch_size, torch.Generator().manual_seed(RANDOM_SEED))
-            latency_s, runs = _measure_latency(model, x.to(device), device, bar)
-
-    accuracy, top5, loss = metrics.result() if labelled else (None, None, None)
-    ref_acc, ref_top5, _ = ref_metrics.result() if labelled and compare else (None, None, None)
-    if loader is not None and not labelled:
+        tally = _Tally(device)
+        if loader is not None or compare:
+            _run_batches(tally, model, reference if compare else None, loader, opts, shape, device, bar)
+        if tally.first_inputs is not None and loader is not None:
+            shape = tuple(tally.first_inputs.shape[1:])
+        latency_s, runs = _latency(model, tally, loader, opts, shape, device, bar, notes)
+    if loader is not None and not tally.labelled:
         notes.append("accuracy not measured: the data has no class-index targets for the model's outputs")
-    rel_err = agreement = None
-    if compare:
-        d, r = float(diff_sq), float(ref_sq)
-        rel_err = math.sqrt(d / r) if r > 0 else (0.0 if d == 0 else None)
-        agreement = 100.0 * int(agree) / agree_total if agree_total else None
+    numbers = {**tally.result(loader is not None, compare, opts), "reference": opts.reference,
+               "cosine": None, "nn_agreement": None, "similarity_spearman": None, "sts_spearman": None,
+               "sts_spearman_reference": None,
+               "reference_inputs": ("data" if loader is not None else "random") if compare else None,
+               "input_shape": list(shape) if shape is not None else None, **_timing(latency_s, runs, opts),
+               "device": str(device), "batch_size": opts.batch_size, "notes": notes}
+    return {**base, **{key: numbers[key] for key in RESULT_KEYS if key not in base}}
 
-    return {
-        "file": str(path),
-        "arch": opts.arch or info.get("arch"),
-        "dtype": info.get("dtype"),
-        "size_bytes": size_bytes,
-        "size_bytes_original": size_original,
-        "size_ratio": size_original / size_bytes if size_original else None,
-        "params": params,
-        "params_original": params_original,
-        "ratio": params_original / params if params_original and params else None,
-        "layers": _layer_entries(model),
-        "data": opts.data,
-        "samples": samples if loader is not None else None,
-        "accuracy": accuracy,
-        "top5": top5,
-        "loss": loss,
-        "reference": opts.reference,
-        "reference_accuracy": ref_acc,
-        "reference_top5": ref_top5,
-        "agreement": agreement,
-        "cosine": None,
-        "nn_agreement": None,
-        "similarity_spearman": None,
-        "sts_spearman": None,
-        "sts_spearman_reference": None,
-        "rel_output_error": rel_err,
-        "reference_inputs": ("data" if loader is not None else "random") if compare else None,
-        "input_shape": list(shape) if shape is not None else None,
-        "latency_ms": None if latency_s is None else 1000.0 * latency_s,
-        "throughput": None if latency_s is None else opts.batch_size / latency_s,
-        "latency_runs": runs,
-        "device": str(device),
-        "batch_size": opts.batch_size,
-        "notes": notes,
-    }
+
+def _load_reference(opts: EvalOptions, info: Mapping[str, Any]) -> nn.Module | None:
+    """The original model to compare with (--reference), in eval mode, or None."""
+    if opts.reference is None:
+        return None
+    if is_hf_spec(opts.reference):  # the original model folder itself
+        return resolve_arch(opts.reference).float().eval()
+    ref_arch = opts.reference_arch or opts.arch or info.get("arch")
+    return load_model(opts.reference, arch=ref_arch, trust_pickle=opts.trust_pickle).float().eval()
+
+
+def _sizes_and_params(path: str, opts: EvalOptions, info: Mapping[str, Any], meta: Mapping[str, Any],
+                      model: nn.Module, reference: nn.Module | None) -> dict[str, Any]:
+    """The result's first fields: the file, its architecture and dtype, sizes and parameter counts with their
+    ratios (the original's from the checkpoint's metadata, else from the reference), and the layers."""
+    params, size_bytes = count_parameters(model), Path(path).stat().st_size
+    params_original, size_original = _meta_int(meta, "params_original"), _meta_int(meta, "size_bytes_original")
+    if reference is not None and params_original is None:
+        params_original = count_parameters(reference)
+    if reference is not None and size_original is None and not is_hf_spec(opts.reference):
+        size_original = Path(opts.reference).stat().st_size
+    return {"file": str(path), "arch": opts.arch or info.get("arch"), "dtype": info.get("dtype"),
+            "size_bytes": size_bytes, "size_bytes_original": size_original,
+            "size_ratio": size_original / size_bytes if size_original else None, "params": params,
+            "params_original": params_original,
+            "ratio": params_original / params if params_original and params else None,
+            "layers": _layer_entries(model)}
+
+
+class _Tally:
+    """What evaluating batches accumulates: accuracy of both models, output error and top-1 agreement."""
+
+    def __init__(self, device: torch.device):
+        self.metrics, self.ref_metrics = _Metrics(device), _Metrics(device)
+        self.diff_sq = torch.zeros((), dtype=torch.float64, device=device)
+        self.ref_sq = torch.zeros((), dtype=torch.float64, device=device)
+        self.agree = torch.zeros((), dtype=torch.long, device=device)
+        self.agree_total = self.samples = 0
+        self.labelled = True
+        self.first_inputs: Tensor | None = None
+
+    def add(self, out: Tensor, ref: Tensor | None, y: Tensor | None) -> None:
+        if y is not None:
+            self.metrics.add(out, y)
+        if ref is None:
+            return
+        if y is not None:
+            self.ref_metrics.add(ref, y)
+        out64, ref64 = out.double(), ref.double()
+        self.diff_sq += (out64 - ref64).pow(2).sum()
+        self.ref_sq += ref64.pow(2).sum()
+        if out.dim() >= 2:
+            self.agree += (out.argmax(dim=1) == ref.argmax(dim=1)).sum()
+            self.agree_total += out.numel() // out.shape[1]
+
+    def result(self, on_data: bool, compared: bool, opts: EvalOptions) -> dict[str, Any]:
+        labelled = self.labelled and on_data
+        accuracy, top5, loss = self.metrics.result() if labelled else (None, None, None)
+        ref_acc, ref_top5, _ = self.ref_metrics.result() if labelled and compared else (None, None, None)
+        rel_err = agreement = None
+        if compared:
+            d, r = float(self.diff_sq), float(self.ref_sq)
+            rel_err = math.sqrt(d / r) if r > 0 else (0.0 if d == 0 else None)
+            agreement = 100.0 * int(self.agree) / self.agree_total if self.agree_total else None
+        return {"data": opts.data, "samples": self.samples if on_data else None, "accuracy": accuracy,
+                "top5": top5, "loss": loss, "reference_accuracy": ref_acc, "reference_top5": ref_top5,
+                "agreement": agreement, "rel_output_error": rel_err}
+
+
+def _run_batches(tally: _Tally, model: nn.Module, reference: nn.Module | None, loader: DataLoader | None,
+                 opts: EvalOptions, shape: tuple[int, ...] | None, device: torch.device, bar: Any) -> None:
+    """Run the model (and the reference, when comparing) on the data's batches, or on random inputs of
+    `shape` without data, into `tally`."""
+    if loader is not None:
+        total = len(loader) if opts.max_batches is None else min(len(loader), opts.max_batches)
+    else:
+        total = min(RANDOM_BATCHES, opts.max_batches or RANDOM_BATCHES)
+    task = bar.add_task("evaluating", total=total) if bar is not None else None
+    non_blocking = device.type == "cuda"
+    with torch.no_grad():
+        for inputs, targets in _batches(loader, opts, model, shape):
+            if tally.first_inputs is None:
+                tally.first_inputs = inputs
+            x = inputs.to(device, non_blocking=non_blocking)
+            out = _forward(model, x, "compressed")
+            tally.samples += len(inputs)
+            y = None
+            if tally.labelled and loader is not None and _is_class_labels(out, targets):
+                _check_labels(targets, out.shape[1])
+                y = targets.to(device, non_blocking=non_blocking)
+            else:
+                tally.labelled = False
+            ref = None
+            if reference is not None:
+                ref = _forward(reference, x, "reference")
+                if ref.shape != out.shape:
+                    raise UserError(f"the reference model's output shape {list(ref.shape)} differs from "
+                                    f"the compressed model's {list(out.shape)}; check --reference-arch")
+            tally.add(out, ref, y)
+            if task is not None:
+                bar.update(task, advance=1)
+    if loader is not None and tally.samples == 0:
+        raise UserError(f"the data {opts.data} yields no samples")
+
+
+def _latency(model: nn.Module, tally: _Tally, loader: DataLoader | None, opts: EvalOptions,
+             shape: tuple[int, ...] | None, device: torch.device, bar: Any, notes: list[str]
+             ) -> tuple[float | None, int | None]:
+    """(median seconds of one forward at the batch size, timed runs), or (None, None) when off or no input
+    shape is known; the batch is the data's first, tiled, else random inputs."""
+    if not opts.latency:
+        return None, None
+    if shape is None:
+        notes.append("latency skipped: input shape unknown (pass --data or --input-shape)")
+        return None, None
+    if tally.first_inputs is not None and loader is not None:
+        x = _tile(tally.first_inputs, opts.batch_size)
+    else:
+        x = _random_inputs(model, shape, opts.batch_size, torch.Generator().manual_seed(RANDOM_SEED))
+    return _measure_latency(model, x.to(device), device, bar)
+
+
+def _timing(latency_s: float | None, runs: int | None, opts: EvalOptions) -> dict[str, Any]:
+    return {"latency_ms": None if latency_s is None else 1000.0 * latency_s,
+            "throughput": None if latency_s is None else opts.batch_size / latency_s, "latency_runs": runs}
 
 
 def _run_text_eval(base: dict[str, Any], model: nn.Module, reference: nn.Module | None, opts: EvalOptions,

@@ -735,60 +735,285 @@ def finetune(
 def _finetune(student: nn.Module, teacher: nn.Module, train_loader: Iterable, val_loader: Iterable | None,
               cfg: FinetuneConfig, progress: bool, bn_recalibrate: int) -> dict[str, Any]:
     """`finetune`'s body (the same arguments), on a student whose cores are free or not."""
+    start = time.perf_counter()
     device = resolve_device(cfg.device)
     use_amp = _amp_enabled(cfg.amp, device)
-    multi = distributed.active()
-    world = distributed.world() if multi else 1
+    multi, world = distributed.active(), distributed.world() if distributed.active() else 1
     torch.manual_seed(cfg.seed + distributed.rank())  # dropout etc. differ by rank; the data decides the rest
-    start = time.perf_counter()
+    bank = _prepare(student, teacher, train_loader, cfg, device, bn_recalibrate)
+    steps_per_epoch = _steps_per_epoch(train_loader)
+    budget, total_steps = cfg.time_budget, _total_steps(cfg, steps_per_epoch)
 
-    student.to(device)
-    teacher.to(device).eval()
-    distributed.broadcast_state(student)  # every rank starts from rank 0's student
-    bank = None
-    if cfg.weight_bank and any(is_parametrized(m) for m in student.modules()):
-        bank = WeightBank(student, cuda_graph=device.type == "cuda" and cfg.cuda_graph)
-    if bn_recalibrate > 0:
-        recalibrate_batchnorm(student, train_loader, bn_recalibrate, device)
-        distributed.average_buffers(student)  # statistics of every rank's batches
-
-    steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
-    distributed.check_equal(steps_per_epoch, "the number of training batches per epoch")
-    if steps_per_epoch == 0:
-        raise UserError("the training data yields no batches (fewer samples than the batch size?)")
-    budget = cfg.time_budget
-    if budget is not None:
-        total_steps = sys.maxsize  # the clock sets it to the last step
-    elif cfg.steps is not None:
-        total_steps = cfg.steps
-    else:
-        total_steps = round((1 if cfg.epochs is None else cfg.epochs) * steps_per_epoch)
-
-    def validate() -> tuple[dict[str, float | None], tuple[float, ...] | None]:
-        """Student metrics on val and a sort key where larger is better (None without val data)."""
-        if val_loader is None:
-            return {"accuracy": None, "top5": None, "loss": None}, None
-        distributed.broadcast_state(student, buffers_only=True)  # every shard sees rank 0's BatchNorm statistics
-        metrics = evaluate(student, val_loader, device, use_amp, reduce=multi)
-        if metrics["accuracy"] is not None:
-            return metrics, (metrics["accuracy"], -metrics["loss"])
-        return metrics, (-_val_distillation_loss(student, teacher, val_loader, device, use_amp, cfg),)
-
-    original = None if val_loader is None else evaluate(teacher, val_loader, device, use_amp, reduce=multi)["accuracy"]
-    before, _ = validate()
-
+    validate = _Validator(student, teacher, val_loader, cfg, device, use_amp, multi)
+    original, (before, _) = validate.teacher_accuracy(), validate()
     optimizer = build_optimizer(student, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps if budget is None else SCHEDULE_TICKS)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     bar = _Progress(progress and distributed.is_main(), total_steps if budget is None else budget,
                     "" if budget is None else "s")
     tf32 = _tf32_enabled(cfg.tf32, device, use_amp)
-    contexts = ExitStack()  # left when the loop ends, however it ends
-    contexts.enter_context(_attention_backends(device))
-    contexts.enter_context(_tf32_matmuls(tf32))  # graphs captured below bake it in
-    net: nn.Module = student
-    pair: nn.Module | None = None  # teacher + student + loss in one graph (a custom loss takes no labels)
-    try:
+    curve = _Curve(before)
+    meter = _Meter(device, world, warmup=min(WARMUP_STEPS, total_steps // 4))
+    set_progress = getattr(cfg.loss_fn, "set_progress", None)  # a loss whose weights follow the steps
+    step = epoch = 0
+    with _fast_path(student, teacher, cfg, device, bank, multi, total_steps, tf32) as (net, pair), \
+            _closing(bar), _attached(bank):
+        clock = _BudgetClock(budget)
+        meter.begin()
+        while step < total_steps:
+            _set_epoch(train_loader, epoch)
+            for batch in train_loader:
+                if set_progress is not None:
+                    set_progress(step / max(total_steps - 1, 1) if budget is None else clock.fraction(step))
+                loss, s_out, labels = _train_step(student, teacher, batch, optimizer, trainable, cfg, device,
+                                                  use_amp, check_labels=step == 0, net=net, pair=pair)
+                step += 1
+                total_steps = _advance_schedule(scheduler, clock, step, total_steps)
+                meter.add(loss, s_out, labels, step)
+                epoch_end = step % steps_per_epoch == 0
+                early = budget is not None and step & (step - 1) == 0  # the clock's first readings: steps 1, 2, 4...
+                if step % cfg.log_every == 0 or epoch_end or step == total_steps or early:
+                    total_steps = meter.log(bar, clock, step, total_steps)
+                if epoch_end:
+                    meter.new_epoch()
+                if (epoch_end and cfg.val_every_epoch) or step == total_steps:
+                    meter.stop_clock()
+                    curve.checkpoint(student, validate, meter, _epoch_value(step, steps_per_epoch))
+                    net.train()
+                    meter.resume(step, total_steps)
+                if step >= total_steps:
+                    break
+            epoch += 1
+        graphs = ("step" if isinstance(net, StepGraph) and net.graphs
+                  else "build" if bank is not None and bank.cuda_graph and device.type == "cuda" else None)
+    meter.stop_clock()
+    del net, pair  # the DistributedDataParallel wrapper (its hooks and buckets) or the step graphs are done
+    if device.type == "cuda":
+        gc.collect()  # CUDA graphs sit in reference cycles: free their memory now, not at some later collection
+    after = curve.select(student) if cfg.select_best else curve.last_metrics
+    return {
+        "epochs": _epoch_value(step, steps_per_epoch),
+        "steps": step,
+        "time_budget": budget,
+        "seconds": round(time.perf_counter() - start, 2),
+        "device": str(device),
+        "processes": world,
+        "images_per_s": meter.images_per_s(),
+        "cuda_graph": graphs,
+        "tf32": tf32,
+        "original_val_accuracy": _percent(original),
+        "val_accuracy_before": _percent(before["accuracy"]),
+        "val_accuracy_after": _percent(after["accuracy"]),
+        "curve": curve.points,
+    }
+
+
+def _prepare(student: nn.Module, teacher: nn.Module, train_loader: Iterable, cfg: FinetuneConfig,
+             device: torch.device, bn_recalibrate: int) -> WeightBank | None:
+    """Both models on the device (every rank starting from rank 0's student), the weight bank that builds all
+    compressed weights together (None without compressed layers), BatchNorm statistics re-estimated if asked."""
+    student.to(device)
+    teacher.to(device).eval()
+    distributed.broadcast_state(student)
+    bank = None
+    if cfg.weight_bank and any(is_parametrized(m) for m in student.modules()):
+        bank = WeightBank(student, cuda_graph=device.type == "cuda" and cfg.cuda_graph)
+    if bn_recalibrate > 0:
+        recalibrate_batchnorm(student, train_loader, bn_recalibrate, device)
+        distributed.average_buffers(student)  # statistics of every rank's batches
+    return bank
+
+
+def _steps_per_epoch(train_loader: Iterable) -> int:
+    """Batches per epoch, the same on every rank, and at least one."""
+    steps = len(train_loader)  # type: ignore[arg-type]
+    distributed.check_equal(steps, "the number of training batches per epoch")
+    if steps == 0:
+        raise UserError("the training data yields no batches (fewer samples than the batch size?)")
+    return steps
+
+
+def _total_steps(cfg: FinetuneConfig, steps_per_epoch: int) -> int:
+    """Steps to run: cfg.steps, or cfg.epochs (default 1) of batches; unbounded with a time budget (the
+    budget's clock sets the last step)."""
+    if cfg.time_budget is not None:
+        return sys.maxsize
+    if cfg.steps is not None:
+        return cfg.steps
+    return round((1 if cfg.epochs is None else cfg.epochs) * steps_per_epoch)
+
+
+def _advance_schedule(scheduler: Any, clock: _BudgetClock, step: int, total_steps: int) -> int:
+    """Step the lr schedule after a training step; returns the total steps (the last one once a time budget
+    is spent). With a budget the schedule's position is the fraction of the budget spent."""
+    if clock.budget is None:
+        if scheduler is not None:
+            scheduler.step()
+        return total_steps
+    spent = clock.fraction(step)
+    if spent >= 1.0:
+        total_steps = step  # the budget is spent by the synced clock's extrapolation
+    if scheduler is not None:
+        target = min(int(spent * SCHEDULE_TICKS), SCHEDULE_TICKS - 1)
+        while scheduler.last_epoch < target:
+            scheduler.step()
+    return total_steps
+
+
+class _Validator:
+    """The student's validation metrics and a sort key where larger is better (None without val data): val
+    accuracy (ties: lower loss), or the distillation loss on unlabelled data; reduced over ranks."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, val_loader: Iterable | None, cfg: FinetuneConfig,
+                 device: torch.device, use_amp: bool, multi: bool):
+        self.student, self.teacher, self.val_loader, self.cfg = student, teacher, val_loader, cfg
+        self.device, self.use_amp, self.multi = device, use_amp, multi
+
+    def teacher_accuracy(self) -> float | None:
+        if self.val_loader is None:
+            return None
+        return evaluate(self.teacher, self.val_loader, self.device, self.use_amp, reduce=self.multi)["accuracy"]
+
+    def __call__(self) -> tuple[dict[str, float | None], tuple[float, ...] | None]:
+        if self.val_loader is None:
+            return {"accuracy": None, "top5": None, "loss": None}, None
+        distributed.broadcast_state(self.student, buffers_only=True)  # every shard sees rank 0's BatchNorm stats
+        metrics = evaluate(self.student, self.val_loader, self.device, self.use_amp, reduce=self.multi)
+        if metrics["accuracy"] is not None:
+            return metrics, (metrics["accuracy"], -metrics["loss"])
+        return metrics, (-_val_distillation_loss(self.student, self.teacher, self.val_loader, self.device,
+                                                 self.use_amp, self.cfg),)
+
+
+class _Curve:
+    """The validation curve and the best state among its points."""
+
+    def __init__(self, before: dict[str, float | None]):
+        self.points: list[dict[str, Any]] = []
+        self.best_key: tuple[float, ...] | None = None
+        self.best_state: dict[str, Tensor] | None = None
+        self.best_metrics = self.last_metrics = before
+
+    def checkpoint(self, student: nn.Module, validate: _Validator, meter: _Meter, epoch: int | float) -> None:
+        """Validate, append a point for the steps since the last one, and remember the best state."""
+        metrics, key = validate()
+        self.last_metrics = metrics
+        self.points.append({
+            "epoch": epoch,
+            "train_loss": meter.take_segment(),
+            "val_loss": None if key is None else -key[-1],  # CE with labels, else the distillation loss
+            "val_accuracy": _percent(metrics["accuracy"]),
+        })
+        if key is not None and (self.best_key is None or key > self.best_key):
+            self.best_key, self.best_state, self.best_metrics = key, _cpu_state(student), metrics
+
+    def select(self, student: nn.Module) -> dict[str, float | None]:
+        """Load the best state into the student (if any point had one); returns its metrics."""
+        if self.best_state is None:
+            return self.last_metrics
+        student.load_state_dict(self.best_state)
+        return self.best_metrics
+
+
+class _Meter:
+    """The loop's running numbers: the loss and accuracy since the last log line or validation, samples per
+    second for the progress line, and training throughput timed after the warm-up steps (validation and the
+    graph captures of the first steps left out)."""
+
+    def __init__(self, device: torch.device, world: int, warmup: int):
+        self.device, self.world, self.warmup = device, world, warmup
+        self.seg_steps, self.seg_loss = 0, torch.zeros((), dtype=torch.float64, device=device)
+        self.run_correct, self.labelled_seen = torch.zeros((), dtype=torch.long, device=device), 0
+        self.samples = self.pending = 0
+        self.timed_images, self.timed_s, self.clock = 0, 0.0, None
+        self.tick = time.perf_counter()
+
+    def begin(self) -> None:
+        self.tick = time.perf_counter()
+        if self.warmup == 0:
+            self.start_clock()
+
+    def start_clock(self) -> None:
+        _synchronize(self.device)
+        self.clock = time.perf_counter()
+
+    def stop_clock(self) -> None:
+        if self.clock is not None:
+            _synchronize(self.device)
+            self.timed_s += time.perf_counter() - self.clock
+            self.clock = None
+
+    def resume(self, step: int, total_steps: int) -> None:
+        """After a validation: the progress line's rate and the throughput clock count training only."""
+        self.tick = time.perf_counter()
+        if self.warmup <= step < total_steps:
+            self.start_clock()
+
+    def add(self, loss: Tensor, s_out: Tensor, labels: Tensor | None, step: int) -> None:
+        """Count one training step (the batch over all ranks)."""
+        self.seg_steps += 1
+        self.pending += 1
+        self.seg_loss += loss.double()
+        batch_n = (s_out.shape[0] if s_out.dim() else 1) * self.world
+        self.samples += batch_n
+        if step > self.warmup:
+            self.timed_images += batch_n
+        elif step == self.warmup:
+            self.start_clock()
+        if labels is not None:
+            self.run_correct += (s_out.argmax(dim=1) == labels).sum()
+            self.labelled_seen += batch_n
+
+    def new_epoch(self) -> None:
+        self.run_correct.zero_()
+        self.labelled_seen = 0
+
+    def reduced(self, *values: Tensor | float) -> list[float]:
+        """Sums over ranks of a few numbers (this rank's alone in a single process)."""
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
+        return distributed.all_sum(t).tolist()
+
+    def log(self, bar: _Progress, clock: _BudgetClock, step: int, total_steps: int) -> int:
+        """Update the progress line with numbers every rank shares (and, with a budget, read the shared clock:
+        returns the total steps, the last one once it is spent); a non-finite loss stops every rank."""
+        loss_sum, correct, elapsed = self.reduced(self.seg_loss, self.run_correct, clock.elapsed())
+        if clock.budget is not None and clock.sync(elapsed / self.world, step):
+            total_steps = step
+        mean_loss = loss_sum / self.world / self.seg_steps
+        if not math.isfinite(mean_loss):
+            raise distributed.SharedUserError(f"fine-tuning diverged (loss {mean_loss}) at step {step}; try a lower --lr")
+        now = time.perf_counter()
+        info = f"loss {mean_loss:.4f}  {self.samples / max(now - self.tick, 1e-9):,.0f} img/s"
+        if self.labelled_seen:
+            info += f"  acc {100.0 * correct / self.labelled_seen:.1f}%"
+        bar.update(self.pending if clock.budget is None else clock.advance(), info)
+        self.pending, self.samples, self.tick = 0, 0, now
+        return total_steps
+
+    def take_segment(self) -> float:
+        """The mean training loss (over ranks) since the last validation, and a fresh segment."""
+        loss_sum, = self.reduced(self.seg_loss)
+        mean = loss_sum / self.world / max(self.seg_steps, 1)
+        self.seg_steps, self.seg_loss = 0, torch.zeros_like(self.seg_loss)
+        return mean
+
+    def images_per_s(self) -> float | None:
+        return round(self.timed_images / self.timed_s, 1) if self.timed_s > 0 and self.timed_images else None
+
+
+@contextmanager
+def _fast_path(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, device: torch.device,
+               bank: WeightBank | None, multi: bool, total_steps: int, tf32: bool
+               ) -> Iterator[tuple[nn.Module, nn.Module | None]]:
+    """(net, pair) for `_train_step` while the loop runs, in training mode: the student, its
+    DistributedDataParallel wrapper under torchrun, or the whole step as CUDA graphs on one GPU (`pair`:
+    teacher, student and a custom loss in one graph); with the attention backends and TF32 setting of the
+    training steps (graphs bake them in)."""
+    with ExitStack() as contexts:
+        contexts.enter_context(_attention_backends(device))
+        contexts.enter_context(_tf32_matmuls(tf32))
+        net: nn.Module = student
+        pair: nn.Module | None = None
         if multi and total_steps > 0:
             if bank is not None:
                 bank.prepare()  # capture the build's CUDA graph now, outside DistributedDataParallel's first forward
@@ -798,163 +1023,25 @@ def _finetune(student: nn.Module, teacher: nn.Module, train_loader: Iterable, va
                 net = pair = StepGraph(DistillStep(student, teacher, cfg), bank=bank)
             else:
                 net = StepGraph(student, bank=bank)  # the whole forward+backward as a graph (the build inside it)
-    except BaseException:
-        contexts.close()
-        raise
+        net.train()
+        yield net, pair
 
-    curve: list[dict[str, Any]] = []
-    best_key: tuple[float, ...] | None = None
-    best_state: dict[str, Tensor] | None = None
-    best_metrics = before
-    last_metrics = before
-    step = 0
-    epoch = 0
-    seg_steps = 0
-    seg_loss = torch.zeros((), dtype=torch.float64, device=device)
-    run_correct = torch.zeros((), dtype=torch.long, device=device)
-    labelled_seen = 0
-    samples = 0
-    pending = 0
-    warmup = min(WARMUP_STEPS, total_steps // 4)
-    timed_images, timed_s, clock = 0, 0.0, None
-    budget_clock = _BudgetClock(budget)
-    tick = time.perf_counter()
-    net.train()
+
+@contextmanager
+def _closing(bar: _Progress) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        bar.close()
+
+
+@contextmanager
+def _attached(bank: WeightBank | None) -> Iterator[None]:
+    """The weight bank serves the compressed weights while the loop runs, however it ends."""
     if bank is not None:
         bank.attach()
-
-    def start_clock() -> None:
-        nonlocal clock
-        _synchronize(device)
-        clock = time.perf_counter()
-
-    def stop_clock() -> None:
-        nonlocal clock, timed_s
-        if clock is not None:
-            _synchronize(device)
-            timed_s += time.perf_counter() - clock
-            clock = None
-
-    def reduced(*values: Tensor | float) -> list[float]:
-        """Sums over ranks of a few numbers (this rank's alone in a single process)."""
-        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
-        return distributed.all_sum(t).tolist()
-
-    def checkpoint() -> None:
-        """Validate, append a curve point for the steps since the last one, and remember the best state."""
-        nonlocal best_key, best_state, best_metrics, last_metrics, seg_steps, seg_loss
-        metrics, key = validate()
-        last_metrics = metrics
-        loss_sum, = reduced(seg_loss)
-        curve.append({
-            "epoch": _epoch_value(step, steps_per_epoch),
-            "train_loss": loss_sum / world / max(seg_steps, 1),
-            "val_loss": None if key is None else -key[-1],  # CE with labels, else the distillation loss
-            "val_accuracy": _percent(metrics["accuracy"]),
-        })
-        seg_steps, seg_loss = 0, torch.zeros_like(seg_loss)
-        if key is not None and (best_key is None or key > best_key):
-            best_key, best_state, best_metrics = key, _cpu_state(student), metrics
-
-    if warmup == 0:
-        start_clock()
-    progress_to = getattr(cfg.loss_fn, "set_progress", None)  # a loss whose weights follow the steps
     try:
-        while step < total_steps:
-            _set_epoch(train_loader, epoch)
-            for batch in train_loader:
-                if progress_to is not None:
-                    progress_to(step / max(total_steps - 1, 1) if budget is None else budget_clock.fraction(step))
-                loss, s_out, labels = _train_step(
-                    student, teacher, batch, optimizer, trainable, cfg, device, use_amp,
-                    check_labels=step == 0,  # once: checking every batch would sync with the GPU
-                    net=net, pair=pair,
-                )
-                step += 1
-                if budget is not None:
-                    spent = budget_clock.fraction(step)
-                    if spent >= 1.0:
-                        total_steps = step  # the budget is spent by the synced clock's extrapolation
-                    if scheduler is not None:  # the schedule's position is the fraction of the budget spent
-                        target = min(int(spent * SCHEDULE_TICKS), SCHEDULE_TICKS - 1)
-                        while scheduler.last_epoch < target:
-                            scheduler.step()
-                elif scheduler is not None:
-                    scheduler.step()
-                seg_steps += 1
-                pending += 1
-                seg_loss += loss.double()
-                batch_n = (s_out.shape[0] if s_out.dim() else 1) * world
-                samples += batch_n
-                if step > warmup:
-                    timed_images += batch_n
-                elif step == warmup:
-                    start_clock()
-                if labels is not None:
-                    run_correct += (s_out.argmax(dim=1) == labels).sum()
-                    labelled_seen += batch_n
-
-                epoch_end = step % steps_per_epoch == 0
-                early = budget is not None and step & (step - 1) == 0  # the clock's first readings: steps 1, 2, 4...
-                if step % cfg.log_every == 0 or epoch_end or step == total_steps or early:
-                    # every rank sees the same loss and, with a budget, the same clock (the ranks' mean)
-                    loss_sum, correct, elapsed = reduced(seg_loss, run_correct, budget_clock.elapsed())
-                    if budget is not None and budget_clock.sync(elapsed / world, step):
-                        total_steps = step
-                    mean_loss = loss_sum / world / seg_steps
-                    if not math.isfinite(mean_loss):
-                        raise distributed.SharedUserError(
-                            f"fine-tuning diverged (loss {mean_loss}) at step {step}; try a lower --lr"
-                        )
-                    now = time.perf_counter()
-                    rate = samples / max(now - tick, 1e-9)
-                    info = f"loss {mean_loss:.4f}  {rate:,.0f} img/s"
-                    if labelled_seen:
-                        info += f"  acc {100.0 * correct / labelled_seen:.1f}%"
-                    bar.update(pending if budget is None else budget_clock.advance(), info)
-                    pending, samples, tick = 0, 0, now
-                if epoch_end:
-                    run_correct.zero_()
-                    labelled_seen = 0
-                if (epoch_end and cfg.val_every_epoch) or step == total_steps:
-                    stop_clock()
-                    checkpoint()
-                    net.train()
-                    tick = time.perf_counter()  # images/s counts training only
-                    if step >= warmup and step < total_steps:
-                        start_clock()
-                if step >= total_steps:
-                    break
-            epoch += 1
+        yield
     finally:
-        contexts.close()
-        bar.close()
         if bank is not None:
             bank.detach()
-    stop_clock()
-    graphs = ("step" if isinstance(net, StepGraph) and net.graphs
-              else "build" if bank is not None and bank.cuda_graph and device.type == "cuda" else None)
-    del net, pair  # the DistributedDataParallel wrapper (its hooks and buckets) or the step graphs are done
-    if device.type == "cuda":
-        gc.collect()  # CUDA graphs sit in reference cycles: free their memory now, not at some later collection
-
-    if best_state is not None and cfg.select_best:
-        student.load_state_dict(best_state)
-        after = best_metrics
-    else:
-        after = last_metrics
-    return {
-        "epochs": _epoch_value(step, steps_per_epoch),
-        "steps": step,
-        "time_budget": budget,
-        "seconds": round(time.perf_counter() - start, 2),
-        "device": str(device),
-        "processes": world,
-        "images_per_s": round(timed_images / timed_s, 1) if timed_s > 0 and timed_images else None,
-        "cuda_graph": graphs,
-        "tf32": tf32,
-        "original_val_accuracy": _percent(original),
-        "val_accuracy_before": _percent(before["accuracy"]),
-        "val_accuracy_after": _percent(after["accuracy"]),
-        "curve": curve,
-    }
