@@ -23,12 +23,11 @@ from sttp_compress.io.checkpoint import DTYPES, checkpoint_payload
 from sttp_compress.compress.convert import candidate_layers, check_target, compress_to_target
 from sttp_compress.data.images import AUGMENTS
 from sttp_compress.errors import UserError
-from sttp_compress.io.hf import hf_path, is_hf_spec
 from sttp_compress.io.sources import load_model, resolve_arch
 from sttp_compress.io.outputs import check_output_folder, check_output_path, publish
 from sttp_compress.evaluate.report import is_report_file, render_report
-from sttp_compress.data.pairs import is_pairs_spec
-from sttp_compress.data.text import TEXT_AUGMENT, TEXT_VOCAB_SHARE, is_text_spec
+from sttp_compress.data.text import TEXT_AUGMENT, TEXT_VOCAB_SHARE
+from sttp_compress.io.specs import DataSpec, hf_folder, parse_data
 
 __all__ = ["CompressJob", "run_compress", "default_output", "state_size_bytes", "REPORT_FORMAT_VERSION"]
 
@@ -77,6 +76,23 @@ class CompressJob:
     datasets: tuple | None = None
     input_shape: list[int] | None = None
 
+    # typed views of the spec strings above, parsed in io.specs (the one place that reads them)
+    @property
+    def data_spec(self) -> DataSpec | None:
+        """--data as a DataSpec (None without data)."""
+        return parse_data(self.data)
+
+    @property
+    def data_kind(self) -> str | None:
+        """'images', 'tensors', 'text' or 'pairs'; None without --data."""
+        spec = self.data_spec
+        return None if spec is None else spec.kind
+
+    @property
+    def hf_folder(self) -> Path | None:
+        """The folder of --arch hf:DIR, else None."""
+        return hf_folder(self.arch)
+
 
 def default_output(model_path: str) -> Path:
     """`<MODEL stem>.sttp.pt` beside MODEL."""
@@ -95,7 +111,7 @@ def state_size_bytes(model: nn.Module, dtype: torch.dtype = torch.float32) -> in
 
 def _check_output(job: CompressJob) -> tuple[Path, Path]:
     """Resolve and check the output checkpoint and report folder before any work is done."""
-    stem = hf_path(job.arch).name if not job.model and is_hf_spec(job.arch) else "model"
+    stem = job.hf_folder.name if not job.model and job.hf_folder else "model"
     out = Path(job.output) if job.output else default_output(job.model or stem)
     if out.suffix.lower() == ".safetensors":
         raise UserError(f"--output {out}: safetensors output is not supported yet; name the file .pt "
@@ -133,7 +149,7 @@ def _check_target(job: CompressJob) -> None:
         raise UserError(f"--text-augment is a fraction of each batch, between 0 and 1; got {job.text_augment}")
     if job.row_order not in ROW_ORDERS:
         raise UserError(f"--row-order must be one of {', '.join(ROW_ORDERS)}; got {job.row_order!r}")
-    if job.row_order in ("weight", "tiered") and not (job.token_weighting and job.data and is_text_spec(job.data)):
+    if job.row_order in ("weight", "tiered") and not (job.token_weighting and job.data_kind == "text"):
         raise UserError(ORDER_ROWS_NEEDS.format(job.row_order))
     if not 0.0 <= job.text_vocab_share <= 1.0:
         raise UserError(f"--text-vocab-share is a share of the replacement tokens, between 0 and 1; "
@@ -144,22 +160,22 @@ def _datasets(job: CompressJob):
     """(train_ds, val_ds, image_cfg | None) for fine-tuning, checked before the conversion starts."""
     if job.datasets is not None:
         return (*job.datasets, None)
-    from sttp_compress.data.images import (ImageDataConfig, build_image_datasets, image_folder_splits, is_tensor_spec,
-                       load_tensor_data, resolve_image_config)
+    from sttp_compress.data.images import (ImageDataConfig, build_image_datasets, image_folder_splits,
+                                           load_tensor_data, resolve_image_config)
 
-    if is_pairs_spec(job.data):
+    if job.data_kind == "pairs":
         raise UserError("--data pairs:FILE scores an encoder in sttp-eval; distil with --data text:FILE "
                         "(one text per line)")
-    if is_text_spec(job.data):
+    if job.data_kind == "text":
         from sttp_compress.data.text import text_datasets
 
-        if not is_hf_spec(job.arch):
+        if job.hf_folder is None:
             raise UserError("--data text:FILE needs --arch hf:DIR (the tokenizer comes from DIR)")
-        return (*text_datasets(job.data, hf_path(job.arch)), None)
-    if job.data and is_tensor_spec(job.data):
-        train_ds, val_ds = load_tensor_data(job.data)
+        return (*text_datasets(str(job.data_spec), job.hf_folder), None)
+    if job.data_kind == "tensors":
+        train_ds, val_ds = load_tensor_data(str(job.data_spec))
         return train_ds, val_ds, None
-    train_dir, val_dir = image_folder_splits(job.data, job.train_data, job.val_data)
+    train_dir, val_dir = image_folder_splits(job.data_spec and str(job.data_spec), job.train_data, job.val_data)
     cfg = resolve_image_config(ImageDataConfig(job.image_size, job.mean, job.std, job.augment), train_dir)
     train_ds, val_ds = build_image_datasets(train_dir, val_dir, cfg)
     return train_ds, val_ds, cfg
@@ -226,7 +242,7 @@ def run_compress(job: CompressJob, on_layer_start: Callable[[int], None] | None 
 def _row_weights(model: nn.Module, job: CompressJob, data: tuple | None, candidates: dict[str, nn.Module]) -> dict:
     """{token embedding name: token_weights of the training texts} when distilling on text with the
     token embedding among the `candidates` to compress (and --token-weighting on), else {}."""
-    if not (job.token_weighting and data is not None and is_text_spec(job.data)):
+    if not (job.token_weighting and data is not None and job.data_kind == "text"):
         return {}
     name = getattr(model, "token_embedding_name", lambda: None)()
     if name not in candidates:
@@ -305,7 +321,7 @@ def _input_moments(model: nn.Module, job: CompressJob, data: tuple | None, candi
     """{Linear name: E[x xᵀ] on calibration batches of the training data} for an activation-aware
     conversion (`activation.input_moments`: column weights and spectrum refit): with --activation-aware,
     or by default with text data."""
-    text = is_text_spec(job.data)
+    text = job.data_kind == "text"
     if data is None or not (job.activation_aware or (job.activation_aware is None and text)):
         return {}
     from sttp_compress.compress.activation import calibration_batches, input_moments
@@ -373,7 +389,7 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
         model = _load(job)
         t_load = time.perf_counter() - t0
         data = _datasets(job) if fine else None
-        if data is not None and not is_text_spec(job.data):
+        if data is not None and job.data_kind != "text":
             _check_data_fits(model, data[0])
 
     torch.manual_seed(job.seed)
@@ -417,7 +433,7 @@ def _check_job(job: CompressJob, main: bool) -> tuple[Path | None, Path | None, 
     """Every check that needs no file read: target and options, the outputs (on the writing rank), the
     fine-tuning settings; returns (output, report folder, whether to fine-tune)."""
     _check_target(job)
-    if job.module is None and not job.model and not is_hf_spec(job.arch):
+    if job.module is None and not job.model and job.hf_folder is None:
         raise UserError("missing MODEL (a checkpoint file), or --arch hf:DIR, or use --example")
     out, report_dir = _check_output(job) if main else (None, None)  # only rank 0 writes
     fine = job.finetune is not None and bool(job.data or job.train_data or job.datasets is not None)
@@ -427,7 +443,7 @@ def _check_job(job: CompressJob, main: bool) -> tuple[Path | None, Path | None, 
         if fine and world > 1:
             from sttp_compress.data.images import per_rank_batch
 
-            if is_text_spec(job.data):
+            if job.data_kind == "text":
                 raise UserError("text distillation (--data text:FILE) runs in one process; "
                                 "launch it without torchrun/--gpus")
             per_rank_batch(job.finetune.batch_size, world)
@@ -456,7 +472,7 @@ def _finetune_phase(model: nn.Module, teacher: nn.Module, job: CompressJob, data
         cfg = replace(cfg, device=str(device))  # this rank's GPU (or the CPU)
     dev = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else (
         "cpu" if cfg.device == "auto" else cfg.device)
-    text = is_text_spec(job.data)
+    text = job.data_kind == "text"
     if text:
         train_ds.augment = job.text_augment  # after the calibration, which sees the texts as they are
         train_ds.vocab_share = job.text_vocab_share

@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from sttp_compress.evaluate import run as evaluate
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip with a reason on a machine without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 @pytest.fixture
 def fast_eval_timing(monkeypatch):
     """sttp-eval times only the minimum number of forward passes, so tests that measure latency stay fast."""

@@ -31,7 +31,8 @@ from sttp_compress.cli import _main, compress_app, eval_app
 from sttp_compress.errors import UserError
 from sttp_compress.pipeline import CompressJob, run_compress
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())  # the project
+SHARED = ROOT.parent / "shared"
 SHARED_MODEL = SHARED / "models" / "resnet18_cifar10.pt"
 SHARED_ARCH = SHARED / "models" / "cifar_models.py"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "sttp_compress"
-# Bottom to top: a module may import from its own layer and the layers below it, never above.
-LAYERS = ["errors", "core", "compress", "io", "data", "train", "evaluate", "pipeline", "example", "cli"]
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())  # the project
+PACKAGE = ROOT / "sttp_compress"
+# Bottom to top (docs/development.md): a module may import from its own layer and the layers below it.
 LEVEL = {"errors": 0, "core": 1, "compress": 2, "io": 3, "data": 4, "train": 5, "evaluate": 6, "pipeline": 7,
          "example": 7, "cli": 8}
 MAX_FUNCTION_LINES = 80
@@ -58,3 +58,11 @@ def test_no_private_name_is_imported_from_another_module(path):
     for line, module, names in _imports(path):
         private = [n for n in names if n.startswith("_") and not n.startswith("__")]
         assert not private, f"{path.name}:{line} imports {private} from {module}"
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_function_body_is_longer_than_the_limit(path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = node.end_lineno - node.body[0].lineno + 1  # the body: a typer command's options are its signature
+            assert length <= MAX_FUNCTION_LINES, f"{path.name}: {node.name} has {length} lines"

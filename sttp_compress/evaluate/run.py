@@ -113,16 +113,14 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from sttp_compress.io.checkpoint import load_compressed
 from sttp_compress.compress.convert import compressed_layers, count_parameters, decompress
 from sttp_compress.data.images import (IMAGE_EXTENSIONS, TENSORS_PREFIX, ImageDataConfig, image_transforms,
-                   is_tensor_spec, resolve_image_config, rgb_loader)
+                   resolve_image_config, rgb_loader)
 from sttp_compress.errors import UserError
 from sttp_compress.compress.serve import frozen
 from sttp_compress.train.loop import resolve_device
-from sttp_compress.io.hf import hf_path, is_hf_spec
+from sttp_compress.io.specs import DataSpec, hf_folder, parse_data
 from sttp_compress.io.sources import load_model, parse_size, resolve_arch
 from sttp_compress.io.outputs import atomic_torch_save
 from sttp_compress.evaluate.report import largest_layers
-from sttp_compress.data.pairs import is_pairs_spec
-from sttp_compress.data.text import is_text_spec
 
 __all__ = ["EvalOptions", "run_eval", "check_gates", "validate_options", "summary_table", "export_dense"]
 
@@ -172,6 +170,17 @@ class EvalOptions:
     baseline: str | None = None         # a previous --json output; with max_drop gates the accuracy drop
     max_drop: float | None = None       # in percentage points
 
+    @property
+    def data_spec(self) -> DataSpec | None:
+        """--data as a DataSpec (io.specs parses it; None without data)."""
+        return parse_data(self.data)
+
+    @property
+    def data_kind(self) -> str | None:
+        """'images', 'tensors', 'text' or 'pairs'; None without --data."""
+        spec = self.data_spec
+        return None if spec is None else spec.kind
+
 
 # --------------------------------------------------------------------------- option checks
 
@@ -194,7 +203,7 @@ def validate_options(opts: EvalOptions) -> None:
             raise UserError(f"--input-shape needs positive integers, e.g. 3,32,32; got {opts.input_shape}")
     image_opts = [n for n, v in (("--image-size", opts.image_size), ("--mean", opts.mean), ("--std", opts.std))
                   if v is not None]
-    if image_opts and (opts.data is None or is_tensor_spec(opts.data)):
+    if image_opts and opts.data_kind in (None, "tensors"):
         raise UserError(f"{'/'.join(image_opts)} only apply to an image folder given with --data DIR")
     if opts.reference_arch is not None and opts.reference is None:
         raise UserError("--reference-arch needs --reference FILE")
@@ -206,7 +215,7 @@ def validate_options(opts: EvalOptions) -> None:
 def _check_gates_measurable(opts: EvalOptions) -> None:
     """Refuse, before any work, a gate that the given data and reference can never measure (a usage
     error, not a failed gate)."""
-    text = is_text_spec(opts.data) or is_pairs_spec(opts.data)
+    text = opts.data_kind in ("text", "pairs")
     labelled = opts.data is not None and not text
     for given, key, needs in (
             (opts.min_accuracy, "--min-accuracy", "labelled data: --data DIR (class subfolders) or tensors:FILE.pt "
@@ -215,10 +224,10 @@ def _check_gates_measurable(opts: EvalOptions) -> None:
                                           "targets")):
         if given is not None and not labelled:
             raise UserError(f"{key} cannot be checked without {needs}")
-    if opts.min_cosine is not None and not (text and is_hf_spec(opts.reference)):
+    if opts.min_cosine is not None and not (text and hf_folder(opts.reference) is not None):
         raise UserError("--min-cosine cannot be checked without --data text:FILE (or pairs:FILE) and "
                         "--reference hf:DIR (the original model)")
-    if opts.min_sts_spearman is not None and not is_pairs_spec(opts.data):
+    if opts.min_sts_spearman is not None and opts.data_kind != "pairs":
         raise UserError("--min-sts-spearman cannot be checked without --data pairs:FILE "
                         "(tab-separated sentence1, sentence2, score)")
 
@@ -401,7 +410,7 @@ def _image_dataset(data: str, opts: EvalOptions, meta: Mapping[str, Any]) -> Dat
 def _data_loader(opts: EvalOptions, meta: Mapping[str, Any], device: torch.device) -> DataLoader | None:
     if opts.data is None:
         return None
-    if is_tensor_spec(opts.data):
+    if opts.data_kind == "tensors":
         ds, workers = _load_tensor_file(opts.data), 0
         if len(ds.tensors) < 2 and (opts.min_accuracy is not None or opts.max_drop is not None):
             gate = "--min-accuracy" if opts.min_accuracy is not None else "--max-drop"
@@ -601,7 +610,7 @@ def run_eval(path: str, opts: EvalOptions, progress: bool = False) -> dict[str, 
     reference = _load_reference(opts, info)
     base = _sizes_and_params(path, opts, info, meta, model, reference)
     notes: list[str] = []
-    if is_text_spec(opts.data) or is_pairs_spec(opts.data):
+    if opts.data_kind in ("text", "pairs"):
         return _run_text_eval(base, model, reference, opts, device, notes, progress)
 
     loader = _data_loader(opts, meta, device)
@@ -634,7 +643,7 @@ def _load_reference(opts: EvalOptions, info: Mapping[str, Any]) -> nn.Module | N
     """The original model to compare with (--reference), in eval mode, or None."""
     if opts.reference is None:
         return None
-    if is_hf_spec(opts.reference):  # the original model folder itself
+    if hf_folder(opts.reference) is not None:  # the original model folder itself
         return resolve_arch(opts.reference).float().eval()
     ref_arch = opts.reference_arch or opts.arch or info.get("arch")
     return load_model(opts.reference, arch=ref_arch, trust_pickle=opts.trust_pickle).float().eval()
@@ -648,7 +657,7 @@ def _sizes_and_params(path: str, opts: EvalOptions, info: Mapping[str, Any], met
     params_original, size_original = _meta_int(meta, "params_original"), _meta_int(meta, "size_bytes_original")
     if reference is not None and params_original is None:
         params_original = count_parameters(reference)
-    if reference is not None and size_original is None and not is_hf_spec(opts.reference):
+    if reference is not None and size_original is None and hf_folder(opts.reference) is None:
         size_original = Path(opts.reference).stat().st_size
     return {"file": str(path), "arch": opts.arch or info.get("arch"), "dtype": info.get("dtype"),
             "size_bytes": size_bytes, "size_bytes_original": size_original,
@@ -764,10 +773,8 @@ def _run_text_eval(base: dict[str, Any], model: nn.Module, reference: nn.Module 
     from sttp_compress.evaluate.texts import evaluate_pairs
     from sttp_compress.evaluate.texts import evaluate_texts
 
-    arch = base["arch"]
-    folder = hf_path(arch) if is_hf_spec(arch) else (
-        hf_path(opts.reference) if is_hf_spec(opts.reference) else None)
-    pairs = is_pairs_spec(opts.data)
+    folder = hf_folder(base["arch"]) or hf_folder(opts.reference)
+    pairs = opts.data_kind == "pairs"
     kind = "pairs:FILE" if pairs else "text:FILE"
     if folder is None:
         raise UserError(f"--data {kind} needs a model built from --arch hf:DIR (the tokenizer comes from DIR)")
@@ -853,7 +860,7 @@ def summary_table(result: Mapping[str, Any], max_layers: int = SUMMARY_LAYERS) -
         acc = f"{_pct(result.get('accuracy'))} (top-5 {_pct(result.get('top5'))})"
         if _is_number(result.get("loss")):
             acc += f", loss {result['loss']:.4f}"
-        if not is_text_spec(str(result["data"])) and not is_pairs_spec(str(result["data"])):
+        if parse_data(str(result["data"])).kind not in ("text", "pairs"):
             table.add_row("Accuracy", acc)
         if _is_number(result.get("sts_spearman")):
             ref = result.get("sts_spearman_reference")

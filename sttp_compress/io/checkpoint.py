@@ -24,6 +24,7 @@ from torch import nn
 from sttp_compress import __version__
 from sttp_compress.compress.convert import attach_structure, compressed_layers, named_layers, weight_of
 from sttp_compress.errors import UserError
+from sttp_compress.io.specs import HF_PREFIX, hf_folder
 from sttp_compress.core.spectral_tt import weight_name
 from sttp_compress.io.sources import recorded_arch_problem, resolve_arch
 from sttp_compress.io.outputs import atomic_torch_save
@@ -42,8 +43,9 @@ def portable_arch(spec: str | None) -> str | None:
     """Make a `path/file.py:factory` or `hf:DIR` spec absolute so the checkpoint resolves from any folder."""
     if not spec:
         return spec
-    if spec.strip().startswith("hf:"):  # a local model folder
-        return "hf:" + str(Path(spec.strip()[3:].strip()).expanduser().resolve())
+    folder = hf_folder(spec)
+    if folder is not None:  # a local model folder
+        return HF_PREFIX + str(folder.resolve())
     module, sep, rest = spec.partition(":")
     if sep and (module.endswith(".py") or os.sep in module or "/" in module):
         return str(Path(module).resolve()) + sep + rest
@@ -155,7 +157,7 @@ def _payload_problem(data: dict) -> str | None:
     """The first structural problem of a checkpoint dict (types of every entry the loader reads), or None."""
     if data.get("arch") is not None and not isinstance(data["arch"], str):
         return f"'arch' is a {type(data['arch']).__name__}, not a spec string"
-    if data.get("dtype", "float32") not in DTYPES:
+    if not isinstance(data.get("dtype", "float32"), str) or data.get("dtype", "float32") not in DTYPES:
         return f"'dtype' is {_shown(data.get('dtype'))}; known: {', '.join(DTYPES)}"
     layers, state = data.get("layers"), data.get("state_dict")
     if not isinstance(layers, dict):

@@ -24,11 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sttp_compress.errors import UserError
+from sttp_compress.io.specs import HF_PREFIX, hf_folder
 
 __all__ = ["HF_PREFIX", "is_hf_spec", "hf_path", "import_transformers", "EncoderLayout", "read_layout",
            "SentenceEncoder", "load_encoder", "load_tokenizer", "POOLING_MODES"]
 
-HF_PREFIX = "hf:"
+
 INSTALL_HINT = "pip install 'sttp-compress[hf]' (from a checkout: pip install '.[hf]')"
 # sentence-transformers' legacy pooling keys, in its concatenation order
 _LEGACY_POOLING = (("pooling_mode_cls_token", "cls"), ("pooling_mode_max_tokens", "max"),
@@ -46,10 +47,10 @@ def is_hf_spec(spec: Any) -> bool:
 
 def hf_path(spec: str) -> Path:
     """The folder named by 'hf:DIR' (user-expanded, not resolved)."""
-    text = spec.strip()[len(HF_PREFIX):].strip()
-    if not text:
-        raise UserError("bad --arch 'hf:': expected hf:DIR, a local Hugging Face model folder")
-    return Path(text).expanduser()
+    folder = hf_folder(spec)
+    if folder is None:
+        raise UserError(f"bad --arch {spec!r}: expected hf:DIR, a local Hugging Face model folder")
+    return folder
 
 
 def import_transformers() -> Any:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from sttp_compress.errors import UserError
+from sttp_compress.io.specs import HF_PREFIX, hf_folder
 
 __all__ = [
     "load_weights",
@@ -411,10 +412,11 @@ def _build_from_file(file: str, factory: str, kwargs: dict[str, Any], spec: str)
 def resolve_arch(spec: str) -> nn.Module:
     """Build an architecture from 'torchvision:NAME', 'pkg.mod:factory', 'file.py:factory' (untrained), or
     'hf:DIR' (a local Hugging Face model folder, with its weights, offline; see io/hf.py)."""
-    if spec.strip().startswith("hf:"):
-        from sttp_compress.io.hf import hf_path, load_encoder
+    folder = hf_folder(spec)
+    if folder is not None:
+        from sttp_compress.io.hf import load_encoder
 
-        return load_encoder(hf_path(spec))
+        return load_encoder(folder)
     module, factory, kwargs = _split_spec(spec)
     if module == "torchvision" and "." not in factory:
         model = _build_torchvision(factory, kwargs, spec)
@@ -442,9 +444,9 @@ def recorded_arch_problem(spec: Any) -> str | None:
     """
     if not isinstance(spec, str) or not spec.strip():
         return "it is not an architecture spec"
-    if spec.strip().startswith("hf:"):
-        folder = Path(spec.strip()[3:].strip()).expanduser()
-        return None if folder.is_dir() else f"its folder {folder} does not exist on this machine"
+    if spec.strip().startswith(HF_PREFIX):
+        folder = hf_folder(spec) if spec.strip() != HF_PREFIX else None
+        return None if folder is not None and folder.is_dir() else f"its folder {folder} does not exist on this machine"
     try:
         module, factory, kwargs = _split_spec(spec)
     except UserError:

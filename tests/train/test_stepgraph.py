@@ -15,7 +15,7 @@ from sttp_compress.train.bank import WeightBank
 from sttp_compress.compress.convert import compress
 from sttp_compress.train.stepgraph import StepGraph, _Shell
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+cuda = pytest.mark.gpu  # skipped without CUDA (conftest.py)
 
 
 def model(device="cpu"):

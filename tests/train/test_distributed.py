@@ -26,7 +26,7 @@ from sttp_compress.errors import UserError
 from sttp_compress.train.loop import evaluate
 from sttp_compress.cli.launch import launch_self, torchrun_args, without_option
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())  # the project
 
 from test_cli import ARCH_SOURCE as ARCH  # noqa: E402  (the same tiny architecture file)
 

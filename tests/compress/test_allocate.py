@@ -12,10 +12,9 @@ from torch import nn
 from sttp_compress.compress import allocate as A
 from sttp_compress.core.tt import TTShape
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
-if not SHARED.exists():  # a worktree next to the main checkout: ../shared from the project root
-    SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "models"
-STORED = Path(__file__).resolve().parent / "data" / "allocation_resnet18_cifar.json"
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())  # the project
+SHARED = ROOT.parent / "shared" / "models"
+STORED = ROOT / "tests" / "fixtures" / "allocation_resnet18_cifar.json"
 
 
 def gift_wrap(dofs, cost):

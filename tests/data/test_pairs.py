@@ -4,6 +4,7 @@ BERT of test_hf) and skips without it."""
 
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +17,11 @@ from sttp_compress.cli import compress_app, eval_app  # noqa: E402
 from sttp_compress.compress.convert import compress_to_target  # noqa: E402
 from sttp_compress.errors import UserError  # noqa: E402
 from sttp_compress.io.hf import load_encoder  # noqa: E402
-from sttp_compress.evaluate.texts import evaluate_pairs
+from sttp_compress.evaluate.texts import evaluate_pairs  # noqa: E402
 from sttp_compress.data.pairs import read_pairs  # noqa: E402
 from sttp_compress.train.embedding_metrics import embedding_agreement, spearman  # noqa: E402
 
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())  # the project
 PAIRS = [(TEXTS[i], TEXTS[(3 * i + 1) % len(TEXTS)], float((5 * i) % 7) / 1.2) for i in range(len(TEXTS))]
 
 
@@ -121,7 +123,7 @@ def _make_text_data():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "make_text_data.py"
+    path = ROOT / "benchmarks" / "make_text_data.py"
     spec = importlib.util.spec_from_file_location("make_text_data", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

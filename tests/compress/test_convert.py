@@ -1,0 +1,86 @@
+"""compress.convert: which layers are candidates, conversion at a rank or a ratio, the report rows, undo."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sttp_compress.compress.convert import (candidate_layers, compress_to_target, compressed_layers, count_parameters,
+                                            decompress)
+from sttp_compress.errors import UserError
+
+
+def net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def _eq9(modes: list[int], ranks: list[int]) -> int:
+    return sum(ranks[k] * n * ranks[k + 1] for k, n in enumerate(modes)) - sum(r * r for r in ranks[1:-1])
+
+
+def test_first_conv_and_classifier_stay_dense_unless_included():
+    chosen, skipped = candidate_layers(net())
+    assert list(chosen) == ["2", "6"] and "first" in skipped["0"] and "classifier" in skipped["8"]
+    chosen, skipped = candidate_layers(net(), include=["*"], exclude=["6"])
+    assert list(chosen) == ["0", "2", "8"] and "--exclude" in skipped["6"]
+
+
+def test_rank_target_rows_follow_eq9_and_the_totals_add_up():
+    model = net()
+    before = count_parameters(model)
+    parts = compress_to_target(model, rank=4)
+    names = [row["name"] for row in parts["layers"]]
+    assert names == ["2", "6"] and set(compressed_layers(model)) == set(names)
+    for row in parts["layers"]:
+        assert row["rank"] == 4 and row["params_compressed"] == _eq9(row["modes"], row["tt_ranks"])
+        assert math.prod(row["modes"]) == row["params_original"] and 0 < row["rel_error"] < 1
+    saved = sum(r["params_original"] - r["params_compressed"] for r in parts["layers"])
+    assert parts["totals"]["params_original"] == before
+    assert parts["totals"]["params_compressed"] == before - saved == count_parameters(model)
+    assert [s["name"] for s in parts["skipped"]] == ["0", "8"]
+
+
+def test_a_rank_that_suffices_reconstructs_exactly():
+    model = net().double()
+    want = {n: m.weight.detach().clone() for n, m in model.named_modules() if n in ("2", "6")}
+    parts = compress_to_target(model, rank=64)
+    for row in parts["layers"]:
+        assert row["rel_error"] < 1e-10, row
+    for name, m in model.named_modules():
+        if name in want:
+            torch.testing.assert_close(m.weight, want[name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("ratio", [2.0, 4.0, 8.0])
+def test_ratio_target_is_reached_from_above_within_three_percent(ratio):
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 256),
+                         nn.ReLU(), nn.Linear(256, 10))
+    parts = compress_to_target(wide, ratio=ratio)
+    assert ratio <= parts["totals"]["ratio"] <= 1.03 * ratio
+
+
+def test_pinned_ranks_and_bad_pins():
+    parts = compress_to_target(net(), ratio=2.0, layer_ranks={"6": 3})
+    assert {r["name"]: r["rank"] for r in parts["layers"]}["6"] == 3
+    with pytest.raises(UserError, match="not a layer to compress"):
+        compress_to_target(net(), ratio=2.0, layer_ranks={"0": 3})
+    with pytest.raises(UserError, match="positive integer"):
+        compress_to_target(net(), ratio=2.0, layer_ranks={"6": 0})
+
+
+def test_decompress_gives_plain_modules_with_the_current_weights():
+    model = net().eval()
+    compress_to_target(model, rank=4)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+    decompress(model)
+    assert not compressed_layers(model) and type(model[2]) is nn.Conv2d
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
