@@ -469,3 +469,38 @@ def test_random_options_are_exit_0_1_or_one_line_exit_2(env, tmp_path, chosen, d
     else:  # 0, or 1 with one line per failed gate; the numbers are written either way
         assert all(line.startswith("gate failed:") for line in res.lines), res.err
         assert json.loads(out.read_text())["file"] == str(env["ckpt"])
+_COMPRESS_OPTIONS = {
+    "--ratio": st.sampled_from(["3", "0", "-1", "1e9", "abc"]),
+    "--rank": st.sampled_from(["4", "0", "-2"]),
+    "--method": st.sampled_from(["sttp", "svdp", "tucker"]),
+    "--spectrum": st.sampled_from(["free", "lipschitz", "identity", "x"]),
+    "--allocation": st.sampled_from(["greedy", "uniform", "x"]),
+    "--dtype": st.sampled_from(["float32", "float16", "int8"]),
+    "--include": st.sampled_from(["*", "2", "nomatch"]),
+    "--layer-rank": st.sampled_from(["2=3", "bad", "0=0"]),
+    "--epochs": st.sampled_from(["1", "-1"]),
+    "--batch-size": st.sampled_from(["0", "32"]),
+    "--device": st.sampled_from(["cpu", "gpu"]),
+    "--lr": st.sampled_from(["0", "1e-3"]),
+    "--time-budget": st.sampled_from(["0", "2s", "x"]),
+}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chosen=st.dictionaries(st.sampled_from(sorted(_COMPRESS_OPTIONS)), st.just(None), max_size=4),
+       data=st.data(), with_data=st.booleans())
+def test_random_compress_options_are_exit_0_or_one_line_exit_2(env, tmp_path, chosen, data, with_data):
+    folder = tmp_path / f"run{time.monotonic_ns()}"
+    folder.mkdir()
+    args = [x for key in chosen for x in (key, data.draw(_COMPRESS_OPTIONS[key]))]
+    if "--ratio" not in chosen and "--rank" not in chosen:
+        args += ["--rank", "4"]
+    extra = ["--data", f"tensors:{env['mlp_data']}", "--workers", "0"] if with_data else []
+    out = folder / "m.sttp.pt"
+    res = run(compress_app, env["mlp"], "--arch", env["arch"], *args, *extra, "--output", out, "-q")
+    assert res.rc in (0, 2), res.err
+    if res.rc == 2:
+        refused(res)
+        assert listing(folder) == set()
+    else:
+        assert out.is_file() and (folder / "m.sttp.report" / "report.json").is_file()
