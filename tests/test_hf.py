@@ -829,3 +829,13 @@ def test_free_cores_by_default_for_text_off_on_request_and_refused_with_a_bounde
     assert rc == 2 and not out.exists()
     assert err.strip().splitlines() == ["sttp-compress: error: free cores need the free spectrum on every compressed layer "
                                         "(--spectrum free)"]
+
+
+def test_hf_folder_as_the_positional_model(tiny, tmp_path):
+    out = tmp_path / "pos.sttp.pt"
+    rc, _, err = cli(compress_app, "sttp-compress", f"hf:{tiny}", "--rank", "4", "--output", out, "-q")
+    assert rc == 0, err
+    assert torch.load(out, weights_only=True)["arch"] == f"hf:{Path(tiny).resolve()}"
+    rc, _, err = cli(compress_app, "sttp-compress", f"hf:{tiny}", "--arch", f"hf:{tiny}", "--rank", "4",
+                     "--output", tmp_path / "twice.sttp.pt")
+    assert rc == 2 and "give hf:DIR once" in err and not (tmp_path / "twice.sttp.pt").exists()

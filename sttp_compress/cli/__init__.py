@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 
 from sttp_compress.errors import Interrupted, SharedUserError, UserError, launcher_rank
+from sttp_compress.io.specs import hf_folder
 from sttp_compress.data.text import TEXT_AUGMENT, TEXT_VOCAB_SHARE
 
 err = Console(stderr=True)
@@ -54,6 +55,30 @@ eval_app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_excep
                        context_settings={"help_option_names": ["-h", "--help"]})
 
 
+def _show_version(ctx: typer.Context, value: bool) -> None:
+    """--version: the program's name and version, then exit 0 (eager: before any other option is checked)."""
+    if value:
+        from sttp_compress import __version__
+
+        out.print(f"{ctx.info_name} {__version__}", markup=False, highlight=False)
+        raise typer.Exit(0)
+
+
+VERSION_OPTION = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                              help="Show the version and exit.")
+
+# What a bare command prints: how to call it, and one example.
+USAGE = {
+    "sttp-compress": ("usage: sttp-compress MODEL --arch SPEC (--ratio X | --rank R) [--data DIR] [options]",
+                      "example: sttp-compress model.pt --arch torchvision:resnet18?num_classes=10 --ratio 10 "
+                      "--data ./cifar10 --epochs 10",
+                      "sttp-compress --example runs the built-in example; --help lists every option"),
+    "sttp-eval": ("usage: sttp-eval COMPRESSED [--data DIR] [--reference MODEL] [gates] [options]",
+                  "example: sttp-eval model.sttp.pt --data ./cifar10/test --max-size 5MB --min-accuracy 90",
+                  "--help lists every option"),
+}
+
+
 def _floats(text: Optional[str], name: str) -> Optional[tuple[float, ...]]:
     if text is None:
         return None
@@ -79,7 +104,7 @@ def _duration(text: Optional[str], name: str) -> Optional[float]:
 @compress_app.command()
 def compress_cmd(
     ctx: typer.Context,
-    model: Optional[str] = typer.Argument(None, help="Checkpoint: a state_dict (.pt/.pth/.bin/.safetensors) or, with --trust-pickle, a pickled nn.Module."),
+    model: Optional[str] = typer.Argument(None, help="Checkpoint: a state_dict (.pt/.pth/.bin/.safetensors) or, with --trust-pickle, a pickled nn.Module; or hf:DIR, a local Hugging Face model folder (the same as --arch hf:DIR)."),
     arch: Optional[str] = typer.Option(None, help="Architecture: torchvision:NAME?k=v, package.module:factory, path/file.py:factory, or hf:DIR (a local Hugging Face model folder, weights included: MODEL optional)."),
     ratio: Optional[float] = typer.Option(None, help="Whole-model ratio params_original / params_compressed (all parameters counted)."),
     rank: Optional[int] = typer.Option(None, help="One rank for every compressed layer (the paper's hyperparameter)."),
@@ -155,12 +180,17 @@ def compress_cmd(
     tf32: Optional[bool] = typer.Option(None, "--tf32/--no-tf32", help="Run the training steps' float32 matmuls (the STTP weight build; the layers run in bfloat16 there) as TF32; default: on when training on CUDA, where the steps run under bfloat16 autocast."),
     gpus: Optional[int] = typer.Option(None, help="Fine-tune on N GPUs of this machine: starts N processes through torchrun's launcher (docs/usage.md: Multi-GPU)."),
     debug: bool = typer.Option(False, help="Show tracebacks."),
+    version: bool = VERSION_OPTION,
 ) -> Optional[int]:
     """Compress a trained PyTorch model with STTP: a compressed checkpoint and a report."""
     from sttp_compress.train import distributed
     from sttp_compress.train.loop import FinetuneConfig
     from sttp_compress.pipeline import CompressJob
 
+    if model is not None and hf_folder(model) is not None:  # `sttp-compress hf:DIR`: the folder holds the weights
+        if arch is not None:
+            raise UserError(f"MODEL {model} and --arch {arch} both name the model; give hf:DIR once")
+        model, arch = None, model
     if gpus is not None:
         from sttp_compress.cli.launch import launch_self
 
@@ -294,6 +324,7 @@ def eval_cmd(
                                "a device)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No tables."),
     debug: bool = typer.Option(False, help="Show tracebacks."),
+    version: bool = VERSION_OPTION,
 ) -> None:
     """Measure a compressed checkpoint (size, parameters, accuracy, latency) and gate CI on it."""
     from sttp_compress.evaluate.run import EvalOptions, check_gates, export_dense as _export, run_eval, summary_table
@@ -335,6 +366,12 @@ def eval_cmd(
         err.print(f"gate failed: {line}", markup=False, highlight=False, soft_wrap=True)  # one line, any width
     if failed:
         raise typer.Exit(1)
+    given = [flag for flag, value in (("--max-size", max_size), ("--max-params", max_params), ("--min-ratio", min_ratio),
+                                      ("--min-accuracy", min_accuracy), ("--min-cosine", min_cosine),
+                                      ("--min-sts-spearman", min_sts_spearman), ("--max-drop", max_drop))
+             if value is not None]
+    if given and not quiet:
+        err.print(f"gates passed: {', '.join(given)}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _finite(value):
@@ -407,6 +444,9 @@ def _main(app: typer.Typer, prog: str, argv: list[str] | None = None) -> int:
     """Run a typer app; user errors become one stderr line and exit code 2, an interrupt one line and
     128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv and prog in USAGE:
+        print("\n".join(USAGE[prog]), file=sys.stderr)
+        return 2
     debug = "--debug" in argv
     cmd = typer.main.get_command(app)
     rank = launcher_rank()

@@ -431,3 +431,5 @@ def test_cli_gates_exit_1_with_one_line_each_and_json(files, capsys, tmp_path):
     assert result["size_bytes"] == Path(files["ckpt"]).stat().st_size
     code, _, err = _eval_cli([files["ckpt"], "--quiet", "--max-size", "100MB", "--min-ratio", "1.5"], capsys)
     assert code == 0 and err == []
+    code, _, err = _eval_cli([files["ckpt"], "--max-size", "100MB", "--min-ratio", "1.5"], capsys)
+    assert code == 0 and err == ["gates passed: --max-size, --min-ratio"]
