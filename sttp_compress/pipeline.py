@@ -27,7 +27,7 @@ from sttp_compress.io.sources import load_model, resolve_arch
 from sttp_compress.io.outputs import check_output_folder, check_output_path, publish
 from sttp_compress.evaluate.report import is_report_file, render_report
 from sttp_compress.data.text import TEXT_AUGMENT, TEXT_VOCAB_SHARE
-from sttp_compress.io.specs import DataSpec, hf_folder, parse_data
+from sttp_compress.io.specs import WithDataSpec, hf_folder
 
 __all__ = ["CompressJob", "run_compress", "default_output", "state_size_bytes", "REPORT_FORMAT_VERSION"]
 
@@ -35,7 +35,7 @@ REPORT_FORMAT_VERSION = 1
 
 
 @dataclass
-class CompressJob:
+class CompressJob(WithDataSpec):
     """Everything one run of sttp-compress needs (the CLI's options)."""
 
     model: str | None = None
@@ -76,18 +76,7 @@ class CompressJob:
     datasets: tuple | None = None
     input_shape: list[int] | None = None
 
-    # typed views of the spec strings above, parsed in io.specs (the one place that reads them)
-    @property
-    def data_spec(self) -> DataSpec | None:
-        """--data as a DataSpec (None without data)."""
-        return parse_data(self.data)
-
-    @property
-    def data_kind(self) -> str | None:
-        """'images', 'tensors', 'text' or 'pairs'; None without --data."""
-        spec = self.data_spec
-        return None if spec is None else spec.kind
-
+    # data_spec and data_kind come from WithDataSpec; io.specs parses both views
     @property
     def hf_folder(self) -> Path | None:
         """The folder of --arch hf:DIR, else None."""

@@ -117,7 +117,7 @@ from sttp_compress.data.images import (IMAGE_EXTENSIONS, TENSORS_PREFIX, ImageDa
 from sttp_compress.errors import UserError
 from sttp_compress.compress.serve import frozen
 from sttp_compress.train.loop import resolve_device
-from sttp_compress.io.specs import DataSpec, hf_folder, parse_data
+from sttp_compress.io.specs import WithDataSpec, hf_folder, parse_data
 from sttp_compress.io.sources import load_model, parse_size, resolve_arch
 from sttp_compress.io.outputs import atomic_torch_save
 from sttp_compress.evaluate.report import largest_layers
@@ -142,7 +142,7 @@ _DASH = "—"
 
 
 @dataclass
-class EvalOptions:
+class EvalOptions(WithDataSpec):
     """What to evaluate on, what to compare with, and the pass/fail gates (see the module docstring)."""
 
     arch: str | None = None             # override the checkpoint's architecture spec
@@ -169,17 +169,6 @@ class EvalOptions:
     min_sts_spearman: float | None = None  # pairs data: Spearman of pair similarities with the file's scores
     baseline: str | None = None         # a previous --json output; with max_drop gates the accuracy drop
     max_drop: float | None = None       # in percentage points
-
-    @property
-    def data_spec(self) -> DataSpec | None:
-        """--data as a DataSpec (io.specs parses it; None without data)."""
-        return parse_data(self.data)
-
-    @property
-    def data_kind(self) -> str | None:
-        """'images', 'tensors', 'text' or 'pairs'; None without --data."""
-        spec = self.data_spec
-        return None if spec is None else spec.kind
 
 
 # --------------------------------------------------------------------------- option checks

@@ -9,7 +9,7 @@ from typing import Literal
 
 from sttp_compress.errors import UserError
 
-__all__ = ["DataSpec", "parse_data", "DATA_PREFIXES", "HF_PREFIX", "hf_folder"]
+__all__ = ["DataSpec", "parse_data", "WithDataSpec", "DATA_PREFIXES", "HF_PREFIX", "hf_folder"]
 
 DataKind = Literal["images", "tensors", "text", "pairs"]
 DATA_PREFIXES: dict[str, DataKind] = {"tensors:": "tensors", "text:": "text", "pairs:": "pairs"}
@@ -48,6 +48,21 @@ def parse_data(spec: str | DataSpec | None) -> DataSpec | None:
                 raise UserError(f"bad --data {raw!r}: expected {_EXPECTED[kind]}")
             return DataSpec(kind, Path(rest).expanduser(), raw)
     return DataSpec("images", Path(raw).expanduser(), raw)
+
+
+class WithDataSpec:
+    """Typed views of a `data` attribute holding a --data string (CompressJob, EvalOptions)."""
+
+    @property
+    def data_spec(self) -> DataSpec | None:
+        """--data as a DataSpec (None without data)."""
+        return parse_data(self.data)  # type: ignore[attr-defined]
+
+    @property
+    def data_kind(self) -> str | None:
+        """'images', 'tensors', 'text' or 'pairs'; None without --data."""
+        spec = self.data_spec
+        return None if spec is None else spec.kind
 
 
 def hf_folder(spec: str | None) -> Path | None:
