@@ -103,10 +103,10 @@ def _check_output(job: CompressJob) -> tuple[Path, Path]:
     stem = job.hf_folder.name if not job.model and job.hf_folder else "model"
     out = Path(job.output) if job.output else default_output(job.model or stem)
     if out.suffix.lower() == ".safetensors":
-        raise UserError(f"--output {out}: safetensors output is not supported yet; name the file .pt "
+        raise UserError(f"‹output› {out}: safetensors output is not supported yet; name the file .pt "
                         "(e.g. model.sttp.pt)")
     if job.model and out.resolve() == Path(job.model).resolve():
-        raise UserError(f"--output {out} would overwrite the input model; choose another path")
+        raise UserError(f"‹output› {out} would overwrite the input model; choose another path")
     check_output_path(out, job.force)
     report_dir = Path(job.report_dir) if job.report_dir else out.with_name(out.stem + ".report")
     check_output_folder(report_dir, job.force, is_report_file)
@@ -118,30 +118,30 @@ def _check_output(job: CompressJob) -> tuple[Path, Path]:
 def _check_target(job: CompressJob) -> None:
     check_target(job.ratio, job.rank)
     if job.method not in ("sttp", "svdp"):
-        raise UserError(f"--method must be sttp or svdp, got {job.method!r}")
+        raise UserError(f"‹method› must be sttp or svdp, got {job.method!r}")
     if job.spectrum not in ("free", "lipschitz", "identity"):
-        raise UserError(f"--spectrum must be free, lipschitz or identity, got {job.spectrum!r}")
+        raise UserError(f"‹spectrum› must be free, lipschitz or identity, got {job.spectrum!r}")
     if job.dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {job.dtype!r}")
+        raise UserError(f"‹dtype› must be one of {', '.join(DTYPES)}, got {job.dtype!r}")
     if job.augment not in AUGMENTS:
-        raise UserError(f"--augment must be one of {', '.join(AUGMENTS)}, got {job.augment!r}")
+        raise UserError(f"‹augment› must be one of {', '.join(AUGMENTS)}, got {job.augment!r}")
     if job.image_size is not None and job.image_size < 1:
-        raise UserError(f"--image-size must be a positive number of pixels, got {job.image_size}")
-    for name, values in (("--mean", job.mean), ("--std", job.std)):
+        raise UserError(f"‹image_size› must be a positive number of pixels, got {job.image_size}")
+    for name, values in (("‹mean›", job.mean), ("‹std›", job.std)):
         if values is not None and len(values) not in (1, 3):
             raise UserError(f"{name} takes 1 or 3 comma-separated values, got {len(values)}")
     if job.std is not None and min(job.std) <= 0:
-        raise UserError(f"--std values must be positive, got {','.join(map(str, job.std))}")
+        raise UserError(f"‹std› values must be positive, got {','.join(map(str, job.std))}")
     if job.allocation not in ("greedy", "uniform"):
-        raise UserError(f"--allocation must be greedy or uniform, got {job.allocation!r}")
+        raise UserError(f"‹allocation› must be greedy or uniform, got {job.allocation!r}")
     if not 0.0 <= job.text_augment <= 1.0:
-        raise UserError(f"--text-augment is a fraction of each batch, between 0 and 1; got {job.text_augment}")
+        raise UserError(f"‹text_augment› is a fraction of each batch, between 0 and 1; got {job.text_augment}")
     if job.row_order not in ROW_ORDERS:
-        raise UserError(f"--row-order must be one of {', '.join(ROW_ORDERS)}; got {job.row_order!r}")
+        raise UserError(f"‹row_order› must be one of {', '.join(ROW_ORDERS)}; got {job.row_order!r}")
     if job.row_order in ("weight", "tiered") and not (job.token_weighting and job.data_kind == "text"):
         raise UserError(ORDER_ROWS_NEEDS.format(job.row_order))
     if not 0.0 <= job.text_vocab_share <= 1.0:
-        raise UserError(f"--text-vocab-share is a share of the replacement tokens, between 0 and 1; "
+        raise UserError(f"‹text_vocab_share› is a share of the replacement tokens, between 0 and 1; "
                         f"got {job.text_vocab_share}")
 
 
@@ -153,13 +153,13 @@ def _datasets(job: CompressJob):
                                            load_tensor_data, resolve_image_config)
 
     if job.data_kind == "pairs":
-        raise UserError("--data pairs:FILE scores an encoder in sttp-eval; distil with --data text:FILE "
+        raise UserError("‹data› pairs:FILE scores an encoder in sttp-eval; distil with ‹data› text:FILE "
                         "(one text per line)")
     if job.data_kind == "text":
         from sttp_compress.data.text import text_datasets
 
         if job.hf_folder is None:
-            raise UserError("--data text:FILE needs --arch hf:DIR (the tokenizer comes from DIR)")
+            raise UserError("‹data› text:FILE needs ‹arch› hf:DIR (the tokenizer comes from DIR)")
         return (*text_datasets(str(job.data_spec), job.hf_folder), None)
     if job.data_kind == "tensors":
         train_ds, val_ds = load_tensor_data(str(job.data_spec))
@@ -242,8 +242,8 @@ def _row_weights(model: nn.Module, job: CompressJob, data: tuple | None, candida
 
 
 ROW_ORDERS = ("auto", "vocabulary", "weight", "tiered")
-ORDER_ROWS_NEEDS = ("--row-order {} orders the token embedding's rows by token weight: it needs --data text:FILE, "
-                    "the token embedding among the layers to compress (--include) and --token-weighting")
+ORDER_ROWS_NEEDS = ("‹row_order› {} orders the token embedding's rows by token weight: it needs ‹data› text:FILE, "
+                    "the token embedding among the layers to compress (‹include›) and ‹token_weighting›")
 TIER_DIGITS = 3  # tiered order: 8 weight tiers (minilm_recipe.md, sixth part: 0.9467 against 0.9455 unordered)
 
 
@@ -423,7 +423,7 @@ def _check_job(job: CompressJob, main: bool) -> tuple[Path | None, Path | None, 
     fine-tuning settings; returns (output, report folder, whether to fine-tune)."""
     _check_target(job)
     if job.module is None and not job.model and job.hf_folder is None:
-        raise UserError("missing MODEL (a checkpoint file), or --arch hf:DIR, or use --example")
+        raise UserError("missing MODEL (a checkpoint file), or ‹arch› hf:DIR, or use ‹example›")
     out, report_dir = _check_output(job) if main else (None, None)  # only rank 0 writes
     fine = job.finetune is not None and bool(job.data or job.train_data or job.datasets is not None)
     if job.finetune is not None:
@@ -433,8 +433,8 @@ def _check_job(job: CompressJob, main: bool) -> tuple[Path | None, Path | None, 
             from sttp_compress.data.images import per_rank_batch
 
             if job.data_kind == "text":
-                raise UserError("text distillation (--data text:FILE) runs in one process; "
-                                "launch it without torchrun/--gpus")
+                raise UserError("text distillation (‹data› text:FILE) runs in one process; "
+                                "launch it without torchrun/‹gpus›")
             per_rank_batch(job.finetune.batch_size, world)
     return out, report_dir, fine
 

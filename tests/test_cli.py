@@ -474,7 +474,7 @@ def test_pickled_module_with_trust_pickle(tiny):
     ckpt = torch.load(tiny.dir / "full.sttp.pt", weights_only=True)
     assert ckpt["arch"] is None  # nothing to rebuild it from
     assert ckpt["layers"]
-    with pytest.raises(UserError, match="--arch"):
+    with pytest.raises(UserError, match="arch SPEC"):
         load_compressed(tiny.dir / "full.sttp.pt")
     rebuilt, _ = load_compressed(tiny.dir / "full.sttp.pt", arch=tiny.arch)
     assert isinstance(rebuilt, nn.Module)

@@ -185,7 +185,7 @@ def test_default_candidates_are_the_encoder_linears(tiny):
     chosen, skipped = candidate_layers(enc)
     assert sorted(chosen) == sorted(n for n, m in enc.named_modules()
                                     if isinstance(m, nn.Linear) and n.startswith("encoder."))
-    assert "pooler" in skipped["pooler.dense"] and "--include" in skipped["embeddings.word_embeddings"]
+    assert "pooler" in skipped["pooler.dense"] and "include" in skipped["embeddings.word_embeddings"]
     chosen, skipped = candidate_layers(enc, include=["*"])
     assert "embeddings.word_embeddings" in chosen and "pooler.dense" in skipped  # the pooler stays dense
 

@@ -45,8 +45,8 @@ def test_an_in_memory_job_writes_checkpoint_and_report_together(tmp_path):
     assert set(report["timings"]) == {"load", "convert", "save", "total"}
 
 
-@pytest.mark.parametrize("change,fragment", [({"dtype": "int3"}, "--dtype"), ({"method": "tucker"}, "--method"),
-                                             ({"rank": None}, "ratio"), ({"augment": "x"}, "--augment")])
+@pytest.mark.parametrize("change,fragment", [({"dtype": "int3"}, "dtype"), ({"method": "tucker"}, "method"),
+                                             ({"rank": None}, "ratio"), ({"augment": "x"}, "augment")])
 def test_bad_jobs_fail_before_any_work(tmp_path, change, fragment):
     job = CompressJob(module=net(), rank=4, output=str(tmp_path / "m.sttp.pt"), progress=False)
     for key, value in change.items():

@@ -4,6 +4,7 @@ imported from another module, no function longer than the limit."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,27 @@ def test_no_function_body_is_longer_than_the_limit(path):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             length = node.end_lineno - node.body[0].lineno + 1  # the body: a typer command's options are its signature
             assert length <= MAX_FUNCTION_LINES, f"{path.name}: {node.name} has {length} lines"
+
+
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+COMMANDS = ("sttp-eval", "sttp-compress", "torchrun")  # a flag after a command's name is a command line
+
+
+def _message_strings(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of the file's string constants that are not docstrings (messages, reasons, notes)."""
+    tree = ast.parse(path.read_text())
+    docs = {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body
+            and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs]
+
+
+@pytest.mark.parametrize("path", [p for p in _modules() if _layer(_own(p)) not in ("cli", "example")],
+                         ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_library_messages_name_options_not_flags(path):
+    """Only the CLI knows flag names: library strings mark an option as ‹name› (errors.terms)."""
+    for line, text in _message_strings(path):
+        flags = [m.group(0) for m in FLAG.finditer(text)
+                 if not text[:m.start()].rstrip().endswith(COMMANDS) and " ... " not in text[:m.start()][-6:]]
+        assert not flags, f"{path.name}:{line} names CLI flags {flags} in {text!r}"

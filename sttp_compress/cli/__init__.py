@@ -22,7 +22,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from sttp_compress.errors import Interrupted, SharedUserError, UserError, launcher_rank
+from sttp_compress.errors import Interrupted, SharedUserError, UserError, launcher_rank, option_names
 from sttp_compress.io.specs import hf_folder
 from sttp_compress.data.text import TEXT_AUGMENT, TEXT_VOCAB_SHARE
 
@@ -440,9 +440,19 @@ def _signals_raise() -> Iterator[None]:
             signal.signal(s, h)
 
 
+def flag_name(option: str) -> str:
+    """The flag of a library option name (`max_size` -> `--max-size`): how CLI messages name options."""
+    return "--" + option.replace("_", "-")
+
+
 def _main(app: typer.Typer, prog: str, argv: list[str] | None = None) -> int:
     """Run a typer app; user errors become one stderr line and exit code 2, an interrupt one line and
-    128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM)."""
+    128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM). Library messages name options by their flags."""
+    with option_names(flag_name):
+        return _run(app, prog, argv)
+
+
+def _run(app: typer.Typer, prog: str, argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv and prog in USAGE:
         print("\n".join(USAGE[prog]), file=sys.stderr)

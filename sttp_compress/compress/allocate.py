@@ -510,10 +510,10 @@ def _uniform(options: list[LayerOptions], budget: int) -> dict[str, int]:
 def check_reachable(params_original: int, params_fixed: int, options: list[LayerOptions], ratio: float) -> None:
     """Raise UserError naming the largest reachable ratio when `ratio` cannot be met."""
     if ratio <= 1:
-        raise UserError(f"--ratio must be > 1 (original/compressed parameters), got {ratio:g}")
+        raise UserError(f"‹ratio› must be > 1 (original/compressed parameters), got {ratio:g}")
     smallest = params_fixed + sum(o.dofs[0] for o in options)
     if params_original / ratio < smallest:
         largest = math.floor(100 * params_original / smallest) / 100  # rounded down: itself reachable
-        raise UserError(f"--ratio {ratio:g} is unreachable: the largest reachable ratio is "
+        raise UserError(f"‹ratio› {ratio:g} is unreachable: the largest reachable ratio is "
                         f"{largest:.2f} (every eligible layer at rank 1; "
                         f"{params_fixed:,} parameters stay dense)")

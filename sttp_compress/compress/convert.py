@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 from sttp_compress.core.forms import layer_originals
 from sttp_compress.core.spectral_tt import SUPPORTED, SpectralTT, is_parametrized, matrix_factors, to_matrix, weight_kind, weight_name
 from sttp_compress.core.tt import TTShape
+from sttp_compress.errors import UserError, terms
 
 __all__ = ["compress_module", "compress", "compress_to_target", "decompress", "count_parameters",
            "candidate_layers", "compressed_layers", "parametrization", "spectral_penalty", "weight_of", "tiered_order",
@@ -172,9 +173,9 @@ def candidate_layers(model: nn.Module, include: Iterable[str] | None = None,
         if name in always:
             skipped[name] = always[name]
         elif any(fnmatch.fnmatchcase(name, p) for p in exclude):
-            skipped[name] = "excluded by --exclude"
+            skipped[name] = terms("excluded by ‹exclude›")
         elif include and not any(fnmatch.fnmatchcase(name, p) for p in include):
-            skipped[name] = "not matched by --include"
+            skipped[name] = terms("not matched by ‹include›")
         elif not include and name in by_default:
             skipped[name] = by_default[name]
         elif not include and keep_first_last and name == first_conv:
@@ -293,14 +294,13 @@ def _singular_values(M: torch.Tensor) -> list[float]:
 
 def check_target(ratio: float | None, rank: int | None) -> None:
     """Exactly one of a ratio > 1 or a rank >= 1, else UserError (checked before any work is done)."""
-    from sttp_compress.errors import UserError
 
     if (ratio is None) == (rank is None):
-        raise UserError("give exactly one of --ratio or --rank")
+        raise UserError("give exactly one of ‹ratio› or ‹rank›")
     if rank is not None and rank < 1:
-        raise UserError(f"--rank must be a positive integer, got {rank}")
+        raise UserError(f"‹rank› must be a positive integer, got {rank}")
     if ratio is not None and not ratio > 1:
-        raise UserError(f"--ratio must be > 1 (original/compressed parameters), got {ratio:g}")
+        raise UserError(f"‹ratio› must be > 1 (original/compressed parameters), got {ratio:g}")
 
 
 def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int | None = None,
@@ -375,14 +375,13 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
 
 def _check_pinned(layer_ranks: Mapping[str, int], chosen: Mapping[str, nn.Module], skipped: Mapping[str, str]) -> None:
     """Each pinned rank names a layer to compress and is a positive integer."""
-    from sttp_compress.errors import UserError
 
     for n, r in layer_ranks.items():
         if n not in chosen:
-            raise UserError(f"--layer-rank {n}={r}: {n!r} is not a layer to compress "
+            raise UserError(f"‹layer_rank› {n}={r}: {n!r} is not a layer to compress "
                             f"({skipped.get(n, 'no such layer')})")
         if not isinstance(r, int) or r < 1:
-            raise UserError(f"--layer-rank {n}={r}: the rank must be a positive integer")
+            raise UserError(f"‹layer_rank› {n}={r}: the rank must be a positive integer")
 
 
 def _allocate_ranks(chosen: Mapping[str, nn.Module], ratio: float, params_original: int, method: str,

@@ -78,7 +78,7 @@ def image_folder_splits(
 ) -> tuple[Path, Path | None]:
     """Resolve --data DIR (train/ plus val/ or test/) or --train-data/--val-data into checked folders."""
     if data is not None and (train_data is not None or val_data is not None):
-        raise UserError("give either --data or --train-data/--val-data, not both")
+        raise UserError("give either ‹data› or ‹train_data›/‹val_data›, not both")
     if data is not None:
         root = Path(data).expanduser()
         if not root.exists():
@@ -94,8 +94,8 @@ def image_folder_splits(
         return train, None
     if train_data is None:
         if val_data is not None:
-            raise UserError("--val-data needs --train-data as well")
-        raise UserError("no data given: pass --data DIR or --train-data DIR")
+            raise UserError("‹val_data› needs ‹train_data› as well")
+        raise UserError("no data given: pass ‹data› DIR or ‹train_data› DIR")
     train = _check_image_folder(Path(train_data).expanduser(), "training")
     val = None if val_data is None else _check_image_folder(Path(val_data).expanduser(), "validation")
     return train, val
@@ -414,7 +414,7 @@ def make_loaders(
 def per_rank_batch(batch_size: int, world: int) -> int:
     """The batch each of `world` processes loads for a global `batch_size`; UserError unless it divides."""
     if batch_size % world:
-        raise UserError(f"--batch-size {batch_size} is the global batch and must be divisible by the "
+        raise UserError(f"‹batch_size› {batch_size} is the global batch and must be divisible by the "
                         f"{world} processes")
     return batch_size // world
 

@@ -39,7 +39,7 @@ def read_pairs(spec: str | os.PathLike) -> tuple[list[str], list[str], Tensor]:
     raw = str(spec)
     path = Path(raw[len(PAIRS_PREFIX):] if is_pairs_spec(raw) else raw).expanduser()
     if not str(path).strip() or str(path) == ".":
-        raise UserError("bad --data 'pairs:': expected pairs:FILE, tab-separated sentence1, sentence2, score")
+        raise UserError("bad ‹data› 'pairs:': expected pairs:FILE, tab-separated sentence1, sentence2, score")
     if not path.is_file():
         raise UserError(f"sentence-pair file not found: {path}")
     rows = [(n, line.split("\t")) for n, line in enumerate(read_lines(path, "sentence-pair file"), 1) if line.strip()]

@@ -48,7 +48,7 @@ def text_path(spec: str) -> Path:
     """The file of 'text:FILE'."""
     path = spec[len(TEXT_PREFIX):] if is_text_spec(spec) else spec
     if not path.strip():
-        raise UserError("bad --data 'text:': expected text:FILE, a file with one text per line")
+        raise UserError("bad ‹data› 'text:': expected text:FILE, a file with one text per line")
     return Path(path).expanduser()
 
 

@@ -114,7 +114,7 @@ from sttp_compress.io.checkpoint import load_compressed
 from sttp_compress.compress.convert import compressed_layers, count_parameters, decompress
 from sttp_compress.data.images import (IMAGE_EXTENSIONS, TENSORS_PREFIX, ImageDataConfig, image_transforms,
                    resolve_image_config, rgb_loader)
-from sttp_compress.errors import UserError
+from sttp_compress.errors import UserError, terms
 from sttp_compress.compress.serve import frozen
 from sttp_compress.train.loop import resolve_device
 from sttp_compress.io.specs import WithDataSpec, hf_folder, parse_data
@@ -181,21 +181,21 @@ def _is_number(x: Any) -> bool:
 def validate_options(opts: EvalOptions) -> None:
     """Raise a one-line UserError for an impossible option value; run_eval calls it before any work."""
     if not isinstance(opts.batch_size, int) or opts.batch_size < 1:
-        raise UserError(f"--batch-size must be a positive integer, got {opts.batch_size}")
+        raise UserError(f"‹batch_size› must be a positive integer, got {opts.batch_size}")
     if opts.max_batches is not None and (not isinstance(opts.max_batches, int) or opts.max_batches < 1):
-        raise UserError(f"--max-batches must be a positive integer, got {opts.max_batches}")
+        raise UserError(f"‹max_batches› must be a positive integer, got {opts.max_batches}")
     if opts.workers is not None and (not isinstance(opts.workers, int) or opts.workers < 0):
-        raise UserError(f"--workers cannot be negative, got {opts.workers}")
+        raise UserError(f"‹workers› cannot be negative, got {opts.workers}")
     if opts.input_shape is not None:
         shape = tuple(opts.input_shape)
         if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
-            raise UserError(f"--input-shape needs positive integers, e.g. 3,32,32; got {opts.input_shape}")
-    image_opts = [n for n, v in (("--image-size", opts.image_size), ("--mean", opts.mean), ("--std", opts.std))
+            raise UserError(f"‹input_shape› needs positive integers, e.g. 3,32,32; got {opts.input_shape}")
+    image_opts = [n for n, v in (("‹image_size›", opts.image_size), ("‹mean›", opts.mean), ("‹std›", opts.std))
                   if v is not None]
     if image_opts and opts.data_kind in (None, "tensors"):
-        raise UserError(f"{'/'.join(image_opts)} only apply to an image folder given with --data DIR")
+        raise UserError(f"{'/'.join(image_opts)} only apply to an image folder given with ‹data› DIR")
     if opts.reference_arch is not None and opts.reference is None:
-        raise UserError("--reference-arch needs --reference FILE")
+        raise UserError("‹reference_arch› needs ‹reference› FILE")
     resolve_device(opts.device)
     _check_gates_measurable(opts)
     _gate_limits(opts)
@@ -207,17 +207,17 @@ def _check_gates_measurable(opts: EvalOptions) -> None:
     text = opts.data_kind in ("text", "pairs")
     labelled = opts.data is not None and not text
     for given, key, needs in (
-            (opts.min_accuracy, "--min-accuracy", "labelled data: --data DIR (class subfolders) or tensors:FILE.pt "
+            (opts.min_accuracy, "‹min_accuracy›", "labelled data: ‹data› DIR (class subfolders) or tensors:FILE.pt "
                                                   "with targets"),
-            (opts.max_drop, "--max-drop", "labelled data: --data DIR (class subfolders) or tensors:FILE.pt with "
+            (opts.max_drop, "‹max_drop›", "labelled data: ‹data› DIR (class subfolders) or tensors:FILE.pt with "
                                           "targets")):
         if given is not None and not labelled:
             raise UserError(f"{key} cannot be checked without {needs}")
     if opts.min_cosine is not None and not (text and hf_folder(opts.reference) is not None):
-        raise UserError("--min-cosine cannot be checked without --data text:FILE (or pairs:FILE) and "
-                        "--reference hf:DIR (the original model)")
+        raise UserError("‹min_cosine› cannot be checked without ‹data› text:FILE (or pairs:FILE) and "
+                        "‹reference› hf:DIR (the original model)")
     if opts.min_sts_spearman is not None and opts.data_kind != "pairs":
-        raise UserError("--min-sts-spearman cannot be checked without --data pairs:FILE "
+        raise UserError("‹min_sts_spearman› cannot be checked without ‹data› pairs:FILE "
                         "(tab-separated sentence1, sentence2, score)")
 
 
@@ -228,26 +228,26 @@ def _gate_limits(opts: EvalOptions) -> dict[str, Any]:
         limits["max_size"] = parse_size(opts.max_size)
     if opts.max_params is not None:
         if not isinstance(opts.max_params, int) or isinstance(opts.max_params, bool) or opts.max_params < 1:
-            raise UserError(f"--max-params must be a positive integer, got {opts.max_params}")
+            raise UserError(f"‹max_params› must be a positive integer, got {opts.max_params}")
         limits["max_params"] = opts.max_params
     if opts.min_ratio is not None:
         if not _is_number(opts.min_ratio) or opts.min_ratio <= 0:
-            raise UserError(f"--min-ratio must be a positive number, got {opts.min_ratio}")
+            raise UserError(f"‹min_ratio› must be a positive number, got {opts.min_ratio}")
         limits["min_ratio"] = float(opts.min_ratio)
     for key, lo, hi, what in (("min_accuracy", 0, 100, "a percentage"), ("min_cosine", -1, 1, "a cosine similarity"),
                               ("min_sts_spearman", -1, 1, "a correlation")):  # the lower-bound gates' ranges
         value = getattr(opts, key)
         if value is not None:
             if not _is_number(value) or not lo <= value <= hi:
-                raise UserError(f"--{key.replace('_', '-')} is {what} between {lo} and {hi}, got {value}")
+                raise UserError(f"‹{key}› is {what} between {lo} and {hi}, got {value}")
             limits[key] = float(value)
     if (opts.baseline is None) != (opts.max_drop is None):
-        given, missing = ("--baseline", "--max-drop") if opts.baseline is not None else ("--max-drop", "--baseline")
+        given, missing = ("‹baseline›", "‹max_drop›") if opts.baseline is not None else ("‹max_drop›", "‹baseline›")
         raise UserError(f"{given} needs {missing} as well (the accuracy drop is measured against a baseline "
                         "file written by sttp-eval --json)")
     if opts.max_drop is not None:
         if not _is_number(opts.max_drop) or opts.max_drop < 0:
-            raise UserError(f"--max-drop is a number of accuracy points >= 0, got {opts.max_drop}")
+            raise UserError(f"‹max_drop› is a number of accuracy points >= 0, got {opts.max_drop}")
         limits["max_drop"] = float(opts.max_drop)
         limits["baseline_accuracy"] = _baseline_accuracy(opts.baseline)
     return limits
@@ -287,32 +287,32 @@ def check_gates(result: Mapping[str, Any], opts: EvalOptions) -> list[str]:
     if "max_size" in limits:
         size, limit = int(result["size_bytes"]), limits["max_size"]
         if size > limit:
-            failures.append(f"size {_bytes_text(size)} > --max-size {opts.max_size} ({limit:,} bytes)")
+            failures.append(f"size {_bytes_text(size)} > ‹max_size› {opts.max_size} ({limit:,} bytes)")
     if "max_params" in limits:
         params, limit = int(result["params"]), limits["max_params"]
         if params > limit:
-            failures.append(f"params {params:,} > --max-params {limit:,}")
+            failures.append(f"params {params:,} > ‹max_params› {limit:,}")
     if "min_ratio" in limits:
         ratio, limit = result.get("ratio"), limits["min_ratio"]
         if not _is_number(ratio):
             failures.append(f"ratio unknown (the checkpoint records no original parameter count; pass "
-                            f"--reference ORIGINAL) so --min-ratio {limit:g} cannot be checked")
+                            f"‹reference› ORIGINAL) so ‹min_ratio› {limit:g} cannot be checked")
         elif ratio < limit:
-            failures.append(f"ratio {ratio:.2f}x < --min-ratio {limit:g}x "
+            failures.append(f"ratio {ratio:.2f}x < ‹min_ratio› {limit:g}x "
                             f"({result.get('params_original'):,} → {int(result['params']):,} params)")
     accuracy = result.get("accuracy")
     lower_bounds = [  # (limit key, result key, what it is, how it prints, unit, what it needs when unknown)
         ("min_accuracy", "accuracy", "accuracy", "accuracy {:.2f}", " %",
-         "labelled data (--data DIR with class subfolders, or tensors:FILE.pt with targets)"),
+         "labelled data (‹data› DIR with class subfolders, or tensors:FILE.pt with targets)"),
         ("min_cosine", "cosine", "cosine", "mean cosine similarity to the reference {:.4f}", "",
-         "--data text:FILE (or pairs:FILE) and --reference hf:DIR (the original model)"),
+         "‹data› text:FILE (or pairs:FILE) and ‹reference› hf:DIR (the original model)"),
         ("min_sts_spearman", "sts_spearman", "pair-score Spearman", "Spearman of pair similarities with the scores "
-         "{:.4f}", "", "--data pairs:FILE (tab-separated sentence1, sentence2, score)"),
+         "{:.4f}", "", "‹data› pairs:FILE (tab-separated sentence1, sentence2, score)"),
     ]
     for key, field, what, measured, unit, needs in lower_bounds:
         if key not in limits:
             continue
-        value, limit, flag = result.get(field), limits[key], "--" + key.replace("_", "-")
+        value, limit, flag = result.get(field), limits[key], f"‹{key}›"
         if not _is_number(value):
             failures.append(f"{what} unknown, so {flag} {limit:g} cannot be checked: it needs {needs}")
         elif value < limit:
@@ -320,12 +320,12 @@ def check_gates(result: Mapping[str, Any], opts: EvalOptions) -> list[str]:
     if "max_drop" in limits:
         base, limit = limits["baseline_accuracy"], limits["max_drop"]
         if not _is_number(accuracy):
-            failures.append(f"accuracy unknown, so --max-drop {limit:g} against --baseline {opts.baseline} "
-                            "cannot be checked: it needs labelled data (--data DIR or tensors:FILE.pt with targets)")
+            failures.append(f"accuracy unknown, so ‹max_drop› {limit:g} against ‹baseline› {opts.baseline} "
+                            "cannot be checked: it needs labelled data (‹data› DIR or tensors:FILE.pt with targets)")
         elif base - accuracy > limit:
-            failures.append(f"accuracy drop {base - accuracy:.2f} points ({base:.2f} % in --baseline "
-                            f"{opts.baseline} → {accuracy:.2f} %) > --max-drop {limit:g}")
-    return failures
+            failures.append(f"accuracy drop {base - accuracy:.2f} points ({base:.2f} % in ‹baseline› "
+                            f"{opts.baseline} → {accuracy:.2f} %) > ‹max_drop› {limit:g}")
+    return [terms(f) for f in failures]
 
 
 # --------------------------------------------------------------------------- data
@@ -402,7 +402,7 @@ def _data_loader(opts: EvalOptions, meta: Mapping[str, Any], device: torch.devic
     if opts.data_kind == "tensors":
         ds, workers = _load_tensor_file(opts.data), 0
         if len(ds.tensors) < 2 and (opts.min_accuracy is not None or opts.max_drop is not None):
-            gate = "--min-accuracy" if opts.min_accuracy is not None else "--max-drop"
+            gate = "‹min_accuracy›" if opts.min_accuracy is not None else "‹max_drop›"
             raise UserError(f"{gate} cannot be checked: {opts.data} has no 'targets' tensor")
     else:
         ds, workers = _image_dataset(opts.data, opts, meta), min(MAX_WORKERS, os.cpu_count() or 1)
@@ -436,11 +436,11 @@ def _forward(model: nn.Module, x: Tensor | dict[str, Tensor], what: str) -> Tens
         return _primary_output(model(x))
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"out of memory running the {what} model at batch size {len(x)}; "
-                        "pass a smaller --batch-size") from None
+                        "pass a smaller ‹batch_size›") from None
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise UserError(f"running the {what} model on inputs of shape {list(x.shape)} ({str(x.dtype)[6:]}) "
-                        f"failed: {reason}; check that the data or --input-shape matches the model") from None
+                        f"failed: {reason}; check that the data or ‹input_shape› matches the model") from None
 
 
 def _first_embedding(model: nn.Module) -> nn.Embedding | None:
@@ -594,8 +594,8 @@ def run_eval(path: str, opts: EvalOptions, progress: bool = False) -> dict[str, 
     model, info = load_compressed(path, opts.arch, opts.trust_arch)
     meta = info.get("meta") if isinstance(info.get("meta"), dict) else {}
     if opts.min_ratio is not None and _meta_int(meta, "params_original") is None and opts.reference is None:
-        raise UserError(f"--min-ratio cannot be checked: {path} records no original parameter count; "
-                        "pass --reference ORIGINAL")
+        raise UserError(f"‹min_ratio› cannot be checked: {path} records no original parameter count; "
+                        "pass ‹reference› ORIGINAL")
     reference = _load_reference(opts, info)
     base = _sizes_and_params(path, opts, info, meta, model, reference)
     notes: list[str] = []
@@ -609,7 +609,7 @@ def run_eval(path: str, opts: EvalOptions, progress: bool = False) -> dict[str, 
         reference.to(device)
     compare = reference is not None and (loader is not None or shape is not None)
     if reference is not None and not compare:
-        notes.append("reference comparison skipped: no inputs (pass --data, or --input-shape for random inputs)")
+        notes.append("reference comparison skipped: no inputs (pass ‹data›, or ‹input_shape› for random inputs)")
     with _progress(progress) as bar:
         tally = _Tally(device)
         if loader is not None or compare:
@@ -624,7 +624,7 @@ def run_eval(path: str, opts: EvalOptions, progress: bool = False) -> dict[str, 
                "sts_spearman_reference": None,
                "reference_inputs": ("data" if loader is not None else "random") if compare else None,
                "input_shape": list(shape) if shape is not None else None, **_timing(latency_s, runs, opts),
-               "device": str(device), "batch_size": opts.batch_size, "notes": notes}
+               "device": str(device), "batch_size": opts.batch_size, "notes": [terms(n) for n in notes]}
     return {**base, **{key: numbers[key] for key in RESULT_KEYS if key not in base}}
 
 
@@ -724,7 +724,7 @@ def _run_batches(tally: _Tally, model: nn.Module, reference: nn.Module | None, l
                 ref = _forward(reference, x, "reference")
                 if ref.shape != out.shape:
                     raise UserError(f"the reference model's output shape {list(ref.shape)} differs from "
-                                    f"the compressed model's {list(out.shape)}; check --reference-arch")
+                                    f"the compressed model's {list(out.shape)}; check ‹reference_arch›")
             tally.add(out, ref, y)
             if task is not None:
                 bar.update(task, advance=1)
@@ -740,7 +740,7 @@ def _latency(model: nn.Module, tally: _Tally, loader: DataLoader | None, opts: E
     if not opts.latency:
         return None, None
     if shape is None:
-        notes.append("latency skipped: input shape unknown (pass --data or --input-shape)")
+        notes.append("latency skipped: input shape unknown (pass ‹data› or ‹input_shape›)")
         return None, None
     if tally.first_inputs is not None and loader is not None:
         x = _tile(tally.first_inputs, opts.batch_size)
@@ -766,12 +766,12 @@ def _run_text_eval(base: dict[str, Any], model: nn.Module, reference: nn.Module 
     pairs = opts.data_kind == "pairs"
     kind = "pairs:FILE" if pairs else "text:FILE"
     if folder is None:
-        raise UserError(f"--data {kind} needs a model built from --arch hf:DIR (the tokenizer comes from DIR)")
+        raise UserError(f"‹data› {kind} needs a model built from ‹arch› hf:DIR (the tokenizer comes from DIR)")
     model.to(device)
     if reference is not None:
         reference.to(device)
     else:
-        notes.append("cosine and nearest-neighbour agreement need --reference hf:DIR (the original model)")
+        notes.append("cosine and nearest-neighbour agreement need ‹reference› hf:DIR (the original model)")
     evaluate = evaluate_pairs if pairs else evaluate_texts
     with _progress(progress) as bar:
         task = bar.add_task("embedding texts", total=None) if bar is not None else None
@@ -792,7 +792,7 @@ def _run_text_eval(base: dict[str, Any], model: nn.Module, reference: nn.Module 
         "reference_inputs": "data" if compared else None,
         "input_shape": None, "latency_ms": None if latency_s is None else 1000.0 * latency_s,
         "throughput": None if latency_s is None else opts.batch_size / latency_s, "latency_runs": runs,
-        "device": str(device), "batch_size": opts.batch_size, "notes": notes,
+        "device": str(device), "batch_size": opts.batch_size, "notes": [terms(n) for n in notes],
     }
 
 

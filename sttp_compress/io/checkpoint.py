@@ -55,7 +55,7 @@ def portable_arch(spec: str | None) -> str | None:
 def checkpoint_payload(model: nn.Module, arch: str | None, dtype: str = "float32", meta: dict | None = None) -> dict:
     """The dict a compressed checkpoint file holds (see the module docstring), tensors on the CPU in `dtype`."""
     if dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise UserError(f"‹dtype› must be one of {', '.join(DTYPES)}, got {dtype!r}")
     tdtype = DTYPES[dtype]
     state = {k: (v.detach().to("cpu", tdtype) if v.is_floating_point() else v.detach().cpu()).clone()
              for k, v in model.state_dict().items()}
@@ -222,11 +222,11 @@ def load_compressed(path: str | os.PathLike, arch: str | None = None,
 def _recorded_arch(path: str | os.PathLike, spec: str | None, trust_arch: bool) -> str:
     """The recorded architecture spec, if it may be built: it is data, or the user trusts the file."""
     if not spec:
-        raise UserError(f"{path} does not record an architecture; pass --arch SPEC")
+        raise UserError(f"{path} does not record an architecture; pass ‹arch› SPEC")
     problem = recorded_arch_problem(spec)
     if problem and not trust_arch:
         raise UserError(f"{path} records the architecture {spec!r}, which is not used on its own because "
-                        f"{problem}: pass --arch SPEC to give the architecture yourself, or --trust-arch to "
+                        f"{problem}: pass ‹arch› SPEC to give the architecture yourself, or ‹trust_arch› to "
                         "build the recorded one if you trust the file")
     return spec
 

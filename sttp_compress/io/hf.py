@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sttp_compress.errors import UserError
+from sttp_compress.errors import UserError, terms
 from sttp_compress.io.specs import HF_PREFIX, hf_folder
 
 __all__ = ["HF_PREFIX", "is_hf_spec", "hf_path", "import_transformers", "EncoderLayout", "read_layout",
@@ -49,7 +49,7 @@ def hf_path(spec: str) -> Path:
     """The folder named by 'hf:DIR' (user-expanded, not resolved)."""
     folder = hf_folder(spec)
     if folder is None:
-        raise UserError(f"bad --arch {spec!r}: expected hf:DIR, a local Hugging Face model folder")
+        raise UserError(f"bad ‹arch› {spec!r}: expected hf:DIR, a local Hugging Face model folder")
     return folder
 
 
@@ -62,7 +62,7 @@ def import_transformers() -> Any:
     try:
         import transformers
     except ImportError as exc:
-        raise UserError(f"--arch hf:DIR needs the optional 'transformers' package, which is not installed "
+        raise UserError(f"‹arch› hf:DIR needs the optional 'transformers' package, which is not installed "
                         f"({exc.name or exc}): {INSTALL_HINT}") from None
     transformers.logging.set_verbosity_error()
     try:
@@ -115,9 +115,9 @@ def read_layout(root: str | os.PathLike) -> EncoderLayout:
     """Read a model folder: a sentence-transformers folder (modules.json) or a plain transformers one."""
     root = Path(root).expanduser()
     if not root.exists():
-        raise UserError(f"no such model folder: {root} (--arch hf:DIR needs a local Hugging Face model folder)")
+        raise UserError(f"no such model folder: {root} (‹arch› hf:DIR needs a local Hugging Face model folder)")
     if not root.is_dir():
-        raise UserError(f"{root} is not a folder (--arch hf:DIR needs a local Hugging Face model folder)")
+        raise UserError(f"{root} is not a folder (‹arch› hf:DIR needs a local Hugging Face model folder)")
     modules_file = root / "modules.json"
     if not modules_file.is_file():
         layout = EncoderLayout(root, root)
@@ -145,7 +145,7 @@ def read_layout(root: str | os.PathLike) -> EncoderLayout:
                                bool(isinstance(st_config, dict) and st_config.get("do_lower_case")))
     if not (layout.transformer_dir / "config.json").is_file():
         raise UserError(f"{root} is not a Hugging Face model folder (no config.json in "
-                        f"{layout.transformer_dir}); --arch hf:DIR needs a folder saved with save_pretrained")
+                        f"{layout.transformer_dir}); ‹arch› hf:DIR needs a folder saved with save_pretrained")
     return layout
 
 
@@ -245,7 +245,7 @@ class SentenceEncoder(nn.Module):
             if "pooler" in name.split("."):
                 always[name] = "pooler stays dense (not used by the sentence embedding)"
             elif isinstance(m, nn.Embedding):
-                by_default[name] = "embeddings stay dense unless --include selects them (e.g. --include '*')"
+                by_default[name] = terms("embeddings stay dense unless ‹include› selects them (e.g. ‹include› '*')")
         return always, by_default
 
     def extra_repr(self) -> str:

@@ -75,7 +75,7 @@ def check_output_path(path: str | os.PathLike, force: bool, what: str = "output"
         if not target.is_file():
             raise UserError(f"{what} {path} is not a regular file; refusing to replace it")
         if not force:
-            raise UserError(f"{path} exists; pass --force to overwrite")
+            raise UserError(f"{path} exists; pass ‹force› to overwrite")
     _check_folder_writable(target.absolute().parent, str(path))
     return target
 
@@ -97,7 +97,7 @@ def check_output_folder(path: str | os.PathLike, force: bool, may_hold: Callable
             raise UserError(f"{what} {path} holds files that are not a report ({', '.join(sorted(foreign)[:3])}); "
                             "choose another folder")
         if entries and not force:
-            raise UserError(f"{what} {path} exists; pass --force to overwrite")
+            raise UserError(f"{what} {path} exists; pass ‹force› to overwrite")
     anchor = next(p for p in [folder.absolute().parent, *folder.absolute().parents] if p.exists())
     if not anchor.is_dir() or not os.access(anchor, os.W_OK | os.X_OK):
         raise UserError(f"cannot create the {what} {path}: {anchor} is not a writable folder")

@@ -148,8 +148,8 @@ def _torch_load(path: Path, shown: str, trust_pickle: bool) -> Any:
         raise _fail(
             f"{shown} holds pickled Python code ({culprit}), not just tensors, and loading it "
             f"could run arbitrary code: save a plain state_dict "
-            f"(torch.save(model.state_dict(), path)) and pass --arch SPEC, "
-            f"or pass --trust-pickle if you trust the file"
+            f"(torch.save(model.state_dict(), path)) and pass ‹arch› SPEC, "
+            f"or pass ‹trust_pickle› if you trust the file"
         ) from exc
     except (ModuleNotFoundError, AttributeError) as exc:
         if not trust_pickle:
@@ -157,7 +157,7 @@ def _torch_load(path: Path, shown: str, trust_pickle: bool) -> Any:
         raise _fail(
             f"{shown} holds a pickled model whose Python code cannot be imported "
             f"({_reason(exc)}); run from the project that defines it, or save a "
-            f"state_dict and pass --arch SPEC"
+            f"state_dict and pass ‹arch› SPEC"
         ) from exc
     except RuntimeError as exc:
         if "TorchScript" in str(exc):
@@ -171,7 +171,7 @@ def _torchscript_error(shown: str) -> UserError:
     """The error for TorchScript archives, which cannot be rewritten module by module."""
     return _fail(
         f"{shown} is a TorchScript archive, which cannot be compressed: save the eager "
-        f"model's state_dict (torch.save(model.state_dict(), path)) and pass --arch SPEC"
+        f"model's state_dict (torch.save(model.state_dict(), path)) and pass ‹arch› SPEC"
     )
 
 
@@ -292,9 +292,9 @@ def _parse_kwargs(query: str, spec: str) -> dict[str, Any]:
         key, eq, raw = part.partition("=")
         key = key.strip()
         if not eq or not key.isidentifier():
-            raise _fail(f"bad --arch {spec!r}: expected key=value after '?', got {part!r}")
+            raise _fail(f"bad ‹arch› {spec!r}: expected key=value after '?', got {part!r}")
         if key in kwargs:
-            raise _fail(f"bad --arch {spec!r}: keyword {key!r} given twice")
+            raise _fail(f"bad ‹arch› {spec!r}: keyword {key!r} given twice")
         raw = raw.strip()
         try:
             kwargs[key] = ast.literal_eval(raw)
@@ -310,11 +310,11 @@ def _split_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
     module, factory = module.strip(), factory.strip()
     if not colon or not module or not factory:
         raise _fail(
-            f"bad --arch {spec!r}: expected MODULE:FACTORY, e.g. torchvision:resnet18, "
+            f"bad ‹arch› {spec!r}: expected MODULE:FACTORY, e.g. torchvision:resnet18, "
             f"mypkg.models:build or path/to/model.py:build"
         )
     if not all(part.isidentifier() for part in factory.split(".")):
-        raise _fail(f"bad --arch {spec!r}: {factory!r} is not a Python name")
+        raise _fail(f"bad ‹arch› {spec!r}: {factory!r} is not a Python name")
     return module, factory, _parse_kwargs(query, spec)
 
 
@@ -328,17 +328,17 @@ def _build_torchvision(name: str, kwargs: dict[str, Any], spec: str) -> Any:
     try:
         import torchvision.models as tvm
     except Exception as exc:  # noqa: BLE001
-        raise _fail(f"bad --arch {spec!r}: cannot import torchvision ({_reason(exc)})") from exc
+        raise _fail(f"bad ‹arch› {spec!r}: cannot import torchvision ({_reason(exc)})") from exc
     known = tvm.list_models()
     if name not in known:
         close = difflib.get_close_matches(name, known, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise _fail(f"bad --arch {spec!r}: torchvision has no model {name!r}{hint}")
+        raise _fail(f"bad ‹arch› {spec!r}: torchvision has no model {name!r}{hint}")
     kwargs = {"weights": None, **kwargs}
     try:
         return tvm.get_model(name, **kwargs)
     except _USER_CODE_ERRORS as exc:  # the factory may raise anything
-        raise _fail(f"bad --arch {spec!r}: building torchvision {name} failed: {_reason(exc)}") from exc
+        raise _fail(f"bad ‹arch› {spec!r}: building torchvision {name} failed: {_reason(exc)}") from exc
 
 
 def _import_module(module: str, spec: str) -> Any:
@@ -347,10 +347,10 @@ def _import_module(module: str, spec: str) -> Any:
         return importlib.import_module(module)
     except ModuleNotFoundError as exc:
         if exc.name and (module == exc.name or module.startswith(exc.name + ".")):
-            raise _fail(f"bad --arch {spec!r}: no module named {exc.name!r}") from exc
-        raise _fail(f"bad --arch {spec!r}: importing {module} failed: {_reason(exc)}") from exc
+            raise _fail(f"bad ‹arch› {spec!r}: no module named {exc.name!r}") from exc
+        raise _fail(f"bad ‹arch› {spec!r}: importing {module} failed: {_reason(exc)}") from exc
     except _USER_CODE_ERRORS as exc:  # module code may raise anything
-        raise _fail(f"bad --arch {spec!r}: importing {module} failed: {_reason(exc)}") from exc
+        raise _fail(f"bad ‹arch› {spec!r}: importing {module} failed: {_reason(exc)}") from exc
 
 
 def _get_attr(obj: Any, dotted: str, where: str, spec: str) -> Any:
@@ -359,7 +359,7 @@ def _get_attr(obj: Any, dotted: str, where: str, spec: str) -> Any:
         try:
             obj = getattr(obj, part)
         except AttributeError as exc:
-            raise _fail(f"bad --arch {spec!r}: {where} has no attribute {dotted!r}") from exc
+            raise _fail(f"bad ‹arch› {spec!r}: {where} has no attribute {dotted!r}") from exc
     return obj
 
 
@@ -368,13 +368,13 @@ def _call_factory(factory: Any, name: str, kwargs: dict[str, Any], spec: str) ->
     if isinstance(factory, nn.Module) and not kwargs:
         return factory
     if not callable(factory):
-        raise _fail(f"bad --arch {spec!r}: {name} is a {type(factory).__name__}, not callable")
+        raise _fail(f"bad ‹arch› {spec!r}: {name} is a {type(factory).__name__}, not callable")
     try:
         model = factory(**kwargs)
     except _USER_CODE_ERRORS as exc:  # the factory may raise anything
-        raise _fail(f"bad --arch {spec!r}: calling {name} failed: {_reason(exc)}") from exc
+        raise _fail(f"bad ‹arch› {spec!r}: calling {name} failed: {_reason(exc)}") from exc
     if not isinstance(model, nn.Module):
-        raise _fail(f"bad --arch {spec!r}: {name} returned a {type(model).__name__}, "
+        raise _fail(f"bad ‹arch› {spec!r}: {name} returned a {type(model).__name__}, "
                     f"not a torch.nn.Module")
     return model
 
@@ -383,12 +383,12 @@ def _build_from_file(file: str, factory: str, kwargs: dict[str, Any], spec: str)
     """Execute a .py file as a fresh module (its folder first on sys.path) and call its factory."""
     path = Path(file).expanduser().resolve()
     if not path.is_file():
-        raise _fail(f"bad --arch {spec!r}: no such file: {file}")
+        raise _fail(f"bad ‹arch› {spec!r}: no such file: {file}")
     stem = re.sub(r"\W", "_", path.stem)
     name = f"_sttp_arch_{stem}_{uuid.uuid4().hex[:8]}"
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
-        raise _fail(f"bad --arch {spec!r}: cannot load {file} as a Python module")
+        raise _fail(f"bad ‹arch› {spec!r}: cannot load {file} as a Python module")
     module = importlib.util.module_from_spec(module_spec)
     saved_path = list(sys.path)
     sys.path.insert(0, str(path.parent))
@@ -398,7 +398,7 @@ def _build_from_file(file: str, factory: str, kwargs: dict[str, Any], spec: str)
         try:
             module_spec.loader.exec_module(module)
         except _USER_CODE_ERRORS as exc:  # user code may raise anything
-            raise _fail(f"bad --arch {spec!r}: running {file} failed: {_reason(exc)}") from exc
+            raise _fail(f"bad ‹arch› {spec!r}: running {file} failed: {_reason(exc)}") from exc
         obj = _get_attr(module, factory, file, spec)
         model = _call_factory(obj, factory, kwargs, spec)
         ok = True
@@ -421,7 +421,7 @@ def resolve_arch(spec: str) -> nn.Module:
     if module == "torchvision" and "." not in factory:
         model = _build_torchvision(factory, kwargs, spec)
         if not isinstance(model, nn.Module):
-            raise _fail(f"bad --arch {spec!r}: torchvision returned a {type(model).__name__}")
+            raise _fail(f"bad ‹arch› {spec!r}: torchvision returned a {type(model).__name__}")
         return model
     if _is_file_spec(module):
         return _build_from_file(module, factory, kwargs, spec)
@@ -487,7 +487,7 @@ def _mismatch(state: Mapping[str, torch.Tensor], model: nn.Module, arch: str) ->
                               (misshaped, "mis-shaped")):
         if count_list:
             parts.append(f"{len(count_list)} {label} ({_join_first(count_list)})")
-    return f"checkpoint does not match --arch {arch}: " + ", ".join(parts)
+    return f"checkpoint does not match ‹arch› {arch}: " + ", ".join(parts)
 
 
 def load_model(
@@ -499,8 +499,8 @@ def load_model(
         return obj.eval()
     if arch is None:
         raise _fail(
-            f"{path} is a state_dict (weights only, no architecture): pass --arch SPEC, "
-            f"e.g. --arch torchvision:resnet18 or --arch path/to/model.py:build"
+            f"{path} is a state_dict (weights only, no architecture): pass ‹arch› SPEC, "
+            f"e.g. ‹arch› torchvision:resnet18 or ‹arch› path/to/model.py:build"
         )
     model = resolve_arch(arch)
     problem = _mismatch(obj, model, arch)
@@ -509,7 +509,7 @@ def load_model(
     try:
         model.load_state_dict(obj, strict=True)
     except Exception as exc:  # noqa: BLE001 - custom _load_from_state_dict hooks
-        raise _fail(f"checkpoint does not load into --arch {arch}: {_reason(exc)}") from exc
+        raise _fail(f"checkpoint does not load into ‹arch› {arch}: {_reason(exc)}") from exc
     return model.float().eval()
 
 

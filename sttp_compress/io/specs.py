@@ -45,7 +45,7 @@ def parse_data(spec: str | DataSpec | None) -> DataSpec | None:
         if raw.startswith(prefix):
             rest = raw[len(prefix):].strip()
             if not rest:
-                raise UserError(f"bad --data {raw!r}: expected {_EXPECTED[kind]}")
+                raise UserError(f"bad ‹data› {raw!r}: expected {_EXPECTED[kind]}")
             return DataSpec(kind, Path(rest).expanduser(), raw)
     return DataSpec("images", Path(raw).expanduser(), raw)
 
@@ -71,5 +71,5 @@ def hf_folder(spec: str | None) -> Path | None:
         return None
     text = spec.strip()[len(HF_PREFIX):].strip()
     if not text:
-        raise UserError("bad --arch 'hf:': expected hf:DIR, a local Hugging Face model folder")
+        raise UserError("bad ‹arch› 'hf:': expected hf:DIR, a local Hugging Face model folder")
     return Path(text).expanduser()

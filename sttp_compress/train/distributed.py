@@ -105,12 +105,12 @@ def setup(device: str = "auto") -> torch.device:
 def process_device(device: str) -> torch.device:
     """The device of this process under a launcher: cuda:LOCAL_RANK for CUDA, else CPU; UserError if unusable."""
     if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda, cpu or auto, "
+        raise UserError(f"under torchrun each process uses cuda:LOCAL_RANK; pass ‹device› cuda, cpu or auto, "
                         f"not {device!r}")
     if not _wants_cuda(device):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise UserError("--device cuda requested but CUDA is not available")
+        raise UserError("‹device› cuda requested but CUDA is not available")
     if local_rank() >= torch.cuda.device_count():
         raise UserError(f"process with LOCAL_RANK {local_rank()} has no GPU: this machine has "
                         f"{torch.cuda.device_count()}; start at most that many processes per node")

@@ -130,7 +130,7 @@ class FinetuneConfig:
     def validate(self) -> None:
         """Raise UserError for impossible settings (both epochs and steps, negative counts, unknown names)."""
         if sum(v is not None for v in (self.epochs, self.steps, self.time_budget)) > 1:
-            raise UserError("give one of --epochs, --steps and --time-budget, not several")
+            raise UserError("give one of ‹epochs›, ‹steps› and ‹time_budget›, not several")
         if self.time_budget is not None and not self.time_budget > 0:
             raise UserError(f"the time budget must be positive, got {self.time_budget} s")
         if self.epochs is not None and self.epochs < 0:
@@ -725,7 +725,7 @@ def finetune(
     cfg.validate()
     release = bool(cfg.free_cores) and any(is_parametrized(m) for m in student.modules())
     if release and not can_release(student):
-        raise UserError("free cores need the free spectrum on every compressed layer (--spectrum free)")
+        raise UserError("free cores need the free spectrum on every compressed layer (‹spectrum› free)")
     with free_cores(student, release):
         block = _finetune(student, teacher, train_loader, val_loader, cfg, progress, bn_recalibrate)
     block["free_cores"] = release
@@ -981,7 +981,7 @@ class _Meter:
             total_steps = step
         mean_loss = loss_sum / self.world / self.seg_steps
         if not math.isfinite(mean_loss):
-            raise distributed.SharedUserError(f"fine-tuning diverged (loss {mean_loss}) at step {step}; try a lower --lr")
+            raise distributed.SharedUserError(f"fine-tuning diverged (loss {mean_loss}) at step {step}; try a lower ‹lr›")
         now = time.perf_counter()
         info = f"loss {mean_loss:.4f}  {self.samples / max(now - self.tick, 1e-9):,.0f} img/s"
         if self.labelled_seen:

@@ -27,7 +27,7 @@ def test_first_conv_and_classifier_stay_dense_unless_included():
     chosen, skipped = candidate_layers(net())
     assert list(chosen) == ["2", "6"] and "first" in skipped["0"] and "classifier" in skipped["8"]
     chosen, skipped = candidate_layers(net(), include=["*"], exclude=["6"])
-    assert list(chosen) == ["0", "2", "8"] and "--exclude" in skipped["6"]
+    assert list(chosen) == ["0", "2", "8"] and "exclude" in skipped["6"]
 
 
 def test_rank_target_rows_follow_eq9_and_the_totals_add_up():

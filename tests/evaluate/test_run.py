@@ -246,32 +246,32 @@ def test_gates_pass(result):
 def test_each_gate_fails_alone(result):
     size, params = result["size_bytes"], result["params"]
     [line] = check_gates(result, _opts(max_size="1kB"))
-    assert line.startswith("size ") and "--max-size 1kB (1,000 bytes)" in line and f"{size:,} bytes" in line
+    assert line.startswith("size ") and "max_size 1kB (1,000 bytes)" in line and f"{size:,} bytes" in line
     [line] = check_gates(result, _opts(max_params=params - 1))
-    assert line == f"params {params:,} > --max-params {params - 1:,}"
+    assert line == f"params {params:,} > max_params {params - 1:,}"
     assert check_gates(result, _opts(max_params=params)) == []
     [line] = check_gates(result, _opts(min_ratio=1e6))
-    assert "--min-ratio 1e+06x" in line and f"ratio {result['ratio']:.2f}x" in line
+    assert "min_ratio 1e+06x" in line and f"ratio {result['ratio']:.2f}x" in line
     [line] = check_gates(result, _opts(min_accuracy=100))
-    assert f"accuracy {result['accuracy']:.2f} %" in line and "--min-accuracy 100 %" in line
+    assert f"accuracy {result['accuracy']:.2f} %" in line and "min_accuracy 100 %" in line
     assert len(check_gates(result, _opts(max_size="1kB", max_params=1, min_ratio=1e6, min_accuracy=100))) == 4
 
 
 def test_gates_with_unknown_values(files):
     result = run_eval(files["bare"], _opts())
     [line] = check_gates(result, _opts(min_ratio=2))
-    assert "ratio unknown" in line and "--min-ratio 2" in line
+    assert "ratio unknown" in line and "min_ratio 2" in line
     [line] = check_gates(result, _opts(min_accuracy=50))
     assert "accuracy unknown" in line and "labelled data" in line
     [line] = check_gates(result, _opts(min_cosine=0.9))  # image or tensor data: no embeddings to compare
-    assert "cosine unknown" in line and "--data text:FILE (or pairs:FILE) and --reference hf:DIR" in line
+    assert "cosine unknown" in line and "data text:FILE (or pairs:FILE) and reference hf:DIR" in line
 
 
 def test_min_cosine_gate(result):
     text = {**result, "cosine": 0.93125}
     assert check_gates(text, _opts(min_cosine=0.93)) == [] and check_gates(text, _opts(min_cosine=-1)) == []
     [line] = check_gates(text, _opts(min_cosine=0.95))
-    assert line == "mean cosine similarity to the reference 0.9313 < --min-cosine 0.95"
+    assert line == "mean cosine similarity to the reference 0.9313 < min_cosine 0.95"
 
 
 def test_baseline_drop_gate(result, tmp_path):
@@ -279,7 +279,7 @@ def test_baseline_drop_gate(result, tmp_path):
     base.write_text(json.dumps({**result, "accuracy": result["accuracy"] + 3.0}))
     assert check_gates(result, _opts(baseline=str(base), max_drop=3.5)) == []
     [line] = check_gates(result, _opts(baseline=str(base), max_drop=2))
-    assert "accuracy drop 3.00 points" in line and "--max-drop 2" in line and str(base) in line
+    assert "accuracy drop 3.00 points" in line and "max_drop 2" in line and str(base) in line
     # an improvement never fails
     base.write_text(json.dumps({"accuracy": result["accuracy"] - 10}))
     assert check_gates(result, _opts(baseline=str(base), max_drop=0)) == []
@@ -290,13 +290,13 @@ def test_baseline_drop_gate(result, tmp_path):
 
 @pytest.mark.parametrize("kw, match", [
     ({"max_size": "five"}, "invalid size"),
-    ({"max_params": 0}, "--max-params"),
-    ({"min_ratio": -1.0}, "--min-ratio"),
-    ({"min_accuracy": 120.0}, "--min-accuracy"),
-    ({"min_cosine": 1.5}, "--min-cosine is a cosine similarity between -1 and 1"),
-    ({"min_cosine": float("nan")}, "--min-cosine"),
-    ({"max_drop": 1.0}, "--max-drop needs --baseline"),
-    ({"baseline": "x.json"}, "--baseline needs --max-drop"),
+    ({"max_params": 0}, "max_params"),
+    ({"min_ratio": -1.0}, "min_ratio"),
+    ({"min_accuracy": 120.0}, "min_accuracy"),
+    ({"min_cosine": 1.5}, "min_cosine is a cosine similarity between -1 and 1"),
+    ({"min_cosine": float("nan")}, "min_cosine"),
+    ({"max_drop": 1.0}, "max_drop needs baseline"),
+    ({"baseline": "x.json"}, "baseline needs max_drop"),
     ({"baseline": "missing.json", "max_drop": 1.0}, "baseline file not found"),
 ])
 def test_bad_gate_values(result, kw, match):
@@ -346,10 +346,10 @@ def test_bad_inputs(files, tmp_path):
         (ckpt, _opts(data=f"tensors:{bad_tensors}"), "'inputs' tensor"),
         (ckpt, _opts(data=files["tensors"], image_size=8), "only apply to an image folder"),
         (ckpt, _opts(max_size="lots"), "invalid size"),
-        (ckpt, _opts(baseline="b.json"), "--baseline needs --max-drop"),
-        (ckpt, _opts(batch_size=0), "--batch-size"),
-        (ckpt, _opts(input_shape=(0, 8)), "--input-shape"),
-        (ckpt, _opts(input_shape=(3, 8, 8), latency=True), "check that the data or --input-shape"),
+        (ckpt, _opts(baseline="b.json"), "baseline needs max_drop"),
+        (ckpt, _opts(batch_size=0), "batch_size"),
+        (ckpt, _opts(input_shape=(0, 8)), "input_shape"),
+        (ckpt, _opts(input_shape=(3, 8, 8), latency=True), "check that the data or input_shape"),
         (ckpt, _opts(reference=str(tmp_path / "ref.pt")), "no such file"),
         (ckpt, _opts(device="tpu"), "device"),
         (files["net"], _opts(data=files["tensors"], trust_arch=True), "check that the data"),

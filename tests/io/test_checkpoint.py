@@ -32,7 +32,7 @@ def test_payload_holds_the_format_the_layers_and_the_state(model):
                                           for c in payload["layers"].values())
     assert set(payload["state_dict"]) == set(model.state_dict())
     assert {t.dtype for t in payload["state_dict"].values() if t.is_floating_point()} == {torch.float16}
-    with pytest.raises(UserError, match="--dtype"):
+    with pytest.raises(UserError, match="dtype"):
         checkpoint_payload(model, DIGITS, "int3")
 
 

@@ -213,10 +213,10 @@ def test_pickled_module_needs_trust(tmp_path):
     torch.save(model, path)
     with pytest.raises(UserError) as ei:
         load_weights(path)
-    _error(ei, "full.pt", "pickled Python code", "--arch", "--trust-pickle")
+    _error(ei, "full.pt", "pickled Python code", "arch", "trust_pickle")
     with pytest.raises(UserError) as ei:
         load_model(path, arch="torchvision:resnet18")
-    _error(ei, "--trust-pickle")
+    _error(ei, "trust_pickle")
 
     loaded = load_weights(path, trust_pickle=True)
     assert isinstance(loaded, nn.Sequential)
@@ -250,7 +250,7 @@ def test_checkpoint_with_python_objects_needs_trust_then_unwraps(tmp_path):
     torch.save({"args": argparse.Namespace(lr=0.1), "model": sd}, path)
     with pytest.raises(UserError) as ei:
         load_weights(path)
-    _error(ei, "argparse.Namespace", "--trust-pickle", "--arch")
+    _error(ei, "argparse.Namespace", "trust_pickle", "arch")
     _assert_same(load_weights(path, trust_pickle=True), sd)
 
 
@@ -277,7 +277,7 @@ def test_trusted_pickle_with_unimportable_class(tmp_path):
         sys.modules.pop("vanishing_mod", None)
     with pytest.raises(UserError) as ei:
         load_weights(tmp_path / "net.pt", trust_pickle=True)
-    _error(ei, "net.pt", "cannot be imported", "vanishing_mod", "--arch")
+    _error(ei, "net.pt", "cannot be imported", "vanishing_mod", "arch")
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -287,7 +287,7 @@ def test_torchscript_is_refused(tmp_path):
     for trust in (False, True):
         with pytest.raises(UserError) as ei:
             load_weights(path, trust_pickle=trust)
-        _error(ei, "ts.pt", "TorchScript", "--arch")
+        _error(ei, "ts.pt", "TorchScript", "arch")
 
 
 def test_dict_without_state_dict_lists_candidates(tmp_path):
@@ -430,7 +430,7 @@ def test_load_model_needs_arch_for_state_dict(tmp_path):
     torch.save(_tiny().state_dict(), path)
     with pytest.raises(UserError) as ei:
         load_model(path)
-    _error(ei, "w.pt", "state_dict", "--arch")
+    _error(ei, "w.pt", "state_dict", "arch")
 
 
 def test_load_model_mismatch_message(tmp_path):
@@ -452,7 +452,7 @@ def test_load_model_mismatch_message(tmp_path):
     torch.save(sd, path)
     with pytest.raises(UserError) as ei:
         load_model(path, arch=arch)
-    _error(ei, f"checkpoint does not match --arch {arch}: "
+    _error(ei, f"checkpoint does not match arch {arch}: "
                "2 missing (fc.weight, fc.bias), 1 unexpected (head.weight), "
                "1 mis-shaped (conv1.weight: checkpoint [64, 3, 3, 3] vs model [64, 3, 7, 7])")
 
@@ -522,7 +522,7 @@ def test_atomic_write_refuses_to_overwrite_without_force(tmp_path):
     called = []
     with pytest.raises(UserError) as ei:
         atomic_write(target, called.append)
-    _error(ei, "out.pt exists", "--force")
+    _error(ei, "out.pt exists", "force")
     assert not called and target.read_bytes() == b"old"
     assert _leftovers(tmp_path) == ["out.pt"]
 

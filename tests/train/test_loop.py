@@ -605,7 +605,7 @@ def test_time_budget_counts_validation_and_excludes_epochs_and_steps(digits, tea
     # two epochs' validations leave 0.5 s; the third spends it, so the loop ends in the fourth epoch
     assert 3 * steps_per_epoch < report["steps"] <= 4 * steps_per_epoch
     assert len(report["curve"]) == 4 and report["curve"][-1]["epoch"] == report["epochs"]
-    for kwargs, message in (({"steps": 5, "time_budget": 1.0}, "one of --epochs, --steps and --time-budget"),
+    for kwargs, message in (({"steps": 5, "time_budget": 1.0}, "one of epochs, steps and time_budget"),
                             ({"epochs": 1, "time_budget": 1.0}, "one of"),
                             ({"time_budget": 0.0}, "time budget must be positive")):
         with pytest.raises(UserError, match=message):
