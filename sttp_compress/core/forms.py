@@ -118,10 +118,13 @@ class _Shortcut:
         self.saving = row_flops(p.tt, "dense") - row_flops(p.tt, form)  # FLOPs per row
         self._key, self._factors = None, None
 
+    def forget(self) -> None:
+        """Drop the cached factors (rebuilt on the next eval-mode call)."""
+        self._key, self._factors = None, None
+
     def factors(self, originals: tuple[Tensor, ...], dtype: torch.dtype) -> tuple:
         """(V, σ, Uᵀ) or (U cores, σ, V cores) in `dtype`, built in float32 or better, cached."""
-        key = tuple((id(o), o._version, o.device, o.dtype) for o in originals) + (
-            self.p.scale._version, getattr(self.p, "generation", 0), dtype)
+        key = tuple((id(o), o._version, o.device, o.dtype) for o in originals) + (self.p.scale._version, dtype)
         if key != self._key:
             with torch.no_grad(), torch.autocast(originals[0].device.type, enabled=False):
                 u, s, v = chain_cores(self.p, originals)
@@ -138,7 +141,8 @@ class _Shortcut:
 def _forward(self: nn.Linear, x: Tensor) -> Tensor:
     """A compressed Linear's forward with the shortcut (eval mode without gradients only)."""
     sc: _Shortcut = self._sttp_shortcut
-    if self.training:
+    if self.training:  # training may update the parameters in place without a version bump (fused AdamW)
+        sc.forget()
         return F.linear(x, self.weight, self.bias)
     rows = x.numel() // max(1, x.shape[-1])
     if sc.overhead is not None and rows * sc.saving < sc.overhead.get(x.device.type, 0.0):

@@ -128,11 +128,8 @@ class SpectralTT(nn.Module):
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("signs", torch.ones(self.tt.middle) if spectrum == "identity" else None)
         self.register_buffer("row_order", torch.arange(self.rows) if row_ordered else None)
-        self._cache: tuple | None = None
-        self.generation = 0  # bumped by every train()/eval() call
+        self._cache: tuple | None = None  # the eval-mode weight and the versions of what built it
         self.skip_conversion = False  # set while attaching a structure that a state_dict will fill
-        self.override: Tensor | None = None  # a weight a WeightBank built for the current forward
-        self.free: nn.ParameterList | None = None  # the frames as free matrices while training without the gauge
 
     # -- structure ---------------------------------------------------------------------------
     @property
@@ -242,19 +239,16 @@ class SpectralTT(nn.Module):
         return _from_matrix(self.kind, M, self.weight_shape)
 
     def forward(self, *originals: Tensor) -> Tensor:
-        if self.override is not None:  # built for this forward pass by a WeightBank
-            return self.override
-        sources = originals if self.free is None else (*originals, *self.free)
+        """The weight from the originals; in eval mode without gradients, built once until they change."""
         use_cache = not self.training and not (
-            torch.is_grad_enabled() and any(o.requires_grad for o in sources))
+            torch.is_grad_enabled() and any(o.requires_grad for o in originals))
         if use_cache:
-            key = tuple((id(o), o._version, o.device, o.dtype) for o in sources) + (
+            key = tuple((id(o), o._version, o.device, o.dtype) for o in originals) + (
                 self.scale._version, id(self.scale))
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
         with torch.autocast(originals[0].device.type, enabled=False):  # frames need float32 (trsm)
-            frames = self.frames(originals) if self.free is None else list(self.free)
-            W = self.weight_from_frames(frames, self.spectrum_param(originals),
+            W = self.weight_from_frames(self.frames(originals), self.spectrum_param(originals),
                                         self.row_scale_param(originals), self.col_scale_param(originals))
         self._cache = (key, W) if use_cache else None
         return W
@@ -269,7 +263,6 @@ class SpectralTT(nn.Module):
         the tensors' version counters (AdamW(fused=True)) would otherwise leave it stale; the
         train → eval switch after such steps rebuilds it."""
         self._cache = None
-        self.generation = getattr(self, "generation", 0) + 1  # for caches outside the layer (the shortcut's)
         return super().train(mode)
 
     # -- weight → parameters (the conversion) ------------------------------------------------
@@ -309,7 +302,7 @@ class SpectralTT(nn.Module):
         u_cores, sigma, v_cores = spectral_tt_svd(M, self.tt)
         self._cache = None
         if self.spectrum != "identity":
-            return self._from_cores(u_cores, sigma, v_cores, weight.dtype) + rho + gamma
+            return self.from_cores(u_cores, sigma, v_cores, weight.dtype) + rho + gamma
         # W ≈ c·U Vᵀ with c = mean σ (least squares); U = U_F·tail, so V absorbs tailᵀ.
         u_params, u_tail = reduce_chain(u_cores, reduce_last=True)
         v_cores[-1] = v_cores[-1] @ u_tail.T
@@ -318,7 +311,7 @@ class SpectralTT(nn.Module):
         self.signs.copy_(torch.diagonal(v_tail))
         return self._grouped(u_params, v_params, weight.dtype) + rho + gamma
 
-    def _from_cores(self, u_cores: list[Tensor], sigma: Tensor, v_cores: list[Tensor],
+    def from_cores(self, u_cores: list[Tensor], sigma: Tensor, v_cores: list[Tensor],
                     dtype: torch.dtype) -> tuple[Tensor, ...]:
         """The group originals and the spectrum parameter of W = U diag(σ) Vᵀ given by left-orthonormal chains
         (free or Lipschitz spectrum; the latter also sets `scale`)."""
@@ -335,47 +328,6 @@ class SpectralTT(nn.Module):
         """Each core's reflector parameters stacked into the group originals (n_frames, n_free)."""
         by_core = {("u", k): p for k, p in enumerate(u_params)} | {("v", k): p for k, p in enumerate(v_params)}
         return tuple(torch.stack([by_core[m] for m in members]).to(dtype).contiguous() for members in self.members)
-
-    # -- training without the gauge ------------------------------------------------------------
-    def release_gauge(self, originals: tuple[Tensor, ...]) -> None:
-        """Train the cores as free matrices from here on (`self.free`, one (n_frames, d, r) parameter per group,
-        starting at the current frames); the reflector originals stop taking gradients. The weight is unchanged.
-
-        A tensor train is put back into the orthonormal form by QR sweeps without changing its ranks
-        (`restore_gauge`), so the free cores reach the same weights; they only drop the gauge while training.
-        """
-        if self.spectrum != "free":
-            raise ValueError(f"free cores need the free spectrum, not {self.spectrum!r}")
-        if self.free is not None:
-            raise ValueError("the cores are free already")
-        with torch.no_grad():
-            frames = self.frames(originals)
-        self.free = nn.ParameterList([nn.Parameter(X.detach().clone()) for X in frames])
-        for o in originals[:len(self.groups)]:
-            o.requires_grad_(False)
-        self._cache = None
-
-    @torch.no_grad()
-    def restore_gauge(self, originals: tuple[Tensor, ...]) -> None:
-        """Write the free cores back into the non-redundant originals (in place; the weight is unchanged up to
-        rounding) and drop them: each chain left-orthonormalized by QR, the triangular remainders and the
-        spectrum diagonalized by an SVD whose rotations enter the last cores, then gauged as in `right_inverse`."""
-        if self.free is None:
-            return
-        chains = self.chain_cores([X.double() for X in self.free])
-        s = self.spectrum_param(originals).double()
-        u_cores, Ru = _left_orthonormal(chains["u"], self.tt.u_ranks)
-        v_cores, Rv = _left_orthonormal(chains["v"], self.tt.v_ranks)
-        A, sigma, Bh = torch.linalg.svd((Ru * s) @ Rv.T)
-        u_cores[-1] = u_cores[-1] @ A
-        v_cores[-1] = v_cores[-1] @ Bh.T
-        for o, new in zip(originals, self._from_cores(u_cores, sigma, v_cores, originals[0].dtype)):
-            o.copy_(new)
-        for o in originals[:len(self.groups)]:
-            o.requires_grad_(True)
-        del self.free  # the submodule, then the plain attribute again
-        self.free = None
-        self._cache = None
 
     def spectral_penalty(self, spectrum_param: Tensor | None) -> Tensor:
         """D-optimal regularizer −Σ log|σ_i| of the normalized spectrum (0 for Σ = I)."""
@@ -399,18 +351,6 @@ def _sqrt_weight(w: Tensor | None, n: int, device: torch.device, what: str) -> T
     if sqrt_w.shape[0] != n or not bool((sqrt_w > 0).all() and sqrt_w.isfinite().all()):
         raise ValueError(f"{what} needs {n} positive finite values")
     return sqrt_w
-
-
-def _left_orthonormal(cores: list[Tensor], ranks: list[int]) -> tuple[list[Tensor], Tensor]:
-    """QR sweep of a chain's cores ((R_{k−1}·m_k) × R_k matrices, free): orthonormal cores (R_{k−1}, m_k, R_k)
-    and the R_K × R_K remainder T with chain(cores) == chain(orthonormal cores) @ T."""
-    out, T = [], None
-    for k, X in enumerate(cores):
-        if T is not None:
-            X = (T @ X.reshape(ranks[k], -1)).reshape(-1, ranks[k + 1])
-        Q, T = torch.linalg.qr(X)
-        out.append(Q.reshape(ranks[k], -1, ranks[k + 1]))
-    return out, T
 
 
 def chain(frames: list[Tensor], ranks: list[int]) -> Tensor:

@@ -33,10 +33,11 @@ from torch import Tensor, nn
 from sttp_compress.core.forms import layer_originals
 from sttp_compress.compress.convert import parametrization
 from sttp_compress.core.householder import FramePlan
-from sttp_compress.core.spectral_tt import SpectralTT, is_parametrized
+from sttp_compress.core.spectral_tt import SpectralTT, is_parametrized, weight_name
+from sttp_compress.train.freecores import free_frames
 from sttp_compress.train.stepgraph import make_graphed
 
-__all__ = ["WeightBank"]
+__all__ = ["WeightBank", "BankedWeight"]
 
 
 @dataclass
@@ -95,15 +96,17 @@ class WeightBank:
     def __init__(self, model: nn.Module, cuda_graph: bool = False, compile: bool = False,
                  max_waste: float | None = None):
         self.model = model
-        self.layers: list[SpectralTT] = []
+        self.modules: list[nn.Module] = []  # the compressed layers
+        self.layers: list[SpectralTT] = []  # their parametrizations
         self.originals: list[tuple[Tensor, ...]] = []  # per layer: the group frames' sources, then the rest
         for m in model.modules():
             if is_parametrized(m):
                 p = parametrization(m)
+                self.modules.append(m)
                 self.layers.append(p)
-                o = layer_originals(m, p)
-                self.originals.append(o if p.free is None else (*p.free, *o[len(p.groups):]))
-        released = {p.free is not None for p in self.layers}
+                o, free = layer_originals(m, p), free_frames(m)
+                self.originals.append(o if free is None else (*free, *o[len(p.groups):]))
+        released = {free_frames(m) is not None for m in self.modules}
         if len(released) > 1:
             raise ValueError("a weight bank needs every layer's cores free (freecores.release_gauge) or none")
         self.free = released == {True}  # the group sources are the frames themselves (n_frames, d, r)
@@ -146,6 +149,7 @@ class WeightBank:
         self._fn = None
         self._graphed = None
         self._handles: list = []
+        self.weights: list[Tensor] | None = None  # built for the current training forward pass
 
     def __repr__(self) -> str:
         return f"WeightBank({len(self.layers)} layers{', free cores' if self.free else ''})"
@@ -265,28 +269,38 @@ class WeightBank:
 
     def _pre_hook(self, module: nn.Module, args) -> None:
         if module.training and torch.is_grad_enabled() and self.layers:
-            for p, W in zip(self.layers, self.build()):
-                p.override = W
+            self.weights = self.build()
 
     def _post_hook(self, module: nn.Module, args, output) -> None:
         self.clear()
 
     def clear(self) -> None:
         """Forget the weights built for the last forward pass (layers rebuild their own again)."""
-        for p in self.layers:
-            p.override = None
+        self.weights = None
 
     def attach(self) -> "WeightBank":
-        """Build all weights before each training forward pass of the model (keeps a graph `prepare` captured)."""
+        """Build all weights before each training forward pass of the model (keeps a graph `prepare` captured):
+        each layer's parametrization list reads its weight through a `BankedWeight` while attached."""
         self._remove_hooks()
         self._handles = [self.model.register_forward_pre_hook(self._pre_hook),
                          self.model.register_forward_hook(self._post_hook)]
+        for i, m in enumerate(self.modules):
+            plist = getattr(m.parametrizations, weight_name(m))
+            plist.forward = BankedWeight(self, i, plist, plist.__dict__.get("forward"))
         return self
 
     def _remove_hooks(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for m in self.modules:
+            plist = getattr(m.parametrizations, weight_name(m))
+            served = plist.__dict__.get("forward")
+            if isinstance(served, BankedWeight) and served.bank is self:
+                if served.fallback is None:
+                    del plist.forward  # the class's forward again
+                else:
+                    plist.forward = served.fallback
 
     def detach(self) -> None:
         """Stop using the bank; layers build their own weights again."""
@@ -294,3 +308,19 @@ class WeightBank:
         self.clear()
         self._graphed = None
         self._fn = None
+
+
+class BankedWeight:
+    """A layer's weight while a bank is attached: the one the bank built for this training forward pass, else
+    what the layer's parametrization list computes without the bank (`fallback`, or its class's forward).
+
+    Set as the instance's `forward` of the layer's parametrization list, so the parametrization itself keeps
+    no state of the bank's."""
+
+    def __init__(self, bank: WeightBank, index: int, plist: nn.Module, fallback=None):
+        self.bank, self.index, self.plist, self.fallback = bank, index, plist, fallback
+
+    def __call__(self) -> Tensor:
+        if self.bank.weights is not None:
+            return self.bank.weights[self.index]
+        return self.fallback() if self.fallback is not None else type(self.plist).forward(self.plist)

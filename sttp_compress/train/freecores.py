@@ -11,6 +11,10 @@ Training free cores skips the reflectors' compact-WY build (triangular solves) e
     release_gauge(model)      # after compress(...); the optimizer then sees the free cores
     ...train...
     restore_gauge(model)      # back to the non-redundant parameters
+
+The state lives here, not in the parametrization: a released layer holds its free cores as the submodule
+`free_cores` (one (n_frames, d, r) parameter per frame group), and its parametrization list's `forward` is
+a `FreeCoresWeight` that builds the weight from them until `restore_gauge` takes both away.
 """
 
 from __future__ import annotations
@@ -18,54 +22,136 @@ from __future__ import annotations
 from contextlib import contextmanager
 from collections.abc import Iterator
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from sttp_compress.core.forms import layer_originals
 from sttp_compress.compress.convert import parametrization
-from sttp_compress.core.spectral_tt import is_parametrized
+from sttp_compress.core.spectral_tt import SpectralTT, is_parametrized, weight_name
 
-__all__ = ["release_gauge", "restore_gauge", "free_cores", "gauge_released", "can_release"]
+__all__ = ["release_gauge", "restore_gauge", "free_cores", "gauge_released", "can_release", "free_frames",
+           "FreeCoresWeight"]
+
+FREE = "free_cores"  # the submodule of a released layer that holds its free cores
 
 
-def _layers(model: nn.Module):
+class FreeCoresWeight:
+    """A released layer's weight: its parametrization's chain product of the free cores (no reflectors).
+
+    Set as the instance's `forward` of the layer's parametrization list, so `module.weight` reads it; a
+    deepcopy of the model copies it with the model (the layer is found through the copy's memo)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.cached: tuple | None = None  # (versions, weight) of the last eval-mode build without gradients
+
+    def __call__(self) -> Tensor:
+        m = self.module
+        p = parametrization(m)
+        originals, free = layer_originals(m, p), list(getattr(m, FREE))
+        sources = (*originals, *free)
+        # as SpectralTT's own cache: eval mode without gradients only; a training-mode call (which precedes any
+        # optimizer step, also one that updates in place without bumping versions) forgets it
+        use_cache = not p.training and not (torch.is_grad_enabled() and any(o.requires_grad for o in sources))
+        key = tuple((id(o), o._version, o.device, o.dtype) for o in sources)
+        if use_cache and self.cached is not None and self.cached[0] == key:
+            return self.cached[1]
+        with torch.autocast(originals[0].device.type, enabled=False):
+            W = p.weight_from_frames(free, p.spectrum_param(originals), p.row_scale_param(originals),
+                                     p.col_scale_param(originals))
+        self.cached = (key, W) if use_cache else None
+        return W
+
+
+def _layers(model: nn.Module) -> Iterator[tuple[nn.Module, SpectralTT]]:
     for m in model.modules():
         if is_parametrized(m):
-            p = parametrization(m)
-            yield p, layer_originals(m, p)
+            yield m, parametrization(m)
+
+
+def free_frames(module: nn.Module) -> nn.ParameterList | None:
+    """The free cores of a released layer (one (n_frames, d, r) parameter per frame group), else None."""
+    return getattr(module, FREE, None)
 
 
 def release_gauge(model: nn.Module) -> int:
-    """Make every compressed layer's cores free parameters (`SpectralTT.release_gauge`); returns how many
-    layers. ValueError (and nothing changed) when a layer's spectrum is not 'free'."""
+    """Make every compressed layer's cores free parameters, starting at its current frames (the reflector
+    originals stop taking gradients; the weight is unchanged); returns how many layers. ValueError (and
+    nothing changed) when a layer's spectrum is not 'free' or its cores are free already."""
     layers = list(_layers(model))
-    for p, _ in layers:
+    for m, p in layers:
         if p.spectrum != "free":
             raise ValueError(f"free cores need the free spectrum; a layer has spectrum={p.spectrum!r}")
-    for p, originals in layers:
-        p.release_gauge(originals)
+        if free_frames(m) is not None:
+            raise ValueError("the cores are free already")
+    for m, p in layers:
+        originals = layer_originals(m, p)
+        with torch.no_grad():
+            frames = p.frames(originals)
+        m.register_module(FREE, nn.ParameterList([nn.Parameter(X.detach().clone()) for X in frames]))
+        for o in originals[:len(p.groups)]:
+            o.requires_grad_(False)
+        getattr(m.parametrizations, weight_name(m)).forward = FreeCoresWeight(m)
+        p.drop_cache()
     return len(layers)
 
 
 def restore_gauge(model: nn.Module) -> int:
-    """Write every layer's free cores back into its non-redundant parameters; returns how many layers."""
+    """Write every released layer's free cores back into its non-redundant parameters and drop them; returns
+    how many layers. Each chain is left-orthonormalized by QR, the triangular remainders and the spectrum
+    diagonalized by an SVD whose rotations enter the last cores, then gauged as in the conversion."""
     n = 0
-    for p, originals in _layers(model):
-        if p.free is not None:
-            p.restore_gauge(originals)
-            n += 1
+    for m, p in _layers(model):
+        free = free_frames(m)
+        if free is None:
+            continue
+        originals = layer_originals(m, p)
+        with torch.no_grad():
+            for o, new in zip(originals, _gauged(p, list(free), originals)):
+                o.copy_(new)
+        for o in originals[:len(p.groups)]:
+            o.requires_grad_(True)
+        delattr(m, FREE)
+        del getattr(m.parametrizations, weight_name(m)).forward  # the class's forward again
+        p.drop_cache()
+        n += 1
     return n
+
+
+def _gauged(p: SpectralTT, free: list[Tensor], originals: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The originals (reflectors, spectrum) of the weight that free cores and the current spectrum give."""
+    chains = p.chain_cores([X.double() for X in free])
+    s = p.spectrum_param(originals).double()
+    u_cores, Ru = _left_orthonormal(chains["u"], p.tt.u_ranks)
+    v_cores, Rv = _left_orthonormal(chains["v"], p.tt.v_ranks)
+    A, sigma, Bh = torch.linalg.svd((Ru * s) @ Rv.T)
+    u_cores[-1] = u_cores[-1] @ A
+    v_cores[-1] = v_cores[-1] @ Bh.T
+    return p.from_cores(u_cores, sigma, v_cores, originals[0].dtype)
+
+
+def _left_orthonormal(cores: list[Tensor], ranks: list[int]) -> tuple[list[Tensor], Tensor]:
+    """QR sweep of a chain's cores ((R_{k−1}·m_k) × R_k matrices, free): orthonormal cores (R_{k−1}, m_k, R_k)
+    and the R_K × R_K remainder T with chain(cores) == chain(orthonormal cores) @ T."""
+    out, T = [], None
+    for k, X in enumerate(cores):
+        if T is not None:
+            X = (T @ X.reshape(ranks[k], -1)).reshape(-1, ranks[k + 1])
+        Q, T = torch.linalg.qr(X)
+        out.append(Q.reshape(ranks[k], -1, ranks[k + 1]))
+    return out, T
 
 
 def can_release(model: nn.Module) -> bool:
     """True when the model has compressed layers and all of them have the free spectrum (the only one whose
     constraint the free cores keep: a Lipschitz or identity spectrum bounds what the frames' product may do)."""
-    spectra = {p.spectrum for p, _ in _layers(model)}
+    spectra = {p.spectrum for _, p in _layers(model)}
     return spectra == {"free"}
 
 
 def gauge_released(model: nn.Module) -> bool:
     """True when some compressed layer trains free cores."""
-    return any(p.free is not None for p, _ in _layers(model))
+    return any(free_frames(m) is not None for m, _ in _layers(model))
 
 
 @contextmanager

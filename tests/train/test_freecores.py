@@ -7,7 +7,7 @@ from torch import nn
 from sttp_compress import compress_module, count_parameters
 from sttp_compress.train.bank import WeightBank
 from sttp_compress.core.forms import layer_originals
-from sttp_compress.train.freecores import free_cores, gauge_released, release_gauge, restore_gauge
+from sttp_compress.train.freecores import free_cores, free_frames, gauge_released, release_gauge, restore_gauge
 from sttp_compress.core.householder import frame
 
 LAYERS = [
@@ -21,9 +21,9 @@ LAYERS = [
 ]
 
 
-def _perturb(p, scale=0.3):
+def _perturb(m, scale=0.3):
     with torch.no_grad():
-        for X in p.free:
+        for X in free_frames(m):
             X.add_(scale * torch.randn_like(X))
 
 
@@ -36,11 +36,11 @@ def test_restoring_the_gauge_keeps_the_trained_weight_and_the_dof(name, make, kw
     release_gauge(m)
     torch.testing.assert_close(m.weight, before)  # releasing changes nothing
     assert gauge_released(m)
-    _perturb(p)  # a free core is no longer a frame
+    _perturb(m)  # a free core is no longer a frame
     trained = m.weight.detach().clone()
     assert (trained - before).abs().max() > 0.1
     restore_gauge(m)
-    assert not gauge_released(m) and p.free is None
+    assert not gauge_released(m) and free_frames(m) is None
     torch.testing.assert_close(m.weight, trained, rtol=1e-9, atol=1e-9)
     assert count_parameters(m) == n_params
     assert sum(o.numel() for o in layer_originals(m, p)) == p.dof()
@@ -58,7 +58,7 @@ def test_free_cores_train_and_only_they_take_gradients():
     x, target = torch.randn(64, 32), torch.randn(64, 24)
     with free_cores(m):
         params = [q for q in m.parameters() if q.requires_grad]
-        assert {id(q) for q in params} == {id(q) for q in p.free} | {id(layer_originals(m, p)[-1]), id(m.bias)}
+        assert {id(q) for q in params} == {id(q) for q in free_frames(m)} | {id(layer_originals(m, p)[-1]), id(m.bias)}
         opt = torch.optim.Adam(params, lr=1e-2)
         first = None
         for _ in range(50):
@@ -69,7 +69,7 @@ def test_free_cores_train_and_only_they_take_gradients():
             opt.step()
         trained = m.weight.detach().clone()
     assert loss.item() < 0.9 * first
-    assert p.free is None
+    assert free_frames(m) is None
     torch.testing.assert_close(m.weight, trained, rtol=1e-5, atol=1e-6)
 
 
@@ -80,7 +80,7 @@ def test_bank_builds_free_cores_like_the_layers_and_refuses_a_mix():
         compress_module(layer, rank=rank)
     release_gauge(model)
     for layer in model:
-        _perturb(layer.parametrizations.weight[0])
+        _perturb(layer)
     bank = WeightBank(model)
     assert bank.free
     for W, layer in zip(bank._build(*bank.inputs), model):
@@ -97,3 +97,25 @@ def test_release_needs_the_free_spectrum_and_changes_nothing_otherwise():
     with pytest.raises(ValueError, match="free spectrum"):
         release_gauge(model)
     assert not gauge_released(model)
+
+
+def test_the_parametrization_keeps_no_state_of_the_free_cores():
+    """Releasing adds the layer's `free_cores` and takes nothing into SpectralTT; restoring leaves the layer as
+    it was (same attributes, state_dict keys and class forward); a copy of a released model is its own."""
+    import copy
+
+    torch.manual_seed(0)
+    m = nn.Linear(20, 16).double()
+    p = compress_module(m, rank=3)
+    attrs, keys = set(vars(p)), set(m.state_dict())
+    release_gauge(m)
+    assert set(vars(p)) == attrs
+    assert {k for k in m.state_dict() if k not in keys} == {f"free_cores.{i}" for i in range(len(p.groups))}
+    twin = copy.deepcopy(m)
+    _perturb(twin)
+    trained = twin.weight.detach().clone()
+    assert (trained - m.weight).abs().max() > 0.1  # the copy reads its own free cores
+    restore_gauge(m)
+    assert set(m.state_dict()) == keys and "forward" not in vars(m.parametrizations.weight)
+    restore_gauge(twin)
+    torch.testing.assert_close(twin.weight, trained, rtol=1e-9, atol=1e-9)
