@@ -84,7 +84,7 @@ def heldout_loader(folder: Path, path: Path, limit: int | None, batch: int):
 
     from sttp_compress.data.text import read_texts, tokenize_texts
 
-    data = tokenize_texts(read_texts(f"text:{path}")[:limit], folder)
+    data = tokenize_texts(read_texts(path)[:limit], folder)
     return DataLoader(data, batch_size=batch, shuffle=False, collate_fn=data.collate_fn)
 
 
@@ -179,7 +179,7 @@ def cpu_probe_texts(model_dir: str | None, augment: float = 0.5, heldout: int = 
 
     folder = model_dir(model_dir)
     teacher = load_encoder(folder).eval()
-    train_ds, _ = text_datasets(f"text:{find('distill.txt')}", folder)
+    train_ds, _ = text_datasets(find('distill.txt'), folder)
     train_ds.augment = augment
     held = heldout_loader(folder, find("heldout.txt"), heldout, 100)
     return teacher, train_ds, held, embed(teacher, held)
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     if pairs is not None:
         print(f"the original model's Spearman on {pairs.name}: {wordnet_teacher}", flush=True)
     distill = find(args.distill)
-    train_ds, val_ds = text_datasets(f"text:{distill}", folder)
+    train_ds, val_ds = text_datasets(distill, folder)
     if quick:
         train_ds, val_ds = train_ds.subset(range(256)), val_ds.subset(range(64))
     if args.augment is None:

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         from sttp_compress.train.embedding_metrics import embed, embedding_agreement
         from sttp_compress.data.text import read_texts, tokenize_texts
 
-        data = tokenize_texts(read_texts(f"text:{args.heldout}")[:1000], src)
+        data = tokenize_texts(read_texts(args.heldout)[:1000], src)
         loader = DataLoader(data, batch_size=100, collate_fn=data.collate_fn)
         res = embedding_agreement(embed(load_encoder(args.out), loader), embed(load_encoder(src), loader))
         print(f"float16 copy vs float32 model on 1000 held-out texts: mean cosine {res['cosine']:.7f}, "

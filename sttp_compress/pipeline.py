@@ -160,11 +160,11 @@ def _datasets(job: CompressJob):
 
         if job.hf_folder is None:
             raise UserError("‹data› text:FILE needs ‹arch› hf:DIR (the tokenizer comes from DIR)")
-        return (*text_datasets(str(job.data_spec), job.hf_folder), None)
+        return (*text_datasets(job.data_spec.path, job.hf_folder), None)
     if job.data_kind == "tensors":
-        train_ds, val_ds = load_tensor_data(str(job.data_spec))
+        train_ds, val_ds = load_tensor_data(job.data_spec.path)
         return train_ds, val_ds, None
-    train_dir, val_dir = image_folder_splits(job.data_spec and str(job.data_spec), job.train_data, job.val_data)
+    train_dir, val_dir = image_folder_splits(job.data_spec and job.data_spec.path, job.train_data, job.val_data)
     cfg = resolve_image_config(ImageDataConfig(job.image_size, job.mean, job.std, job.augment), train_dir)
     train_ds, val_ds = build_image_datasets(train_dir, val_dir, cfg)
     return train_ds, val_ds, cfg

@@ -214,18 +214,18 @@ def test_token_embedding_is_padded_to_small_factors_and_rebuilds(tiny, tmp_path)
 def test_read_texts(tmp_path):
     p = tmp_path / "t.txt"
     p.write_text("  one text \n\n two\n")
-    assert read_texts(f"text:{p}") == ["one text", "two"]
+    assert read_texts(p) == ["one text", "two"]
     gz = tmp_path / "t.txt.gz"
     gz.write_bytes(gzip.compress("a\nb\n".encode()))
-    assert read_texts(f"text:{gz}") == ["a", "b"]
+    assert read_texts(gz) == ["a", "b"]
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00")
-    for spec, message in ((f"text:{tmp_path / 'none.txt'}", "not found"), (f"text:{tmp_path}", "is a folder"),
-                          (f"text:{tmp_path / 'bad.txt'}", "not UTF-8")):
+    for path, message in ((tmp_path / "none.txt", "not found"), (tmp_path, "is a folder"),
+                          (tmp_path / "bad.txt", "not UTF-8")):
         with pytest.raises(UserError, match=message):
-            read_texts(spec)
+            read_texts(path)
     (tmp_path / "blank.txt").write_text("\n \n")
     with pytest.raises(UserError, match="has no texts"):
-        read_texts(f"text:{tmp_path / 'blank.txt'}")
+        read_texts(tmp_path / 'blank.txt')
 
 
 def test_collate_pads_right_with_the_pad_id(tiny):
@@ -279,7 +279,7 @@ def test_text_evaluation_in_length_order_matches_file_order(tiny, tmp_path):
     order = by_length(data)
     assert sorted(order) == list(range(37)) and [len(data[i]) for i in order] == sorted(len(x) for x in data.ids)
     for max_batches, n in ((None, 37), (2, 16)):
-        result, first = evaluate_texts(model, ref, f"text:{path}", tiny, torch.device("cpu"), 8, max_batches)
+        result, first = evaluate_texts(model, ref, path, tiny, torch.device("cpu"), 8, max_batches)
         b = _batch(tiny, lines[:n])
         with torch.no_grad():
             expected = embedding_agreement(model(**b), ref(**b))
@@ -297,12 +297,12 @@ def test_text_split_is_seeded_and_validates_in_length_order(tiny, tmp_path):
     lines = [" ".join(WORDS[i % len(WORDS):][: 1 + (3 * i) % 11]) + f" w{i}" for i in range(60)]
     path = tmp_path / "lines.txt"
     path.write_text("\n".join(lines) + "\n")
-    train, val = text_datasets(f"text:{path}", tiny)
+    train, val = text_datasets(path, tiny)
     assert (len(train), len(val)) == (54, 6)  # 10% held out
     assert val.lengths() == sorted(val.lengths())
     everything = sorted(map(tuple, tokenize_texts(lines, tiny).ids))
     assert sorted(map(tuple, train.ids + val.ids)) == everything
-    again = text_datasets(f"text:{path}", tiny)
+    again = text_datasets(path, tiny)
     assert again[0].ids == train.ids and again[1].ids == val.ids
 
 
@@ -598,7 +598,7 @@ def test_cli_sets_the_vocabulary_share_and_text_distillation_uses_beta2_098(tiny
     # the Python API: a beta2 the config sets is kept, and the image fine-tune's default stays PyTorch's
     teacher = load_encoder(tiny)
     student = copy.deepcopy(teacher)
-    loader = real_loaders(text_datasets(f"text:{texts}", tiny)[0], None, 8, 0, 0, "cpu")[0]
+    loader = real_loaders(text_datasets(texts, tiny)[0], None, 8, 0, 0, "cpu")[0]
     block = distill_embeddings(student, teacher, loader, None,
                                FinetuneConfig(steps=1, device="cpu", workers=0, adam_beta2=0.95), progress=False)
     assert block["adam_beta2"] == 0.95 and betas[-1] == (0.9, 0.95)
@@ -684,7 +684,7 @@ def test_minilm_encoder_linears_compress_by_default(minilm):
 
 
 def test_token_weights_count_the_training_texts(tiny, texts, tmp_path):
-    data = tokenize_texts(read_texts(f"text:{texts}"), tiny)
+    data = tokenize_texts(read_texts(texts), tiny)
     w = token_weights(data, 222)
     counts = torch.zeros(222, dtype=torch.float64)
     for ids in data.ids:
@@ -709,7 +709,7 @@ def test_row_order_tiered_by_default_weight_on_request(tiny, texts, tmp_path):
 
     args = ("--arch", f"hf:{tiny}", "--ratio", "2", "--include", "*", "--data", f"text:{texts}", "--steps", "1",
             "--batch-size", "8", "--workers", "0")
-    train = text_datasets(f"text:{texts}", tiny)[0]  # the rows by the training texts' token weights
+    train = text_datasets(texts, tiny)[0]  # the rows by the training texts' token weights
     weights = token_weights(train, 222)
     table = load_encoder(tiny).embeddings.word_embeddings.weight
     for extra, kind in (((), "tiered"), (("--row-order", "weight"), "weight"), (("--order-rows",), "weight")):
@@ -802,7 +802,7 @@ def test_text_distillation_trains_spectra_at_ten_times_the_lr_unless_told(tiny, 
     teacher = load_encoder(tiny)
     from sttp_compress.data.images import make_loaders
 
-    loader = make_loaders(text_datasets(f"text:{texts}", tiny)[0], None, 8, 0, 0, "cpu")[0]
+    loader = make_loaders(text_datasets(texts, tiny)[0], None, 8, 0, 0, "cpu")[0]
     block = distill_embeddings(copy.deepcopy(teacher), teacher, loader, None,
                                FinetuneConfig(steps=1, device="cpu", workers=0, lr=1e-3, spectrum_lr_mult=1.0),
                                progress=False)

@@ -18,7 +18,7 @@ from sttp_compress.train.embedding_metrics import embed, embedding_agreement
 dev = "cuda"
 folder = '.carry-hf/minilm16'
 teacher = load_encoder(folder).to(dev)
-train_ds, val_ds = text_datasets(f"text:{find('distill.txt')}", folder)
+train_ds, val_ds = text_datasets(find('distill.txt'), folder)
 weights = token_weights(train_ds, teacher.embeddings.word_embeddings.num_embeddings)
 held = heldout_loader(Path(folder), find('heldout.txt'), 1000, 256)
 ref = embed(teacher, held, dev)

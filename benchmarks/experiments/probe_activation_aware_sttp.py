@@ -32,7 +32,7 @@ torch.set_num_threads(2)
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 folder = sys.argv[2] if len(sys.argv) > 2 else '.carry-hf/minilm16'  # benchmarks/pack_minilm.py's copy
 teacher = load_encoder(folder)
-train_ds, _ = text_datasets(f"text:{find('distill.txt')}", folder)
+train_ds, _ = text_datasets(find('distill.txt'), folder)
 weights = token_weights(train_ds, teacher.embeddings.word_embeddings.num_embeddings)
 held = heldout_loader(Path(folder), find('heldout.txt'), 400, 100)
 ref = embed(teacher, held)

@@ -45,7 +45,7 @@ def embedding_setup():
     torch.set_num_threads(2)
     folder = sys.argv[1] if len(sys.argv) > 1 else ".carry-hf/minilm16"
     teacher = load_encoder(folder).eval()
-    train_ds, _ = text_datasets(f"text:{find('distill.txt')}", folder)
+    train_ds, _ = text_datasets(find('distill.txt'), folder)
     table = teacher.embeddings.word_embeddings
     groups = count_groups(token_counts(train_ds, table.num_embeddings))
     return folder, teacher, train_ds, table, groups, table.weight.detach().clone()

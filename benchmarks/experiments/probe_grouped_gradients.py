@@ -44,7 +44,7 @@ def main() -> None:
 
     folder = model_dir(args.model_dir)
     teacher = load_encoder(folder).eval()
-    train_ds, _ = text_datasets(f"text:{find('distill.txt')}", folder)
+    train_ds, _ = text_datasets(find('distill.txt'), folder)
     student = ratio4_student(teacher, train_ds)
     student.eval()  # dropout off, as distill_embeddings does
     params = [p for p in student.parameters() if p.requires_grad]

@@ -48,7 +48,7 @@ def main() -> None:
 
     folder = model_dir(args.model_dir)
     teacher = load_encoder(folder).cuda()
-    train_ds, _ = text_datasets(f"text:{find('distill.txt')}", folder)
+    train_ds, _ = text_datasets(find('distill.txt'), folder)
     student = ratio4_student(teacher, train_ds)
     train_ds.augment = TEXT_AUGMENT
     rows = []

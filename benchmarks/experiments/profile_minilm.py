@@ -56,7 +56,7 @@ def main() -> None:
             torch.cuda.synchronize()
     folder = model_dir(args.model_dir)
     teacher = load_encoder(folder).to(device)
-    train_ds, _ = text_datasets(f"text:{find('distill.txt')}", folder)
+    train_ds, _ = text_datasets(find('distill.txt'), folder)
     student = ratio4_student(teacher, train_ds, rank=args.embedding_rank)
     print(f"student {count_parameters(student):,} params (ratio {count_parameters(teacher) / count_parameters(student):.2f})",
           flush=True)

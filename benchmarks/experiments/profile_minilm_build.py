@@ -38,7 +38,7 @@ def main() -> None:
 
     folder = model_dir(args.model_dir)
     teacher = load_encoder(folder)
-    train_ds, _ = text_datasets(f"text:{find('distill.txt')}", folder)
+    train_ds, _ = text_datasets(find('distill.txt'), folder)
     student = ratio4_student(teacher, train_ds, rank=args.embedding_rank).cuda()
     parts = {"all": student, "token_embedding": student.embeddings.word_embeddings,
              "encoder+position": torch.nn.ModuleList([student.encoder, student.embeddings.position_embeddings])}

@@ -71,7 +71,7 @@ def main() -> None:
     device = args.device
     folder = model_dir(args.model_dir)
     teacher = load_encoder(folder).to(device).eval()
-    train_ds, _ = text_datasets(f"text:{find('distill.txt')}", folder)
+    train_ds, _ = text_datasets(find('distill.txt'), folder)
     train_ds.augment, train_ds.vocab_share = TEXT_AUGMENT, TEXT_VOCAB_SHARE
     student = ratio4_student(teacher, train_ds, rank=args.embedding_rank)
 

@@ -25,7 +25,6 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 SMALL_IMAGE_MAX = 64  # images at most this many pixels a side keep their size and get CIFAR-style crops
 DEFAULT_LARGE_SIZE = 224  # larger images are trained at the ImageNet resolution
 AUGMENTS = ("auto", "small", "imagenet", "none")
-TENSORS_PREFIX = "tensors:"
 TENSOR_VAL_FRACTION = 0.1
 TENSOR_SPLIT_SEED = 0
 
@@ -74,7 +73,7 @@ def _check_image_folder(folder: Path, role: str) -> Path:
 
 
 def image_folder_splits(
-    data: str | None, train_data: str | None, val_data: str | None
+    data: str | os.PathLike | None, train_data: str | os.PathLike | None, val_data: str | os.PathLike | None
 ) -> tuple[Path, Path | None]:
     """Resolve --data DIR (train/ plus val/ or test/) or --train-data/--val-data into checked folders."""
     if data is not None and (train_data is not None or val_data is not None):
@@ -214,16 +213,9 @@ def build_image_datasets(
     return train_ds, val_ds
 
 
-def is_tensor_spec(spec: str) -> bool:
-    """True when a --data value names saved tensors (`tensors:FILE.pt`) rather than an image folder."""
-    return spec.startswith(TENSORS_PREFIX)
-
-
-def load_tensor_data(spec: str) -> tuple[TensorDataset, TensorDataset]:
-    """Load `tensors:FILE.pt` ({"inputs", optional "targets"}) and split it 90/10 with a fixed seed."""
-    if not is_tensor_spec(spec):
-        raise UserError(f"tensor data must be given as {TENSORS_PREFIX}FILE.pt, got {spec!r}")
-    path = Path(spec[len(TENSORS_PREFIX):]).expanduser()
+def load_tensor_data(path: str | os.PathLike) -> tuple[TensorDataset, TensorDataset]:
+    """Load a saved dict {"inputs", optional "targets"} (`tensors:FILE.pt`) and split it 90/10 with a fixed seed."""
+    path = Path(path)
     if not path.is_file():
         raise UserError(f"tensor data file not found: {path}")
     try:

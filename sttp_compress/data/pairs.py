@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,24 +21,15 @@ from torch import Tensor
 from sttp_compress.errors import UserError
 from sttp_compress.data.text import read_lines
 
-__all__ = ["PAIRS_PREFIX", "is_pairs_spec", "read_pairs"]
+__all__ = ["read_pairs"]
 
-PAIRS_PREFIX = "pairs:"
 COLUMNS = ("sentence1", "sentence2", "score")
 
 
-def is_pairs_spec(spec: Any) -> bool:
-    """True when a --data value names a file of scored sentence pairs (`pairs:FILE`)."""
-    return isinstance(spec, str) and spec.startswith(PAIRS_PREFIX)
-
-
-def read_pairs(spec: str | os.PathLike) -> tuple[list[str], list[str], Tensor]:
-    """(first sentences, second sentences, float64 scores) of a `pairs:FILE`; a one-line UserError naming
-    the file and line for anything malformed."""
-    raw = str(spec)
-    path = Path(raw[len(PAIRS_PREFIX):] if is_pairs_spec(raw) else raw).expanduser()
-    if not str(path).strip() or str(path) == ".":
-        raise UserError("bad ‹data› 'pairs:': expected pairs:FILE, tab-separated sentence1, sentence2, score")
+def read_pairs(path: str | os.PathLike) -> tuple[list[str], list[str], Tensor]:
+    """(first sentences, second sentences, float64 scores) of a scored sentence-pair file (`pairs:FILE`); a
+    one-line UserError naming the file and line for anything malformed."""
+    path = Path(path)
     if not path.is_file():
         raise UserError(f"sentence-pair file not found: {path}")
     rows = [(n, line.split("\t")) for n, line in enumerate(read_lines(path, "sentence-pair file"), 1) if line.strip()]

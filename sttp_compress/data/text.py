@@ -1,6 +1,6 @@
 """Text data for `hf:DIR` encoders (`--data text:FILE`): one text per line, tokenized once.
 
-- `read_texts("text:FILE")`: one text per line (UTF-8; `.gz` read transparently; blank lines skipped).
+- `read_texts(FILE)`: one text per line (UTF-8; `.gz` read transparently; blank lines skipped).
 - `TokenizedTexts`: the texts tokenized once with the model folder's tokenizer; its `collate_fn` pads
   each batch to its longest text and returns `{"input_ids", "attention_mask"}`, the keyword arguments
   of `SentenceEncoder.forward`; `perturb_tokens` is its training-time augmentation.
@@ -22,12 +22,11 @@ from torch.utils.data import Dataset
 
 from sttp_compress.errors import UserError
 
-__all__ = ["TEXT_PREFIX", "VAL_FRACTION", "MAX_VAL_TEXTS", "SPLIT_SEED", "TOKEN_WEIGHT_POWER", "TEXT_VOCAB_SHARE",
-           "PAD_MULTIPLE", "TEXT_AUGMENT", "REPLACE_PROB", "is_text_spec", "text_path", "read_texts", "read_lines",
+__all__ = ["VAL_FRACTION", "MAX_VAL_TEXTS", "SPLIT_SEED", "TOKEN_WEIGHT_POWER", "TEXT_VOCAB_SHARE",
+           "PAD_MULTIPLE", "TEXT_AUGMENT", "REPLACE_PROB", "read_texts", "read_lines",
            "TokenizedTexts", "perturb_tokens", "tokenize_texts", "ordinary_tokens", "text_datasets",
            "token_weights", "token_counts", "by_length"]
 
-TEXT_PREFIX = "text:"
 VAL_FRACTION = 0.1  # of the texts held out for validation during distillation ...
 MAX_VAL_TEXTS = 2000  # ... but at most this many (validation runs every epoch)
 SPLIT_SEED = 0
@@ -39,22 +38,9 @@ TEXT_AUGMENT = 0.5  # default fraction of a training batch's texts perturbed (--
 REPLACE_PROB = 0.25  # augmentation: chance that a token of a perturbed text is replaced (perturb_tokens)
 
 
-def is_text_spec(spec: Any) -> bool:
-    """True when a --data value names a text file (`text:FILE`)."""
-    return isinstance(spec, str) and spec.startswith(TEXT_PREFIX)
-
-
-def text_path(spec: str) -> Path:
-    """The file of 'text:FILE'."""
-    path = spec[len(TEXT_PREFIX):] if is_text_spec(spec) else spec
-    if not path.strip():
-        raise UserError("bad ‹data› 'text:': expected text:FILE, a file with one text per line")
-    return Path(path).expanduser()
-
-
-def read_texts(spec: str | os.PathLike) -> list[str]:
+def read_texts(path: str | os.PathLike) -> list[str]:
     """The non-blank lines of a UTF-8 text file (gzip-compressed when it ends in .gz), stripped."""
-    path = text_path(str(spec))
+    path = Path(path)
     if not path.exists():
         raise UserError(f"text data file not found: {path}")
     if path.is_dir():
@@ -221,11 +207,11 @@ def ordinary_tokens(tokenizer: Any) -> Tensor:
     return torch.tensor(sorted(keep), dtype=torch.long)
 
 
-def text_datasets(spec: str, folder: str | os.PathLike) -> tuple[TokenizedTexts, TokenizedTexts]:
-    """text:FILE tokenized and split with a fixed seed: 10% (at most 2,000 texts) for validation."""
-    texts = read_texts(spec)
+def text_datasets(path: str | os.PathLike, folder: str | os.PathLike) -> tuple[TokenizedTexts, TokenizedTexts]:
+    """A text file (`text:FILE`) tokenized and split with a fixed seed: 10% (at most 2,000 texts) for validation."""
+    texts = read_texts(path)
     if len(texts) < 2:
-        raise UserError(f"text data {text_path(spec)} needs at least 2 texts to split into train and val, "
+        raise UserError(f"text data {path} needs at least 2 texts to split into train and val, "
                         f"got {len(texts)}")
     data = tokenize_texts(texts, folder)
     n_val = min(MAX_VAL_TEXTS, max(1, round(len(data) * VAL_FRACTION)))

@@ -112,7 +112,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from sttp_compress.io.checkpoint import load_compressed
 from sttp_compress.compress.convert import compressed_layers, count_parameters, decompress
-from sttp_compress.data.images import (IMAGE_EXTENSIONS, TENSORS_PREFIX, ImageDataConfig, image_transforms,
+from sttp_compress.data.images import (IMAGE_EXTENSIONS, ImageDataConfig, image_transforms,
                    resolve_image_config, rgb_loader)
 from sttp_compress.errors import UserError, terms
 from sttp_compress.compress.serve import frozen
@@ -331,9 +331,8 @@ def check_gates(result: Mapping[str, Any], opts: EvalOptions) -> list[str]:
 # --------------------------------------------------------------------------- data
 
 
-def _load_tensor_file(spec: str) -> TensorDataset:
-    """All samples of `tensors:FILE.pt` ({"inputs", optional "targets"}), unsplit, floats as float32."""
-    path = Path(spec[len(TENSORS_PREFIX):]).expanduser()
+def _load_tensor_file(path: Path) -> TensorDataset:
+    """All samples of a saved dict {"inputs", optional "targets"} (`tensors:FILE.pt`), unsplit, floats as float32."""
     if not path.is_file():
         raise UserError(f"tensor data file not found: {path}")
     try:
@@ -400,7 +399,7 @@ def _data_loader(opts: EvalOptions, meta: Mapping[str, Any], device: torch.devic
     if opts.data is None:
         return None
     if opts.data_kind == "tensors":
-        ds, workers = _load_tensor_file(opts.data), 0
+        ds, workers = _load_tensor_file(opts.data_spec.path), 0
         if len(ds.tensors) < 2 and (opts.min_accuracy is not None or opts.max_drop is not None):
             gate = "‹min_accuracy›" if opts.min_accuracy is not None else "‹max_drop›"
             raise UserError(f"{gate} cannot be checked: {opts.data} has no 'targets' tensor")
@@ -775,7 +774,7 @@ def _run_text_eval(base: dict[str, Any], model: nn.Module, reference: nn.Module 
     evaluate = evaluate_pairs if pairs else evaluate_texts
     with _progress(progress) as bar:
         task = bar.add_task("embedding texts", total=None) if bar is not None else None
-        metrics, first = evaluate(model, reference, opts.data, folder, device, opts.batch_size, opts.max_batches)
+        metrics, first = evaluate(model, reference, opts.data_spec.path, folder, device, opts.batch_size, opts.max_batches)
         if task is not None:
             bar.update(task, completed=1, total=1)
         latency_s = runs = None

@@ -16,7 +16,7 @@ from sttp_compress.train.embedding_metrics import embed, embedding_agreement, sp
 __all__ = ["evaluate_texts", "evaluate_pairs", "embed_in_length_order"]
 
 
-def evaluate_texts(model: nn.Module, reference: nn.Module | None, spec: str, folder: str | os.PathLike,
+def evaluate_texts(model: nn.Module, reference: nn.Module | None, path: str | os.PathLike, folder: str | os.PathLike,
                    device: torch.device, batch_size: int, max_batches: int | None = None
                    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """sttp-eval on text:FILE: ({"samples", "cosine", "nn_agreement", "similarity_spearman", "rel_output_error"},
@@ -24,7 +24,7 @@ def evaluate_texts(model: nn.Module, reference: nn.Module | None, spec: str, fol
 
     The texts are tokenized with `folder`'s tokenizer; without a reference only "samples" is measured.
     """
-    data = tokenize_texts(read_texts(spec), folder)
+    data = tokenize_texts(read_texts(path), folder)
     first = data.collate_fn(data.ids[:batch_size])  # the file's first batch, for the latency
     if max_batches is not None:
         data = data.subset(range(min(len(data), max_batches * batch_size)))
@@ -45,7 +45,7 @@ def embed_in_length_order(model: nn.Module, data: TokenizedTexts, device: torch.
     return embed(model, loader, device)[torch.tensor(order).argsort()]
 
 
-def evaluate_pairs(model: nn.Module, reference: nn.Module | None, spec: str, folder: str | os.PathLike,
+def evaluate_pairs(model: nn.Module, reference: nn.Module | None, path: str | os.PathLike, folder: str | os.PathLike,
                    device: torch.device, batch_size: int, max_batches: int | None = None
                    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """sttp-eval on pairs:FILE: ({"samples" (pairs), "texts" (distinct sentences), "sts_spearman",
@@ -55,7 +55,7 @@ def evaluate_pairs(model: nn.Module, reference: nn.Module | None, spec: str, fol
     Each distinct sentence is embedded once (length-ordered batches); `max_batches` keeps the file's first
     max_batches × batch_size pairs.
     """
-    a, b, scores = read_pairs(spec)
+    a, b, scores = read_pairs(path)
     if max_batches is not None:
         n = min(len(scores), max_batches * batch_size)
         a, b, scores = a[:n], b[:n], scores[:n]

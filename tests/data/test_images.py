@@ -179,18 +179,18 @@ def test_grayscale_images_become_rgb(tmp_path: Path) -> None:
 def test_tensor_data_split(tmp_path: Path) -> None:
     inputs, targets = torch.arange(50.0).reshape(50, 1), torch.arange(50)
     torch.save({"inputs": inputs, "targets": targets}, tmp_path / "d.pt")
-    train_ds, val_ds = load_tensor_data(f"tensors:{tmp_path / 'd.pt'}")
+    train_ds, val_ds = load_tensor_data(tmp_path / 'd.pt')
     assert len(train_ds) == 45 and len(val_ds) == 5
     xs = torch.cat([train_ds.tensors[0], val_ds.tensors[0]]).flatten()
     ys = torch.cat([train_ds.tensors[1], val_ds.tensors[1]])
     assert torch.equal(xs.sort().values, inputs.flatten()) and torch.equal(xs.long(), ys)  # pairs stay together
-    again, _ = load_tensor_data(f"tensors:{tmp_path / 'd.pt'}")
+    again, _ = load_tensor_data(tmp_path / 'd.pt')
     assert torch.equal(again.tensors[0], train_ds.tensors[0])  # deterministic split
 
 
 def test_tensor_data_without_targets_yields_inputs_only(tmp_path: Path) -> None:
     torch.save({"inputs": torch.randn(20, 3)}, tmp_path / "d.pt")
-    train_ds, val_ds = load_tensor_data(f"tensors:{tmp_path / 'd.pt'}")
+    train_ds, val_ds = load_tensor_data(tmp_path / 'd.pt')
     assert len(train_ds) == 18 and len(val_ds) == 2
     assert len(train_ds[0]) == 1 and train_ds[0][0].shape == (3,)
 
@@ -211,18 +211,13 @@ def test_tensor_data_user_errors(tmp_path: Path, content, fragment: str) -> None
     if content is not None:
         torch.save(content, path)
     with pytest.raises(UserError, match=fragment):
-        load_tensor_data(f"tensors:{path}")
+        load_tensor_data(path)
 
 
 def test_tensor_data_rejects_unsafe_pickles(tmp_path: Path) -> None:
     torch.save({"inputs": torch.zeros(4, 2), "extra": Path("x")}, tmp_path / "d.pt")
     with pytest.raises(UserError, match="cannot load"):
-        load_tensor_data(f"tensors:{tmp_path / 'd.pt'}")
-
-
-def test_tensor_spec_needs_prefix(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="tensors:"):
-        load_tensor_data(str(tmp_path / "d.pt"))
+        load_tensor_data(tmp_path / 'd.pt')
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def _write(path, rows, header=None):
 
 def test_read_pairs_with_and_without_a_header(tmp_path):
     plain = _write(tmp_path / "plain.tsv", PAIRS)
-    a, b, scores = read_pairs(f"pairs:{plain}")
+    a, b, scores = read_pairs(plain)
     assert a == [p[0] for p in PAIRS] and b == [p[1] for p in PAIRS]
     assert scores.dtype == torch.float64 and scores.tolist() == pytest.approx([p[2] for p in PAIRS])
     # sentence-transformers' stsbenchmark.tsv layout: named columns in another order, extra columns ignored
@@ -42,7 +42,7 @@ def test_read_pairs_with_and_without_a_header(tmp_path):
     gz = tmp_path / "sts.tsv.gz"
     gz.write_bytes(gzip.compress(named.read_bytes()))
     for path in (named, gz):
-        a2, b2, s2 = read_pairs(f"pairs:{path}")
+        a2, b2, s2 = read_pairs(path)
         assert a2 == a and b2 == b and torch.equal(s2, scores)
 
 
@@ -61,9 +61,9 @@ def test_malformed_pair_files_are_one_line_errors(tmp_path, content, match):
     path = tmp_path / "bad.tsv"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(UserError, match=match):
-        read_pairs(f"pairs:{path}")
+        read_pairs(path)
     with pytest.raises(UserError, match="not found"):
-        read_pairs(f"pairs:{tmp_path / 'missing.tsv'}")
+        read_pairs(tmp_path / 'missing.tsv')
 
 
 def test_evaluate_pairs_against_direct_embeddings(tiny, tmp_path):
@@ -71,7 +71,7 @@ def test_evaluate_pairs_against_direct_embeddings(tiny, tmp_path):
     ref = load_encoder(tiny).eval()
     model = load_encoder(tiny).eval()
     compress_to_target(model, rank=3)
-    result, first = evaluate_pairs(model, ref, f"pairs:{path}", tiny, torch.device("cpu"), 4)
+    result, first = evaluate_pairs(model, ref, path, tiny, torch.device("cpu"), 4)
     distinct = list(dict.fromkeys([p[0] for p in PAIRS] + [p[1] for p in PAIRS]))
     assert result["samples"] == len(PAIRS) and result["texts"] == len(distinct)
     scores = torch.tensor([p[2] for p in PAIRS], dtype=torch.float64)
@@ -84,7 +84,7 @@ def test_evaluate_pairs_against_direct_embeddings(tiny, tmp_path):
     assert result["cosine"] == pytest.approx(agree["cosine"], abs=1e-6)
     assert first["input_ids"].shape[0] == 4
     # the first max_batches × batch_size pairs only, and no reference: its fields stay null
-    capped, _ = evaluate_pairs(model, None, f"pairs:{path}", tiny, torch.device("cpu"), 4, max_batches=2)
+    capped, _ = evaluate_pairs(model, None, path, tiny, torch.device("cpu"), 4, max_batches=2)
     assert capped["samples"] == 8 and capped["sts_spearman_reference"] is None and capped["cosine"] is None
 
 

@@ -7,7 +7,7 @@ import gzip
 import pytest
 import torch
 
-from sttp_compress.data.text import (TokenizedTexts, by_length, is_text_spec, perturb_tokens, read_texts,
+from sttp_compress.data.text import (TokenizedTexts, by_length, perturb_tokens, read_texts,
                                      token_counts, token_weights)
 from sttp_compress.errors import UserError
 
@@ -15,11 +15,11 @@ from sttp_compress.errors import UserError
 def test_read_texts_skips_blank_lines_and_reads_gzip(tmp_path):
     plain = tmp_path / "t.txt"
     plain.write_text("  first text \n\n\t\nsecond\n", encoding="utf-8")
-    assert read_texts(f"text:{plain}") == ["first text", "second"]
+    assert read_texts(plain) == ["first text", "second"]
     packed = tmp_path / "t.txt.gz"
     with gzip.open(packed, "wt", encoding="utf-8") as f:
         f.write("é one\ntwo\n")
-    assert read_texts(f"text:{packed}") == ["é one", "two"]
+    assert read_texts(packed) == ["é one", "two"]
 
 
 @pytest.mark.parametrize("content,fragment", [(None, "not found"), ("\n \n", "has no texts")])
@@ -28,13 +28,11 @@ def test_read_texts_refuses_missing_and_empty_files(tmp_path, content, fragment)
     if content is not None:
         path.write_text(content)
     with pytest.raises(UserError, match=fragment):
-        read_texts(f"text:{path}")
+        read_texts(path)
     with pytest.raises(UserError, match="is a folder"):
-        read_texts(f"text:{tmp_path}")
+        read_texts(tmp_path)
 
 
-def test_is_text_spec():
-    assert is_text_spec("text:a.txt") and not is_text_spec("a.txt") and not is_text_spec(None)
 
 
 def test_batches_are_padded_to_the_longest_text_with_a_mask():

@@ -120,7 +120,7 @@ def test_torchrun_two_cpu_processes_stay_in_sync_and_only_rank_0_writes(job, tmp
     model, _ = load_compressed(base / "rank0" / "m.sttp.pt", trust_arch=True)
     for k, v in model.state_dict().items():
         assert torch.equal(v, tuned[k]), k
-    _, val_ds = load_tensor_data(f"tensors:{job / 'data.pt'}")
+    _, val_ds = load_tensor_data(job / 'data.pt')
     _, val_loader = make_loaders(val_ds, val_ds, 32, 0, 0, "cpu")
     assert block["val_accuracy_after"] == round(100 * evaluate(model, val_loader, "cpu")["accuracy"], 2)
     teacher = _build()()
@@ -131,7 +131,7 @@ def test_torchrun_two_cpu_processes_stay_in_sync_and_only_rank_0_writes(job, tmp
 def test_gpus_wrapper_bad_label_on_rank_1_stops_both_with_one_line(job, tmp_path):
     # one out-of-range label, in the validation sample that rank 1's shard starts with
     blob = torch.load(job / "data.pt", weights_only=True)
-    _, val_ds = load_tensor_data(f"tensors:{job / 'data.pt'}")
+    _, val_ds = load_tensor_data(job / 'data.pt')
     second = int(val_ds.tensors[0][1, 0, 0, 0])  # val sample 1 = rank 1's first (shards are rank::2)
     blob["targets"][second] = 99
     torch.save(blob, tmp_path / "bad.pt")
