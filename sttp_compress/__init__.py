@@ -1,10 +1,22 @@
 """sttp-compress: post-training compression of PyTorch models with the Spectral Tensor Train
-Parameterization (Obukhov et al., AISTATS 2021)."""
+Parameterization (Obukhov et al., AISTATS 2021).
 
-from sttp_compress.compress.convert import compress, compress_module, compressed_layers, count_parameters, decompress
-from sttp_compress.core.spectral_tt import SpectralTT
-from sttp_compress.compress.serve import freeze, frozen, unfreeze
+    import sttp_compress as sc
+    sc.compress_(model, sc.CompressConfig(ratio=10))       # in place; docs/python-api.md
+    sc.finetune(model, teacher, train_loader, sc.FinetuneConfig(epochs=10), val_loader=val_loader)
+    sc.save(model, "model.sttp.safetensors", arch="torchvision:resnet18?num_classes=10")
+    model = sc.load("model.sttp.safetensors")
+"""
 
 __version__ = "0.1.0"
-__all__ = ["compress", "compress_module", "compressed_layers", "count_parameters", "decompress",
+
+from sttp_compress.api import CompressConfig, FinetuneConfig, compress_, finetune, load, save  # noqa: E402
+from sttp_compress.compress.convert import (compress, compress_module, compressed_layers,  # noqa: E402
+                                            count_parameters, decompress)
+from sttp_compress.compress.serve import freeze, frozen, unfreeze  # noqa: E402
+from sttp_compress.core.spectral_tt import SpectralTT  # noqa: E402
+from sttp_compress.errors import UserError  # noqa: E402
+
+__all__ = ["compress_", "CompressConfig", "finetune", "FinetuneConfig", "save", "load", "UserError",
+           "compress", "compress_module", "compressed_layers", "count_parameters", "decompress",
            "freeze", "frozen", "unfreeze", "SpectralTT", "__version__"]

@@ -150,7 +150,7 @@ def run_example(job, console=None) -> tuple[dict, dict]:
     say(f"trained DigitsCNN ({sum(p.numel() for p in model.parameters()):,} parameters): "
         f"{100 * acc:.1f}% validation accuracy; saved {original}")
     job.model, job.module, job.arch = str(original), model, EXAMPLE_ARCH
-    job.output = job.output or str(folder / "digits.sttp.pt")
+    job.output = job.output or str(folder / "digits.sttp.safetensors")
     job.report_dir = job.report_dir or str(folder / "digits.sttp.report")
     job.force = True
     if job.ratio is None and job.rank is None:
@@ -167,5 +167,6 @@ def run_example(job, console=None) -> tuple[dict, dict]:
         report, extras = run_compress(job)
     val = folder / "digits-val.pt"
     atomic_torch_save({"inputs": job.datasets[1].tensors[0], "targets": job.datasets[1].tensors[1]}, val, force=True)
-    say(f"next: sttp-eval {job.output} --data tensors:{val} --reference {original} --max-size 300kB")
+    if extras is not None:  # the command to try next, shown after the results
+        extras["next"] = f"sttp-eval {job.output} --data tensors:{val} --reference {original} --max-size 300kB"
     return report, extras

@@ -19,7 +19,7 @@ from torch import nn
 
 from sttp_compress import __version__
 from sttp_compress.train import distributed
-from sttp_compress.io.checkpoint import DTYPES, checkpoint_payload
+from sttp_compress.io.checkpoint import DTYPES, checkpoint_payload, is_safetensors_name, write_payload
 from sttp_compress.compress.convert import candidate_layers, check_target, compress_to_target
 from sttp_compress.data.images import AUGMENTS
 from sttp_compress.errors import UserError
@@ -84,9 +84,9 @@ class CompressJob(WithDataSpec):
 
 
 def default_output(model_path: str) -> Path:
-    """`<MODEL stem>.sttp.pt` beside MODEL."""
+    """`<MODEL stem>.sttp.safetensors` beside MODEL."""
     p = Path(model_path)
-    return p.with_name(p.stem + ".sttp.pt") if p.name else Path("model.sttp.pt")
+    return p.with_name(p.stem + ".sttp.safetensors") if p.name else Path("model.sttp.safetensors")
 
 
 def state_size_bytes(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
@@ -102,9 +102,6 @@ def _check_output(job: CompressJob) -> tuple[Path, Path]:
     """Resolve and check the output checkpoint and report folder before any work is done."""
     stem = job.hf_folder.name if not job.model and job.hf_folder else "model"
     out = Path(job.output) if job.output else default_output(job.model or stem)
-    if out.suffix.lower() == ".safetensors":
-        raise UserError(f"‹output› {out}: safetensors output is not supported yet; name the file .pt "
-                        "(e.g. model.sttp.pt)")
     if job.model and out.resolve() == Path(job.model).resolve():
         raise UserError(f"‹output› {out} would overwrite the input model; choose another path")
     check_output_path(out, job.force)
@@ -404,7 +401,9 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
             "std": list(image_cfg.std) if image_cfg is not None and image_cfg.std else None,
             "method": job.method, "spectrum": job.spectrum}
     t2 = time.perf_counter()
-    payload = checkpoint_payload(model, job.arch, job.dtype, meta)
+    totals = parts["totals"]
+    summary = {"layers": len(parts["layers"]), **{k: totals.get(k) for k in ("params_compressed", "params_original", "ratio")}}
+    payload = checkpoint_payload(model, job.arch, job.dtype, meta, summary)
     report: dict = {}
 
     def render(size: int) -> dict[str, bytes]:
@@ -414,7 +413,7 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
         report.update(_report(job, parts, ft_block, out, size_original, size, timings))
         return render_report(report, parts["spectra"])
 
-    publish(out, lambda tmp: torch.save(payload, tmp), report_dir, render, job.force, is_report_file)
+    publish(out, lambda tmp: write_payload(payload, tmp, is_safetensors_name(out)), report_dir, render, job.force, is_report_file)
     return report, {"spectra": parts["spectra"], "output": out, "report_dir": report_dir, "model": model}
 
 

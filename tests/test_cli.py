@@ -30,6 +30,7 @@ from sttp_compress.io.checkpoint import load_compressed
 from sttp_compress.cli import _main, compress_app, eval_app
 from sttp_compress.errors import UserError
 from sttp_compress.pipeline import CompressJob, run_compress
+from sttp_compress.io.checkpoint import read_compressed  # noqa: E402
 
 ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())  # the project
 SHARED = ROOT.parent / "shared"
@@ -205,7 +206,7 @@ def tiny_run(tmp_path_factory, arch_dir, tiny_state) -> SimpleNamespace:
     before = (model_path.read_bytes(), model_path.stat().st_mtime_ns)
     res = cli(model_path, "--arch", f"{arch_dir / 'arch.py'}:build", "--ratio", "3")
     assert res.rc == 0, res.err
-    output = folder / "m.sttp.pt"
+    output = folder / "m.sttp.safetensors"
     report_dir = folder / "m.sttp.report"
     return SimpleNamespace(dir=folder, model=model_path, res=res, output=output, report_dir=report_dir,
                            report=_report(report_dir), before=before, state=tiny_state)
@@ -267,7 +268,7 @@ def test_report_totals_are_consistent(tiny_run):
 
 
 def test_report_layers_modes_ranks_and_eq9(tiny_run):
-    ckpt = torch.load(tiny_run.output, map_location="cpu", weights_only=True)
+    ckpt = read_compressed(tiny_run.output)
     for layer in tiny_run.report["layers"]:
         modes, ranks = layer["modes"], layer["tt_ranks"]
         d_out, d_in = _matrix_dims(layer["type"], layer["shape"])
@@ -299,9 +300,9 @@ def test_every_dense_layer_is_listed_as_skipped_with_a_reason(tiny_run):
 
 
 def test_checkpoint_contents_and_size(tiny_run):
-    ckpt = torch.load(tiny_run.output, map_location="cpu", weights_only=True)
-    assert ckpt["format_version"] == 1
-    assert ckpt["arch"].endswith("arch.py:build") and Path(ckpt["arch"].rsplit(":", 1)[0]).is_absolute()
+    ckpt = read_compressed(tiny_run.output)
+    assert ckpt["format_version"] == 2 and ckpt["arch"] == "arch.py:build"  # the file's name, no path
+    assert ckpt["summary"]["params_compressed"] == tiny_run.report["totals"]["params_compressed"]
     assert set(ckpt["layers"]) == {l["name"] for l in tiny_run.report["layers"]}
     for name, cfg in ckpt["layers"].items():
         assert {"kind", "weight_shape", "rank", "method", "spectrum"} <= set(cfg), name
@@ -328,7 +329,7 @@ def test_summary_goes_to_stderr_not_stdout(tiny_run):
 @pytest.mark.parametrize("allocation", ["greedy", "uniform"])
 @pytest.mark.parametrize("ratio", [2.0, 5.0, 10.0])
 def test_ratio_is_met_within_three_percent(tiny, ratio, allocation):
-    out = tiny.dir / "r.sttp.pt"
+    out = tiny.dir / "r.sttp.safetensors"
     ok(tiny.model, "--arch", tiny.arch, "--ratio", ratio, "--allocation", allocation, "--output", out, "-q")
     report = _report(tiny.dir / "r.sttp.report")
     assert report["target"] == {"ratio": ratio}
@@ -336,7 +337,7 @@ def test_ratio_is_met_within_three_percent(tiny, ratio, allocation):
 
 
 def test_rank_target_sets_every_layer_rank(tiny):
-    out = tiny.dir / "k.sttp.pt"
+    out = tiny.dir / "k.sttp.safetensors"
     ok(tiny.model, "--arch", tiny.arch, "--rank", "3", "--output", out, "-q")
     report = _report(tiny.dir / "k.sttp.report")
     assert report["target"] == {"rank": 3}
@@ -345,7 +346,7 @@ def test_rank_target_sets_every_layer_rank(tiny):
 
 
 def test_unreachable_ratio_states_the_largest_reachable(tiny):
-    out = tiny.dir / "u.sttp.pt"
+    out = tiny.dir / "u.sttp.safetensors"
     res = cli(tiny.model, "--arch", tiny.arch, "--ratio", "1000", "--output", out)
     line = _one_error_line(res, "unreachable")
     match = re.search(r"largest reachable ratio is ([0-9.]+)", line)
@@ -359,9 +360,9 @@ def test_unreachable_ratio_states_the_largest_reachable(tiny):
 
 
 def test_stated_largest_reachable_ratio_is_reachable(tiny):
-    res = cli(tiny.model, "--arch", tiny.arch, "--ratio", "1000", "--output", tiny.dir / "u.sttp.pt", "-q")
+    res = cli(tiny.model, "--arch", tiny.arch, "--ratio", "1000", "--output", tiny.dir / "u.sttp.safetensors", "-q")
     largest = re.search(r"largest reachable ratio is ([0-9]+\.[0-9]+)", _one_error_line(res)).group(1)
-    res = cli(tiny.model, "--arch", tiny.arch, "--ratio", largest, "--output", tiny.dir / "v.sttp.pt", "-q")
+    res = cli(tiny.model, "--arch", tiny.arch, "--ratio", largest, "--output", tiny.dir / "v.sttp.safetensors", "-q")
     assert res.rc == 0, res.err
     assert _report(tiny.dir / "v.sttp.report")["totals"]["ratio"] >= float(largest)
 
@@ -370,7 +371,7 @@ def test_stated_largest_reachable_ratio_is_reachable(tiny):
 
 
 def test_include_glob_selects_layers(tiny):
-    out = tiny.dir / "i.sttp.pt"
+    out = tiny.dir / "i.sttp.safetensors"
     ok(tiny.model, "--arch", tiny.arch, "--rank", "2", "--include", "7", "--include", "1?", "--output", out, "-q")
     report = _report(tiny.dir / "i.sttp.report")
     # --include overrides the first/last rule: the classifier (11) matches '1?' and is compressed
@@ -381,14 +382,14 @@ def test_include_glob_selects_layers(tiny):
 
 
 def test_exclude_glob_keeps_layers_dense(tiny):
-    out = tiny.dir / "e.sttp.pt"
+    out = tiny.dir / "e.sttp.safetensors"
     ok(tiny.model, "--arch", tiny.arch, "--rank", "2", "--exclude", "[79]", "--output", out, "-q")
     report = _report(tiny.dir / "e.sttp.report")
     assert {l["name"] for l in report["layers"]} == {"2"}
     skipped = {s["name"]: s["reason"] for s in report["skipped"]}
     assert set(skipped) == {"0", "7", "9", "11"}
     assert "exclude" in skipped["7"] and "exclude" in skipped["9"]
-    state = torch.load(out, weights_only=True)["state_dict"]
+    state = read_compressed(out)["state_dict"]
     torch.testing.assert_close(state["7.weight"], tiny.state["7.weight"], rtol=0, atol=0)
 
 
@@ -429,11 +430,11 @@ def _save_variant(kind: str, state: dict, folder: Path) -> Path:
 def test_checkpoint_formats_load(tiny, kind):
     path = _save_variant(kind, tiny.state, tiny.dir)
     ok(path, "--arch", tiny.arch, "--rank", "4", "-q")
-    output = tiny.dir / "w.sttp.pt"
+    output = tiny.dir / "w.sttp.safetensors"
     assert output.is_file()
     report = _report(tiny.dir / "w.sttp.report")
     assert report["totals"]["params_original"] == 15690
-    state = torch.load(output, weights_only=True)["state_dict"]
+    state = read_compressed(output)["state_dict"]
     assert state["0.weight"].dtype == torch.float32  # half inputs are upcast
     expected = tiny.state["0.weight"]
     if "16" in kind:
@@ -447,10 +448,10 @@ def test_arch_torchvision_with_kwargs(tmp_path):
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "r18.pt")
     spec = "torchvision:resnet18?num_classes=10"
     ok(tmp_path / "r18.pt", "--arch", spec, "--rank", "4", "--include", "fc", "-q")
-    ckpt = torch.load(tmp_path / "r18.sttp.pt", weights_only=True)
+    ckpt = read_compressed(tmp_path / "r18.sttp.safetensors")
     assert ckpt["arch"] == spec
     assert set(ckpt["layers"]) == {"fc"}
-    model, _ = load_compressed(tmp_path / "r18.sttp.pt")
+    model, _ = load_compressed(tmp_path / "r18.sttp.safetensors")
     assert model.fc.out_features == 10
 
 
@@ -461,7 +462,7 @@ def test_arch_package_module_factory(tmp_path):
     torch.save(DigitsCNN().state_dict(), tmp_path / "d.pt")
     spec = "sttp_compress.example:digits_factory"
     ok(tmp_path / "d.pt", "--arch", spec, "--rank", "4", "-q")
-    ckpt = torch.load(tmp_path / "d.sttp.pt", weights_only=True)
+    ckpt = read_compressed(tmp_path / "d.sttp.safetensors")
     assert ckpt["arch"] == spec and ckpt["layers"]
 
 
@@ -471,12 +472,12 @@ def test_pickled_module_with_trust_pickle(tiny):
     model.load_state_dict(tiny.state)
     torch.save(model, tiny.dir / "full.pt")
     ok(tiny.dir / "full.pt", "--trust-pickle", "--rank", "4", "-q")
-    ckpt = torch.load(tiny.dir / "full.sttp.pt", weights_only=True)
+    ckpt = read_compressed(tiny.dir / "full.sttp.safetensors")
     assert ckpt["arch"] is None  # nothing to rebuild it from
     assert ckpt["layers"]
     with pytest.raises(UserError, match="arch SPEC"):
-        load_compressed(tiny.dir / "full.sttp.pt")
-    rebuilt, _ = load_compressed(tiny.dir / "full.sttp.pt", arch=tiny.arch)
+        load_compressed(tiny.dir / "full.sttp.safetensors")
+    rebuilt, _ = load_compressed(tiny.dir / "full.sttp.safetensors", arch=tiny.arch)
     assert isinstance(rebuilt, nn.Module)
 
 
@@ -485,11 +486,11 @@ def test_pickled_module_with_trust_pickle(tiny):
 
 def test_explicit_output_and_report_dir(tiny):
     (tiny.dir / "sub").mkdir()
-    out = tiny.dir / "sub" / "c.sttp.pt"
+    out = tiny.dir / "sub" / "c.sttp.safetensors"
     ok(tiny.model, "--arch", tiny.arch, "--rank", "4", "--output", out, "-q")
     assert out.is_file()
     assert (tiny.dir / "sub" / "c.sttp.report" / "report.json").is_file()
-    assert not (tiny.dir / "m.sttp.pt").exists()
+    assert not (tiny.dir / "m.sttp.safetensors").exists()
 
     ok(tiny.model, "--arch", tiny.arch, "--rank", "4", "--output", tiny.dir / "d.pt",
        "--report-dir", tiny.dir / "my-report", "-q")
@@ -501,7 +502,7 @@ def test_explicit_output_and_report_dir(tiny):
 def test_default_output_uses_the_full_stem(tiny):
     shutil.copy(tiny.model, tiny.dir / "m.v2.pt")
     ok(tiny.dir / "m.v2.pt", "--arch", tiny.arch, "--rank", "4", "-q")
-    assert (tiny.dir / "m.v2.sttp.pt").is_file()
+    assert (tiny.dir / "m.v2.sttp.safetensors").is_file()
 
 
 def test_default_report_dir_uses_output_stem_for_pth(tiny):
@@ -516,7 +517,7 @@ def test_float16_output_is_about_half_the_size(tiny):
     for dtype in ("float32", "float16"):
         out = tiny.dir / f"mlp-{dtype}.pt"
         ok(tiny.dir / "mlp.pt", "--arch", tiny.mlp_arch, "--rank", "32", "--dtype", dtype, "--output", out, "-q")
-        ckpt = torch.load(out, weights_only=True)
+        ckpt = read_compressed(out)
         assert ckpt["dtype"] == dtype
         state = ckpt["state_dict"]
         assert {v.dtype for v in state.values() if v.is_floating_point()} == {getattr(torch, dtype)}
@@ -524,12 +525,12 @@ def test_float16_output_is_about_half_the_size(tiny):
         assert sizes[dtype] <= 1.05 * _stored_bytes(state) + 64 * 1024
         assert _report(tiny.dir / f"mlp-{dtype}.report")["totals"]["size_bytes_compressed"] == sizes[dtype]
     assert 0.45 <= sizes["float16"] / sizes["float32"] <= 0.6, sizes
-    model, _ = load_compressed(tiny.dir / "mlp-float16.pt", trust_arch=True)
+    model, _ = load_compressed(tiny.dir / "mlp-float16.pt", arch=tiny.mlp_arch)
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 def test_existing_output_needs_force(tiny):
-    out = tiny.dir / "m.sttp.pt"
+    out = tiny.dir / "m.sttp.safetensors"
     ok(tiny.model, "--arch", tiny.arch, "--rank", "2", "-q")
     data, mtime = out.read_bytes(), out.stat().st_mtime_ns
     model_bytes, model_mtime = tiny.model.read_bytes(), tiny.model.stat().st_mtime_ns
@@ -542,7 +543,7 @@ def test_existing_output_needs_force(tiny):
     ok(tiny.model, "--arch", tiny.arch, "--rank", "4", "--force", "-q")
     assert out.read_bytes() != data
     assert _report(tiny.dir / "m.sttp.report")["target"] == {"rank": 4}
-    assert torch.load(out, weights_only=True)["layers"]["7"]["rank"] == 4
+    assert read_compressed(out)["layers"]["7"]["rank"] == 4
     assert tiny.model.read_bytes() == model_bytes and tiny.model.stat().st_mtime_ns == model_mtime
     assert not _tmp_files(tiny.dir)
 
@@ -561,7 +562,7 @@ def test_quiet_prints_nothing_to_stdout_console_script(tiny):
     proc = run_script(tiny.model, "--arch", tiny.arch, "--rank", "4", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
-    assert (tiny.dir / "m.sttp.pt").is_file()
+    assert (tiny.dir / "m.sttp.safetensors").is_file()
     assert (tiny.dir / "m.sttp.report" / "report.json").is_file()
 
 
@@ -650,7 +651,7 @@ ERROR_CASES = {
     "ratio and rank": (lambda t: [t.model, "--arch", t.arch, "--ratio", 3, "--rank", 4], ["--ratio", "--rank"]),
     "neither ratio nor rank": (lambda t: [t.model, "--arch", t.arch], ["--ratio", "--rank"]),
     "output folder missing": (lambda t: [t.model, "--arch", t.arch, "--rank", 4,
-                                         "--output", t.dir / "no_such_dir" / "o.sttp.pt"], ["no_such_dir"]),
+                                         "--output", t.dir / "no_such_dir" / "o.sttp.safetensors"], ["no_such_dir"]),
     "NaN weight": (lambda t: [_with(t, "nan.pt", _set("7.weight", float("nan"))), "--arch", t.arch, "--rank", 4],
                    ["NaN", "7.weight"]),
     "Inf weight": (lambda t: [_with(t, "inf.pt", _set("9.bias", float("-inf"))), "--arch", t.arch, "--rank", 4],
@@ -679,7 +680,7 @@ def test_user_error_is_one_line_exit_2_and_writes_nothing(tiny, case):
     assert res.out == ""
     model = Path(args[0])
     for stem in {model.stem, model.name.split(".")[0]}:  # the default output and report names
-        for path in (model.with_name(f"{stem}.sttp.pt"), model.with_name(f"{stem}.sttp.report")):
+        for path in (model.with_name(f"{stem}.sttp.safetensors"), model.with_name(f"{stem}.sttp.report")):
             assert not path.exists(), path
     assert not (tiny.dir / "no_such_dir").exists()
     assert _tree(tiny.dir) == before
@@ -688,7 +689,7 @@ def test_user_error_is_one_line_exit_2_and_writes_nothing(tiny, case):
 
 def test_report_dir_that_is_a_file_writes_nothing(tiny):
     (tiny.dir / "taken").write_text("not a folder")
-    out = tiny.dir / "o.sttp.pt"
+    out = tiny.dir / "o.sttp.safetensors"
     res = cli(tiny.model, "--arch", tiny.arch, "--rank", "4", "--output", out, "--report-dir", tiny.dir / "taken")
     _one_error_line(res, "taken")
     assert not out.exists()
@@ -698,7 +699,7 @@ def test_report_dir_that_is_a_file_writes_nothing(tiny):
 
 
 def test_round_trip_in_a_new_process(tiny):
-    out = tiny.dir / "rt.sttp.pt"
+    out = tiny.dir / "rt.sttp.safetensors"
     report, extras = run_compress(CompressJob(model=str(tiny.model), arch=tiny.arch, ratio=3.0,
                                               output=str(out), progress=False))
     assert out.is_file() and extras["output"] == out
@@ -711,12 +712,12 @@ def test_round_trip_in_a_new_process(tiny):
     code = textwrap.dedent("""
         import sys, torch
         from sttp_compress.io.checkpoint import load_compressed
-        model, info = load_compressed(sys.argv[1], trust_arch=True)  # the file this test just wrote
+        model, info = load_compressed(sys.argv[1], arch=sys.argv[4])  # the file records the name only
         x = torch.load(sys.argv[2], weights_only=True)
         with torch.no_grad():
             torch.save(model(x), sys.argv[3])
     """)
-    proc = subprocess.run([sys.executable, "-c", code, str(out), str(tiny.dir / "x.pt"), str(tiny.dir / "y.pt")],
+    proc = subprocess.run([sys.executable, "-c", code, str(out), str(tiny.dir / "x.pt"), str(tiny.dir / "y.pt"), tiny.arch],
                           capture_output=True, text=True, timeout=120, cwd=tiny.dir.parent)
     assert proc.returncode == 0, proc.stderr
     got = torch.load(tiny.dir / "y.pt", weights_only=True)
@@ -738,7 +739,7 @@ def test_finetune_with_tensor_data(tiny):
     torch.manual_seed(0)
     data = tiny.dir / "data.pt"
     torch.save({"inputs": torch.randn(48, *INPUT_SHAPE), "targets": torch.randint(0, 10, (48,))}, data)
-    out = tiny.dir / "ft.sttp.pt"
+    out = tiny.dir / "ft.sttp.safetensors"
     ok(tiny.model, "--arch", tiny.arch, "--rank", "4", "--data", f"tensors:{data}", "--steps", "5",
        "--workers", "0", "--batch-size", "8", "--output", out, "-q")
     report = _report(tiny.dir / "ft.sttp.report")
@@ -754,9 +755,9 @@ def test_finetune_with_tensor_data(tiny):
         assert isinstance(block[key], (int, float)) and 0 <= block[key] <= 100, key
     assert isinstance(block["curve"], list) and block["curve"]
     assert (tiny.dir / "ft.sttp.report" / "finetune.png").is_file()
-    assert torch.load(out, weights_only=True)["meta"]["input_shape"] == list(INPUT_SHAPE)
+    assert read_compressed(out)["meta"]["input_shape"] == list(INPUT_SHAPE)
     # the fine-tuned checkpoint still loads
-    model, _ = load_compressed(out, trust_arch=True)
+    model, _ = load_compressed(out, arch=tiny.arch)
     with torch.no_grad():
         assert torch.isfinite(model(torch.randn(2, *INPUT_SHAPE))).all()
 
@@ -784,7 +785,7 @@ def test_cuda_graphs_flag_reaches_the_finetune_config(tiny, monkeypatch, flag, e
 
 @pytest.mark.parametrize("flag,expected", [(None, None), ("--no-tf32", False), ("--tf32", True)])
 def test_tf32_flag_reaches_the_finetune_config_and_the_report(tiny, monkeypatch, flag, expected):
-    out = tiny.dir / "tf32.sttp.pt"
+    out = tiny.dir / "tf32.sttp.safetensors"
     seen = _finetune_configs(tiny, monkeypatch, "--output", out, "--force", *([flag] if flag else []))
     assert [cfg.tf32 for cfg in seen] == [expected]
     report = json.loads((tiny.dir / "tf32.sttp.report" / "report.json").read_text())
@@ -802,7 +803,7 @@ def test_time_budget_reads_durations(text, seconds):
 def test_time_budget_ends_the_fine_tune_and_reaches_the_report(tiny):
     data = tiny.dir / "budget.pt"
     torch.save({"inputs": torch.randn(16, *INPUT_SHAPE), "targets": torch.randint(0, 10, (16,))}, data)
-    out = tiny.dir / "budget.sttp.pt"
+    out = tiny.dir / "budget.sttp.safetensors"
     common = [tiny.model, "--arch", tiny.arch, "--rank", "4", "--data", f"tensors:{data}", "--workers", "0",
               "--batch-size", "8", "-q", "--force"]
     ok(*common, "--time-budget", "1s", "--output", out)
@@ -812,11 +813,11 @@ def test_time_budget_ends_the_fine_tune_and_reaches_the_report(tiny):
     for extra, fragment in ((["--time-budget", "5 parsecs"], "--time-budget takes a positive duration"),
                             (["--time-budget", "0"], "--time-budget takes a positive duration"),
                             (["--time-budget", "5m", "--steps", "3"], "one of --epochs, --steps and --time-budget")):
-        bad = tiny.dir / "bad.sttp.pt"
+        bad = tiny.dir / "bad.sttp.safetensors"
         _one_error_line(cli(*common, *extra, "--output", bad), fragment)
         assert not bad.exists()
     _one_error_line(cli(tiny.model, "--arch", tiny.arch, "--rank", "4", "--time-budget", "5m", "--output",
-                        tiny.dir / "nodata.sttp.pt"), "need fine-tuning data")
+                        tiny.dir / "nodata.sttp.safetensors"), "need fine-tuning data")
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -867,7 +868,7 @@ def test_out_of_gpu_memory_is_one_line_and_writes_nothing(tiny, monkeypatch):
     monkeypatch.setattr(ft, "finetune", oom)
     data = tiny.dir / "data.pt"
     torch.save({"inputs": torch.randn(16, *INPUT_SHAPE), "targets": torch.randint(0, 10, (16,))}, data)
-    out = tiny.dir / "oom.sttp.pt"
+    out = tiny.dir / "oom.sttp.safetensors"
     res = cli(tiny.model, "--arch", tiny.arch, "--rank", "4", "--data", f"tensors:{data}", "--steps", "1",
               "--workers", "0", "--batch-size", "8", "--output", out, "-q")
     line = _one_error_line(res, "out of GPU memory (CUDA out of memory. Tried to allocate 480.00 MiB",
@@ -883,7 +884,7 @@ def test_out_of_gpu_memory_is_one_line_and_writes_nothing(tiny, monkeypatch):
 def test_epochs_without_data_is_an_error(tiny):
     res = cli(tiny.model, "--arch", tiny.arch, "--rank", "4", "--steps", "5")
     _one_error_line(res, "--data")
-    assert not (tiny.dir / "m.sttp.pt").exists()
+    assert not (tiny.dir / "m.sttp.safetensors").exists()
 
 
 # --------------------------------------------------------------------------- the built-in example
@@ -894,12 +895,12 @@ def test_example_runs_end_to_end(tmp_path):
     proc = run_script("--example", cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = tmp_path / "sttp-example"
-    for name in ("digits.pt", "digits.sttp.pt", "digits-val.pt", "digits.sttp.report/report.json",
+    for name in ("digits.pt", "digits.sttp.safetensors", "digits-val.pt", "digits.sttp.report/report.json",
                  "digits.sttp.report/report.md"):
         assert (folder / name).is_file(), name
     report = _report(folder / "digits.sttp.report")
     assert report["finetune"]["val_accuracy_after"] >= 90
-    torch.load(folder / "digits.sttp.pt", weights_only=True)
+    read_compressed(folder / "digits.sttp.safetensors")
 
 
 def test_example_takes_a_time_budget_instead_of_its_8_epochs(tmp_path, monkeypatch):
@@ -919,7 +920,7 @@ def resnet_run(tmp_path_factory):
         pytest.skip(f"shared reference model not found at {SHARED_MODEL.resolve()} "
                     "(../shared is absent on this machine)")
     folder = tmp_path_factory.mktemp("resnet")
-    out = folder / "r18.sttp.pt"
+    out = folder / "r18.sttp.safetensors"
     stat_before = SHARED_MODEL.stat()
     res = cli(SHARED_MODEL, "--arch", f"{SHARED_ARCH}:resnet18_cifar", "--ratio", "10", "--output", out, "-q")
     assert res.rc == 0, res.err
@@ -942,12 +943,12 @@ def test_resnet18_output_file(resnet_run):
     size = resnet_run.out.stat().st_size
     assert size <= resnet_run.report["totals"]["size_bytes_original"] / 9
     assert size == resnet_run.report["totals"]["size_bytes_compressed"]
-    ckpt = torch.load(resnet_run.out, map_location="cpu", weights_only=True)
+    ckpt = read_compressed(resnet_run.out)
     assert size <= 1.05 * _stored_bytes(ckpt["state_dict"]) + 64 * 1024
     # the shared input was only read
     after = SHARED_MODEL.stat()
     assert (after.st_size, after.st_mtime_ns) == (resnet_run.stat_before.st_size, resnet_run.stat_before.st_mtime_ns)
-    model, _ = load_compressed(resnet_run.out, trust_arch=True)
+    model, _ = load_compressed(resnet_run.out, arch=f"{SHARED_ARCH}:resnet18_cifar")
     with torch.no_grad():
         y = model(torch.randn(2, 3, 32, 32))
     assert y.shape == (2, 10) and torch.isfinite(y).all()

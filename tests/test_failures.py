@@ -31,6 +31,7 @@ from sttp_compress.compress.convert import compress
 from sttp_compress.errors import UserError
 from sttp_compress.example import DigitsCNN, digits_data
 from sttp_compress.io.outputs import TEMP_PREFIX
+from sttp_compress.io.checkpoint import read_compressed  # noqa: E402
 
 DIGITS = "sttp_compress.example:DigitsCNN"
 # Specs a tampered file might record; each would run code or download if it were built.
@@ -106,7 +107,7 @@ def env(tmp_path_factory):
     torch.manual_seed(0)
     model = DigitsCNN()
     assert compress(model, rank=4)
-    ckpt = root / "digits.sttp.pt"
+    ckpt = root / "digits.sttp.safetensors"
     save_compressed(model, ckpt, DIGITS, meta={"params_original": 620_000})
     _, val = digits_data()
     tensors = root / "digits.pt"
@@ -118,17 +119,25 @@ def env(tmp_path_factory):
                              nn.Linear(64, 4)).state_dict(), mlp)
     mlp_data = root / "mlp-data.pt"
     torch.save({"inputs": torch.randn(256, 64), "targets": torch.randint(0, 4, (256,))}, mlp_data)
-    return {"root": root, "ckpt": ckpt, "payload": torch.load(ckpt, weights_only=True), "tensors": tensors,
+    return {"root": root, "ckpt": ckpt, "payload": read_compressed(ckpt), "tensors": tensors,
             "arch": f"{root / 'arch.py'}:build", "arch_py": root / "arch.py", "mlp": mlp, "mlp_data": mlp_data}
 
 
-def tampered(env, tmp_path: Path, edit) -> Path:
-    """A copy of the compressed checkpoint with `edit(payload)` applied."""
+def tampered(env, tmp_path: Path, edit, safetensors: bool = False) -> Path:
+    """A copy of the compressed checkpoint with `edit(payload)` applied, as a format-1 file or as safetensors."""
     payload = {k: (dict(v) if isinstance(v, dict) else v) for k, v in env["payload"].items()}
     payload["state_dict"] = {k: v.clone() for k, v in env["payload"]["state_dict"].items()}
     payload["layers"] = {k: dict(v) for k, v in env["payload"]["layers"].items()}
     edit(payload)
-    path = tmp_path / "tampered.sttp.pt"
+    if safetensors:
+        from safetensors.torch import save_file
+
+        header = {k: (json.dumps(v) if k in ("layers", "meta", "summary") else str(v))
+                  for k, v in payload.items() if k != "state_dict" and v is not None}
+        path = tmp_path / "tampered.sttp.safetensors"
+        save_file(payload["state_dict"], str(path), metadata=header)
+        return path
+    path = tmp_path / "tampered.sttp.pt"  # format 1: a torch.save dict, still read
     torch.save(payload, path)
     return path
 
@@ -141,7 +150,7 @@ def test_opening_never_runs_what_the_file_names(env, tmp_path, hostile):
     pwned, script = tmp_path / "PWNED", tmp_path / "evil.py"
     script.write_text(f"open({str(pwned)!r}, 'w').close()\ndef build():\n    open({str(pwned)!r}, 'w').close()\n")
     spec = hostile.format(pwned=pwned, script=script)
-    path = tampered(env, tmp_path, lambda p: p.update(arch=spec))
+    path = tampered(env, tmp_path, lambda p: p.update(arch=spec), safetensors=True)
     export = tmp_path / "dense.pt"
     for args in ([path], [path, "--export-dense", export]):
         refused(run(eval_app, *args), spec, "--arch", "--trust-arch")
@@ -151,7 +160,7 @@ def test_opening_never_runs_what_the_file_names(env, tmp_path, hostile):
 
 
 def test_the_users_arch_or_trust_opens_it(env, tmp_path):
-    path = tampered(env, tmp_path, lambda p: p.update(arch="sttp_compress.example:digits_data"))
+    path = tampered(env, tmp_path, lambda p: p.update(arch="sttp_compress.example:digits_data"), safetensors=True)
     refused(run(eval_app, path), "--trust-arch")
     assert run(eval_app, path, "--arch", DIGITS, "-q").rc == 0
     # trusted, the recorded spec is built: here it names a function that is not a model, so exit 2
@@ -166,7 +175,7 @@ def test_data_specs_open_on_their_own(env, tmp_path):
     torch.manual_seed(0)
     net = __import__("torchvision").models.squeezenet1_1(num_classes=4)
     assert compress(net, rank=2, include=["features.12.expand3x3"])
-    path = tmp_path / "sq.sttp.pt"
+    path = tmp_path / "sq.sttp.safetensors"
     save_compressed(net, path, "torchvision:squeezenet1_1?num_classes=4")
     rebuilt, _ = load_compressed(path)
     x = torch.randn(1, 3, 32, 32)
@@ -201,16 +210,22 @@ TAMPERINGS = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(TAMPERINGS))
-def test_tampered_checkpoints_are_refused(env, tmp_path, case):
+# what a safetensors file can carry at all (its tensors are a mapping of names to tensors, its metadata strings)
+SAFETENSORS_TAMPERINGS = ("no layers", "layers a string", "unknown method", "rank 0", "shape of a layer",
+                          "shape of a tensor", "NaN", "Inf", "meta mean a string")
+
+
+@pytest.mark.parametrize("case,safetensors", [(c, False) for c in sorted(TAMPERINGS)]
+                         + [(c, True) for c in SAFETENSORS_TAMPERINGS])
+def test_tampered_checkpoints_are_refused(env, tmp_path, case, safetensors):
     edit, fragment = TAMPERINGS[case]
-    path = tampered(env, tmp_path, edit)
+    path = tampered(env, tmp_path, edit, safetensors)
     out = tmp_path / "r.json"
     refused(run(eval_app, path, "--json", out), fragment)
     refused(run(eval_app, path, "--export-dense", tmp_path / "d.pt"), fragment)
     with pytest.raises(UserError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         load_compressed(path)
-    assert listing(tmp_path) == {"tampered.sttp.pt"}
+    assert listing(tmp_path) == {path.name}
 
 
 # --------------------------------------------------------------------------- 2. bad data and options
@@ -237,7 +252,7 @@ def test_an_unreadable_image_is_named(env, tmp_path):
     res = run(compress_app, tmp_path / "d.pt", "--arch", spec, "--rank", "4", "--data", tmp_path / "split",
               "--image-size", "8", "--mean", "0.5", "--std", "0.5", "--workers", "0", "--epochs", "1", "-q")
     refused(res, "cannot read image", "broken.jpg")
-    assert not (tmp_path / "d.sttp.pt").exists() and not (tmp_path / "d.sttp.report").exists()
+    assert not (tmp_path / "d.sttp.safetensors").exists() and not (tmp_path / "d.sttp.report").exists()
 
 
 def test_tensor_data_that_does_not_fit_the_model(env, tmp_path):
@@ -245,16 +260,16 @@ def test_tensor_data_that_does_not_fit_the_model(env, tmp_path):
     torch.save({"inputs": torch.randn(8, 3, 5, 5), "targets": torch.zeros(8, dtype=torch.long)}, bad)
     refused(run(eval_app, env["ckpt"], "--data", f"tensors:{bad}", "-q"), "failed")
     res = run(compress_app, env["mlp"], "--arch", env["arch"], "--rank", "4", "--data", f"tensors:{bad}",
-              "--output", tmp_path / "o.sttp.pt")
+              "--output", tmp_path / "o.sttp.safetensors")
     refused(res, "do not fit the model")
-    assert not (tmp_path / "o.sttp.pt").exists()
+    assert not (tmp_path / "o.sttp.safetensors").exists()
 
 
 @pytest.mark.parametrize("gate", [["--min-accuracy", "50"], ["--baseline", "b.json", "--max-drop", "1"],
                                   ["--min-cosine", "0.9"], ["--min-sts-spearman", "0.5"]])
 def test_a_gate_that_cannot_be_checked_is_a_usage_error_before_any_work(tmp_path, gate):
     # the checkpoint does not even exist: the gate is refused first
-    refused(run(eval_app, tmp_path / "missing.sttp.pt", *gate), gate[0] if gate[0] != "--baseline" else "--max-drop",
+    refused(run(eval_app, tmp_path / "missing.sttp.safetensors", *gate), gate[0] if gate[0] != "--baseline" else "--max-drop",
             "cannot be checked")
 
 
@@ -266,7 +281,7 @@ def test_a_gate_needing_targets_the_tensor_file_lacks(env, tmp_path):
 
 @pytest.mark.parametrize("device", ["gpu", "mps", "meta", "cuda:7"])
 def test_an_unknown_device(env, tmp_path, device):
-    refused(run(eval_app, tmp_path / "missing.sttp.pt", "--device", device), "device")
+    refused(run(eval_app, tmp_path / "missing.sttp.safetensors", "--device", device), "device")
     refused(run(compress_app, env["mlp"], "--arch", env["arch"], "--rank", "4", "--data",
                 f"tensors:{env['mlp_data']}", "--device", device, "--output", tmp_path / "o.pt"), "device")
     assert not (tmp_path / "o.pt").exists()
@@ -294,8 +309,8 @@ def test_every_option_is_checked_before_loading(tmp_path):
 
 
 def test_output_names_that_cannot_be_written(env, tmp_path):
-    bad_utf8 = os.fsdecode(b"out-\xff.sttp.pt")
-    long_name = "x" * 300 + ".sttp.pt"
+    bad_utf8 = os.fsdecode(b"out-\xff.sttp.safetensors")
+    long_name = "x" * 300 + ".sttp.safetensors"
     for name, fragment in ((bad_utf8, "not valid UTF-8"), (long_name, "bytes long")):
         res = run(compress_app, env["mlp"], "--arch", env["arch"], "--rank", "4", "--output", tmp_path / name)
         refused(res, fragment)
@@ -303,10 +318,18 @@ def test_output_names_that_cannot_be_written(env, tmp_path):
     assert listing(tmp_path) == set()
 
 
-def test_safetensors_output_is_refused_not_faked(env, tmp_path):
-    res = run(compress_app, env["mlp"], "--arch", env["arch"], "--rank", "4", "--output", tmp_path / "m.safetensors")
-    refused(res, "safetensors")
-    assert listing(tmp_path) == set()
+def test_safetensors_output_is_real_safetensors_and_a_pt_name_the_format_1_file(env, tmp_path):
+    from safetensors import safe_open
+
+    for name in ("a.safetensors", "b.pt"):
+        res = run(compress_app, env["mlp"], "--arch", env["arch"], "--rank", "4", "--output", tmp_path / name, "-q")
+        assert res.rc == 0, res.err
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        assert f.metadata()["format"] == "sttp-compress" and len(list(f.keys())) > 0
+    assert read_compressed(tmp_path / "b.pt")["format_version"] == 1
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["format"] == "sttp-compress"
+    for name in ("a.safetensors", "b.pt"):
+        assert run(eval_app, tmp_path / name, "--arch", env["arch"], "-q").rc == 0
 
 
 def test_json_output_honours_force_symlinks_and_stdout(env, tmp_path):
@@ -331,20 +354,20 @@ def test_checkpoint_and_report_land_together(env, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(report_mod, "render_markdown", lambda *a, **k: disk_full())
-    out = tmp_path / "m.sttp.pt"
+    out = tmp_path / "m.sttp.safetensors"
     res = run(compress_app, env["mlp"], "--arch", env["arch"], "--rank", "4", "--output", out, "-q")
     assert res.rc != 0 and "Traceback" not in res.err
     assert listing(tmp_path) == set()
     monkeypatch.undo()
     assert run(compress_app, env["mlp"], "--arch", env["arch"], "--rank", "4", "--output", out, "-q").rc == 0
-    assert {"m.sttp.pt", "m.sttp.report"} <= listing(tmp_path)
+    assert {"m.sttp.safetensors", "m.sttp.report"} <= listing(tmp_path)
 
 
 def test_stale_temporaries_of_a_killed_run_are_removed(env, tmp_path):
     dead = 2 ** 22 + 12345  # above the default pid_max: no process has it
     (tmp_path / f"{TEMP_PREFIX}{dead}-abc.tmp").write_bytes(b"half a checkpoint")
     (tmp_path / f"{TEMP_PREFIX}{dead}-report").mkdir()
-    res = run(compress_app, env["mlp"], "--arch", env["arch"], "--rank", "4", "--output", tmp_path / "m.sttp.pt")
+    res = run(compress_app, env["mlp"], "--arch", env["arch"], "--rank", "4", "--output", tmp_path / "m.sttp.safetensors")
     assert res.rc == 0, res.err
     assert not any(n.startswith(TEMP_PREFIX) for n in listing(tmp_path))
 
@@ -355,12 +378,12 @@ def _script(*args, **kw) -> subprocess.Popen:
 
 
 def test_concurrent_forced_runs_leave_one_runs_pair(env, tmp_path):
-    out = tmp_path / "m.sttp.pt"
+    out = tmp_path / "m.sttp.safetensors"
     procs = [_script(env["mlp"], "--arch", env["arch"], "--rank", r, "--output", out, "--force", "-q")
              for r in (3, 5)]
     for p in procs:
         assert p.wait(timeout=120) == 0, p.stderr.read()
-    ckpt = torch.load(out, weights_only=True)
+    ckpt = read_compressed(out)
     report = json.loads((tmp_path / "m.sttp.report" / "report.json").read_text())
     assert {c["rank"] for c in ckpt["layers"].values()} == {report["target"]["rank"]}
     assert report["totals"]["size_bytes_compressed"] == out.stat().st_size
@@ -370,7 +393,7 @@ def test_concurrent_forced_runs_leave_one_runs_pair(env, tmp_path):
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)])
 def test_interrupted_runs_write_nothing(env, tmp_path, sig, code):
     ready = tmp_path / "ready"
-    out = tmp_path / "out" / "m.sttp.pt"
+    out = tmp_path / "out" / "m.sttp.safetensors"
     out.parent.mkdir()
     proc = _script(env["mlp"], "--arch", f"{env['arch_py']}:slow", "--rank", "4", "--data",
                    f"tensors:{env['mlp_data']}", "--epochs", "50", "--workers", "0", "--output", out, "-q",
@@ -496,7 +519,7 @@ def test_random_compress_options_are_exit_0_or_one_line_exit_2(env, tmp_path, ch
     if "--ratio" not in chosen and "--rank" not in chosen:
         args += ["--rank", "4"]
     extra = ["--data", f"tensors:{env['mlp_data']}", "--workers", "0"] if with_data else []
-    out = folder / "m.sttp.pt"
+    out = folder / "m.sttp.safetensors"
     res = run(compress_app, env["mlp"], "--arch", env["arch"], *args, *extra, "--output", out, "-q")
     assert res.rc in (0, 2), res.err
     if res.rc == 2:

@@ -27,7 +27,7 @@ from sttp_compress.errors import UserError
 
 transformers = pytest.importorskip("transformers", reason="needs the optional transformers package (pip install .[hf])")
 
-from sttp_compress.io.checkpoint import load_compressed, save_compressed  # noqa: E402
+from sttp_compress.io.checkpoint import load_compressed, read_compressed, save_compressed  # noqa: E402
 from sttp_compress.io.hf import load_encoder, read_layout  # noqa: E402
 from sttp_compress.data.text import (TokenizedTexts, perturb_tokens, read_texts, token_counts,  # noqa: E402
                                      token_weights, tokenize_texts)
@@ -166,9 +166,9 @@ def test_bad_folders_are_one_line_user_errors(tiny, tmp_path, case, message):
         load_encoder(target)
     assert "\n" not in str(info.value)
     rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{target}", "--rank", "4",
-                     "--output", tmp_path / "out.sttp.pt")
+                     "--output", tmp_path / "out.sttp.safetensors")
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "out.sttp.pt").exists()
+    assert not (tmp_path / "out.sttp.safetensors").exists()
 
 
 def test_missing_transformers_names_the_fix(tiny, monkeypatch):
@@ -200,12 +200,37 @@ def test_token_embedding_is_padded_to_small_factors_and_rebuilds(tiny, tmp_path)
     assert p.dof() == 225 * 24  # full rank: the padded weight's size (padding rows are counted)
     with torch.no_grad():
         torch.testing.assert_close(enc(**b), before, atol=1e-5, rtol=1e-4)  # full rank: exact after cropping
-    path = tmp_path / "tiny.sttp.pt"
+    path = tmp_path / "tiny.sttp.safetensors"
     save_compressed(enc, path, f"hf:{tiny}")
-    rebuilt, info = load_compressed(path)
-    assert info["arch"] == f"hf:{tiny.resolve()}"
+    rebuilt, info = load_compressed(path, f"hf:{tiny}")
+    assert info["arch"] == f"hf:{tiny.name}" and len(info["meta"]["hf_config_sha256"]) == 64
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(**b), enc(**b))
+
+
+def test_hf_checkpoint_opens_with_the_folder_found_by_name_or_given_and_checks_its_config(tiny, tmp_path,
+                                                                                      monkeypatch):
+    """The checkpoint records the folder's name and its config.json's hash: found in the working directory or
+    beside the checkpoint, given with arch elsewhere; a folder with another config.json is refused."""
+    import shutil
+
+    enc = load_encoder(tiny)
+    compress_module(enc.encoder.layer[0].intermediate.dense, rank=4)
+    path = tmp_path / "ckpt" / "tiny.sttp.safetensors"
+    path.parent.mkdir()
+    save_compressed(enc, path, f"hf:{tiny}")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=f"folder '{tiny.name}', which is neither in the working directory"):
+        load_compressed(path)
+    shutil.copytree(tiny, path.parent / tiny.name)  # beside the checkpoint
+    assert isinstance(load_compressed(path)[0], type(enc))
+    other = tmp_path / "other"
+    shutil.copytree(tiny, other)
+    assert isinstance(load_compressed(path, f"hf:{other}")[0], type(enc))
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "layer_norm_eps": 1e-7}))
+    with pytest.raises(UserError, match="not the config.json that .* was made with"):
+        load_compressed(path, f"hf:{other}")
 
 
 # --------------------------------------------------------------------------- text data, loss, metrics
@@ -477,7 +502,7 @@ def test_vocab_rows_term_trains_rows_the_texts_never_hold(tiny):
 
 
 def test_cli_distils_on_text_and_sttp_eval_compares_with_the_folder(tiny, texts, tmp_path):
-    out = tmp_path / "tiny.sttp.pt"
+    out = tmp_path / "tiny.sttp.safetensors"
     rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--rank", "4", "--include", "*",
                      "--data", f"text:{texts}", "--steps", "3", "--batch-size", "8", "--workers", "0",
                      "--output", out, "--quiet")
@@ -501,7 +526,7 @@ def test_cli_distils_on_text_and_sttp_eval_compares_with_the_folder(tiny, texts,
     linears = [layer for layer in report["layers"] if layer["type"] == "Linear"]
     assert linears and all(layer["col_scaled"] and 0 <= layer["weighted_rel_error"] <= 1 for layer in linears)
     assert all(layer.get("spectrum_refit") for layer in linears)  # least squares on the calibration inputs
-    model, _ = load_compressed(out)  # rebuilds from hf:DIR, row and column scales included
+    model, _ = load_compressed(out, f"hf:{tiny}")  # rebuilds from hf:DIR, row and column scales included
     assert parametrization(model.embeddings.word_embeddings).row_scaled
     assert parametrization(model.encoder.layer[0].attention.self.query).col_scaled
 
@@ -509,7 +534,7 @@ def test_cli_distils_on_text_and_sttp_eval_compares_with_the_folder(tiny, texts,
     # batching noise would order the ties
     js, unique = tmp_path / "eval.json", tmp_path / "unique.txt"
     unique.write_text("\n".join(TEXTS) + "\n")
-    rc, stdout, err = cli(eval_app, "sttp-eval", out, "--reference", f"hf:{tiny}", "--data", f"text:{unique}",
+    rc, stdout, err = cli(eval_app, "sttp-eval", out, "--arch", f"hf:{tiny}", "--reference", f"hf:{tiny}", "--data", f"text:{unique}",
                           "--json", js, "--batch-size", "4")
     assert rc == 0, err
     result = json.loads(js.read_text())
@@ -525,11 +550,11 @@ def test_cli_distils_on_text_and_sttp_eval_compares_with_the_folder(tiny, texts,
     assert "Mean cosine similarity" in stdout and "Pair-similarity rank correlation" in stdout
     # the quality gate of a text model: one line on stderr, exit 1, the JSON written all the same
     js.unlink()
-    rc, _, err = cli(eval_app, "sttp-eval", out, "--reference", f"hf:{tiny}", "--data", f"text:{texts}",
+    rc, _, err = cli(eval_app, "sttp-eval", out, "--arch", f"hf:{tiny}", "--reference", f"hf:{tiny}", "--data", f"text:{texts}",
                      "--json", js, "--batch-size", "16", "--min-cosine", "1", "--quiet")
     assert rc == 1 and js.is_file()
     assert f"gate failed: mean cosine similarity to the reference {result['cosine']:.4f} < --min-cosine 1" in err
-    rc, _, err = cli(eval_app, "sttp-eval", out, "--reference", f"hf:{tiny}", "--data", f"text:{texts}",
+    rc, _, err = cli(eval_app, "sttp-eval", out, "--arch", f"hf:{tiny}", "--reference", f"hf:{tiny}", "--data", f"text:{texts}",
                      "--batch-size", "16", "--min-cosine", "-0.5", "--quiet")
     assert rc == 0, err
 
@@ -549,7 +574,7 @@ def test_cli_can_batch_texts_at_random(tiny, texts, tmp_path, monkeypatch):
     for flag, sampler in (("--no-group-by-length", "RandomSampler"), ("--group-by-length", "LengthGroupedSampler")):
         rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--rank", "4", "--data",
                          f"text:{texts}", "--steps", "1", "--batch-size", "8", "--workers", "0", flag,
-                         "--output", tmp_path / f"{sampler}.sttp.pt", "--quiet")
+                         "--output", tmp_path / f"{sampler}.sttp.safetensors", "--quiet")
         assert rc == 0, err
         report = json.loads((tmp_path / f"{sampler}.sttp.report" / "report.json").read_text())
         assert report["finetune"]["group_by_length"] is (flag == "--group-by-length")
@@ -558,7 +583,7 @@ def test_cli_can_batch_texts_at_random(tiny, texts, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("flag", ["--text-augment", "--text-vocab-share"])
 def test_text_augment_out_of_range_is_a_user_error(tiny, texts, tmp_path, flag):
-    out = tmp_path / "tiny.sttp.pt"
+    out = tmp_path / "tiny.sttp.safetensors"
     rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--rank", "4", "--data",
                      f"text:{texts}", flag, "1.5", "--output", out, "--quiet")
     assert rc == 2 and flag in err and len(err.strip().splitlines()) == 1
@@ -592,7 +617,7 @@ def test_cli_sets_the_vocabulary_share_and_text_distillation_uses_beta2_098(tiny
     for extra, share in (([], 0.25), (["--text-vocab-share", "0"], 0.0)):
         rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--rank", "4", "--data",
                          f"text:{texts}", "--steps", "1", "--batch-size", "8", "--workers", "0", *extra,
-                         "--output", tmp_path / f"s{share}.sttp.pt", "--quiet")
+                         "--output", tmp_path / f"s{share}.sttp.safetensors", "--quiet")
         assert rc == 0, err
         assert shares[-1] == (0.5, share) and betas[-1] == (0.9, 0.98)
     # the Python API: a beta2 the config sets is kept, and the image fine-tune's default stays PyTorch's
@@ -615,7 +640,7 @@ def test_text_data_needs_an_hf_arch(tiny, texts, tmp_path):
     rc, _, err = cli(compress_app, "sttp-compress", ckpt, "--arch", f"{arch}:build", "--rank", "2",
                      "--data", f"text:{texts}", "--quiet")
     assert rc == 2 and "needs --arch hf:DIR" in err
-    assert not (tmp_path / "m.sttp.pt").exists()
+    assert not (tmp_path / "m.sttp.safetensors").exists()
 
 
 def test_token_embedding_rank_defaults_to_its_width_within_half_the_budget(tiny, tmp_path):
@@ -641,7 +666,7 @@ def test_token_embedding_rank_defaults_to_its_width_within_half_the_budget(tiny,
     encoder_only = candidate_layers(enc, ["encoder.*"])[0]
     assert _layer_ranks(enc, CompressJob(ratio=1.5, include=["encoder.*"]), encoder_only, {}) == ({}, None)
     # through the CLI: the report says which rule set the rank, and the whole-model ratio still holds
-    out = tmp_path / "default.sttp.pt"
+    out = tmp_path / "default.sttp.safetensors"
     rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--ratio", "4", "--include", "*",
                      "--output", out, "--quiet")
     assert rc == 0, err
@@ -694,7 +719,7 @@ def test_token_weights_count_the_training_texts(tiny, texts, tmp_path):
     assert torch.equal(token_counts(data, 222), counts.long())
     assert load_encoder(tiny).token_embedding_name() == "embeddings.word_embeddings"
     # --no-token-weighting: the plain conversion (no row scales)
-    out = tmp_path / "plain.sttp.pt"
+    out = tmp_path / "plain.sttp.safetensors"
     rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--rank", "4", "--include", "*",
                      "--data", f"text:{texts}", "--steps", "1", "--batch-size", "8", "--workers", "0",
                      "--no-token-weighting", "--no-activation-aware", "--output", out, "--quiet")
@@ -713,40 +738,40 @@ def test_row_order_tiered_by_default_weight_on_request(tiny, texts, tmp_path):
     weights = token_weights(train, 222)
     table = load_encoder(tiny).embeddings.word_embeddings.weight
     for extra, kind in (((), "tiered"), (("--row-order", "weight"), "weight"), (("--order-rows",), "weight")):
-        out = tmp_path / f"{kind}{len(extra)}.sttp.pt"
+        out = tmp_path / f"{kind}{len(extra)}.sttp.safetensors"
         rc, _, err = cli(compress_app, "sttp-compress", *args, *extra, "--output", out, "--quiet")
         assert rc == 0, err
         report = json.loads((tmp_path / f"{kind}{len(extra)}.sttp.report" / "report.json").read_text())
         ordered = [(layer["name"], layer.get("row_order")) for layer in report["layers"] if layer.get("row_ordered")]
         assert ordered == [("embeddings.word_embeddings", kind)]
-        model, _ = load_compressed(out)  # weights_only; the order comes back from the state
+        model, _ = load_compressed(out, f"hf:{tiny}")  # weights_only; the order comes back from the state
         p = parametrization(model.embeddings.word_embeddings)
         modes = p.tt.out_modes
         expected = weight_order(weights) if kind == "weight" else tiered_order(table, weights, modes, 3)
         assert p.row_ordered and torch.equal(p.row_order, expected)
     # --row-order vocabulary: no order
-    out = tmp_path / "vocab.sttp.pt"
+    out = tmp_path / "vocab.sttp.safetensors"
     rc, _, err = cli(compress_app, "sttp-compress", *args, "--row-order", "vocabulary", "--output", out, "--quiet")
     assert rc == 0, err
-    assert not parametrization(load_compressed(out)[0].embeddings.word_embeddings).row_ordered
+    assert not parametrization(load_compressed(out, f"hf:{tiny}")[0].embeddings.word_embeddings).row_ordered
     # without token weights the default takes the vocabulary order; asking for an order is one line, exit 2,
     # nothing written; so is an unknown order
-    out = tmp_path / "plain.sttp.pt"
+    out = tmp_path / "plain.sttp.safetensors"
     rc, _, err = cli(compress_app, "sttp-compress", *args, "--no-token-weighting", "--output", out, "--quiet")
     assert rc == 0, err
-    assert not parametrization(load_compressed(out)[0].embeddings.word_embeddings).row_ordered
+    assert not parametrization(load_compressed(out, f"hf:{tiny}")[0].embeddings.word_embeddings).row_ordered
     no_data = ["--arch", f"hf:{tiny}", "--ratio", "2", "--include", "*"]
     for bad_args, needle in (([*args, "--no-token-weighting", "--row-order", "tiered"], "--row-order tiered"),
                              ([*no_data, "--order-rows"], "--row-order weight"),
                              ([*args, "--row-order", "random"], "--row-order must be one of")):
-        bad = tmp_path / "bad.sttp.pt"
+        bad = tmp_path / "bad.sttp.safetensors"
         rc, _, err = cli(compress_app, "sttp-compress", *bad_args, "--output", bad, "--quiet")
         assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
         assert not bad.exists()
 
 
 def test_layer_rank_pins_one_layer_and_the_ratio_still_holds(tiny, texts, tmp_path):
-    out = tmp_path / "pinned.sttp.pt"
+    out = tmp_path / "pinned.sttp.safetensors"
     rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--ratio", "2", "--include", "*",
                      "--layer-rank", "embeddings.word_embeddings=3", "--output", out, "--quiet")
     assert rc == 0, err
@@ -756,9 +781,9 @@ def test_layer_rank_pins_one_layer_and_the_ratio_still_holds(tiny, texts, tmp_pa
     for bad, message in (("embeddings.word_embeddings=x", "bad --layer-rank"),
                          ("nope=4", "'nope' is not a layer to compress")):
         rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--ratio", "2", "--include", "*",
-                         "--layer-rank", bad, "--output", tmp_path / "bad.sttp.pt", "--quiet")
+                         "--layer-rank", bad, "--output", tmp_path / "bad.sttp.safetensors", "--quiet")
         assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
-        assert not (tmp_path / "bad.sttp.pt").exists()
+        assert not (tmp_path / "bad.sttp.safetensors").exists()
 
 
 def test_minilm_token_embedding_default_is_the_benchmark_rank(minilm):
@@ -792,12 +817,12 @@ def test_text_distillation_trains_spectra_at_ten_times_the_lr_unless_told(tiny, 
     for extra, mult in (([], 10.0), (["--spectrum-lr", "2.5"], 2.5)):
         rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--rank", "4", "--data",
                          f"text:{texts}", "--steps", "1", "--batch-size", "8", "--workers", "0", "--lr", "1e-3",
-                         *extra, "--output", tmp_path / f"m{mult}.sttp.pt", "--quiet")
+                         *extra, "--output", tmp_path / f"m{mult}.sttp.safetensors", "--quiet")
         assert rc == 0, err
         assert lrs[-1] == pytest.approx([1e-3, 1e-3 * mult])  # a third AdamW group for spectra and scales
     rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--rank", "4", "--data",
-                     f"text:{texts}", "--steps", "1", "--spectrum-lr", "0", "--output", tmp_path / "z.sttp.pt")
-    assert rc == 2 and "multiple must be positive" in err and not (tmp_path / "z.sttp.pt").exists()
+                     f"text:{texts}", "--steps", "1", "--spectrum-lr", "0", "--output", tmp_path / "z.sttp.safetensors")
+    assert rc == 2 and "multiple must be positive" in err and not (tmp_path / "z.sttp.safetensors").exists()
     # the Python API: a multiple the config sets is kept (1: one group rate for all)
     teacher = load_encoder(tiny)
     from sttp_compress.data.images import make_loaders
@@ -816,15 +841,15 @@ def test_free_cores_by_default_for_text_off_on_request_and_refused_with_a_bounde
             "--workers", "0", "--quiet"]
     for i, (extra, expected) in enumerate((([], True), (["--no-free-cores"], False),
                                            (["--spectrum", "lipschitz"], False))):
-        out = tmp_path / f"m{i}.sttp.pt"
+        out = tmp_path / f"m{i}.sttp.safetensors"
         rc, _, err = cli(compress_app, "sttp-compress", *base, *extra, "--output", out)
         assert rc == 0, err
         report = json.loads((tmp_path / f"m{i}.sttp.report" / "report.json").read_text())
         assert report["finetune"]["free_cores"] is expected
-        model, _ = load_compressed(out)
+        model, _ = load_compressed(out, f"hf:{tiny}")
         assert not gauge_released(model)
         assert report["totals"]["params_compressed"] == count_parameters(model)  # the DOF, not the free cores
-    out = tmp_path / "bad.sttp.pt"
+    out = tmp_path / "bad.sttp.safetensors"
     rc, _, err = cli(compress_app, "sttp-compress", *base, "--spectrum", "lipschitz", "--free-cores", "--output", out)
     assert rc == 2 and not out.exists()
     assert err.strip().splitlines() == ["sttp-compress: error: free cores need the free spectrum on every compressed layer "
@@ -832,10 +857,10 @@ def test_free_cores_by_default_for_text_off_on_request_and_refused_with_a_bounde
 
 
 def test_hf_folder_as_the_positional_model(tiny, tmp_path):
-    out = tmp_path / "pos.sttp.pt"
+    out = tmp_path / "pos.sttp.safetensors"
     rc, _, err = cli(compress_app, "sttp-compress", f"hf:{tiny}", "--rank", "4", "--output", out, "-q")
     assert rc == 0, err
-    assert torch.load(out, weights_only=True)["arch"] == f"hf:{Path(tiny).resolve()}"
+    assert read_compressed(out)["arch"] == f"hf:{Path(tiny).name}"  # the folder's name, no path
     rc, _, err = cli(compress_app, "sttp-compress", f"hf:{tiny}", "--arch", f"hf:{tiny}", "--rank", "4",
-                     "--output", tmp_path / "twice.sttp.pt")
-    assert rc == 2 and "give hf:DIR once" in err and not (tmp_path / "twice.sttp.pt").exists()
+                     "--output", tmp_path / "twice.sttp.safetensors")
+    assert rc == 2 and "give hf:DIR once" in err and not (tmp_path / "twice.sttp.safetensors").exists()

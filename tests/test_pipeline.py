@@ -26,13 +26,13 @@ def data():
 
 
 def test_default_output_and_state_size(tmp_path):
-    assert default_output(str(tmp_path / "model.pt")) == tmp_path / "model.sttp.pt"
+    assert default_output(str(tmp_path / "model.pt")) == tmp_path / "model.sttp.safetensors"
     model = net().half()
     assert state_size_bytes(model) == 4 * sum(p.numel() for p in model.parameters())  # counted as float32
 
 
 def test_an_in_memory_job_writes_checkpoint_and_report_together(tmp_path):
-    out = tmp_path / "m.sttp.pt"
+    out = tmp_path / "m.sttp.safetensors"
     job = CompressJob(module=net(), arch="torch.nn:Identity", rank=4, output=str(out), progress=False,
                       datasets=data(), finetune=FinetuneConfig(epochs=2, batch_size=16, workers=0, device="cpu"))
     report, extras = run_compress(job)
@@ -48,7 +48,7 @@ def test_an_in_memory_job_writes_checkpoint_and_report_together(tmp_path):
 @pytest.mark.parametrize("change,fragment", [({"dtype": "int3"}, "dtype"), ({"method": "tucker"}, "method"),
                                              ({"rank": None}, "ratio"), ({"augment": "x"}, "augment")])
 def test_bad_jobs_fail_before_any_work(tmp_path, change, fragment):
-    job = CompressJob(module=net(), rank=4, output=str(tmp_path / "m.sttp.pt"), progress=False)
+    job = CompressJob(module=net(), rank=4, output=str(tmp_path / "m.sttp.safetensors"), progress=False)
     for key, value in change.items():
         setattr(job, key, value)
     with pytest.raises(UserError, match=fragment):

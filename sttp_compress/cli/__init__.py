@@ -74,7 +74,7 @@ USAGE = {
                       "--data ./cifar10 --epochs 10",
                       "sttp-compress --example runs the built-in example; --help lists every option"),
     "sttp-eval": ("usage: sttp-eval COMPRESSED [--data DIR] [--reference MODEL] [gates] [options]",
-                  "example: sttp-eval model.sttp.pt --data ./cifar10/test --max-size 5MB --min-accuracy 90",
+                  "example: sttp-eval model.sttp.safetensors --data ./cifar10/test --max-size 5MB --min-accuracy 90",
                   "--help lists every option"),
 }
 
@@ -117,7 +117,7 @@ def compress_cmd(
                                          "layers share what is left (repeatable). An hf: encoder's token "
                                          "embedding defaults to its width, within half the target's parameters."),
     seed: int = typer.Option(0, help="Random seed."),
-    output: Optional[str] = typer.Option(None, help="Compressed checkpoint path (default: <MODEL stem>.sttp.pt beside MODEL)."),
+    output: Optional[str] = typer.Option(None, help="Compressed checkpoint path (default: <MODEL stem>.sttp.safetensors beside MODEL; a .pt name writes the format-1 torch file)."),
     force: bool = typer.Option(False, help="Overwrite an existing output."),
     dtype: str = typer.Option("float32", help="Stored value type: float32, float16 or bfloat16."),
     report_dir: Optional[str] = typer.Option(None, help="Report folder (default: <output stem>.report/)."),
@@ -286,6 +286,8 @@ def _finish(report: dict, extras: dict, quiet: bool, json_out: bool) -> None:
                   soft_wrap=True)
         err.print(f"wrote {extras['output']} and {Path(extras['report_dir']) / 'report.md'}", soft_wrap=True,
                   markup=False)
+        if extras.get("next"):
+            err.print(f"next: {extras['next']}", soft_wrap=True, markup=False, highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,10 +2,10 @@
 
 The Python API behind ``sttp-eval COMPRESSED [options]``::
 
-    result = run_eval("model.sttp.pt", EvalOptions(data="val/", reference="model.pt"))
+    result = run_eval("model.sttp.safetensors", EvalOptions(data="val/", reference="model.pt"))
     failures = check_gates(result, opts)        # [] when every gate passes
     console.print(summary_table(result))
-    export_dense("model.sttp.pt", "dense.pt")   # plain float32 state_dict of the original architecture
+    export_dense("model.sttp.safetensors", "dense.pt")   # plain float32 state_dict of the original architecture
 
 ``run_eval`` returns a JSON-ready dict (the ``--json`` output). Its keys:
 

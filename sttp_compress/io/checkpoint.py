@@ -1,18 +1,30 @@
-"""Compressed checkpoints: save and load, loadable with `torch.load(..., weights_only=True)`.
+"""Compressed checkpoints: a safetensors file (the tensors) with JSON metadata in its header; nothing pickled.
 
-The file is a plain dict of strings, numbers, lists and tensors::
+Any safetensors reader opens the file. Its tensors are the compressed model's state dict (each STTP/SVDP layer's
+parametrization originals and buffers, and the layers that stay dense); its header metadata holds strings::
 
-    {"format": "sttp-compress", "format_version": 1, "tool_version": "0.1.0",
-     "arch": "torchvision:resnet18?num_classes=10" | None, "dtype": "float32" | "float16",
-     "layers": {name: {"kind", "weight_shape", "rank", "method", "spectrum"}},
-     "state_dict": {...}, "meta": {...}}
+    format          "sttp-compress"
+    format_version  "2"
+    tool_version    "0.1.0"
+    arch            "torchvision:resnet18?num_classes=10" | "model.py:build" | "hf:all-MiniLM-L6-v2" | ""
+    dtype           "float32" | "float16" | "bfloat16"
+    layers          JSON {name: {"kind", "weight_shape", "rank", "method", "spectrum", ...}}
+    meta            JSON {"params_original", "size_bytes_original", "input_shape", ..., "hf_config_sha256"}
+    summary         JSON {"params", "params_original", "ratio", "layers"}: a summary of the report
 
-Loading rebuilds the architecture from `arch` (or an override), attaches each layer's STTP/SVDP
-structure without running a TT-SVD, and loads the state dict.
+The metadata records no path of the machine that wrote it: a file spec keeps the file's name only (pass `arch`
+to rebuild it, as the trust rules require anyway) and an `hf:DIR` model its folder's name plus the SHA-256 of
+its config.json, checked when the file is opened with another folder.
+
+Files of format version 1 (`.sttp.pt`: a dict saved with torch.save) stay readable with weights_only=True, and a
+name ending in `.pt` still writes that format. Loading rebuilds the architecture from `arch` (or the recorded
+spec), attaches each layer's STTP/SVDP structure without running a TT-SVD, and loads the state dict.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -27,49 +39,79 @@ from sttp_compress.errors import UserError
 from sttp_compress.io.specs import HF_PREFIX, hf_folder
 from sttp_compress.core.spectral_tt import weight_name
 from sttp_compress.io.sources import recorded_arch_problem, resolve_arch
-from sttp_compress.io.outputs import atomic_torch_save
+from sttp_compress.io.outputs import atomic_write
 from sttp_compress.core.tt import SPECTRA
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "DTYPES", "checkpoint_payload", "save_compressed", "load_compressed",
-           "read_compressed", "portable_arch"]
+           "read_compressed", "recorded_arch", "write_payload", "is_safetensors_name"]
 
 FORMAT = "sttp-compress"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: safetensors with JSON metadata; 1: a torch.save dict (read, and written for .pt names)
 METHODS = ("sttp", "svdp")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def portable_arch(spec: str | None) -> str | None:
-    """Make a `path/file.py:factory` or `hf:DIR` spec absolute so the checkpoint resolves from any folder."""
+def recorded_arch(spec: str | None) -> tuple[str | None, dict]:
+    """The architecture spec as a checkpoint records it, with no path of this machine, and what to check it by.
+
+    `torchvision:` and `package.module:factory` specs stay as they are; a file spec keeps the file's name
+    (`path/to/model.py:build` -> `model.py:build`); `hf:DIR` keeps the folder's name, and the second value
+    gives the SHA-256 of its config.json ({"hf_config_sha256": ...}) for `load_compressed` to compare."""
     if not spec:
-        return spec
+        return spec, {}
     folder = hf_folder(spec)
-    if folder is not None:  # a local model folder
-        return HF_PREFIX + str(folder.resolve())
+    if folder is not None:
+        config = folder / "config.json"
+        extra = {"hf_config_sha256": _sha256(config)} if config.is_file() else {}
+        return HF_PREFIX + folder.resolve().name, extra
     module, sep, rest = spec.partition(":")
     if sep and (module.endswith(".py") or os.sep in module or "/" in module):
-        return str(Path(module).resolve()) + sep + rest
-    return spec
+        return Path(module).name + sep + rest, {}
+    return spec, {}
 
 
-def checkpoint_payload(model: nn.Module, arch: str | None, dtype: str = "float32", meta: dict | None = None) -> dict:
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def is_safetensors_name(path: str | os.PathLike) -> bool:
+    """True unless the name ends in `.pt` or `.pth` (the format-1 torch.save files)."""
+    return Path(path).suffix.lower() not in (".pt", ".pth")
+
+
+def checkpoint_payload(model: nn.Module, arch: str | None, dtype: str = "float32", meta: dict | None = None,
+                       summary: dict | None = None) -> dict:
     """The dict a compressed checkpoint file holds (see the module docstring), tensors on the CPU in `dtype`."""
     if dtype not in DTYPES:
         raise UserError(f"‹dtype› must be one of {', '.join(DTYPES)}, got {dtype!r}")
     tdtype = DTYPES[dtype]
-    state = {k: (v.detach().to("cpu", tdtype) if v.is_floating_point() else v.detach().cpu()).clone()
+    state = {k: (v.detach().to("cpu", tdtype) if v.is_floating_point() else v.detach().cpu()).contiguous().clone()
              for k, v in model.state_dict().items()}
+    spec, check = recorded_arch(arch)
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "tool_version": __version__,
-            "arch": portable_arch(arch), "dtype": dtype,
+            "arch": spec, "dtype": dtype,
             "layers": {n: p.config() for n, p in compressed_layers(model).items()},
-            "state_dict": state, "meta": meta or {}}
+            "state_dict": state, "meta": {**(meta or {}), **check}, "summary": summary or {}}
+
+
+def write_payload(payload: dict, path: str | os.PathLike, safetensors: bool = True) -> None:
+    """Write a checkpoint dict to `path` as safetensors with JSON metadata (else format 1, torch.save)."""
+    if not safetensors:
+        torch.save({**payload, "format_version": 1}, path)
+        return
+    from safetensors.torch import save_file
+
+    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "tool_version": str(payload["tool_version"]),
+              "arch": payload["arch"] or "", "dtype": payload["dtype"], "layers": json.dumps(payload["layers"]),
+              "meta": json.dumps(payload.get("meta") or {}), "summary": json.dumps(payload.get("summary") or {})}
+    save_file(payload["state_dict"], str(path), metadata=header)
 
 
 def save_compressed(model: nn.Module, path: str | os.PathLike, arch: str | None,
                     dtype: str = "float32", meta: dict | None = None, force: bool = False) -> int:
-    """Write the compressed model atomically; returns the file size in bytes."""
+    """Write the compressed model atomically (safetensors, or format 1 for a `.pt` name); returns its size in bytes."""
     payload = checkpoint_payload(model, arch, dtype, meta)
-    atomic_torch_save(payload, path, force=force)
+    atomic_write(path, lambda tmp: write_payload(payload, tmp, is_safetensors_name(path)), force=force)
     return Path(path).stat().st_size
 
 
@@ -188,11 +230,42 @@ def _load_dict(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise UserError(f"no such file: {path}")
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        return _read_safetensors(p) if _looks_like_safetensors(p) else torch.load(p, map_location="cpu",
+                                                                                  weights_only=True)
+    except UserError:
+        raise
     except Exception as e:  # corrupt, truncated, or not ours
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} is not a readable sttp-compress checkpoint (corrupt or truncated?): "
                         f"{reason}") from None
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file starts with its header's length (8 bytes, little-endian) and then '{'."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def _read_safetensors(path: Path) -> dict:
+    """The checkpoint dict of a safetensors file: its metadata's JSON fields decoded, its tensors the state dict."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    data: dict[str, Any] = {k: header.get(k) for k in ("format", "format_version", "tool_version", "dtype")}
+    version = data["format_version"]
+    data["format_version"] = int(version) if isinstance(version, str) and version.isdigit() else version
+    data["arch"] = header.get("arch") or None
+    for key in ("layers", "meta", "summary"):
+        if key in header:
+            try:
+                data[key] = json.loads(header[key])
+            except ValueError:
+                raise UserError(f"{path} is a damaged sttp-compress checkpoint: metadata {key!r} is not JSON") from None
+    data["state_dict"] = state
+    return data
 
 
 def load_compressed(path: str | os.PathLike, arch: str | None = None,
@@ -204,7 +277,8 @@ def load_compressed(path: str | os.PathLike, arch: str | None = None,
     Returns (model in eval mode, float32, the checkpoint dict without its state_dict).
     """
     data = read_compressed(path)
-    spec = arch or _recorded_arch(path, data.get("arch"), trust_arch)
+    spec = arch or _recorded_arch(path, _found_hf(path, data.get("arch")), trust_arch)
+    _check_hf_config(path, spec, data.get("meta") or {})
     model = resolve_arch(spec)
     _attach_layers(model, data["layers"], spec, path)
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in data["state_dict"].items()}
@@ -229,6 +303,33 @@ def _recorded_arch(path: str | os.PathLike, spec: str | None, trust_arch: bool) 
                         f"{problem}: pass ‹arch› SPEC to give the architecture yourself, or ‹trust_arch› to "
                         "build the recorded one if you trust the file")
     return spec
+
+
+def _found_hf(path: str | os.PathLike, spec: str | None) -> str | None:
+    """A recorded `hf:NAME` (a folder's name) as the folder of that name in the working directory or beside the
+    checkpoint, whichever exists; UserError naming the fix when neither does. Other specs pass unchanged."""
+    folder = hf_folder(spec)
+    if folder is None or folder.is_absolute():  # format 1 recorded absolute folders
+        return spec
+    for base in (Path.cwd(), Path(path).absolute().parent):
+        if (base / folder).is_dir():
+            return HF_PREFIX + str(base / folder)
+    raise UserError(f"{path} was made from the Hugging Face model folder {folder.name!r}, which is neither in the "
+                    "working directory nor beside the checkpoint: pass ‹arch› hf:DIR naming that folder")
+
+
+def _check_hf_config(path: str | os.PathLike, spec: str, meta: dict) -> None:
+    """An `hf:DIR` model must be the one the checkpoint was made from: same config.json (when recorded)."""
+    folder, want = hf_folder(spec), meta.get("hf_config_sha256")
+    if folder is None or not isinstance(want, str):
+        return
+    config = folder / "config.json"
+    if not config.is_file():
+        raise UserError(f"{path} was made from a Hugging Face model folder named {folder.name!r}; "
+                        f"{folder} has no config.json here: pass ‹arch› hf:DIR with that model's folder")
+    if _sha256(config) != want:
+        raise UserError(f"{config} is not the config.json that {path} was made with (SHA-256 differs): "
+                        "pass ‹arch› hf:DIR with the original model's folder")
 
 
 def _attach_layers(model: nn.Module, layers: dict, spec: str, path: str | os.PathLike) -> None:

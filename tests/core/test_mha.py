@@ -111,8 +111,8 @@ def test_checkpoint_round_trip(tmp_path):
     model = tiny_encoder()
     compress_to_target(model, ratio=2.0)
     assert any(n.endswith("in_proj_weight") for n in compressed_layers(model))
-    save_compressed(model, tmp_path / "m.sttp.pt", arch)
-    loaded, info = load_compressed(tmp_path / "m.sttp.pt", trust_arch=True)
+    save_compressed(model, tmp_path / "m.sttp.safetensors", arch)
+    loaded, info = load_compressed(tmp_path / "m.sttp.safetensors", arch)
     assert set(info["layers"]) == set(compressed_layers(model))
     x = torch.randn(2, 7, 12)
     with torch.no_grad():

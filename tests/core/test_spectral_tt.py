@@ -9,6 +9,7 @@ from sttp_compress import compress, compress_module, compressed_layers, count_pa
 from sttp_compress.core.householder import frame
 from sttp_compress.core.spectral_tt import SpectralTT
 from sttp_compress.core.tt import svdp_dof
+from sttp_compress.io.checkpoint import read_compressed  # noqa: E402
 
 MODULES = [
     lambda: nn.Linear(64, 32),
@@ -382,11 +383,11 @@ def test_row_ordered_gradcheck_bank_and_checkpoint_round_trip(tmp_path):
     arch = tmp_path / "net.py"
     arch.write_text("from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Embedding(30, 6))\n")
     model = nn.Sequential(m.float())
-    path = tmp_path / "m.sttp.pt"
+    path = tmp_path / "m.sttp.safetensors"
     save_compressed(model, path, f"{arch}:build")
-    state = torch.load(path, weights_only=True)["state_dict"]
+    state = read_compressed(path)["state_dict"]
     torch.testing.assert_close(state["0.parametrizations.weight.0.row_order"], p.row_order)
-    loaded, _ = load_compressed(path, trust_arch=True)  # the structure from the config, the order from the state
+    loaded, _ = load_compressed(path, f"{arch}:build")  # the structure from the config, the order from the state
     assert loaded[0].parametrizations.weight[0].row_ordered
     torch.testing.assert_close(loaded[0].weight, model[0].weight)
 

@@ -91,12 +91,12 @@ def test_evaluate_pairs_against_direct_embeddings(tiny, tmp_path):
 def test_sttp_eval_on_pairs_reports_and_gates(tiny, tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(TEXTS * 4) + "\n")
-    out = tmp_path / "tiny.sttp.pt"
+    out = tmp_path / "tiny.sttp.safetensors"
     rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--rank", "4", "--output", out, "--quiet")
     assert rc == 0, err
     pairs = _write(tmp_path / "pairs.tsv", PAIRS)
     js = tmp_path / "eval.json"
-    rc, stdout, err = cli(eval_app, "sttp-eval", out, "--reference", f"hf:{tiny}", "--data", f"pairs:{pairs}",
+    rc, stdout, err = cli(eval_app, "sttp-eval", out, "--arch", f"hf:{tiny}", "--reference", f"hf:{tiny}", "--data", f"pairs:{pairs}",
                           "--json", js, "--batch-size", "8", "--min-sts-spearman", "-1")
     assert rc == 0, err
     result = json.loads(js.read_text())
@@ -104,19 +104,19 @@ def test_sttp_eval_on_pairs_reports_and_gates(tiny, tmp_path):
     assert -1 <= result["sts_spearman"] <= 1 and -1 <= result["sts_spearman_reference"] <= 1
     assert 0 < result["cosine"] <= 1
     assert "Pair scores: Spearman" in stdout and "(original " in stdout
-    rc, _, err = cli(eval_app, "sttp-eval", out, "--data", f"pairs:{pairs}", "--batch-size", "8", "--quiet",
+    rc, _, err = cli(eval_app, "sttp-eval", out, "--arch", f"hf:{tiny}", "--data", f"pairs:{pairs}", "--batch-size", "8", "--quiet",
                      "--min-sts-spearman", "1")
     assert rc == 1 and f"gate failed: Spearman of pair similarities with the scores {result['sts_spearman']:.4f} < " \
                        "--min-sts-spearman 1" in err
-    rc, _, err = cli(eval_app, "sttp-eval", out, "--data", f"text:{texts}", "--quiet", "--min-sts-spearman", "0")
+    rc, _, err = cli(eval_app, "sttp-eval", out, "--arch", f"hf:{tiny}", "--data", f"text:{texts}", "--quiet", "--min-sts-spearman", "0")
     # a gate the data can never measure is a usage error found before any work, not a failed gate
     assert rc == 2 and "--min-sts-spearman cannot be checked without --data pairs:FILE" in err
-    rc, _, err = cli(eval_app, "sttp-eval", out, "--data", f"pairs:{pairs}", "--min-sts-spearman", "2")
+    rc, _, err = cli(eval_app, "sttp-eval", out, "--arch", f"hf:{tiny}", "--data", f"pairs:{pairs}", "--min-sts-spearman", "2")
     assert rc == 2 and "--min-sts-spearman is a correlation between -1 and 1" in err
     # distillation takes texts, not pairs
     rc, _, err = cli(compress_app, "sttp-compress", "--arch", f"hf:{tiny}", "--rank", "4", "--output",
-                     tmp_path / "x.sttp.pt", "--data", f"pairs:{pairs}", "--steps", "1")
-    assert rc == 2 and "distil with --data text:FILE" in err and not (tmp_path / "x.sttp.pt").exists()
+                     tmp_path / "x.sttp.safetensors", "--data", f"pairs:{pairs}", "--steps", "1")
+    assert rc == 2 and "distil with --data text:FILE" in err and not (tmp_path / "x.sttp.safetensors").exists()
 
 
 def _make_text_data():

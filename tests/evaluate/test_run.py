@@ -14,7 +14,7 @@ from rich.console import Console
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from sttp_compress.io.checkpoint import load_compressed, save_compressed
+from sttp_compress.io.checkpoint import load_compressed, read_compressed, save_compressed
 from sttp_compress.compress.convert import compress, compressed_layers, count_parameters
 from sttp_compress.data.images import ImageDataConfig, image_transforms, resolve_image_config
 from sttp_compress.errors import UserError
@@ -50,10 +50,10 @@ def files(tmp_path_factory):
     model = DigitsCNN()
     n0 = count_parameters(model)
     assert compress(model, rank=4)
-    ckpt = root / "digits.sttp.pt"
+    ckpt = root / "digits.sttp.safetensors"
     meta = {"params_original": n0, "size_bytes_original": 2_500_000, "input_shape": [1, 8, 8]}
     save_compressed(model, ckpt, DIGITS, meta=meta)
-    bare = root / "bare.sttp.pt"
+    bare = root / "bare.sttp.safetensors"
     save_compressed(model, bare, DIGITS)
 
     _, val = digits_data()
@@ -67,7 +67,7 @@ def files(tmp_path_factory):
     torch.manual_seed(1)
     net = resolve_arch(net_spec)
     assert compress(net, rank=4)
-    net_ckpt = root / "net.sttp.pt"
+    net_ckpt = root / "net.sttp.safetensors"
     save_compressed(net, net_ckpt, net_spec, meta={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]})
     images = root / "images"
     gen = torch.Generator().manual_seed(0)
@@ -93,7 +93,7 @@ def test_numbers_on_tensor_data(files):
     assert tuple(result) == RESULT_KEYS  # every documented key, in the documented order
     model, _ = load_compressed(files["ckpt"])
     assert result["params"] == count_parameters(model)
-    assert result["size_bytes"] == (files["root"] / "digits.sttp.pt").stat().st_size
+    assert result["size_bytes"] == (files["root"] / "digits.sttp.safetensors").stat().st_size
     assert result["params_original"] == files["n0"]
     assert result["ratio"] == pytest.approx(files["n0"] / result["params"])
     assert result["size_bytes_original"] == 2_500_000
@@ -149,16 +149,16 @@ def test_no_data_no_shape_skips_latency(files):
 
 
 def test_image_folder(files):
-    result = run_eval(files["net"], _opts(data=files["images"], latency=True, batch_size=4, workers=0, trust_arch=True))
+    result = run_eval(files["net"], _opts(data=files["images"], latency=True, batch_size=4, workers=0, arch=files["net_spec"]))
     assert result["samples"] == 9 and result["input_shape"] == [3, 12, 12]
-    model, _ = load_compressed(files["net"], trust_arch=True)
+    model, _ = load_compressed(files["net"], arch=files["net_spec"])
     cfg = resolve_image_config(ImageDataConfig(mean=(0.5,) * 3, std=(0.25,) * 3), files["images"])
     ds = ImageFolder(files["images"], transform=image_transforms(cfg)[1])
     direct = evaluate(model, DataLoader(ds, batch_size=4), "cpu")
     assert result["accuracy"] == pytest.approx(100 * direct["accuracy"])
     assert result["loss"] == pytest.approx(direct["loss"], rel=1e-5)
     # --image-size overrides the image's own size
-    assert run_eval(files["net"], _opts(data=files["images"], image_size=8, workers=0, trust_arch=True))["input_shape"] == [3, 8, 8]
+    assert run_eval(files["net"], _opts(data=files["images"], image_size=8, workers=0, arch=files["net_spec"]))["input_shape"] == [3, 8, 8]
 
 
 def test_image_folder_train_val_layout(files, tmp_path):
@@ -167,7 +167,7 @@ def test_image_folder_train_val_layout(files, tmp_path):
     shutil.copytree(files["images"], tmp_path / "val")
     shutil.rmtree(tmp_path / "val" / "owl")
     (tmp_path / "val" / "owl").mkdir()
-    result = run_eval(files["net"], _opts(data=str(tmp_path), workers=0, trust_arch=True))
+    result = run_eval(files["net"], _opts(data=str(tmp_path), workers=0, arch=files["net_spec"]))
     assert result["samples"] == 6
 
 
@@ -223,7 +223,7 @@ def test_reference_differs(files, tmp_path):
 def test_embedding_first_model_gets_token_ids(files, tmp_path):
     spec = f"{files['root'] / 'net.py'}:embed"
     model = resolve_arch(spec)
-    path = tmp_path / "emb.sttp.pt"
+    path = tmp_path / "emb.sttp.safetensors"
     save_compressed(model, path, spec, meta={"input_shape": [8]})
     result = run_eval(str(path), _opts(arch=spec, latency=True))
     assert result["latency_ms"] > 0 and result["input_shape"] == [8]
@@ -352,7 +352,7 @@ def test_bad_inputs(files, tmp_path):
         (ckpt, _opts(input_shape=(3, 8, 8), latency=True), "check that the data or input_shape"),
         (ckpt, _opts(reference=str(tmp_path / "ref.pt")), "no such file"),
         (ckpt, _opts(device="tpu"), "device"),
-        (files["net"], _opts(data=files["tensors"], trust_arch=True), "check that the data"),
+        (files["net"], _opts(data=files["tensors"], arch=files["net_spec"]), "check that the data"),
     ]
     for path, opts, match in cases:
         _one_line_error(run_eval, path, opts, match=match)
@@ -414,7 +414,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(files, capsys, extra, fragment):
 
 
 def test_cli_missing_and_foreign_files(files, capsys, tmp_path):
-    code, _, err = _eval_cli([tmp_path / "nope.sttp.pt"], capsys)
+    code, _, err = _eval_cli([tmp_path / "nope.sttp.safetensors"], capsys)
     assert code == 2 and len(err) == 1 and "no such file" in err[0]
     plain = tmp_path / "plain.pt"
     torch.save(DigitsCNN().state_dict(), plain)

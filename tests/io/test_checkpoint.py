@@ -3,14 +3,20 @@ recorded architecture specs are built on their own."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
+from safetensors import safe_open
 
 from sttp_compress.compress.convert import compress
 from sttp_compress.errors import UserError
 from sttp_compress.example import DigitsCNN
-from sttp_compress.io.checkpoint import (FORMAT, FORMAT_VERSION, checkpoint_payload, load_compressed, portable_arch,
-                                         read_compressed, save_compressed)
+from sttp_compress.io.checkpoint import (FORMAT, FORMAT_VERSION, checkpoint_payload, load_compressed, read_compressed,
+                                         recorded_arch, save_compressed)
 from sttp_compress.io.sources import recorded_arch_problem
 
 DIGITS = "sttp_compress.example:DigitsCNN"
@@ -36,11 +42,14 @@ def test_payload_holds_the_format_the_layers_and_the_state(model):
         checkpoint_payload(model, DIGITS, "int3")
 
 
+@pytest.mark.parametrize("name", ["m.sttp.safetensors", "m.sttp.pt"])
 @pytest.mark.parametrize("dtype,tol", [("float32", 0.0), ("float16", 1e-2)])
-def test_round_trip(model, tmp_path, dtype, tol):
-    path = tmp_path / "m.sttp.pt"
+def test_round_trip(model, tmp_path, name, dtype, tol):
+    path = tmp_path / name
     size = save_compressed(model, path, DIGITS, dtype=dtype)
-    assert size == path.stat().st_size and read_compressed(path)["dtype"] == dtype
+    data = read_compressed(path)
+    assert size == path.stat().st_size and data["dtype"] == dtype
+    assert data["format_version"] == (FORMAT_VERSION if name.endswith(".safetensors") else 1)
     rebuilt, info = load_compressed(path)
     assert "state_dict" not in info and info["arch"] == DIGITS
     x = torch.randn(4, 1, 8, 8)
@@ -50,11 +59,84 @@ def test_round_trip(model, tmp_path, dtype, tol):
         save_compressed(model, path, DIGITS)
 
 
-def test_portable_arch_makes_file_specs_absolute(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert portable_arch("models/net.py:build") == f"{tmp_path}/models/net.py:build"
-    assert portable_arch("torchvision:resnet18?num_classes=10") == "torchvision:resnet18?num_classes=10"
-    assert portable_arch(None) is None
+def test_any_safetensors_reader_opens_the_checkpoint(model, tmp_path):
+    """The file is plain safetensors: the state dict's tensors, and JSON metadata; no pickle."""
+    path = tmp_path / "m.sttp.safetensors"
+    save_compressed(model, path, DIGITS, meta={"params_original": 620170})
+    with safe_open(str(path), framework="pt") as f:
+        header, keys = f.metadata(), set(f.keys())
+        torch.testing.assert_close(f.get_tensor("features.0.weight"), model.state_dict()["features.0.weight"])
+    assert keys == set(model.state_dict())
+    assert header["format"] == FORMAT and header["format_version"] == "2" and header["arch"] == DIGITS
+    assert json.loads(header["meta"]) == {"params_original": 620170}
+    assert json.loads(header["layers"]) == checkpoint_payload(model, DIGITS)["layers"]
+    assert not path.read_bytes().startswith(b"PK")  # not a torch zip
+
+
+def test_damaged_safetensors_metadata_is_one_user_error(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "bad.sttp.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"format": FORMAT, "format_version": "2", "layers": "{oops"})
+    with pytest.raises(UserError, match="metadata 'layers' is not JSON"):
+        read_compressed(path)
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"format": FORMAT, "format_version": "9"})
+    with pytest.raises(UserError, match="format version 9"):
+        read_compressed(path)
+    path.write_bytes(path.read_bytes()[:40])  # truncated
+    with pytest.raises(UserError, match="not a readable sttp-compress checkpoint"):
+        read_compressed(path)
+
+
+def test_recorded_arch_keeps_no_path_of_this_machine(tmp_path):
+    assert recorded_arch("models/net.py:build?width=2") == ("net.py:build?width=2", {})
+    assert recorded_arch(f"{tmp_path}/net.py:build") == ("net.py:build", {})
+    assert recorded_arch("torchvision:resnet18?num_classes=10") == ("torchvision:resnet18?num_classes=10", {})
+    assert recorded_arch(DIGITS) == (DIGITS, {})
+    assert recorded_arch(None) == (None, {})
+    folder = tmp_path / "my-encoder"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"hidden_size": 8}')
+    spec, check = recorded_arch(f"hf:{folder}")
+    assert spec == "hf:my-encoder" and len(check["hf_config_sha256"]) == 64
+
+
+NET = """import torch.nn as nn
+def build():
+    return nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+"""
+
+
+def test_a_checkpoint_moved_to_another_folder_opens_with_the_moved_architecture(tmp_path):
+    """Written in one folder, moved with its architecture file elsewhere (the old folder gone), reopened by
+    the API and sttp-eval with the architecture's new place; the checkpoint records no old path."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    (first / "net.py").write_text(NET)
+    torch.manual_seed(0)
+    ns: dict = {}
+    exec(NET, ns)
+    torch.save(ns["build"]().state_dict(), first / "net.pt")
+    cli = [sys.executable, "-c", "from sttp_compress.cli import compress_main; compress_main()"]
+    done = subprocess.run(cli + [str(first / "net.pt"), "--arch", f"{first / 'net.py'}:build", "--rank", "4",
+                                 "--include", "*", "-q"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert str(first).encode() not in (first / "net.sttp.safetensors").read_bytes()
+    shutil.move(first, second)
+    moved = second / "net.sttp.safetensors"
+    with pytest.raises(UserError, match="net.py:build"):  # a file spec needs the user's word
+        load_compressed(moved)
+    model, info = load_compressed(moved, arch=f"{second / 'net.py'}:build")
+    assert info["arch"] == "net.py:build"
+    dense = ns["build"]()
+    dense.load_state_dict(torch.load(second / "net.pt", weights_only=True))
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        assert 0 < (model(x) - dense(x)).norm() < dense(x).norm()  # rank 4 of 32: close, not equal
+    run = subprocess.run([sys.executable, "-c", "from sttp_compress.cli import eval_main; eval_main()", str(moved),
+                          "--arch", f"{second / 'net.py'}:build", "--input-shape", "32", "--quiet"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
 
 
 @pytest.mark.parametrize("spec,runs_code", [

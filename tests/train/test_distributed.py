@@ -81,13 +81,13 @@ def test_torchrun_two_cpu_processes_stay_in_sync_and_only_rank_0_writes(job, tmp
     script.write_text(IN_RANK_FOLDER)
     res = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(script), str(base), *_args(job, job / "data.pt", length), "--output", "m.sttp.pt"],
+         str(script), str(base), *_args(job, job / "data.pt", length), "--output", "m.sttp.safetensors"],
         capture_output=True, text=True, timeout=240, env=_env(STTP_DEBUG_STATE_DIR=str(states)))
     assert res.returncode == 0, res.stderr
     assert "error" not in res.stderr.lower(), res.stderr
 
     # only rank 0 wrote: its folder has the checkpoint and the report, rank 1's is empty
-    assert sorted(p.name for p in (base / "rank0").iterdir()) == ["m.sttp.pt", "m.sttp.report"]
+    assert sorted(p.name for p in (base / "rank0").iterdir()) == ["m.sttp.report", "m.sttp.safetensors"]
     assert (base / "rank0" / "m.sttp.report" / "report.json").is_file()
     assert list((base / "rank1").iterdir()) == []
 
@@ -117,7 +117,7 @@ def test_torchrun_two_cpu_processes_stay_in_sync_and_only_rank_0_writes(job, tmp
     block = report["finetune"]
     assert block["processes"] == 2
     assert block["steps"] == 4 if length[0] == "--steps" else block["time_budget"] == 2.0 and block["steps"] >= 1
-    model, _ = load_compressed(base / "rank0" / "m.sttp.pt", trust_arch=True)
+    model, _ = load_compressed(base / "rank0" / "m.sttp.safetensors", f"{job / 'arch.py'}:build")
     for k, v in model.state_dict().items():
         assert torch.equal(v, tuned[k]), k
     _, val_ds = load_tensor_data(job / 'data.pt')
