@@ -387,10 +387,12 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
     t1 = time.perf_counter()
     parts = conversion_phase(model, job, data, candidates, device, on_layer)
     t_convert = time.perf_counter() - t1
-    ft_block, image_cfg, input_shape = None, None, job.input_shape
+    ft_block, image_cfg, input_shape, t_finetune = None, None, job.input_shape, 0.0
     if fine:
         image_cfg, input_shape = data[2], input_shape or _input_shape(data[0])  # before training, as ever
+        t_ft = time.perf_counter()
         ft_block = _finetune_phase(model, teacher, job, data, device)
+        t_finetune = time.perf_counter() - t_ft
     if not main:
         return None, {"model": model}
 
@@ -408,7 +410,7 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
 
     def render(size: int) -> dict[str, bytes]:
         """The report, once the checkpoint's size on disk is known."""
-        timings = {"load": round(t_load, 3), "convert": round(t_convert, 3),
+        timings = {"load": round(t_load, 3), "convert": round(t_convert, 3), "finetune": round(t_finetune, 3),
                    "save": round(time.perf_counter() - t2, 3), "total": round(time.perf_counter() - t0, 3)}
         report.update(_report(job, parts, ft_block, out, size_original, size, timings))
         return render_report(report, parts["spectra"])

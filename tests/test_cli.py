@@ -971,3 +971,21 @@ def test_version_and_bare_usage(app, prog):
     lines = err.getvalue().splitlines()
     assert lines[0].startswith(f"usage: {prog} ") and lines[1].startswith(f"example: {prog} ")
     assert out.getvalue() == ""
+
+
+def test_help_groups_options_and_shows_choices(capsys):
+    """--help lists options under Model, Target, Fine-tuning, Data, Run, Output (sttp-eval: Gates too), in that
+    order, with the choices of a choice option as its metavar."""
+    assert _main(compress_app, "sttp-compress", ["--help"]) == 0
+    text = capsys.readouterr().out
+    sections = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert sections == ["Model", "Target", "Fine-tuning", "Data", "Run", "Output"]
+    for shown in ("--method sttp|svdp", "--spectrum free|lipschitz|identity", "--dtype float32|float16|bfloat16",
+                  "--include GLOB", "--layer-rank NAME=RANK", "--arch SPEC"):
+        assert shown in text, shown
+    assert text.index("--ratio") > text.index("Target:") > text.index("--arch")
+    assert _main(eval_app, "sttp-eval", ["--help"]) == 0
+    text = capsys.readouterr().out
+    assert [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")] == [
+        "Model", "Data", "Gates", "Run", "Output"]
+    assert "--device cpu|cuda|auto" in text

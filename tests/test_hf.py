@@ -366,9 +366,14 @@ def test_losses_and_agreement():
 
 
 def test_similarity_spearman_against_hand_and_reference_values():
-    from sttp_compress.train.embedding_metrics import _average_ranks
+    from sttp_compress.train.embedding_metrics import spearman
 
-    assert _average_ranks(torch.tensor([3.0, 1, 2, 2, 5, 1])).tolist() == [5, 1.5, 3.5, 3.5, 6, 1.5]  # ties share
+    # ties share their mean rank: ranks (5, 1.5, 3.5, 3.5, 6, 1.5) against (1..6), by the definition
+    x, y = torch.tensor([3.0, 1, 2, 2, 5, 1]), torch.arange(6.0)
+    rx, ry = torch.tensor([5, 1.5, 3.5, 3.5, 6, 1.5]), torch.arange(1, 7.0)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    assert spearman(x, y) == pytest.approx(float(rx @ ry / (rx.norm() * ry.norm())))
+    assert spearman(x, torch.ones(6)) is None and spearman(x[:1], y[:1]) is None
     # three texts, three pairs: the reference orders the pairs' similarities (0,2) < (1,2) < (0,1), the
     # embedding (0,2) < (0,1) < (1,2): rank differences (1, 0, -1), rho = 1 - 6*2 / (3*8) = 0.5
     deg = torch.tensor([[0.0, 10, 90], [0.0, 90, 100]]).deg2rad()

@@ -55,6 +55,41 @@ eval_app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_excep
                        context_settings={"help_option_names": ["-h", "--help"]})
 
 
+# --help lists options in these groups, in this order (an option not named here goes under "Other")
+HELP_GROUPS = {
+    "Model": ("arch", "trust_pickle", "trust_arch", "example", "reference", "reference_arch", "input_shape"),
+    "Target": ("ratio", "rank", "method", "spectrum", "allocation", "include", "exclude", "layer_rank",
+               "token_weighting", "row_order", "order_rows", "activation_aware"),
+    "Fine-tuning": ("epochs", "steps", "time_budget", "lr", "optimizer", "schedule", "temperature", "alpha",
+                    "spectral_reg", "spectrum_lr", "free_cores", "bn_recalibrate", "text_augment", "text_vocab_share",
+                    "group_by_length"),
+    "Data": ("data", "train_data", "val_data", "image_size", "mean", "std", "augment"),
+    "Gates": ("max_size", "max_params", "min_ratio", "min_accuracy", "min_cosine", "min_sts_spearman", "baseline",
+              "max_drop"),
+    "Run": ("device", "batch_size", "workers", "gpus", "cuda_graphs", "tf32", "seed"),
+    "Output": ("output", "report_dir", "dtype", "force", "json_out", "json_path", "export_dense", "quiet", "debug",
+               "version", "help"),
+}
+
+
+class GroupedCommand(typer.core.TyperCommand):
+    """A command whose --help lists its options in the HELP_GROUPS sections (model, target, fine-tuning, data,
+    gates, run, output) instead of one long list."""
+
+    def format_options(self, ctx, formatter) -> None:
+        rows: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None or param.param_type_name == "argument":
+                continue
+            group = next((g for g, names in HELP_GROUPS.items() if param.name in names), "Other")
+            rows.setdefault(group, []).append(record)
+        for group in [*HELP_GROUPS, "Other"]:
+            if rows.get(group):
+                with formatter.section(group):
+                    formatter.write_dl(rows[group])
+
+
 def _show_version(ctx: typer.Context, value: bool) -> None:
     """--version: the program's name and version, then exit 0 (eager: before any other option is checked)."""
     if value:
@@ -101,25 +136,25 @@ def _duration(text: Optional[str], name: str) -> Optional[float]:
     return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
-@compress_app.command()
+@compress_app.command(cls=GroupedCommand)
 def compress_cmd(
     ctx: typer.Context,
-    model: Optional[str] = typer.Argument(None, help="Checkpoint: a state_dict (.pt/.pth/.bin/.safetensors) or, with --trust-pickle, a pickled nn.Module; or hf:DIR, a local Hugging Face model folder (the same as --arch hf:DIR)."),
-    arch: Optional[str] = typer.Option(None, help="Architecture: torchvision:NAME?k=v, package.module:factory, path/file.py:factory, or hf:DIR (a local Hugging Face model folder, weights included: MODEL optional)."),
+    model: Optional[str] = typer.Argument(None, metavar="MODEL", help="Checkpoint: a state_dict (.pt/.pth/.bin/.safetensors) or, with --trust-pickle, a pickled nn.Module; or hf:DIR, a local Hugging Face model folder (the same as --arch hf:DIR)."),
+    arch: Optional[str] = typer.Option(None, metavar="SPEC", help="Architecture: torchvision:NAME?k=v, package.module:factory, path/file.py:factory, or hf:DIR (a local Hugging Face model folder, weights included: MODEL optional)."),
     ratio: Optional[float] = typer.Option(None, help="Whole-model ratio params_original / params_compressed (all parameters counted)."),
     rank: Optional[int] = typer.Option(None, help="One rank for every compressed layer (the paper's hyperparameter)."),
-    method: str = typer.Option("sttp", help="sttp (spectral tensor train) or svdp (plain spectral SVD)."),
-    spectrum: str = typer.Option("free", help="free (learned σ), lipschitz (|σ| ≤ a fixed per-layer scale) or identity (Σ = scale·I)."),
-    allocation: str = typer.Option("greedy", help="With --ratio: greedy (budget where it cuts most weight error) or uniform (one global rank)."),
-    include: List[str] = typer.Option([], help="Glob on module names; only matching layers are candidates (repeatable)."),
-    exclude: List[str] = typer.Option([], help="Glob on module names to keep dense (repeatable)."),
-    layer_rank: List[str] = typer.Option([], help="NAME=RANK: pin one layer's rank; with --ratio the other "
+    method: str = typer.Option("sttp", metavar="sttp|svdp", help="sttp (spectral tensor train) or svdp (plain spectral SVD)."),
+    spectrum: str = typer.Option("free", metavar="free|lipschitz|identity", help="free (learned σ), lipschitz (|σ| ≤ a fixed per-layer scale) or identity (Σ = scale·I)."),
+    allocation: str = typer.Option("greedy", metavar="greedy|uniform", help="With --ratio: greedy (budget where it cuts most weight error) or uniform (one global rank)."),
+    include: List[str] = typer.Option([], metavar="GLOB", help="Glob on module names; only matching layers are candidates (repeatable)."),
+    exclude: List[str] = typer.Option([], metavar="GLOB", help="Glob on module names to keep dense (repeatable)."),
+    layer_rank: List[str] = typer.Option([], metavar="NAME=RANK", help="NAME=RANK: pin one layer's rank; with --ratio the other "
                                          "layers share what is left (repeatable). An hf: encoder's token "
                                          "embedding defaults to its width, within half the target's parameters."),
     seed: int = typer.Option(0, help="Random seed."),
     output: Optional[str] = typer.Option(None, help="Compressed checkpoint path (default: <MODEL stem>.sttp.safetensors beside MODEL; a .pt name writes the format-1 torch file)."),
     force: bool = typer.Option(False, help="Overwrite an existing output."),
-    dtype: str = typer.Option("float32", help="Stored value type: float32, float16 or bfloat16."),
+    dtype: str = typer.Option("float32", metavar="float32|float16|bfloat16", help="Stored value type: float32, float16 or bfloat16."),
     report_dir: Optional[str] = typer.Option(None, help="Report folder (default: <output stem>.report/)."),
     trust_pickle: bool = typer.Option(False, help="Allow loading a pickled nn.Module (runs code from the file: only for trusted files)."),
     data: Optional[str] = typer.Option(None, help="Fine-tune data: an ImageFolder root with train/ and val/ (or test/), tensors:FILE.pt, or text:FILE (one text per line; with --arch hf:DIR)."),
@@ -132,11 +167,11 @@ def compress_cmd(
                    "loop, its per-epoch validation included, stops when the time is spent, and the learning-rate "
                    "schedule follows the clock. The report's finetune block gives the steps it took."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: 0.01 SGD, 1e-3 AdamW)."),
-    optimizer: str = typer.Option("adamw", help="adamw (default, lr 1e-3) or sgd (Nesterov, lr 0.01)."),
-    schedule: str = typer.Option("onecycle", help="onecycle, cosine or constant."),
+    optimizer: str = typer.Option("adamw", metavar="adamw|sgd", help="adamw (default, lr 1e-3) or sgd (Nesterov, lr 0.01)."),
+    schedule: str = typer.Option("onecycle", metavar="onecycle|cosine|constant", help="onecycle, cosine or constant."),
     batch_size: int = typer.Option(128, help="Fine-tune batch size."),
     workers: int = typer.Option(2, help="Data-loading worker processes."),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
+    device: str = typer.Option("auto", metavar="auto|cpu|cuda", help="auto (CUDA when present), cpu or cuda."),
     temperature: float = typer.Option(4.0, help="Distillation temperature T."),
     alpha: float = typer.Option(0.9, help="Weight of the distillation term (1 − alpha on the labels)."),
     spectral_reg: float = typer.Option(0.0, help="Weight λ of the D-optimal spectral regularizer."),
@@ -151,7 +186,7 @@ def compress_cmd(
     bn_recalibrate: int = typer.Option(0, help="Re-estimate BatchNorm statistics on this many batches before fine-tuning."),
     token_weighting: bool = typer.Option(True, help="With --data text:FILE and the token embedding included: fit "
                                          "its conversion to the tokens' frequencies in FILE (row-scaled STTP)."),
-    row_order: str = typer.Option("auto", help="With token weighting: the order in which the token embedding's "
+    row_order: str = typer.Option("auto", metavar="auto|vocabulary|weight|tiered", help="With token weighting: the order in which the token embedding's "
                                   "tensor train takes its rows: tiered (weight tiers, alike rows together; the "
                                   "default with token weights), weight (by descending token weight), vocabulary "
                                   "(as stored). docs/transformers.md: Row order."),
@@ -172,7 +207,7 @@ def compress_cmd(
     image_size: Optional[int] = typer.Option(None, help="Image side (default: from the data; 224 for large images)."),
     mean: Optional[str] = typer.Option(None, help="Normalisation mean, comma-separated (default ImageNet's)."),
     std: Optional[str] = typer.Option(None, help="Normalisation std, comma-separated (default ImageNet's)."),
-    augment: str = typer.Option("auto", help="auto, small (crop+flip), imagenet (random resized crop+flip) or none."),
+    augment: str = typer.Option("auto", metavar="auto|small|imagenet|none", help="auto, small (crop+flip), imagenet (random resized crop+flip) or none."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or tables."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
     example: bool = typer.Option(False, help="Run the built-in example: train a small CNN on scikit-learn's digits, compress, fine-tune, evaluate."),
@@ -294,10 +329,10 @@ def _finish(report: dict, extras: dict, quiet: bool, json_out: bool) -> None:
 # sttp-eval
 
 
-@eval_app.command()
+@eval_app.command(cls=GroupedCommand)
 def eval_cmd(
-    compressed: str = typer.Argument(..., help="A checkpoint written by sttp-compress."),
-    arch: Optional[str] = typer.Option(None, help="Override the architecture recorded in the file."),
+    compressed: str = typer.Argument(..., metavar="COMPRESSED", help="A checkpoint written by sttp-compress."),
+    arch: Optional[str] = typer.Option(None, metavar="SPEC", help="Override the architecture recorded in the file."),
     data: Optional[str] = typer.Option(None, help="ImageFolder root (class subfolders), tensors:FILE.pt, text:FILE (one text per line) or pairs:FILE (tab-separated sentence1, sentence2, score; hf:DIR models)."),
     image_size: Optional[int] = typer.Option(None, help="Image side (default: recorded at compression, else from the data)."),
     mean: Optional[str] = typer.Option(None, help="Normalisation mean, comma-separated (default: recorded, else ImageNet's)."),
@@ -309,7 +344,7 @@ def eval_cmd(
                                     "code it names (module:factory, file.py:factory): only for files you trust. "
                                     "Without it such a file needs --arch."),
     input_shape: Optional[str] = typer.Option(None, help="Input shape without batch, e.g. 3,32,32, for random inputs when no data is given."),
-    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+    device: str = typer.Option("cpu", metavar="cpu|cuda|auto", help="cpu, cuda or auto."),
     batch_size: int = typer.Option(64, help="Batch size for evaluation and latency."),
     max_size: Optional[str] = typer.Option(None, help="Gate: file size at most this (e.g. 5MB, 4.5MiB)."),
     max_params: Optional[int] = typer.Option(None, help="Gate: at most this many parameters."),

@@ -7,6 +7,7 @@ import math
 from typing import Iterable
 
 import torch
+from scipy.stats import spearmanr
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -48,16 +49,6 @@ def nearest_neighbours(emb: Tensor, chunk: int = 2048) -> Tensor:
     return out
 
 
-def _average_ranks(x: Tensor) -> Tensor:
-    """1-based ranks of a 1-D tensor's values, ties sharing their mean rank (as Spearman's ρ needs)."""
-    order = x.argsort()
-    _, group, counts = torch.unique_consecutive(x[order], return_inverse=True, return_counts=True)
-    mean_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2
-    ranks = torch.empty(len(x), dtype=torch.float64)
-    ranks[order] = mean_rank[group]
-    return ranks
-
-
 @torch.no_grad()
 def similarity_spearman(emb: Tensor, ref: Tensor, max_pairs: int = MAX_PAIRS, seed: int = 0) -> float | None:
     """Spearman's ρ between the two models' cosine similarities over every pair of texts: how well the
@@ -81,10 +72,10 @@ def spearman(x: Tensor, y: Tensor) -> float | None:
     either is constant or shorter than 2."""
     if len(x) < 2:
         return None
-    ranks = [_average_ranks(v.double().flatten()) for v in (x, y)]
-    ranks = [v - v.mean() for v in ranks]
-    norm = float(ranks[0].norm() * ranks[1].norm())
-    return float(ranks[0] @ ranks[1]) / norm if norm > 0 else None
+    a, b = (v.detach().double().flatten().cpu().numpy() for v in (x, y))
+    if (a == a[0]).all() or (b == b[0]).all():  # constant: no order to correlate
+        return None
+    return float(spearmanr(a, b).statistic)
 
 
 def embedding_agreement(emb: Tensor, ref: Tensor) -> dict[str, float | None]:

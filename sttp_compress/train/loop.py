@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import sys
 import time
@@ -14,6 +15,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.swa_utils import update_bn
 
 from sttp_compress.train import distributed
 from sttp_compress.train.bank import WeightBank
@@ -382,29 +384,18 @@ def recalibrate_batchnorm(
     Compression shifts every layer's activations, so the stored statistics are stale; this resets
     them and averages fresh ones (momentum=None), then restores momentum and the training mode.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns or batches <= 0:
+    if batches <= 0 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return 0
     dev = _module_device(model) if device is None else resolve_device(device)
-    momenta = [m.momentum for m in bns]
-    was_training = model.training
     used = 0
-    try:
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-        model.train()
-        with torch.no_grad():
-            for batch in loader:
-                if used >= batches:
-                    break
-                inputs, _ = _split_batch(batch, dev)
-                _run(model, inputs)
-                used += 1
-    finally:
-        for m, momentum in zip(bns, momenta):
-            m.momentum = momentum
-        model.train(was_training)
+
+    def inputs() -> Iterator[Any]:
+        nonlocal used
+        for batch in itertools.islice(loader, batches):
+            used += 1
+            yield _split_batch(batch, dev)[0]
+
+    update_bn(inputs(), model)  # resets the statistics, averages them (momentum None), restores mode and momentum
     return used
 
 
