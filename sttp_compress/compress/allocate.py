@@ -507,8 +507,10 @@ def _uniform(options: list[LayerOptions], budget: int) -> dict[str, int]:
     return ranks
 
 
-def check_reachable(params_original: int, params_fixed: int, options: list[LayerOptions], ratio: float) -> None:
-    """Raise UserError naming the largest reachable ratio when `ratio` cannot be met."""
+def check_reachable(params_original: int, params_fixed: int, options: list[LayerOptions], ratio: float,
+                    dense: list[tuple[str, int, str]] | None = None) -> None:
+    """Raise UserError naming the largest reachable ratio when `ratio` cannot be met, and where the dense
+    parameters are: the largest layers left dense (`dense`: name, parameters, reason), and how to include them."""
     if ratio <= 1:
         raise UserError(f"‹ratio› must be > 1 (original/compressed parameters), got {ratio:g}")
     smallest = params_fixed + sum(o.dofs[0] for o in options)
@@ -516,4 +518,19 @@ def check_reachable(params_original: int, params_fixed: int, options: list[Layer
         largest = math.floor(100 * params_original / smallest) / 100  # rounded down: itself reachable
         raise UserError(f"‹ratio› {ratio:g} is unreachable: the largest reachable ratio is "
                         f"{largest:.2f} (every eligible layer at rank 1; "
-                        f"{params_fixed:,} parameters stay dense)")
+                        f"{params_fixed:,} parameters stay dense{_dense_text(dense or [])})")
+
+
+INCLUDABLE = ("first convolution kept dense", "final classifier kept dense", "unless")  # reasons ‹include› lifts
+
+
+def _dense_text(dense: list[tuple[str, int, str]], show: int = 3) -> str:
+    """', most in NAME (N: reason), ...; ‹include› NAME would compress them' for the largest dense layers."""
+    top = sorted((d for d in dense if d[1] > 0), key=lambda d: -d[1])[:show]
+    if not top:
+        return ""
+    text = ", most in " + ", ".join(f"{n} ({k:,}: {why})" for n, k, why in top)
+    lifted = [n for n, _, why in top if any(r in why for r in INCLUDABLE)]
+    if lifted:
+        text += f"; ‹include› '*' makes every layer a candidate, {lifted[0]} included"
+    return text

@@ -342,8 +342,11 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
     chosen, skipped = candidate_layers(model, include, exclude)
     _check_pinned(layer_ranks, chosen, skipped)
     if ratio is not None:
+        modules = named_layers(model)
+        dense = [(n, sum(p.numel() for p in modules[n].parameters()), why) for n, why in skipped.items()
+                 if n in modules]
         ranks = _allocate_ranks(chosen, ratio, params_original, method, spectrum, allocation, layer_ranks,
-                                row_weights, col_weights, row_orders)
+                                row_weights, col_weights, row_orders, dense)
     else:
         ranks = {n: layer_ranks.get(n, rank) for n in chosen}
     by_size = sorted(chosen, key=lambda n: -weight_of(chosen[n]).numel())[:spectra_of]
@@ -386,7 +389,8 @@ def _check_pinned(layer_ranks: Mapping[str, int], chosen: Mapping[str, nn.Module
 
 def _allocate_ranks(chosen: Mapping[str, nn.Module], ratio: float, params_original: int, method: str,
                     spectrum: str, allocation: str, layer_ranks: Mapping[str, int], row_weights: Mapping,
-                    col_weights: Mapping, row_orders: Mapping) -> dict[str, int]:
+                    col_weights: Mapping, row_orders: Mapping,
+                    dense: list[tuple[str, int, str]] | None = None) -> dict[str, int]:
     """Ranks (or DENSE) of the chosen layers for a whole-model ratio, the pinned ones at their rank. Errors
     are profiled lazily, only where the greedy allocation looks (uniform needs none)."""
     from sttp_compress.compress.allocate import allocate, budget_for_ratio, check_reachable, layer_options
@@ -400,7 +404,7 @@ def _allocate_ranks(chosen: Mapping[str, nn.Module], ratio: float, params_origin
     # parameters outside the allocation: dense layers, and the pinned layers at their rank (or dense)
     fixed = params_original - sum(o.numel for o in opts) - sum(
         o.numel - min(o.numel, o.dof(layer_ranks[o.name])) for o in pinned)
-    check_reachable(params_original, fixed, opts, ratio)
+    check_reachable(params_original, fixed, opts, ratio, dense)
     ranks = allocate(opts, budget_for_ratio(params_original, fixed, ratio), allocation)
     ranks.update(layer_ranks)
     for o in opts:

@@ -12,6 +12,7 @@ import difflib
 import importlib
 import importlib.util
 import os
+from collections import OrderedDict
 import pickle
 import re
 import sys
@@ -191,9 +192,21 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         changed = False
         for prefix in _STRIP_PREFIXES:
             if state and all(k.startswith(prefix) and len(k) > len(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
+                state = _keeping_metadata({k[len(prefix):]: v for k, v in state.items()}, state, prefix)
                 changed = True
     return state
+
+
+def _keeping_metadata(state: dict, source: Any, prefix: str = "") -> dict:
+    """`state` as an OrderedDict carrying `source`'s `_metadata` (the per-module versions that state_dict() records
+    and some modules' loading reads, e.g. torchvision's MNASNet), its keys without `prefix`."""
+    metadata = getattr(source, "_metadata", None)
+    out = OrderedDict(state)
+    if isinstance(metadata, Mapping):
+        out._metadata = OrderedDict(  # type: ignore[attr-defined]
+            (k[len(prefix):] if k.startswith(prefix) else ("" if k == prefix.rstrip(".") else k), v)
+            for k, v in metadata.items())
+    return out
 
 
 def _unwrap(obj: Any, shown: str) -> dict[str, torch.Tensor] | nn.Module:
@@ -205,13 +218,13 @@ def _unwrap(obj: Any, shown: str) -> dict[str, torch.Tensor] | nn.Module:
     if not obj:
         raise _fail(f"{shown} holds an empty dict, no weights")
     if _is_tensor_mapping(obj):
-        return dict(obj)
+        return _keeping_metadata(dict(obj), obj)
     for key in _WRAPPER_KEYS:
         inner = obj.get(key)
         if isinstance(inner, nn.Module):
             return inner
         if _is_tensor_mapping(inner):
-            return dict(inner)
+            return _keeping_metadata(dict(inner), inner)
     candidates = [str(k) for k, v in obj.items() if _is_tensor_mapping(v)]
     keys = [str(k) for k in obj]
     if candidates:
@@ -275,7 +288,7 @@ def load_weights(
     result = _unwrap(obj, shown)
     if isinstance(result, nn.Module):
         return _prepare_module(result, shown)
-    state = _strip_prefixes({k: _upcast(v) for k, v in result.items()})
+    state = _strip_prefixes(_keeping_metadata({k: _upcast(v) for k, v in result.items()}, result))
     _check_finite(state.items(), shown)
     return state
 

@@ -176,3 +176,21 @@ def test_row_order_profiles_and_converts_the_rows_in_that_order():
     model = nn.Sequential(ordered)
     parts = compress_to_target(model, ratio=2, row_weights={"0": w}, row_orders={"0": order})
     assert parts["layers"][0]["row_ordered"] and torch.equal(model[0].parametrizations.weight[0].row_order, order)
+
+
+def test_an_unreachable_ratio_names_the_largest_dense_layers_and_the_way_to_include_them():
+    from torch import nn
+
+    from sttp_compress.compress.convert import compress_to_target
+    from sttp_compress.errors import UserError
+
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.Conv2d(32, 32, 3, groups=32), nn.Conv2d(32, 32, 3), nn.Flatten(),
+                          nn.Linear(32, 32), nn.Linear(32, 1000))
+    with pytest.raises(UserError) as err:
+        compress_to_target(model, ratio=8)
+    text = str(err.value)
+    assert text.startswith("ratio 8 is unreachable: the largest reachable ratio is ")
+    assert "most in 5 (33,000: final classifier kept dense), 0 (896: first convolution kept dense), " in text
+    assert "1 (320: Conv2d with groups=32 is not supported" in text
+    assert text.endswith("; include '*' makes every layer a candidate, 5 included)")
+    assert compress_to_target(model, ratio=8, include=["*"])["totals"]["ratio"] >= 8 * 0.97

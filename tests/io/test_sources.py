@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from collections import OrderedDict
 from safetensors.torch import save_file
 from torch import nn
 
@@ -619,3 +620,20 @@ def test_parse_size_rejects(text):
     with pytest.raises(UserError) as ei:
         parse_size(text)
     _error(ei, repr(text))
+
+
+def test_state_dict_metadata_survives_loading_with_and_without_a_prefix(tmp_path):
+    """load_state_dict reads each module's version from the state dict's _metadata (torchvision's MNASNet refuses
+    to load without it); it survives the wrapper, the 'module.' prefix and the upcast."""
+    import torchvision
+
+    model = torchvision.models.mnasnet0_5()
+    state = model.state_dict()
+    torch.save(state, tmp_path / "plain.pt")
+    wrapped = OrderedDict(("module." + k, v.half() if v.is_floating_point() else v) for k, v in state.items())
+    wrapped._metadata = OrderedDict(("module" + ("." + k if k else ""), v) for k, v in state._metadata.items())
+    torch.save({"state_dict": wrapped}, tmp_path / "ddp.pt")
+    for name in ("plain.pt", "ddp.pt"):
+        loaded = load_weights(tmp_path / name)
+        assert loaded._metadata == state._metadata, name
+        assert isinstance(load_model(tmp_path / name, "torchvision:mnasnet0_5"), torchvision.models.MNASNet)
