@@ -116,9 +116,9 @@ def _script() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "sttp_compress.cli"]
 
 
-def run_script(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+def run_script(*args, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([*_script(), *[str(a) for a in args]], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
 
 
 def _tree(folder: Path) -> list[str]:
@@ -892,7 +892,8 @@ def test_epochs_without_data_is_an_error(tiny):
 
 def test_example_runs_end_to_end(tmp_path):
     pytest.importorskip("sklearn")
-    proc = run_script("--example", cwd=tmp_path, timeout=600)
+    piped = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # as in a log or CI: no terminal width
+    proc = run_script("--example", cwd=tmp_path, timeout=600, env=piped)
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = tmp_path / "sttp-example"
     for name in ("digits.pt", "digits.sttp.safetensors", "digits-val.pt", "digits.sttp.report/report.json",
@@ -901,6 +902,9 @@ def test_example_runs_end_to_end(tmp_path):
     report = _report(folder / "digits.sttp.report")
     assert report["finetune"]["val_accuracy_after"] >= 90
     read_compressed(folder / "digits.sttp.safetensors")
+    lines = proc.stderr.splitlines()  # piped: the table keeps one line per row; results, then where, then next
+    assert any("Total (2 compressed, 3 skipped)" in line for line in lines), proc.stderr[-2000:]
+    assert lines[-2].startswith("wrote sttp-example/digits.sttp.safetensors and ") and lines[-1].startswith("next: ")
 
 
 def test_example_takes_a_time_budget_instead_of_its_8_epochs(tmp_path, monkeypatch):

@@ -26,8 +26,16 @@ from sttp_compress.errors import Interrupted, SharedUserError, UserError, launch
 from sttp_compress.io.specs import hf_folder
 from sttp_compress.data.text import TEXT_AUGMENT, TEXT_VOCAB_SHARE
 
-err = Console(stderr=True)
-out = Console()
+def _console(stderr: bool) -> Console:
+    """A rich console; piped or redirected (no terminal, no COLUMNS), 200 columns wide rather than rich's 80, so
+    tables keep one row per layer in logs and CI output."""
+    stream = sys.stderr if stderr else sys.stdout
+    piped = not (hasattr(stream, "isatty") and stream.isatty()) and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=200 if piped else None)
+
+
+err = _console(stderr=True)
+out = _console(stderr=False)
 
 
 def _parser_errors() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:

@@ -427,7 +427,8 @@ def _convert_layer(name: str, m: nn.Module, r: int, method: str, spectrum: str, 
         err = float(torch.linalg.vector_norm(W1 - W0, dtype=torch.float64)
                     / torch.linalg.vector_norm(W0, dtype=torch.float64).clamp_min(1e-30))
     row = {"name": name, "type": type(m).__name__.removeprefix("Parametrized"), "shape": list(W0.shape),
-           "modes": list(p.tt.modes), "tt_ranks": list(p.tt.tt_ranks), "rank": p.rank,
+           "modes": list(p.tt.modes), "tt_ranks": list(p.tt.tt_ranks),
+           "rank": max(p.tt.tt_ranks), "spectrum_rank": p.rank,
            "params_original": W0.numel(), "params_compressed": p.dof(), "rel_error": err}
     if row_weight is not None or col_weight is not None:
         row.update({"row_scaled": row_weight is not None, "col_scaled": col_weight is not None})

@@ -562,7 +562,8 @@ def _tile(x: Tensor, n: int) -> Tensor:
 def _layer_entries(model: nn.Module) -> list[dict[str, Any]]:
     entries = []
     for name, p in compressed_layers(model).items():
-        entries.append({"name": name, "rank": int(p.rank), "params_original": math.prod(p.weight_shape),
+        entries.append({"name": name, "rank": int(max(p.tt.tt_ranks)), "spectrum_rank": int(p.rank),
+                        "params_original": math.prod(p.weight_shape),
                         "params_compressed": int(p.dof()), "modes": [int(m) for m in p.tt.modes],
                         "tt_ranks": [int(r) for r in p.tt.tt_ranks]})
     return entries

@@ -84,3 +84,12 @@ def test_decompress_gives_plain_modules_with_the_current_weights():
     assert not compressed_layers(model) and type(model[2]) is nn.Conv2d
     with torch.no_grad():
         torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_report_rank_is_the_largest_tt_rank_and_the_spectrum_rank_the_middle_bond():
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(64, 64, 3), nn.Conv2d(64, 64, 3))
+    (row, _) = compress_to_target(model, rank=96, include=["*"])["layers"]
+    assert row["tt_ranks"][6] == 64 and max(row["tt_ranks"]) == 96  # 64 = 2^6: six output modes, then the middle
+    assert row["rank"] == 96 and row["spectrum_rank"] == 64  # σ has d_out = 64 entries at most
