@@ -43,24 +43,17 @@ class FreeCoresWeight:
 
     def __init__(self, module: nn.Module):
         self.module = module
-        self.cached: tuple | None = None  # (versions, weight) of the last eval-mode build without gradients
 
     def __call__(self) -> Tensor:
+        # not cached: with the weight bank, training forwards never reach this, so nothing here would see
+        # the optimizer's steps (a fused AdamW updates in place without bumping versions); the chain product of
+        # free cores is cheap (no reflectors)
         m = self.module
         p = parametrization(m)
-        originals, free = layer_originals(m, p), list(getattr(m, FREE))
-        sources = (*originals, *free)
-        # as SpectralTT's own cache: eval mode without gradients only; a training-mode call (which precedes any
-        # optimizer step, also one that updates in place without bumping versions) forgets it
-        use_cache = not p.training and not (torch.is_grad_enabled() and any(o.requires_grad for o in sources))
-        key = tuple((id(o), o._version, o.device, o.dtype) for o in sources)
-        if use_cache and self.cached is not None and self.cached[0] == key:
-            return self.cached[1]
+        originals = layer_originals(m, p)
         with torch.autocast(originals[0].device.type, enabled=False):
-            W = p.weight_from_frames(free, p.spectrum_param(originals), p.row_scale_param(originals),
-                                     p.col_scale_param(originals))
-        self.cached = (key, W) if use_cache else None
-        return W
+            return p.weight_from_frames(list(getattr(m, FREE)), p.spectrum_param(originals),
+                                        p.row_scale_param(originals), p.col_scale_param(originals))
 
 
 def _layers(model: nn.Module) -> Iterator[tuple[nn.Module, SpectralTT]]:

@@ -20,7 +20,7 @@ from torch.optim.swa_utils import update_bn
 from sttp_compress.train import distributed
 from sttp_compress.train.bank import WeightBank
 from sttp_compress.errors import UserError
-from sttp_compress.train.freecores import can_release, free_cores
+from sttp_compress.train.freecores import can_release, free_cores, free_frames
 from sttp_compress.core.spectral_tt import is_parametrized
 from sttp_compress.train.stepgraph import StepGraph
 
@@ -414,13 +414,14 @@ def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimi
     decay, no_decay, scales = [], [], []
     mult = 1.0 if cfg.spectrum_lr_mult is None else cfg.spectrum_lr_mult
     separate = mult != 1.0
+    cores = {id(q) for m in model.modules() for q in (free_frames(m) or ())}  # free cores: frames, no decay either
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if separate and p.dim() == 1 and "parametrizations." in name:
             scales.append(p)
             continue
-        skip = p.dim() <= 1 or "spectr" in name.lower() or "parametrizations." in name
+        skip = p.dim() <= 1 or "spectr" in name.lower() or "parametrizations." in name or id(p) in cores
         (no_decay if skip else decay).append(p)
     if not decay and not no_decay and not scales:
         raise UserError("the student model has no trainable parameters to fine-tune")

@@ -119,3 +119,17 @@ def test_the_parametrization_keeps_no_state_of_the_free_cores():
     assert set(m.state_dict()) == keys and "forward" not in vars(m.parametrizations.weight)
     restore_gauge(twin)
     torch.testing.assert_close(twin.weight, trained, rtol=1e-9, atol=1e-9)
+
+
+def test_free_cores_are_not_weight_decayed():
+    """Free cores are frames, not dense weights: the optimizer puts them with the reflectors, without weight
+    decay (decay would shrink every frame, and the weight with it: found on an H100, accuracy at chance)."""
+    from sttp_compress.train.loop import FinetuneConfig, build_optimizer
+
+    m = nn.Sequential(nn.Linear(32, 24), nn.Linear(24, 8))
+    compress_module(m[0], rank=4)
+    release_gauge(m)
+    opt = build_optimizer(m, FinetuneConfig(optimizer="adamw", weight_decay=0.1))
+    decayed = {id(q) for g in opt.param_groups if g["weight_decay"] > 0 for q in g["params"]}
+    assert decayed == {id(m[1].weight)}
+    assert all(id(q) not in decayed for q in free_frames(m[0]))
