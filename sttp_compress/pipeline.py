@@ -483,6 +483,13 @@ def _finetune_phase(model: nn.Module, teacher: nn.Module, job: CompressJob, data
     return block
 
 
+def _text_units(block: dict | None) -> dict | None:
+    """A text run's fine-tune block counts texts, not images: `texts_per_s` in place of `images_per_s`."""
+    if block is None or "images_per_s" not in block:
+        return block
+    return {("texts_per_s" if k == "images_per_s" else k): v for k, v in block.items()}
+
+
 def _report(job: CompressJob, parts: dict, ft_block: dict | None, out: Path, size_original: int, size: int,
             timings: dict) -> dict:
     """The report.json dict (REPORT_FORMAT_VERSION)."""
@@ -494,6 +501,6 @@ def _report(job: CompressJob, parts: dict, ft_block: dict | None, out: Path, siz
         "model": {"path": job.model, "arch": job.arch, "output": str(out)},
         "totals": {**parts["totals"], "size_bytes_original": size_original, "size_bytes_compressed": size},
         "layers": parts["layers"], "skipped": parts["skipped"],
-        "finetune": ft_block,
+        "finetune": _text_units(ft_block) if job.data_kind == "text" else ft_block,
         "timings": timings,
     }

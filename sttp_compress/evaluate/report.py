@@ -223,6 +223,10 @@ def _finetune_lines(block: Mapping[str, Any]) -> list[str]:
     epochs = block.get("epochs", _DASH)
     if isinstance(block.get("steps"), int):
         epochs = f"{epochs} ({block['steps']:,} steps)"
+    text = "texts_per_s" in block  # text distillation runs in steps over texts
+    if text and isinstance(block.get("steps"), int):
+        epochs = f"{block['steps']:,} steps ({block.get('epochs', _DASH)} passes over the texts)"
+    rate = block.get("texts_per_s" if text else "images_per_s")
     rows = [
         ("Val. accuracy, original model", _percent(block.get("original_val_accuracy"))),
         ("Val. accuracy, before fine-tuning", _percent(before)),
@@ -239,7 +243,8 @@ def _finetune_lines(block: Mapping[str, Any]) -> list[str]:
                          f"{_DASH if rho is None else f'{rho:.4f}'} → "
                          f"{block['val_similarity_spearman_after']:.4f}"))
     rows += [
-        ("Epochs", str(epochs)),
+        ("Steps" if text else "Epochs", str(epochs)),
+        ("Throughput", f"{rate:,.0f} {'texts' if text else 'images'}/s" if isinstance(rate, (int, float)) else _DASH),
         ("Device", str(block.get("device", _DASH))),
         ("Time", _seconds(block.get("seconds")) + (f" (budget {_seconds(block['time_budget'])})"
                                                      if block.get("time_budget") else "")),

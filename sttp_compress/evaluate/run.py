@@ -559,6 +559,13 @@ def _tile(x: Tensor, n: int) -> Tensor:
 # --------------------------------------------------------------------------- run_eval
 
 
+def milliseconds(ms: float) -> str:
+    """A latency with the digits that mean something: '0.412 ms', '3.91 ms', '27.4 ms', '1,204 ms'."""
+    if ms >= 100:
+        return f"{ms:,.0f} ms"
+    return f"{ms:.1f} ms" if ms >= 10 else f"{ms:.2f} ms" if ms >= 1 else f"{ms:.3f} ms"
+
+
 def _layer_entries(model: nn.Module) -> list[dict[str, Any]]:
     entries = []
     for name, p in compressed_layers(model).items():
@@ -874,7 +881,7 @@ def summary_table(result: Mapping[str, Any], max_layers: int = SUMMARY_LAYERS) -
             table.add_row("Rel. output error", f"{err:.3g}" if _is_number(err) else _DASH)
     where = f"at batch {result.get('batch_size')} on {result.get('device')}"
     if _is_number(result.get("latency_ms")):
-        table.add_row("Latency", f"{result['latency_ms']:.3g} ms {where}")
+        table.add_row("Latency", f"{milliseconds(result['latency_ms'])} {where}")
         table.add_row("Throughput", f"{result['throughput']:,.0f} samples/s")
     else:
         table.add_row("Latency", f"{_DASH} (not measured)")

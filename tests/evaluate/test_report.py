@@ -207,3 +207,16 @@ def test_summary_table_small():
 ])
 def test_human_bytes(n, expected):
     assert human_bytes(n) == expected
+
+
+def test_finetune_section_counts_images_or_texts():
+    report = _report()
+    report["finetune"].update(steps=40, epochs=2, images_per_s=1234.6)
+    md = render_markdown(report, [])
+    assert "| Epochs | 2 (40 steps) |" in md and "| Throughput | 1,235 images/s |" in md
+    block = {k: v for k, v in report["finetune"].items() if k != "images_per_s"}
+    report["finetune"] = {**block, "texts_per_s": 812.2, "epochs": 0.37, "steps": 1200, "val_cosine_before": 0.9,
+                          "val_cosine_after": 0.95}
+    md = render_markdown(report, [])
+    assert "| Steps | 1,200 steps (0.37 passes over the texts) |" in md and "| Throughput | 812 texts/s |" in md
+    assert "Epochs" not in md.split("## Fine-tuning")[1].split("##")[0]

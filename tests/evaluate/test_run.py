@@ -433,3 +433,10 @@ def test_cli_gates_exit_1_with_one_line_each_and_json(files, capsys, tmp_path):
     assert code == 0 and err == []
     code, _, err = _eval_cli([files["ckpt"], "--max-size", "100MB", "--min-ratio", "1.5"], capsys)
     assert code == 0 and err == ["gates passed: --max-size, --min-ratio"]
+
+
+def test_latency_keeps_the_digits_that_mean_something():
+    from sttp_compress.evaluate.run import milliseconds
+
+    assert [milliseconds(x) for x in (0.41234, 3.9123, 27.43, 1204.4)] == ["0.412 ms", "3.91 ms", "27.4 ms",
+                                                                          "1,204 ms"]
