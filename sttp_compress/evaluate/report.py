@@ -457,6 +457,19 @@ def _plot_rel_error(layers: list[Mapping[str, Any]]) -> bytes:
     return _png(fig)
 
 
+SPECTRUM_FLOOR = 1e-6  # singular values below this fraction of the largest are rounding (float32), not spectrum
+
+
+def meaningful_singular_values(values: Sequence[Any]) -> list[float]:
+    """The singular values above rounding (SPECTRUM_FLOOR × the largest), descending: a compressed weight of rank r
+    has r of them; the rest are float noise that would stretch the log axis down to 1e-16."""
+    positive = [x for x in _positive(values) if math.isfinite(x)]
+    if not positive:
+        return []
+    top = max(positive)
+    return [x for x in positive if x >= SPECTRUM_FLOOR * top]
+
+
 def _positive(values: Sequence[Any]) -> list[float]:
     """Singular values as floats, non-positive ones as NaN (so a log axis skips them)."""
     out = []
@@ -481,13 +494,20 @@ def _plot_spectra(report: Mapping[str, Any], spectra: Mapping[str, Any]) -> byte
     cols, rows = {1: (1, 1), 2: (2, 1), 3: (3, 1), 4: (2, 2)}[len(chosen)]
     fig = _new_figure(4.6 * cols, 3.6 * rows)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    rows = {row.get("name"): row for row in report.get("layers") or [] if isinstance(row, Mapping)}
     for ax, name in zip(axes, chosen):
         before, after = spectra[name]
-        sb, sa = _positive(before), _positive(after)
+        row = rows.get(name, {})
+        sb, sa = meaningful_singular_values(before), meaningful_singular_values(after)
+        rank = row.get("spectrum_rank", len(sa))
+        sa = sa[:rank]  # the compressed weight has rank <= the size of σ: what follows is float rounding
         ax.plot(range(1, len(sb) + 1), sb, "-", color="#7f7f7f", lw=1.5, label="original")
         ax.plot(range(1, len(sa) + 1), sa, "-o", color="#1f77b4", lw=1.0,
-                ms=2.5 if len(sa) > 40 else 4, label=f"compressed (rank {len(sa)})")
+                ms=2.5 if len(sa) > 40 else 4, label=f"compressed (rank {row.get('rank', rank)}, {rank} values of σ)")
         ax.set_yscale("log")
+        shown = [x for x in sb + sa if math.isfinite(x)]
+        if shown:
+            ax.set_ylim(bottom=0.5 * min(shown))
         ax.set_title(_label(name, 40), fontsize=10)
         ax.set_xlabel("index")
         ax.set_ylabel("singular value σ")

@@ -220,3 +220,10 @@ def test_finetune_section_counts_images_or_texts():
     md = render_markdown(report, [])
     assert "| Steps | 1,200 steps (0.37 passes over the texts) |" in md and "| Throughput | 812 texts/s |" in md
     assert "Epochs" not in md.split("## Fine-tuning")[1].split("##")[0]
+
+
+def test_spectra_keep_the_values_above_rounding_and_name_the_layers_rank():
+    from sttp_compress.evaluate.report import meaningful_singular_values
+
+    assert meaningful_singular_values([10.0, 1.0, 1e-3, 1e-7, 0.0, float("nan")]) == [10.0, 1.0, 1e-3]
+    assert meaningful_singular_values([0.0, -1.0]) == []
