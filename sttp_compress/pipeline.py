@@ -19,7 +19,7 @@ from torch import nn
 
 from sttp_compress import __version__
 from sttp_compress.train import distributed
-from sttp_compress.io.checkpoint import DTYPES, checkpoint_payload, is_safetensors_name, write_payload
+from sttp_compress.io.checkpoint import DTYPES, checkpoint_payload, write_payload
 from sttp_compress.compress.convert import candidate_layers, check_target, compress_to_target
 from sttp_compress.data.images import AUGMENTS
 from sttp_compress.errors import UserError
@@ -415,7 +415,7 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
         report.update(_report(job, parts, ft_block, out, size_original, size, timings))
         return render_report(report, parts["spectra"])
 
-    publish(out, lambda tmp: write_payload(payload, tmp, is_safetensors_name(out)), report_dir, render, job.force, is_report_file)
+    publish(out, lambda tmp: write_payload(payload, tmp, out), report_dir, render, job.force, is_report_file)
     return report, {"spectra": parts["spectra"], "output": out, "report_dir": report_dir, "model": model}
 
 

@@ -10,7 +10,7 @@ parametrization originals and buffers, and the layers that stay dense); its head
     dtype           "float32" | "float16" | "bfloat16"
     layers          JSON {name: {"kind", "weight_shape", "rank", "method", "spectrum", ...}}
     meta            JSON {"params_original", "size_bytes_original", "input_shape", ..., "hf_config_sha256"}
-    summary         JSON {"params", "params_original", "ratio", "layers"}: a summary of the report
+    summary         JSON {"layers", "params_compressed", "params_original", "ratio"}: a summary of the report
 
 The metadata records no path of the machine that wrote it: a file spec keeps the file's name only (pass `arch`
 to rebuild it, as the trust rules require anyway) and an `hf:DIR` model its folder's name plus the SHA-256 of
@@ -38,12 +38,12 @@ from sttp_compress.compress.convert import attach_structure, compressed_layers, 
 from sttp_compress.errors import UserError
 from sttp_compress.io.specs import HF_PREFIX, hf_folder
 from sttp_compress.core.spectral_tt import weight_name
-from sttp_compress.io.sources import recorded_arch_problem, resolve_arch
+from sttp_compress.io.sources import looks_like_safetensors, recorded_arch_problem, resolve_arch
 from sttp_compress.io.outputs import atomic_write
 from sttp_compress.core.tt import SPECTRA
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "DTYPES", "checkpoint_payload", "save_compressed", "load_compressed",
-           "read_compressed", "recorded_arch", "write_payload", "is_safetensors_name"]
+           "read_compressed", "recorded_arch", "write_payload"]
 
 FORMAT = "sttp-compress"
 FORMAT_VERSION = 2  # 2: safetensors with JSON metadata; 1: a torch.save dict (read, and written for .pt names)
@@ -74,7 +74,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def is_safetensors_name(path: str | os.PathLike) -> bool:
+def _is_safetensors_name(path: str | os.PathLike) -> bool:
     """True unless the name ends in `.pt` or `.pth` (the format-1 torch.save files)."""
     return Path(path).suffix.lower() not in (".pt", ".pth")
 
@@ -94,9 +94,10 @@ def checkpoint_payload(model: nn.Module, arch: str | None, dtype: str = "float32
             "state_dict": state, "meta": {**(meta or {}), **check}, "summary": summary or {}}
 
 
-def write_payload(payload: dict, path: str | os.PathLike, safetensors: bool = True) -> None:
-    """Write a checkpoint dict to `path` as safetensors with JSON metadata (else format 1, torch.save)."""
-    if not safetensors:
+def write_payload(payload: dict, path: str | os.PathLike, name: str | os.PathLike | None = None) -> None:
+    """Write a checkpoint dict to `path` as safetensors with JSON metadata, or as format 1 (torch.save) when the
+    output's `name` (default: `path`; a temp file's final name) ends in `.pt`/`.pth`."""
+    if not _is_safetensors_name(path if name is None else name):
         torch.save({**payload, "format_version": 1}, path)
         return
     from safetensors.torch import save_file
@@ -111,7 +112,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, arch: str | None,
                     dtype: str = "float32", meta: dict | None = None, force: bool = False) -> int:
     """Write the compressed model atomically (safetensors, or format 1 for a `.pt` name); returns its size in bytes."""
     payload = checkpoint_payload(model, arch, dtype, meta)
-    atomic_write(path, lambda tmp: write_payload(payload, tmp, is_safetensors_name(path)), force=force)
+    atomic_write(path, lambda tmp: write_payload(payload, tmp, path), force=force)
     return Path(path).stat().st_size
 
 
@@ -230,21 +231,14 @@ def _load_dict(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise UserError(f"no such file: {path}")
     try:
-        return _read_safetensors(p) if _looks_like_safetensors(p) else torch.load(p, map_location="cpu",
-                                                                                  weights_only=True)
+        return _read_safetensors(p) if looks_like_safetensors(p) else torch.load(p, map_location="cpu",
+                                                                                 weights_only=True)
     except UserError:
         raise
     except Exception as e:  # corrupt, truncated, or not ours
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} is not a readable sttp-compress checkpoint (corrupt or truncated?): "
                         f"{reason}") from None
-
-
-def _looks_like_safetensors(path: Path) -> bool:
-    """A safetensors file starts with its header's length (8 bytes, little-endian) and then '{'."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
 def _read_safetensors(path: Path) -> dict:

@@ -35,6 +35,7 @@ __all__ = [
     "recorded_arch_problem",
     "load_model",
     "parse_size",
+    "looks_like_safetensors",
 ]
 
 # Wrapper keys of training checkpoints, in the order they are tried.
@@ -101,7 +102,7 @@ def _check_readable(path: Path, shown: str) -> None:
         raise _fail(f"{shown} is empty, not a readable PyTorch or safetensors checkpoint")
 
 
-def _looks_like_safetensors(path: Path) -> bool:
+def looks_like_safetensors(path: Path) -> bool:
     """Sniff the safetensors layout: an 8-byte little-endian header length, then '{'."""
     try:
         with open(path, "rb") as f:
@@ -197,7 +198,7 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def _keeping_metadata(state: dict, source: Any, prefix: str = "") -> dict:
+def _keeping_metadata(state: Mapping, source: Any, prefix: str = "") -> dict:
     """`state` as an OrderedDict carrying `source`'s `_metadata` (the per-module versions that state_dict() records
     and some modules' loading reads, e.g. torchvision's MNASNet), its keys without `prefix`."""
     metadata = getattr(source, "_metadata", None)
@@ -218,13 +219,13 @@ def _unwrap(obj: Any, shown: str) -> dict[str, torch.Tensor] | nn.Module:
     if not obj:
         raise _fail(f"{shown} holds an empty dict, no weights")
     if _is_tensor_mapping(obj):
-        return _keeping_metadata(dict(obj), obj)
+        return _keeping_metadata(obj, obj)
     for key in _WRAPPER_KEYS:
         inner = obj.get(key)
         if isinstance(inner, nn.Module):
             return inner
         if _is_tensor_mapping(inner):
-            return _keeping_metadata(dict(inner), inner)
+            return _keeping_metadata(inner, inner)
     candidates = [str(k) for k, v in obj.items() if _is_tensor_mapping(v)]
     keys = [str(k) for k in obj]
     if candidates:
@@ -276,7 +277,7 @@ def load_weights(
     p = Path(path)
     shown = str(path)
     _check_readable(p, shown)
-    if p.suffix.lower() == ".safetensors" or _looks_like_safetensors(p):
+    if p.suffix.lower() == ".safetensors" or looks_like_safetensors(p):
         from safetensors.torch import load_file
 
         try:
