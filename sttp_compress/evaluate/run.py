@@ -93,10 +93,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
-import statistics
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -131,9 +130,7 @@ RESULT_KEYS = ("file", "arch", "dtype", "size_bytes", "size_bytes_original", "si
                "sts_spearman_reference", "rel_output_error", "reference_inputs", "input_shape", "latency_ms",
                "throughput", "latency_runs", "device", "batch_size", "notes")
 WARMUP_RUNS = 3          # untimed forward passes before timing
-MIN_TIMED_RUNS = 5       # at least this many timed passes ...
-MAX_TIMED_RUNS = 100     # ... and at most this many
-TIMING_BUDGET_S = 1.0    # keep timing (beyond MIN_TIMED_RUNS) until this much time has passed
+TIMING_BUDGET_S = 1.0    # time blocks of passes until this much time has passed (torch.utils.benchmark)
 RANDOM_BATCHES = 4       # batches of random inputs for the reference comparison without data
 RANDOM_SEED = 0
 MAX_WORKERS = 4          # default loader workers for image folders
@@ -531,23 +528,26 @@ def _sync(device: torch.device) -> None:
 def _measure_latency(model: nn.Module, x: Tensor | dict[str, Tensor], device: torch.device,
                      bar: Any) -> tuple[float, int]:
     """(median seconds, timed runs) of model(x) under no_grad, after WARMUP_RUNS untimed passes, with the
-    compressed weights frozen into plain tensors (`serve.frozen`: the serving path, at dense cost)."""
+    compressed weights frozen into plain tensors (`serve.frozen`: the serving path, at dense cost).
+
+    torch.utils.benchmark.Timer does the timing: blocks of runs for at least TIMING_BUDGET_S, CUDA synchronised."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its import warns of CUDA_HOME on CPU
+    from torch.utils.benchmark import Timer
+
     task = bar.add_task("timing", total=None) if bar is not None else None
-    times: list[float] = []
-    with frozen(model):
+    stmt = "model(**x)" if isinstance(x, Mapping) else "model(x)"
+
+    def advance(number: int, _seconds: float) -> None:
+        if task is not None:
+            bar.update(task, advance=number)
+
+    with frozen(model), torch.no_grad():
         for _ in range(WARMUP_RUNS):
             _forward(model, x, "compressed")
         _sync(device)
-        start = time.perf_counter()
-        while len(times) < MIN_TIMED_RUNS or (
-                len(times) < MAX_TIMED_RUNS and time.perf_counter() - start < TIMING_BUDGET_S):
-            t0 = time.perf_counter()
-            model(**x) if isinstance(x, Mapping) else model(x)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-            if task is not None:
-                bar.update(task, advance=1)
-    return statistics.median(times), len(times)
+        timer = Timer(stmt, globals={"model": model, "x": x}, num_threads=torch.get_num_threads())
+        measured = timer.blocked_autorange(callback=advance, min_run_time=TIMING_BUDGET_S)
+    return measured.median, len(measured.raw_times) * measured.number_per_run
 
 
 def _tile(x: Tensor, n: int) -> Tensor:
