@@ -152,7 +152,7 @@ def candidate_layers(model: nn.Module, include: Iterable[str] | None = None,
                      keep_first_last: bool = True) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """Split the model's weight layers into candidates and skipped ones (with the reason).
 
-    Candidates: Linear, ConvNd, ConvTransposeNd (groups == 1), Embedding, MultiheadAttention's packed
+    Candidates: Linear, ConvNd, ConvTransposeNd (grouped and depthwise too), Embedding, MultiheadAttention's packed
     q/k/v projection (named `<module>.in_proj_weight`; its out_proj is a Linear). By default the first
     convolution and the last Linear (the classifier) stay dense, the paper's practice; `include`
     globs (on module names) select candidates explicitly and override that rule; `exclude` globs

@@ -41,10 +41,7 @@ def weight_kind(module: nn.Module) -> str:
         return "linear"
     if isinstance(module, nn.Embedding):
         return "embedding"
-    if isinstance(module, _CONV + _CONVT):
-        if module.groups != 1:
-            raise ValueError(f"{type(module).__name__} with groups={module.groups} is not supported "
-                             "(grouped and depthwise convolutions have no single weight matrix)")
+    if isinstance(module, _CONV + _CONVT):  # grouped and depthwise too: see matrix_factors
         return "conv" if isinstance(module, _CONV) else "conv_transpose"
     raise ValueError(f"{type(module).__name__} has no supported weight")
 
@@ -53,7 +50,11 @@ def matrix_factors(kind: str, shape: tuple[int, ...]) -> tuple[list[int], list[i
     """Natural dimensions of the output and input side of a weight read as a matrix (§1).
 
     A convolution (C_out, C_in, k_1..k_N) is C_out × (C_in·k_1···k_N) in memory order; a transposed
-    convolution stores (C_in, C_out, k...) and is permuted to (C_out, C_in, k...) first.
+    convolution stores (C_in, C_out, k...) and is permuted to (C_out, C_in, k...) first. A grouped
+    convolution stores (C_out, C_in/g, k...): its matrix is the g groups' blocks stacked along the output
+    channels, C_out × (C_in/g·k...), which shares the input-side frame across groups — fewer DOF than a
+    train per group at the same rank, and far fewer than the block-diagonal whole (rank up to C_out).
+    A depthwise convolution (C_in/g = 1) is C_out × k_1···k_N.
     """
     if kind == "conv":
         return [shape[0]], list(shape[1:])

@@ -190,7 +190,6 @@ def test_an_unreachable_ratio_names_the_largest_dense_layers_and_the_way_to_incl
         compress_to_target(model, ratio=8)
     text = str(err.value)
     assert text.startswith("ratio 8 is unreachable: the largest reachable ratio is ")
-    assert "most in 5 (33,000: final classifier kept dense), 0 (896: first convolution kept dense), " in text
-    assert "1 (320: Conv2d with groups=32 is not supported" in text
+    assert "most in 5 (33,000: final classifier kept dense), 0 (896: first convolution kept dense);" in text
     assert text.endswith("; include '*' makes every layer a candidate, 5 included)")
     assert compress_to_target(model, ratio=8, include=["*"])["totals"]["ratio"] >= 8 * 0.97

@@ -192,9 +192,20 @@ def test_compress_with_per_layer_ranks_and_skips_layers_that_would_grow():
     assert list(layers) == ["0"]  # SVDP of Linear(64→4) at rank 4: 4·68 − 16 = 256 DOF, no fewer than its weights
 
 
-def test_grouped_conv_rejected_with_reason():
-    with pytest.raises(ValueError, match="groups=4"):
-        compress_module(nn.Conv2d(8, 8, 3, groups=4), rank=2)
+@pytest.mark.parametrize("make", [lambda: nn.Conv2d(8, 12, 3, groups=4, padding=1),  # grouped: 12 x (2·3·3)
+                                  lambda: nn.Conv2d(12, 12, 3, groups=12, padding=1),  # depthwise: 12 x 9
+                                  lambda: nn.ConvTranspose2d(8, 12, 3, groups=2)])  # stored (8, 6, 3, 3)
+def test_grouped_and_depthwise_convs_compress_as_their_stored_weight_matrix(make):
+    torch.manual_seed(0)
+    conv = make().double()
+    x = torch.randn(2, conv.in_channels, 6, 6, dtype=torch.float64)
+    W0, y0 = conv.weight.detach().clone(), conv(x).detach()
+    compress_module(conv, rank=10**6)  # every bond at its full rank: exact
+    torch.testing.assert_close(conv.weight, W0)
+    torch.testing.assert_close(conv(x), y0)
+    low = make().double()
+    p = compress_module(low, rank=2)
+    assert low.weight.shape == W0.shape and count_parameters(low) == p.dof() + low.bias.numel()
 
 
 def test_state_dict_round_trip_into_a_fresh_structure():
