@@ -18,15 +18,16 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from sttp_compress.compress.convert import candidate_layers, compress_to_target
 from sttp_compress.errors import UserError
 from sttp_compress.io.checkpoint import load_compressed, save_compressed
+from sttp_compress.io.export import export as export_model
 from sttp_compress.train.loop import FinetuneConfig
 from sttp_compress.train.loop import finetune as _run_finetune
 
-__all__ = ["CompressConfig", "FinetuneConfig", "compress_", "finetune", "save", "load"]
+__all__ = ["CompressConfig", "FinetuneConfig", "compress_", "finetune", "save", "load", "export"]
 
 
 @dataclass
@@ -82,3 +83,12 @@ def load(path: str | os.PathLike, arch: str | None = None, trust_arch: bool = Fa
     """The compressed model of a checkpoint, in eval mode, float32. A recorded architecture that would import or
     run code (a file, a module other than torchvision's) is built only with `arch` given or `trust_arch=True`."""
     return load_compressed(path, arch, trust_arch)[0]
+
+
+def export(model: nn.Module, path: str | os.PathLike, example_inputs: Tensor | Mapping[str, Tensor],
+           overwrite: bool = True) -> dict[str, Any]:
+    """Write the model for serving without this package: `.onnx` (onnxruntime) or `.pt2` (torch.export), with a
+    dynamic batch size; compressed layers keep their small cores and onnxruntime rebuilds the dense weights once
+    at load. `example_inputs`: one batch (a tensor, or keyword tensors). Returns {"format", "size_bytes",
+    "forms", "rel_output_error"} (the written file's outputs against the model's, checked before it is kept)."""
+    return export_model(model, path, example_inputs, force=overwrite)

@@ -75,7 +75,7 @@ HELP_GROUPS = {
     "Gates": ("max_size", "max_params", "min_ratio", "min_accuracy", "min_cosine", "min_sts_spearman", "baseline",
               "max_drop"),
     "Run": ("device", "batch_size", "workers", "gpus", "cuda_graphs", "tf32", "seed"),
-    "Output": ("output", "report_dir", "dtype", "force", "json_out", "json_path", "export_dense", "quiet", "debug",
+    "Output": ("output", "report_dir", "dtype", "force", "json_out", "json_path", "export", "export_dense", "quiet", "debug",
                "version", "help"),
 }
 
@@ -364,25 +364,37 @@ def eval_cmd(
     max_drop: Optional[float] = typer.Option(None, help="Gate: accuracy drop from --baseline at most this many points."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write every number to this JSON file (- for "
                                             "standard output, instead of the table)."),
+    export: Optional[str] = typer.Option(None, metavar="FILE.onnx|FILE.pt2", help="Write the model for serving "
+                                         "without sttp-compress: ONNX (onnxruntime) or torch.export; dynamic batch "
+                                         "size; inputs shaped as recorded at compression, or --input-shape."),
     export_dense: Optional[str] = typer.Option(None, help="Write a plain state_dict for the original architecture here."),
-    force: bool = typer.Option(False, help="Overwrite an existing --export-dense/--json file (never a symlink or "
+    force: bool = typer.Option(False, help="Overwrite an existing --export/--export-dense/--json file (never a symlink or "
                                "a device)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No tables."),
     debug: bool = typer.Option(False, help="Show tracebacks."),
     version: bool = VERSION_OPTION,
 ) -> None:
     """Measure a compressed checkpoint (size, parameters, accuracy, latency) and gate CI on it."""
-    from sttp_compress.evaluate.run import EvalOptions, check_gates, export_dense as _export, run_eval, summary_table
+    from sttp_compress.evaluate.run import (EvalOptions, check_gates, export_dense as _export, export_line,
+                                            export_model, run_eval, summary_table)
     from sttp_compress.io.outputs import atomic_write, check_output_path
 
     to_stdout = json_path == "-"
-    for given, what in ((None if to_stdout else json_path, "--json"), (export_dense, "--export-dense")):
+    outputs = ((None if to_stdout else json_path, "--json"), (export, "--export"), (export_dense, "--export-dense"))
+    for given, what in outputs:
         if given is not None:
+            if Path(given).absolute() == Path(compressed).absolute():
+                raise UserError(f"{what} {given} would overwrite the checkpoint it reads")
             check_output_path(given, force, what)
-    if export_dense and json_path and not to_stdout and Path(export_dense).absolute() == Path(json_path).absolute():
-        raise UserError("--json and --export-dense name the same file")
-    if export_dense and Path(export_dense).absolute() == Path(compressed).absolute():
-        raise UserError(f"--export-dense {export_dense} would overwrite the checkpoint it reads")
+    named = [(Path(g).absolute(), w) for g, w in outputs if g is not None]
+    for i, (p, what) in enumerate(named):
+        for q, other in named[i + 1:]:
+            if p == q:
+                raise UserError(f"{what} and {other} name the same file")
+    if export:
+        from sttp_compress.io.export import export_format
+
+        export_format(export)
     shape = None
     if input_shape:
         try:
@@ -395,6 +407,9 @@ def eval_cmd(
                        max_size=max_size, max_params=max_params, min_ratio=min_ratio, min_accuracy=min_accuracy,
                        min_cosine=min_cosine, min_sts_spearman=min_sts_spearman, baseline=baseline, max_drop=max_drop)
     result = run_eval(compressed, opts, progress=not quiet and not to_stdout)
+    if export:
+        result["exported"] = {"path": export, **export_model(compressed, export, arch=arch, input_shape=shape,
+                                                             force=force, trust_arch=trust_arch)}
     if export_dense:
         _export(compressed, export_dense, arch=arch, force=force, trust_arch=trust_arch)
         result["exported_dense"] = export_dense
@@ -406,6 +421,8 @@ def eval_cmd(
             atomic_write(json_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), force=force)
     if not quiet and not to_stdout:
         out.print(summary_table(result))
+        if export:
+            out.print(export_line(result["exported"], result.get("size_bytes")), markup=False, highlight=False)
     failed = check_gates(result, opts)
     for line in failed:
         err.print(f"gate failed: {line}", markup=False, highlight=False, soft_wrap=True)  # one line, any width

@@ -10,6 +10,7 @@ writes the compressed checkpoint). `unfreeze(model)` undoes it; `frozen(model)` 
     with frozen(model):                  # eval mode, no autograd: weights built once, plain F.linear/conv
         y = model(x)
     freeze(model, shortcut="auto")       # serving: also the factored form where it saves FLOPs
+    freeze(model, shortcut="factors")    # ... on every call, with no dense weight kept (least memory)
 
 With `shortcut="auto"`, a compressed Linear whose factors form (method notes §7) needs fewer FLOPs per
 row (`contract.best_form`) also binds V·diag(σ) and U, and runs y = (x V σ) Uᵀ + b on calls whose rows
@@ -35,6 +36,7 @@ __all__ = ["freeze", "unfreeze", "frozen", "is_frozen"]
 
 _FROZEN = "_sttp_frozen"  # instance attribute: the parametrized class to restore
 _FACTORS = ("_sttp_vs", "_sttp_u")  # buffers of the factored form
+SHORTCUTS = ("none", "auto", "factors")
 RANK_ALIGN = 16  # the factors form's rank is padded with zeros to a multiple of this
 
 
@@ -47,13 +49,15 @@ def is_frozen(module: nn.Module) -> bool:
 def freeze(model: nn.Module, shortcut: str = "none", overhead: dict[str, float] | None = None) -> dict[str, str]:
     """Bind every compressed layer's built weight as a plain tensor (see the module doc); in place.
 
-    shortcut: 'none' (every layer runs its dense weight) or 'auto' (compressed Linears run the factors
+    shortcut: 'none' (every layer runs its dense weight), 'auto' (compressed Linears run the factors
     form on calls whose rows pay for its extra kernel call, `overhead` FLOPs per device type, default
-    `contract.CALL_OVERHEAD_FLOPS`). Returns {module name: 'dense' | 'factors'} of the layers frozen.
-    Layers with another parametrization stacked on ours are left as they are.
+    `contract.CALL_OVERHEAD_FLOPS`) or 'factors' (those Linears run the factors form on every call and
+    keep no dense weight: the least memory; `.weight` is then rebuilt from the factors when read).
+    Returns {module name: 'dense' | 'factors'} of the layers frozen. Layers with another
+    parametrization stacked on ours are left as they are.
     """
-    if shortcut not in ("none", "auto"):
-        raise ValueError(f"shortcut must be 'none' or 'auto', got {shortcut!r}")
+    if shortcut not in SHORTCUTS:
+        raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {shortcut!r}")
     overhead = CALL_OVERHEAD_FLOPS if overhead is None else overhead
     inside_mha = mha_out_projs(model)
     forms = {}
@@ -69,16 +73,17 @@ def freeze(model: nn.Module, shortcut: str = "none", overhead: dict[str, float] 
         trainable = any(o.requires_grad for o in originals)
         W = getattr(m, wname).detach()
         form = "dense"
-        if (shortcut == "auto" and isinstance(m, nn.Linear) and id(m) not in inside_mha and factorable(p)
+        if (shortcut != "none" and isinstance(m, nn.Linear) and id(m) not in inside_mha and factorable(p)
                 and best_form(p.tt) == "factors"):
             form = "factors"
-        _bind(m, wname, W, trainable)
+        _bind(m, wname, None if form == "factors" and shortcut == "factors" else W, trainable)
         if form == "factors":
             with torch.autocast(W.device.type, enabled=False):
                 U, s, V = p.factors(*originals)
             saving = row_flops(p.tt, "dense") - row_flops(p.tt, "factors")
             # the smallest number of rows (tokens) whose saved FLOPs pay for the extra call, per device type
-            m._sttp_min_rows = {dev: int(flops // saving) + 1 for dev, flops in overhead.items()}
+            m._sttp_min_rows = ({} if shortcut == "factors" else
+                                {dev: int(flops // saving) + 1 for dev, flops in overhead.items()})
             # the rank padded with zero columns to a multiple of RANK_ALIGN: GEMMs whose inner size is not
             # 16-byte aligned in bf16 ran 5x below the dense layer's FLOP rate on an H200 (rank 318)
             pad = -U.shape[1] % RANK_ALIGN
@@ -96,12 +101,21 @@ def _leaf(t: Tensor, requires_grad: bool) -> Tensor:
     return t.detach().clone().requires_grad_(requires_grad)
 
 
-def _bind(m: nn.Module, wname: str, W: Tensor, trainable: bool) -> None:
+def _bind(m: nn.Module, wname: str, W: Tensor | None, trainable: bool) -> None:
+    """The layer under its own class with W as a plain buffer; with W None (factors only) under a subclass
+    whose `weight` is rebuilt from the factors buffers when read."""
     cls = type(m)
-    m.__class__ = cls.__bases__[0]  # the layer's own class (parametrize derived `cls` from it)
+    base = cls.__bases__[0]  # the layer's own class (parametrize derived `cls` from it)
+    m.__class__ = base if W is not None else _factors_only_class(base)
     object.__setattr__(m, _FROZEN, cls)
-    m.register_buffer(wname, _leaf(W, trainable), persistent=False)
+    if W is not None:
+        m.register_buffer(wname, _leaf(W, trainable), persistent=False)
     m._apply = _apply_keeping_leaves.__get__(m)
+
+
+def _factors_only_class(base: type) -> type:
+    """`base` with a read-only `weight` = U · (V σ)ᵀ from the factors buffers (no dense copy kept)."""
+    return type(base.__name__, (base,), {"weight": property(lambda self: self._sttp_u @ self._sttp_vs)})
 
 
 def _apply_keeping_leaves(self: nn.Module, fn, recurse: bool = True) -> nn.Module:

@@ -111,6 +111,23 @@ def test_shortcut_auto_runs_the_factors_form_on_large_calls_only():
         torch.testing.assert_close(m(x_big), want_big, rtol=0, atol=0)
 
 
+def test_shortcut_factors_keeps_no_dense_weight_and_runs_the_factors_on_every_call():
+    torch.manual_seed(0)
+    m = nn.Linear(96, 96).double()
+    compress_module(m, 8)
+    m.eval()
+    x = torch.randn(1, 96, dtype=torch.float64)
+    with torch.no_grad():
+        want, W = m(x), m.weight.detach().clone()
+    assert freeze(m, "factors") == {"": "factors"}
+    assert set(m._buffers) == {"_sttp_vs", "_sttp_u"}  # no dense weight: U and V σ, rank 8 padded to 16
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), want, rtol=1e-12, atol=1e-12)  # one row: still the factors
+        torch.testing.assert_close(m.weight, W, rtol=1e-12, atol=1e-12)  # rebuilt when read
+    unfreeze(m)
+    assert type(m).__name__ == "ParametrizedLinear" and m.weight.shape == (96, 96)
+
+
 def test_shortcut_skips_embeddings_convolutions_and_multihead_attention():
     torch.manual_seed(0)
     emb, mha = nn.Embedding(64, 48), nn.MultiheadAttention(48, 4)
@@ -128,7 +145,7 @@ def test_shortcut_skips_embeddings_convolutions_and_multihead_attention():
 
 def test_bad_shortcut_is_rejected():
     model = small_model()
-    with pytest.raises(ValueError, match="shortcut must be 'none' or 'auto'"):
+    with pytest.raises(ValueError, match=r"shortcut must be one of \('none', 'auto', 'factors'\)"):
         freeze(model, "tt")
     # refused before anything changed: no layer frozen, every compressed layer still parametrized
     assert not any(is_frozen(m) for m in model)

