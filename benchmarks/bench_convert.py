@@ -98,8 +98,8 @@ def build_model(name: str) -> torch.nn.Module:
 
 def run_one(name: str, ratio: float, progress: Path) -> None:
     """Convert one model and append JSON events to `progress` (one per profiled layer, then 'done')."""
-    import sttp_compress.compress.allocate as allocate
-    import sttp_compress.compress.convert as convert
+    from sttp_compress.compress import allocate
+    from sttp_compress.compress import convert
     from sttp_compress.errors import UserError
 
     def emit(event: dict) -> None:

@@ -37,6 +37,7 @@ __all__ = ["LayerOptions", "tt_error", "tt_error2", "layer_options", "allocate",
            "check_reachable"]
 
 DENSE = 0  # rank value meaning "kept dense"
+EXACT_EIGVALSH = 1024  # Gram matrices up to this size get float64 eigenvalues for the lower bounds
 _GRID = sorted({int(round(b * 2 ** e)) for e in range(0, 14) for b in (1, 1.5)} | {3, 5, 6})
 
 
@@ -194,6 +195,15 @@ class LayerOptions:
         """Drop the profile's weight view and caches (the computed errors stay)."""
         self.profile = None
 
+    def singular_values(self) -> list[float] | None:
+        """The weight's singular values (descending) if the profile computed them on the plain weight
+        matrix (no row or column weights, rows in order), else None."""
+        prof = self.profile
+        if prof is None or prof.sigma2 is None or prof.row_weight is not None or prof.col_weight is not None \
+                or prof.row_order is not None:
+            return None
+        return prof.sigma2.sqrt().tolist()
+
     def tt(self, rank: int) -> TTShape:
         return _tt_shape(self.kind, self.weight_shape, rank, self.method)
 
@@ -225,6 +235,7 @@ class _Profile:
         self._gram: Tensor | None = None
         self._n2 = 0.0
         self._tail: list[float] | None = None
+        self.sigma2: Tensor | None = None  # squared singular values, descending, once lower_bounds ran
 
     def _matrix(self) -> Tensor:
         if self._W is None:
@@ -251,9 +262,15 @@ class _Profile:
             return [0.0] * len(shapes)
         W = self._matrix()
         G = self._gram if self._gram is not None else (W @ W.T if W.shape[0] <= W.shape[1] else W.T @ W)
-        s2 = torch.linalg.eigvalsh(G.double()).clamp_min(0).flip(0)
+        n = G.shape[0]
+        # float32 eigenvalues of a large Gram (2x faster at 4096): each is off by ~eps·λ_max, so a tail sum of
+        # n of them by at most n·eps·‖W‖²; the margin covers that and the float32 Gram's own rounding
+        exact = n <= EXACT_EIGVALSH
+        s2 = torch.linalg.eigvalsh(G.double() if exact else G.float()).double().clamp_min(0).flip(0)
+        self.sigma2 = s2
+        margin = 1e-4 + (0.0 if exact else 4 * n * torch.finfo(torch.float32).eps)
         tail = (s2.flip(0).cumsum(0).flip(0) / max(self._n2, 1e-30)).tolist() + [0.0]
-        return [max(0.0, tail[min(sh.middle, len(tail) - 1)] - 1e-4) for sh in shapes]
+        return [max(0.0, tail[min(sh.middle, len(tail) - 1)] - margin) for sh in shapes]
 
     def __call__(self, shape: TTShape) -> float:
         W = self._matrix()

@@ -19,6 +19,10 @@ from sttp_compress.core.tt import SPECTRA, TTShape, crop_matrix, pad_matrix, red
 
 __all__ = ["SpectralTT", "weight_kind", "weight_name", "matrix_factors", "to_matrix", "SUPPORTED"]
 
+# Weights up to this many values convert in float64. A larger float32 weight converts in float32, its own
+# precision: the TT-SVD's captured energies then agree with float64's to ~1e-6 (relative), far inside the
+# conversion error, at half the time and memory (a 4096 x 25088 Linear: 7.6 s in float64 on 2 cores).
+EXACT_NUMEL = 1 << 22
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 SUPPORTED = (nn.Linear, nn.Embedding, nn.MultiheadAttention) + _CONV + _CONVT
@@ -277,12 +281,14 @@ class SpectralTT(nn.Module):
 
     @torch.no_grad()
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, ...]:
-        """TT-SVD of `weight` into the non-redundant parameters (computed in float64)."""
+        """TT-SVD of `weight` into the non-redundant parameters (in float64; in float32 for a float32 weight
+        of more than EXACT_NUMEL values, see there)."""
         if tuple(weight.shape) != self.weight_shape:
             raise ValueError(f"weight shape {tuple(weight.shape)} != {self.weight_shape}")
         if self.skip_conversion:
             return self.placeholder(weight)
-        M = to_matrix(self.kind, weight.detach().to(torch.float64))
+        exact = weight.numel() <= EXACT_NUMEL or weight.dtype == torch.float64
+        M = to_matrix(self.kind, weight.detach().to(torch.float64 if exact else torch.float32))
         row_weight = self.row_weight
         if self.row_order is not None:
             order = self.row_order.to(M.device)

@@ -93,3 +93,22 @@ def test_report_rank_is_the_largest_tt_rank_and_the_spectrum_rank_the_middle_bon
     (row, _) = compress_to_target(model, rank=96, include=["*"])["layers"]
     assert row["tt_ranks"][6] == 64 and max(row["tt_ranks"]) == 96  # 64 = 2^6: six output modes, then the middle
     assert row["rank"] == 96 and row["spectrum_rank"] == 64  # σ has d_out = 64 entries at most
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Conv2d(11, 20, 3),  # C_in 11 > 7: the tensorization pads it
+                                  lambda: nn.Linear(24, 40)])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_report_spectra_are_the_singular_values_before_and_after(make, scaled):
+    torch.manual_seed(0)
+    model = nn.Sequential(make())
+    W0 = model[0].weight.detach().clone()
+    rows = W0.shape[0]
+    parts = compress_to_target(model, rank=5, include=["*"], spectra_of=1,
+                               row_weights={"0": torch.rand(rows) + 0.5} if scaled else None)
+    before, after = parts["spectra"]["0"]
+    W1 = model[0].weight.detach().double().reshape(rows, -1)
+    want_before = torch.linalg.svdvals(W0.double().reshape(rows, -1))
+    torch.testing.assert_close(torch.tensor(before, dtype=torch.float64), want_before, rtol=1e-4, atol=1e-5)
+    assert len(after) == 5  # the spectrum rank; the rest are zero
+    torch.testing.assert_close(torch.tensor(after, dtype=torch.float64), torch.linalg.svdvals(W1)[:5], rtol=1e-5,
+                               atol=1e-6)
