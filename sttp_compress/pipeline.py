@@ -20,6 +20,7 @@ from torch import nn
 from sttp_compress import __version__
 from sttp_compress.train import distributed
 from sttp_compress.io.checkpoint import DTYPES, checkpoint_payload, write_payload
+from sttp_compress.io.quantize import storage_errors
 from sttp_compress.compress.convert import candidate_layers, check_target, compress_to_target
 from sttp_compress.data.images import AUGMENTS
 from sttp_compress.errors import UserError
@@ -406,6 +407,10 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
     totals = parts["totals"]
     summary = {"layers": len(parts["layers"]), **{k: totals.get(k) for k in ("params_compressed", "params_original", "ratio")}}
     payload = checkpoint_payload(model, job.arch, job.dtype, meta, summary)
+    if job.dtype != "float32":  # what storing in fewer bits costs each layer, beside its conversion error
+        errors = storage_errors(model, payload["state_dict"])
+        for row in parts["layers"]:
+            row["storage_rel_error"] = errors.get(row["name"])
     report: dict = {}
 
     def render(size: int) -> dict[str, bytes]:
@@ -499,7 +504,9 @@ def _report(job: CompressJob, parts: dict, ft_block: dict | None, out: Path, siz
         "target": {"ratio": job.ratio} if job.ratio is not None else {"rank": job.rank},
         "allocation": job.allocation if job.ratio is not None else None,
         "model": {"path": job.model, "arch": job.arch, "output": str(out)},
-        "totals": {**parts["totals"], "size_bytes_original": size_original, "size_bytes_compressed": size},
+        "totals": {**parts["totals"], "size_bytes_original": size_original, "size_bytes_compressed": size,
+                   "size_ratio": size_original / size if size else None},
+        "dtype": job.dtype,
         "layers": parts["layers"], "skipped": parts["skipped"],
         "finetune": _text_units(ft_block) if job.data_kind == "text" else ft_block,
         "timings": timings,

@@ -529,6 +529,22 @@ def test_float16_output_is_about_half_the_size(tiny):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_int8_output_reports_each_layers_storage_error_and_both_ratios(tiny):
+    torch.manual_seed(0)
+    torch.save(build_mlp().state_dict(), tiny.dir / "mlp.pt")
+    out = tiny.dir / "mlp-int8.sttp.safetensors"
+    ok(tiny.dir / "mlp.pt", "--arch", tiny.mlp_arch, "--rank", "32", "--dtype", "int8", "--output", out, "-q")
+    assert read_compressed(out)["dtype"] == "int8"
+    report = _report(tiny.dir / "mlp-int8.sttp.report")
+    assert report["dtype"] == "int8"
+    assert all(0 < layer["storage_rel_error"] < 0.02 for layer in report["layers"])
+    totals = report["totals"]
+    assert totals["size_ratio"] == pytest.approx(totals["size_bytes_original"] / out.stat().st_size)
+    assert totals["size_ratio"] > 2.5 * totals["ratio"]  # int8 and fewer parameters compose
+    model, _ = load_compressed(out, arch=tiny.mlp_arch)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
 def test_existing_output_needs_force(tiny):
     out = tiny.dir / "m.sttp.safetensors"
     ok(tiny.model, "--arch", tiny.arch, "--rank", "2", "-q")

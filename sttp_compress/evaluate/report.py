@@ -206,7 +206,9 @@ def _summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("Achieved ratio", _times(totals.get("ratio"))),
         ("Z", _percent(totals.get("z_percent"))),
         ("Parameters", f"{_count(totals.get('params_original'))} → {_count(totals.get('params_compressed'))}"),
-        ("Size on disk", f"{_mb(totals.get('size_bytes_original'))} → {_mb(totals.get('size_bytes_compressed'))}"),
+        ("Size on disk", f"{_mb(totals.get('size_bytes_original'))} → {_mb(totals.get('size_bytes_compressed'))}"
+                         + (f" ({_times(totals['size_ratio'])} smaller, {report.get('dtype', 'float32')})"
+                            if totals.get("size_ratio") else "")),
         ("Layers", f"{len(_layers(report))} compressed, {len(report.get('skipped') or [])} skipped"),
     ]
     if timings:
@@ -256,6 +258,9 @@ def _layer_lines(layers: list[Mapping[str, Any]]) -> list[str]:
     """The per-layer table of report.md."""
     header = ["Layer", "Type", "Shape", "Modes", "TT-ranks", "Rank", "Params original → compressed",
               "Ratio", "Rel. error"]
+    stored = any("storage_rel_error" in layer for layer in layers)  # a float16/bfloat16/int8 checkpoint
+    if stored:
+        header.append("Storage error")
     rows = []
     for layer in layers:
         po, pc = layer.get("params_original"), layer.get("params_compressed")
@@ -269,8 +274,8 @@ def _layer_lines(layers: list[Mapping[str, Any]]) -> list[str]:
             f"{_count(po)} → {_count(pc)}",
             _ratio(po, pc),
             _error(layer.get("rel_error")),
-        ])
-    return [f"## Layers ({len(layers)})", "", *_table(header, rows, "lllllrrrr"), ""]
+        ] + ([_error(layer.get("storage_rel_error"))] if stored else []))
+    return [f"## Layers ({len(layers)})", "", *_table(header, rows, "lllllrrrr" + "r" * stored), ""]
 
 
 def render_markdown(report: Mapping[str, Any], images: list[str]) -> str:
@@ -329,7 +334,8 @@ def summary_table(report: Mapping[str, Any], max_rows: int = SUMMARY_ROWS) -> Ta
              f"target {_target(report.get('target'))}")
     caption = (f"{_times(totals.get('ratio'))} fewer parameters (Z {_percent(totals.get('z_percent'))}), "
                f"size {human_bytes(totals['size_bytes_original']) if 'size_bytes_original' in totals else _DASH}"
-               f" → {human_bytes(totals['size_bytes_compressed']) if 'size_bytes_compressed' in totals else _DASH}")
+               f" → {human_bytes(totals['size_bytes_compressed']) if 'size_bytes_compressed' in totals else _DASH}"
+               + (f" ({_times(totals['size_ratio'])} smaller file)" if totals.get("size_ratio") else ""))
     table = Table(title=escape(title), caption=escape(caption), show_lines=False)
     table.add_column("Layer", overflow="fold")
     table.add_column("Type")

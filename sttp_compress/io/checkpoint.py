@@ -7,7 +7,7 @@ parametrization originals and buffers, and the layers that stay dense); its head
     format_version  "2"
     tool_version    "0.1.0"
     arch            "torchvision:resnet18?num_classes=10" | "model.py:build" | "hf:all-MiniLM-L6-v2" | ""
-    dtype           "float32" | "float16" | "bfloat16"
+    dtype           "float32" | "float16" | "bfloat16" | "int8" (matrices int8 with per-row scales: io/quantize.py)
     layers          JSON {name: {"kind", "weight_shape", "rank", "method", "spectrum", ...}}
     meta            JSON {"params_original", "size_bytes_original", "input_shape", ..., "hf_config_sha256"}
     summary         JSON {"layers", "params_compressed", "params_original", "ratio"}: a summary of the report
@@ -40,15 +40,17 @@ from sttp_compress.io.specs import HF_PREFIX, hf_folder
 from sttp_compress.core.spectral_tt import weight_name
 from sttp_compress.io.sources import looks_like_safetensors, recorded_arch_problem, resolve_arch
 from sttp_compress.io.outputs import atomic_write
+from sttp_compress.io.quantize import SCALES, dequantize_state, quantize_state
 from sttp_compress.core.tt import SPECTRA
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "DTYPES", "checkpoint_payload", "save_compressed", "load_compressed",
-           "read_compressed", "recorded_arch", "write_payload"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "DTYPES", "FLOAT_DTYPES", "checkpoint_payload", "save_compressed",
+           "load_compressed", "read_compressed", "recorded_arch", "write_payload", "stored_state"]
 
 FORMAT = "sttp-compress"
 FORMAT_VERSION = 2  # 2: safetensors with JSON metadata; 1: a torch.save dict (read, and written for .pt names)
 METHODS = ("sttp", "svdp")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = (*FLOAT_DTYPES, "int8")  # stored value types; int8: io.quantize (matrices int8 with row scales)
 
 
 def recorded_arch(spec: str | None) -> tuple[str | None, dict]:
@@ -84,9 +86,12 @@ def checkpoint_payload(model: nn.Module, arch: str | None, dtype: str = "float32
     """The dict a compressed checkpoint file holds (see the module docstring), tensors on the CPU in `dtype`."""
     if dtype not in DTYPES:
         raise UserError(f"‹dtype› must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    tdtype = DTYPES[dtype]
-    state = {k: (v.detach().to("cpu", tdtype) if v.is_floating_point() else v.detach().cpu()).contiguous().clone()
-             for k, v in model.state_dict().items()}
+    if dtype == "int8":
+        state = {k: v.contiguous() for k, v in quantize_state({k: v.cpu() for k, v in model.state_dict().items()}).items()}
+    else:
+        tdtype = FLOAT_DTYPES[dtype]
+        state = {k: (v.detach().to("cpu", tdtype) if v.is_floating_point() else v.detach().cpu()).contiguous().clone()
+                 for k, v in model.state_dict().items()}
     spec, check = recorded_arch(arch)
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "tool_version": __version__,
             "arch": spec, "dtype": dtype,
@@ -275,7 +280,7 @@ def load_compressed(path: str | os.PathLike, arch: str | None = None,
     _check_hf_config(path, spec, data.get("meta") or {})
     model = resolve_arch(spec)
     _attach_layers(model, data["layers"], spec, path)
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in data["state_dict"].items()}
+    state = stored_state(data, path)
     _check_state_fits(model, state, spec, path)
     try:
         model.load_state_dict(state, strict=True)
@@ -285,6 +290,17 @@ def load_compressed(path: str | os.PathLike, arch: str | None = None,
     model.float().eval()
     info = {k: v for k, v in data.items() if k != "state_dict"}
     return model, info
+
+
+def stored_state(data: dict, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The float32 state dict of a checkpoint dict (int8 storage dequantized; UserError if it does not fit)."""
+    state = data["state_dict"]
+    if data.get("dtype") == "int8" or any(k.startswith(SCALES) for k in state):
+        try:
+            state = dequantize_state(state)
+        except ValueError as exc:
+            raise UserError(f"{path} is a damaged sttp-compress checkpoint: {exc}") from None
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
 
 
 def _recorded_arch(path: str | os.PathLike, spec: str | None, trust_arch: bool) -> str:

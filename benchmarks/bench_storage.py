@@ -1,0 +1,128 @@
+"""Bytes, not parameters: STTP stored in float32 / float16 / int8 against weight-only quantization of the dense
+teacher at equal file size, zero-shot (no fine-tuning), on this machine's CPUs.
+
+    python benchmarks/bench_storage.py [--data DIR] [--images 3000] [--ratios 10 20 50]
+
+The shared CIFAR-10 ResNet-18 (../shared/models) is compressed by `compress_to_target` at each ratio and
+saved with `sc.save(..., dtype=...)`; its accuracy is measured after loading the file back (what a user
+gets). The anchors quantize every weight matrix of the dense teacher per output channel, symmetric, to
+int8 / int4 / int3 / int2 (biases and norms float32), with `size_bytes` the packed size (bits/8 per
+value + a float32 scale per channel + the float32 rest). Accuracy is on the first `--images` of a fixed
+shuffle of the test split (seed 0): a zero-shot comparison, nothing is selected on it. The fine-tuned
+rows (10 epochs of distillation, straight-through rounding for the anchors) are the GPU frontier's
+(benchmarks/bench_frontier.py, issue "GPU run: ... frontier").
+
+Rows: method, ratio (parameters), dtype, size_bytes, size_ratio (dense float32 file / this file),
+storage_rel_error (mean over compressed layers of ‖W_stored − W‖/‖W‖; anchors: over all matrices), acc,
+drop (points against the dense teacher on the same images). Writes benchmarks/results/storage.json (+ .md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import commit, machine, markdown_table, print_table, today, write_results  # noqa: E402
+
+import sttp_compress as sc  # noqa: E402
+from sttp_compress.compress.convert import compress_to_target  # noqa: E402
+from sttp_compress.io.checkpoint import read_compressed, stored_state  # noqa: E402
+from sttp_compress.io.quantize import storage_errors  # noqa: E402
+from sttp_compress.io.sources import load_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+ARCH = f"{SHARED / 'models' / 'cifar_models.py'}:resnet18_cifar"
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+COLUMNS = ["method", "ratio", "dtype", "size_bytes", "size_ratio", "storage_rel_error", "acc", "drop", "images"]
+
+
+def test_images(root: Path, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import torchvision
+    import torchvision.transforms as T
+
+    ds = torchvision.datasets.ImageFolder(str(root / "test"), T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)]))
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    return torch.stack([ds[i][0] for i in idx]), torch.tensor([ds[i][1] for i in idx])
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, X: torch.Tensor, Y: torch.Tensor) -> float:
+    model.eval()
+    hits = sum(int((model(X[i:i + 500]).argmax(1) == Y[i:i + 500]).sum()) for i in range(0, len(X), 500))
+    return 100.0 * hits / len(X)
+
+
+def weight_only(model: torch.nn.Module, bits: int) -> tuple[torch.nn.Module, int, float]:
+    """The model with every weight matrix rounded per output channel to `bits` (symmetric); its packed bytes
+    and the mean relative weight error."""
+    qmax = 2 ** (bits - 1) - 1
+    out = copy.deepcopy(model)
+    size, errors = 0, []
+    with torch.no_grad():
+        for name, t in out.state_dict().items():
+            if t.is_floating_point() and t.dim() >= 2 and name.endswith("weight"):
+                rows = t.reshape(t.shape[0], -1)
+                scale = (rows.abs().amax(1, keepdim=True) / qmax).clamp_min(1e-12)
+                q = (torch.round(rows / scale).clamp(-qmax, qmax) * scale).reshape(t.shape)
+                errors.append(float((q - t).norm() / t.norm()))
+                t.copy_(q)
+                size += (t.numel() * bits + 7) // 8 + 4 * t.shape[0]
+            else:
+                size += t.numel() * t.element_size()
+    return out, size, sum(errors) / len(errors)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, help="CIFAR-10 as image folders (test/<class>/*.jpg)")
+    ap.add_argument("--images", type=int, default=3000)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[10, 20, 50])
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    dense = load_model(str(SHARED / "models" / "resnet18_cifar10.pt"), ARCH)
+    X, Y = test_images(args.data, args.images)
+    with tempfile.TemporaryDirectory() as tmp:
+        dense_file = Path(tmp) / "dense.pt"
+        torch.save(dense.state_dict(), dense_file)
+        dense_bytes = dense_file.stat().st_size
+        base = accuracy(dense, X, Y)
+        rows = [{"method": "dense", "ratio": 1, "dtype": "float32", "size_bytes": dense_bytes, "size_ratio": 1.0,
+                 "storage_rel_error": 0.0, "acc": base}]
+        for bits in (8, 4, 3, 2):
+            model, size, err = weight_only(dense, bits)
+            rows.append({"method": "weight-only", "ratio": 1, "dtype": f"int{bits}", "size_bytes": size,
+                         "size_ratio": dense_bytes / size, "storage_rel_error": err, "acc": accuracy(model, X, Y)})
+        for ratio in args.ratios:
+            model = copy.deepcopy(dense)
+            compress_to_target(model, ratio=ratio)
+            for dtype in ("float32", "float16", "int8"):
+                path = Path(tmp) / f"r{ratio:g}-{dtype}.sttp.safetensors"
+                size = sc.save(model, path, arch=None, dtype=dtype)
+                loaded = copy.deepcopy(model)  # the same structure, the file's values
+                loaded.load_state_dict(stored_state(read_compressed(path), path))
+                errs = storage_errors(model, read_compressed(path)["state_dict"]) if dtype != "float32" else {}
+                rows.append({"method": "sttp", "ratio": ratio, "dtype": dtype, "size_bytes": size,
+                             "size_ratio": dense_bytes / size,
+                             "storage_rel_error": sum(errs.values()) / len(errs) if errs else None,
+                             "acc": accuracy(loaded, X, Y)})
+    for r in rows:
+        r["drop"] = round(base - r["acc"], 2)
+        r["images"] = len(X)
+        r.update(device=machine("cpu"), commit=commit(), date=today())
+    print_table("storage", rows, COLUMNS)
+    md = (f"# Bytes: STTP storage against weight-only quantization, zero-shot ({today()}, commit {commit()}, "
+          f"{machine('cpu')})\n\nThe shared CIFAR-10 ResNet-18, no fine-tuning; accuracy on {len(X)} test images "
+          "(fixed shuffle, seed 0). `size_ratio` = the dense float32 file / this file.\n\n"
+          + markdown_table(rows, COLUMNS))
+    write_results("storage", rows, {"date": today(), "device": machine("cpu"), "images": len(X)}, md)
+
+
+if __name__ == "__main__":
+    main()

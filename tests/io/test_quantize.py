@@ -1,0 +1,79 @@
+"""int8 storage: per-row quantization, exact orthonormality after rounding, smaller files, damaged files refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sttp_compress as sc
+from sttp_compress.compress.convert import parametrization
+from sttp_compress.core.forms import layer_originals
+from sttp_compress.errors import UserError
+from sttp_compress.io.checkpoint import read_compressed, stored_state
+from sttp_compress.io.quantize import BLOCK, SCALES, dequantize_rows, quantize_rows, quantize_state, storage_errors
+
+
+def test_blocks_round_to_within_half_a_step_and_zero_rows_survive():
+    torch.manual_seed(0)
+    t = torch.randn(5, 10, 13) * torch.tensor([1.0, 10.0, 0.01, 0.0, 3.0]).reshape(5, 1, 1)  # rows of 130 values
+    q, scale = quantize_rows(t)
+    assert q.dtype == torch.int8 and q.shape == t.shape and scale.shape == (5, 3)  # blocks of 64: 64 + 64 + 2
+    assert int(q.abs().max()) == 127
+    back = dequantize_rows(q, scale)
+    step = scale.repeat_interleave(BLOCK, dim=1)[:, :130].reshape(5, 10, 13)  # each value's own block scale
+    assert bool(((back - t).abs() <= step / 2 + 1e-7).all())
+    assert bool((back[3] == 0).all()) and bool((scale[3] == 1.0).all())
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(32 * 8 * 8, 64), nn.ReLU(), nn.Linear(64, 10))
+    sc.compress_(net, sc.CompressConfig(rank=8))
+    return net.eval()
+
+
+def test_int8_checkpoint_is_smaller_loads_with_orthonormal_frames_and_close_weights(tmp_path):
+    net = model()
+    f32 = sc.save(net, tmp_path / "f32.sttp.safetensors", arch=None)
+    i8 = sc.save(net, tmp_path / "i8.sttp.safetensors", arch=None, dtype="int8")
+    data = {n: read_compressed(tmp_path / f"{n}.sttp.safetensors")["state_dict"] for n in ("f32", "i8")}
+    nbytes = {n: sum(t.numel() * t.element_size() for t in d.values()) for n, d in data.items()}
+    assert i8 < f32 and nbytes["i8"] < 0.4 * nbytes["f32"]  # tensors (the header is the same); vectors stay float32
+    loaded = model()  # the same structure; its parameters are replaced by the file's
+    state = stored_state(read_compressed(tmp_path / "i8.sttp.safetensors"), "i8")
+    loaded.load_state_dict(state)
+    for name in ("2", "5"):
+        p = parametrization(loaded[int(name)])
+        for frames in p.frames(layer_originals(loaded[int(name)], p)):  # (n, d, r) each
+            eye = torch.eye(frames.shape[-1]).expand(frames.shape[0], -1, -1)
+            torch.testing.assert_close(frames.transpose(1, 2) @ frames, eye, atol=2e-6, rtol=0)
+        W, Wq = net[int(name)].weight.detach(), loaded[int(name)].weight.detach()
+        assert 0 < float((Wq - W).norm() / W.norm()) < 0.02
+    errors = storage_errors(net, quantize_state(net.state_dict()))
+    assert set(errors) == {"2", "5"} and all(0 < e < 0.02 for e in errors.values())
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert float((loaded(x) - net(x)).norm() / net(x).norm()) < 0.05
+
+
+def test_an_int8_tensor_without_its_scale_is_a_damaged_checkpoint(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    path = tmp_path / "i8.sttp.safetensors"
+    sc.save(model(), path, dtype="int8")
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+    tensors = load_file(str(path))
+    scale_key = next(k for k in tensors if k.startswith(SCALES))
+    del tensors[scale_key]
+    save_file(tensors, str(path), metadata=header)
+    with pytest.raises(UserError, match=r"damaged sttp-compress checkpoint: int8 tensor .* no fitting per-row scale"):
+        stored_state(read_compressed(path), path)
+
+
+def test_bad_dtype_names_the_choices(tmp_path):
+    with pytest.raises(UserError, match="dtype must be one of float32, float16, bfloat16, int8"):
+        sc.save(model(), tmp_path / "x.sttp.safetensors", dtype="int4")
