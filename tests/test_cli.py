@@ -680,7 +680,7 @@ ERROR_CASES = {
                                        _mkdir(t.dir / "empty_data")], ["empty_data"]),
     "missing tensors file": (lambda t: [t.model, "--arch", t.arch, "--rank", 4, "--data",
                                         f"tensors:{t.dir / 'none.pt'}"], ["none.pt"]),
-    "bad dtype": (lambda t: [t.model, "--arch", t.arch, "--rank", 4, "--dtype", "int8"], ["--dtype"]),
+    "bad dtype": (lambda t: [t.model, "--arch", t.arch, "--rank", 4, "--dtype", "int4"], ["--dtype"]),
     "no layer matches --include": (lambda t: [t.model, "--arch", t.arch, "--rank", 4, "--include", "zzz*"],
                                    ["no layer"]),
 }
