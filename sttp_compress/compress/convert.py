@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sttp_compress.core.forms import layer_originals
-from sttp_compress.core.spectral_tt import SUPPORTED, SpectralTT, is_parametrized, matrix_factors, to_matrix, weight_kind, weight_name
+from sttp_compress.core.forms import factorable, layer_originals
+from sttp_compress.core.spectral_tt import EXACT_NUMEL, SUPPORTED, SpectralTT, is_parametrized, matrix_factors, to_matrix, weight_kind, weight_name
 from sttp_compress.core.tt import TTShape, pad_matrix
 from sttp_compress.errors import UserError, terms
 
@@ -280,6 +280,19 @@ def _weighted_error(W1: torch.Tensor, W0: torch.Tensor, kind: str, row_weight: t
     return float(((D.square() * w).sum() / (M.square() * w).sum().clamp_min(1e-60)).sqrt())
 
 
+def _error_from_factors(m: nn.Module, p: SpectralTT, W0: torch.Tensor) -> float:
+    """‖W0 − U diag(σ) Vᵀ‖ / ‖W0‖ from the factors, without building the compressed weight: ‖W0‖² − 2⟨W0, W1⟩ +
+    ‖W1‖², with ⟨W0, W1⟩ = Σ σ ⊙ (UᵀW0 ⊙ Vᵀ) and ‖W1‖² = Σ (σσᵀ ⊙ UᵀU ⊙ VᵀV) (O(r(d_out + d_in)) memory; the
+    cancellation is harmless at the errors a truncation leaves, which float32 weights bound below by ~1e-7)."""
+    U, s, V = (t.detach() for t in p.factors(*layer_originals(m, p)))
+    UtW = U.T.to(W0.dtype) @ W0  # r × d_in, one pass over W0
+    inner = float((UtW.double() * (s.double()[:, None] * V.T.double())).sum())
+    Ud, Vd, sd = U.double(), V.double(), s.double()
+    w1 = float((sd[:, None] * sd[None, :] * (Ud.T @ Ud) * (Vd.T @ Vd)).sum())
+    w0 = _sum_squares(W0)
+    return math.sqrt(max(0.0, w0 - 2 * inner + w1) / max(w0, 1e-60))
+
+
 def _sum_squares(t: torch.Tensor, minus: torch.Tensor | None = None, block: int = 1 << 22) -> float:
     """‖t − minus‖² (‖t‖² without `minus`): per row in t's dtype, over rows in float64, a block of rows at a
     time, so no full-size difference or float64 copy is made (each 400 MB for a 4096 x 25088 layer; one
@@ -457,8 +470,13 @@ def _convert_layer(name: str, m: nn.Module, r: int, method: str, spectrum: str, 
     p = compress_module(m, r, method, spectrum, row_weight=row_weight, col_weight=col_weight, row_order=row_order)
     refit = moments is not None and refit_spectrum(m, W0, moments)
     with torch.no_grad():
-        W1 = weight_of(m).detach()
-        err = math.sqrt(_sum_squares(W1, W0) / max(_sum_squares(W0), 1e-60))
+        scaled = row_weight is not None or col_weight is not None
+        err = _error_from_factors(m, p, to_matrix(kind, W0)) if (
+            W0.numel() > EXACT_NUMEL and factorable(p) and not scaled) else 0.0  # no dense copy of a big layer
+        W1 = None
+        if err < 1e-3:  # small layers, and errors the formula's cancellation would blur: from the weight itself
+            W1 = weight_of(m).detach()
+            err = math.sqrt(_sum_squares(W1, W0) / max(_sum_squares(W0), 1e-60))
     row = {"name": name, "type": type(m).__name__.removeprefix("Parametrized"), "shape": list(W0.shape),
            "modes": list(p.tt.modes), "tt_ranks": list(p.tt.tt_ranks),
            "rank": max(p.tt.tt_ranks), "spectrum_rank": p.rank,
