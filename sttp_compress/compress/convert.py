@@ -453,8 +453,9 @@ def _allocate_ranks(chosen: Mapping[str, nn.Module], ratio: float, params_origin
     ranks = allocate(opts, budget_for_ratio(params_original, fixed, ratio), allocation)
     ranks.update(layer_ranks)
     for o in opts:
-        if singular_values is not None and o.singular_values() is not None:
-            singular_values[o.name] = o.singular_values()
+        known = o.singular_values() if singular_values is not None else None
+        if known is not None:
+            singular_values[o.name] = known
         o.release()
     return ranks
 
@@ -470,9 +471,8 @@ def _convert_layer(name: str, m: nn.Module, r: int, method: str, spectrum: str, 
     p = compress_module(m, r, method, spectrum, row_weight=row_weight, col_weight=col_weight, row_order=row_order)
     refit = moments is not None and refit_spectrum(m, W0, moments)
     with torch.no_grad():
-        scaled = row_weight is not None or col_weight is not None
-        err = _error_from_factors(m, p, to_matrix(kind, W0)) if (
-            W0.numel() > EXACT_NUMEL and factorable(p) and not scaled) else 0.0  # no dense copy of a big layer
+        # a big layer whose factors are exactly its weight (not padded, scaled or reordered): no dense copy
+        err = _error_from_factors(m, p, to_matrix(kind, W0)) if W0.numel() > EXACT_NUMEL and factorable(p) else 0.0
         W1 = None
         if err < 1e-3:  # small layers, and errors the formula's cancellation would blur: from the weight itself
             W1 = weight_of(m).detach()

@@ -22,6 +22,7 @@ unfreeze first. Gradients do not reach the STTP parameters through a frozen laye
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -113,6 +114,7 @@ def _bind(m: nn.Module, wname: str, W: Tensor | None, trainable: bool) -> None:
     m._apply = _apply_keeping_leaves.__get__(m)
 
 
+@functools.lru_cache(maxsize=None)
 def _factors_only_class(base: type) -> type:
     """`base` with a read-only `weight` = U · (V σ)ᵀ from the factors buffers (no dense copy kept)."""
     return type(base.__name__, (base,), {"weight": property(lambda self: self._sttp_u @ self._sttp_vs)})

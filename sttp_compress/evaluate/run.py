@@ -598,8 +598,6 @@ def run_eval(path: str, opts: EvalOptions, progress: bool = False) -> dict[str, 
     """
     validate_options(opts)
     device = resolve_device(opts.device)
-    if Path(path).is_dir():
-        raise UserError(f"{path} is a directory, not a compressed checkpoint")
     model, info = load_compressed(path, opts.arch, opts.trust_arch)
     meta = info.get("meta") if isinstance(info.get("meta"), dict) else {}
     if opts.min_ratio is not None and _meta_int(meta, "params_original") is None and opts.reference is None:
@@ -917,8 +915,6 @@ def export_dense(path: str, out: str, arch: str | None = None, force: bool = Fal
     The file loads with ``model.load_state_dict(torch.load(out, weights_only=True))`` into a fresh
     instance of the checkpoint's architecture (or ``arch``). Written atomically; returns its size in bytes.
     """
-    if Path(path).is_dir():
-        raise UserError(f"{path} is a directory, not a compressed checkpoint")
     model, _ = load_compressed(path, arch, trust_arch)
     decompress(model)
     state = {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()).clone()
@@ -946,8 +942,6 @@ def export_model(path: str, out: str, arch: str | None = None, input_shape: tupl
                  force: bool = False, trust_arch: bool = False) -> dict[str, Any]:
     """Export the compressed checkpoint to ONNX (.onnx) or torch.export (.pt2), runnable without this
     package (io.export); returns {"format", "size_bytes", "forms", "rel_output_error"}."""
-    if Path(path).is_dir():
-        raise UserError(f"{path} is a directory, not a compressed checkpoint")
     export_format(out)
     model, info = load_compressed(path, arch, trust_arch)
     meta = info.get("meta") if isinstance(info.get("meta"), dict) else {}

@@ -7,7 +7,7 @@ parametrization originals and buffers, and the layers that stay dense); its head
     format_version  "2"
     tool_version    "0.1.0"
     arch            "torchvision:resnet18?num_classes=10" | "model.py:build" | "hf:all-MiniLM-L6-v2" | ""
-    dtype           "float32" | "float16" | "bfloat16" | "int8" (matrices int8 with per-row scales: io/quantize.py)
+    dtype           "float32" | "float16" | "bfloat16" | "int8" (matrices int8, a scale per 64 values: io/quantize.py)
     layers          JSON {name: {"kind", "weight_shape", "rank", "method", "spectrum", ...}}
     meta            JSON {"params_original", "size_bytes_original", "input_shape", ..., "hf_config_sha256"}
     summary         JSON {"layers", "params_compressed", "params_original", "ratio"}: a summary of the report
@@ -50,7 +50,7 @@ FORMAT = "sttp-compress"
 FORMAT_VERSION = 2  # 2: safetensors with JSON metadata; 1: a torch.save dict (read, and written for .pt names)
 METHODS = ("sttp", "svdp")
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DTYPES = (*FLOAT_DTYPES, "int8")  # stored value types; int8: io.quantize (matrices int8 with row scales)
+DTYPES = (*FLOAT_DTYPES, "int8")  # stored value types; int8: io.quantize (matrices int8 with block scales)
 
 
 def recorded_arch(spec: str | None) -> tuple[str | None, dict]:
@@ -233,6 +233,8 @@ def _non_finite(state: dict[str, torch.Tensor]) -> tuple[str, str] | None:
 
 def _load_dict(path: str | os.PathLike) -> dict:
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{path} is a directory, not a compressed checkpoint")
     if not p.is_file():
         raise UserError(f"no such file: {path}")
     try:

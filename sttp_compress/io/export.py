@@ -137,7 +137,8 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Tensor | M
     """Write `model` (compressed or not) to `path` (.onnx or .pt2) with a dynamic batch size; atomically.
 
     example_inputs: one input batch (a tensor, or keyword tensors such as input_ids and attention_mask).
-    Returns {"format", "size_bytes", "forms"}. UserError when the model cannot be traced.
+    Returns {"format", "size_bytes", "forms", "rel_output_error"}. UserError when the model cannot be traced.
+    The model's own training mode is left as it was.
     """
     fmt = export_format(path)
     net, forms = exportable(model)
@@ -152,8 +153,12 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Tensor | M
     except Exception as exc:  # noqa: BLE001 (tracing raises many types; the user needs the reason)
         where = _culprit(net, args, kwargs, _export_one) or _first_line(exc)
         raise UserError(f"the model cannot be exported: {where}") from None
-    with torch.no_grad():
-        expected = _first_output(model.eval()(*args, **kwargs))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            expected = _first_output(model.eval()(*args, **kwargs))
+    finally:
+        model.train(was_training)
     errors: list[float | None] = []
 
     def write(tmp: str) -> None:

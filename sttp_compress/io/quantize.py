@@ -15,6 +15,8 @@ In the file, a quantized tensor `name` is int8 under its own name, its scales (r
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -24,7 +26,7 @@ from sttp_compress.core.spectral_tt import is_parametrized
 
 __all__ = ["SCALES", "quantize_state", "dequantize_state", "quantize_rows", "dequantize_rows", "storage_errors"]
 
-SCALES = "__int8_scale__."  # prefix of the per-row scale tensors in the file
+SCALES = "__int8_scale__."  # prefix of the block-scale tensors (rows, blocks) in the file
 QMAX = 127
 # values per scale: a block of 64 Gaussian-like values has absmax ≈ 2.4 rms, so rounding costs ~0.55% (rms,
 # relative) where one scale per 10,000-value row of reflectors cost 1% (absmax ≈ 4.5 rms); the float32
@@ -55,16 +57,16 @@ def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
     return (_blocks(rows) * scale.float()[..., None]).reshape(q.shape[0], -1)[:, :rows.shape[1]].reshape(q.shape)
 
 
-def _quantized(key: str, t: Tensor) -> bool:
+def _quantized(t: Tensor) -> bool:
     return t.is_floating_point() and t.dim() >= 2 and t.numel() > 0
 
 
 def quantize_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The state dict as stored in int8: matrices as int8 with their row scales under SCALES + name,
+    """The state dict as stored in int8: matrices as int8 with their block scales under SCALES + name,
     everything else as float32 (floating) or unchanged."""
     out: dict[str, Tensor] = {}
     for key, t in state.items():
-        if _quantized(key, t):
+        if _quantized(t):
             out[key], out[SCALES + key] = quantize_rows(t)
         else:
             out[key] = t.detach().float() if t.is_floating_point() else t.detach()
@@ -82,7 +84,7 @@ def dequantize_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
             continue
         scale = state.get(SCALES + key)
         if t.dtype == torch.int8:
-            if scale is None or t.dim() < 1 or tuple(scale.shape) != (t.shape[0], -(-t[0].numel() // BLOCK)):
+            if scale is None or t.dim() < 1 or tuple(scale.shape) != (t.shape[0], -(-math.prod(t.shape[1:]) // BLOCK)):
                 raise ValueError(f"int8 tensor {key!r} has no fitting per-row scale")
             if not bool(torch.isfinite(scale).all()):
                 raise ValueError(f"int8 tensor {key!r} has a scale that is not finite")
