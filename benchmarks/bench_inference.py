@@ -48,7 +48,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_convert import product_version  # noqa: E402
-from common import RESULTS, machine, markdown_table, merge_rows, print_table, time_ms, today, write_results  # noqa: E402
+from common import SHARED_MODELS, RESULTS, machine, markdown_table, merge_rows, print_table, time_ms, today, write_results  # noqa: E402
 
 from sttp_compress.compress.convert import compress, compress_module, compress_to_target, count_parameters  # noqa: E402
 from sttp_compress.core.forms import remove_shortcut, row_flops, use_shortcut  # noqa: E402
@@ -57,7 +57,6 @@ from sttp_compress.io.sources import load_model, resolve_arch  # noqa: E402
 from sttp_compress.core.tt import TTShape  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "models"
 
 
 # --------------------------------------------------------------------------- models
@@ -203,8 +202,8 @@ def paired_ms(dense_fn, comp_fn, device: str, warmup: int, repeat: int) -> tuple
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(SHARED / "resnet18_cifar10.pt"))
-    ap.add_argument("--arch", default=str(SHARED / "cifar_models.py") + ":resnet18_cifar")
+    ap.add_argument("--model", default=str(SHARED_MODELS / "resnet18_cifar10.pt"))
+    ap.add_argument("--arch", default=str(SHARED_MODELS / "cifar_models.py") + ":resnet18_cifar")
     ap.add_argument("--ratio", type=float, default=10.0, help="ResNet-18 compression ratio")
     ap.add_argument("--ranks-from", default=str(RESULTS / "convert.meta.json"))
     ap.add_argument("--stack-ratio", type=float, default=20.0)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import commit, machine, markdown_table, print_table, today, write_results  # noqa: E402
+from common import SHARED, commit, machine, markdown_table, print_table, today, write_results  # noqa: E402
 
 import sttp_compress as sc  # noqa: E402
 from sttp_compress.compress.convert import compress_to_target  # noqa: E402
@@ -37,7 +37,6 @@ from sttp_compress.io.quantize import storage_errors  # noqa: E402
 from sttp_compress.io.sources import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 ARCH = f"{SHARED / 'models' / 'cifar_models.py'}:resnet18_cifar"
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 COLUMNS = ["method", "ratio", "dtype", "size_bytes", "size_ratio", "storage_rel_error", "acc", "drop", "images"]

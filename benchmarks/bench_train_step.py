@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_convert import product_version  # noqa: E402
-from common import machine, markdown_table, merge_rows, print_table, time_ms, today, write_results  # noqa: E402
+from common import SHARED_MODELS, machine, markdown_table, merge_rows, print_table, time_ms, today, write_results  # noqa: E402
 
 from sttp_compress.train.bank import WeightBank  # noqa: E402
 from sttp_compress.compress.convert import compress_to_target  # noqa: E402
@@ -52,13 +52,12 @@ from sttp_compress.io.sources import load_model, resolve_arch  # noqa: E402
 from sttp_compress.train.stepgraph import StepGraph  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "models"
 
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     """--model and --arch, defaulting to the shared CIFAR-10 ResNet-18 (random weights when the file is absent)."""
-    ap.add_argument("--model", default=str(SHARED / "resnet18_cifar10.pt"))
-    ap.add_argument("--arch", default=str(SHARED / "cifar_models.py") + ":resnet18_cifar")
+    ap.add_argument("--model", default=str(SHARED_MODELS / "resnet18_cifar10.pt"))
+    ap.add_argument("--arch", default=str(SHARED_MODELS / "cifar_models.py") + ":resnet18_cifar")
 
 
 def build(model_path: str | None, arch: str, ratio: float):

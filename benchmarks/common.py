@@ -16,6 +16,9 @@ from typing import Callable
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# ../shared beside the checkout (models/, data/); STTP_SHARED points elsewhere (a GPU machine gets a carried copy)
+SHARED = Path(os.environ.get("STTP_SHARED") or Path(__file__).resolve().parents[2] / "shared")
+SHARED_MODELS = SHARED / "models"
 EXPERIMENT_RESULTS = RESULTS / "experiments"  # what the scripts in benchmarks/experiments/ write
 
 
@@ -47,7 +50,10 @@ def time_ms(fn: Callable[[], object], device: str = "cpu", warmup: int = 2, repe
 
 
 def commit() -> str:
-    """The checked-out commit (with '+dirty' when the tree has changes), or 'unknown' outside git."""
+    """The checked-out commit (with '+dirty' when the tree has changes); outside git, STTP_COMMIT or 'unknown'
+    (a GPU machine gets a copy of the tree without .git: the caller names the commit)."""
+    if os.environ.get("STTP_COMMIT"):
+        return os.environ["STTP_COMMIT"]
     try:
         root = Path(__file__).resolve().parents[1]
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
