@@ -129,6 +129,32 @@ def _ort_session(path: Path, device: str):
     return run, session.get_providers()[0]
 
 
+def _export_program(model: nn.Module, path: Path, example, device: str) -> float:
+    """Export the torch.export program on `device` (a program holds the devices it was traced on), falling
+    back to the CPU; its size in MB."""
+    if device != "cpu":
+        try:
+            on_device = copy.deepcopy(model).to(device)
+            return sc.export(on_device, path, _to(example, device))["size_bytes"] / 1e6
+        except Exception as exc:  # noqa: BLE001 - report and fall back to the CPU
+            print(f"pt2 export on {device} failed ({type(exc).__name__}: {exc}); exported on the CPU", file=sys.stderr)
+    return sc.export(model, path, example)["size_bytes"] / 1e6
+
+
+def _serve(model: nn.Module, x, device: str, quick: bool, reference: torch.Tensor) -> tuple[float, float, float]:
+    """(latency ms, memory MB, output error) of one model, alone on `device`: on CUDA the peak allocation
+    while it serves (weights and activations), on the CPU its weights."""
+    model.to(device)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    ms = _timed(lambda: _call(model, x), device, quick)
+    mem = torch.cuda.max_memory_allocated() / 1e6 if device == "cuda" else _weights_mb(model)
+    err = _rel(_main_output(_call(model, x)), reference)
+    model.cpu()
+    return ms, mem, err
+
+
 def _load_program(path: Path, device: str, example) -> tuple[nn.Module, str]:
     """The torch.export program as a module on `device`, or on the CPU where it does not move there
     (a program traced on the CPU may hold CPU-only constants)."""
@@ -166,7 +192,7 @@ def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[i
     size_onnx = sc.export(comp, onnx_c, example)["size_bytes"] / 1e6
     if not onnx_d.exists():
         sc.export(dense, onnx_d, example)
-    size_pt2 = sc.export(comp, pt2, example)["size_bytes"] / 1e6
+    size_pt2 = _export_program(comp, pt2, example, device)
     frozen = copy.deepcopy(comp)
     forms = sc.freeze(frozen, shortcut="auto")
     form = "factors" if "factors" in forms.values() else "dense"
@@ -185,25 +211,11 @@ def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[i
         x = inputs(b)
         with torch.no_grad():
             reference = _main_output(_call(comp, x))
-            dense_t, frozen_t = dense.to(device), frozen.to(device)
             xd = _to(x, device)
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            dense_ms = _timed(lambda: _call(dense_t, xd), device, quick)
-            dense_mem = torch.cuda.max_memory_allocated() / 1e6 if device == "cuda" else _weights_mb(dense)
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            frozen_ms = _timed(lambda: _call(frozen_t, xd), device, quick)
-            frozen_mem = torch.cuda.max_memory_allocated() / 1e6 if device == "cuda" else _weights_mb(frozen)
-            frozen_err = _rel(_main_output(_call(frozen_t, xd)), reference)
+            dense_ms, dense_mem, _ = _serve(dense, xd, device, quick, reference)
+            frozen_ms, frozen_mem, frozen_err = _serve(frozen, xd, device, quick, reference)
             if lean is not None:
-                lean_t = lean.to(device)
-                if device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                lean_ms = _timed(lambda: _call(lean_t, xd), device, quick)
-                lean_mem = torch.cuda.max_memory_allocated() / 1e6 if device == "cuda" else _weights_mb(lean)
-                lean_err = _rel(_main_output(_call(lean_t, xd)), reference)
-                lean.cpu()
+                lean_ms, lean_mem, lean_err = _serve(lean, xd, device, quick, reference)
             xp = _to(x, pt2_device)
             ort_dense_ms = _timed(lambda: run_d(x), "cpu", quick)
             ort_ms = _timed(lambda: run_c(x), "cpu", quick)
@@ -211,7 +223,6 @@ def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[i
             pt2_ms = _timed(lambda: _call(program, xp), pt2_device, quick)
             pt2_dense_ms = dense_ms if pt2_device == device else None
             pt2_err = _rel(_main_output(_call(program, xp)), reference)
-            dense.cpu(), frozen.cpu()
         base = {"model": name, "ratio": ratio, "batch": b, **{k: round(v, 3) for k, v in sizes.items()},
                 "device": machine(device), "commit": commit(), "date": today()}
         rows.append({**base, "mode": "frozen", "dense_ms": dense_ms, "compressed_ms": frozen_ms, "form": form,

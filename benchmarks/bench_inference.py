@@ -51,7 +51,7 @@ from bench_convert import product_version  # noqa: E402
 from common import SHARED_MODELS, RESULTS, machine, markdown_table, merge_rows, print_table, time_ms, today, write_results  # noqa: E402
 
 from sttp_compress.compress.convert import compress, compress_module, compress_to_target, count_parameters  # noqa: E402
-from sttp_compress.core.forms import remove_shortcut, row_flops, use_shortcut  # noqa: E402
+from sttp_compress.core.forms import call_overhead, remove_shortcut, row_flops, use_shortcut  # noqa: E402
 from sttp_compress.compress.serve import freeze, unfreeze  # noqa: E402
 from sttp_compress.io.sources import load_model, resolve_arch  # noqa: E402
 from sttp_compress.core.tt import TTShape  # noqa: E402
@@ -150,10 +150,10 @@ def layer_form(m: nn.Linear, x: torch.Tensor) -> tuple[str, int]:
     rows, dense = x.numel() // m.in_features, 2 * m.in_features * m.out_features
     sc = m.__dict__.get("_sttp_shortcut")
     if sc is not None:
-        uses = sc.overhead is None or rows * sc.saving >= sc.overhead.get(x.device.type, 0.0)
+        uses = sc.overhead is None or rows * sc.saving >= call_overhead(x, sc.overhead)
         return (sc.form, row_flops(sc.p.tt, sc.form)) if uses else ("dense", dense)
-    min_rows = m.__dict__.get("_sttp_min_rows")
-    if min_rows is not None and rows >= min_rows.get(x.device.type, 0):
+    overhead = m.__dict__.get("_sttp_overhead")
+    if overhead is not None and rows * m._sttp_saving >= call_overhead(x, overhead):
         return "factors", 2 * m._sttp_vs.shape[0] * (m.in_features + m.out_features)
     return "dense", dense
 
@@ -163,7 +163,7 @@ def forms_used(model: nn.Module, x: torch.Tensor) -> str:
     got = []
     hooks = [m.register_forward_hook(lambda m, inp, out: got.append(layer_form(m, inp[0])[0]))
              for m in model.modules() if isinstance(m, nn.Linear) and ("_sttp_shortcut" in m.__dict__
-                                                                       or "_sttp_min_rows" in m.__dict__)]
+                                                                       or "_sttp_overhead" in m.__dict__)]
     with torch.no_grad():
         model(x)
     for h in hooks:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sttp_compress.core.forms import CALL_OVERHEAD_FLOPS, factorable, mha_out_projs, layer_originals, best_form, row_flops
+from sttp_compress.core.forms import CALL_OVERHEAD_FLOPS, call_overhead, factorable, mha_out_projs, layer_originals, best_form, row_flops
 from sttp_compress.core.spectral_tt import SpectralTT, is_parametrized, weight_name
 
 __all__ = ["freeze", "unfreeze", "frozen", "is_frozen"]
@@ -82,9 +82,8 @@ def freeze(model: nn.Module, shortcut: str = "none", overhead: dict[str, float] 
             with torch.autocast(W.device.type, enabled=False):
                 U, s, V = p.factors(*originals)
             saving = row_flops(p.tt, "dense") - row_flops(p.tt, "factors")
-            # the smallest number of rows (tokens) whose saved FLOPs pay for the extra call, per device type
-            m._sttp_min_rows = ({} if shortcut == "factors" else
-                                {dev: int(flops // saving) + 1 for dev, flops in overhead.items()})
+            # the FLOPs a call must save to pay for the extra kernel, per device (and CUDA precision)
+            m._sttp_saving, m._sttp_overhead = saving, ({} if shortcut == "factors" else dict(overhead))
             # the rank padded with zero columns to a multiple of RANK_ALIGN: GEMMs whose inner size is not
             # 16-byte aligned in bf16 ran 5x below the dense layer's FLOP rate on an H200 (rank 318)
             pad = -U.shape[1] % RANK_ALIGN
@@ -133,7 +132,8 @@ def _apply_keeping_leaves(self: nn.Module, fn, recurse: bool = True) -> nn.Modul
 
 def _factors_forward(self: nn.Linear, x: Tensor) -> Tensor:
     """y = (x V σ) Uᵀ + b when the call has enough rows to pay for the extra kernel, else x Wᵀ + b."""
-    if x.numel() < self._sttp_min_rows.get(x.device.type, 0) * self.in_features:
+    rows = x.numel() // self.in_features
+    if rows * self._sttp_saving < call_overhead(x, self._sttp_overhead):
         return F.linear(x, self.weight, self.bias)
     return F.linear(F.linear(x, self._sttp_vs), self._sttp_u, self.bias)
 
@@ -149,7 +149,7 @@ def _unbind(m: nn.Module) -> None:
     cls = m.__dict__.pop(_FROZEN)
     for buf in (weight_name(m),) + _FACTORS:
         m._buffers.pop(buf, None)
-    for attr in ("forward", "_apply", "_sttp_min_rows"):
+    for attr in ("forward", "_apply", "_sttp_saving", "_sttp_overhead"):
         m.__dict__.pop(attr, None)
     m.__class__ = cls
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from sttp_compress.core.spectral_tt import SpectralTT, chain, is_parametrized, weight_name
 from sttp_compress.core.tt import TTShape, padded_dims
 
-__all__ = ["FORMS", "TT_PENALTY", "CALL_OVERHEAD_FLOPS", "row_flops", "best_form", "tt_linear", "chain_cores",
+__all__ = ["FORMS", "TT_PENALTY", "CALL_OVERHEAD_FLOPS", "overhead_key", "call_overhead", "row_flops", "best_form", "tt_linear", "chain_cores",
            "use_shortcut", "remove_shortcut", "shortcut_forms"]
 
 FORMS = ("dense", "factors", "tt")
@@ -40,8 +40,27 @@ TT_PENALTY = 4.0
 # calls of a few thousand rows are bound by their launches (~30 µs a Linear on an H200), not the GPU's
 # work, so an extra kernel pays only once the dense GEMM outlasts that: 1e10 FLOPs is ~15 µs at the
 # ~650 TFLOP/s of bf16 GEMMs (bench_inference: 4 x Linear(4096) at rank 318, factors vs dense 0.171 vs
-# 0.144 ms at 1 row, slower at 256 rows, faster at 4096 rows; 1e10 takes it from ~430 rows)
-CALL_OVERHEAD_FLOPS = {"cpu": 1e6, "cuda": 1e10}
+# 0.144 ms at 1 row, slower at 256 rows, faster at 4096 rows; 1e10 takes it from ~430 rows). float32
+# GEMMs run far below that rate, so the same ~15 µs buys fewer FLOPs: 'cuda-fp32' measured on an H100
+# (bench_deploy: 4 x Linear(4096) float32 at 256 rows, 36 TFLOP/s dense, the factors form 4x faster while
+# 1e10 kept it dense); 'cuda-tf32' scaled from it by the TF32/float32 GEMM rate (not measured).
+CALL_OVERHEAD_FLOPS = {"cpu": 1e6, "cuda": 1e10, "cuda-tf32": 5e9, "cuda-fp32": 5e8}
+
+
+def overhead_key(x: Tensor) -> str:
+    """The `CALL_OVERHEAD_FLOPS` entry of a call on x: the device type, and on CUDA its GEMM precision
+    ('cuda' for float16/bfloat16 or autocast, 'cuda-tf32' or 'cuda-fp32' for float32 inputs)."""
+    if x.device.type != "cuda":
+        return x.device.type
+    if torch.is_autocast_enabled("cuda") or x.dtype in (torch.float16, torch.bfloat16):
+        return "cuda"
+    return "cuda-fp32" if torch.get_float32_matmul_precision() == "highest" else "cuda-tf32"
+
+
+def call_overhead(x: Tensor, overhead: dict[str, float]) -> float:
+    """FLOPs an extra kernel call costs for a call on x (the key's entry, else its device type's, else 0)."""
+    key = overhead_key(x)
+    return overhead.get(key, overhead.get(key.split("-")[0], 0.0))
 
 
 def _v_flops(modes: tuple[int, ...], ranks: list[int]) -> int:
@@ -145,7 +164,7 @@ def _forward(self: nn.Linear, x: Tensor) -> Tensor:
         sc.forget()
         return F.linear(x, self.weight, self.bias)
     rows = x.numel() // max(1, x.shape[-1])
-    if sc.overhead is not None and rows * sc.saving < sc.overhead.get(x.device.type, 0.0):
+    if sc.overhead is not None and rows * sc.saving < call_overhead(x, sc.overhead):
         return F.linear(x, self.weight, self.bias)  # too few rows to pay for the extra calls
     originals = layer_originals(self, sc.p)
     if torch.is_grad_enabled() and (x.requires_grad or any(o.requires_grad for o in originals)):

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from sttp_compress.core.forms import (best_form, chain_cores, remove_shortcut, row_flops, shortcut_forms,
-                                    tt_linear, use_shortcut)
+from sttp_compress.core.forms import (CALL_OVERHEAD_FLOPS, best_form, call_overhead, chain_cores, overhead_key,
+                                    remove_shortcut, row_flops, shortcut_forms, tt_linear, use_shortcut)
 from sttp_compress.compress.convert import compress_module, parametrization
 from sttp_compress.core.tt import TTShape
 
@@ -136,3 +136,13 @@ def test_multihead_attention_out_proj_is_left_alone():
 def test_bad_form_is_rejected():
     with pytest.raises(ValueError, match="form must be"):
         use_shortcut(nn.Sequential(), "fast")
+
+
+def test_call_overhead_follows_the_device_and_falls_back_to_its_type():
+    x = torch.zeros(3, 4)
+    assert overhead_key(x) == "cpu"
+    assert call_overhead(x, {"cpu": 7.0, "cuda": 1.0}) == 7.0
+    assert call_overhead(x, {"cuda": 1.0}) == 0.0  # no entry: every call pays
+    assert call_overhead(x.bfloat16(), CALL_OVERHEAD_FLOPS) == CALL_OVERHEAD_FLOPS["cpu"]
+    # slower GEMMs (float32 on CUDA) are paid back by fewer rows
+    assert CALL_OVERHEAD_FLOPS["cuda-fp32"] < CALL_OVERHEAD_FLOPS["cuda-tf32"] < CALL_OVERHEAD_FLOPS["cuda"]
