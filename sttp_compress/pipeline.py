@@ -12,7 +12,7 @@ import copy
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -143,12 +143,25 @@ def _check_target(job: CompressJob) -> None:
                         f"got {job.text_vocab_share}")
 
 
-def _datasets(job: CompressJob):
-    """(train_ds, val_ds, image_cfg | None) for fine-tuning, checked before the conversion starts."""
+class FinetuneData(NamedTuple):
+    """What fine-tuning reads: the datasets, the image settings (None for tensors and texts), and where
+    validation came from (the report's finetune.validation)."""
+
+    train: object
+    val: object | None
+    image_cfg: object | None = None
+    test: object | None = None
+    validation: dict | None = None
+
+
+def _datasets(job: CompressJob) -> FinetuneData:
+    """The data for fine-tuning, checked before the conversion starts."""
     if job.datasets is not None:
-        return (*job.datasets, None)
-    from sttp_compress.data.images import (ImageDataConfig, build_image_datasets, image_folder_splits,
-                                           load_tensor_data, resolve_image_config)
+        train_ds, val_ds = job.datasets
+        return FinetuneData(train_ds, val_ds, validation={"source": "given datasets",
+                                                          "images": None if val_ds is None else len(val_ds)})
+    from sttp_compress.data.images import (ImageDataConfig, build_image_splits, image_folder_splits,
+                                           load_tensor_data, resolve_image_config, TENSOR_VAL_FRACTION)
 
     if job.data_kind == "pairs":
         raise UserError("‹data› pairs:FILE scores an encoder in sttp-eval; distil with ‹data› text:FILE "
@@ -158,14 +171,18 @@ def _datasets(job: CompressJob):
 
         if job.hf_folder is None:
             raise UserError("‹data› text:FILE needs ‹arch› hf:DIR (the tokenizer comes from DIR)")
-        return (*text_datasets(job.data_spec.path, job.hf_folder), None)
+        train_ds, val_ds = text_datasets(job.data_spec.path, job.hf_folder)
+        return FinetuneData(train_ds, val_ds, validation={"source": f"held out of {job.data_spec.path}",
+                                                          "images": None, "texts": len(val_ds)})
     if job.data_kind == "tensors":
         train_ds, val_ds = load_tensor_data(job.data_spec.path)
-        return train_ds, val_ds, None
-    train_dir, val_dir = image_folder_splits(job.data_spec and job.data_spec.path, job.train_data, job.val_data)
-    cfg = resolve_image_config(ImageDataConfig(job.image_size, job.mean, job.std, job.augment), train_dir)
-    train_ds, val_ds = build_image_datasets(train_dir, val_dir, cfg)
-    return train_ds, val_ds, cfg
+        return FinetuneData(train_ds, val_ds, validation={
+            "source": f"held out of {job.data_spec.path}", "images": len(val_ds), "of": len(train_ds) + len(val_ds),
+            "fraction": TENSOR_VAL_FRACTION})
+    splits = image_folder_splits(job.data_spec and job.data_spec.path, job.train_data, job.val_data)
+    cfg = resolve_image_config(ImageDataConfig(job.image_size, job.mean, job.std, job.augment), splits.train)
+    ds = build_image_splits(splits, cfg)
+    return FinetuneData(ds.train, ds.val, cfg, ds.test, ds.validation)
 
 
 def _check_data_fits(model: nn.Module, ds) -> None:
@@ -458,10 +475,10 @@ def _finetune_phase(model: nn.Module, teacher: nn.Module, job: CompressJob, data
                     device: torch.device | None) -> dict:
     """Distil the teacher into the converted model (`finetune`, or `distill_embeddings` on text) on this
     rank's shard of the data; returns the report's finetune block. The model ends on the CPU."""
-    from sttp_compress.data.images import make_loaders
+    from sttp_compress.data.images import device_loaders, eval_loader, make_loaders
     from sttp_compress.train.loop import finetune
 
-    train_ds, val_ds, _ = data
+    train_ds, val_ds = data.train, data.val
     cfg = job.finetune
     if device is not None:
         cfg = replace(cfg, device=str(device))  # this rank's GPU (or the CPU)
@@ -472,8 +489,16 @@ def _finetune_phase(model: nn.Module, teacher: nn.Module, job: CompressJob, data
         train_ds.augment = job.text_augment  # after the calibration, which sees the texts as they are
         train_ds.vocab_share = job.text_vocab_share
     with distributed.agreed():
-        loaders = make_loaders(train_ds, val_ds, cfg.batch_size, cfg.workers, cfg.seed, dev,
-                               distributed.rank(), distributed.world(), group_by_length=job.group_by_length)
+        on_device = None if data.image_cfg is None else device_loaders(
+            [train_ds, val_ds, data.test], data.image_cfg, cfg.batch_size, cfg.seed, dev, distributed.rank(),
+            distributed.world())  # small images on a GPU: decoded once, augmented there
+        if on_device is not None:
+            loaders, test_loader = on_device[:2], on_device[2]
+        else:
+            loaders = make_loaders(train_ds, val_ds, cfg.batch_size, cfg.workers, cfg.seed, dev,
+                                   distributed.rank(), distributed.world(), group_by_length=job.group_by_length)
+            test_loader = None if data.test is None else eval_loader(data.test, cfg.batch_size, cfg.workers, dev,
+                                                                      distributed.rank(), distributed.world())
     progress = job.progress and distributed.is_main()
     if text:
         from sttp_compress.train.text_distill import distill_embeddings
@@ -482,7 +507,9 @@ def _finetune_phase(model: nn.Module, teacher: nn.Module, job: CompressJob, data
         block["text_augment"], block["text_vocab_share"] = job.text_augment, job.text_vocab_share
         block["group_by_length"] = job.group_by_length
     else:
-        block = finetune(model, teacher, *loaders, cfg, progress=progress, bn_recalibrate=job.bn_recalibrate)
+        block = finetune(model, teacher, *loaders, cfg, progress=progress, bn_recalibrate=job.bn_recalibrate,
+                         test_loader=test_loader)
+    block["validation"] = data.validation
     distributed.debug_dump_state(model, "finetuned")
     model.to("cpu")
     return block

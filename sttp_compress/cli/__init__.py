@@ -322,6 +322,9 @@ def _finish(report: dict, extras: dict, quiet: bool, json_out: bool) -> None:
         if ft and ft.get("val_accuracy_after") is not None:
             acc = (f", val accuracy {ft['original_val_accuracy']}% original → {ft['val_accuracy_before']}% "
                    f"after conversion → {ft['val_accuracy_after']}% after fine-tuning")
+            if ft.get("test_accuracy_after") is not None:  # the test split, reported only
+                acc += (f"; test accuracy {ft['original_test_accuracy']}% → {ft['test_accuracy_before']}% → "
+                        f"{ft['test_accuracy_after']}%")
         elif ft and ft.get("val_cosine_after") is not None:  # text distillation (hf:DIR models)
             acc = (f", val cosine to the original {ft['val_cosine_before']:.4f} after conversion → "
                    f"{ft['val_cosine_after']:.4f} after distillation")

@@ -6,12 +6,12 @@ import os
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
@@ -27,6 +27,27 @@ DEFAULT_LARGE_SIZE = 224  # larger images are trained at the ImageNet resolution
 AUGMENTS = ("auto", "small", "imagenet", "none")
 TENSOR_VAL_FRACTION = 0.1
 TENSOR_SPLIT_SEED = 0
+# without a validation folder, the best state is chosen on this share of the training images (at most
+# HOLDOUT_MAX), the same images of every class share on every run; test/ is then only reported
+HOLDOUT_FRACTION, HOLDOUT_MAX, HOLDOUT_SEED = 0.1, 5000, 0
+
+
+class ImageSplits(NamedTuple):
+    """The image folders of a run: train/, the validation folder (val/ or ‹val_data›) if any, and test/
+    (reported only, never used to choose a model) if any."""
+
+    train: Path
+    val: Path | None
+    test: Path | None = None
+
+
+class ImageDatasets(NamedTuple):
+    """Datasets of a run and where validation came from (the report's finetune.validation)."""
+
+    train: Dataset
+    val: Dataset | None
+    test: Dataset | None
+    validation: dict
 
 
 @dataclass
@@ -74,8 +95,9 @@ def _check_image_folder(folder: Path, role: str) -> Path:
 
 def image_folder_splits(
     data: str | os.PathLike | None, train_data: str | os.PathLike | None, val_data: str | os.PathLike | None
-) -> tuple[Path, Path | None]:
-    """Resolve --data DIR (train/ plus val/ or test/) or --train-data/--val-data into checked folders."""
+) -> ImageSplits:
+    """Resolve --data DIR (train/, optional val/ and test/) or --train-data/--val-data into checked folders.
+    test/ is never the validation folder: choosing the best state on it would report a selected number."""
     if data is not None and (train_data is not None or val_data is not None):
         raise UserError("give either ‹data› or ‹train_data›/‹val_data›, not both")
     if data is not None:
@@ -87,17 +109,16 @@ def image_folder_splits(
         if not (root / "train").is_dir():
             raise UserError(f"data folder {root} has no train/ subfolder")
         train = _check_image_folder(root / "train", "training")
-        for name in ("val", "test"):
-            if (root / name).is_dir():
-                return train, _check_image_folder(root / name, "validation")
-        return train, None
+        val = _check_image_folder(root / "val", "validation") if (root / "val").is_dir() else None
+        test = _check_image_folder(root / "test", "test") if (root / "test").is_dir() else None
+        return ImageSplits(train, val, test)
     if train_data is None:
         if val_data is not None:
             raise UserError("‹val_data› needs ‹train_data› as well")
         raise UserError("no data given: pass ‹data› DIR or ‹train_data› DIR")
     train = _check_image_folder(Path(train_data).expanduser(), "training")
     val = None if val_data is None else _check_image_folder(Path(val_data).expanduser(), "validation")
-    return train, val
+    return ImageSplits(train, val)
 
 
 def resolve_image_config(cfg: ImageDataConfig, train_dir: str | Path) -> ImageDataConfig:
@@ -181,7 +202,7 @@ class _ImageFolder(ImageFolder):
         unknown = sorted(set(classes) - set(given))
         if unknown:
             raise UserError(
-                f"validation folder {directory} has classes not in the training folder: {', '.join(unknown[:5])}"
+                f"folder {directory} has classes not in the training folder: {', '.join(unknown[:5])}"
             )
         return sorted(given, key=given.__getitem__), dict(given)
 
@@ -211,6 +232,49 @@ def build_image_datasets(
         if len(val_ds) == 0:
             raise UserError(f"no images found in validation folder {val_dir}")
     return train_ds, val_ds
+
+
+def holdout_indices(labels: Tensor, fraction: float = HOLDOUT_FRACTION, max_count: int = HOLDOUT_MAX,
+                    seed: int = HOLDOUT_SEED) -> tuple[Tensor, Tensor]:
+    """(kept, held out) indices: floor(share * count) random images of every class, share = fraction capped
+    so that at most max_count are held out; the same for a given labels tensor and seed."""
+    n = len(labels)
+    share = min(fraction, max_count / max(n, 1))
+    key = labels.double() + torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    order = torch.argsort(key)  # grouped by class, random within a class
+    counts = torch.bincount(labels)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_in_class = torch.arange(n) - starts[labels[order]]
+    held = rank_in_class < torch.floor(counts.double() * share).long()[labels[order]]
+    return order[~held].sort().values, order[held].sort().values
+
+
+def build_image_splits(splits: ImageSplits, cfg: ImageDataConfig) -> ImageDatasets:
+    """The datasets of a run: validation from the validation folder, else held out of train/
+    (`holdout_indices`, un-augmented); test/ (if any) un-augmented, for the report only."""
+    cfg = resolve_image_config(cfg, splits.train)
+    if splits.val is not None:
+        train_ds, val_ds = build_image_datasets(splits.train, splits.val, cfg)
+        validation = {"source": str(splits.val), "images": len(val_ds)}
+    else:
+        train_ds, _ = build_image_datasets(splits.train, None, cfg)
+        kept, held = holdout_indices(torch.tensor(train_ds.targets))
+        if len(held) == 0:  # too few images of every class to hold any out
+            val_ds, validation = None, {"source": None, "images": 0, "of": len(train_ds)}
+        else:
+            plain = _make_image_folder(splits.train, image_transforms(cfg)[1])
+            train_ds, val_ds = Subset(train_ds, kept.tolist()), Subset(plain, held.tolist())
+            validation = {"source": f"held out of {splits.train}", "images": len(held), "of": len(kept) + len(held),
+                          "seed": HOLDOUT_SEED, "per_class": True}
+    test_ds = None
+    if splits.test is not None:
+        test_ds = _make_image_folder(splits.test, image_transforms(cfg)[1],
+                                     class_to_idx=_class_to_idx(train_ds))
+    return ImageDatasets(train_ds, val_ds, test_ds, validation)
+
+
+def _class_to_idx(ds: Dataset) -> dict[str, int]:
+    return (ds.dataset if isinstance(ds, Subset) else ds).class_to_idx
 
 
 def load_tensor_data(path: str | os.PathLike) -> tuple[TensorDataset, TensorDataset]:
@@ -395,12 +459,19 @@ def make_loaders(
         # Dropping the ragged last batch keeps BatchNorm statistics sane, but never drop the only batch.
         train_loader = DataLoader(train_ds, shuffle=True, drop_last=len(train_ds) >= batch_size,
                                   generator=generator, **common)
-    if val_ds is None:
-        return train_loader, None
+    return train_loader, None if val_ds is None else eval_loader(val_ds, batch_size, workers, device, rank, world)
+
+
+def eval_loader(ds: Dataset, batch_size: int, workers: int, device: str | torch.device, rank: int = 0,
+                world: int = 1) -> DataLoader:
+    """An ordered loader for evaluation (validation or test); with world > 1 this rank's `ShardSampler` shard,
+    every sample exactly once over all ranks."""
+    common = dict(batch_size=per_rank_batch(batch_size, world), num_workers=workers, pin_memory=_is_cuda(device),
+                  persistent_workers=workers > 0, worker_init_fn=seed_worker if workers > 0 else None,
+                  collate_fn=getattr(ds, "collate_fn", None))
     if world > 1:
-        return train_loader, DataLoader(val_ds, sampler=ShardSampler(len(val_ds), rank, world), drop_last=False,
-                                        **common)
-    return train_loader, DataLoader(val_ds, shuffle=False, drop_last=False, **common)
+        return DataLoader(ds, sampler=ShardSampler(len(ds), rank, world), drop_last=False, **common)
+    return DataLoader(ds, shuffle=False, drop_last=False, **common)
 
 
 def per_rank_batch(batch_size: int, world: int) -> int:
@@ -417,24 +488,73 @@ def per_rank_batch(batch_size: int, world: int) -> int:
 
 def decode_image_folder(root: str | Path, workers: int | None = None) -> tuple[Tensor, Tensor, list[str]]:
     """Decode an ImageFolder (class subfolders) of equally sized images into uint8 (N, C, H, W) and labels."""
-    import numpy as np
-    from concurrent.futures import ThreadPoolExecutor
-
     root = Path(root)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     files = [(f, ci) for ci, c in enumerate(classes) for f in sorted((root / c).iterdir()) if _is_image(f.name)]
     if not files:
         raise UserError(f"no images under {root}")
 
-    def load(item):
-        with Image.open(item[0]) as im:
+    images = decode_files([f for f, _ in files], workers)
+    labels = torch.tensor([ci for _, ci in files], dtype=torch.long)
+    return images, labels, classes
+
+
+def decode_files(paths: list, workers: int | None = None) -> Tensor:
+    """Decode equally sized image files (threads) into one uint8 (N, 3, H, W) tensor; ValueError if sizes differ."""
+    import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
+
+    def load(path):
+        with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
 
     with ThreadPoolExecutor(workers or os.cpu_count() or 4) as pool:
-        arrays = list(pool.map(load, files, chunksize=256))
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    labels = torch.tensor([ci for _, ci in files], dtype=torch.long)
-    return images, labels, classes
+        arrays = list(pool.map(load, paths, chunksize=256))
+    if len({a.shape for a in arrays}) > 1:
+        raise ValueError("images of different sizes")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+DEVICE_DATA_MAX_BYTES = 4 * 1024**3  # decoded images kept on the GPU at most (CIFAR-10: 184 MB)
+
+
+def device_loaders(datasets: list[Dataset | None], cfg: ImageDataConfig, batch_size: int, seed: int,
+                   device: str | torch.device, rank: int = 0, world: int = 1) -> list | None:
+    """[train, *eval] loaders for small-image folders decoded once into GPU memory and augmented there
+    (`DeviceTensorLoader`: the 'small' augmentation's crop with size/8 padding and flip, the same
+    normalisation), so fine-tuning waits on no worker process; None where this does not apply: not CUDA,
+    augmentation other than 'small', images not all of the configured size, or too large a set.
+    `cfg` is resolved (`resolve_image_config`)."""
+    if not _is_cuda(device) or _effective_augment(cfg) != "small" or datasets[0] is None:
+        return None
+    sources = [None if ds is None else _samples_of(ds) for ds in datasets]
+    if any(src is None for src, ds in zip(sources, datasets) if ds is not None):
+        return None
+    total = sum(len(src) for src in sources if src) * 3 * cfg.image_size ** 2
+    if total > DEVICE_DATA_MAX_BYTES:
+        return None
+    try:
+        decoded = [None if src is None else decode_files([path for path, _ in src]) for src in sources]
+    except (ValueError, OSError):
+        return None  # unequal sizes or an unreadable file: the DataLoader path reports it per image
+    if any(x is not None and tuple(x.shape[2:]) != (cfg.image_size, cfg.image_size) for x in decoded):
+        return None
+    loaders = []
+    for i, (x, src) in enumerate(zip(decoded, sources)):
+        if x is None:
+            loaders.append(None)
+            continue
+        labels = torch.tensor([label for _, label in src], dtype=torch.long)
+        loaders.append(DeviceTensorLoader(x, labels, batch_size, cfg.mean, cfg.std, train=i == 0, device=device,
+                                          seed=seed, pad=cfg.image_size // 8, rank=rank, world=world))
+    return loaders
+
+
+def _samples_of(ds: Dataset) -> list[tuple[str, int]] | None:
+    """(path, label) of every sample of an image folder or a Subset of one, in the dataset's order."""
+    if isinstance(ds, Subset) and isinstance(ds.dataset, ImageFolder):
+        return [ds.dataset.samples[i] for i in ds.indices]
+    return list(ds.samples) if isinstance(ds, ImageFolder) else None
 
 
 class DeviceTensorLoader:

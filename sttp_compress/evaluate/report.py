@@ -244,6 +244,13 @@ def _finetune_lines(block: Mapping[str, Any]) -> list[str]:
             rows.append(("Val. pair-similarity rank correlation, before → after",
                          f"{_DASH if rho is None else f'{rho:.4f}'} → "
                          f"{block['val_similarity_spearman_after']:.4f}"))
+    if isinstance(block.get("test_accuracy_after"), (int, float)):  # reported only, never chosen on
+        rows.append(("Test accuracy, original → before → after fine-tuning",
+                     f"{_percent(block.get('original_test_accuracy'))} → {_percent(block.get('test_accuracy_before'))}"
+                     f" → {_percent(block['test_accuracy_after'])}"))
+    validation = block.get("validation")
+    if isinstance(validation, Mapping):
+        rows.append(("Validation (best-state choice)", _validation_text(validation)))
     rows += [
         ("Steps" if text else "Epochs", str(epochs)),
         ("Throughput", f"{rate:,.0f} {'texts' if text else 'images'}/s" if isinstance(rate, (int, float)) else _DASH),
@@ -252,6 +259,16 @@ def _finetune_lines(block: Mapping[str, Any]) -> list[str]:
                                                      if block.get("time_budget") else "")),
     ]
     return ["## Fine-tuning", "", *_table(["", ""], rows), ""]
+
+
+def _validation_text(v: Mapping[str, Any]) -> str:
+    """Where the images that chose the best state came from, e.g. '5,000 images held out of data/train (of 50,000)'."""
+    if v.get("source") is None:
+        return "none (too few training images to hold any out): the last state is kept"
+    count = v.get("images") if v.get("images") is not None else v.get("texts")
+    size = _DASH if count is None else f"{count:,} {'texts' if v.get('texts') is not None else 'images'}"
+    of = f" (of {v['of']:,})" if isinstance(v.get("of"), int) else ""
+    return f"{size}, {v['source']}{of}"
 
 
 def _layer_lines(layers: list[Mapping[str, Any]]) -> list[str]:

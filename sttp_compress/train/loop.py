@@ -691,6 +691,7 @@ def finetune(
     cfg: FinetuneConfig,
     progress: bool = True,
     bn_recalibrate: int = 0,
+    test_loader: Iterable | None = None,
 ) -> dict[str, Any]:
     """Distil the teacher into the student, validating each epoch, and keep the best-validation student.
 
@@ -713,19 +714,23 @@ def finetune(
 
     With `cfg.free_cores` the compressed layers train free cores (freecores.py) and get their gauge back before
     this returns, however it ends: the student leaves with its non-redundant parameters either way.
+
+    `test_loader` (optional) is only measured, never used to choose: "original_test_accuracy",
+    "test_accuracy_before" (after conversion) and "test_accuracy_after" (the chosen state); None without it.
     """
     cfg.validate()
     release = bool(cfg.free_cores) and any(is_parametrized(m) for m in student.modules())
     if release and not can_release(student):
         raise UserError("free cores need the free spectrum on every compressed layer (‹spectrum› free)")
     with free_cores(student, release):
-        block = _finetune(student, teacher, train_loader, val_loader, cfg, progress, bn_recalibrate)
+        block = _finetune(student, teacher, train_loader, val_loader, cfg, progress, bn_recalibrate, test_loader)
     block["free_cores"] = release
     return block
 
 
 def _finetune(student: nn.Module, teacher: nn.Module, train_loader: Iterable, val_loader: Iterable | None,
-              cfg: FinetuneConfig, progress: bool, bn_recalibrate: int) -> dict[str, Any]:
+              cfg: FinetuneConfig, progress: bool, bn_recalibrate: int,
+              test_loader: Iterable | None = None) -> dict[str, Any]:
     """`finetune`'s body (the same arguments), on a student whose cores are free or not."""
     start = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -738,6 +743,8 @@ def _finetune(student: nn.Module, teacher: nn.Module, train_loader: Iterable, va
 
     validate = _Validator(student, teacher, val_loader, cfg, device, use_amp, multi)
     original, (before, _) = validate.teacher_accuracy(), validate()
+    test = _Validator(student, teacher, test_loader, cfg, device, use_amp, multi)  # reported, never chosen on
+    test_original, (test_before, _) = test.teacher_accuracy(), test()
     optimizer = build_optimizer(student, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps if budget is None else SCHEDULE_TICKS)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
@@ -783,6 +790,7 @@ def _finetune(student: nn.Module, teacher: nn.Module, train_loader: Iterable, va
     if device.type == "cuda":
         gc.collect()  # CUDA graphs sit in reference cycles: free their memory now, not at some later collection
     after = curve.select(student) if cfg.select_best else curve.last_metrics
+    test_after = test()[0]
     return {
         "epochs": _epoch_value(step, steps_per_epoch),
         "steps": step,
@@ -796,6 +804,9 @@ def _finetune(student: nn.Module, teacher: nn.Module, train_loader: Iterable, va
         "original_val_accuracy": _percent(original),
         "val_accuracy_before": _percent(before["accuracy"]),
         "val_accuracy_after": _percent(after["accuracy"]),
+        "original_test_accuracy": _percent(test_original),
+        "test_accuracy_before": _percent(test_before["accuracy"]),
+        "test_accuracy_after": _percent(test_after["accuracy"]),
         "curve": curve.points,
     }
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dataclasses import replace
+
 import pytest
 import torch
 from PIL import Image
@@ -13,6 +15,8 @@ from sttp_compress.data.images import (
     IMAGENET_STD,
     ImageDataConfig,
     build_image_datasets,
+    build_image_splits,
+    holdout_indices,
     image_folder_splits,
     load_tensor_data,
     make_loaders,
@@ -43,25 +47,27 @@ def dataset_root(tmp_path: Path) -> Path:
 
 
 def test_splits_data_dir_with_val(dataset_root: Path) -> None:
-    train, val = image_folder_splits(str(dataset_root), None, None)
-    assert train == dataset_root / "train" and val == dataset_root / "val"
+    train, val, test = image_folder_splits(str(dataset_root), None, None)
+    assert train == dataset_root / "train" and val == dataset_root / "val" and test is None
 
 
-def test_splits_falls_back_to_test(tmp_path: Path) -> None:
+def test_splits_test_folder_is_never_validation(tmp_path: Path) -> None:
     _write_images(tmp_path / "train", {"a": 1})
     _write_images(tmp_path / "test", {"a": 1})
-    assert image_folder_splits(str(tmp_path), None, None) == (tmp_path / "train", tmp_path / "test")
+    assert image_folder_splits(str(tmp_path), None, None) == (tmp_path / "train", None, tmp_path / "test")
+    _write_images(tmp_path / "val", {"a": 1})
+    assert image_folder_splits(str(tmp_path), None, None) == (tmp_path / "train", tmp_path / "val", tmp_path / "test")
 
 
 def test_splits_without_val(tmp_path: Path) -> None:
     _write_images(tmp_path / "train", {"a": 1})
-    assert image_folder_splits(str(tmp_path), None, None) == (tmp_path / "train", None)
+    assert image_folder_splits(str(tmp_path), None, None) == (tmp_path / "train", None, None)
 
 
 def test_splits_explicit_folders(dataset_root: Path) -> None:
-    train, val = image_folder_splits(None, str(dataset_root / "train"), str(dataset_root / "val"))
-    assert (train, val) == (dataset_root / "train", dataset_root / "val")
-    assert image_folder_splits(None, str(dataset_root / "train"), None)[1] is None
+    train, val, test = image_folder_splits(None, str(dataset_root / "train"), str(dataset_root / "val"))
+    assert (train, val, test) == (dataset_root / "train", dataset_root / "val", None)
+    assert image_folder_splits(None, str(dataset_root / "train"), None).val is None
 
 
 @pytest.mark.parametrize(
@@ -322,3 +328,75 @@ def test_length_grouped_keeps_a_single_short_batch() -> None:
     assert _epoch(make_loaders(ds, None, 8, 0, 0, "cpu")[0], 0) == [[1, 2, 0, 4, 3]]  # sorted by length
     shards = [_epoch(make_loaders(ds, None, 8, 0, 0, "cpu", rank=r, world=2)[0], 0) for r in range(2)]
     assert shards == [[[1, 2]], [[0, 4]]]  # shared evenly; the odd one out is left out
+
+
+# ---------------------------------------------------------------------------------------------
+# validation held out of train/ (no val/ folder)
+
+
+def test_holdout_takes_the_same_share_of_every_class_and_is_seeded() -> None:
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)[torch.randperm(100, generator=torch.Generator().manual_seed(1))]
+    kept, held = holdout_indices(labels, fraction=0.1, max_count=1000, seed=0)
+    assert torch.bincount(labels[held]).tolist() == [5, 3, 2]
+    assert sorted(torch.cat([kept, held]).tolist()) == list(range(100))  # a partition
+    again_kept, again_held = holdout_indices(labels, fraction=0.1, max_count=1000, seed=0)
+    assert torch.equal(held, again_held) and torch.equal(kept, again_kept)
+    assert not torch.equal(holdout_indices(labels, 0.1, 1000, seed=1)[1], held)
+
+
+def test_holdout_is_capped() -> None:
+    labels = torch.arange(10).repeat_interleave(1000)  # 10,000 images
+    _, held = holdout_indices(labels, fraction=0.5, max_count=2000)
+    assert len(held) == 2000 and torch.bincount(labels[held]).tolist() == [200] * 10
+
+
+def test_splits_without_val_hold_out_train_images_and_keep_test_for_the_report(tmp_path: Path) -> None:
+    _write_images(tmp_path / "train", {"a": 20, "b": 10})
+    _write_images(tmp_path / "test", {"a": 2, "b": 2})
+    ds = build_image_splits(image_folder_splits(str(tmp_path), None, None), ImageDataConfig())
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (27, 3, 4)
+    assert ds.validation == {"source": f"held out of {tmp_path / 'train'}", "images": 3, "of": 30, "seed": 0,
+                             "per_class": True}
+    held = {ds.val.dataset.samples[i][0] for i in ds.val.indices}
+    trained = {ds.train.dataset.samples[i][0] for i in ds.train.indices}
+    assert not held & trained  # the held-out images are not trained on
+    assert torch.equal(ds.val[0][0], ds.val[0][0])  # validation is not augmented
+    assert [ds.test[i][1] for i in range(4)] == [0, 0, 1, 1]
+
+
+def test_splits_with_val_folder_validate_there(dataset_root: Path) -> None:
+    ds = build_image_splits(image_folder_splits(str(dataset_root), None, None), ImageDataConfig())
+    assert len(ds.train) == 5 and len(ds.val) == 2 and ds.test is None
+    assert ds.validation == {"source": str(dataset_root / "val"), "images": 2}
+
+
+def test_too_few_images_to_hold_out_leave_no_validation(tmp_path: Path) -> None:
+    _write_images(tmp_path / "train", {"a": 3, "b": 3})
+    ds = build_image_splits(image_folder_splits(str(tmp_path), None, None), ImageDataConfig())
+    assert len(ds.train) == 6 and ds.val is None and ds.validation["source"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# device_loaders: small images decoded once and augmented on the GPU
+
+
+def test_device_loaders_match_the_folder_datasets(tmp_path: Path, monkeypatch) -> None:
+    import sttp_compress.data.images as images
+
+    _write_images(tmp_path / "train", {"a": 20, "b": 10})
+    _write_images(tmp_path / "test", {"a": 2, "b": 3})
+    cfg = resolve_image_config(ImageDataConfig(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)), tmp_path / "train")
+    ds = build_image_splits(image_folder_splits(str(tmp_path), None, None), cfg)
+    assert images.device_loaders([ds.train, ds.val, ds.test], cfg, 4, 0, "cpu") is None  # not CUDA
+    monkeypatch.setattr(images, "_is_cuda", lambda device: True)  # the same code, on the CPU
+    train, val, test = images.device_loaders([ds.train, ds.val, ds.test], cfg, 4, 0, "cpu")
+    assert len(train) == len(ds.train) // 4 and train.pad == 2  # size // 8, as the 'small' transform
+    for loader, dataset in ((val, ds.val), (test, ds.test)):  # un-augmented: exactly the folder's tensors
+        x = torch.cat([b[0] for b in loader])
+        y = torch.cat([b[1] for b in loader])
+        assert torch.allclose(x, torch.stack([dataset[i][0] for i in range(len(dataset))]), atol=1e-5)
+        assert y.tolist() == [dataset[i][1] for i in range(len(dataset))]
+    seen = torch.cat([b[1] for b in train])
+    assert sorted(seen.tolist()) != [] and set(seen.tolist()) <= {0, 1}
+    none_cfg = replace(cfg, augment="none")
+    assert images.device_loaders([ds.train, ds.val], none_cfg, 4, 0, "cpu") is None  # only 'small' crops

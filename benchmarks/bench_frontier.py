@@ -1,0 +1,205 @@
+"""The accuracy-size frontier through the CLI itself: `sttp-compress` as a user runs it, on CIFAR-10 teachers
+of three families (train_teacher.py), against the same fine-tune of the dense teacher.
+
+    python benchmarks/bench_frontier.py --teachers .teachers --data ./cifar10 [--dry-run]
+        [--models resnet18 wrn16_8 mobilenetv2] [--methods sttp svdp svd] [--ratios 10 20 50] [--seeds 0]
+
+For every teacher (TEACHER/<arch>.pt and the <arch>.json train_teacher.py wrote), method and ratio it runs
+
+    sttp-compress TEACHER.pt --arch benchmarks/cifar_teachers.py:ARCH --ratio R [method flags]
+        --data DATA --epochs 10 --mean ... --std ...  --output ... --json
+
+that is the CLI's defaults plus the epochs, the data and its normalisation. Methods: `sttp` (the default),
+`svdp` (`--method svdp`: the SVD with orthonormal frames) and `svd` (`--method svdp --free-cores`: a
+truncated SVD whose factors train as free matrices, the same fine-tune). Ratios 10, 20, 50, and 33 for the
+wide ResNet (~3% of its parameters). --data holds train/ and test/: the CLI chooses its best state on a
+held-out part of train/ and reports test/ (acc_before, acc_after are test accuracies). The dense teacher is
+fine-tuned for the same epochs through the same pipeline (`sttp_compress.api.finetune` on the datasets and
+loaders the CLI builds) for the time ratio `seconds / dense_finetune_seconds`.
+
+Rows go to benchmarks/results/frontier.json (+ .md, .meta.json): model, teacher_acc, method, target_ratio,
+achieved_ratio (parameters), size_ratio (file bytes), size_bytes (the written checkpoint), dtype, acc_before,
+acc_after, epochs, seconds (the CLI's fine-tune), dense_finetune_seconds, gpu, command, commit, date. Rows of
+other (model, gpu) pairs already there stay. `--dry-run` prints the commands, one a line, and runs nothing.
+`python benchmarks/bench_frontier.py --table` prints the README table from the stored rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import copy
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, commit, machine, markdown_table, today, write_results  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+ARCH_FILE = "benchmarks/cifar_teachers.py"
+MEAN, STD = "0.4914,0.4822,0.4465", "0.2470,0.2435,0.2616"  # the normalisation train_teacher.py used
+MODELS = ["resnet18", "wrn16_8", "mobilenetv2"]
+RATIOS = {"resnet18": [10, 20, 50], "wrn16_8": [10, 20, 33, 50], "mobilenetv2": [10, 20, 50]}
+METHODS = {"sttp": [], "svdp": ["--method", "svdp"], "svd": ["--method", "svdp", "--free-cores"]}
+EPOCHS = 10
+COLUMNS = ["model", "teacher_acc", "method", "target_ratio", "achieved_ratio", "size_ratio", "size_bytes", "dtype",
+           "acc_before", "acc_after", "epochs", "seconds", "dense_finetune_seconds", "gpu"]
+
+
+def compress_command(teacher: Path, arch: str, method: str, ratio: float, data: Path, epochs: int, output: Path,
+                     seed: int = 0, dtype: str = "float32") -> list[str]:
+    """The sttp-compress command line of one run: CLI defaults plus epochs, data and its normalisation."""
+    cmd = ["sttp-compress", str(teacher), "--arch", f"{ARCH_FILE}:{arch}", "--ratio", f"{ratio:g}",
+           *METHODS[method], "--data", str(data), "--epochs", str(epochs), "--mean", MEAN, "--std", STD,
+           "--output", str(output), "--json"]
+    if seed:
+        cmd += ["--seed", str(seed)]
+    if dtype != "float32":
+        cmd += ["--dtype", dtype]
+    return cmd
+
+
+def plan(models: list[str], methods: list[str], ratios: list[float] | None, seeds: list[int], teachers: Path,
+         data: Path, epochs: int, out: Path) -> list[dict]:
+    """Every run: {model, method, ratio, seed, command}; extra seeds for STTP at the smallest and largest ratio."""
+    runs = []
+    for model in models:
+        for method in methods:
+            for ratio in ratios or RATIOS[model]:
+                chosen = ratios or RATIOS[model]
+                run_seeds = seeds if method == "sttp" and ratio in (min(chosen), max(chosen)) else seeds[:1]
+                for seed in run_seeds:
+                    output = out / f"{model}-{method}-{ratio:g}-s{seed}.sttp.pt"
+                    runs.append({"model": model, "method": method, "ratio": ratio, "seed": seed,
+                                 "command": compress_command(teachers / f"{model}.pt", model, method, ratio, data,
+                                                             epochs, output, seed)})
+    return runs
+
+
+def run_cli(cmd: list[str]) -> dict:
+    """Run one command from the repository root; its report.json (stdout of --json)."""
+    proc = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout)
+
+
+def row(run: dict, report: dict, teacher_acc: float | None, dense_s: float | None, device: str) -> dict:
+    ft, totals = report["finetune"], report["totals"]
+    output = Path(report["model"]["output"])
+    return {"model": run["model"], "teacher_acc": teacher_acc, "method": run["method"], "target_ratio": run["ratio"],
+            "achieved_ratio": round(totals["ratio"], 2), "size_ratio": round(totals["size_ratio"], 2),
+            "size_bytes": output.stat().st_size if output.exists() else totals["size_bytes_compressed"],
+            "dtype": report["dtype"], "seed": run["seed"],
+            "acc_before": ft.get("test_accuracy_before"), "acc_after": ft.get("test_accuracy_after"),
+            "teacher_acc_measured": ft.get("original_test_accuracy"),
+            "val_acc_after": ft.get("val_accuracy_after"), "validation": ft.get("validation"),
+            "epochs": ft["epochs"], "seconds": ft["seconds"], "dense_finetune_seconds": dense_s,
+            "time_ratio": round(ft["seconds"] / dense_s, 2) if dense_s else None,
+            "gpu": machine(device), "command": shlex.join(run["command"]), "commit": commit(), "date": today()}
+
+
+def dense_finetune_seconds(teacher: Path, arch: str, data: Path, epochs: int) -> float:
+    """Seconds of the CLI's fine-tune loop (its defaults: `FinetuneConfig`) on the dense teacher, distilling
+    from itself, on the datasets and loaders the CLI builds from --data (`build_image_splits`, `make_loaders`)."""
+    from sttp_compress.api import FinetuneConfig, finetune
+    from sttp_compress.data.images import (ImageDataConfig, build_image_splits, device_loaders, image_folder_splits,
+                                           make_loaders, resolve_image_config)
+    from sttp_compress.io.sources import load_model
+
+    model = load_model(str(teacher), f"{ARCH_FILE}:{arch}")
+    splits = image_folder_splits(str(data), None, None)
+    cfg = resolve_image_config(ImageDataConfig(mean=tuple(float(v) for v in MEAN.split(",")),
+                                               std=tuple(float(v) for v in STD.split(","))), splits.train)
+    ds = build_image_splits(splits, cfg)
+    ft = FinetuneConfig(epochs=epochs)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_device = device_loaders([ds.train, ds.val], cfg, ft.batch_size, ft.seed, device)  # as the CLI does
+    train_loader, val_loader = on_device or make_loaders(ds.train, ds.val, ft.batch_size, ft.workers, ft.seed, device)
+
+    block = finetune(model, copy.deepcopy(model).eval(), train_loader, ft, val_loader=val_loader, progress=False)
+    del model, train_loader, val_loader
+    return block["seconds"]
+
+
+def merge(rows: list[dict]) -> list[dict]:
+    """The stored rows of other (model, gpu) pairs, then these."""
+    path = RESULTS / "frontier.json"
+    mine = {(r["model"], r["gpu"]) for r in rows}
+    old = json.loads(path.read_text()) if path.exists() else []
+    return [r for r in old if (r["model"], r["gpu"]) not in mine] + rows
+
+
+def readme_table(rows: list[dict]) -> str:
+    """The README's table: test accuracy drop against both ratios, per teacher and method (seed 0 rows)."""
+    lines = ["| Teacher (test acc.) | Method | Target ratio | Parameter ratio | File ratio | File | Test acc. after "
+             "(change) | Fine-tune time vs dense | GPU |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted((r for r in rows if r.get("seed", 0) == 0),
+                    key=lambda r: (r["model"], r["method"], r["target_ratio"])):
+        change = "-" if r["acc_after"] is None or r["teacher_acc"] is None else f"{r['acc_after'] - r['teacher_acc']:+.2f}"
+        time_ratio = "-" if not r.get("time_ratio") else f"{r['time_ratio']:.2f}x"
+        lines.append(f"| {r['model']} ({r['teacher_acc']}%) | {r['method']} | {r['target_ratio']:g} | "
+                     f"{r['achieved_ratio']:.1f}x | {r['size_ratio']:.1f}x | {r['size_bytes'] / 1e6:.2f} MB | "
+                     f"{r['acc_after']}% ({change}) | {time_ratio} | {r['gpu']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teachers", default=str(HERE.parent / ".teachers"), help="folder of <arch>.pt and <arch>.json")
+    ap.add_argument("--data", help="folder with train/ and test/")
+    ap.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--ratios", nargs="+", type=float, help="default: 10 20 50 (and 33 for wrn16_8)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="STTP at the smallest and largest ratio "
+                    "runs every seed; the rest seed 0")
+    ap.add_argument("--epochs", type=int, default=EPOCHS)
+    ap.add_argument("--out", help="folder for the checkpoints (default: a temporary folder)")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense fine-tune (no time ratio)")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands, one a line, and run nothing")
+    ap.add_argument("--table", action="store_true", help="print the README table of the stored rows")
+    args = ap.parse_args()
+    if args.table:
+        print(readme_table(json.loads((RESULTS / "frontier.json").read_text())), end="")
+        return
+    if not args.data:
+        ap.error("--data is required (a folder with train/ and test/)")
+    teachers, data = Path(args.teachers), Path(args.data)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(args.out or tmp)
+        runs = plan(args.models, args.methods, args.ratios, args.seeds, teachers, data, args.epochs, out)
+        if args.dry_run:
+            for run in runs:
+                print(shlex.join(run["command"]))
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        rows = []
+        for model in args.models:
+            info_path = teachers / f"{model}.json"
+            teacher_acc = json.loads(info_path.read_text())["test_acc"] if info_path.exists() else None
+            dense_s = None if args.no_dense else dense_finetune_seconds(teachers / f"{model}.pt", model, data,
+                                                                       args.epochs)
+            for run in (r for r in runs if r["model"] == model):
+                t = time.perf_counter()
+                report = run_cli(run["command"])
+                rows.append(row(run, report, teacher_acc, dense_s, device))
+                print(f"{model} {run['method']} {run['ratio']:g} seed {run['seed']}: test {rows[-1]['acc_after']}% "
+                      f"({time.perf_counter() - t:.0f} s)", flush=True)
+        rows = merge(rows)
+        md = (f"# Frontier through the CLI ({today()}, commit {commit()})\n\n" + readme_table(rows) + "\n"
+              + markdown_table(rows, COLUMNS))
+        write_results("frontier", rows, {"date": today(), "device": machine(device), "epochs": args.epochs,
+                                         "data": str(data)}, md)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
