@@ -20,7 +20,8 @@ loaders the CLI builds) for the time ratio `seconds / dense_finetune_seconds`.
 Rows go to benchmarks/results/frontier.json (+ .md, .meta.json): model, teacher_acc, method, target_ratio,
 achieved_ratio (parameters), size_ratio (file bytes), size_bytes (the written checkpoint), dtype, acc_before,
 acc_after, epochs, seconds (the CLI's fine-tune), dense_finetune_seconds, gpu, command, commit, date. Rows of
-other (model, gpu) pairs already there stay. `--dry-run` prints the commands, one a line, and runs nothing.
+other runs (model, method, ratio, seed, dtype, GPU) already there stay; `warnings` lists what the
+command printed as a warning (the goal: none). `--dry-run` prints the commands, one a line, and runs nothing.
 `python benchmarks/bench_frontier.py --table` prints the README table from the stored rows.
 """
 
@@ -30,6 +31,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import copy
@@ -83,15 +85,19 @@ def plan(models: list[str], methods: list[str], ratios: list[float] | None, seed
     return runs
 
 
-def run_cli(cmd: list[str]) -> dict:
-    """Run one command from the repository root; its report.json (stdout of --json)."""
-    proc = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True)
+def run_cli(cmd: list[str]) -> tuple[dict, list[str]]:
+    """Run one command from the repository root: its report.json (stdout of --json) and the warnings it printed.
+    Where `sttp-compress` is not on the PATH (a checkout on PYTHONPATH), the same module runs with `python -m`."""
+    argv = cmd if shutil.which(cmd[0]) else [sys.executable, "-m", "sttp_compress.cli", *cmd[1:]]
+    proc = subprocess.run(argv, cwd=HERE.parent, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
-    return json.loads(proc.stdout)
+    warned = [line.strip() for line in proc.stderr.splitlines() if "Warning" in line or "warning:" in line.lower()]
+    return json.loads(proc.stdout), warned
 
 
-def row(run: dict, report: dict, teacher_acc: float | None, dense_s: float | None, device: str) -> dict:
+def row(run: dict, report: dict, warned: list[str], teacher_acc: float | None, dense_s: float | None,
+        device: str) -> dict:
     ft, totals = report["finetune"], report["totals"]
     output = Path(report["model"]["output"])
     return {"model": run["model"], "teacher_acc": teacher_acc, "method": run["method"], "target_ratio": run["ratio"],
@@ -103,7 +109,8 @@ def row(run: dict, report: dict, teacher_acc: float | None, dense_s: float | Non
             "val_acc_after": ft.get("val_accuracy_after"), "validation": ft.get("validation"),
             "epochs": ft["epochs"], "seconds": ft["seconds"], "dense_finetune_seconds": dense_s,
             "time_ratio": round(ft["seconds"] / dense_s, 2) if dense_s else None,
-            "gpu": machine(device), "command": shlex.join(run["command"]), "commit": commit(), "date": today()}
+            "warnings": warned, "gpu": machine(device), "command": shlex.join(run["command"]), "commit": commit(),
+            "date": today()}
 
 
 def dense_finetune_seconds(teacher: Path, arch: str, data: Path, epochs: int) -> float:
@@ -129,12 +136,16 @@ def dense_finetune_seconds(teacher: Path, arch: str, data: Path, epochs: int) ->
     return block["seconds"]
 
 
+def _key(r: dict) -> tuple:
+    return r["model"], r["method"], r["target_ratio"], r.get("seed", 0), r["dtype"], r["gpu"]
+
+
 def merge(rows: list[dict]) -> list[dict]:
-    """The stored rows of other (model, gpu) pairs, then these."""
+    """The stored rows of other runs (model, method, ratio, seed, dtype, GPU), then these."""
     path = RESULTS / "frontier.json"
-    mine = {(r["model"], r["gpu"]) for r in rows}
+    mine = {_key(r) for r in rows}
     old = json.loads(path.read_text()) if path.exists() else []
-    return [r for r in old if (r["model"], r["gpu"]) not in mine] + rows
+    return [r for r in old if _key(r) not in mine] + rows
 
 
 def readme_table(rows: list[dict]) -> str:
@@ -164,6 +175,7 @@ def main() -> None:
     ap.add_argument("--out", help="folder for the checkpoints (default: a temporary folder)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense fine-tune (no time ratio)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, one a line, and run nothing")
+    ap.add_argument("--no-save", action="store_true", help="print the rows, write no results (the smoke test)")
     ap.add_argument("--table", action="store_true", help="print the README table of the stored rows")
     args = ap.parse_args()
     if args.table:
@@ -187,17 +199,29 @@ def main() -> None:
             teacher_acc = json.loads(info_path.read_text())["test_acc"] if info_path.exists() else None
             dense_s = None if args.no_dense else dense_finetune_seconds(teachers / f"{model}.pt", model, data,
                                                                        args.epochs)
+            if dense_s is not None:
+                print(f"{model} dense fine-tune: {dense_s:.0f} s", flush=True)
             for run in (r for r in runs if r["model"] == model):
                 t = time.perf_counter()
-                report = run_cli(run["command"])
-                rows.append(row(run, report, teacher_acc, dense_s, device))
+                try:
+                    report, warned = run_cli(run["command"])
+                except RuntimeError as exc:  # the CLI refused or failed: say so, go on with the next run
+                    print(exc, file=sys.stderr, flush=True)
+                    continue
+                rows.append(row(run, report, warned, teacher_acc, dense_s, device))
                 print(f"{model} {run['method']} {run['ratio']:g} seed {run['seed']}: test {rows[-1]['acc_after']}% "
                       f"({time.perf_counter() - t:.0f} s)", flush=True)
-        rows = merge(rows)
-        md = (f"# Frontier through the CLI ({today()}, commit {commit()})\n\n" + readme_table(rows) + "\n"
-              + markdown_table(rows, COLUMNS))
-        write_results("frontier", rows, {"date": today(), "device": machine(device), "epochs": args.epochs,
-                                         "data": str(data)}, md)
+                if not args.no_save:  # after every run: a run cut short keeps what finished
+                    save(rows, device, args.epochs, data)
+        if args.no_save:
+            print(json.dumps(rows, indent=1))
+
+
+def save(rows: list[dict], device: str, epochs: int, data: Path) -> None:
+    rows = merge(rows)
+    md = (f"# Frontier through the CLI ({today()}, commit {commit()})\n\n" + readme_table(rows) + "\n"
+          + markdown_table(rows, COLUMNS))
+    write_results("frontier", rows, {"date": today(), "device": machine(device), "epochs": epochs, "data": str(data)}, md)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from sttp_compress.train.loop import (
 
 REPORT_KEYS = {
     "epochs", "steps", "time_budget", "seconds", "device", "processes", "images_per_s", "cuda_graph", "tf32", "free_cores", "original_val_accuracy",
-    "val_accuracy_before", "val_accuracy_after", "curve",
+    "val_accuracy_before", "val_accuracy_after", "original_test_accuracy", "test_accuracy_before",
+    "test_accuracy_after", "curve",
 }
 
 
@@ -253,6 +254,26 @@ def test_evaluate_unlabelled() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # finetune
+
+
+def test_test_split_is_measured_but_never_chosen_on(digits, teacher) -> None:
+    train_loader, val_loader = _loaders(digits)
+    test_ds = TensorDataset(*[t[: len(t) // 2] for t in digits[1].tensors])  # any labelled split
+    test_loader = torch.utils.data.DataLoader(test_ds, batch_size=64)
+    cfg = FinetuneConfig(device="cpu", workers=0, epochs=3, optimizer="sgd")
+    with_test, without = _student(), _student()
+    teacher_acc = evaluate(teacher, test_loader, "cpu", "off")["accuracy"]
+    before_acc = evaluate(with_test, test_loader, "cpu", "off")["accuracy"]
+    report = finetune(with_test, teacher, train_loader, val_loader, cfg, progress=False, test_loader=test_loader)
+    plain = finetune(without, teacher, *_loaders(digits), cfg, progress=False)
+    assert report["original_test_accuracy"] == round(100 * teacher_acc, 2)
+    assert report["test_accuracy_before"] == round(100 * before_acc, 2)
+    assert report["test_accuracy_after"] == round(100 * evaluate(with_test, test_loader, "cpu", "off")["accuracy"], 2)
+    # the same state is chosen with or without the test split: it only reports
+    assert report["val_accuracy_after"] == plain["val_accuracy_after"]
+    for a, b in zip(with_test.state_dict().values(), without.state_dict().values()):
+        assert torch.equal(a, b)
+    assert plain["test_accuracy_after"] is None
 
 
 def test_finetune_improves_student_and_reports(digits, teacher, capsys) -> None:

@@ -1,0 +1,66 @@
+"""Smoke tests of the GPU benchmarks' scripts on this machine's CPU, on a tiny CIFAR-like folder: the teacher
+training script and the frontier bench run end to end and write what they promise (results: not written)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cifar_like(tmp_path_factory) -> Path:
+    """train/ (10 classes x 10, as CIFAR-10's class count) and test/ (10 x 2) of 32x32 noise images, tinted
+    by class."""
+    root = tmp_path_factory.mktemp("cifar")
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 10), ("test", 2)):
+        for c in range(10):
+            name = f"class{c}"
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                x = (torch.rand(32, 32, 3, generator=g) * 128).to(torch.uint8) + 12 * c
+                Image.fromarray(x.numpy()).save(root / split / name / f"{i}.png")
+    return root
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_teacher_training_and_the_frontier_bench_run_on_a_tiny_set(cifar_like: Path, tmp_path: Path) -> None:
+    teachers = tmp_path / "teachers"
+    _run("benchmarks/train_teacher.py", "--arch", "mobilenetv2", "--data", str(cifar_like), "--out", str(teachers),
+         "--epochs", "1", "--batch-size", "16", "--device", "cpu")
+    info = json.loads((teachers / "mobilenetv2.json").read_text())
+    assert info["epochs"] == 1 and info["train_images"] == 100 and 0 <= info["test_acc"] <= 100
+    state = torch.load(teachers / "mobilenetv2.pt", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+
+    dry = _run("benchmarks/bench_frontier.py", "--teachers", str(teachers), "--data", str(cifar_like),
+               "--models", "mobilenetv2", "--dry-run").stdout.splitlines()
+    assert len(dry) == 3 * 3  # sttp, svdp, svd at 10, 20, 50
+    assert all(line.startswith("sttp-compress ") and "--epochs 10" in line for line in dry)
+    assert sum("--method svdp --free-cores" in line for line in dry) == 3
+
+    results = ROOT / "benchmarks" / "results" / "frontier.json"
+    stored = results.read_text() if results.exists() else None
+    out = _run("benchmarks/bench_frontier.py", "--teachers", str(teachers), "--data", str(cifar_like),
+               "--models", "mobilenetv2", "--methods", "sttp", "--ratios", "2", "--epochs", "1", "--no-save",
+               "--out", str(tmp_path / "runs")).stdout
+    rows = json.loads(out[out.index("["):])
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["method"] == "sttp" and r["target_ratio"] == 2 and r["achieved_ratio"] >= 1.9
+    assert r["size_bytes"] == (tmp_path / "runs" / "mobilenetv2-sttp-2-s0.sttp.pt").stat().st_size
+    assert r["teacher_acc"] == info["test_acc"] and r["dense_finetune_seconds"] > 0
+    assert r["validation"]["source"].startswith("held out of") and r["validation"]["images"] == 10
+    assert r["acc_after"] is not None and r["command"].startswith("sttp-compress ")
+    assert (results.read_text() if results.exists() else None) == stored  # --no-save wrote nothing
