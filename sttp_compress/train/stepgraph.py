@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["StepGraph", "make_graphed", "MEMORY_MARGIN"]
+__all__ = ["StepGraph", "make_graphed", "release_capture_graph", "MEMORY_MARGIN"]
 
 MEMORY_MARGIN = 2.0  # capture a new shape only with this many times the largest capture's memory free
 
@@ -62,6 +62,30 @@ def make_graphed(fn: Any, sample_args: tuple[Tensor, ...], **kwargs: Any) -> Any
     except Exception:
         generator.graphsafe_set_state(rng)
         raise
+
+
+def release_capture_graph(graphed: Any) -> bool:
+    """Detach, in place, the outputs `torch.cuda.make_graphed_callables` keeps from its forward capture.
+
+    Their autograd graph is dead once the backward is captured, but it keeps the parameters' gradient-
+    accumulation nodes alive, and those were made on the capture's side stream: every later backward on the
+    training stream then accumulates across streams (PyTorch warns "The AccumulateGrad node's stream does not
+    match the stream of the node that produced the incoming gradient"). With the outputs detached those nodes
+    are freed, and the next forward makes them on the stream that trains. The outputs are reached through
+    the closures of torch's graphed forward (torch internals): returns False, changing nothing, where that
+    layout is not found."""
+    import inspect
+
+    try:
+        functionalized = inspect.getclosurevars(graphed.forward).nonlocals["graphed"]
+        graphed_cls = inspect.getclosurevars(functionalized).nonlocals["Graphed"]
+        outputs = inspect.getclosurevars(graphed_cls.forward).nonlocals["static_outputs"]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return False
+    for out in outputs:
+        if isinstance(out, Tensor) and out.grad_fn is not None and not out._is_view():
+            out.detach_()
+    return True
 
 
 class _Shell(nn.Module):
@@ -158,6 +182,7 @@ class StepGraph(nn.Module):
             with torch.no_grad():  # the warm-up passes updated BatchNorm statistics (and their counters)
                 for b, s in zip(buffers, saved):
                     b.copy_(s)
+        release_capture_graph(graphed)  # the parameters' accumulation nodes: made anew on the training stream
         self.graphs[key] = graphed
         self.seen.pop(key, None)
         self.capture_bytes = max(self.capture_bytes, torch.cuda.memory_reserved(device) - before)

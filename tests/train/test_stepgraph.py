@@ -121,6 +121,19 @@ def test_graphed_steps_equal_eager_steps(amp):
 
 
 @cuda
+def test_no_cross_stream_gradient_accumulation_after_a_capture():
+    """The capture's side stream does not leak into the training steps' gradient accumulation (PyTorch's
+    AccumulateGrad stream-mismatch warning, seen on a clean CLI run before release_capture_graph)."""
+    _, b, net = pair()
+    batches = [torch.randn(16, 3, 8, 8, device="cuda") for _ in range(3)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_steps(net, [p for p in b.parameters() if p.requires_grad], batches)
+    assert len(net.graphs) == 1 and net.failed is None
+    assert not [w for w in caught if "AccumulateGrad" in str(w.message)]
+
+
+@cuda
 def test_interleaved_shapes_equal_eager_steps():
     """Graphs of three shapes replayed in an order unlike their capture's (length-grouped text batches come
     so) end where the eager steps end."""
@@ -294,3 +307,11 @@ def test_no_new_capture_without_room_for_it(monkeypatch):
         free["driver"] = 0
         assert not net._room(device)
     assert stepgraph.MEMORY_MARGIN == 2.0
+
+
+def test_release_capture_graph_leaves_other_callables_alone():
+    from sttp_compress.train.stepgraph import release_capture_graph
+
+    m = nn.Linear(3, 2)
+    forward = m.forward
+    assert release_capture_graph(m) is False and m.forward == forward
