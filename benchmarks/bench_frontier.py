@@ -19,7 +19,11 @@ loaders the CLI builds) for the time ratio `seconds / dense_finetune_seconds`.
 
 Rows go to benchmarks/results/frontier.json (+ .md, .meta.json): model, teacher_acc, method, target_ratio,
 achieved_ratio (parameters), size_ratio (file bytes), size_bytes (the written checkpoint), dtype, acc_before,
-acc_after, epochs, seconds (the CLI's fine-tune), dense_finetune_seconds, gpu, command, commit, date. Rows of
+acc_after, epochs, seconds (the CLI's fine-tune), dense_finetune_seconds, gpu, command, commit, date.
+`--dtypes float32 float16 int8` adds STTP stored in fewer bits (the CLI's --dtype); `--anchors 8 4 3 2` adds
+weight-only quantization of the dense teacher (weight_quant.py) at those widths: acc_before zero-shot,
+acc_after after the same fine-tune (FinetuneConfig defaults, the CLI's loaders) through straight-through
+rounding, size_bytes the packed size (not a written file). Rows of
 other runs (model, method, ratio, seed, dtype, GPU) already there stay; `warnings` lists what the
 command printed as a warning (the goal: none). `--dry-run` prints the commands, one a line, and runs nothing.
 `python benchmarks/bench_frontier.py --table` prints the README table from the stored rows.
@@ -69,19 +73,23 @@ def compress_command(teacher: Path, arch: str, method: str, ratio: float, data: 
 
 
 def plan(models: list[str], methods: list[str], ratios: list[float] | None, seeds: list[int], teachers: Path,
-         data: Path, epochs: int, out: Path) -> list[dict]:
-    """Every run: {model, method, ratio, seed, command}; extra seeds for STTP at the smallest and largest ratio."""
+         data: Path, epochs: int, out: Path, dtypes: list[str] = ("float32",)) -> list[dict]:
+    """Every run: {model, method, ratio, seed, dtype, command}; extra seeds for STTP at the smallest and largest
+    ratio (float32), other storage dtypes for STTP (seed 0)."""
     runs = []
     for model in models:
         for method in methods:
-            for ratio in ratios or RATIOS[model]:
-                chosen = ratios or RATIOS[model]
+            chosen = ratios or RATIOS[model]
+            for ratio in chosen:
                 run_seeds = seeds if method == "sttp" and ratio in (min(chosen), max(chosen)) else seeds[:1]
-                for seed in run_seeds:
-                    output = out / f"{model}-{method}-{ratio:g}-s{seed}.sttp.pt"
-                    runs.append({"model": model, "method": method, "ratio": ratio, "seed": seed,
+                variants = [(seed, "float32") for seed in run_seeds] if "float32" in dtypes else []
+                if method == "sttp":
+                    variants += [(seeds[0], d) for d in dtypes if d != "float32"]
+                for seed, dtype in variants:
+                    output = out / f"{model}-{method}-{ratio:g}-{dtype}-s{seed}.sttp.pt"
+                    runs.append({"model": model, "method": method, "ratio": ratio, "seed": seed, "dtype": dtype,
                                  "command": compress_command(teachers / f"{model}.pt", model, method, ratio, data,
-                                                             epochs, output, seed)})
+                                                             epochs, output, seed, dtype)})
     return runs
 
 
@@ -113,27 +121,77 @@ def row(run: dict, report: dict, warned: list[str], teacher_acc: float | None, d
             "date": today()}
 
 
-def dense_finetune_seconds(teacher: Path, arch: str, data: Path, epochs: int) -> float:
-    """Seconds of the CLI's fine-tune loop (its defaults: `FinetuneConfig`) on the dense teacher, distilling
-    from itself, on the datasets and loaders the CLI builds from --data (`build_image_splits`, `make_loaders`)."""
-    from sttp_compress.api import FinetuneConfig, finetune
-    from sttp_compress.data.images import (ImageDataConfig, build_image_splits, device_loaders, image_folder_splits,
-                                           make_loaders, resolve_image_config)
-    from sttp_compress.io.sources import load_model
+def cli_data(data: Path, device: str) -> tuple:
+    """(train loader, val loader, test loader) as the CLI builds them from --data with its defaults: the held-out
+    validation, device_loaders on a GPU, make_loaders elsewhere."""
+    from sttp_compress.api import FinetuneConfig
+    from sttp_compress.data.images import (ImageDataConfig, build_image_splits, device_loaders, eval_loader,
+                                           image_folder_splits, make_loaders, resolve_image_config)
 
-    model = load_model(str(teacher), f"{ARCH_FILE}:{arch}")
     splits = image_folder_splits(str(data), None, None)
     cfg = resolve_image_config(ImageDataConfig(mean=tuple(float(v) for v in MEAN.split(",")),
                                                std=tuple(float(v) for v in STD.split(","))), splits.train)
     ds = build_image_splits(splits, cfg)
-    ft = FinetuneConfig(epochs=epochs)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    on_device = device_loaders([ds.train, ds.val], cfg, ft.batch_size, ft.seed, device)  # as the CLI does
-    train_loader, val_loader = on_device or make_loaders(ds.train, ds.val, ft.batch_size, ft.workers, ft.seed, device)
+    ft = FinetuneConfig()
+    on_device = device_loaders([ds.train, ds.val, ds.test], cfg, ft.batch_size, ft.seed, device)
+    if on_device is not None:
+        return tuple(on_device)
+    return (*make_loaders(ds.train, ds.val, ft.batch_size, ft.workers, ft.seed, device),
+            eval_loader(ds.test, ft.batch_size, ft.workers, device))
 
-    block = finetune(model, copy.deepcopy(model).eval(), train_loader, ft, val_loader=val_loader, progress=False)
-    del model, train_loader, val_loader
-    return block["seconds"]
+
+def finetune_like_cli(model: torch.nn.Module, teacher: torch.nn.Module, loaders: tuple, epochs: int) -> dict:
+    """The CLI's fine-tune (`FinetuneConfig` defaults, `epochs`) of any model against `teacher`; its block."""
+    from sttp_compress.api import FinetuneConfig
+    from sttp_compress.train.loop import finetune
+
+    train_loader, val_loader, test_loader = loaders
+    return finetune(model, teacher, train_loader, val_loader, FinetuneConfig(epochs=epochs), progress=False,
+                    test_loader=test_loader)
+
+
+def load_teacher(teacher: Path, arch: str) -> torch.nn.Module:
+    from sttp_compress.io.sources import load_model
+
+    return load_model(str(teacher), f"{ARCH_FILE}:{arch}").eval()
+
+
+def dense_finetune_seconds(teacher: Path, arch: str, loaders: tuple, epochs: int) -> float:
+    """Seconds of the CLI's fine-tune on the dense teacher (distilling from itself), on the CLI's loaders."""
+    model = load_teacher(teacher, arch)
+    return finetune_like_cli(model, copy.deepcopy(model), loaders, epochs)["seconds"]
+
+
+def anchor_rows(teacher: Path, arch: str, loaders: tuple, epochs: int, bits_list: list[int], teacher_acc: float | None,
+                dense_s: float | None, device: str) -> list[dict]:
+    """Weight-only quantization of the dense teacher (weight_quant.py) at each width: accuracy zero-shot
+    (acc_before) and after the same fine-tune through straight-through rounding (acc_after)."""
+    from sttp_compress.train.loop import evaluate
+    from weight_quant import packed_bytes, quantize_, settle_, straight_through
+
+    dense_bytes = sum(t.numel() * 4 for t in load_teacher(teacher, arch).state_dict().values())
+    rows = []
+    for bits in bits_list:
+        zero = load_teacher(teacher, arch)
+        size = packed_bytes(zero, bits)
+        quantize_(zero, bits)
+        acc_before = round(100 * evaluate(zero.to(device), loaders[2], device, "off")["accuracy"], 2)
+        student, original = load_teacher(teacher, arch), load_teacher(teacher, arch)
+        straight_through(student, bits)
+        block = finetune_like_cli(student, original, loaders, epochs)
+        settle_(student)
+        acc_after = round(100 * evaluate(student.to(device), loaders[2], device, "off")["accuracy"], 2)
+        rows.append({"model": arch, "teacher_acc": teacher_acc, "method": "weight-only", "target_ratio": None,
+                     "achieved_ratio": 1.0, "size_ratio": round(dense_bytes / size, 2), "size_bytes": size,
+                     "size_from": "packed (bits/8 a weight + a float32 scale a channel), not a written file",
+                     "dtype": f"int{bits}", "seed": 0, "acc_before": acc_before, "acc_after": acc_after,
+                     "epochs": block["epochs"], "seconds": block["seconds"], "dense_finetune_seconds": dense_s,
+                     "time_ratio": round(block["seconds"] / dense_s, 2) if dense_s else None, "warnings": [],
+                     "gpu": machine(device), "command": f"python benchmarks/bench_frontier.py --models {arch} "
+                     f"--anchors {bits} --epochs {epochs}", "commit": commit(), "date": today()})
+        print(f"{arch} weight-only int{bits}: {acc_before}% zero-shot, {acc_after}% after {epochs} epochs "
+              f"({block['seconds']:.0f} s)", flush=True)
+    return rows
 
 
 def _key(r: dict) -> tuple:
@@ -149,16 +207,20 @@ def merge(rows: list[dict]) -> list[dict]:
 
 
 def readme_table(rows: list[dict]) -> str:
-    """The README's table: test accuracy drop against both ratios, per teacher and method (seed 0 rows)."""
-    lines = ["| Teacher (test acc.) | Method | Target ratio | Parameter ratio | File ratio | File | Test acc. after "
-             "(change) | Fine-tune time vs dense | GPU |", "|---|---|---|---|---|---|---|---|---|"]
+    """The README's table: test accuracy against both ratios, per teacher, method and storage (seed 0 rows),
+    in order of file ratio."""
+    lines = ["| Teacher (test acc.) | Method | Target ratio | Parameter ratio | File ratio | File | Test acc. before "
+             "fine-tune | Test acc. after (change) | Fine-tune time vs dense | GPU |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted((r for r in rows if r.get("seed", 0) == 0),
-                    key=lambda r: (r["model"], r["method"], r["target_ratio"])):
+                    key=lambda r: (r["model"], r["size_ratio"], r["method"], r["dtype"])):
         change = "-" if r["acc_after"] is None or r["teacher_acc"] is None else f"{r['acc_after'] - r['teacher_acc']:+.2f}"
         time_ratio = "-" if not r.get("time_ratio") else f"{r['time_ratio']:.2f}x"
-        lines.append(f"| {r['model']} ({r['teacher_acc']}%) | {r['method']} | {r['target_ratio']:g} | "
+        target = "-" if r["target_ratio"] is None else f"{r['target_ratio']:g}"
+        method = r["method"] if r["dtype"] == "float32" else f"{r['method']} {r['dtype']}"
+        lines.append(f"| {r['model']} ({r['teacher_acc']}%) | {method} | {target} | "
                      f"{r['achieved_ratio']:.1f}x | {r['size_ratio']:.1f}x | {r['size_bytes'] / 1e6:.2f} MB | "
-                     f"{r['acc_after']}% ({change}) | {time_ratio} | {r['gpu']} |")
+                     f"{r['acc_before']}% | {r['acc_after']}% ({change}) | {time_ratio} | {r['gpu']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -172,6 +234,11 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="STTP at the smallest and largest ratio "
                     "runs every seed; the rest seed 0")
     ap.add_argument("--epochs", type=int, default=EPOCHS)
+    ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "float16", "int8"],
+                    help="STTP's storage (--dtype of the CLI); float16 and int8 for the sttp method only")
+    ap.add_argument("--anchors", nargs="*", type=int, default=[], metavar="BITS",
+                    help="weight-only quantization of the dense teacher at these widths (e.g. 8 4 3 2), zero-shot "
+                         "and after the same fine-tune with straight-through rounding")
     ap.add_argument("--out", help="folder for the checkpoints (default: a temporary folder)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense fine-tune (no time ratio)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, one a line, and run nothing")
@@ -186,7 +253,7 @@ def main() -> None:
     teachers, data = Path(args.teachers), Path(args.data)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
-        runs = plan(args.models, args.methods, args.ratios, args.seeds, teachers, data, args.epochs, out)
+        runs = plan(args.models, args.methods, args.ratios, args.seeds, teachers, data, args.epochs, out, args.dtypes)
         if args.dry_run:
             for run in runs:
                 print(shlex.join(run["command"]))
@@ -197,7 +264,8 @@ def main() -> None:
         for model in args.models:
             info_path = teachers / f"{model}.json"
             teacher_acc = json.loads(info_path.read_text())["test_acc"] if info_path.exists() else None
-            dense_s = None if args.no_dense else dense_finetune_seconds(teachers / f"{model}.pt", model, data,
+            loaders = cli_data(data, device) if not (args.no_dense and not args.anchors) else None
+            dense_s = None if args.no_dense else dense_finetune_seconds(teachers / f"{model}.pt", model, loaders,
                                                                        args.epochs)
             if dense_s is not None:
                 print(f"{model} dense fine-tune: {dense_s:.0f} s", flush=True)
@@ -212,6 +280,11 @@ def main() -> None:
                 print(f"{model} {run['method']} {run['ratio']:g} seed {run['seed']}: test {rows[-1]['acc_after']}% "
                       f"({time.perf_counter() - t:.0f} s)", flush=True)
                 if not args.no_save:  # after every run: a run cut short keeps what finished
+                    save(rows, device, args.epochs, data)
+            if args.anchors:
+                rows += anchor_rows(teachers / f"{model}.pt", model, loaders, args.epochs, args.anchors, teacher_acc,
+                                    dense_s, device)
+                if not args.no_save:
                     save(rows, device, args.epochs, data)
         if args.no_save:
             print(json.dumps(rows, indent=1))

@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED, commit, machine, markdown_table, print_table, today, write_results  # noqa: E402
+from weight_quant import packed_bytes, quantize_  # noqa: E402
 
 import sttp_compress as sc  # noqa: E402
 from sttp_compress.compress.convert import compress_to_target  # noqa: E402
@@ -60,22 +61,10 @@ def accuracy(model: torch.nn.Module, X: torch.Tensor, Y: torch.Tensor) -> float:
 
 def weight_only(model: torch.nn.Module, bits: int) -> tuple[torch.nn.Module, int, float]:
     """The model with every weight matrix rounded per output channel to `bits` (symmetric); its packed bytes
-    and the mean relative weight error."""
-    qmax = 2 ** (bits - 1) - 1
+    and the mean relative weight error (weight_quant.py)."""
     out = copy.deepcopy(model)
-    size, errors = 0, []
-    with torch.no_grad():
-        for name, t in out.state_dict().items():
-            if t.is_floating_point() and t.dim() >= 2 and name.endswith("weight"):
-                rows = t.reshape(t.shape[0], -1)
-                scale = (rows.abs().amax(1, keepdim=True) / qmax).clamp_min(1e-12)
-                q = (torch.round(rows / scale).clamp(-qmax, qmax) * scale).reshape(t.shape)
-                errors.append(float((q - t).norm() / t.norm()))
-                t.copy_(q)
-                size += (t.numel() * bits + 7) // 8 + 4 * t.shape[0]
-            else:
-                size += t.numel() * t.element_size()
-    return out, size, sum(errors) / len(errors)
+    error = quantize_(out, bits)
+    return out, packed_bytes(out, bits), error
 
 
 def main() -> None:

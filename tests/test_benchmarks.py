@@ -45,21 +45,24 @@ def test_teacher_training_and_the_frontier_bench_run_on_a_tiny_set(cifar_like: P
     assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
 
     dry = _run("benchmarks/bench_frontier.py", "--teachers", str(teachers), "--data", str(cifar_like),
-               "--models", "mobilenetv2", "--dry-run").stdout.splitlines()
-    assert len(dry) == 3 * 3  # sttp, svdp, svd at 10, 20, 50
+               "--models", "mobilenetv2", "--dtypes", "float32", "int8", "--dry-run").stdout.splitlines()
+    assert len(dry) == 3 * 3 + 3  # sttp, svdp, svd at 10, 20, 50; sttp in int8 at each ratio
     assert all(line.startswith("sttp-compress ") and "--epochs 10" in line for line in dry)
     assert sum("--method svdp --free-cores" in line for line in dry) == 3
+    assert sum("--dtype int8" in line and "--method" not in line for line in dry) == 3
 
     results = ROOT / "benchmarks" / "results" / "frontier.json"
     stored = results.read_text() if results.exists() else None
     out = _run("benchmarks/bench_frontier.py", "--teachers", str(teachers), "--data", str(cifar_like),
-               "--models", "mobilenetv2", "--methods", "sttp", "--ratios", "2", "--epochs", "1", "--no-save",
+               "--models", "mobilenetv2", "--methods", "sttp", "--ratios", "2", "--epochs", "1", "--anchors", "4", "--no-save",
                "--out", str(tmp_path / "runs")).stdout
     rows = json.loads(out[out.index("["):])
-    assert len(rows) == 1
-    r = rows[0]
+    assert len(rows) == 2
+    r, anchor = rows
+    assert anchor["method"] == "weight-only" and anchor["dtype"] == "int4" and 5 < anchor["size_ratio"] < 8  # scales and norms stay float32
+    assert anchor["acc_before"] is not None and anchor["acc_after"] is not None
     assert r["method"] == "sttp" and r["target_ratio"] == 2 and r["achieved_ratio"] >= 1.9
-    assert r["size_bytes"] == (tmp_path / "runs" / "mobilenetv2-sttp-2-s0.sttp.pt").stat().st_size
+    assert r["size_bytes"] == (tmp_path / "runs" / "mobilenetv2-sttp-2-float32-s0.sttp.pt").stat().st_size
     assert r["teacher_acc"] == info["test_acc"] and r["dense_finetune_seconds"] > 0
     assert r["validation"]["source"].startswith("held out of") and r["validation"]["images"] == 10
     assert r["acc_after"] is not None and r["command"].startswith("sttp-compress ")
