@@ -40,7 +40,7 @@ def test_teacher_training_and_the_frontier_bench_run_on_a_tiny_set(cifar_like: P
     _run("benchmarks/train_teacher.py", "--arch", "mobilenetv2", "--data", str(cifar_like), "--out", str(teachers),
          "--epochs", "1", "--batch-size", "16", "--device", "cpu")
     info = json.loads((teachers / "mobilenetv2.json").read_text())
-    assert info["epochs"] == 1 and info["train_images"] == 100 and 0 <= info["test_acc"] <= 100
+    assert info["epochs"] == 1 and info["train_images"] == 90 and info["held_out_images"] == 10 and 0 <= info["test_acc"] <= 100
     state = torch.load(teachers / "mobilenetv2.pt", weights_only=True)
     assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
 
