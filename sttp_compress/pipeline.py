@@ -64,6 +64,7 @@ class CompressJob(WithDataSpec):
     augment: str = "auto"
     finetune: Any = None  # FinetuneConfig | None
     bn_recalibrate: int = 0
+    qat_steps: int = 0  # with dtype int8: steps through the int8 rounding after fine-tuning (train/qat.py)
     layer_ranks: dict = field(default_factory=dict)  # {layer name: rank} pinned (--layer-rank)
     token_weighting: bool = True  # text data + token embedding included: frequency-weighted conversion
     row_order: str = "auto"  # ...and the order its tensor train takes the rows in (ROW_ORDERS; _row_orders)
@@ -121,6 +122,12 @@ def _check_target(job: CompressJob) -> None:
         raise UserError(f"‹spectrum› must be free, lipschitz or identity, got {job.spectrum!r}")
     if job.dtype not in DTYPES:
         raise UserError(f"‹dtype› must be one of {', '.join(DTYPES)}, got {job.dtype!r}")
+    if job.qat_steps < 0:
+        raise UserError(f"‹qat_steps› cannot be negative, got {job.qat_steps}")
+    if job.qat_steps and job.dtype != "int8":
+        raise UserError("‹qat_steps› trains through int8 rounding: it needs ‹dtype› int8")
+    if job.qat_steps and job.finetune is None:
+        raise UserError("‹qat_steps› runs after fine-tuning: it needs fine-tuning data (‹data›)")
     if job.augment not in AUGMENTS:
         raise UserError(f"‹augment› must be one of {', '.join(AUGMENTS)}, got {job.augment!r}")
     if job.image_size is not None and job.image_size < 1:
@@ -509,10 +516,40 @@ def _finetune_phase(model: nn.Module, teacher: nn.Module, job: CompressJob, data
     else:
         block = finetune(model, teacher, *loaders, cfg, progress=progress, bn_recalibrate=job.bn_recalibrate,
                          test_loader=test_loader)
+        if job.qat_steps:
+            block["qat"] = _qat_phase(model, teacher, loaders, test_loader, cfg, job.qat_steps, progress)
     block["validation"] = data.validation
     distributed.debug_dump_state(model, "finetuned")
     model.to("cpu")
     return block
+
+
+QAT_LR_SCALE = 0.1  # the straight-through phase runs at this share of the fine-tune's peak learning rate
+
+
+def _qat_phase(model: nn.Module, teacher: nn.Module, loaders: tuple, test_loader, cfg, steps: int,
+               progress: bool) -> dict:
+    """`steps` of distillation through the int8 rounding the checkpoint applies (train/qat.py), at a constant
+    QAT_LR_SCALE of the learning rate; kept only when the rounded model's validation accuracy (or loss, without
+    labels) is not worse than before it, else the fine-tuned state comes back. Returns the report's
+    finetune.qat block (accuracies of the rounded model, before and after)."""
+    from sttp_compress.train.loop import finetune
+    from sttp_compress.train.qat import rounded_storage
+
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    qcfg = replace(cfg, epochs=None, steps=steps, time_budget=None, lr=cfg.resolved_lr * QAT_LR_SCALE,
+                   schedule="constant", select_best=False, val_every_epoch=False, cuda_graph=False,
+                   free_cores=False)
+    with rounded_storage(model):
+        q = finetune(model, teacher, *loaders, qcfg, progress=progress, test_loader=test_loader)
+    before, after = q["val_accuracy_before"], q["val_accuracy_after"]
+    kept = before is None or after is None or after >= before
+    if not kept:
+        model.load_state_dict(saved)
+    return {"steps": q["steps"], "lr": qcfg.lr, "seconds": q["seconds"], "kept": kept,
+            "val_accuracy_rounded_before": before, "val_accuracy_rounded_after": after,
+            "test_accuracy_rounded_before": q["test_accuracy_before"],
+            "test_accuracy_rounded_after": q["test_accuracy_after"]}
 
 
 def _text_units(block: dict | None) -> dict | None:

@@ -1009,3 +1009,24 @@ def test_help_groups_options_and_shows_choices(capsys):
     assert [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")] == [
         "Model", "Data", "Gates", "Run", "Output"]
     assert "--device cpu|cuda|auto" in text
+
+
+def test_qat_steps_run_after_finetuning_and_report_the_rounded_accuracy(tiny):
+    torch.manual_seed(0)
+    data = tiny.dir / "data.pt"
+    torch.save({"inputs": torch.randn(48, *INPUT_SHAPE), "targets": torch.randint(0, 10, (48,))}, data)
+    out = tiny.dir / "qat.sttp.safetensors"
+    ok(tiny.model, "--arch", tiny.arch, "--rank", "4", "--data", f"tensors:{data}", "--steps", "3", "--workers", "0",
+       "--batch-size", "8", "--dtype", "int8", "--qat-steps", "4", "--output", out, "-q")
+    qat = _report(tiny.dir / "qat.sttp.report")["finetune"]["qat"]
+    assert qat["steps"] == 4 and isinstance(qat["kept"], bool)
+    assert 0 <= qat["val_accuracy_rounded_before"] <= 100 and 0 <= qat["val_accuracy_rounded_after"] <= 100
+    assert qat["kept"] == (qat["val_accuracy_rounded_after"] >= qat["val_accuracy_rounded_before"])
+    assert read_compressed(out)["dtype"] == "int8"
+
+
+def test_qat_steps_need_int8_and_data(tiny):
+    res = cli(tiny.model, "--arch", tiny.arch, "--rank", "4", "--qat-steps", "4", "--dtype", "int8")
+    _one_error_line(res, "--qat-steps", "data")
+    res = cli(tiny.model, "--arch", tiny.arch, "--rank", "4", "--qat-steps", "4")
+    _one_error_line(res, "--qat-steps", "--dtype")

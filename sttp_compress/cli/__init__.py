@@ -69,7 +69,7 @@ HELP_GROUPS = {
     "Target": ("ratio", "rank", "method", "spectrum", "allocation", "include", "exclude", "layer_rank",
                "token_weighting", "row_order", "order_rows", "activation_aware"),
     "Fine-tuning": ("epochs", "steps", "time_budget", "lr", "optimizer", "schedule", "temperature", "alpha",
-                    "spectral_reg", "spectrum_lr", "free_cores", "bn_recalibrate", "text_augment", "text_vocab_share",
+                    "spectral_reg", "spectrum_lr", "free_cores", "bn_recalibrate", "qat_steps", "text_augment", "text_vocab_share",
                     "group_by_length"),
     "Data": ("data", "train_data", "val_data", "image_size", "mean", "std", "augment"),
     "Gates": ("max_size", "max_params", "min_ratio", "min_accuracy", "min_cosine", "min_sts_spearman", "baseline",
@@ -192,6 +192,9 @@ def compress_cmd(
              "checkpoint format and parameter count; faster steps). Default: on with --data text:FILE when every "
              "spectrum is free (docs/transformers.md: Free cores), off for images."),
     bn_recalibrate: int = typer.Option(0, help="Re-estimate BatchNorm statistics on this many batches before fine-tuning."),
+    qat_steps: int = typer.Option(0, help="With --dtype int8: after fine-tuning, this many steps through the int8 rounding "
+                                  "the checkpoint applies (straight-through, 0.1x the learning rate), kept only if the "
+                                  "rounded model validates no worse (report: finetune.qat)."),
     token_weighting: bool = typer.Option(True, help="With --data text:FILE and the token embedding included: fit "
                                          "its conversion to the tokens' frequencies in FILE (row-scaled STTP)."),
     row_order: str = typer.Option("auto", metavar="auto|vocabulary|weight|tiered", help="With token weighting: the order in which the token embedding's "
@@ -257,7 +260,7 @@ def compress_cmd(
                       force=force, dtype=dtype, report_dir=report_dir, trust_pickle=trust_pickle, data=data,
                       train_data=train_data, val_data=val_data, image_size=image_size,
                       mean=_floats(mean, "--mean"), std=_floats(std, "--std"), augment=augment, finetune=ft,
-                      bn_recalibrate=bn_recalibrate, token_weighting=token_weighting,
+                      bn_recalibrate=bn_recalibrate, qat_steps=qat_steps, token_weighting=token_weighting,
                       row_order="weight" if order_rows else row_order,
                       activation_aware=activation_aware, text_augment=text_augment,
                       text_vocab_share=text_vocab_share, group_by_length=group_by_length,
