@@ -53,11 +53,31 @@ def export_format(path: str | os.PathLike) -> str:
     return fmt
 
 
+def absorb_square_cores(frames: list[Tensor], ranks: list[int]) -> tuple[list[Tensor], list[int]]:
+    """The same chain (`chain(frames, ranks)`) with every square core but the last folded into the next one.
+
+    A core (R_{k−1}·m_k) × R_k with R_k = R_{k−1}·m_k is a change of basis: multiplied into the next core it
+    leaves that core's shape as it was, so its R_k² values need no storing. STTP's first cores, whose ranks
+    grow as the products of the modes, are all square (16% of ResNet-18's core values at ratio 10)."""
+    frames, ranks = list(frames), list(ranks)
+    k = 0
+    while k < len(frames) - 1:
+        G = frames[k]
+        if G.shape[0] != G.shape[1]:
+            k += 1
+            continue
+        merged = (G.double() @ frames[k + 1].double().reshape(ranks[k + 1], -1)).reshape(-1, ranks[k + 2])
+        frames[k:k + 2] = [merged.to(G.dtype)]
+        del ranks[k + 1]
+    return frames, ranks
+
+
 class StoredWeight(nn.Module):
     """A compressed layer's weight rebuilt in the graph from its materialized cores (buffers, not trained).
 
-    The cores are the frames the layer's reflectors generate, (R_{k−1}·m_k) × R_k each, with σ and the
-    row and column scales: a few matmuls rebuild W, and a runtime folds them into a constant.
+    The cores are the frames the layer's reflectors generate, (R_{k−1}·m_k) × R_k each (square ones folded
+    into the next, `absorb_square_cores`), with σ and the row and column scales: a few matmuls rebuild W,
+    and a runtime folds them into a constant.
     """
 
     def __init__(self, p: SpectralTT, originals: tuple[Tensor, ...]):
@@ -65,6 +85,8 @@ class StoredWeight(nn.Module):
         self.p = p  # its structure and buffers (scale, signs, row_order)
         with torch.no_grad():
             u, s, v = chain_cores(p, originals)
+            (u, self.u_ranks), (v, self.v_ranks) = (absorb_square_cores(u, p.tt.u_ranks),
+                                                    absorb_square_cores(v, p.tt.v_ranks))
         for k, X in enumerate(u):
             self.register_buffer(f"u{k}", X.detach().clone())
         for k, X in enumerate(v):
@@ -77,8 +99,8 @@ class StoredWeight(nn.Module):
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """(V diag(σ), U) of W = U diag(σ) Vᵀ."""
-        U = chain([getattr(self, f"u{k}") for k in range(self.nu)], self.p.tt.u_ranks)
-        V = chain([getattr(self, f"v{k}") for k in range(self.nv)], self.p.tt.v_ranks)
+        U = chain([getattr(self, f"u{k}") for k in range(self.nu)], self.u_ranks)
+        V = chain([getattr(self, f"v{k}") for k in range(self.nv)], self.v_ranks)
         return V * self.sigma, U
 
     def forward(self) -> Tensor:

@@ -194,3 +194,17 @@ def test_cli_export_refusals_are_one_line_and_exit_2(digits_ckpt, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     rc, _, err = _eval_cli(bare, "--arch", DIGITS, "--input-shape", "1,8,8", "--export", tmp_path / "b.pt2", "-q")
     assert rc == 0, err and (tmp_path / "b.pt2").is_file()
+
+
+def test_square_cores_fold_into_the_next_without_changing_the_chain():
+    from sttp_compress.core.spectral_tt import chain
+    from sttp_compress.io.export import absorb_square_cores
+
+    torch.manual_seed(0)
+    ranks = [1, 2, 4, 3, 3, 2]  # cores 2x2 and 4x4 square (folded), 12x3, 6x3 tall, 6x2 last
+    shapes = [(2, 2), (4, 4), (12, 3), (6, 3), (6, 2)]
+    frames = [torch.randn(*s, dtype=torch.float64) for s in shapes]
+    folded, new_ranks = absorb_square_cores(frames, ranks)
+    assert [tuple(f.shape) for f in folded] == [(12, 3), (6, 3), (6, 2)] and new_ranks == [1, 3, 3, 2]
+    torch.testing.assert_close(chain(folded, new_ranks), chain(frames, ranks))
+    assert sum(f.numel() for f in folded) == sum(f.numel() for f in frames) - 2 * 2 - 4 * 4
