@@ -5,7 +5,7 @@ the spectrum, the scales), not as a dense weight, and the graph rebuilds the wei
 matmuls. Those nodes depend on constants alone: onnxruntime folds them into the dense weight once, when
 it loads the model, and runs the dense convolution or matmul at dense speed from then on. A frame
 d × r holds d·r values where its reflectors hold d·r − r(r+1)/2, so the file is larger than the
-checkpoint (1.76x for ResNet-18 CIFAR at ratio 10; benchmarks/results/deploy.md). Rebuilding the frames
+checkpoint (1.53x for ResNet-18 CIFAR at ratio 10 with square cores folded away; benchmarks/results/deploy.md). Rebuilding the frames
 from the reflectors in the graph instead (a triangular inverse from matmuls, since ONNX has no solve)
 kept the checkpoint's size but made a 100,000-node graph that took minutes to export and 13 s to load.
 A Linear whose factors form needs fewer FLOPs (`forms.best_form`, the rule `freeze` follows) is
