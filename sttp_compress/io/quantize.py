@@ -24,7 +24,7 @@ from sttp_compress.compress.convert import named_layers, parametrization
 from sttp_compress.core.forms import layer_originals
 from sttp_compress.core.spectral_tt import is_parametrized
 
-__all__ = ["SCALES", "quantize_state", "dequantize_state", "quantize_rows", "dequantize_rows", "storage_errors"]
+__all__ = ["SCALES", "stored_in_int8", "quantize_state", "dequantize_state", "quantize_rows", "dequantize_rows", "storage_errors"]
 
 SCALES = "__int8_scale__."  # prefix of the block-scale tensors (rows, blocks) in the file
 QMAX = 127
@@ -57,7 +57,8 @@ def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
     return (_blocks(rows) * scale.float()[..., None]).reshape(q.shape[0], -1)[:, :rows.shape[1]].reshape(q.shape)
 
 
-def _quantized(t: Tensor) -> bool:
+def stored_in_int8(t: Tensor) -> bool:
+    """Whether an int8 checkpoint stores `t` in int8: floating, two or more dimensions, not empty."""
     return t.is_floating_point() and t.dim() >= 2 and t.numel() > 0
 
 
@@ -66,7 +67,7 @@ def quantize_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     everything else as float32 (floating) or unchanged."""
     out: dict[str, Tensor] = {}
     for key, t in state.items():
-        if _quantized(t):
+        if stored_in_int8(t):
             out[key], out[SCALES + key] = quantize_rows(t)
         else:
             out[key] = t.detach().float() if t.is_floating_point() else t.detach()

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from sttp_compress.io.quantize import dequantize_rows, quantize_rows
+from sttp_compress.io.quantize import dequantize_rows, quantize_rows, stored_in_int8
 
 __all__ = ["stored_rounding", "rounded_storage", "rounded_parameters"]
 
@@ -28,8 +28,8 @@ def stored_rounding(t: Tensor) -> Tensor:
 
 
 def rounded_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters an int8 checkpoint stores in int8: floating, two or more dimensions, not empty."""
-    return [p for p in model.parameters() if p.is_floating_point() and p.dim() >= 2 and p.numel() > 0]
+    """The parameters an int8 checkpoint stores in int8 (`quantize.stored_in_int8`)."""
+    return [p for p in model.parameters() if stored_in_int8(p)]
 
 
 @contextmanager
