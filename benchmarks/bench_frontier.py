@@ -123,21 +123,17 @@ def row(run: dict, report: dict, warned: list[str], teacher_acc: float | None, d
 
 def cli_data(data: Path, device: str) -> tuple:
     """(train loader, val loader, test loader) as the CLI builds them from --data with its defaults: the held-out
-    validation, device_loaders on a GPU, make_loaders elsewhere."""
+    validation and `finetune_loaders` (device memory on a GPU)."""
     from sttp_compress.api import FinetuneConfig
-    from sttp_compress.data.images import (ImageDataConfig, build_image_splits, device_loaders, eval_loader,
-                                           image_folder_splits, make_loaders, resolve_image_config)
+    from sttp_compress.data.images import (ImageDataConfig, build_image_splits, finetune_loaders, image_folder_splits,
+                                           resolve_image_config)
 
     splits = image_folder_splits(str(data), None, None)
     cfg = resolve_image_config(ImageDataConfig(mean=tuple(float(v) for v in MEAN.split(",")),
                                                std=tuple(float(v) for v in STD.split(","))), splits.train)
     ds = build_image_splits(splits, cfg)
     ft = FinetuneConfig()
-    on_device = device_loaders([ds.train, ds.val, ds.test], cfg, ft.batch_size, ft.seed, device)
-    if on_device is not None:
-        return tuple(on_device)
-    return (*make_loaders(ds.train, ds.val, ft.batch_size, ft.workers, ft.seed, device),
-            eval_loader(ds.test, ft.batch_size, ft.workers, device))
+    return finetune_loaders(ds.train, ds.val, ds.test, cfg, ft.batch_size, ft.workers, ft.seed, device)
 
 
 def finetune_like_cli(model: torch.nn.Module, teacher: torch.nn.Module, loaders: tuple, epochs: int) -> dict:

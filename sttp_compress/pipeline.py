@@ -482,7 +482,7 @@ def _finetune_phase(model: nn.Module, teacher: nn.Module, job: CompressJob, data
                     device: torch.device | None) -> dict:
     """Distil the teacher into the converted model (`finetune`, or `distill_embeddings` on text) on this
     rank's shard of the data; returns the report's finetune block. The model ends on the CPU."""
-    from sttp_compress.data.images import device_loaders, eval_loader, make_loaders
+    from sttp_compress.data.images import finetune_loaders
     from sttp_compress.train.loop import finetune
 
     train_ds, val_ds = data.train, data.val
@@ -496,16 +496,9 @@ def _finetune_phase(model: nn.Module, teacher: nn.Module, job: CompressJob, data
         train_ds.augment = job.text_augment  # after the calibration, which sees the texts as they are
         train_ds.vocab_share = job.text_vocab_share
     with distributed.agreed():
-        on_device = None if data.image_cfg is None else device_loaders(
-            [train_ds, val_ds, data.test], data.image_cfg, cfg.batch_size, cfg.seed, dev, distributed.rank(),
-            distributed.world())  # small images on a GPU: decoded once, augmented there
-        if on_device is not None:
-            loaders, test_loader = on_device[:2], on_device[2]
-        else:
-            loaders = make_loaders(train_ds, val_ds, cfg.batch_size, cfg.workers, cfg.seed, dev,
-                                   distributed.rank(), distributed.world(), group_by_length=job.group_by_length)
-            test_loader = None if data.test is None else eval_loader(data.test, cfg.batch_size, cfg.workers, dev,
-                                                                      distributed.rank(), distributed.world())
+        *loaders, test_loader = finetune_loaders(train_ds, val_ds, data.test, data.image_cfg, cfg.batch_size,
+                                                 cfg.workers, cfg.seed, dev, distributed.rank(), distributed.world(),
+                                                 group_by_length=job.group_by_length)
     progress = job.progress and distributed.is_main()
     if text:
         from sttp_compress.train.text_distill import distill_embeddings

@@ -518,6 +518,21 @@ def decode_files(paths: list, workers: int | None = None) -> Tensor:
 DEVICE_DATA_MAX_BYTES = 4 * 1024**3  # decoded images kept on the GPU at most (CIFAR-10: 184 MB)
 
 
+def finetune_loaders(train_ds: Dataset, val_ds: Dataset | None, test_ds: Dataset | None, cfg: ImageDataConfig | None,
+                     batch_size: int, workers: int, seed: int, device: str | torch.device, rank: int = 0,
+                     world: int = 1, group_by_length: bool = False) -> tuple:
+    """(train, val, test) loaders of a fine-tune: small-image folders on a GPU from device memory
+    (`device_loaders`), everything else through DataLoaders (`make_loaders`, `eval_loader` for test);
+    `cfg` is the resolved image config, None for tensors and texts."""
+    on_device = None if cfg is None else device_loaders([train_ds, val_ds, test_ds], cfg, batch_size, seed, device,
+                                                        rank, world)
+    if on_device is not None:
+        return tuple(on_device)
+    train, val = make_loaders(train_ds, val_ds, batch_size, workers, seed, device, rank, world,
+                              group_by_length=group_by_length)
+    return train, val, None if test_ds is None else eval_loader(test_ds, batch_size, workers, device, rank, world)
+
+
 def device_loaders(datasets: list[Dataset | None], cfg: ImageDataConfig, batch_size: int, seed: int,
                    device: str | torch.device, rank: int = 0, world: int = 1) -> list | None:
     """[train, *eval] loaders for small-image folders decoded once into GPU memory and augmented there
