@@ -165,14 +165,15 @@ def anchor_rows(teacher: Path, arch: str, loaders: tuple, epochs: int, bits_list
     from sttp_compress.train.loop import evaluate
     from weight_quant import packed_bytes, quantize_, settle_, straight_through
 
-    dense_bytes = sum(t.numel() * 4 for t in load_teacher(teacher, arch).state_dict().values())
+    dense = load_teacher(teacher, arch)
+    dense_bytes = sum(t.numel() * 4 for t in dense.state_dict().values())
     rows = []
     for bits in bits_list:
-        zero = load_teacher(teacher, arch)
+        zero = copy.deepcopy(dense)
         size = packed_bytes(zero, bits)
         quantize_(zero, bits)
         acc_before = round(100 * evaluate(zero.to(device), loaders[2], device, "off")["accuracy"], 2)
-        student, original = load_teacher(teacher, arch), load_teacher(teacher, arch)
+        student, original = copy.deepcopy(dense), copy.deepcopy(dense)
         straight_through(student, bits)
         block = finetune_like_cli(student, original, loaders, epochs)
         settle_(student)
