@@ -37,7 +37,7 @@ __all__ = ["LayerOptions", "tt_error", "tt_error2", "layer_options", "allocate",
            "check_reachable"]
 
 DENSE = 0  # rank value meaning "kept dense"
-EXACT_EIGVALSH = 1024  # Gram matrices up to this size get float64 eigenvalues for the lower bounds
+EXACT_EIGVALSH = 256  # Gram matrices up to this size get float64 eigenvalues for the lower bounds
 _GRID = sorted({int(round(b * 2 ** e)) for e in range(0, 14) for b in (1, 1.5)} | {3, 5, 6})
 
 

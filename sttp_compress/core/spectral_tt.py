@@ -22,7 +22,7 @@ __all__ = ["SpectralTT", "weight_kind", "weight_name", "matrix_factors", "to_mat
 # Weights up to this many values convert in float64. A larger float32 weight converts in float32, its own
 # precision: the TT-SVD's captured energies then agree with float64's to ~1e-6 (relative), far inside the
 # conversion error, at half the time and memory (a 4096 x 25088 Linear: 7.6 s in float64 on 2 cores).
-EXACT_NUMEL = 1 << 22
+EXACT_NUMEL = 1 << 18
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 SUPPORTED = (nn.Linear, nn.Embedding, nn.MultiheadAttention) + _CONV + _CONVT

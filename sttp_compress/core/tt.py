@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import torch
 from torch import Tensor
@@ -47,8 +47,10 @@ def prime_factors(n: int) -> list[int]:
     return out
 
 
+@lru_cache(maxsize=4096)
 def padded_size(d: int) -> int:
-    """d itself when its prime factors are all <= MAX_MODE, else the next size with factors <= SMOOTH."""
+    """d itself when its prime factors are all <= MAX_MODE, else the next size with factors <= SMOOTH (cached:
+    every TTShape of a layer asks again, and the search factors every size it passes)."""
     if d < 1:
         raise ValueError(f"cannot pad {d}")
     if max(prime_factors(d), default=1) <= MAX_MODE:
