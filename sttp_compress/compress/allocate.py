@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from sttp_compress.errors import UserError
 from sttp_compress.core.spectral_tt import matrix_factors, to_matrix, weight_kind, weight_name
-from sttp_compress.core.tt import TTShape, chain_matrix, chain_svd, pad_matrix
+from sttp_compress.core.tt import TTShape, chain_matrix, chain_svd, gram, pad_matrix
 
 __all__ = ["LayerOptions", "tt_error", "tt_error2", "layer_options", "allocate", "budget_for_ratio", "uniform_rank",
            "check_reachable"]
@@ -70,7 +70,7 @@ def _top(S: Tensor, R: int) -> Tensor:
 
 def _kept(M: Tensor, R: int) -> float:
     """‖U_Rᵀ M‖² for U_R the R leading left singular vectors of M: its R largest squared singular values."""
-    S = M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
+    S = gram(M) if M.shape[0] <= M.shape[1] else gram(M.T)
     return float(torch.linalg.eigvalsh(S)[-R:].sum())
 
 
@@ -87,7 +87,7 @@ def _sweep(rest: Tensor, ranks: list[int], modes: tuple[int, ...], lossy: list[b
             continue
         if k == last:
             return max(0.0, 1.0 - _kept(M, R) / n2), None
-        Uk = _top(M @ M.T, R) if M.shape[0] <= M.shape[1] else torch.linalg.svd(M, full_matrices=False)[0][:, :R]
+        Uk = _top(gram(M), R) if M.shape[0] <= M.shape[1] else torch.linalg.svd(M, full_matrices=False)[0][:, :R]
         rest = Uk.T @ M
     return None, rest
 
@@ -251,7 +251,7 @@ class _Profile:
                 W = pad_matrix(W, *matrix_factors(self.kind, tuple(weight.shape)))
             self._n2 = float(W.square().sum())
             if self.method == "sttp" and W.shape[0] <= W.shape[1]:
-                self._gram = W @ W.T
+                self._gram = gram(W)
             self._W = W
         return self._W
 
@@ -261,7 +261,7 @@ class _Profile:
         if self.method != "sttp":
             return [0.0] * len(shapes)
         W = self._matrix()
-        G = self._gram if self._gram is not None else (W @ W.T if W.shape[0] <= W.shape[1] else W.T @ W)
+        G = self._gram if self._gram is not None else (gram(W) if W.shape[0] <= W.shape[1] else gram(W.T))
         n = G.shape[0]
         # float32 eigenvalues of a large Gram (2x faster at 4096): each is off by ~eps·λ_max, so a tail sum of
         # n of them by at most n·eps·‖W‖²; the margin covers that and the float32 Gram's own rounding

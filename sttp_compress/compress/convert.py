@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from sttp_compress.core.forms import factorable, layer_originals
 from sttp_compress.core.spectral_tt import EXACT_NUMEL, SUPPORTED, SpectralTT, is_parametrized, matrix_factors, to_matrix, weight_kind, weight_name
-from sttp_compress.core.tt import TTShape, pad_matrix
+from sttp_compress.core.tt import TTShape, gram, pad_matrix
 from sttp_compress.errors import UserError, terms
 
 __all__ = ["compress_module", "compress", "compress_to_target", "decompress", "count_parameters",
@@ -316,7 +316,7 @@ def _singular_values(M: torch.Tensor) -> list[float]:
     """Singular values, descending, from the eigenvalues of the smaller Gram matrix (float32: for the
     report's plot; a float64 Gram of a 4096 x 25088 layer took seconds and 800 MB)."""
     M = M.detach().float()
-    G = M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
+    G = gram(M) if M.shape[0] <= M.shape[1] else gram(M.T)
     return torch.linalg.eigvalsh(G).clamp_min(0).sqrt().flip(0).tolist()
 
 

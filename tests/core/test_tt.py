@@ -6,7 +6,7 @@ import torch
 
 from sttp_compress.core.householder import frame_numel
 from sttp_compress.core.spectral_tt import matrix_factors
-from sttp_compress.core.tt import (TTShape, chain_matrix, prime_factors, reduce_chain, spectral_tt_svd,
+from sttp_compress.core.tt import (TTShape, chain_matrix, gram, prime_factors, reduce_chain, spectral_tt_svd,
                               svdp_dof, tt_dof, tt_ranks)
 
 
@@ -123,6 +123,17 @@ def test_reduce_chain_keeps_the_frame(reduce_last):
                         enumerate(zip(frames, shape.out_modes))])
     torch.testing.assert_close(U_F @ tail, chain_matrix(u), rtol=0, atol=1e-12)
     torch.testing.assert_close(tail @ tail.T, torch.eye(tail.shape[0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("rows,block", [(5, 8), (8, 8), (21, 8), (24, 8)])
+def test_gram_equals_the_product_and_is_symmetric(rows, block):
+    """The blocked Gram (the big layers' profile and TT-SVD) is M Mᵀ, for row counts below, at and off
+    multiples of the block, mirrored exactly."""
+    M = torch.randn(rows, 13, dtype=torch.float64, generator=torch.Generator().manual_seed(rows))
+    G = gram(M, block)
+    torch.testing.assert_close(G, M @ M.T, rtol=1e-12, atol=1e-12)
+    assert torch.equal(G, G.T)
+    torch.testing.assert_close(gram(M.T, block), M.T @ M, rtol=1e-12, atol=1e-12)  # a transposed view too
 
 
 def test_tt_ranks_helper():
