@@ -324,7 +324,8 @@ def _finish(report: dict, extras: dict, quiet: bool, json_out: bool) -> None:
         acc = ""
         if ft and ft.get("val_accuracy_after") is not None:
             acc = (f", val accuracy {ft['original_val_accuracy']}% original → {ft['val_accuracy_before']}% "
-                   f"after conversion → {ft['val_accuracy_after']}% after fine-tuning")
+                   f"after conversion → {ft['val_accuracy_after']}% after fine-tuning"
+                   + (" (no epoch validated better: the converted model is kept)" if ft.get("chosen_epoch") == 0 else ""))
             if ft.get("test_accuracy_after") is not None:  # the test split, reported only
                 acc += (f"; test accuracy {ft['original_test_accuracy']}% → {ft['test_accuracy_before']}% → "
                         f"{ft['test_accuracy_after']}%")

@@ -251,6 +251,10 @@ def _finetune_lines(block: Mapping[str, Any]) -> list[str]:
     validation = block.get("validation")
     if isinstance(validation, Mapping):
         rows.append(("Validation (best-state choice)", _validation_text(validation)))
+    if block.get("chosen_epoch") == 0:
+        rows.append(("Kept", "the converted model: no fine-tuning checkpoint validated better"))
+    elif block.get("chosen_epoch") is not None:
+        rows.append(("Kept", f"the state after epoch {block['chosen_epoch']}"))
     rows += [
         ("Steps" if text else "Epochs", str(epochs)),
         ("Throughput", f"{rate:,.0f} {'texts' if text else 'images'}/s" if isinstance(rate, (int, float)) else _DASH),

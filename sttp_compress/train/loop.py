@@ -696,10 +696,11 @@ def finetune(
     """Distil the teacher into the student, validating each epoch, and keep the best-validation student.
 
     Returns the report block {"epochs", "steps", "seconds", "device", "processes", "images_per_s", "cuda_graph",
-    "original_val_accuracy", "val_accuracy_before", "val_accuracy_after", "curve"} with accuracies in
-    percent (None when the validation data is unlabelled or absent). The best state is chosen by val
+    "original_val_accuracy", "val_accuracy_before", "val_accuracy_after", "chosen_epoch", "curve"} with
+    accuracies in percent (None when the validation data is unlabelled or absent). The best state is chosen by val
     accuracy (ties: lower val loss), or by lowest val distillation loss on unlabelled data, among the
-    curve's checkpoints, and loaded back into `student`. Both models are moved to the device; the
+    curve's checkpoints and the student before fine-tuning (`chosen_epoch` 0: no checkpoint validated strictly
+    better), and loaded back into `student`. Both models are moved to the device; the
     teacher is left in eval mode. "seconds" is wall time including validation; "images_per_s" counts
     training images (all processes) per second of training time after the first WARMUP_STEPS steps;
     `bn_recalibrate` > 0 first re-estimates the student's BatchNorm statistics on that many training
@@ -742,7 +743,7 @@ def _finetune(student: nn.Module, teacher: nn.Module, train_loader: Iterable, va
     budget, total_steps = cfg.time_budget, _total_steps(cfg, steps_per_epoch)
 
     validate = _Validator(student, teacher, val_loader, cfg, device, use_amp, multi)
-    original, (before, _) = validate.teacher_accuracy(), validate()
+    original, (before, before_key) = validate.teacher_accuracy(), validate()
     test = _Validator(student, teacher, test_loader, cfg, device, use_amp, multi)  # reported, never chosen on
     test_original, (test_before, _) = test.teacher_accuracy(), test()
     optimizer = build_optimizer(student, cfg)
@@ -751,7 +752,7 @@ def _finetune(student: nn.Module, teacher: nn.Module, train_loader: Iterable, va
     bar = _Progress(progress and distributed.is_main(), total_steps if budget is None else budget,
                     "" if budget is None else "s")
     tf32 = _tf32_enabled(cfg.tf32, device, use_amp)
-    curve = _Curve(before)
+    curve = _Curve(before, before_key, student if cfg.select_best else None)
     meter = _Meter(device, world, warmup=min(WARMUP_STEPS, total_steps // 4))
     set_progress = getattr(cfg.loss_fn, "set_progress", None)  # a loss whose weights follow the steps
     step = epoch = 0
@@ -789,6 +790,7 @@ def _finetune(student: nn.Module, teacher: nn.Module, train_loader: Iterable, va
     del net, pair  # the DistributedDataParallel wrapper (its hooks and buckets) or the step graphs are done
     if device.type == "cuda":
         gc.collect()  # CUDA graphs sit in reference cycles: free their memory now, not at some later collection
+    distributed.debug_dump_state(student, "trained")  # the last state, before the best-state choice (tests)
     after = curve.select(student) if cfg.select_best else curve.last_metrics
     test_after = test()[0]
     return {
@@ -807,6 +809,7 @@ def _finetune(student: nn.Module, teacher: nn.Module, train_loader: Iterable, va
         "original_test_accuracy": _percent(test_original),
         "test_accuracy_before": _percent(test_before["accuracy"]),
         "test_accuracy_after": _percent(test_after["accuracy"]),
+        "chosen_epoch": curve.chosen_epoch(cfg.select_best, _epoch_value(step, steps_per_epoch)),
         "curve": curve.points,
     }
 
@@ -889,13 +892,21 @@ class _Validator:
 
 
 class _Curve:
-    """The validation curve and the best state among its points."""
+    """The validation curve and the best state among its points.
 
-    def __init__(self, before: dict[str, float | None]):
+    Given the student before fine-tuning (and its validation key), that state is the first candidate (epoch 0):
+    a fine-tune that validates no better than the converted model gives the converted model back, not a worse
+    one (a short fine-tune at the default learning rate can end below where it started)."""
+
+    def __init__(self, before: dict[str, float | None], before_key: tuple[float, ...] | None = None,
+                 student: nn.Module | None = None):
         self.points: list[dict[str, Any]] = []
         self.best_key: tuple[float, ...] | None = None
         self.best_state: dict[str, Tensor] | None = None
         self.best_metrics = self.last_metrics = before
+        self.best_epoch: int | float | None = None
+        if student is not None and before_key is not None:
+            self.best_key, self.best_state, self.best_epoch = before_key, _cpu_state(student), 0
 
     def checkpoint(self, student: nn.Module, validate: _Validator, meter: _Meter, epoch: int | float) -> None:
         """Validate, append a point for the steps since the last one, and remember the best state."""
@@ -909,6 +920,11 @@ class _Curve:
         })
         if key is not None and (self.best_key is None or key > self.best_key):
             self.best_key, self.best_state, self.best_metrics = key, _cpu_state(student), metrics
+            self.best_epoch = epoch
+
+    def chosen_epoch(self, select_best: bool, last: int | float) -> int | float:
+        """The epoch whose state the student ends with: the best one's (0: before fine-tuning), else the last."""
+        return self.best_epoch if select_best and self.best_state is not None else last
 
     def select(self, student: nn.Module) -> dict[str, float | None]:
         """Load the best state into the student (if any point had one); returns its metrics."""

@@ -94,8 +94,8 @@ def test_torchrun_two_cpu_processes_stay_in_sync_and_only_rank_0_writes(job, tmp
     def state(rank: int, stage: str) -> dict:
         return torch.load(states / f"rank{rank}-{stage}.pt", weights_only=True)
 
-    # bit-identical on both ranks after the conversion and after the DDP steps
-    for stage in ("converted", "finetuned"):
+    # bit-identical on both ranks after the conversion, the DDP steps and the best-state choice
+    for stage in ("converted", "trained", "finetuned"):
         a, b = state(0, stage), state(1, stage)
         assert a.keys() == b.keys()
         assert [k for k in a if not torch.equal(a[k], b[k])] == [], stage
@@ -106,9 +106,9 @@ def test_torchrun_two_cpu_processes_stay_in_sync_and_only_rank_0_writes(job, tmp
     converted = state(1, "converted")
     for k, v in reference.state_dict().items():
         torch.testing.assert_close(converted[k], v, rtol=1e-6, atol=1e-7, msg=k)
-    # training moved the reflectors, on both ranks alike
-    tuned = state(0, "finetuned")
-    assert any(not torch.equal(tuned[k], converted[k]) for k in converted if "original" in k)
+    # training moved the reflectors, on both ranks alike; the checkpoint is the state the choice kept
+    trained, tuned = state(0, "trained"), state(0, "finetuned")
+    assert any(not torch.equal(trained[k], converted[k]) for k in converted if "original" in k)
 
     # the checkpoint is rank 0's final state; the reported accuracies are exact over the whole val split
     import json
@@ -117,6 +117,8 @@ def test_torchrun_two_cpu_processes_stay_in_sync_and_only_rank_0_writes(job, tmp
     block = report["finetune"]
     assert block["processes"] == 2
     assert block["steps"] == 4 if length[0] == "--steps" else block["time_budget"] == 2.0 and block["steps"] >= 1
+    kept = converted if block["chosen_epoch"] == 0 else trained  # one validation point: the start or the end
+    assert all(torch.equal(tuned[k], v) for k, v in kept.items())
     model, _ = load_compressed(base / "rank0" / "m.sttp.safetensors", f"{job / 'arch.py'}:build")
     for k, v in model.state_dict().items():
         assert torch.equal(v, tuned[k]), k

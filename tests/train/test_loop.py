@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 
@@ -29,7 +30,7 @@ from sttp_compress.train.loop import (
 REPORT_KEYS = {
     "epochs", "steps", "time_budget", "seconds", "device", "processes", "images_per_s", "cuda_graph", "tf32", "free_cores", "original_val_accuracy",
     "val_accuracy_before", "val_accuracy_after", "original_test_accuracy", "test_accuracy_before",
-    "test_accuracy_after", "curve",
+    "test_accuracy_after", "chosen_epoch", "curve",
 }
 
 
@@ -293,6 +294,8 @@ def test_finetune_improves_student_and_reports(digits, teacher, capsys) -> None:
     assert report["val_accuracy_before"] < 30.0 < 70.0 < report["val_accuracy_after"]
     # the returned student is the best checkpoint of the curve
     assert report["val_accuracy_after"] == max(p["val_accuracy"] for p in curve)
+    best = max(curve, key=lambda p: (p["val_accuracy"], -p["val_loss"]))
+    assert report["chosen_epoch"] == best["epoch"]
     fresh = evaluate(student, _loaders(digits)[1], "cpu", "off")["accuracy"]
     assert round(100 * fresh, 2) == report["val_accuracy_after"]
     assert student.training and not teacher.training
@@ -300,18 +303,26 @@ def test_finetune_improves_student_and_reports(digits, teacher, capsys) -> None:
 
 
 def test_finetune_restores_best_state_when_training_hurts(digits, teacher) -> None:
-    """Fine-tune a teacher copy on shuffled labels (alpha=0): accuracy falls, so the best is an early epoch."""
+    """Fine-tune a teacher copy on shuffled labels (alpha=0): accuracy falls below where it started, so the
+    student before fine-tuning is given back (chosen_epoch 0), weights and all; without select_best, the last."""
     train_ds, val_ds = digits
     inputs, labels = train_ds.tensors
     wrong = TensorDataset(inputs, labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))])
     train_loader, val_loader = make_loaders(wrong, val_ds, 64, 0, 0, "cpu")
     student = copy.deepcopy(teacher)
+    start = copy.deepcopy(student.state_dict())
     cfg = FinetuneConfig(epochs=3, alpha=0.0, optimizer="adamw", lr=3e-3, schedule="constant", device="cpu")
     report = finetune(student, teacher, train_loader, val_loader, cfg, progress=False)
     accs = [p["val_accuracy"] for p in report["curve"]]
-    assert accs[-1] < max(accs)  # the last state is not the best, so a restore must have happened
-    assert report["val_accuracy_after"] == max(accs)
-    assert round(100 * evaluate(student, val_loader, "cpu", "off")["accuracy"], 2) == max(accs)
+    assert max(accs) < report["val_accuracy_before"]  # every epoch validated worse than the start
+    assert report["chosen_epoch"] == 0 and report["val_accuracy_after"] == report["val_accuracy_before"]
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in start.items())
+    assert round(100 * evaluate(student, val_loader, "cpu", "off")["accuracy"], 2) == report["val_accuracy_before"]
+
+    last = copy.deepcopy(teacher)
+    report = finetune(last, teacher, train_loader, val_loader, dataclasses.replace(cfg, select_best=False),
+                      progress=False)
+    assert report["chosen_epoch"] == 3 and report["val_accuracy_after"] == report["curve"][-1]["val_accuracy"]
 
 
 def test_free_cores_train_and_the_student_ends_in_sttp_form_at_its_best_state(digits, teacher) -> None:
