@@ -1,15 +1,17 @@
 """Export a compressed model to a file that runs without this package: ONNX (onnxruntime) or torch.export (.pt2).
 
-Each compressed layer is exported as its small cores (the frames its Householder reflectors generate,
-the spectrum, the scales), not as a dense weight, and the graph rebuilds the weight from them with a few
-matmuls. Those nodes depend on constants alone: onnxruntime folds them into the dense weight once, when
-it loads the model, and runs the dense convolution or matmul at dense speed from then on. A frame
-d × r holds d·r values where its reflectors hold d·r − r(r+1)/2, so the file is larger than the
-checkpoint (1.53x for ResNet-18 CIFAR at ratio 10 with square cores folded away; benchmarks/results/deploy.md). Rebuilding the frames
-from the reflectors in the graph instead (a triangular inverse from matmuls, since ONNX has no solve)
-kept the checkpoint's size but made a 100,000-node graph that took minutes to export and 13 s to load.
-A Linear whose factors form needs fewer FLOPs (`forms.best_form`, the rule `freeze` follows) is
-exported as y = (x V σ) Uᵀ + b, with U and V folded the same way.
+Each compressed layer is exported as its small cores, not as a dense weight, and the graph rebuilds the
+weight from them with a few matmuls. Those nodes depend on constants alone: onnxruntime folds them into the
+dense weight once, when it loads the model, and runs the dense convolution or matmul at dense speed from
+then on. The cores are stored in skeleton form (`core.skeleton`): a core keeps the entries outside R_k of
+its rows and the row order, the last core of each chain is kept whole. That is R_k² values fewer than the
+frame the reflectors generate (which the previous exports stored: 1.53x the checkpoint for ResNet-18 CIFAR at
+ratio 10) and R_k(R_k−1)/2 fewer than the reflectors themselves; the last cores, stored whole, cost more
+than their reflectors, so the file stays a little above the checkpoint (benchmarks/results/deploy.md).
+Rebuilding frames from the reflectors in the graph instead (a triangular inverse from matmuls, since ONNX
+has no solve) kept the checkpoint's size but made a 100,000-node graph that took minutes to export and 13 s
+to load. A Linear whose factors form needs fewer FLOPs (`forms.best_form`, the rule `freeze` follows) is
+exported as y = (x V σ) Uᵀ + b, with U and V rebuilt the same way.
 
 A `.pt2` program runs with plain torch (`torch.export.load(path).module()`), which folds nothing: it
 rebuilds the weights on every call (measured in benchmarks/results/deploy.md). Inputs have a dynamic
@@ -33,7 +35,8 @@ from torch import Tensor, nn
 
 from sttp_compress.compress.convert import layer_name
 from sttp_compress.core.forms import best_form, chain_cores, factorable, layer_originals, mha_out_projs
-from sttp_compress.core.spectral_tt import SpectralTT, chain, is_parametrized, weight_name
+from sttp_compress.core.skeleton import apply_chain, skeleton_chain
+from sttp_compress.core.spectral_tt import SpectralTT, is_parametrized, weight_name
 from sttp_compress.errors import UserError
 from sttp_compress.io.outputs import atomic_write
 
@@ -42,6 +45,7 @@ __all__ = ["EXPORT_FORMATS", "export_format", "exportable", "export"]
 EXPORT_FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
 ONNX_OPSET = 18
 MAX_REL_ERROR = 1e-4  # an export whose outputs differ more from the model's is not written
+FOLD_LIMIT = 64  # values: constants the written ONNX graph folds (larger ones are folded by the runtime)
 
 
 def export_format(path: str | os.PathLike) -> str:
@@ -53,31 +57,14 @@ def export_format(path: str | os.PathLike) -> str:
     return fmt
 
 
-def absorb_square_cores(frames: list[Tensor], ranks: list[int]) -> tuple[list[Tensor], list[int]]:
-    """The same chain (`chain(frames, ranks)`) with every square core but the last folded into the next one.
-
-    A core (R_{k−1}·m_k) × R_k with R_k = R_{k−1}·m_k is a change of basis: multiplied into the next core it
-    leaves that core's shape as it was, so its R_k² values need no storing. STTP's first cores, whose ranks
-    grow as the products of the modes, are all square (16% of ResNet-18's core values at ratio 10)."""
-    frames, ranks = list(frames), list(ranks)
-    k = 0
-    while k < len(frames) - 1:
-        G = frames[k]
-        if G.shape[0] != G.shape[1]:
-            k += 1
-            continue
-        merged = (G.double() @ frames[k + 1].double().reshape(ranks[k + 1], -1)).reshape(-1, ranks[k + 2])
-        frames[k:k + 2] = [merged.to(G.dtype)]
-        del ranks[k + 1]
-    return frames, ranks
-
-
 class StoredWeight(nn.Module):
-    """A compressed layer's weight rebuilt in the graph from its materialized cores (buffers, not trained).
+    """A compressed layer's weight rebuilt in the graph from its cores in skeleton form (buffers, not trained).
 
-    The cores are the frames the layer's reflectors generate, (R_{k−1}·m_k) × R_k each (square ones folded
-    into the next, `absorb_square_cores`), with σ and the row and column scales: a few matmuls rebuild W,
-    and a runtime folds them into a constant.
+    W = U diag(σ) Vᵀ with U = U' T_U and V = V' T_V (`core.skeleton`): per core the entries B and the row order
+    are stored (nothing for a square core), and the middle M = T_U diag(σ) T_Vᵀ (R × R), with the row and column
+    scales. A frame's reflectors store as many values as its skeleton, except the two cores beside σ, whose
+    R(R−1)/2 more the middle's R² − R make up for: the graph holds what the checkpoint holds, and a runtime
+    folds the rebuild (matmuls, concatenations, gathers) into a constant when it loads the model.
     """
 
     def __init__(self, p: SpectralTT, originals: tuple[Tensor, ...]):
@@ -85,27 +72,37 @@ class StoredWeight(nn.Module):
         self.p = p  # its structure and buffers (scale, signs, row_order)
         with torch.no_grad():
             u, s, v = chain_cores(p, originals)
-            (u, self.u_ranks), (v, self.v_ranks) = (absorb_square_cores(u, p.tt.u_ranks),
-                                                    absorb_square_cores(v, p.tt.v_ranks))
-        for k, X in enumerate(u):
-            self.register_buffer(f"u{k}", X.detach().clone())
-        for k, X in enumerate(v):
-            self.register_buffer(f"v{k}", X.detach().clone())
-        self.register_buffer("sigma", s.detach().clone())
+            self.u_ranks, self.v_ranks = list(p.tt.u_ranks), list(p.tt.v_ranks)
+            ends = {}
+            for side, frames, ranks in (("u", u, self.u_ranks), ("v", v, self.v_ranks)):
+                cores, ends[side] = skeleton_chain(frames, ranks)
+                for k, core in enumerate(cores):
+                    order, B = (None, None) if core is None else core
+                    self.register_buffer(f"{side}{k}_order", order)
+                    self.register_buffer(f"{side}{k}_b", None if B is None else B.to(s.dtype))
+            self.nu, self.nv = len(u), len(v)
+            middle = ends["u"] @ torch.diag(s.double()) @ ends["v"].T
+        self.register_buffer("middle", middle.to(s.dtype))
         rho, gamma = p.row_scale_param(originals), p.col_scale_param(originals)
         self.register_buffer("rho", None if rho is None else rho.detach().clone())
         self.register_buffer("gamma", None if gamma is None else gamma.detach().clone())
-        self.nu, self.nv = len(u), len(v)
+
+    def applied(self, side: str, Z: Tensor) -> Tensor:
+        """The frame of the "u" or "v" chain times Z, from the stored skeleton."""
+        n, ranks = (self.nu, self.u_ranks) if side == "u" else (self.nv, self.v_ranks)
+        cores = [None if getattr(self, f"{side}{k}_b") is None
+                 else (getattr(self, f"{side}{k}_order"), getattr(self, f"{side}{k}_b")) for k in range(n)]
+        return apply_chain(cores, Z, ranks)
 
     def factors(self) -> tuple[Tensor, Tensor]:
-        """(V diag(σ), U) of W = U diag(σ) Vᵀ."""
-        U = chain([getattr(self, f"u{k}") for k in range(self.nu)], self.u_ranks)
-        V = chain([getattr(self, f"v{k}") for k in range(self.nv)], self.v_ranks)
-        return V * self.sigma, U
+        """(V', U' M) with W = (U' M) V'ᵀ: the input-side and output-side factors of the weight matrix."""
+        r = self.middle.shape[0]
+        eye = torch.eye(r, dtype=self.middle.dtype, device=self.middle.device)  # computed in the graph, not stored
+        return self.applied("v", eye), self.applied("u", self.middle)
 
     def forward(self) -> Tensor:
-        Vs, U = self.factors()
-        return self.p.weight_from_factors(U, torch.ones_like(self.sigma), Vs, self.rho, self.gamma)
+        V, UM = self.factors()
+        return self.p.weight_from_factors(UM, self.middle.new_ones(self.middle.shape[0]), V, self.rho, self.gamma)
 
 
 def _weight_property(self: nn.Module) -> Tensor:
@@ -235,9 +232,14 @@ def _write_onnx(program: torch.export.ExportedProgram, tmp: str) -> None:
     with warnings.catch_warnings(), _quiet_loggers("torch.onnx", "onnxscript"):
         warnings.simplefilter("ignore")
         try:
-            # optimize=True folds constants only; the weight rebuild stays in the graph (see the module docstring)
             onnx_program = torch.onnx.export(program, dynamo=True, opset_version=ONNX_OPSET, verbose=False,
-                                             optimize=True, external_data=False)
+                                             optimize=False, external_data=False)
+            # the exporter's own optimizer folds constants up to 262,144 values, which multiplies a layer's stored
+            # cores out into bigger matrices: fold only what stays small (shapes, indices); onnxruntime folds the
+            # weight rebuild when it loads the model
+            from onnxscript import optimizer
+
+            optimizer.optimize(onnx_program.model, input_size_limit=FOLD_LIMIT, output_size_limit=FOLD_LIMIT)
         except Exception as exc:  # noqa: BLE001
             where = _culprit(program.module(), *_example_of(program), _onnx_one)
             raise UserError(f"the model cannot be exported to ONNX: {where or _first_line(exc)}") from None
