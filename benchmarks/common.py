@@ -50,7 +50,8 @@ def time_ms(fn: Callable[[], object], device: str = "cpu", warmup: int = 2, repe
 
 
 def commit() -> str:
-    """The checked-out commit (with '+dirty' when the tree has changes); outside git, STTP_COMMIT or 'unknown'
+    """The checked-out commit (with '+dirty' when the tree has changes outside benchmarks/results); outside git,
+    STTP_COMMIT or 'unknown'
     (a GPU machine gets a copy of the tree without .git: the caller names the commit)."""
     if os.environ.get("STTP_COMMIT"):
         return os.environ["STTP_COMMIT"]
@@ -58,8 +59,9 @@ def commit() -> str:
         root = Path(__file__).resolve().parents[1]
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
+        # results tables are what a benchmark writes while it runs: changes there do not make the code dirty
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=root, capture_output=True, text=True).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -37,8 +37,11 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 def test_teacher_training_and_the_frontier_bench_run_on_a_tiny_set(cifar_like: Path, tmp_path: Path) -> None:
     teachers = tmp_path / "teachers"
+    table = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "teachers.json"
+    before = table.read_bytes() if table.exists() else None
     _run("benchmarks/train_teacher.py", "--arch", "mobilenetv2", "--data", str(cifar_like), "--out", str(teachers),
-         "--epochs", "1", "--batch-size", "16", "--device", "cpu")
+         "--epochs", "1", "--batch-size", "16", "--device", "cpu", "--no-save")
+    assert (table.read_bytes() if table.exists() else None) == before  # the smoke run is not a result
     info = json.loads((teachers / "mobilenetv2.json").read_text())
     assert info["epochs"] == 1 and info["train_images"] == 90 and info["held_out_images"] == 10 and 0 <= info["test_acc"] <= 100
     state = torch.load(teachers / "mobilenetv2.pt", weights_only=True)
