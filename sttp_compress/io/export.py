@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import os
 import warnings
@@ -220,8 +221,17 @@ def _output_error(path: str, fmt: str, args: tuple, kwargs: dict, expected: Tens
 
 
 def _write_pt2(program: torch.export.ExportedProgram, tmp: str) -> None:
-    with open(tmp, "wb") as f:  # a file object: the archive's inner folder is then not the temp file's name
-        torch.export.save(program, f)
+    """torch.export.save's archive with its serialized graph deflated: the graph's JSON (1.4 MB for ResNet-18
+    CIFAR, a third of the cores' bytes) compresses ~20x; the tensors stay stored as they were."""
+    import zipfile
+
+    buffer = io.BytesIO()  # a file object: the archive's inner folder is then not the temp file's name
+    torch.export.save(program, buffer)
+    with zipfile.ZipFile(buffer) as src, zipfile.ZipFile(tmp, "w") as dst:
+        for info in src.infolist():
+            entry = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+            dst.writestr(entry, src.read(info.filename),
+                         compress_type=zipfile.ZIP_DEFLATED if info.filename.endswith(".json") else zipfile.ZIP_STORED)
 
 
 def _write_onnx(program: torch.export.ExportedProgram, tmp: str) -> None:

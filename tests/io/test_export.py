@@ -120,8 +120,9 @@ def test_onnx_file_is_near_the_checkpoint_size_not_the_dense_size(tmp_path):
     dense_bytes = 4 * sum(p.numel() for p in model.parameters())
     sc.compress_(model, sc.CompressConfig(ratio=10), filter_fn=lambda m, n: True)
     ckpt = sc.save(model, tmp_path / "m.safetensors")
-    size = sc.export(model, tmp_path / "m.onnx", torch.randn(2, 512))["size_bytes"]
-    assert size <= 1.2 * ckpt < dense_bytes / 4
+    for suffix in (".onnx", ".pt2"):
+        size = sc.export(model, tmp_path / f"m{suffix}", torch.randn(2, 512))["size_bytes"]
+        assert size <= 1.2 * ckpt < dense_bytes / 4, suffix
 
 
 def test_bad_suffix_and_untraceable_outputs_write_nothing(net, tmp_path, monkeypatch):
