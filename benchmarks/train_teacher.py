@@ -12,7 +12,8 @@ later holds out of train/ to choose its best state (`data.images.holdout_indices
 on images the teacher memorised favours states close to the teacher (seen on 2 CPU cores: the shared
 teacher scored 100% on them). Writes OUT/<arch>.pt (float16 state_dict, which
 `sttp-compress --arch benchmarks/cifar_teachers.py:<arch>` loads) and OUT/<arch>.json (accuracy, recipe, time,
-GPU). `--subset N --device cpu` is the smoke test (tests/test_benchmarks.py).
+GPU), and a row of benchmarks/results/teachers. tests/test_benchmarks.py's smoke test runs one epoch on a
+tiny folder with `--device cpu --no-save` (no results row); `--subset N` trains on the first N images.
 """
 
 from __future__ import annotations

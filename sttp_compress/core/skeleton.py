@@ -20,7 +20,7 @@ __all__ = ["MAXVOL_TOL", "skeleton", "skeleton_chain", "apply_chain"]
 MAXVOL_TOL = 1.05  # |B| bound at which the row swaps stop
 
 
-def skeleton(X: Tensor, tol: float = MAXVOL_TOL, max_swaps: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def skeleton(X: Tensor, tol: float = MAXVOL_TOL) -> tuple[Tensor, Tensor, Tensor]:
     """(order, B, T) with X[order] = cat(T, B T): T = X[order[:r]] the r rows of (near) maximal volume of the
     tall full-rank X (d × r), B = X[order[r:]] T⁻¹ with |B| <= tol. Rows start from LU's partial pivoting,
     then the row of B's largest entry swaps in while it exceeds `tol` (each swap raises |det T|)."""
@@ -31,7 +31,7 @@ def skeleton(X: Tensor, tol: float = MAXVOL_TOL, max_swaps: int | None = None) -
         order[[i, p - 1]] = order[[p - 1, i]]
     rows, rest = order[:r].clone(), order[r:].clone()
     B = torch.linalg.solve(X[rows].T, X[rest].T).T  # (d − r) × r
-    for _ in range(max_swaps if max_swaps is not None else 4 * d):
+    for _ in range(4 * d):  # a bound on the swaps; in practice they stop far sooner
         flat = int(B.abs().argmax())
         i, j = divmod(flat, r)
         if abs(float(B[i, j])) <= tol:

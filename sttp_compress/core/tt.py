@@ -199,9 +199,9 @@ GRAM_BLOCK = 512  # rows per block of `gram`
 
 
 def gram(M: Tensor, block: int = GRAM_BLOCK) -> Tensor:
-    """M Mᵀ from the products of each block of rows with itself and the rows after it, mirrored: about half
-    the multiplications of `M @ M.T` for tall Grams (1.6-1.8x faster at 4096 rows on 2 cores), exactly
-    symmetric. Plain `M @ M.T` up to `block` rows."""
+    """M Mᵀ from the products of each block of rows with itself and the rows after it, mirrored (so exactly
+    symmetric): about half the multiplications of `M @ M.T` for tall Grams (1.6-1.8x faster at 4096 rows on 2
+    cores). Plain `M @ M.T` up to `block` rows."""
     m = M.shape[0]
     if m <= block:
         return M @ M.T

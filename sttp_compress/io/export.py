@@ -3,14 +3,13 @@
 Each compressed layer is exported as its small cores, not as a dense weight, and the graph rebuilds the
 weight from them with a few matmuls. Those nodes depend on constants alone: onnxruntime folds them into the
 dense weight once, when it loads the model, and runs the dense convolution or matmul at dense speed from
-then on. The cores are stored in skeleton form (`core.skeleton`): a core keeps the entries outside R_k of
-its rows and the row order, the last core of each chain is kept whole. That is R_k² values fewer than the
-frame the reflectors generate (which the previous exports stored: 1.53x the checkpoint for ResNet-18 CIFAR at
-ratio 10) and R_k(R_k−1)/2 fewer than the reflectors themselves; the last cores, stored whole, cost more
-than their reflectors, so the file stays a little above the checkpoint (benchmarks/results/deploy.md).
-Rebuilding frames from the reflectors in the graph instead (a triangular inverse from matmuls, since ONNX
-has no solve) kept the checkpoint's size but made a 100,000-node graph that took minutes to export and 13 s
-to load. A Linear whose factors form needs fewer FLOPs (`forms.best_form`, the rule `freeze` follows) is
+then on. The cores are stored in skeleton form (`core.skeleton`): each core keeps the entries outside
+R_k of its rows and the row order (square cores nothing), and one R × R middle per layer holds the spectrum
+and the changes of basis the chains leave. That is as many values as the checkpoint's reflectors (the frames
+themselves, which earlier exports stored, made the file 1.53x the checkpoint for ResNet-18 CIFAR at ratio 10;
+benchmarks/results/deploy.md). Rebuilding frames from the reflectors in the graph instead (a triangular
+inverse from matmuls, since ONNX has no solve) kept the checkpoint's size but made a 100,000-node graph that
+took minutes to export and 13 s to load. A Linear whose factors form needs fewer FLOPs (`forms.best_form`, the rule `freeze` follows) is
 exported as y = (x V σ) Uᵀ + b, with U and V rebuilt the same way.
 
 A `.pt2` program runs with plain torch (`torch.export.load(path).module()`), which folds nothing: it
@@ -73,15 +72,13 @@ class StoredWeight(nn.Module):
         self.p = p  # its structure and buffers (scale, signs, row_order)
         with torch.no_grad():
             u, s, v = chain_cores(p, originals)
-            self.u_ranks, self.v_ranks = list(p.tt.u_ranks), list(p.tt.v_ranks)
             ends = {}
-            for side, frames, ranks in (("u", u, self.u_ranks), ("v", v, self.v_ranks)):
+            for side, frames, ranks in (("u", u, p.tt.u_ranks), ("v", v, p.tt.v_ranks)):
                 cores, ends[side] = skeleton_chain(frames, ranks)
                 for k, core in enumerate(cores):
                     order, B = (None, None) if core is None else core
                     self.register_buffer(f"{side}{k}_order", order)
                     self.register_buffer(f"{side}{k}_b", None if B is None else B.to(s.dtype))
-            self.nu, self.nv = len(u), len(v)
             middle = ends["u"] @ torch.diag(s.double()) @ ends["v"].T
         self.register_buffer("middle", middle.to(s.dtype))
         rho, gamma = p.row_scale_param(originals), p.col_scale_param(originals)
@@ -90,9 +87,9 @@ class StoredWeight(nn.Module):
 
     def applied(self, side: str, Z: Tensor) -> Tensor:
         """The frame of the "u" or "v" chain times Z, from the stored skeleton."""
-        n, ranks = (self.nu, self.u_ranks) if side == "u" else (self.nv, self.v_ranks)
+        ranks = self.p.tt.u_ranks if side == "u" else self.p.tt.v_ranks
         cores = [None if getattr(self, f"{side}{k}_b") is None
-                 else (getattr(self, f"{side}{k}_order"), getattr(self, f"{side}{k}_b")) for k in range(n)]
+                 else (getattr(self, f"{side}{k}_order"), getattr(self, f"{side}{k}_b")) for k in range(len(ranks) - 1)]
         return apply_chain(cores, Z, ranks)
 
     def factors(self) -> tuple[Tensor, Tensor]:
