@@ -511,10 +511,33 @@ def _finetune_phase(model: nn.Module, teacher: nn.Module, job: CompressJob, data
                          test_loader=test_loader)
         if job.qat_steps:
             block["qat"] = _qat_phase(model, teacher, loaders, test_loader, cfg, job.qat_steps, progress)
+        if job.dtype != "float32":
+            block.update(_stored_accuracy(model, job.dtype, loaders[1], test_loader, dev, cfg.amp))
     block["validation"] = data.validation
     distributed.debug_dump_state(model, "finetuned")
     model.to("cpu")
     return block
+
+
+STORED_DROP_HINT = 0.2  # points of validation accuracy that storage may cost before the report suggests QAT
+
+
+def _stored_accuracy(model: nn.Module, dtype: str, val_loader, test_loader, device: str, amp) -> dict:
+    """Validation and test accuracy of the model as the checkpoint stores it (`dtype` rounding, then loaded
+    back): what a user gets, where the fine-tune's own numbers are the float32 parameters'."""
+    from sttp_compress.io.checkpoint import stored_values
+    from sttp_compress.train.loop import evaluate
+
+    multi = distributed.world() > 1
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(stored_values(saved, dtype))
+    try:
+        val, test = ((evaluate(model, loader, device, amp, reduce=multi)["accuracy"] if loader is not None else None)
+                     for loader in (val_loader, test_loader))
+    finally:
+        model.load_state_dict(saved)
+    return {"stored_dtype": dtype, "val_accuracy_stored": None if val is None else round(100 * val, 2),
+            "test_accuracy_stored": None if test is None else round(100 * test, 2)}
 
 
 QAT_LR_SCALE = 0.1  # the straight-through phase runs at this share of the fine-tune's peak learning rate

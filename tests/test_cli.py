@@ -1025,6 +1025,28 @@ def test_qat_steps_run_after_finetuning_and_report_the_rounded_accuracy(tiny):
     assert read_compressed(out)["dtype"] == "int8"
 
 
+def test_int8_output_reports_the_accuracy_of_the_model_as_stored(tiny):
+    """The fine-tune's own accuracies are the float32 parameters'; the report also gives the file's (int8) model,
+    and that number is what loading the written checkpoint gives on the same validation split."""
+    from sttp_compress.data.images import load_tensor_data
+    from sttp_compress.train.loop import evaluate
+
+    torch.manual_seed(0)
+    data = tiny.dir / "data.pt"
+    torch.save({"inputs": torch.randn(60, *INPUT_SHAPE), "targets": torch.randint(0, 10, (60,))}, data)
+    out = tiny.dir / "stored.sttp.safetensors"
+    res = ok(tiny.model, "--arch", tiny.arch, "--rank", "4", "--data", f"tensors:{data}", "--steps", "3",
+             "--workers", "0", "--batch-size", "8", "--dtype", "int8", "--output", out)
+    ft = _report(tiny.dir / "stored.sttp.report")["finetune"]
+    assert ft["stored_dtype"] == "int8"
+    model, _ = load_compressed(out, arch=tiny.arch)
+    _, val = load_tensor_data(data)
+    loader = torch.utils.data.DataLoader(val, batch_size=8)
+    assert ft["val_accuracy_stored"] == round(100 * evaluate(model, loader, "cpu")["accuracy"], 2)
+    assert f"as stored in int8: val {ft['val_accuracy_stored']}%" in res.err
+    assert "Accuracy as stored (int8)" in (tiny.dir / "stored.sttp.report" / "report.md").read_text()
+
+
 def test_qat_steps_need_int8_and_data(tiny):
     res = cli(tiny.model, "--arch", tiny.arch, "--rank", "4", "--qat-steps", "4", "--dtype", "int8")
     _one_error_line(res, "--qat-steps", "data")

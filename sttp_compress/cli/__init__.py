@@ -314,6 +314,7 @@ def _run_with_progress(job, quiet: bool):
 
 def _finish(report: dict, extras: dict, quiet: bool, json_out: bool) -> None:
     from sttp_compress.evaluate.report import summary_table
+    from sttp_compress.pipeline import STORED_DROP_HINT
 
     if json_out:
         out.print_json(json.dumps(report))
@@ -329,6 +330,13 @@ def _finish(report: dict, extras: dict, quiet: bool, json_out: bool) -> None:
             if ft.get("test_accuracy_after") is not None:  # the test split, reported only
                 acc += (f"; test accuracy {ft['original_test_accuracy']}% → {ft['test_accuracy_before']}% → "
                         f"{ft['test_accuracy_after']}%")
+            if ft.get("val_accuracy_stored") is not None:  # what the file holds: int8 / float16 rounding
+                acc += f"; as stored in {ft['stored_dtype']}: val {ft['val_accuracy_stored']}%"
+                if ft.get("test_accuracy_stored") is not None:
+                    acc += f", test {ft['test_accuracy_stored']}%"
+                drop = ft["val_accuracy_after"] - ft["val_accuracy_stored"]
+                if drop > STORED_DROP_HINT and not ft.get("qat"):
+                    acc += f" ({drop:.2f} points below float32: --qat-steps trains through the rounding)"
         elif ft and ft.get("val_cosine_after") is not None:  # text distillation (hf:DIR models)
             acc = (f", val cosine to the original {ft['val_cosine_before']:.4f} after conversion → "
                    f"{ft['val_cosine_after']:.4f} after distillation")

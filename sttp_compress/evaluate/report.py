@@ -248,6 +248,9 @@ def _finetune_lines(block: Mapping[str, Any]) -> list[str]:
         rows.append(("Test accuracy, original → before → after fine-tuning",
                      f"{_percent(block.get('original_test_accuracy'))} → {_percent(block.get('test_accuracy_before'))}"
                      f" → {_percent(block['test_accuracy_after'])}"))
+    if block.get("stored_dtype"):  # the model as the checkpoint stores it (int8 / float16 rounding)
+        rows.append((f"Accuracy as stored ({block['stored_dtype']}), val. / test",
+                     f"{_percent(block.get('val_accuracy_stored'))} / {_percent(block.get('test_accuracy_stored'))}"))
     validation = block.get("validation")
     if isinstance(validation, Mapping):
         rows.append(("Validation (best-state choice)", _validation_text(validation)))

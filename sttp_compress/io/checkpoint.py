@@ -44,7 +44,7 @@ from sttp_compress.io.quantize import SCALES, dequantize_state, quantize_state
 from sttp_compress.core.tt import SPECTRA
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "DTYPES", "FLOAT_DTYPES", "checkpoint_payload", "save_compressed",
-           "load_compressed", "read_compressed", "recorded_arch", "write_payload", "stored_state"]
+           "load_compressed", "read_compressed", "recorded_arch", "write_payload", "stored_state", "stored_values"]
 
 FORMAT = "sttp-compress"
 FORMAT_VERSION = 2  # 2: safetensors with JSON metadata; 1: a torch.save dict (read, and written for .pt names)
@@ -79,6 +79,19 @@ def _sha256(path: Path) -> str:
 def _is_safetensors_name(path: str | os.PathLike) -> bool:
     """True unless the name ends in `.pt` or `.pth` (the format-1 torch.save files)."""
     return Path(path).suffix.lower() not in (".pt", ".pth")
+
+
+@torch.no_grad()
+def stored_values(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """`state` as a checkpoint in `dtype` stores it and loads it back: int8 matrices rounded with their block
+    scales, floating tensors rounded to float16/bfloat16; same dtypes and devices as `state`."""
+    if dtype not in DTYPES:
+        raise UserError(f"‹dtype› must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "int8":
+        back = dequantize_state(quantize_state({k: v.detach() for k, v in state.items()}))
+        return {k: back[k].to(v.device, v.dtype) for k, v in state.items()}
+    return {k: v.detach().to(FLOAT_DTYPES[dtype]).to(v.dtype) if v.is_floating_point() else v.detach()
+            for k, v in state.items()}
 
 
 def checkpoint_payload(model: nn.Module, arch: str | None, dtype: str = "float32", meta: dict | None = None,

@@ -11,7 +11,8 @@ from sttp_compress.compress.convert import parametrization
 from sttp_compress.core.forms import layer_originals
 from sttp_compress.errors import UserError
 from sttp_compress.io.checkpoint import read_compressed, stored_state
-from sttp_compress.io.quantize import BLOCK, SCALES, dequantize_rows, quantize_rows, quantize_state, storage_errors
+from sttp_compress.io.quantize import (BLOCK, SCALES, dequantize_rows, dequantize_state, quantize_rows, quantize_state,
+                                       storage_errors)
 
 
 def test_blocks_round_to_within_half_a_step_and_zero_rows_survive():
@@ -77,3 +78,21 @@ def test_an_int8_tensor_without_its_scale_is_a_damaged_checkpoint(tmp_path):
 def test_bad_dtype_names_the_choices(tmp_path):
     with pytest.raises(UserError, match="dtype must be one of float32, float16, bfloat16, int8"):
         sc.save(model(), tmp_path / "x.sttp.safetensors", dtype="int4")
+
+
+def test_stored_values_are_what_a_checkpoint_gives_back():
+    """`stored_values` rounds as the file does: int8 matrices through their block scales (vectors and integers
+    untouched), float16 every floating tensor; dtypes stay those of the model."""
+    from sttp_compress.io.checkpoint import stored_values
+
+    torch.manual_seed(0)
+    state = {"w": torch.randn(8, 100), "b": torch.randn(8), "n": torch.tensor(3)}
+    back = stored_values(state, "int8")
+    assert torch.equal(back["w"], dequantize_state(quantize_state(state))["w"])
+    assert not torch.equal(back["w"], state["w"]) and back["w"].dtype == torch.float32
+    assert torch.equal(back["b"], state["b"]) and torch.equal(back["n"], state["n"])
+    half = stored_values(state, "float16")
+    assert torch.equal(half["b"], state["b"].half().float()) and not torch.equal(half["b"], state["b"])
+    assert torch.equal(stored_values(state, "float32")["w"], state["w"])
+    with pytest.raises(UserError, match="dtype"):
+        stored_values(state, "int4")
