@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["StepGraph", "make_graphed", "release_capture_graph", "MEMORY_MARGIN"]
+__all__ = ["StepGraph", "make_graphed", "release_capture_graph", "warm_backward", "MEMORY_MARGIN"]
 
 MEMORY_MARGIN = 2.0  # capture a new shape only with this many times the largest capture's memory free
 
@@ -57,11 +57,33 @@ def make_graphed(fn: Any, sample_args: tuple[Tensor, ...], **kwargs: Any) -> Any
     index = sample_args[0].device.index
     generator = torch.cuda.default_generators[torch.cuda.current_device() if index is None else index]
     rng = generator.clone_state()
+    warm_backward(sample_args[0].device)
+    quiet = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
+    if quiet is not None:  # torch's own warm-up backward runs on a side stream by design: no mismatch to report
+        quiet(False)
     try:
         return torch.cuda.make_graphed_callables(fn, sample_args, **kwargs)
     except Exception:
         generator.graphsafe_set_state(rng)
         raise
+    finally:
+        if quiet is not None:
+            quiet(True)  # torch's default (it has no getter to restore a user's own setting)
+
+
+_WARMED: set[int] = set()
+
+
+def warm_backward(device: torch.device) -> None:
+    """One tiny eager matmul backward on `device`, once per process, before the first capture: otherwise the
+    autograd engine's CUDA thread makes its cuBLAS handle inside the capture, with no current CUDA context, and
+    PyTorch warns "Attempting to run cuBLAS, but there was no current CUDA context" (measured on torch 2.11)."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index in _WARMED:
+        return
+    a = torch.ones(2, 2, device=torch.device("cuda", index), requires_grad=True)
+    (a @ a).sum().backward()
+    _WARMED.add(index)
 
 
 def release_capture_graph(graphed: Any) -> bool:
