@@ -116,7 +116,7 @@ def test_graphed_steps_equal_eager_steps(amp):
     torch.testing.assert_close(out_b, out_a, **tol)
     sa, sb = a.state_dict(), b.state_dict()
     for k in sa:
-        torch.testing.assert_close(sb[k].float(), sa[k].float(), **tol, msg=k)
+        torch.testing.assert_close(sb[k].float(), sa[k].float(), **tol, msg=lambda m, k=k: f"{k}: {m}")
     assert int(sb["1.num_batches_tracked"]) == 5  # the capture's warm-up passes are not counted
 
 
@@ -163,7 +163,7 @@ def test_interleaved_shapes_equal_eager_steps():
     torch.testing.assert_close(torch.tensor(losses_b), torch.tensor(losses_a), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out_b, out_a, rtol=1e-4, atol=1e-5)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(vb.float(), va.float(), rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(vb.float(), va.float(), rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @cuda
@@ -298,7 +298,7 @@ def test_finetune_with_a_custom_loss_graphs_teacher_student_and_loss(amp):
     torch.testing.assert_close(torch.tensor(graphed["curve"][-1]["train_loss"]),
                                torch.tensor(eager["curve"][-1]["train_loss"]), **tol)
     for k in sa:
-        torch.testing.assert_close(sb[k].float(), sa[k].float(), **tol, msg=k)
+        torch.testing.assert_close(sb[k].float(), sa[k].float(), **tol, msg=lambda m, k=k: f"{k}: {m}")
     assert not teacher.training and all(p.grad is None for p in teacher.parameters())
 
 
