@@ -520,6 +520,14 @@ def _finetune_phase(model: nn.Module, teacher: nn.Module, job: CompressJob, data
 
 
 STORED_DROP_HINT = 0.2  # points of validation accuracy that storage may cost before the report suggests QAT
+COLLAPSE_SHARE = 0.5  # a fine-tuned model under this share of the original's accuracy gets a warning
+
+
+def collapsed(finetune_block: dict) -> bool:
+    """Whether a fine-tuned model kept less than COLLAPSE_SHARE of the original's validation accuracy: a
+    MobileNetV2 at ratio 46 ended at chance (10%) while the run otherwise looked like a success."""
+    original, after = finetune_block.get("original_val_accuracy"), finetune_block.get("val_accuracy_after")
+    return original is not None and after is not None and after < COLLAPSE_SHARE * original
 
 
 def _stored_accuracy(model: nn.Module, dtype: str, val_loader, test_loader, device: str, amp) -> dict:

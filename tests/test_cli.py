@@ -1047,6 +1047,22 @@ def test_int8_output_reports_the_accuracy_of_the_model_as_stored(tiny):
     assert "Accuracy as stored (int8)" in (tiny.dir / "stored.sttp.report" / "report.md").read_text()
 
 
+def test_a_collapsed_fine_tune_ends_with_a_warning_naming_what_to_try(tiny, monkeypatch):
+    """A run whose model keeps under COLLAPSE_SHARE of the original's accuracy says so (forced here with a share
+    no model meets); a run that keeps it says nothing of the kind."""
+    import sttp_compress.pipeline as pipeline
+
+    torch.manual_seed(0)
+    data = tiny.dir / "data.pt"
+    torch.save({"inputs": torch.randn(60, *INPUT_SHAPE), "targets": torch.randint(0, 10, (60,))}, data)
+    args = (tiny.model, "--arch", tiny.arch, "--rank", "4", "--data", f"tensors:{data}", "--steps", "2",
+            "--workers", "0", "--batch-size", "8")
+    assert "warning: the compressed model kept" not in ok(*args, "--output", tiny.dir / "a.sttp.pt").err
+    monkeypatch.setattr(pipeline, "COLLAPSE_SHARE", 1e6)
+    lines = [ln for ln in ok(*args, "--output", tiny.dir / "b.sttp.pt").err_lines if ln.startswith("warning: the compressed")]
+    assert len(lines) == 1 and "--ratio" in lines[0] and "--include" in lines[0] and "--epochs" in lines[0]
+
+
 def test_qat_steps_need_int8_and_data(tiny):
     res = cli(tiny.model, "--arch", tiny.arch, "--rank", "4", "--qat-steps", "4", "--dtype", "int8")
     _one_error_line(res, "--qat-steps", "data")

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from sttp_compress.errors import UserError
-from sttp_compress.pipeline import CompressJob, default_output, run_compress, state_size_bytes
+from sttp_compress.pipeline import CompressJob, collapsed, default_output, run_compress, state_size_bytes
 from sttp_compress.train.loop import FinetuneConfig
 
 
@@ -56,3 +56,11 @@ def test_bad_jobs_fail_before_any_work(tmp_path, change, fragment):
     with pytest.raises(UserError, match=fragment):
         run_compress(job)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fine_tune_that_keeps_under_half_the_original_accuracy_counts_as_collapsed():
+    """Measured on an H100: MobileNetV2 at ratio 46 ended at 10% (chance) with exit 0; the CLI now warns."""
+    assert collapsed({"original_val_accuracy": 88.2, "val_accuracy_after": 10.0})
+    assert collapsed({"original_val_accuracy": 88.2, "val_accuracy_after": 44.0})
+    assert not collapsed({"original_val_accuracy": 88.2, "val_accuracy_after": 80.6})
+    assert not collapsed({"val_cosine_after": 0.2})  # text distillation: no accuracies

@@ -314,7 +314,7 @@ def _run_with_progress(job, quiet: bool):
 
 def _finish(report: dict, extras: dict, quiet: bool, json_out: bool) -> None:
     from sttp_compress.evaluate.report import summary_table
-    from sttp_compress.pipeline import STORED_DROP_HINT
+    from sttp_compress.pipeline import STORED_DROP_HINT, collapsed
 
     if json_out:
         out.print_json(json.dumps(report))
@@ -342,6 +342,12 @@ def _finish(report: dict, extras: dict, quiet: bool, json_out: bool) -> None:
                    f"{ft['val_cosine_after']:.4f} after distillation")
         err.print(f"ratio {t['ratio']:.2f}x ({t['params_original']:,} → {t['params_compressed']:,} parameters){acc}",
                   soft_wrap=True)
+        if ft and collapsed(ft):
+            err.print(f"warning: the compressed model kept {ft['val_accuracy_after']}% validation accuracy of the "
+                      f"original's {ft['original_val_accuracy']}%: ratio {t['ratio']:.2f}x leaves too few parameters "
+                      "in the layers it compresses; try a lower --ratio, more --epochs, or --include to spread the "
+                      "ratio over more layers (report.md's layer table shows which stay dense)",
+                      soft_wrap=True, markup=False, highlight=False)
         err.print(f"wrote {extras['output']} and {Path(extras['report_dir']) / 'report.md'}", soft_wrap=True,
                   markup=False)
         if extras.get("next"):
