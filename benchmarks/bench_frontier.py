@@ -19,7 +19,8 @@ loaders the CLI builds) for the time ratio `seconds / dense_finetune_seconds`.
 
 Rows go to benchmarks/results/frontier.json (+ .md, .meta.json): model, teacher_acc, method, target_ratio,
 achieved_ratio (parameters), size_ratio (file bytes), size_bytes (the written checkpoint), dtype, acc_before,
-acc_after (for --dtype int8/float16, the model as the file stores it; acc_after_float32 beside it), epochs, seconds (the CLI's fine-tune), dense_finetune_seconds, gpu, command, commit, date.
+acc_after (for --dtype int8/float16, the model as the file stores it; acc_after_float32 beside it), epochs,
+seconds (the CLI's fine-tune), dense_finetune_seconds, gpu, command, commit, date.
 `--dtypes float32 float16 int8` adds STTP stored in fewer bits (the CLI's --dtype); `--anchors 8 4 3 2` adds
 weight-only quantization of the dense teacher (weight_quant.py) at those widths: acc_before zero-shot,
 acc_after after the same fine-tune (FinetuneConfig defaults, the CLI's loaders) through straight-through
