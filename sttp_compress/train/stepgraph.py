@@ -75,9 +75,8 @@ _QUIET = [0]  # how many holders keep PyTorch's AccumulateGrad stream-mismatch w
 
 def hold_accumulate_grad_warning() -> None:
     """Turn PyTorch's AccumulateGrad stream-mismatch warning off until every holder has released it."""
-    quiet = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
-    if quiet is not None and _QUIET[0] == 0:
-        quiet(False)
+    if _QUIET[0] == 0:
+        _warn_on_stream_mismatch(False)
     _QUIET[0] += 1
 
 
@@ -85,9 +84,15 @@ def release_accumulate_grad_warning() -> None:
     """One holder less; the last one turns the warning back on (torch's default: it has no getter to restore
     a user's own setting)."""
     _QUIET[0] = max(0, _QUIET[0] - 1)
-    quiet = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
-    if quiet is not None and _QUIET[0] == 0:
-        quiet(True)
+    if _QUIET[0] == 0:
+        _warn_on_stream_mismatch(True)
+
+
+def _warn_on_stream_mismatch(on: bool) -> None:
+    """torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch where this torch has it."""
+    setter = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
+    if setter is not None:
+        setter(on)
 
 
 _WARMED: set[int] = set()
