@@ -14,6 +14,8 @@ without fine-tuning (latency and sizes do not depend on it), and the Linear stac
   onnx        the exported ONNX in onnxruntime (CPU provider; CUDA provider on --device cuda when installed),
               against the dense model exported the same way (`dense_ms` of that row);
   pt2         the torch.export program, loaded with plain torch (it rebuilds the weights on every call);
+  pt2 folded  the same program after plain torch's `torch.fx.experimental.const_fold.split_const_subgraphs`
+              (docs/usage.md): the weights are rebuilt once, on the first call, and kept;
   frozen (factors only)  `sc.freeze(model, shortcut="factors")` where a layer runs the factors form: no dense
               weight kept for those layers;
 - `serving_mb`: the weights the serving form keeps in memory (parameters and buffers), or CUDA's peak
@@ -32,6 +34,7 @@ import json
 import copy
 import os
 import sys
+import warnings
 import tempfile
 from pathlib import Path
 
@@ -171,6 +174,19 @@ def _load_program(path: Path, device: str, example) -> tuple[nn.Module, str]:
         return program, "cpu"
 
 
+def _folded(program: nn.Module, example) -> nn.Module:
+    """The program with its weight rebuild split off and run once (plain torch's const_fold; the recipe of
+    docs/usage.md), called once so the rebuilt weights exist before timing."""
+    from torch.fx.experimental.const_fold import split_const_subgraphs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # const_fold warns about the nested attribute paths it re-creates
+        folded = split_const_subgraphs(program)
+    with torch.no_grad():
+        _call(folded, example)
+    return folded
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm())
 
@@ -206,6 +222,7 @@ def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[i
     run_d, _ = _ort_session(onnx_d, device)
     ort_dense_mb = _rss_mb() - rss
     program, pt2_device = _load_program(pt2, device, example)
+    folded = _folded(program, _to(example, pt2_device))
     rows = []
     for b in batches:
         x = inputs(b)
@@ -223,6 +240,8 @@ def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[i
             pt2_ms = _timed(lambda: _call(program, xp), pt2_device, quick)
             pt2_dense_ms = dense_ms if pt2_device == device else None
             pt2_err = _rel(_main_output(_call(program, xp)), reference)
+            folded_ms = _timed(lambda: _call(folded, xp), pt2_device, quick)
+            folded_err = _rel(_main_output(_call(folded, xp)), reference)
         base = {"model": name, "ratio": ratio, "batch": b, **{k: round(v, 3) for k, v in sizes.items()},
                 "device": machine(device), "commit": commit(), "date": today()}
         rows.append({**base, "mode": "frozen", "dense_ms": dense_ms, "compressed_ms": frozen_ms, "form": form,
@@ -240,6 +259,10 @@ def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[i
         rows.append({**base, "device": machine(pt2_device), "mode": f"pt2 ({pt2_device})",
                      "dense_ms": pt2_dense_ms, "compressed_ms": pt2_ms, "form": "rebuilt per call", "size_mb": round(size_pt2, 3),
                      "serving_mb": _weights_mb(program), "dense_serving_mb": None, "rel_error": pt2_err})
+        rows.append({**base, "device": machine(pt2_device), "mode": f"pt2 folded ({pt2_device})",
+                     "dense_ms": pt2_dense_ms, "compressed_ms": folded_ms, "form": f"{form}, rebuilt once",
+                     "size_mb": round(size_pt2, 3), "serving_mb": _weights_mb(folded), "dense_serving_mb": None,
+                     "rel_error": folded_err})
     for r in rows:
         if r["dense_ms"]:
             r["speedup"] = round(r["dense_ms"] / r["compressed_ms"], 3)

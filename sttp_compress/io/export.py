@@ -13,8 +13,9 @@ took minutes to export and 13 s to load. A Linear whose factors form needs fewer
 exported as y = (x V σ) Uᵀ + b, with U and V rebuilt the same way.
 
 A `.pt2` program runs with plain torch (`torch.export.load(path).module()`), which folds nothing: it
-rebuilds the weights on every call (measured in benchmarks/results/deploy.md). Inputs have a dynamic
-batch size in both formats.
+rebuilds the weights on every call, unless plain torch's `torch.fx.experimental.const_fold.split_const_subgraphs`
+splits the rebuild off to run once (docs/usage.md; both measured in benchmarks/results/deploy.md). Inputs have a
+dynamic batch size in both formats.
 """
 
 from __future__ import annotations
