@@ -91,6 +91,9 @@ def stack(notes: list[str]) -> tuple[nn.Module, callable]:
 
 
 def _call(model: nn.Module, x):
+    if isinstance(x, dict) and hasattr(model, "const_subgraph_module"):  # a folded program takes positions only
+        names = [n.target for n in model.graph.nodes if n.op == "placeholder"]
+        return model(*(x[n] for n in names))
     return model(**x) if isinstance(x, dict) else model(x)
 
 
