@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from sttp_compress.errors import UserError
 from sttp_compress.core.spectral_tt import matrix_factors, to_matrix, weight_kind, weight_name
-from sttp_compress.core.tt import TTShape, chain_matrix, chain_svd, gram, pad_matrix
+from sttp_compress.core.tt import TTShape, chain_matrix, chain_svd, gram, gram_chain, pad_matrix
 
 __all__ = ["LayerOptions", "tt_error", "tt_error2", "layer_options", "allocate", "budget_for_ratio", "uniform_rank",
            "check_reachable"]
@@ -109,22 +109,10 @@ def tt_error2(W: Tensor, shape: TTShape, gram: Tensor | None = None, n2: float |
         return 0.0
     u_last = max((k for k, x in enumerate(u_lossy) if x), default=-1) if not any(v_lossy) else len(u_lossy)
     ranks, modes = shape.u_ranks, shape.out_modes
-    cores = []
-    if gram is not None:  # rest Gram H: (R_{k-1}·D_k) × (R_{k-1}·D_k), D_k the product of modes k..
-        H = gram
-        for k, m in enumerate(modes):
-            rows, R = ranks[k] * m, ranks[k + 1]
-            if not u_lossy[k] and R == rows:
-                cores.append(torch.eye(R, dtype=W.dtype, device=W.device).reshape(ranks[k], m, R))
-                continue
-            D = H.shape[0] // rows
-            H4 = H.reshape(rows, D, rows, D)
-            S = torch.diagonal(H4, dim1=1, dim2=3).sum(-1)
-            if k == u_last:
-                return max(0.0, 1.0 - float(torch.linalg.eigvalsh(S)[-R:].sum()) / n2)
-            Uk = _top(S, R)
-            cores.append(Uk.reshape(ranks[k], m, R))
-            H = torch.einsum("ia,itjs,jb->atbs", Uk, H4, Uk).reshape(R * D, R * D)
+    if gram is not None:  # the U chain from W Wᵀ alone (`tt.gram_chain`)
+        cores, S = gram_chain(gram, modes, ranks, [not x for x in u_lossy], u_last)
+        if S is not None:
+            return max(0.0, 1.0 - float(torch.linalg.eigvalsh(S)[-ranks[u_last + 1]:].sum()) / n2)
         B = chain_matrix(cores).T @ W if any(u_lossy) else W
     else:
         err, rest = _sweep(W, ranks, modes, u_lossy, u_last, n2)

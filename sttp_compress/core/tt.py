@@ -21,7 +21,7 @@ from sttp_compress.core.householder import frame_inverse, frame_numel
 
 __all__ = [
     "prime_factors", "padded_size", "padded_dims", "pad_matrix", "crop_matrix", "TTShape", "tt_ranks", "tt_dof", "svdp_dof",
-    "gram", "chain_svd", "chain_matrix", "spectral_tt_svd", "reduce_chain",
+    "gram", "chain_svd", "gram_chain", "chain_matrix", "spectral_tt_svd", "reduce_chain",
 ]
 
 SPECTRA = ("free", "lipschitz", "identity")
@@ -241,6 +241,33 @@ def chain_svd(A: Tensor, modes: tuple[int, ...], ranks: list[int]) -> tuple[list
     return cores, rest.reshape(ranks[-1], c)
 
 
+def gram_chain(H: Tensor, modes: tuple[int, ...], ranks: list[int], keep: list[bool] | None = None,
+               last: int | None = None) -> tuple[list[Tensor], Tensor | None]:
+    """The cores of `chain_svd` from the Gram H = A Aᵀ alone (D × D): each bond's unfolding Gram is a partial
+    trace of the rest's Gram, which the new core then compresses (Ukᵀ H Uk over the bond's rows).
+
+    One Gram of A serves every rank (the allocator's error profile), then the work is on D × D matrices
+    only. Bond k is the identity where R_k equals its rows (and `keep[k]`, when given, says it
+    does not truncate). With `last`, stops at bond `last` and returns (cores so far, that bond's unfolding
+    Gram), whose leading eigenvalues are the energy the chain keeps; else (cores, None).
+    """
+    cores = []
+    for k, m in enumerate(modes):
+        rows, R = ranks[k] * m, ranks[k + 1]
+        if R == rows and (keep is None or keep[k]):
+            cores.append(torch.eye(R, dtype=H.dtype, device=H.device).reshape(ranks[k], m, R))
+            continue
+        D = H.shape[0] // rows
+        H4 = H.reshape(rows, D, rows, D)
+        S = torch.diagonal(H4, dim1=1, dim2=3).sum(-1)
+        if k == last:
+            return cores, S
+        Uk = torch.linalg.eigh(S)[1][:, -R:].flip(-1)  # the R leading eigenvectors, largest first
+        cores.append(Uk.reshape(ranks[k], m, R))
+        H = torch.einsum("ia,itjs,jb->atbs", Uk, H4, Uk).reshape(R * D, R * D)
+    return cores, None
+
+
 def chain_matrix(cores: list[Tensor]) -> Tensor:
     """Contract a chain's cores (R_{k−1}, m_k, R_k) into its frame matrix (∏ m_k × R_K)."""
     U = cores[0].reshape(-1, cores[0].shape[-1])
@@ -254,7 +281,9 @@ def spectral_tt_svd(W: Tensor, shape: TTShape) -> tuple[list[Tensor], Tensor, li
 
     The U chain is a TT-SVD of W's rows; the V chain a TT-SVD of the rows of (UᵀW)ᵀ; then the middle
     M = Uᵀ W V (the best middle for these frames) is diagonalized by its SVD, whose rotations are
-    absorbed into the last core of each chain. Runs in W's dtype (pass float64 for accuracy).
+    absorbed into the last core of each chain. Runs in W's dtype (pass float64 for accuracy). (`gram_chain`
+    gets the same U chain from W Wᵀ: no faster here, 1.34 s against 1.06 s for a 4096 x 11008 float32 W at
+    rank 400 on 2 cores, so the allocator's profile, which reuses one Gram for many ranks, is its user.)
     """
     u_cores, B = chain_svd(W, shape.out_modes, shape.u_ranks)  # B = Uᵀ W: r × d_in
     v_cores, C = chain_svd(B.T, shape.in_modes, shape.v_ranks)  # C = Vᵀ Bᵀ = Mᵀ: r × r

@@ -6,7 +6,8 @@ import torch
 
 from sttp_compress.core.householder import frame_numel
 from sttp_compress.core.spectral_tt import matrix_factors
-from sttp_compress.core.tt import (TTShape, chain_matrix, gram, prime_factors, reduce_chain, spectral_tt_svd,
+from sttp_compress.core.tt import (TTShape, chain_matrix, chain_svd, gram, gram_chain, prime_factors,
+                              reduce_chain, spectral_tt_svd,
                               svdp_dof, tt_dof, tt_ranks)
 
 
@@ -162,3 +163,20 @@ def test_tt_svd_error_matches_tensorly_reference():
         ref_tt = tensor_train(T, rank=shape.tt_ranks)
         ref = float(np.linalg.norm(tl.tt_to_tensor(ref_tt) - T) / np.linalg.norm(T))
         assert ours <= ref * 1.02 + 1e-12, (r, ours, ref)
+
+
+def test_gram_chain_spans_the_frames_of_chain_svd_and_keeps_their_energy():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(64, 300, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 300, dtype=torch.float64)
+    modes, ranks = (4, 4, 4), [1, 4, 8, 5]  # bond 1 keeps its rows, bonds 2 and 3 truncate
+    ref, rest = chain_svd(A, modes, ranks)
+    cores, S = gram_chain(gram(A), modes, ranks)
+    assert S is None and [c.shape for c in cores] == [c.shape for c in ref]
+    U, V = chain_matrix(cores), chain_matrix(ref)
+    assert torch.allclose(U.T @ U, torch.eye(5, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(U @ U.T, V @ V.T, atol=1e-8)  # the same subspace, whatever the signs
+    # stopping at the last bond: its unfolding Gram's 5 leading eigenvalues are the energy the chain keeps
+    _, S = gram_chain(gram(A), modes, ranks, last=2)
+    kept = float(torch.linalg.eigvalsh(S)[-5:].sum())
+    assert kept == pytest.approx(float(rest.square().sum()), rel=1e-10)
+
