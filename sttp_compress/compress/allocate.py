@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from sttp_compress.errors import UserError
 from sttp_compress.core.spectral_tt import matrix_factors, to_matrix, weight_kind, weight_name
-from sttp_compress.core.tt import TTShape, chain_matrix, chain_svd, gram, gram_chain, pad_matrix
+from sttp_compress.core.tt import (TTShape, chain_matrix, chain_svd, gram, gram_chain, pad_columns, pad_matrix,
+                                  pads_columns_only)
 
 __all__ = ["LayerOptions", "tt_error", "tt_error2", "layer_options", "allocate", "budget_for_ratio", "uniform_rank",
            "check_reachable"]
@@ -92,13 +93,15 @@ def _sweep(rest: Tensor, ranks: list[int], modes: tuple[int, ...], lossy: list[b
     return None, rest
 
 
-def tt_error2(W: Tensor, shape: TTShape, gram: Tensor | None = None, n2: float | None = None) -> float:
+def tt_error2(W: Tensor, shape: TTShape, gram: Tensor | None = None, n2: float | None = None,
+              pad_in: list[int] | None = None) -> float:
     """Relative squared error of the spectral TT-SVD of W at `shape` (= tt_error² up to rounding).
 
     The same truncations as `tt_error` with less work: the U chain runs on the Gram matrix
     `gram` = W Wᵀ when given (cheap when d_out <= d_in; it only ever needs W Wᵀ), bonds that keep
     their whole unfolding are identities, and nothing after the last truncating bond is computed —
-    the energy it keeps is the sum of that unfolding's leading eigenvalues. `n2` = ‖W‖² if known.
+    the energy it keeps is the sum of that unfolding's leading eigenvalues. `n2` = ‖W‖² if known. With
+    `pad_in` (the input side's natural dims; needs `gram`), W is the weight before its column padding.
     """
     n2 = float(W.square().sum()) if n2 is None else n2
     if n2 <= 0:
@@ -114,6 +117,8 @@ def tt_error2(W: Tensor, shape: TTShape, gram: Tensor | None = None, n2: float |
         if S is not None:
             return max(0.0, 1.0 - float(torch.linalg.eigvalsh(S)[-ranks[u_last + 1]:].sum()) / n2)
         B = chain_matrix(cores).T @ W if any(u_lossy) else W
+        if pad_in is not None:
+            B = pad_columns(B, pad_in)
     else:
         err, rest = _sweep(W, ranks, modes, u_lossy, u_last, n2)
         if err is not None:
@@ -224,6 +229,7 @@ class _Profile:
         self._n2 = 0.0
         self._tail: list[float] | None = None
         self.sigma2: Tensor | None = None  # squared singular values, descending, once lower_bounds ran
+        self._pad_in: list[int] | None = None  # W kept without its column padding (the input side's dims)
 
     def _matrix(self) -> Tensor:
         if self._W is None:
@@ -236,7 +242,11 @@ class _Profile:
             if self.row_order is not None:
                 W = W[torch.as_tensor(self.row_order, device=W.device)]
             if self.method == "sttp":  # the zero-padded tensorization (tt.padded_size)
-                W = pad_matrix(W, *matrix_factors(self.kind, tuple(weight.shape)))
+                dims = matrix_factors(self.kind, tuple(weight.shape))
+                if pads_columns_only(*dims):  # the Gram ignores zero columns: pad only UᵀW (tt.pad_columns)
+                    self._pad_in = dims[1]
+                else:
+                    W = pad_matrix(W, *dims)
             self._n2 = float(W.square().sum())
             if self.method == "sttp" and W.shape[0] <= W.shape[1]:
                 self._gram = gram(W)
@@ -267,7 +277,7 @@ class _Profile:
                 s2 = torch.linalg.svdvals(W.double()).square()
                 self._tail = (s2.flip(0).cumsum(0).flip(0) / s2.sum().clamp_min(1e-30)).tolist() + [0.0]
             return self._tail[shape.middle]
-        return tt_error2(W, shape, self._gram, self._n2)
+        return tt_error2(W, shape, self._gram, self._n2, self._pad_in)
 
 
 def layer_options(name: str, module: nn.Module, method: str = "sttp", spectrum: str = "free",

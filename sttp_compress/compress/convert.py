@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sttp_compress.core.forms import factorable, layer_originals
+from sttp_compress.core.forms import layer_originals
 from sttp_compress.core.spectral_tt import EXACT_NUMEL, SUPPORTED, SpectralTT, is_parametrized, matrix_factors, to_matrix, weight_kind, weight_name
 from sttp_compress.core.tt import TTShape, gram, pad_matrix
 from sttp_compress.errors import UserError, terms
@@ -280,11 +280,21 @@ def _weighted_error(W1: torch.Tensor, W0: torch.Tensor, kind: str, row_weight: t
     return float(((D.square() * w).sum() / (M.square() * w).sum().clamp_min(1e-60)).sqrt())
 
 
+def _unpadded_factors(m: nn.Module, p: SpectralTT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The factors (U, σ, V) of the layer's weight matrix W = U diag(σ) Vᵀ (row/column scales included), the
+    rows of U and V that only hold zero padding (tt.pad_matrix) dropped."""
+    U, s, V = (t.detach() for t in p.factors(*layer_originals(m, p)))
+    if p.dims is not None and (U.shape[0], V.shape[0]) != (p.rows, p.cols):
+        keep = [pad_matrix(torch.ones(math.prod(d), 1, dtype=torch.bool), d, [1]).squeeze(1) for d in p.dims]
+        U, V = U[keep[0].to(U.device)], V[keep[1].to(V.device)]
+    return U, s, V
+
+
 def _error_from_factors(m: nn.Module, p: SpectralTT, W0: torch.Tensor) -> float:
     """‖W0 − U diag(σ) Vᵀ‖ / ‖W0‖ from the factors, without building the compressed weight: ‖W0‖² − 2⟨W0, W1⟩ +
     ‖W1‖², with ⟨W0, W1⟩ = Σ σ ⊙ (UᵀW0 ⊙ Vᵀ) and ‖W1‖² = Σ (σσᵀ ⊙ UᵀU ⊙ VᵀV) (O(r(d_out + d_in)) memory; the
     cancellation is harmless at the errors a truncation leaves, which float32 weights bound below by ~1e-7)."""
-    U, s, V = (t.detach() for t in p.factors(*layer_originals(m, p)))
+    U, s, V = _unpadded_factors(m, p)
     UtW = U.T.to(W0.dtype) @ W0  # r × d_in, one pass over W0
     inner = float((UtW.double() * (s.double()[:, None] * V.T.double())).sum())
     Ud, Vd, sd = U.double(), V.double(), s.double()
@@ -325,10 +335,7 @@ def _compressed_singular_values(m: nn.Module, p: SpectralTT) -> list[float]:
     """The compressed weight's singular values from its factors W = A diag(σ) Bᵀ (A, B: the frames with the
     row/column scales, padded rows and columns dropped): those of R_A diag(σ) R_Bᵀ, the QR factors' R —
     O((d_out + d_in) r²), not a Gram matrix of the weight (|σ| itself when A and B are orthonormal)."""
-    A, sigma, B = (t.detach().double() for t in p.factors(*layer_originals(m, p)))
-    if p.dims is not None and (A.shape[0], B.shape[0]) != (p.rows, p.cols):  # zero-padded: drop padding
-        keep = [pad_matrix(torch.ones(math.prod(d), 1, dtype=torch.bool), d, [1]).squeeze(1) for d in p.dims]
-        A, B = A[keep[0]], B[keep[1]]
+    A, sigma, B = (t.double() for t in _unpadded_factors(m, p))
     Ra, Rb = torch.linalg.qr(A, mode="r")[1], torch.linalg.qr(B, mode="r")[1]
     return torch.linalg.svdvals((Ra * sigma) @ Rb.T).tolist()
 
@@ -471,8 +478,9 @@ def _convert_layer(name: str, m: nn.Module, r: int, method: str, spectrum: str, 
     p = compress_module(m, r, method, spectrum, row_weight=row_weight, col_weight=col_weight, row_order=row_order)
     refit = moments is not None and refit_spectrum(m, W0, moments)
     with torch.no_grad():
-        # a big layer whose factors are exactly its weight (not padded, scaled or reordered): no dense copy
-        err = _error_from_factors(m, p, to_matrix(kind, W0)) if W0.numel() > EXACT_NUMEL and factorable(p) else 0.0
+        # a big layer whose factors give its weight matrix (padding dropped; not scaled or reordered): no dense copy
+        plain = not (p.row_scaled or p.col_scaled or p.row_ordered)
+        err = _error_from_factors(m, p, to_matrix(kind, W0)) if W0.numel() > EXACT_NUMEL and plain else 0.0
         W1 = None
         if err < 1e-3:  # small layers, and errors the formula's cancellation would blur: from the weight itself
             W1 = weight_of(m).detach()
@@ -484,6 +492,7 @@ def _convert_layer(name: str, m: nn.Module, r: int, method: str, spectrum: str, 
     if row_weight is not None or col_weight is not None:
         row.update({"row_scaled": row_weight is not None, "col_scaled": col_weight is not None})
         row["weighted_rel_error"] = _weighted_error(W1, W0, kind, row_weight, col_weight)
+    del W1  # the dense copy goes before the spectra: a big layer's conversion peaks lower
     if p.row_ordered:
         row["row_ordered"] = True
     if refit:

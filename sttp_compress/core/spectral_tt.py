@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from sttp_compress.core.householder import frame, frame_numel
-from sttp_compress.core.tt import SPECTRA, TTShape, crop_matrix, pad_matrix, reduce_chain, spectral_tt_svd
+from sttp_compress.core.tt import (SPECTRA, TTShape, crop_matrix, pad_matrix, pads_columns_only, reduce_chain,
+                                  spectral_tt_svd)
 
 __all__ = ["SpectralTT", "weight_kind", "weight_name", "matrix_factors", "to_matrix", "SUPPORTED"]
 
@@ -304,9 +305,12 @@ class SpectralTT(nn.Module):
             sqrt_c = _sqrt_weight(self.col_weight, self.cols, M.device, "col_weight")
             M = M * sqrt_c
             gamma = ((1.0 / sqrt_c).to(weight.dtype),)
-        if self.dims:
+        pad_in = None
+        if self.dims and pads_columns_only(*self.dims):
+            pad_in = self.dims[1]  # no padded copy of the weight: only UᵀW is padded
+        elif self.dims:
             M = pad_matrix(M, *self.dims)
-        u_cores, sigma, v_cores = spectral_tt_svd(M, self.tt)
+        u_cores, sigma, v_cores = spectral_tt_svd(M, self.tt, pad_in)
         self._cache = None
         if self.spectrum != "identity":
             return self.from_cores(u_cores, sigma, v_cores, weight.dtype) + rho + gamma

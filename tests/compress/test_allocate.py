@@ -114,6 +114,31 @@ def test_tt_error2_equals_tt_error_squared(out_f, in_f):
         assert A.tt_error2(W, shape, gram=W @ W.T) == pytest.approx(want, abs=1e-12)
 
 
+def test_profile_of_a_weight_padded_on_its_input_side_keeps_it_unpadded_with_the_same_errors():
+    """Linear(4·43 -> 16): 43 pads to 45, on the input side alone, so the profile keeps the weight as it is
+    (no padded copy) and pads only UᵀW; its errors equal those of the padded matrix."""
+    from sttp_compress.compress.convert import compress_module
+    from sttp_compress.core.tt import pad_matrix
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4 * 43, 16)
+    with torch.no_grad():
+        lin.weight.mul_(torch.linspace(1, 0.05, 4 * 43))
+    opts = A.layer_options("lin", lin)
+    prof = opts.profile
+    W = prof._matrix()
+    assert W.shape == (16, 4 * 43) and prof._pad_in == [4 * 43]
+    P = pad_matrix(lin.weight.detach().double(), [16], [4 * 43])
+    for i, r in enumerate(opts.ranks[:-1]):
+        shape = opts.tt(r)
+        assert opts.error2(i) == pytest.approx(A.tt_error(P, shape) ** 2, abs=1e-5)  # float32 profile
+    # and the conversion at a truncating rank has that error
+    W0 = lin.weight.detach().clone()
+    compress_module(lin, 4)
+    err = float((lin.weight.detach() - W0).norm() / W0.norm())
+    assert err ** 2 == pytest.approx(A.tt_error(P, opts.tt(4)) ** 2, abs=1e-5) and err > 0.1  # float32 weight
+
+
 def test_eager_profile_fills_every_rank_and_matches_lazy_values():
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 32, 3)

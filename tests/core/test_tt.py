@@ -6,7 +6,8 @@ import torch
 
 from sttp_compress.core.householder import frame_numel
 from sttp_compress.core.spectral_tt import matrix_factors
-from sttp_compress.core.tt import (TTShape, chain_matrix, chain_svd, gram, gram_chain, prime_factors,
+from sttp_compress.core.tt import (TTShape, chain_matrix, chain_svd, gram, gram_chain, pad_columns, pad_matrix,
+                              padded_dims, pads_columns_only, prime_factors,
                               reduce_chain, spectral_tt_svd,
                               svdp_dof, tt_dof, tt_ranks)
 
@@ -180,3 +181,22 @@ def test_gram_chain_spans_the_frames_of_chain_svd_and_keeps_their_energy():
     kept = float(torch.linalg.eigvalsh(S)[-5:].sum())
     assert kept == pytest.approx(float(rest.square().sum()), rel=1e-10)
 
+
+
+def test_column_padding_alone_gives_the_padded_tt_svd():
+    """A wide weight padded on its input side only (43 columns per channel: padded to 45) converts without a
+    padded copy: pad_columns matches pad_matrix, and the TT-SVD of the unpadded matrix with `pad_in` equals
+    that of the padded one."""
+    out_f, in_f = [16], [4, 43]
+    assert pads_columns_only(out_f, in_f) and not pads_columns_only([43], [64]) and not pads_columns_only([16], [8])
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(16, 4 * 43, generator=g, dtype=torch.float64)
+    P = pad_matrix(W, out_f, in_f)
+    assert P.shape == (16, 4 * 45) and torch.equal(pad_columns(W, in_f), P)
+    shape = TTShape.from_dims(out_f, padded_dims(in_f), 6)
+    u, s, v = spectral_tt_svd(W, shape, pad_in=in_f)
+    u_ref, s_ref, v_ref = spectral_tt_svd(P, shape)
+    torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-12)
+    approx, ref = (chain_matrix(u) * s) @ chain_matrix(v).T, (chain_matrix(u_ref) * s_ref) @ chain_matrix(v_ref).T
+    torch.testing.assert_close(approx, ref, rtol=1e-9, atol=1e-10)
+    assert 0.1 < float((P - approx).norm() / P.norm()) < 0.9  # a truncating rank, not an exact one
