@@ -95,8 +95,9 @@ class StoredWeight(nn.Module):
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """(V', U' M) with W = (U' M) V'ᵀ: the input-side and output-side factors of the weight matrix."""
-        r = self.middle.shape[0]
-        eye = torch.eye(r, dtype=self.middle.dtype, device=self.middle.device)  # computed in the graph, not stored
+        # the identity computed in the graph, not stored, from a buffer: a factory (torch.eye) would pin the
+        # device of the trace into the program, which then would not move with .to("cuda")
+        eye = torch.diag(torch.ones_like(self.middle[0]))
         return self.applied("v", eye), self.applied("u", self.middle)
 
     def forward(self) -> Tensor:
@@ -159,8 +160,9 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Tensor | M
     The model's own training mode is left as it was.
     """
     fmt = export_format(path)
-    net, forms = exportable(model)
+    net, forms = exportable(model)  # a float32 CPU copy: the program is traced on the CPU, and moves with .to()
     args, kwargs = _batched(example_inputs)
+    args, kwargs = tuple(a.cpu() for a in args), {k: v.cpu() for k, v in kwargs.items()}
     batch = torch.export.Dim("batch", min=1)
     dynamic = ({0: batch} for _ in range(len(args) + len(kwargs)))
     shapes = {k: next(dynamic) for k in kwargs} if kwargs else (next(dynamic),)
@@ -173,8 +175,10 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Tensor | M
         raise UserError(f"the model cannot be exported: {where}") from None
     was_training = model.training
     try:
+        device = next((t.device for t in model.parameters()), torch.device("cpu"))  # a model on a GPU runs there
         with torch.no_grad():
-            expected = _first_output(model.eval()(*args, **kwargs))
+            expected = _first_output(model.eval()(*(a.to(device) for a in args),
+                                                   **{k: v.to(device) for k, v in kwargs.items()})).cpu()
     finally:
         model.train(was_training)
     errors: list[float | None] = []

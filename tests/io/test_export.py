@@ -126,6 +126,22 @@ def test_export_runs_without_the_package_with_any_batch_size(net, tmp_path, suff
         assert got.shape == expected.shape and _rel(got, expected) < 1e-4
 
 
+def test_pt2_program_moves_to_another_device(net, tmp_path):
+    """`.to(device)` moves every tensor the rebuild uses: no factory in the graph pins the CPU it was traced on
+    (torch.eye did, and the program failed on CUDA). The meta device stands in for a GPU here."""
+    path = tmp_path / "net.pt2"
+    sc.export(net, path, torch.randn(2, 3, 8, 8))
+    program = torch.export.load(str(path))
+    pinned = [n for n in program.graph.nodes if n.op == "call_function" and n.kwargs.get("device") is not None
+              and "assert" not in str(n.target)]  # the model's own .long() leaves a metadata assertion
+    assert not pinned, pinned
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 36, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    sc.compress_(plain, sc.CompressConfig(rank=4), filter_fn=lambda m, name: True)
+    sc.export(plain, tmp_path / "plain.pt2", torch.randn(2, 3, 8, 8))
+    moved = torch.export.load(str(tmp_path / "plain.pt2")).module().to("meta")
+    assert moved(torch.randn(5, 3, 8, 8, device="meta")).shape == (5, 4)
+
+
 def test_onnx_file_is_near_the_checkpoint_size_not_the_dense_size(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)).eval()
