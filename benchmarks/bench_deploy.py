@@ -57,14 +57,17 @@ COLUMNS = ["model", "ratio", "batch", "mode", "dense_ms", "compressed_ms", "spee
            "checkpoint_mb", "dense_mb", "serving_mb", "dense_serving_mb", "rel_error", "device"]
 
 
-def resnet18(notes: list[str]) -> tuple[nn.Module, callable]:
+def resnet18(notes: list[str]) -> tuple[str, nn.Module, callable]:
+    """(row name, model, inputs): the shared CIFAR ResNet-18, or where it is absent torchvision's (ImageNet stem,
+    random weights) under its own name, so its rows never replace the CIFAR model's."""
     path = SHARED_MODELS / "resnet18_cifar10.pt"
     if path.exists():
-        model = load_model(str(path), RESNET_ARCH)
+        name, model = "resnet18-cifar", load_model(str(path), RESNET_ARCH)
     else:
-        model = resolve_arch("torchvision:resnet18?num_classes=10").eval()
-        notes.append("the shared ResNet-18 is absent: torchvision's, random weights (latency does not depend on them)")
-    return model, lambda b: torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        name, model = "resnet18-torchvision-32px", resolve_arch("torchvision:resnet18?num_classes=10").eval()
+        notes.append("resnet18-torchvision-32px: the shared CIFAR ResNet-18 was absent; torchvision's ResNet-18 "
+                     "(ImageNet stem), random weights, on 32 x 32 inputs")
+    return name, model, lambda b: torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
 def minilm(notes: list[str], folder: str | None = None) -> tuple[nn.Module, callable]:
@@ -292,9 +295,9 @@ def main() -> None:
     batches = [1, 8] if args.quick else [1, 256]
     with tempfile.TemporaryDirectory() as tmp:
         if "resnet18" in args.models:
-            dense, inputs = resnet18(notes)
+            name, dense, inputs = resnet18(notes)
             for ratio in ([10] if args.quick else [10, 20]):
-                rows += run_model("resnet18-cifar", dense, inputs, ratio, batches, args.device, args.quick, Path(tmp))
+                rows += run_model(name, dense, inputs, ratio, batches, args.device, args.quick, Path(tmp))
         if "minilm" in args.models and not args.quick:
             dense, inputs = minilm(notes, args.minilm)
             rows += run_model("all-MiniLM-L6-v2", dense, inputs, 4, batches, args.device, args.quick, Path(tmp),
