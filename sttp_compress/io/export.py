@@ -12,7 +12,10 @@ inverse from matmuls, since ONNX has no solve) kept the checkpoint's size but ma
 took minutes to export and 13 s to load. A Linear whose factors form needs fewer FLOPs (`forms.best_form`, the rule `freeze` follows) is
 exported as y = (x V σ) Uᵀ + b, with U and V rebuilt the same way.
 
-A `.pt2` program runs with plain torch (`torch.export.load(path).module()`), which folds nothing: it
+A `.pt2` program is traced on the model's device (torch.export specialises a program to it: a model on a GPU
+writes a GPU program); a CPU program moves with `.to("cuda")` when its graph creates no tensors of its own
+(convolutional and MLP models; transformers make position ids, so export them on the GPU they will run on).
+It runs with plain torch (`torch.export.load(path).module()`), which folds nothing: it
 rebuilds the weights on every call, unless plain torch's `torch.fx.experimental.const_fold.split_const_subgraphs`
 splits the rebuild off to run once (docs/usage.md; both measured in benchmarks/results/deploy.md). Inputs have a
 dynamic batch size in both formats.
@@ -114,10 +117,10 @@ def _factors_forward(self: nn.Linear, x: Tensor) -> Tensor:
     return F.linear(x @ Vs, U, self.bias)
 
 
-def exportable(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
-    """A float32 CPU copy of `model` whose compressed layers rebuild their weights from the stored
+def exportable(model: nn.Module, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, str]]:
+    """A float32 copy of `model` on `device` whose compressed layers rebuild their weights from the stored
     parameters in the graph; returns it and {layer name: 'dense' | 'factors'} (how each layer runs)."""
-    model = copy.deepcopy(model).float().cpu().eval()
+    model = copy.deepcopy(model).float().to(device).eval()
     inside_mha = mha_out_projs(model)
     forms = {}
     for module_name, m in list(model.named_modules()):
@@ -160,9 +163,13 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Tensor | M
     The model's own training mode is left as it was.
     """
     fmt = export_format(path)
-    net, forms = exportable(model)  # a float32 CPU copy: the program is traced on the CPU, and moves with .to()
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    # torch.export specialises a program to the device it traces on: a .pt2 is traced where the model lives
+    # (a model on a GPU writes a GPU program); ONNX always on the CPU (its runtime picks the device)
+    traced_on = device if fmt == "pt2" else torch.device("cpu")
+    net, forms = exportable(model, traced_on)
     args, kwargs = _batched(example_inputs)
-    args, kwargs = tuple(a.cpu() for a in args), {k: v.cpu() for k, v in kwargs.items()}
+    args, kwargs = tuple(a.to(traced_on) for a in args), {k: v.to(traced_on) for k, v in kwargs.items()}
     batch = torch.export.Dim("batch", min=1)
     dynamic = ({0: batch} for _ in range(len(args) + len(kwargs)))
     shapes = {k: next(dynamic) for k in kwargs} if kwargs else (next(dynamic),)
@@ -219,7 +226,8 @@ def _output_error(path: str, fmt: str, args: tuple, kwargs: dict, expected: Tens
         names = [i.name for i in session.get_inputs()]
         feeds = {n: kwargs[n].numpy() for n in names} if kwargs else {n: t.numpy() for n, t in zip(names, args)}
         got = torch.from_numpy(session.run(None, feeds)[0])
-    return float((got.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-30))
+    got, expected = got.detach().float().cpu(), expected.float().cpu()
+    return float((got - expected).norm() / expected.norm().clamp_min(1e-30))
 
 
 def _write_pt2(program: torch.export.ExportedProgram, tmp: str) -> None:
