@@ -20,7 +20,8 @@ from torch import Tensor
 from sttp_compress.core.householder import frame_inverse, frame_numel
 
 __all__ = [
-    "prime_factors", "padded_size", "padded_dims", "pad_matrix", "pad_columns", "pads_columns_only", "crop_matrix", "TTShape", "tt_ranks", "tt_dof", "svdp_dof",
+    "prime_factors", "padded_size", "padded_dims", "pad_matrix", "pad_columns", "pads_columns_only", "crop_matrix",
+    "TTShape", "tt_ranks", "tt_dof", "svdp_dof",
     "gram", "chain_svd", "gram_chain", "chain_matrix", "spectral_tt_svd", "reduce_chain",
 ]
 
