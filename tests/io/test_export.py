@@ -31,12 +31,11 @@ DIGITS = "sttp_compress.example:DigitsCNN"
 RUN_WITHOUT_PACKAGE = """
 import sys, numpy as np
 sys.modules["sttp_compress"] = None
-kind, path, inputs, out = sys.argv[1:]
-x = np.load(inputs)
+kind, path, *pairs = sys.argv[1:]
 if kind == "onnx":
     import onnxruntime
     s = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    y = s.run(None, {s.get_inputs()[0].name: x})[0]
+    run = lambda x: s.run(None, {s.get_inputs()[0].name: x})[0]
 else:
     import torch
     program = torch.export.load(path).module()
@@ -49,10 +48,13 @@ else:
         nodes = sum(n.op == "call_function" for n in program.graph.nodes)
         folded = sum(n.op == "call_function" for n in program.const_subgraph_module.graph.nodes)
         assert folded > nodes, (folded, nodes)  # most of the graph was the rebuild, now run once
-    with torch.no_grad():
-        y = program(torch.from_numpy(x))
-    y = (y[0] if isinstance(y, (tuple, list)) else y).numpy()
-np.save(out, y)
+
+    def run(x):
+        with torch.no_grad():
+            y = program(torch.from_numpy(x))
+        return (y[0] if isinstance(y, (tuple, list)) else y).numpy()
+for inputs, out in zip(pairs[::2], pairs[1::2]):  # every batch in one process: one import of torch
+    np.save(out, run(np.load(inputs)))
 """
 
 
@@ -86,13 +88,20 @@ def net():
     return model.eval()
 
 
-def _run_without_package(kind: str, path: Path, x: torch.Tensor, tmp_path: Path) -> torch.Tensor:
-    np.save(tmp_path / "x.npy", x.numpy())
+def _run_without_package(kind: str, path: Path, x: torch.Tensor | list[torch.Tensor],
+                         tmp_path: Path) -> torch.Tensor | list[torch.Tensor]:
+    """The file's outputs for x (or each tensor of a list of them) from one process that cannot import us."""
+    xs = x if isinstance(x, list) else [x]
+    pairs = []
+    for i, xi in enumerate(xs):
+        np.save(tmp_path / f"x{i}.npy", xi.numpy())
+        pairs += [str(tmp_path / f"x{i}.npy"), str(tmp_path / f"y{i}.npy")]
     script = tmp_path / "serve.py"
     script.write_text(RUN_WITHOUT_PACKAGE)
-    subprocess.run([sys.executable, str(script), kind, str(path), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+    subprocess.run([sys.executable, str(script), kind, str(path), *pairs],
                    check=True, capture_output=True, timeout=300, cwd=tmp_path)
-    return torch.from_numpy(np.load(tmp_path / "y.npy"))
+    ys = [torch.from_numpy(np.load(tmp_path / f"y{i}.npy")) for i in range(len(xs))]
+    return ys if isinstance(x, list) else ys[0]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -112,26 +121,30 @@ def test_exportable_copy_keeps_cores_not_dense_weights(net):
     assert sc.compressed_layers(net)  # the model itself is untouched
 
 
+@pytest.fixture(scope="module")
+def exported(net, tmp_path_factory):
+    """net written once per format: {suffix: (path, what export returned)}."""
+    folder = tmp_path_factory.mktemp("exported")
+    return {suffix: (folder / f"net{suffix}", sc.export(net, folder / f"net{suffix}", torch.randn(4, 3, 8, 8)))
+            for suffix in (".onnx", ".pt2")}
+
+
 @pytest.mark.parametrize("suffix, runner", [(".onnx", "onnx"), (".pt2", "pt2"), (".pt2", "pt2-folded")])
-def test_export_runs_without_the_package_with_any_batch_size(net, tmp_path, suffix, runner):
-    path = tmp_path / f"net{suffix}"
-    written = sc.export(net, path, torch.randn(4, 3, 8, 8))
+def test_export_runs_without_the_package_with_any_batch_size(net, exported, tmp_path, suffix, runner):
+    path, written = exported[suffix]
     assert written["format"] == suffix[1:] and written["size_bytes"] == path.stat().st_size
     assert written["rel_output_error"] < 1e-5
-    for batch in (1, 7):
-        x = torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(batch))
+    xs = [torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(batch)) for batch in (1, 7)]
+    for x, got in zip(xs, _run_without_package(runner, path, xs, tmp_path)):
         with torch.no_grad():
             expected = net(x)
-        got = _run_without_package(runner, path, x, tmp_path)
         assert got.shape == expected.shape and _rel(got, expected) < 1e-4
 
 
-def test_pt2_program_moves_to_another_device(net, tmp_path):
+def test_pt2_program_moves_to_another_device(exported, tmp_path):
     """`.to(device)` moves every tensor the rebuild uses: no factory in the graph pins the CPU it was traced on
     (torch.eye did, and the program failed on CUDA). The meta device stands in for a GPU here."""
-    path = tmp_path / "net.pt2"
-    sc.export(net, path, torch.randn(2, 3, 8, 8))
-    program = torch.export.load(str(path))
+    program = torch.export.load(str(exported[".pt2"][0]))
     pinned = [n for n in program.graph.nodes if n.op == "call_function" and n.kwargs.get("device") is not None
               and "assert" not in str(n.target)]  # the model's own .long() leaves a metadata assertion
     assert not pinned, pinned
