@@ -40,6 +40,10 @@ __all__ = ["LayerOptions", "tt_error", "tt_error2", "layer_options", "allocate",
 DENSE = 0  # rank value meaning "kept dense"
 EXACT_EIGVALSH = 256  # Gram matrices up to this size get float64 eigenvalues for the lower bounds
 _GRID = sorted({int(round(b * 2 ** e)) for e in range(0, 14) for b in (1, 1.5)} | {3, 5, 6})
+# Layers of COARSE_NUMEL values and more profile powers of two only above rank 128: each such rank costs
+# seconds there (eigenproblems of 1,000+ rows, U^T W), and `_fill` interpolates between grid ranks anyway.
+COARSE_NUMEL = 1 << 22
+_COARSE_GRID = [r for r in _GRID if r <= 128 or r & (r - 1) == 0]
 
 
 def tt_error(W: Tensor, shape: TTShape) -> float:
@@ -283,7 +287,8 @@ class _Profile:
 def layer_options(name: str, module: nn.Module, method: str = "sttp", spectrum: str = "free",
                   with_errors: bool = True, eager: bool = False, row_weight: Tensor | None = None,
                   col_weight: Tensor | None = None, row_order: Tensor | None = None) -> LayerOptions:
-    """Options on a geometric rank grid (1, 1.5, 2, 3, 4, 6, …) while DOF < numel, plus DENSE.
+    """Options on a geometric rank grid (1, 1.5, 2, 3, 4, 6, …; powers of two above 128 for a layer of
+    COARSE_NUMEL values or more) while DOF < numel, plus DENSE.
 
     With errors, each grid rank's error is profiled lazily (`LayerOptions.error2`) from the module's
     weight at that time, or all at once with `eager`. A `row_weight` makes the options row-scaled
@@ -297,7 +302,7 @@ def layer_options(name: str, module: nn.Module, method: str = "sttp", spectrum: 
     out_f, in_f = matrix_factors(kind, shape)
     opts.extra = (math.prod(out_f) if row_weight is not None else 0) + (math.prod(in_f) if col_weight is not None else 0)
     last = None
-    for r in _GRID:
+    for r in (_GRID if opts.numel < COARSE_NUMEL else _COARSE_GRID):
         tt = TTShape.from_dims(out_f, in_f, r, method)
         if tt.tt_ranks == last:
             break

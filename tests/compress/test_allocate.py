@@ -139,6 +139,16 @@ def test_profile_of_a_weight_padded_on_its_input_side_keeps_it_unpadded_with_the
     assert err ** 2 == pytest.approx(A.tt_error(P, opts.tt(4)) ** 2, abs=1e-5) and err > 0.1  # float32 weight
 
 
+def test_layers_of_millions_of_values_profile_powers_of_two_above_rank_128():
+    big = A.layer_options("big", nn.Linear(2048, 2048, bias=False), with_errors=False)  # 4,194,304 = COARSE_NUMEL
+    small = A.layer_options("small", nn.Linear(2047, 2048, bias=False), with_errors=False)
+    assert big.numel == A.COARSE_NUMEL > small.numel
+    coarse, fine = big.ranks[:-1], small.ranks[:-1]
+    assert [r for r in coarse if r <= 128] == [r for r in fine if r <= 128]
+    assert [r for r in coarse if r > 128] == [256, 512, 1024] and 192 in fine and 384 in fine
+    assert big.ranks[-1] == small.ranks[-1] == A.DENSE
+
+
 def test_eager_profile_fills_every_rank_and_matches_lazy_values():
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 32, 3)
