@@ -204,8 +204,8 @@ def _timed(fn, device: str, quick: bool) -> float:
 
 
 def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[int], device: str, quick: bool,
-              folder: Path, include: list[str] | None = None, keep: bool = False) -> list:
-    """The rows of one model (and, with `keep`, the compressed model after them)."""
+              folder: Path, include: list[str] | None = None) -> tuple[list[dict], nn.Module]:
+    """The rows of one model, and the compressed model they measured."""
     comp = copy.deepcopy(dense)
     compress_to_target(comp, ratio=ratio, include=include)
     comp.eval()
@@ -275,7 +275,7 @@ def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[i
     for r in rows:
         if r["dense_ms"]:
             r["speedup"] = round(r["dense_ms"] / r["compressed_ms"], 3)
-    return rows + [comp] if keep else rows
+    return rows, comp
 
 
 def ffn_rows(dense: nn.Module, comp: nn.Module, batch: int, device: str, quick: bool) -> list[dict]:
@@ -293,7 +293,7 @@ def ffn_rows(dense: nn.Module, comp: nn.Module, batch: int, device: str, quick: 
         with torch.no_grad():
             dense_ms += _timed(lambda: d(x), device, quick)
             frozen_ms += _timed(lambda: f(x), device, quick)
-            errs.append(_rel(f(x), comp.get_submodule(n)(x.cpu() if device != "cpu" else x)))
+            errs.append(_rel(f(x), comp.get_submodule(n)(x.cpu())))
         d.cpu(), f.cpu()
     kinds = sorted({forms.get(n, "dense") for n in names})
     return [{"model": "all-MiniLM-L6-v2", "ratio": 4, "batch": batch, "mode": f"frozen FFN Linears ({len(names)})",
@@ -324,17 +324,16 @@ def main() -> None:
         if "resnet18" in args.models:
             name, dense, inputs = resnet18(notes)
             for ratio in ([10] if args.quick else [10, 20]):
-                rows += run_model(name, dense, inputs, ratio, batches, args.device, args.quick, Path(tmp))
+                rows += run_model(name, dense, inputs, ratio, batches, args.device, args.quick, Path(tmp))[0]
         if "minilm" in args.models and not args.quick:
             dense, inputs = minilm(notes, args.minilm)
-            mini = run_model("all-MiniLM-L6-v2", dense, inputs, 4, batches, args.device, args.quick, Path(tmp),
-                             include=["*"], keep=True)  # ratio 4 needs the word embeddings (as bench_minilm.py)
-            comp = mini.pop()
+            mini, comp = run_model("all-MiniLM-L6-v2", dense, inputs, 4, batches, args.device, args.quick, Path(tmp),
+                                   include=["*"])  # ratio 4 needs the word embeddings (as bench_minilm.py)
             rows += mini + ffn_rows(dense, comp, batches[-1], args.device, args.quick)
         if "stack" in args.models and not args.quick:
             dense, inputs = stack(notes)
             rows += run_model(f"linear-stack-{STACK_DEPTH}x{STACK_WIDTH}", dense, inputs, 20, batches, args.device,
-                              args.quick, Path(tmp), include=["*"])  # every Linear, the last one included
+                              args.quick, Path(tmp), include=["*"])[0]  # every Linear, the last one included
     print_table("deploy", rows, COLUMNS)
     if args.quick:
         return

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 
 from sttp_compress.errors import UserError
 from sttp_compress.core.spectral_tt import matrix_factors, to_matrix, weight_kind, weight_name
-from sttp_compress.core.tt import (TTShape, chain_matrix, chain_svd, gram, gram_chain, pad_columns, pad_matrix,
-                                  pads_columns_only)
+from sttp_compress.core.tt import (TTShape, chain_matrix, chain_svd, gram, gram_chain, leading_eigenvectors,
+                                  pad_columns, pad_matrix, pads_columns_only)
 
 __all__ = ["LayerOptions", "tt_error", "tt_error2", "layer_options", "allocate", "budget_for_ratio", "uniform_rank",
            "check_reachable"]
@@ -68,11 +68,6 @@ def _lossy(modes: tuple[int, ...], ranks: list[int], cols: int) -> list[bool]:
     return out
 
 
-def _top(S: Tensor, R: int) -> Tensor:
-    """Eigenvectors of the R largest eigenvalues of the symmetric S, largest first."""
-    return torch.linalg.eigh(S)[1][:, -R:].flip(-1)
-
-
 def _kept(M: Tensor, R: int) -> float:
     """‖U_Rᵀ M‖² for U_R the R leading left singular vectors of M: its R largest squared singular values."""
     S = gram(M) if M.shape[0] <= M.shape[1] else gram(M.T)
@@ -92,7 +87,7 @@ def _sweep(rest: Tensor, ranks: list[int], modes: tuple[int, ...], lossy: list[b
             continue
         if k == last:
             return max(0.0, 1.0 - _kept(M, R) / n2), None
-        Uk = _top(gram(M), R) if M.shape[0] <= M.shape[1] else torch.linalg.svd(M, full_matrices=False)[0][:, :R]
+        Uk = leading_eigenvectors(gram(M), R) if M.shape[0] <= M.shape[1] else torch.linalg.svd(M, full_matrices=False)[0][:, :R]
         rest = Uk.T @ M
     return None, rest
 

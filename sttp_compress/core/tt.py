@@ -22,7 +22,7 @@ from sttp_compress.core.householder import frame_inverse, frame_numel
 __all__ = [
     "prime_factors", "padded_size", "padded_dims", "pad_matrix", "pad_columns", "pads_columns_only", "crop_matrix",
     "TTShape", "tt_ranks", "tt_dof", "svdp_dof",
-    "gram", "chain_svd", "gram_chain", "chain_matrix", "spectral_tt_svd", "reduce_chain",
+    "gram", "chain_svd", "leading_eigenvectors", "gram_chain", "chain_matrix", "spectral_tt_svd", "reduce_chain",
 ]
 
 SPECTRA = ("free", "lipschitz", "identity")
@@ -261,6 +261,11 @@ def chain_svd(A: Tensor, modes: tuple[int, ...], ranks: list[int]) -> tuple[list
     return cores, rest.reshape(ranks[-1], c)
 
 
+def leading_eigenvectors(S: Tensor, R: int) -> Tensor:
+    """Eigenvectors of the R largest eigenvalues of the symmetric S, largest first."""
+    return torch.linalg.eigh(S)[1][:, -R:].flip(-1)
+
+
 def gram_chain(H: Tensor, modes: tuple[int, ...], ranks: list[int], keep: list[bool] | None = None,
                last: int | None = None) -> tuple[list[Tensor], Tensor | None]:
     """The cores of `chain_svd` from the Gram H = A Aᵀ alone (D × D): each bond's unfolding Gram is a partial
@@ -282,7 +287,7 @@ def gram_chain(H: Tensor, modes: tuple[int, ...], ranks: list[int], keep: list[b
         S = torch.diagonal(H4, dim1=1, dim2=3).sum(-1)
         if k == last:
             return cores, S
-        Uk = torch.linalg.eigh(S)[1][:, -R:].flip(-1)  # the R leading eigenvectors, largest first
+        Uk = leading_eigenvectors(S, R)
         cores.append(Uk.reshape(ranks[k], m, R))
         H = torch.einsum("ia,itjs,jb->atbs", Uk, H4, Uk).reshape(R * D, R * D)
     return cores, None

@@ -182,8 +182,7 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Tensor | M
         raise UserError(f"the model cannot be exported: {where}") from None
     was_training = model.training
     try:
-        device = next((t.device for t in model.parameters()), torch.device("cpu"))  # a model on a GPU runs there
-        with torch.no_grad():
+        with torch.no_grad():  # the model runs where it lives
             expected = _first_output(model.eval()(*(a.to(device) for a in args),
                                                    **{k: v.to(device) for k, v in kwargs.items()})).cpu()
     finally:
