@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sttp_compress.core.forms import layer_originals
+from sttp_compress.core.forms import layer_originals, unscaled
 from sttp_compress.core.spectral_tt import EXACT_NUMEL, SUPPORTED, SpectralTT, is_parametrized, matrix_factors, to_matrix, weight_kind, weight_name
 from sttp_compress.core.tt import TTShape, gram, pad_matrix
 from sttp_compress.errors import UserError, terms
@@ -479,8 +479,7 @@ def _convert_layer(name: str, m: nn.Module, r: int, method: str, spectrum: str, 
     refit = moments is not None and refit_spectrum(m, W0, moments)
     with torch.no_grad():
         # a big layer whose factors give its weight matrix (padding dropped; not scaled or reordered): no dense copy
-        plain = not (p.row_scaled or p.col_scaled or p.row_ordered)
-        err = _error_from_factors(m, p, to_matrix(kind, W0)) if W0.numel() > EXACT_NUMEL and plain else 0.0
+        err = _error_from_factors(m, p, to_matrix(kind, W0)) if W0.numel() > EXACT_NUMEL and unscaled(p) else 0.0
         W1 = None
         if err < 1e-3:  # small layers, and errors the formula's cancellation would blur: from the weight itself
             W1 = weight_of(m).detach()

@@ -216,10 +216,16 @@ def _padded(p: SpectralTT) -> bool:
     return p.dims is not None and any(tuple(padded_dims(d)) != tuple(d) for d in p.dims)
 
 
+def unscaled(p: SpectralTT) -> bool:
+    """Whether the factors' matrix (padding cropped) is the weight matrix as it is: neither row- nor
+    column-scaled, nor its rows reordered."""
+    return not (p.row_scaled or p.col_scaled or p.row_ordered)
+
+
 def factorable(p: SpectralTT) -> bool:
     """Whether U diag(σ) Vᵀ is exactly the layer's weight matrix: not zero-padded (tt.padded_size: the
-    factors would hold the padding too), neither row- nor column-scaled, nor its rows reordered."""
-    return not (_padded(p) or p.row_scaled or p.col_scaled or p.row_ordered)
+    factors would hold the padding too) and `unscaled`."""
+    return not _padded(p) and unscaled(p)
 
 
 def mha_out_projs(model: nn.Module) -> set[int]:

@@ -221,16 +221,23 @@ GRAM_BLOCK = 512  # rows per block of `gram`
 def gram(M: Tensor, block: int = GRAM_BLOCK) -> Tensor:
     """M Mᵀ from the products of each block of rows with itself and the rows after it, mirrored (so exactly
     symmetric): about half the multiplications of `M @ M.T` for tall Grams (1.6-1.8x faster at 4096 rows on 2
-    cores). Plain `M @ M.T` up to `block` rows."""
+    cores). Plain `M @ M.T` up to `block` rows. Diagonal blocks are averaged with their transposes: BLAS need
+    not return a product with its own transpose symmetric."""
     m = M.shape[0]
     if m <= block:
-        return M @ M.T
+        return _symmetric(M @ M.T)
     G = M.new_empty(m, m)
     for i in range(0, m, block):
         P = M[i:i + block] @ M[i:].T  # this block's rows against themselves and every later row
-        G[i:i + block, i:] = P
-        G[i + block:, i:i + block] = P[:, block:].T
+        b = P.shape[0]
+        G[i:i + b, i:i + b] = _symmetric(P[:, :b])
+        G[i:i + b, i + b:] = P[:, b:]
+        G[i + b:, i:i + b] = P[:, b:].T
     return G
+
+
+def _symmetric(S: Tensor) -> Tensor:
+    return (S + S.T) / 2
 
 
 def chain_svd(A: Tensor, modes: tuple[int, ...], ranks: list[int]) -> tuple[list[Tensor], Tensor]:
