@@ -56,7 +56,7 @@ RESNET18 = (SHARED_MODELS / "resnet18_cifar10.pt", str(SHARED_MODELS / "cifar_mo
 # issue 36's goals on 2 cores (ResNet-50 keeps the earlier one)
 TARGET_SECONDS = {"resnet18": 2.0, "resnet50": 20.0, "vit_b_16": 15.0, "vgg11_bn": 15.0, "vgg16_bn": 15.0,
                   "linear_4096x11008": 2.0}
-TARGET_MEMORY = 3.0  # peak RSS above baseline <= 3x the float32 model
+TARGET_MEMORY = 2.0  # issue 36: peak RSS above baseline <= 2x the float32 model
 PEER_LAYERS = ["layer2.0.conv2", "layer3.1.conv1", "layer4.0.conv1", "layer4.1.conv2"]
 PHASES = ["check", "profile", "allocate", "tt_svd", "spectra", "other"]
 
@@ -468,7 +468,7 @@ def main() -> None:
     md = [f"# Conversion benchmark\n\nDate: {today()}. Script: `benchmarks/bench_convert.py`. Ratio {args.ratio:g}.\n",
           "Targets (issue 36): ResNet-18 CIFAR <= 2 s, ViT-B/16 <= 15 s, VGG-11-BN / VGG-16-BN <= 15 s, a 4096 x 11008 "
           "Linear (`linear_4096x11008`: the Linear and a dense 10-way head) <= 2 s, ResNet-50 <= 20 s on 2 cores; peak RSS above the "
-          "post-construction baseline <= 3x the float32 model. MB are MiB. Each model ran in fresh "
+          "post-construction baseline <= 2x the float32 model (`memory_target_met` was judged against 3x before 2026-12-06). MB are MiB. Each model ran in fresh "
           "subprocesses (median time and peak; `peak_rss_mb_max` the largest peak); `load_avg` is the 1-minute load average when it started "
           "(2 cores, shared with other work). Compare the 1- and 2-thread rows: with 2 threads, every one of the "
           "hundreds of small LAPACK calls (eigh/svd/qr) of a conversion stalls in OpenMP barriers whenever other "

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from sttp_compress.errors import UserError
 from sttp_compress.core.spectral_tt import matrix_factors, to_matrix, weight_kind, weight_name
 from sttp_compress.core.tt import (TTShape, chain_matrix, chain_svd, gram, gram_chain, leading_eigenvectors,
-                                  pad_columns, pad_matrix, pads_columns_only)
+                                  pad_columns, pad_matrix, pads_columns_only, sum_squares)
 
 __all__ = ["LayerOptions", "tt_error", "tt_error2", "layer_options", "allocate", "budget_for_ratio", "uniform_rank",
            "check_reachable"]
@@ -102,7 +102,7 @@ def tt_error2(W: Tensor, shape: TTShape, gram: Tensor | None = None, n2: float |
     the energy it keeps is the sum of that unfolding's leading eigenvalues. `n2` = ‖W‖² if known. With
     `pad_in` (the input side's natural dims; needs `gram`), W is the weight before its column padding.
     """
-    n2 = float(W.square().sum()) if n2 is None else n2
+    n2 = sum_squares(W) if n2 is None else n2
     if n2 <= 0:
         return 0.0
     u_lossy = _lossy(shape.out_modes, shape.u_ranks, shape.d_in)
@@ -246,7 +246,7 @@ class _Profile:
                     self._pad_in = dims[1]
                 else:
                     W = pad_matrix(W, *dims)
-            self._n2 = float(W.square().sum())
+            self._n2 = sum_squares(W)
             if self.method == "sttp" and W.shape[0] <= W.shape[1]:
                 self._gram = gram(W)
             self._W = W

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from sttp_compress.compress.memory import release_freed_memory
 from sttp_compress.core.forms import layer_originals, unscaled
 from sttp_compress.core.spectral_tt import EXACT_NUMEL, SUPPORTED, SpectralTT, is_parametrized, matrix_factors, to_matrix, weight_kind, weight_name
-from sttp_compress.core.tt import TTShape, gram, pad_matrix
+from sttp_compress.core.tt import TTShape, gram, pad_matrix, sum_squares
 from sttp_compress.errors import UserError, terms
 
 __all__ = ["compress_module", "compress", "compress_to_target", "decompress", "count_parameters",
@@ -293,28 +294,19 @@ def _unpadded_factors(m: nn.Module, p: SpectralTT) -> tuple[torch.Tensor, torch.
 def _error_from_factors(m: nn.Module, p: SpectralTT, W0: torch.Tensor) -> float:
     """‖W0 − U diag(σ) Vᵀ‖ / ‖W0‖ from the factors, without building the compressed weight: ‖W0‖² − 2⟨W0, W1⟩ +
     ‖W1‖², with ⟨W0, W1⟩ = Σ σ ⊙ (UᵀW0 ⊙ Vᵀ) and ‖W1‖² = Σ (σσᵀ ⊙ UᵀU ⊙ VᵀV) (O(r(d_out + d_in)) memory; the
-    cancellation is harmless at the errors a truncation leaves, which float32 weights bound below by ~1e-7)."""
+    cancellation is harmless at the errors a truncation leaves, which float32 weights bound below by ~1e-7).
+    The inner product runs in float64 a block of ranks at a time: whole r × d_in float64 temporaries were
+    ~200 MB at the peak of a 4096 x 11008 layer's conversion."""
     U, s, V = _unpadded_factors(m, p)
     UtW = U.T.to(W0.dtype) @ W0  # r × d_in, one pass over W0
-    inner = float((UtW.double() * (s.double()[:, None] * V.T.double())).sum())
-    Ud, Vd, sd = U.double(), V.double(), s.double()
+    sd = s.double()
+    step = max(1, (1 << 20) // max(1, UtW.shape[1]))
+    inner = sum(float((UtW[i:i + step].double() * (sd[i:i + step, None] * V[:, i:i + step].T.double())).sum())
+                for i in range(0, UtW.shape[0], step))
+    Ud, Vd = U.double(), V.double()
     w1 = float((sd[:, None] * sd[None, :] * (Ud.T @ Ud) * (Vd.T @ Vd)).sum())
-    w0 = _sum_squares(W0)
+    w0 = sum_squares(W0)
     return math.sqrt(max(0.0, w0 - 2 * inner + w1) / max(w0, 1e-60))
-
-
-def _sum_squares(t: torch.Tensor, minus: torch.Tensor | None = None, block: int = 1 << 22) -> float:
-    """‖t − minus‖² (‖t‖² without `minus`): per row in t's dtype, over rows in float64, a block of rows at a
-    time, so no full-size difference or float64 copy is made (each 400 MB for a 4096 x 25088 layer; one
-    float32 sum of all of it was off by 3e-4)."""
-    rows = t.reshape(t.shape[0], -1)
-    other = minus.reshape(rows.shape) if minus is not None else None
-    step = max(1, block // max(1, rows.shape[1]))
-    total = 0.0
-    for i in range(0, rows.shape[0], step):
-        d = rows[i:i + step] if other is None else rows[i:i + step] - other[i:i + step]
-        total += float(d.square().sum(1).double().sum())
-    return total
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -396,6 +388,7 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
                  if n in modules]
         ranks = _allocate_ranks(chosen, ratio, params_original, method, spectrum, allocation, layer_ranks,
                                 row_weights, col_weights, row_orders, dense, known_spectra)
+        release_freed_memory()  # the profile's Grams and unfoldings, before the conversion's own peak
     else:
         ranks = {n: layer_ranks.get(n, rank) for n in chosen}
     by_size = sorted(chosen, key=lambda n: -weight_of(chosen[n]).numel())[:spectra_of]
@@ -414,6 +407,8 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
                                                 input_moments.get(name), with_spectra=name in by_size,
                                                 known_before=known_spectra.get(name))
             layers.append(row)
+            if numel > EXACT_NUMEL:
+                release_freed_memory()
             if spectrum_pair is not None:
                 spectra[name] = spectrum_pair
         if on_layer:
@@ -483,7 +478,7 @@ def _convert_layer(name: str, m: nn.Module, r: int, method: str, spectrum: str, 
         W1 = None
         if err < 1e-3:  # small layers, and errors the formula's cancellation would blur: from the weight itself
             W1 = weight_of(m).detach()
-            err = math.sqrt(_sum_squares(W1, W0) / max(_sum_squares(W0), 1e-60))
+            err = math.sqrt(sum_squares(W1, W0) / max(sum_squares(W0), 1e-60))
     row = {"name": name, "type": type(m).__name__.removeprefix("Parametrized"), "shape": list(W0.shape),
            "modes": list(p.tt.modes), "tt_ranks": list(p.tt.tt_ranks),
            "rank": max(p.tt.tt_ranks), "spectrum_rank": p.rank,
