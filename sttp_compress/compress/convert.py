@@ -291,6 +291,9 @@ def _unpadded_factors(m: nn.Module, p: SpectralTT) -> tuple[torch.Tensor, torch.
     return U, s, V
 
 
+FACTOR_BLOCK = 1 << 20  # float64 values per block of the error-from-factors inner product
+
+
 def _error_from_factors(m: nn.Module, p: SpectralTT, W0: torch.Tensor) -> float:
     """‖W0 − U diag(σ) Vᵀ‖ / ‖W0‖ from the factors, without building the compressed weight: ‖W0‖² − 2⟨W0, W1⟩ +
     ‖W1‖², with ⟨W0, W1⟩ = Σ σ ⊙ (UᵀW0 ⊙ Vᵀ) and ‖W1‖² = Σ (σσᵀ ⊙ UᵀU ⊙ VᵀV) (O(r(d_out + d_in)) memory; the
@@ -300,7 +303,7 @@ def _error_from_factors(m: nn.Module, p: SpectralTT, W0: torch.Tensor) -> float:
     U, s, V = _unpadded_factors(m, p)
     UtW = U.T.to(W0.dtype) @ W0  # r × d_in, one pass over W0
     sd = s.double()
-    step = max(1, (1 << 20) // max(1, UtW.shape[1]))
+    step = max(1, FACTOR_BLOCK // max(1, UtW.shape[1]))
     inner = sum(float((UtW[i:i + step].double() * (sd[i:i + step, None] * V[:, i:i + step].T.double())).sum())
                 for i in range(0, UtW.shape[0], step))
     Ud, Vd = U.double(), V.double()

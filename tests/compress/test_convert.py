@@ -112,3 +112,19 @@ def test_report_spectra_are_the_singular_values_before_and_after(make, scaled):
     assert len(after) == 5  # the spectrum rank; the rest are zero
     torch.testing.assert_close(torch.tensor(after, dtype=torch.float64), torch.linalg.svdvals(W1)[:5], rtol=1e-5,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("d_in", [1024, 1100])  # 1100 = 2^2·5^2·11 pads its columns only (tt.pads_columns_only)
+def test_big_layer_error_from_factors_matches_the_dense_difference(d_in, monkeypatch):
+    """Layers above EXACT_NUMEL get their report error from the factors (no dense copy, inner product in blocks
+    of ranks, here 3 ranks a block); it must equal ‖W0 − W1‖/‖W0‖ computed from the rebuilt weight in float64."""
+    from sttp_compress.compress import convert
+
+    monkeypatch.setattr(convert, "FACTOR_BLOCK", 3 * d_in)
+    torch.manual_seed(0)
+    layer = nn.Linear(d_in, 300)
+    W0 = layer.weight.detach().clone().double()
+    row = compress_to_target(nn.Sequential(layer), rank=40, include=["*"])["layers"][0]
+    W1 = layer.weight.detach().double()
+    expected = float((W1 - W0).norm() / W0.norm())
+    assert 0.05 < expected < 1 and row["rel_error"] == pytest.approx(expected, rel=1e-4)

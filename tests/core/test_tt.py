@@ -8,7 +8,7 @@ from sttp_compress.core.householder import frame_numel
 from sttp_compress.core.spectral_tt import matrix_factors
 from sttp_compress.core.tt import (TTShape, chain_matrix, chain_svd, gram, gram_chain, pad_columns, pad_matrix,
                               padded_dims, pads_columns_only, prime_factors,
-                              reduce_chain, spectral_tt_svd,
+                              reduce_chain, spectral_tt_svd, sum_squares,
                               svdp_dof, tt_dof, tt_ranks)
 
 
@@ -200,3 +200,12 @@ def test_column_padding_alone_gives_the_padded_tt_svd():
     approx, ref = (chain_matrix(u) * s) @ chain_matrix(v).T, (chain_matrix(u_ref) * s_ref) @ chain_matrix(v_ref).T
     torch.testing.assert_close(approx, ref, rtol=1e-9, atol=1e-10)
     assert 0.1 < float((P - approx).norm() / P.norm()) < 0.9  # a truncating rank, not an exact one
+
+
+def test_sum_squares_in_row_blocks_equals_the_float64_sums():
+    """‖t‖² and ‖t − u‖² a few rows at a time (block smaller than a row, and over several rows) against float64."""
+    g = torch.Generator().manual_seed(3)
+    t, u = torch.randn(37, 5, 3, generator=g), torch.randn(37, 5, 3, generator=g)
+    for block in (4, 16, 1 << 22):
+        assert sum_squares(t, block=block) == pytest.approx(float(t.double().square().sum()), rel=1e-6)
+        assert sum_squares(t, u, block=block) == pytest.approx(float((t.double() - u.double()).square().sum()), rel=1e-6)
