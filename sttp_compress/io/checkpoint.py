@@ -7,7 +7,8 @@ parametrization originals and buffers, and the layers that stay dense); its head
     format_version  "2"
     tool_version    "0.1.0"
     arch            "torchvision:resnet18?num_classes=10" | "model.py:build" | "hf:all-MiniLM-L6-v2" | ""
-    dtype           "float32" | "float16" | "bfloat16" | "int8" (matrices int8, a scale per 64 values: io/quantize.py)
+    dtype           "float32" | "float16" | "bfloat16" | "int8" (matrices int8, a scale per 64 values: io/quantize.py);
+                    all but float32 also store int64 buffers (row orders) as int16/int32 where their values fit
     layers          JSON {name: {"kind", "weight_shape", "rank", "method", "spectrum", ...}}
     meta            JSON {"params_original", "size_bytes_original", "input_shape", ..., "hf_config_sha256"}
     summary         JSON {"layers", "params_compressed", "params_original", "ratio"}: a summary of the report
@@ -94,6 +95,15 @@ def stored_values(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch
             for k, v in state.items()}
 
 
+def _narrowed_integers(t: torch.Tensor) -> torch.Tensor:
+    """An int64 tensor as int16 or int32 where its values fit (a 30,522-row embedding's row order: 244 → 61 KB);
+    anything else unchanged. Never int8, which marks a quantized matrix; `load_state_dict` casts it back."""
+    if t.dtype != torch.int64 or t.numel() == 0:
+        return t
+    top = max(abs(int(t.min())), abs(int(t.max())))
+    return t.to(torch.int16) if top < 2**15 else t.to(torch.int32) if top < 2**31 else t
+
+
 def checkpoint_payload(model: nn.Module, arch: str | None, dtype: str = "float32", meta: dict | None = None,
                        summary: dict | None = None) -> dict:
     """The dict a compressed checkpoint file holds (see the module docstring), tensors on the CPU in `dtype`."""
@@ -105,6 +115,8 @@ def checkpoint_payload(model: nn.Module, arch: str | None, dtype: str = "float32
         tdtype = FLOAT_DTYPES[dtype]
         state = {k: (v.detach().to("cpu", tdtype) if v.is_floating_point() else v.detach().cpu()).contiguous().clone()
                  for k, v in model.state_dict().items()}
+    if dtype != "float32":  # the smaller storages: index buffers (row orders) in the narrowest integer type too
+        state = {k: _narrowed_integers(v) for k, v in state.items()}
     spec, check = recorded_arch(arch)
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "tool_version": __version__,
             "arch": spec, "dtype": dtype,

@@ -96,3 +96,31 @@ def test_stored_values_are_what_a_checkpoint_gives_back():
     assert torch.equal(stored_values(state, "float32")["w"], state["w"])
     with pytest.raises(UserError, match="dtype"):
         stored_values(state, "int4")
+
+
+@pytest.mark.parametrize("rows,stored", [(300, torch.int16), (40000, torch.int32)])
+def test_smaller_storages_keep_row_orders_in_the_narrowest_integers_and_load_them_back(tmp_path, rows, stored):
+    """float16 and int8 files store a row order (int64 in the model) as int16, or int32 past 32,767 rows; it loads
+    back as the same int64 permutation and the loaded model gives the model's outputs (to the storage's rounding).
+    float32 files keep int64."""
+    from sttp_compress.compress.convert import compress_module
+
+    torch.manual_seed(0)
+    emb = nn.Embedding(rows, 8)
+    order = torch.randperm(rows)
+    compress_module(emb, rank=4, row_weight=torch.rand(rows) + 0.5, row_order=order)
+    net = nn.Sequential(emb)
+    x = torch.randint(0, rows, (5, 3))
+    for dtype, want in (("int8", stored), ("float16", stored), ("float32", torch.int64)):
+        path = tmp_path / f"e-{dtype}.sttp.safetensors"
+        sc.save(net, path, arch=None, dtype=dtype)
+        data = read_compressed(path)
+        key = next(k for k in data["state_dict"] if k.endswith("row_order"))
+        assert data["state_dict"][key].dtype == want
+        back = nn.Sequential(nn.Embedding(rows, 8))
+        compress_module(back[0], rank=4, row_weight=torch.ones(rows), row_order=torch.arange(rows))
+        back.load_state_dict(stored_state(data, path))
+        got = dict(back.named_buffers())[key]
+        assert got.dtype == torch.int64 and torch.equal(got, order)
+        with torch.no_grad():  # the rows land where they were: the file's model gives the model's outputs
+            torch.testing.assert_close(back(x), net(x), **({} if dtype == "float32" else {"rtol": 0.05, "atol": 0.05}))
