@@ -61,6 +61,11 @@ PEER_LAYERS = ["layer2.0.conv2", "layer3.1.conv1", "layer4.0.conv1", "layer4.1.c
 PHASES = ["check", "profile", "allocate", "tt_svd", "spectra", "other"]
 
 
+def memory_target_met(row: dict) -> bool | None:
+    """Peak RSS above the baseline within TARGET_MEMORY x the float32 model (None for a failed run)."""
+    return row["peak_rss_mb"] <= TARGET_MEMORY * row["float32_model_mb"] if row["status"] == "ok" else None
+
+
 def product_version() -> str:
     """The repo's commit, '+dirty' when sttp_compress/ has uncommitted changes (the product moves under us)."""
     def git(*cmd):
@@ -234,8 +239,7 @@ def measure_model(name: str, args) -> dict:
         row["status"] = "ok"
         row["profile_above_chosen_s"] = round(statistics.median(d["profile_above_chosen_seconds"] for d in done), 2)
     row["time_target_met"] = row["status"] == "ok" and row["convert_seconds"] <= TARGET_SECONDS.get(name, math.inf)
-    row["memory_target_met"] = (row["peak_rss_mb"] <= TARGET_MEMORY * row["float32_model_mb"]
-                                if row["status"] == "ok" else None)
+    row["memory_target_met"] = memory_target_met(row)
     if partial is not None:
         row["status"] += f"; a later run outlasted --limit {args.limit:g} s"
     if runs[0][1]:
@@ -455,8 +459,7 @@ def main() -> None:
 
     model_rows = [r for r in rows if r["bench"] == "model"]
     for r in model_rows:  # stored rows too: the targets are judged as they stand now
-        r["memory_target_met"] = (r["peak_rss_mb"] <= TARGET_MEMORY * r["float32_model_mb"]
-                                  if r["status"] == "ok" else None)
+        r["memory_target_met"] = memory_target_met(r)
     peer_rows = [r for r in rows if r["bench"] == "peer"]
     mcols = ["device", "product", "model", "params", "ratio", "convert_seconds", "peak_rss_mb", "peak_rss_mb_max",
              "float32_model_mb", "time_target_met", "memory_target_met", "load_avg", "status"]

@@ -69,6 +69,19 @@ def weight_only(model: torch.nn.Module, bits: int) -> tuple[torch.nn.Module, int
     return out, packed_bytes(out, bits), error
 
 
+def stored_copies(model: torch.nn.Module, folder: Path, dtypes: tuple[str, ...] = ("float32", "float16", "int8")):
+    """For each storage dtype: (dtype, the file's bytes, the model as the file gives it back, the mean relative
+    weight error of its compressed layers from storage, None for float32), the file read once."""
+    for dtype in dtypes:
+        path = folder / f"stored-{dtype}.sttp.safetensors"
+        size = sc.save(model, path, arch=None, dtype=dtype)
+        data = read_compressed(path)
+        loaded = copy.deepcopy(model)  # the same structure, the file's values
+        loaded.load_state_dict(stored_state(data, path))
+        errs = storage_errors(model, data["state_dict"]) if dtype != "float32" else {}
+        yield dtype, size, loaded, (sum(errs.values()) / len(errs) if errs else None)
+
+
 def main_minilm(args) -> None:
     rows = minilm_rows(args.minilm_ratio, args.texts, args.student, args.texts_file)
     cols = ["model", "method", "ratio", "dtype", "size_bytes", "size_ratio", "storage_rel_error", "cosine", "texts"]
@@ -118,15 +131,9 @@ def main() -> None:
         for ratio in args.ratios:
             model = copy.deepcopy(dense)
             compress_to_target(model, ratio=ratio)
-            for dtype in ("float32", "float16", "int8"):
-                path = Path(tmp) / f"r{ratio:g}-{dtype}.sttp.safetensors"
-                size = sc.save(model, path, arch=None, dtype=dtype)
-                loaded = copy.deepcopy(model)  # the same structure, the file's values
-                loaded.load_state_dict(stored_state(read_compressed(path), path))
-                errs = storage_errors(model, read_compressed(path)["state_dict"]) if dtype != "float32" else {}
+            for dtype, size, loaded, err in stored_copies(model, Path(tmp)):
                 rows.append({"method": "sttp", "ratio": ratio, "dtype": dtype, "size_bytes": size,
-                             "size_ratio": dense_bytes / size,
-                             "storage_rel_error": sum(errs.values()) / len(errs) if errs else None,
+                             "size_ratio": dense_bytes / size, "storage_rel_error": err,
                              "acc": accuracy(loaded, X, Y)})
     for r in rows:
         r["drop"] = round(base - r["acc"], 2)
@@ -178,18 +185,11 @@ def minilm_rows(ratio: float, texts: int, student: Path | None = None, text_file
             result, _ = evaluate_texts(model.eval(), dense, texts_path, folder, torch.device("cpu"), 64)
             return result["cosine"], result["samples"]
 
-        def stored(model: torch.nn.Module, method: str, dtypes: tuple[str, ...]) -> None:
-            for dtype in dtypes:
-                path = Path(tmp) / f"minilm-{dtype}.sttp.safetensors"
-                size = sc.save(model, path, arch=None, dtype=dtype)
-                loaded = copy.deepcopy(model)
-                loaded.load_state_dict(stored_state(read_compressed(path), path))
-                errs = storage_errors(model, read_compressed(path)["state_dict"]) if dtype != "float32" else {}
+        def stored(model: torch.nn.Module, method: str) -> None:
+            for dtype, size, loaded, err in stored_copies(model, Path(tmp)):
                 cos, n = cosine(loaded)
                 rows.append({"method": method, "ratio": ratio, "dtype": dtype, "size_bytes": size,
-                             "size_ratio": dense_bytes / size,
-                             "storage_rel_error": sum(errs.values()) / len(errs) if errs else None, "cosine": cos,
-                             "texts": n})
+                             "size_ratio": dense_bytes / size, "storage_rel_error": err, "cosine": cos, "texts": n})
 
         dense_bytes = sum(t.numel() * 4 for t in dense.state_dict().values() if t.is_floating_point())
         for bits in (8, 4):
@@ -198,11 +198,11 @@ def minilm_rows(ratio: float, texts: int, student: Path | None = None, text_file
                          "size_ratio": dense_bytes / size, "storage_rel_error": err, "cosine": cosine(model)[0]})
         model = copy.deepcopy(dense)
         compress_to_target(model, ratio=ratio, include=["*"])
-        stored(model, "sttp", ("float32", "float16", "int8"))
+        stored(model, "sttp")
         if student is not None:
             model = sc.load(student, arch=f"hf:{folder}")
             ratio = round(count_parameters(dense) / count_parameters(model), 2)
-            stored(model, "sttp distilled", ("float32", "float16", "int8"))
+            stored(model, "sttp distilled")
     for r in rows:
         r.update(model="all-MiniLM-L6-v2", device=machine("cpu"), commit=commit(), date=today())
         r.setdefault("texts", texts)
