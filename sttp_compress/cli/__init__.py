@@ -162,7 +162,7 @@ def compress_cmd(
     seed: int = typer.Option(0, help="Random seed."),
     output: Optional[str] = typer.Option(None, help="Compressed checkpoint path (default: <MODEL stem>.sttp.safetensors beside MODEL; a .pt name writes the format-1 torch file)."),
     force: bool = typer.Option(False, help="Overwrite an existing output."),
-    dtype: str = typer.Option("float32", metavar="float32|float16|bfloat16|int8", help="Stored value type: float32, float16, bfloat16, or int8 (every matrix int8 with a float32 scale per 64 values: the cores' Householder vectors and the dense layers' weights; about 4x smaller than float32)."),
+    dtype: str = typer.Option("float32", metavar="float32|float16|bfloat16|int8", help="Stored value type: float32, float16, bfloat16, or int8 (every matrix int8 with a float16 scale per 64 values: the cores' Householder vectors and the dense layers' weights; about 4x smaller than float32)."),
     report_dir: Optional[str] = typer.Option(None, help="Report folder (default: <output stem>.report/)."),
     trust_pickle: bool = typer.Option(False, help="Allow loading a pickled nn.Module (runs code from the file: only for trusted files)."),
     data: Optional[str] = typer.Option(None, help="Fine-tune data: an ImageFolder root with train/ and val/ (or test/), tensors:FILE.pt, or text:FILE (one text per line; with --arch hf:DIR)."),

@@ -2,7 +2,8 @@
 
 Every floating tensor of two or more dimensions is stored as int8, each row (its first dimension: one frame's
 packed Householder vectors for an STTP layer's group originals, one output channel of a layer that stays
-dense) in blocks of BLOCK values with one float32 scale each.
+dense) in blocks of BLOCK values with one scale each, a float16 one (float32 for a tensor whose scales
+float16's normal range does not hold).
 Vectors (spectra σ, row/column scales, biases, norms) stay float32: they are a few values a layer, and σ
 carries each direction's magnitude, which a shared int8 scale would round away for the small ones.
 
@@ -29,9 +30,12 @@ __all__ = ["SCALES", "stored_in_int8", "quantize_state", "dequantize_state", "qu
 SCALES = "__int8_scale__."  # prefix of the block-scale tensors (rows, blocks) in the file
 QMAX = 127
 # values per scale: a block of 64 Gaussian-like values has absmax ≈ 2.4 rms, so rounding costs ~0.55% (rms,
-# relative) where one scale per 10,000-value row of reflectors cost 1% (absmax ≈ 4.5 rms); the float32
-# scales add 1/16 to the int8 bytes
+# relative) where one scale per 10,000-value row of reflectors cost 1% (absmax ≈ 4.5 rms); float16 scales
+# add 1/32 to the int8 bytes (float32 ones 1/16); rounded against its float16 scale (within 2^-11 of absmax/127),
+# a block's largest value is still within half a step of its int8 value (127·(1 + 2^-11) < 127.5)
 BLOCK = 64
+# float16 holds a scale to 2^-11 of itself between its smallest normal number and its largest
+FLOAT16_SCALES = (torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max)
 
 
 def _blocks(rows: Tensor) -> Tensor:
@@ -41,13 +45,17 @@ def _blocks(rows: Tensor) -> Tensor:
 
 
 def quantize_rows(t: Tensor) -> tuple[Tensor, Tensor]:
-    """(int8 values shaped like t, float32 scales (rows, ⌈n/BLOCK⌉)): each row (t's first dimension, the rest
-    flattened) in blocks of BLOCK values, each block with its own scale absmax/127 (1 for an all-zero block)."""
+    """(int8 values shaped like t, scales (rows, ⌈n/BLOCK⌉)): each row (t's first dimension, the rest flattened)
+    in blocks of BLOCK values, each block with its own scale absmax/127 (1 for an all-zero block), in float16
+    when every scale is within its normal range, else float32. The values are rounded against the stored
+    scale, so `dequantize_rows` gives back exactly what a loaded checkpoint holds."""
     rows = t.detach().float().reshape(t.shape[0], -1)
     blocks = _blocks(rows)
     scale = blocks.abs().amax(dim=2) / QMAX
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(blocks / scale[..., None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    if scale.numel() and FLOAT16_SCALES[0] <= float(scale.min()) and float(scale.max()) <= FLOAT16_SCALES[1]:
+        scale = scale.half()
+    q = torch.round(blocks / scale.float()[..., None]).clamp_(-QMAX, QMAX).to(torch.int8)
     return q.reshape(rows.shape[0], -1)[:, :rows.shape[1]].reshape(t.shape), scale
 
 

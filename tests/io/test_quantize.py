@@ -20,11 +20,25 @@ def test_blocks_round_to_within_half_a_step_and_zero_rows_survive():
     t = torch.randn(5, 10, 13) * torch.tensor([1.0, 10.0, 0.01, 0.0, 3.0]).reshape(5, 1, 1)  # rows of 130 values
     q, scale = quantize_rows(t)
     assert q.dtype == torch.int8 and q.shape == t.shape and scale.shape == (5, 3)  # blocks of 64: 64 + 64 + 2
+    assert scale.dtype == torch.float16  # half the bytes of float32 scales; the values round against it
     assert int(q.abs().max()) == 127
     back = dequantize_rows(q, scale)
     step = scale.repeat_interleave(BLOCK, dim=1)[:, :130].reshape(5, 10, 13)  # each value's own block scale
     assert bool(((back - t).abs() <= step / 2 + 1e-7).all())
     assert bool((back[3] == 0).all()) and bool((scale[3] == 1.0).all())
+
+
+def test_scales_outside_float16s_range_stay_float32_and_float32_scales_still_load():
+    torch.manual_seed(0)
+    for size in (1e-9, 1e7):  # absmax/127 below float16's smallest normal number, above its largest
+        t = torch.randn(4, 100) * size
+        q, scale = quantize_rows(t)
+        assert scale.dtype == torch.float32
+        step = scale.repeat_interleave(BLOCK, dim=1)[:, :100]
+        assert bool(((dequantize_rows(q, scale) - t).abs() <= step / 2 * (1 + 1e-6)).all())
+    q, scale = quantize_rows(torch.randn(4, 100))
+    old = {"w": q, SCALES + "w": scale.float()}  # a file written with float32 scales
+    torch.testing.assert_close(dequantize_state(old)["w"], dequantize_rows(q, scale), rtol=0, atol=0)
 
 
 def model() -> nn.Module:
