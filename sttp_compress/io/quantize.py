@@ -4,8 +4,9 @@ Every floating tensor of two or more dimensions is stored as int8, each row (its
 packed Householder vectors for an STTP layer's group originals, one output channel of a layer that stays
 dense) in blocks of BLOCK values with one scale each, a float16 one (float32 for a tensor whose scales
 float16's normal range does not hold).
-Vectors (spectra σ, row/column scales, biases, norms) stay float32: they are a few values a layer, and σ
-carries each direction's magnitude, which a shared int8 scale would round away for the small ones.
+Vectors (spectra σ, row/column scales, biases, norms) are stored in float16 when its normal range holds every
+nonzero value, else float32: not int8, since σ carries each direction's magnitude, which a shared int8 scale
+would round away for the small ones, while float16 keeps each value to 2^-11 of itself.
 
 Rounding the reflector vectors keeps every frame exactly orthonormal: a Householder reflector
 I − 2hhᵀ/‖h‖² is orthogonal for any nonzero h, so only the directions move (method notes §2).
@@ -25,7 +26,7 @@ from sttp_compress.compress.convert import named_layers, parametrization
 from sttp_compress.core.forms import layer_originals
 from sttp_compress.core.spectral_tt import is_parametrized
 
-__all__ = ["SCALES", "stored_in_int8", "quantize_state", "dequantize_state", "quantize_rows", "dequantize_rows", "storage_errors"]
+__all__ = ["SCALES", "stored_in_int8", "in_float16_range", "quantize_state", "dequantize_state", "quantize_rows", "dequantize_rows", "storage_errors"]
 
 SCALES = "__int8_scale__."  # prefix of the block-scale tensors (rows, blocks) in the file
 QMAX = 127
@@ -34,8 +35,8 @@ QMAX = 127
 # add 1/32 to the int8 bytes (float32 ones 1/16); rounded against its float16 scale (within 2^-11 of absmax/127),
 # a block's largest value is still within half a step of its int8 value (127·(1 + 2^-11) < 127.5)
 BLOCK = 64
-# float16 holds a scale to 2^-11 of itself between its smallest normal number and its largest
-FLOAT16_SCALES = (torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max)
+# float16 holds a value to 2^-11 of itself between its smallest normal number and its largest
+FLOAT16_RANGE = (torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max)
 
 
 def _blocks(rows: Tensor) -> Tensor:
@@ -53,7 +54,7 @@ def quantize_rows(t: Tensor) -> tuple[Tensor, Tensor]:
     blocks = _blocks(rows)
     scale = blocks.abs().amax(dim=2) / QMAX
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    if scale.numel() and FLOAT16_SCALES[0] <= float(scale.min()) and float(scale.max()) <= FLOAT16_SCALES[1]:
+    if in_float16_range(scale):
         scale = scale.half()
     q = torch.round(blocks / scale.float()[..., None]).clamp_(-QMAX, QMAX).to(torch.int8)
     return q.reshape(rows.shape[0], -1)[:, :rows.shape[1]].reshape(t.shape), scale
@@ -70,15 +71,26 @@ def stored_in_int8(t: Tensor) -> bool:
     return t.is_floating_point() and t.dim() >= 2 and t.numel() > 0
 
 
+def in_float16_range(t: Tensor) -> bool:
+    """Whether float16 holds every value of t to 2^-11 of itself: finite, and each nonzero magnitude between its
+    smallest normal number and its largest."""
+    a = t.detach().float().abs()
+    nonzero = a[a > 0]
+    return bool(torch.isfinite(a).all()) and (nonzero.numel() == 0 or (
+        FLOAT16_RANGE[0] <= float(nonzero.min()) and float(nonzero.max()) <= FLOAT16_RANGE[1]))
+
+
 def quantize_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The state dict as stored in int8: matrices as int8 with their block scales under SCALES + name,
-    everything else as float32 (floating) or unchanged."""
+    """The state dict as stored in int8: matrices as int8 with their block scales under SCALES + name, other
+    floating tensors in float16 where `in_float16_range`, else float32, and the rest unchanged."""
     out: dict[str, Tensor] = {}
     for key, t in state.items():
         if stored_in_int8(t):
             out[key], out[SCALES + key] = quantize_rows(t)
+        elif t.is_floating_point():
+            out[key] = t.detach().half() if in_float16_range(t) else t.detach().float()
         else:
-            out[key] = t.detach().float() if t.is_floating_point() else t.detach()
+            out[key] = t.detach()
     return out
 
 
@@ -99,7 +111,7 @@ def dequantize_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
                 raise ValueError(f"int8 tensor {key!r} has a scale that is not finite")
             out[key] = dequantize_rows(t, scale)
         else:
-            out[key] = t
+            out[key] = t.float() if t.is_floating_point() else t
     return out
 
 

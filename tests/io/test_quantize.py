@@ -41,6 +41,19 @@ def test_scales_outside_float16s_range_stay_float32_and_float32_scales_still_loa
     torch.testing.assert_close(dequantize_state(old)["w"], dequantize_rows(q, scale), rtol=0, atol=0)
 
 
+def test_vectors_are_stored_in_float16_unless_a_value_falls_outside_its_normal_range():
+    state = {"bias": torch.tensor([0.5, -3.0, 0.0, 1e-3]), "running_var": torch.tensor([1.0, 1e-7]),
+             "big": torch.tensor([1e6]), "steps": torch.tensor(7), "w": torch.randn(3, 5)}
+    stored = quantize_state(state)
+    assert stored["bias"].dtype == torch.float16 and stored["steps"].dtype == torch.int64
+    assert stored["running_var"].dtype == torch.float32 and stored["big"].dtype == torch.float32  # 1e-7, 1e6
+    back = dequantize_state(stored)
+    assert all(back[k].dtype == torch.float32 for k in ("bias", "running_var", "big", "w"))
+    torch.testing.assert_close(back["bias"], state["bias"].half().float(), rtol=0, atol=0)
+    torch.testing.assert_close(back["bias"], state["bias"], rtol=2 ** -11, atol=0)
+    assert torch.equal(back["running_var"], state["running_var"]) and torch.equal(back["big"], state["big"])
+
+
 def model() -> nn.Module:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
@@ -55,7 +68,7 @@ def test_int8_checkpoint_is_smaller_loads_with_orthonormal_frames_and_close_weig
     i8 = sc.save(net, tmp_path / "i8.sttp.safetensors", arch=None, dtype="int8")
     data = {n: read_compressed(tmp_path / f"{n}.sttp.safetensors")["state_dict"] for n in ("f32", "i8")}
     nbytes = {n: sum(t.numel() * t.element_size() for t in d.values()) for n, d in data.items()}
-    assert i8 < f32 and nbytes["i8"] < 0.4 * nbytes["f32"]  # tensors (the header is the same); vectors stay float32
+    assert i8 < f32 and nbytes["i8"] < 0.4 * nbytes["f32"]  # tensors (the header is the same)
     loaded = model()  # the same structure; its parameters are replaced by the file's
     state = stored_state(read_compressed(tmp_path / "i8.sttp.safetensors"), "i8")
     loaded.load_state_dict(state)
@@ -95,8 +108,8 @@ def test_bad_dtype_names_the_choices(tmp_path):
 
 
 def test_stored_values_are_what_a_checkpoint_gives_back():
-    """`stored_values` rounds as the file does: int8 matrices through their block scales (vectors and integers
-    untouched), float16 every floating tensor; dtypes stay those of the model."""
+    """`stored_values` rounds as the file does: int8 matrices through their block scales, vectors to float16
+    (integers untouched), float16 every floating tensor; dtypes stay those of the model."""
     from sttp_compress.io.checkpoint import stored_values
 
     torch.manual_seed(0)
@@ -104,7 +117,7 @@ def test_stored_values_are_what_a_checkpoint_gives_back():
     back = stored_values(state, "int8")
     assert torch.equal(back["w"], dequantize_state(quantize_state(state))["w"])
     assert not torch.equal(back["w"], state["w"]) and back["w"].dtype == torch.float32
-    assert torch.equal(back["b"], state["b"]) and torch.equal(back["n"], state["n"])
+    assert torch.equal(back["b"], state["b"].half().float()) and torch.equal(back["n"], state["n"])
     half = stored_values(state, "float16")
     assert torch.equal(half["b"], state["b"].half().float()) and not torch.equal(half["b"], state["b"])
     assert torch.equal(stored_values(state, "float32")["w"], state["w"])
