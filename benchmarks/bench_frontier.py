@@ -184,7 +184,7 @@ def anchor_rows(teacher: Path, arch: str, loaders: tuple, epochs: int, bits_list
         acc_after = round(100 * evaluate(student.to(device), loaders[2], device, "off")["accuracy"], 2)
         rows.append({"model": arch, "teacher_acc": teacher_acc, "method": "weight-only", "target_ratio": None,
                      "achieved_ratio": 1.0, "size_ratio": round(dense_bytes / size, 2), "size_bytes": size,
-                     "size_from": "packed (bits/8 a weight + a float32 scale a channel), not a written file",
+                     "size_from": "packed (bits/8 a weight + a float16 scale a channel, the rest float16), not a written file",
                      "dtype": f"int{bits}", "seed": 0, "acc_before": acc_before, "acc_after": acc_after,
                      "epochs": block["epochs"], "seconds": block["seconds"], "dense_finetune_seconds": dense_s,
                      "time_ratio": round(block["seconds"] / dense_s, 2) if dense_s else None, "warnings": [],

@@ -9,7 +9,7 @@ The shared CIFAR-10 ResNet-18 (../shared/models) is compressed by `compress_to_t
 saved with `sc.save(..., dtype=...)`; its accuracy is measured after loading the file back (what a user
 gets). The anchors quantize every weight matrix of the dense teacher per output channel, symmetric, to
 int8 / int4 / int3 / int2 (biases and norms float32), with `size_bytes` the packed size (bits/8 per
-value + a float32 scale per channel + the float32 rest). Accuracy is on the first `--images` of a fixed
+value + a float16 scale per channel + the float16 rest, as sttp-compress's int8 files store them). Accuracy is on the first `--images` of a fixed
 shuffle of the test split (seed 0): a zero-shot comparison, nothing is selected on it. The fine-tuned
 rows (10 epochs of distillation, straight-through rounding for the anchors) are the GPU frontier's
 (benchmarks/bench_frontier.py, issue "GPU run: ... frontier").

@@ -2,8 +2,8 @@
 
 Every weight matrix (a `weight` of two or more dimensions: convolutions, Linear, Embedding) is rounded per
 output channel, symmetric, to `bits` (scale = max |w| of the channel / (2^(bits-1) - 1)); biases and norms
-stay float32. `packed_bytes` is the file such a model needs: bits/8 per rounded value, a float32 scale per
-channel, the rest in float32. `straight_through` fine-tunes through the rounding (the forward sees the
+stay float32. `packed_bytes` is the file such a model needs: bits/8 per rounded value, a float16 scale per
+channel, the rest in float16 (as sttp-compress's int8 files store theirs since 2fc91d3; float32 before). `straight_through` fine-tunes through the rounding (the forward sees the
 rounded weight, the gradient passes to the float weight as if it were not rounded), as the usual
 quantization-aware training does.
 """
@@ -53,15 +53,15 @@ def quantize_(model: nn.Module, bits: int) -> float:
 
 
 def packed_bytes(model: nn.Module, bits: int) -> int:
-    """Bytes of the quantized model stored packed: bits/8 a rounded value, a float32 scale a channel, the
-    other floating tensors of the state dict in float32."""
+    """Bytes of the quantized model stored packed: bits/8 a rounded value, a float16 scale a channel, the
+    other floating tensors of the state dict in float16 (integer buffers at their own size)."""
     quantized = {id(getattr(m, n)) for m, n in matrices(model)}
     size = 0
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) in quantized:
-            size += (t.numel() * bits + 7) // 8 + 4 * t.shape[0]
+            size += (t.numel() * bits + 7) // 8 + 2 * t.shape[0]
         else:
-            size += t.numel() * (4 if t.is_floating_point() else t.element_size())
+            size += t.numel() * (2 if t.is_floating_point() else t.element_size())
     return size
 
 

@@ -70,3 +70,13 @@ def test_teacher_training_and_the_frontier_bench_run_on_a_tiny_set(cifar_like: P
     assert r["validation"]["source"].startswith("held out of") and r["validation"]["images"] == 10
     assert r["acc_after"] is not None and r["command"].startswith("sttp-compress ")
     assert (results.read_text() if results.exists() else None) == stored  # --no-save wrote nothing
+
+
+def test_weight_only_anchor_bytes_count_packed_values_float16_scales_and_a_float16_rest():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from weight_quant import packed_bytes
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4))  # BatchNorm: 4 floats x 4, an int64
+    # int4: 32 weights in 16 bytes, 4 float16 scales, then the bias, BatchNorm's 16 floats in float16, 8 bytes
+    assert packed_bytes(net, 4) == 16 + 2 * 4 + 2 * 4 + 2 * 16 + 8
+    assert packed_bytes(net, 3) == 12 + 8 + 8 + 32 + 8  # 96 bits: 12 bytes
