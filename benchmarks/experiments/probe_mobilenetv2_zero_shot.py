@@ -1,0 +1,71 @@
+"""Why MobileNetV2 starts its fine-tune at chance: zero-shot accuracy at ratio 10 through the CLI (CPU).
+
+    python benchmarks/experiments/probe_mobilenetv2_zero_shot.py --teacher .carry/teachers/mobilenetv2.pt --data /tmp/cifar
+
+The frontier's MobileNetV2 rows start their fine-tune at 10% even at ratio 10 (ResNet-18 there: 89%). This runs
+`sttp-compress TEACHER --ratio 10 --epochs 0` as a user does (no fine-tuning) with and without
+`--bn-recalibrate 100` (BatchNorm statistics re-estimated on 100 training batches) and with the depthwise
+convolutions kept dense (`--exclude`), and reads the report's validation accuracy before fine-tuning (the CLI's
+held-out 10% of train/, which the teacher did not train on) and each variant's largest layer errors. Nothing is
+chosen on the test split (the CLI reports it; it is not read here). Writes
+benchmarks/results/experiments/mobilenetv2_zero_shot.json (+ .md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import commit, machine, markdown_table, today, write_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+MEAN, STD = "0.4914,0.4822,0.4465", "0.2470,0.2435,0.2616"
+DEPTHWISE = ["--exclude", "features.3.conv.0", "--exclude", "features.[4-9].conv.3", "--exclude", "features.1[0-9].conv.3"]
+VARIANTS = {"defaults": [], "bn-recalibrate 100": ["--bn-recalibrate", "100"], "depthwise dense": DEPTHWISE,
+            "depthwise dense, bn-recalibrate 100": [*DEPTHWISE, "--bn-recalibrate", "100"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--teacher", required=True, help="MobileNetV2 state_dict (benchmarks/train_teacher.py)")
+    ap.add_argument("--data", required=True, help="folder with train/ and test/")
+    ap.add_argument("--ratio", type=float, default=10)
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in VARIANTS.items():
+            cmd = [sys.executable, "-m", "sttp_compress.cli", args.teacher, "--arch",
+                   "benchmarks/cifar_teachers.py:mobilenetv2", "--ratio", f"{args.ratio:g}", "--data", args.data,
+                   "--epochs", "0", "--mean", MEAN, "--std", STD, "--output", f"{tmp}/m{len(rows)}-{len(name)}.sttp.safetensors", "--json",
+                   *extra]
+            t = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{name}: exit {proc.returncode}: {proc.stderr.strip()[-300:]}", flush=True)
+                continue
+            report = json.loads(proc.stdout)
+            ft, layers = report["finetune"], report["layers"]
+            worst = sorted(layers, key=lambda l: -l["rel_error"])[:3]
+            dw = [l for l in layers if l["name"] in {"features.3.conv.0"} or
+                  (l["name"].startswith("features.") and l["name"].endswith("conv.3"))]
+            rows.append({"variant": name, "ratio": args.ratio, "achieved_ratio": round(report["totals"]["ratio"], 2),
+                         "compressed_layers": len(layers), "depthwise_compressed": len(dw),
+                         "val_acc_teacher": ft.get("original_val_accuracy"), "val_acc_zero_shot": ft.get("val_accuracy_before"),
+                         "mean_rel_error": round(sum(l["rel_error"] for l in layers) / len(layers), 4),
+                         "worst_layers": ", ".join(f"{l['name']} {l['rel_error']:.2f}" for l in worst),
+                         "seconds": round(time.perf_counter() - t, 1), "device": machine("cpu"), "commit": commit(),
+                         "date": today()})
+            print(json.dumps(rows[-1]), flush=True)
+    md = (f"# MobileNetV2 at ratio {args.ratio:g} before fine-tuning ({today()}, commit {commit()}, {machine('cpu')})\n\n"
+          f"{__doc__.split(chr(10) + chr(10), 1)[1]}\n" + markdown_table(rows, list(rows[0])))
+    write_results("mobilenetv2_zero_shot", rows, {"date": today(), "teacher": args.teacher}, md)
+
+
+if __name__ == "__main__":
+    main()
