@@ -10,7 +10,6 @@ A=benchmarks/cifar_teachers.py
 DW="--exclude features.3.conv.0 --exclude features.[4-9].conv.3 --exclude features.1[0-9].conv.3"
 for a in $TEACHERS; do timeout 300 python3 benchmarks/train_teacher.py --arch $a --data /tmp/cifar --out .teachers > /tmp/logs/train_$a.log 2>&1 & done
 wait; ls -la .teachers; echo "teachers done at $((SECONDS-T0)) s"
-L=$((END-SECONDS+T0))
 run() { while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done; L=$((END-SECONDS+T0)); n=$1; shift; timeout $L sttp-compress .teachers/mobilenetv2.pt --arch $A:mobilenetv2 --data /tmp/cifar $M --output /tmp/o/$n.sttp.pt --json "$@" > /tmp/logs/mb_$n.json 2> /tmp/logs/mb_$n.err & }
 run zs10bn --ratio 10 --epochs 0 --bn-recalibrate 100
 run r10 --ratio 10 --epochs 10

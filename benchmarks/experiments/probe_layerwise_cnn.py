@@ -100,13 +100,14 @@ def main() -> None:
     sc.compress_(converted, sc.CompressConfig(ratio=args.ratio))
     steps = args.epochs * -(-args.train // args.batch_size)
     rows = []
+    tapped_teacher = Tapped(teacher, BLOCKS)  # once: each wrapper hooks the teacher's blocks
     for arm in ("kd", "kd+blocks"):
         student = Tapped(copy.deepcopy(converted), BLOCKS)
         train = DeviceTensorLoader(images[tr], labels[tr], args.batch_size, MEAN, STD, True, "cpu", seed=0)
         val = DeviceTensorLoader(val_images[va], val_labels[va], 500, MEAN, STD, False, "cpu")
         cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, loss_fn=make_loss(arm != "kd", steps))
         t = time.perf_counter()
-        block = finetune(student, Tapped(teacher, BLOCKS), train, val, cfg, progress=False)
+        block = finetune(student, tapped_teacher, train, val, cfg, progress=False)
         row = {"arm": arm, "ratio": args.ratio, "train_images": args.train, "val_images": args.val,
                "epochs": args.epochs, "steps": block["steps"], "val_acc_teacher": block["original_val_accuracy"],
                "val_acc_before": block["val_accuracy_before"], "val_acc_after": block["val_accuracy_after"],

@@ -14,6 +14,7 @@ benchmarks/results/experiments/mobilenetv2_zero_shot.json (+ .md).
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import subprocess
 import sys
@@ -26,7 +27,8 @@ from common import commit, machine, markdown_table, today, write_results  # noqa
 
 ROOT = Path(__file__).resolve().parents[2]
 MEAN, STD = "0.4914,0.4822,0.4465", "0.2470,0.2435,0.2616"
-DEPTHWISE = ["--exclude", "features.3.conv.0", "--exclude", "features.[4-9].conv.3", "--exclude", "features.1[0-9].conv.3"]
+DEPTHWISE_GLOBS = ["features.3.conv.0", "features.[4-9].conv.3", "features.1[0-9].conv.3"]
+DEPTHWISE = [arg for glob in DEPTHWISE_GLOBS for arg in ("--exclude", glob)]
 VARIANTS = {"defaults": [], "bn-recalibrate 100": ["--bn-recalibrate", "100"], "depthwise dense": DEPTHWISE,
             "depthwise dense, bn-recalibrate 100": [*DEPTHWISE, "--bn-recalibrate", "100"]}
 
@@ -39,10 +41,10 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, extra in VARIANTS.items():
+        for i, (name, extra) in enumerate(VARIANTS.items()):
             cmd = [sys.executable, "-m", "sttp_compress.cli", args.teacher, "--arch",
                    "benchmarks/cifar_teachers.py:mobilenetv2", "--ratio", f"{args.ratio:g}", "--data", args.data,
-                   "--epochs", "0", "--mean", MEAN, "--std", STD, "--output", f"{tmp}/m{len(rows)}-{len(name)}.sttp.safetensors", "--json",
+                   "--epochs", "0", "--mean", MEAN, "--std", STD, "--output", f"{tmp}/m{i}.sttp.safetensors", "--json",
                    *extra]
             t = time.perf_counter()
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -52,8 +54,7 @@ def main() -> None:
             report = json.loads(proc.stdout)
             ft, layers = report["finetune"], report["layers"]
             worst = sorted(layers, key=lambda l: -l["rel_error"])[:3]
-            dw = [l for l in layers if l["name"] in {"features.3.conv.0"} or
-                  (l["name"].startswith("features.") and l["name"].endswith("conv.3"))]
+            dw = [l for l in layers if any(fnmatch.fnmatchcase(l["name"], g) for g in DEPTHWISE_GLOBS)]
             rows.append({"variant": name, "ratio": args.ratio, "achieved_ratio": round(report["totals"]["ratio"], 2),
                          "compressed_layers": len(layers), "depthwise_compressed": len(dw),
                          "val_acc_teacher": ft.get("original_val_accuracy"), "val_acc_zero_shot": ft.get("val_accuracy_before"),
