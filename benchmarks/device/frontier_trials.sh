@@ -1,11 +1,12 @@
-# Call: (re)train teachers, then MobileNetV2 recipe trials at ratio 10 and ResNet-18's frontier rows (bench_frontier.py).
+# Call: (re)train teachers, then frontier rows (bench_frontier.py, a process each) and MobileNetV2 recipe trials at ratio 10.
 # Env: TEACHERS to train (default "mobilenetv2 resnet18"; empty: none, the weights carried in .carry/teachers);
-# TRIALS, names from the table below (default all); R18_RATIOS, ResNet-18 ratios for sttp/svdp/svd, one bench_frontier
-# process each (default "10 20 50"; empty: none), STTP stored as R18_DTYPES (default float32); END, seconds by which everything is ended (default 560); JOBS runs at
-# once (default 4: on 2026-12-07 ten side by side, each decoding CIFAR-10 on the CPU, finished none in 280 s).
+# RUNS, frontier rows as MODEL:METHOD:RATIO[:DTYPE] (DTYPE float32 unless given), one bench_frontier process each, in
+# that order (default: ResNet-18's sttp/svdp/svd at 10, 20, 50); TRIALS, MobileNetV2 recipe trials named in the table
+# below, after the runs (default all); END, seconds by which everything is ended (default 560); JOBS, processes at once
+# (default 4: on 2026-12-07 ten side by side, each decoding CIFAR-10 on the CPU, finished none in 280 s).
 T0=$SECONDS
 TEACHERS=${TEACHERS-"mobilenetv2 resnet18"}; END=${END:-560}; JOBS=${JOBS:-4}
-TRIALS=${TRIALS-"zs10bn r10 r10bn r10lr r10free r10slr r10sgd r10dw"}; R18_RATIOS=${R18_RATIOS-"10 20 50"}; R18_DTYPES=${R18_DTYPES:-float32}
+TRIALS=${TRIALS-"zs10bn r10 r10bn r10lr r10free r10slr r10sgd r10dw"}; RUNS=${RUNS-"$(for r in 10 20 50; do printf 'resnet18:%s:%s ' sttp $r svdp $r svd $r; done)"}
 source benchmarks/device/setup.sh
 M="--mean 0.4914,0.4822,0.4465 --std 0.2470,0.2435,0.2616"
 A=benchmarks/cifar_teachers.py
@@ -23,7 +24,7 @@ declare -A F=(
 for a in $TEACHERS; do timeout 300 python3 benchmarks/train_teacher.py --arch $a --data /tmp/cifar --out .teachers > /tmp/logs/train_$a.log 2>&1 & done
 wait; ls -la .teachers; echo "teachers done at $((SECONDS-T0)) s"
 slot() { while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done; L=$((END-SECONDS+T0)); }
-for r in $R18_RATIOS; do slot; timeout $L python3 benchmarks/bench_frontier.py --teachers .teachers --data /tmp/cifar --models resnet18 --methods sttp svdp svd --ratios $r --dtypes $R18_DTYPES --no-dense > /tmp/logs/fr_r18_$r.log 2>&1 & done
+for x in $RUNS; do IFS=: read -r m me r d <<< "$x"; slot; echo "start $x at $((SECONDS-T0)) s"; timeout $L python3 benchmarks/bench_frontier.py --teachers .teachers --data /tmp/cifar --models $m --methods $me --ratios $r --dtypes ${d:-float32} --no-dense > /tmp/logs/fr_${m}_${me}_${r}_${d:-float32}.log 2>&1 & done
 for n in $TRIALS; do slot; echo "start $n at $((SECONDS-T0)) s"; timeout $L sttp-compress .teachers/mobilenetv2.pt --arch $A:mobilenetv2 --data /tmp/cifar $M --output /tmp/o/$n.sttp.pt --json ${F[$n]} > /tmp/logs/mb_$n.json 2> /tmp/logs/mb_$n.err & done
 wait; echo "trials done at $((SECONDS-T0)) s"
 source benchmarks/device/pack.sh
