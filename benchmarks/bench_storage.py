@@ -2,10 +2,13 @@
 teacher at equal file size, zero-shot (no fine-tuning), on this machine's CPUs.
 
     python benchmarks/bench_storage.py [--data DIR] [--images 3000] [--ratios 10 20 50]
+    python benchmarks/bench_storage.py --model .teachers/mobilenetv2.pt --arch benchmarks/cifar_teachers.py:mobilenetv2
+        --data DIR --ratios 10 20                                      # -> results/storage_mobilenetv2
     python benchmarks/bench_storage.py --minilm [--minilm-ratio 4] [--texts 1000]   # -> results/storage_minilm
         [--student CKPT --texts-file .data/text/heldout.txt]   # + a distilled checkpoint stored three ways
 
-The shared CIFAR-10 ResNet-18 (../shared/models) is compressed by `compress_to_target` at each ratio and
+The shared CIFAR-10 ResNet-18 (../shared/models), or another CIFAR-10 state_dict with `--model` and `--arch`
+(a train_teacher.py teacher: results/storage_<file stem>), is compressed by `compress_to_target` at each ratio and
 saved with `sc.save(..., dtype=...)`; its accuracy is measured after loading the file back (what a user
 gets). The anchors quantize every weight matrix of the dense teacher per output channel, symmetric, to
 int8 / int4 / int3 / int2 (biases and norms float32), with `size_bytes` the packed size (bits/8 per
@@ -105,6 +108,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, help="CIFAR-10 as image folders (test/<class>/*.jpg)")
     ap.add_argument("--images", type=int, default=3000)
     ap.add_argument("--ratios", type=float, nargs="+", default=[10, 20, 50])
+    ap.add_argument("--model", type=Path, help="a CIFAR-10 state_dict (default: the shared ResNet-18)")
+    ap.add_argument("--arch", help="--model's architecture (--arch spec of sttp-compress)")
     ap.add_argument("--minilm", action="store_true", help="all-MiniLM-L6-v2 instead (-> results/storage_minilm)")
     ap.add_argument("--minilm-ratio", type=float, default=4)
     ap.add_argument("--texts", type=int, default=1000)
@@ -114,8 +119,13 @@ def main() -> None:
     if args.minilm:
         main_minilm(args)
         return
+    if (args.model is None) != (args.arch is None):
+        ap.error("--model and --arch go together")
     torch.manual_seed(0)
-    dense = load_model(str(SHARED / "models" / "resnet18_cifar10.pt"), ARCH)
+    model_path, arch = (args.model, args.arch) if args.model else (SHARED / "models" / "resnet18_cifar10.pt", ARCH)
+    name, label = ((f"storage_{args.model.stem}", f"The CIFAR-10 teacher {args.model.name} ({args.arch})")
+                   if args.model else ("storage", "The shared CIFAR-10 ResNet-18"))
+    dense = load_model(str(model_path), arch)
     X, Y = test_images(args.data, args.images)
     with tempfile.TemporaryDirectory() as tmp:
         dense_file = Path(tmp) / "dense.pt"
@@ -139,12 +149,13 @@ def main() -> None:
         r["drop"] = round(base - r["acc"], 2)
         r["images"] = len(X)
         r.update(device=machine("cpu"), commit=commit(), date=today())
-    print_table("storage", rows, COLUMNS)
+    print_table(name, rows, COLUMNS)
     md = (f"# Bytes: STTP storage against weight-only quantization, zero-shot ({today()}, commit {commit()}, "
-          f"{machine('cpu')})\n\nThe shared CIFAR-10 ResNet-18, no fine-tuning; accuracy on {len(X)} test images "
+          f"{machine('cpu')})\n\n{label}, no fine-tuning; accuracy on {len(X)} test images "
           "(fixed shuffle, seed 0). `size_ratio` = the dense float32 file / this file.\n\n"
           + markdown_table(rows, COLUMNS))
-    write_results("storage", rows, {"date": today(), "device": machine("cpu"), "images": len(X)}, md)
+    write_results(name, rows, {"date": today(), "device": machine("cpu"), "images": len(X),
+                               "command": "python benchmarks/bench_storage.py " + " ".join(sys.argv[1:])}, md)
 
 
 def doc_sentences(n: int = 1000) -> list[str]:

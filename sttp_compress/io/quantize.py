@@ -4,9 +4,10 @@ Every floating tensor of two or more dimensions is stored as int8, each row (its
 packed Householder vectors for an STTP layer's group originals, one output channel of a layer that stays
 dense) in blocks of BLOCK values with one scale each, a float16 one (float32 for a tensor whose scales
 float16's normal range does not hold).
-Vectors (spectra σ, row/column scales, biases, norms) are stored in float16 when its normal range holds every
-nonzero value, else float32: not int8, since σ carries each direction's magnitude, which a shared int8 scale
-would round away for the small ones, while float16 keeps each value to 2^-11 of itself.
+Vectors (spectra σ, row/column scales, biases, norms) are stored in float16 when it keeps the vector to its own
+precision as a whole (‖v₁₆ − v‖ ≤ 2^-11 ‖v‖: tiny entries beside large ones may go subnormal), else float32:
+not int8, since σ carries each direction's magnitude, which a shared int8 scale would round away for the small
+ones, while float16 keeps each value of its normal range to 2^-11 of itself.
 
 Rounding the reflector vectors keeps every frame exactly orthonormal: a Householder reflector
 I − 2hhᵀ/‖h‖² is orthogonal for any nonzero h, so only the directions move (method notes §2).
@@ -26,7 +27,7 @@ from sttp_compress.compress.convert import named_layers, parametrization
 from sttp_compress.core.forms import layer_originals
 from sttp_compress.core.spectral_tt import is_parametrized
 
-__all__ = ["SCALES", "stored_in_int8", "in_float16_range", "quantize_state", "dequantize_state", "quantize_rows", "dequantize_rows", "storage_errors"]
+__all__ = ["SCALES", "stored_in_int8", "in_float16_range", "float16_keeps", "quantize_state", "dequantize_state", "quantize_rows", "dequantize_rows", "storage_errors"]
 
 SCALES = "__int8_scale__."  # prefix of the block-scale tensors (rows, blocks) in the file
 QMAX = 127
@@ -54,7 +55,7 @@ def quantize_rows(t: Tensor) -> tuple[Tensor, Tensor]:
     blocks = _blocks(rows)
     scale = blocks.abs().amax(dim=2) / QMAX
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    if in_float16_range(scale):
+    if in_float16_range(scale):  # each scale to 2^-11: the half-step bound above holds in every block
         scale = scale.half()
     q = torch.round(blocks / scale.float()[..., None]).clamp_(-QMAX, QMAX).to(torch.int8)
     return q.reshape(rows.shape[0], -1)[:, :rows.shape[1]].reshape(t.shape), scale
@@ -73,22 +74,33 @@ def stored_in_int8(t: Tensor) -> bool:
 
 def in_float16_range(t: Tensor) -> bool:
     """Whether float16 holds every value of t to 2^-11 of itself: finite, and each nonzero magnitude between its
-    smallest normal number and its largest."""
+    smallest normal number and its largest (the rule for block scales: each one scales its own block)."""
     a = t.detach().float().abs()
     nonzero = a[a > 0]
     return bool(torch.isfinite(a).all()) and (nonzero.numel() == 0 or (
         FLOAT16_RANGE[0] <= float(nonzero.min()) and float(nonzero.max()) <= FLOAT16_RANGE[1]))
 
 
+def float16_keeps(t: Tensor) -> bool:
+    """Whether float16 holds the tensor t as a whole to its own precision: finite, no magnitude above its largest
+    number, and ‖t₁₆ − t‖ ≤ 2^-11 ‖t‖. Tiny entries beside large ones may go subnormal (a dead channel's
+    BatchNorm variance of 1e-7 next to variances near 1: an absolute error of at most 3e-8, far below the
+    BatchNorm's eps); a tensor made only of tiny values keeps float32."""
+    a = t.detach().float()
+    if not bool(torch.isfinite(a).all()) or (a.numel() and float(a.abs().max()) > FLOAT16_RANGE[1]):
+        return False
+    return float(torch.linalg.vector_norm(a.half().float() - a)) <= 2 ** -11 * float(torch.linalg.vector_norm(a))
+
+
 def quantize_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The state dict as stored in int8: matrices as int8 with their block scales under SCALES + name, other
-    floating tensors in float16 where `in_float16_range`, else float32, and the rest unchanged."""
+    floating tensors in float16 where `float16_keeps` them, else float32, and the rest unchanged."""
     out: dict[str, Tensor] = {}
     for key, t in state.items():
         if stored_in_int8(t):
             out[key], out[SCALES + key] = quantize_rows(t)
         elif t.is_floating_point():
-            out[key] = t.detach().half() if in_float16_range(t) else t.detach().float()
+            out[key] = t.detach().half() if float16_keeps(t) else t.detach().float()
         else:
             out[key] = t.detach()
     return out
