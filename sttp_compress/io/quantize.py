@@ -4,8 +4,9 @@ Every floating tensor of two or more dimensions is stored as int8, each row (its
 packed Householder vectors for an STTP layer's group originals, one output channel of a layer that stays
 dense) in blocks of BLOCK values with one scale each, a float16 one (float32 for a tensor whose scales
 float16's normal range does not hold).
-Vectors (spectra σ, row/column scales, biases, norms) are stored in float16 when it keeps the vector to its own
-precision as a whole (‖v₁₆ − v‖ ≤ 2^-11 ‖v‖: tiny entries beside large ones may go subnormal), else float32:
+Vectors (biases, norms, BatchNorm statistics) are stored in float16 when it keeps the vector to its own
+precision as a whole (‖v₁₆ − v‖ ≤ 2^-11 ‖v‖: tiny entries beside large ones may go subnormal), a compressed
+layer's spectra σ and row/column scales when float16's normal range holds every nonzero value; else float32:
 not int8, since σ carries each direction's magnitude, which a shared int8 scale would round away for the small
 ones, while float16 keeps each value of its normal range to 2^-11 of itself.
 
@@ -30,6 +31,7 @@ from sttp_compress.core.spectral_tt import is_parametrized
 __all__ = ["SCALES", "stored_in_int8", "in_float16_range", "float16_keeps", "quantize_state", "dequantize_state", "quantize_rows", "dequantize_rows", "storage_errors"]
 
 SCALES = "__int8_scale__."  # prefix of the block-scale tensors (rows, blocks) in the file
+PARAMETRIZED = ".parametrizations."  # in the names of a compressed layer's originals (torch.nn.utils.parametrize)
 QMAX = 127
 # values per scale: a block of 64 Gaussian-like values has absmax ≈ 2.4 rms, so rounding costs ~0.55% (rms,
 # relative) where one scale per 10,000-value row of reflectors cost 1% (absmax ≈ 4.5 rms); float16 scales
@@ -94,13 +96,17 @@ def float16_keeps(t: Tensor) -> bool:
 
 def quantize_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The state dict as stored in int8: matrices as int8 with their block scales under SCALES + name, other
-    floating tensors in float16 where `float16_keeps` them, else float32, and the rest unchanged."""
+    floating tensors in float16 where `float16_keeps` them, else float32, and the rest unchanged. A compressed
+    layer's own vectors (spectrum σ, row scales ρ, column scales γ) keep the value-wise rule (`in_float16_range`):
+    W = diag(ρ)·U Σ Vᵀ·diag(γ) can pair a small ρ_i or γ_j with a large row or column (ρ = 1/√w, γ = 1/√c: the
+    heavily weighted rows and columns have the small scales), so each of their values needs its own precision."""
     out: dict[str, Tensor] = {}
     for key, t in state.items():
         if stored_in_int8(t):
             out[key], out[SCALES + key] = quantize_rows(t)
         elif t.is_floating_point():
-            out[key] = t.detach().half() if float16_keeps(t) else t.detach().float()
+            keeps = in_float16_range(t) if PARAMETRIZED in key else float16_keeps(t)
+            out[key] = t.detach().half() if keeps else t.detach().float()
         else:
             out[key] = t.detach()
     return out

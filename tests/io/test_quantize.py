@@ -60,6 +60,14 @@ def test_vectors_are_stored_in_float16_where_it_keeps_them_to_its_precision_as_a
     assert torch.equal(back["tiny"], state["tiny"]) and torch.equal(back["big"], state["big"])
 
 
+def test_a_compressed_layers_own_vectors_keep_float32_for_one_value_below_float16s_normal_range():
+    # W = U Σ Vᵀ diag(γ) with γ = 1/√c: the small γ_j belong to the columns with the largest inputs
+    gamma = torch.tensor([3.0, 1.0, 2e-5])
+    stored = quantize_state({"fc.parametrizations.weight.original3": gamma, "fc.bias": gamma.clone()})
+    assert stored["fc.parametrizations.weight.original3"].dtype == torch.float32
+    assert stored["fc.bias"].dtype == torch.float16  # a bias adds: its 2e-5 may go subnormal
+
+
 def model() -> nn.Module:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
