@@ -5,7 +5,7 @@
 The frontier's MobileNetV2 rows start their fine-tune at 10% even at ratio 10 (ResNet-18 there: 89%). This runs
 `sttp-compress TEACHER --ratio 10 --epochs 0` as a user does (no fine-tuning) with and without
 `--bn-recalibrate 100` (BatchNorm statistics re-estimated on 100 training batches) and with the depthwise
-convolutions kept dense (`--exclude`), and reads the report's validation accuracy before fine-tuning (the CLI's
+convolutions kept dense (`--exclude`) or one global rank (`--allocation uniform`), and reads the report's validation accuracy before fine-tuning (the CLI's
 held-out 10% of train/, which the teacher did not train on) and each variant's largest layer errors. Nothing is
 chosen on the test split (the CLI reports it; it is not read here). Writes
 benchmarks/results/experiments/mobilenetv2_zero_shot.json (+ .md).
@@ -25,12 +25,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import commit, machine, markdown_table, today, write_results  # noqa: E402
 
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "experiments"
+
 ROOT = Path(__file__).resolve().parents[2]
 MEAN, STD = "0.4914,0.4822,0.4465", "0.2470,0.2435,0.2616"
 DEPTHWISE_GLOBS = ["features.3.conv.0", "features.[4-9].conv.3", "features.1[0-9].conv.3"]
 DEPTHWISE = [arg for glob in DEPTHWISE_GLOBS for arg in ("--exclude", glob)]
 VARIANTS = {"defaults": [], "bn-recalibrate 100": ["--bn-recalibrate", "100"], "depthwise dense": DEPTHWISE,
-            "depthwise dense, bn-recalibrate 100": [*DEPTHWISE, "--bn-recalibrate", "100"]}
+            "depthwise dense, bn-recalibrate 100": [*DEPTHWISE, "--bn-recalibrate", "100"],
+            "uniform allocation, bn-recalibrate 100": ["--allocation", "uniform", "--bn-recalibrate", "100"]}
 
 
 def main() -> None:
@@ -38,10 +41,12 @@ def main() -> None:
     ap.add_argument("--teacher", required=True, help="MobileNetV2 state_dict (benchmarks/train_teacher.py)")
     ap.add_argument("--data", required=True, help="folder with train/ and test/")
     ap.add_argument("--ratio", type=float, default=10)
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                    help="run these only; the stored rows of the others stay")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, extra) in enumerate(VARIANTS.items()):
+        for i, (name, extra) in enumerate((n, VARIANTS[n]) for n in args.variants):
             cmd = [sys.executable, "-m", "sttp_compress.cli", args.teacher, "--arch",
                    "benchmarks/cifar_teachers.py:mobilenetv2", "--ratio", f"{args.ratio:g}", "--data", args.data,
                    "--epochs", "0", "--mean", MEAN, "--std", STD, "--output", f"{tmp}/m{i}.sttp.safetensors", "--json",
@@ -63,6 +68,9 @@ def main() -> None:
                          "seconds": round(time.perf_counter() - t, 1), "device": machine("cpu"), "commit": commit(),
                          "date": today()})
             print(json.dumps(rows[-1]), flush=True)
+    stored = RESULTS / "mobilenetv2_zero_shot.json"
+    mine = {r["variant"] for r in rows}
+    rows = [r for r in (json.loads(stored.read_text()) if stored.exists() else []) if r["variant"] not in mine] + rows
     md = (f"# MobileNetV2 at ratio {args.ratio:g} before fine-tuning ({today()}, commit {commit()}, {machine('cpu')})\n\n"
           f"{__doc__.split(chr(10) + chr(10), 1)[1]}\n" + markdown_table(rows, list(rows[0])))
     write_results("mobilenetv2_zero_shot", rows, {"date": today(), "teacher": args.teacher}, md)
