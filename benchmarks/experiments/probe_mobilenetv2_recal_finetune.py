@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_frontier import ARCH_FILE, MEAN, STD, run_cli  # noqa: E402
 from common import commit, machine, markdown_table, today, write_results  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-MEAN, STD = "0.4914,0.4822,0.4465", "0.2470,0.2435,0.2616"
 VARIANTS = {"defaults": [], "bn-recalibrate 100": ["--bn-recalibrate", "100"]}
 
 
@@ -38,16 +36,16 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, extra) in enumerate(VARIANTS.items()):
-            cmd = [sys.executable, "-m", "sttp_compress.cli", args.teacher, "--arch",
-                   "benchmarks/cifar_teachers.py:mobilenetv2", "--ratio", f"{args.ratio:g}", "--data", args.data,
-                   "--steps", str(args.steps), "--mean", MEAN, "--std", STD, "--output", f"{tmp}/m{i}.sttp.safetensors",
-                   "--json", *extra]
+            cmd = ["sttp-compress", args.teacher, "--arch", f"{ARCH_FILE}:mobilenetv2", "--ratio", f"{args.ratio:g}",
+                   "--data", args.data, "--steps", str(args.steps), "--mean", MEAN, "--std", STD, "--output",
+                   f"{tmp}/m{i}.sttp.safetensors", "--json", *extra]
             t = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"{name}: exit {proc.returncode}: {proc.stderr.strip()[-300:]}", flush=True)
+            try:
+                report, _ = run_cli(cmd)
+            except RuntimeError as exc:  # the CLI refused or failed: say so, go on
+                print(f"{name}: {exc}", flush=True)
                 continue
-            ft = json.loads(proc.stdout)["finetune"]
+            ft = report["finetune"]
             rows.append({"variant": name, "ratio": args.ratio, "steps": args.steps,
                          "val_acc_teacher": ft.get("original_val_accuracy"),
                          "val_acc_before": ft.get("val_accuracy_before"), "val_acc_after": ft.get("val_accuracy_after"),

@@ -16,19 +16,15 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import commit, machine, markdown_table, today, write_results  # noqa: E402
+from bench_frontier import ARCH_FILE, MEAN, STD, run_cli  # noqa: E402
+from common import EXPERIMENT_RESULTS, commit, machine, markdown_table, today, write_results  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parents[1] / "results" / "experiments"
-
-ROOT = Path(__file__).resolve().parents[2]
-MEAN, STD = "0.4914,0.4822,0.4465", "0.2470,0.2435,0.2616"
 DEPTHWISE_GLOBS = ["features.3.conv.0", "features.[4-9].conv.3", "features.1[0-9].conv.3"]
 DEPTHWISE = [arg for glob in DEPTHWISE_GLOBS for arg in ("--exclude", glob)]
 VARIANTS = {"defaults": [], "bn-recalibrate 100": ["--bn-recalibrate", "100"], "depthwise dense": DEPTHWISE,
@@ -47,16 +43,15 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, extra) in enumerate((n, VARIANTS[n]) for n in args.variants):
-            cmd = [sys.executable, "-m", "sttp_compress.cli", args.teacher, "--arch",
-                   "benchmarks/cifar_teachers.py:mobilenetv2", "--ratio", f"{args.ratio:g}", "--data", args.data,
-                   "--epochs", "0", "--mean", MEAN, "--std", STD, "--output", f"{tmp}/m{i}.sttp.safetensors", "--json",
-                   *extra]
+            cmd = ["sttp-compress", args.teacher, "--arch", f"{ARCH_FILE}:mobilenetv2", "--ratio", f"{args.ratio:g}",
+                   "--data", args.data, "--epochs", "0", "--mean", MEAN, "--std", STD, "--output",
+                   f"{tmp}/m{i}.sttp.safetensors", "--json", *extra]
             t = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"{name}: exit {proc.returncode}: {proc.stderr.strip()[-300:]}", flush=True)
+            try:
+                report, _ = run_cli(cmd)
+            except RuntimeError as exc:  # the CLI refused or failed: say so, go on
+                print(f"{name}: {exc}", flush=True)
                 continue
-            report = json.loads(proc.stdout)
             ft, layers = report["finetune"], report["layers"]
             worst = sorted(layers, key=lambda l: -l["rel_error"])[:3]
             dw = [l for l in layers if any(fnmatch.fnmatchcase(l["name"], g) for g in DEPTHWISE_GLOBS)]
@@ -68,7 +63,7 @@ def main() -> None:
                          "seconds": round(time.perf_counter() - t, 1), "device": machine("cpu"), "commit": commit(),
                          "date": today()})
             print(json.dumps(rows[-1]), flush=True)
-    stored = RESULTS / "mobilenetv2_zero_shot.json"
+    stored = EXPERIMENT_RESULTS / "mobilenetv2_zero_shot.json"
     mine = {r["variant"] for r in rows}
     rows = [r for r in (json.loads(stored.read_text()) if stored.exists() else []) if r["variant"] not in mine] + rows
     md = (f"# MobileNetV2 at ratio {args.ratio:g} before fine-tuning ({today()}, commit {commit()}, {machine('cpu')})\n\n"
