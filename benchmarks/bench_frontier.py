@@ -33,6 +33,7 @@ command printed as a warning (the goal: none). `--dry-run` prints the commands, 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shlex
@@ -292,10 +293,15 @@ def main() -> None:
 
 
 def save(rows: list[dict], device: str, epochs: int, data: Path) -> None:
-    rows = merge(rows)
-    md = (f"# Frontier through the CLI ({today()}, commit {commit()})\n\n" + readme_table(rows) + "\n"
-          + markdown_table(rows, COLUMNS))
-    write_results("frontier", rows, {"date": today(), "device": machine(device), "epochs": epochs, "data": str(data)}, md)
+    """Merge these rows into the stored table under a lock: the device calls run several of these side by side."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / ".frontier.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = merge(rows)
+        md = (f"# Frontier through the CLI ({today()}, commit {commit()})\n\n" + readme_table(rows) + "\n"
+              + markdown_table(rows, COLUMNS))
+        write_results("frontier", rows, {"date": today(), "device": machine(device), "epochs": epochs,
+                                         "data": str(data)}, md)
 
 
 if __name__ == "__main__":

@@ -78,12 +78,19 @@ def write_results(name: str, rows: list[dict], meta: dict, markdown: str | None 
     folder = _results_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
-    path.write_text(json.dumps(rows, indent=2) + "\n")
+    _write_atomic(path, json.dumps(rows, indent=2) + "\n")
     meta = {"commit": commit(), **meta}
-    (folder / f"{name}.meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _write_atomic(folder / f"{name}.meta.json", json.dumps(meta, indent=2) + "\n")
     if markdown is not None:
-        (folder / f"{name}.md").write_text(markdown)
+        _write_atomic(folder / f"{name}.md", markdown)
     return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write beside, then rename: a benchmark running alongside never reads half a table."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
