@@ -33,6 +33,7 @@ from sttp_compress.io.specs import WithDataSpec, hf_folder
 __all__ = ["CompressJob", "run_compress", "default_output", "state_size_bytes", "REPORT_FORMAT_VERSION"]
 
 REPORT_FORMAT_VERSION = 1
+ALLOCATIONS = ("greedy", "uniform", "sensitivity")  # sensitivity: greedy, each layer's error weighted on the data
 
 
 @dataclass
@@ -137,8 +138,10 @@ def _check_target(job: CompressJob) -> None:
             raise UserError(f"{name} takes 1 or 3 comma-separated values, got {len(values)}")
     if job.std is not None and min(job.std) <= 0:
         raise UserError(f"‹std› values must be positive, got {','.join(map(str, job.std))}")
-    if job.allocation not in ("greedy", "uniform"):
-        raise UserError(f"‹allocation› must be greedy or uniform, got {job.allocation!r}")
+    if job.allocation not in ALLOCATIONS:
+        raise UserError(f"‹allocation› must be one of {', '.join(ALLOCATIONS)}, got {job.allocation!r}")
+    if job.allocation == "sensitivity" and job.ratio is None:
+        raise UserError("‹allocation› sensitivity shares a whole-model ‹ratio› between layers: give ‹ratio›")
     if not 0.0 <= job.text_augment <= 1.0:
         raise UserError(f"‹text_augment› is a fraction of each batch, between 0 and 1; got {job.text_augment}")
     if job.row_order not in ROW_ORDERS:
@@ -340,15 +343,44 @@ def _input_moments(model: nn.Module, job: CompressJob, data: tuple | None, candi
     return input_moments(model, candidates, calibration_batches(data[0], seed=job.seed))
 
 
+def _sensitivities(model: nn.Module, job: CompressJob, data: tuple | None, row_weights: dict | None,
+                   moments: dict | None, layer_ranks: dict, row_orders: dict | None) -> dict[str, float]:
+    """With ‹allocation› sensitivity: each free layer's sensitivity (`sensitivity.layer_sensitivities`) at the
+    rank the plain greedy allocation gives it, on calibration batches of the training data; else {}."""
+    if job.allocation != "sensitivity":
+        return {}
+    from sttp_compress.compress.activation import calibration_batches, scales_from_moments
+    from sttp_compress.compress.allocate import DENSE, LayerOptions
+    from sttp_compress.compress.convert import compress_module, plan_ranks, weight_of
+    from sttp_compress.compress.sensitivity import layer_sensitivities
+
+    col_weights = scales_from_moments(moments) if moments else {}
+    _, _, ranks = plan_ranks(model, job.ratio, None, job.method, job.spectrum, "greedy", job.include, job.exclude,
+                             row_weights, layer_ranks, col_weights, row_orders)
+    probe = {n: r for n, r in ranks.items() if r != DENSE and n not in layer_ranks}
+
+    def convert(m: nn.Module, r: int) -> None:
+        compress_module(m, r, job.method, job.spectrum)
+
+    return layer_sensitivities(model, probe, calibration_batches(data[0], seed=job.seed), convert, weight_of,
+                               LayerOptions.unit_cost)
+
+
 def _convert(model: nn.Module, job: CompressJob, device: torch.device | None,
              on_layer: Callable[[str], None] | None, row_weights: dict | None, moments: dict | None,
-             layer_ranks: dict, row_orders: dict | None = None) -> dict:
+             layer_ranks: dict, row_orders: dict | None = None, data: tuple | None = None) -> dict:
     """compress_to_target once: in this process, or on rank 0 with the result broadcast to every rank."""
 
     def convert(m: nn.Module) -> dict:
-        parts = compress_to_target(m, job.ratio, job.rank, job.method, job.spectrum, job.allocation,
+        sensitivities = _sensitivities(m, job, data, row_weights, moments, layer_ranks, row_orders)
+        allocation = "greedy" if job.allocation == "sensitivity" else job.allocation
+        parts = compress_to_target(m, job.ratio, job.rank, job.method, job.spectrum, allocation,
                                    job.include, job.exclude, on_layer=on_layer, row_weights=row_weights,
-                                   layer_ranks=layer_ranks, input_moments=moments, row_orders=row_orders)
+                                   layer_ranks=layer_ranks, input_moments=moments, row_orders=row_orders,
+                                   sensitivities=sensitivities)
+        if sensitivities:
+            for layer in parts["layers"]:
+                layer["sensitivity"] = sensitivities.get(layer["name"])
         if not parts["layers"]:
             raise UserError("no layer was compressed: every candidate was skipped "
                             f"({'; '.join(s['name'] + ': ' + s['reason'] for s in parts['skipped'][:3])})")
@@ -381,7 +413,7 @@ def conversion_phase(model: nn.Module, job: CompressJob, data: tuple | None, can
     lap("row_order")
     moments = _input_moments(model, job, data, candidates)
     lap("statistics")
-    parts = _convert(model, job, device, on_layer, row_weights, moments, layer_ranks, orders)
+    parts = _convert(model, job, device, on_layer, row_weights, moments, layer_ranks, orders, data)
     lap("compress_to_target")
     for layer in parts["layers"]:
         if layer["name"] in orders and layer.get("row_ordered"):
@@ -456,6 +488,8 @@ def _check_job(job: CompressJob, main: bool) -> tuple[Path | None, Path | None, 
         raise UserError("missing MODEL (a checkpoint file), or ‹arch› hf:DIR, or use ‹example›")
     out, report_dir = _check_output(job) if main else (None, None)  # only rank 0 writes
     fine = job.finetune is not None and bool(job.data or job.train_data or job.datasets is not None)
+    if job.allocation == "sensitivity" and not fine:
+        raise UserError("‹allocation› sensitivity measures each layer on the training data: it needs ‹data›")
     if job.finetune is not None:
         job.finetune.validate()
         world = distributed.world()

@@ -497,7 +497,7 @@ _COMPRESS_OPTIONS = {
     "--rank": st.sampled_from(["4", "0", "-2"]),
     "--method": st.sampled_from(["sttp", "svdp", "tucker"]),
     "--spectrum": st.sampled_from(["free", "lipschitz", "identity", "x"]),
-    "--allocation": st.sampled_from(["greedy", "uniform", "x"]),
+    "--allocation": st.sampled_from(["greedy", "uniform", "sensitivity", "x"]),
     "--dtype": st.sampled_from(["float32", "float16", "int8"]),
     "--include": st.sampled_from(["*", "2", "nomatch"]),
     "--layer-rank": st.sampled_from(["2=3", "bad", "0=0"]),

@@ -29,7 +29,8 @@ DEPTHWISE_GLOBS = ["features.3.conv.0", "features.[4-9].conv.3", "features.1[0-9
 DEPTHWISE = [arg for glob in DEPTHWISE_GLOBS for arg in ("--exclude", glob)]
 VARIANTS = {"defaults": [], "bn-recalibrate 100": ["--bn-recalibrate", "100"], "depthwise dense": DEPTHWISE,
             "depthwise dense, bn-recalibrate 100": [*DEPTHWISE, "--bn-recalibrate", "100"],
-            "uniform allocation, bn-recalibrate 100": ["--allocation", "uniform", "--bn-recalibrate", "100"]}
+            "uniform allocation, bn-recalibrate 100": ["--allocation", "uniform", "--bn-recalibrate", "100"],
+            "sensitivity allocation, bn-recalibrate 100": ["--allocation", "sensitivity", "--bn-recalibrate", "100"]}
 
 
 def main() -> None:

@@ -153,7 +153,7 @@ def compress_cmd(
     rank: Optional[int] = typer.Option(None, help="One rank for every compressed layer (the paper's hyperparameter)."),
     method: str = typer.Option("sttp", metavar="sttp|svdp", help="sttp (spectral tensor train) or svdp (plain spectral SVD)."),
     spectrum: str = typer.Option("free", metavar="free|lipschitz|identity", help="free (learned σ), lipschitz (|σ| ≤ a fixed per-layer scale) or identity (Σ = scale·I)."),
-    allocation: str = typer.Option("greedy", metavar="greedy|uniform", help="With --ratio: greedy (budget where it cuts most weight error) or uniform (one global rank)."),
+    allocation: str = typer.Option("greedy", metavar="greedy|uniform|sensitivity", help="With --ratio: greedy (budget where it cuts most weight error), uniform (one global rank) or sensitivity (greedy, each layer's error weighted by how much it moves the model's output on --data)."),
     include: List[str] = typer.Option([], metavar="GLOB", help="Glob on module names; only matching layers are candidates (repeatable)."),
     exclude: List[str] = typer.Option([], metavar="GLOB", help="Glob on module names to keep dense (repeatable)."),
     layer_rank: List[str] = typer.Option([], metavar="NAME=RANK", help="NAME=RANK: pin one layer's rank; with --ratio the other "

@@ -149,6 +149,7 @@ class LayerOptions:
     profile: Callable[[TTShape], float] | None = field(default=None, repr=False, compare=False)
     lower: list[float] | None = field(default=None, repr=False, compare=False)  # err2 bounds, see tighten()
     extra: int = 0  # parameters beside the TT at every rank (a row-scaled layer's d_out row scales)
+    sensitivity: float = 1.0  # what a unit of this layer's cost does to the model's output (`sensitivity.py`)
 
     def error2(self, i: int) -> float:
         """Relative squared TT-SVD error of option i, computed on first use (DENSE: 0)."""
@@ -195,6 +196,16 @@ class LayerOptions:
                 or prof.row_order is not None:
             return None
         return prof.sigma2.sqrt().tolist()
+
+    @staticmethod
+    def unit_cost(err2: float) -> float:
+        """The cost of a relative squared error at sensitivity 1."""
+        return _cost(err2)
+
+    def cost(self, err2: float) -> float:
+        """What the allocation minimizes for this layer at relative squared error err2: `_cost`, scaled by
+        the layer's sensitivity."""
+        return self.sensitivity * _cost(err2)
 
     def tt(self, rank: int) -> TTShape:
         return _tt_shape(self.kind, self.weight_shape, rank, self.method)
@@ -406,10 +417,10 @@ def _next_vertex(o: LayerOptions, a: int) -> tuple[float, int] | None:
     The option removing the most cost per parameter, the farthest on ties (the monotone chain of
     `_hull` keeps the same one), compared by the same cross-multiplied test as `_hull`.
     """
-    ca = _cost(o.error2(a))
+    ca = o.cost(o.error2(a))
     best, cb = None, 0.0
     for i in range(a + 1, len(o.dofs)):
-        c = _cost(o.optimistic(i))
+        c = o.cost(o.optimistic(i))
         if c >= ca:
             continue
         if best is None or (ca - c) * (o.dofs[best] - o.dofs[a]) >= (ca - cb) * (o.dofs[i] - o.dofs[a]):
@@ -437,7 +448,7 @@ def _greedy_exhaustive(options: list[LayerOptions], budget: int) -> dict[str, in
     used = minimum
     segments = []
     for li, o in enumerate(options):
-        cost = [_cost(e) for e in o.err2]
+        cost = [o.cost(e) for e in o.err2]
         h = _hull(o.dofs, cost)
         for a, b in zip(h, h[1:]):
             gain = (cost[a] - cost[b]) / (o.dofs[b] - o.dofs[a])
@@ -470,7 +481,7 @@ def _fill(options: list[LayerOptions], ranks: dict[str, int], left: int) -> dict
             nxt = _next_rank(o, r)
             extra = o.dof(nxt) - o.dof(r)
             if 0 < extra <= left:
-                gain = (_cost(_interp_err2(o, r)) - _cost(_interp_err2(o, nxt))) / extra
+                gain = (o.cost(_interp_err2(o, r)) - o.cost(_interp_err2(o, nxt))) / extra
                 if best is None or gain > best[0]:
                     best = (gain, name, nxt, extra)
         if best is None:

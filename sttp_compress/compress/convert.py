@@ -26,7 +26,7 @@ from sttp_compress.errors import UserError, terms
 __all__ = ["compress_module", "compress", "compress_to_target", "decompress", "count_parameters",
            "candidate_layers", "compressed_layers", "parametrization", "spectral_penalty", "weight_of", "tiered_order",
            "layer_tiered_order",
-           "layer_name", "named_layers"]
+           "layer_name", "named_layers", "plan_ranks"]
 
 
 def weight_of(module: nn.Module) -> torch.Tensor:
@@ -354,7 +354,8 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
                        layer_ranks: Mapping[str, int] | None = None,
                        col_weights: Mapping[str, torch.Tensor] | None = None,
                        input_moments: Mapping[str, torch.Tensor] | None = None,
-                       row_orders: Mapping[str, torch.Tensor] | None = None) -> dict:
+                       row_orders: Mapping[str, torch.Tensor] | None = None,
+                       sensitivities: Mapping[str, float] | None = None) -> dict:
     """Compress `model` in place at one rank or to a whole-model ratio (eq. 11); return the report parts.
 
     Returns {"layers": [...], "skipped": [...], "totals": {...}, "spectra": {name: (before, after)}}
@@ -371,6 +372,8 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
     `row_orders` {layer name: a permutation of its rows} makes those layers' tensor trains take their rows
     in that order (e.g. `weight_order` of the row weights; the layer row gets `row_ordered`), in the
     conversion and in the allocation's errors.
+    `sensitivities` {layer name: weight} scale each layer's error in the greedy allocation
+    (`sensitivity.layer_sensitivities`; 1 for a layer not named).
     """
     from sttp_compress.compress.activation import scales_from_moments
     from sttp_compress.compress.allocate import DENSE
@@ -380,20 +383,11 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
     if input_moments and not col_weights:
         col_weights = scales_from_moments(input_moments)
 
-    check_target(ratio, rank)
-    params_original = count_parameters(model)
-    chosen, skipped = candidate_layers(model, include, exclude)
-    _check_pinned(layer_ranks, chosen, skipped)
     known_spectra: dict[str, list[float]] = {}  # singular values the allocation computed anyway
-    if ratio is not None:
-        modules = named_layers(model)
-        dense = [(n, sum(p.numel() for p in modules[n].parameters()), why) for n, why in skipped.items()
-                 if n in modules]
-        ranks = _allocate_ranks(chosen, ratio, params_original, method, spectrum, allocation, layer_ranks,
-                                row_weights, col_weights, row_orders, dense, known_spectra)
-        release_freed_memory()  # the profile's Grams and unfoldings, before the conversion's own peak
-    else:
-        ranks = {n: layer_ranks.get(n, rank) for n in chosen}
+    params_original = count_parameters(model)
+    chosen, skipped, ranks = plan_ranks(model, ratio, rank, method, spectrum, allocation, include, exclude,
+                                        row_weights, layer_ranks, col_weights, row_orders, sensitivities,
+                                        known_spectra)
     by_size = sorted(chosen, key=lambda n: -weight_of(chosen[n]).numel())[:spectra_of]
     layers, spectra = [], {}
     for name, m in chosen.items():
@@ -424,6 +418,33 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
     return {"layers": layers, "skipped": skipped_list, "totals": totals, "spectra": spectra}
 
 
+def plan_ranks(model: nn.Module, ratio: float | None = None, rank: int | None = None, method: str = "sttp",
+               spectrum: str = "free", allocation: str = "greedy", include: Iterable[str] | None = None,
+               exclude: Iterable[str] | None = None, row_weights: Mapping[str, torch.Tensor] | None = None,
+               layer_ranks: Mapping[str, int] | None = None, col_weights: Mapping[str, torch.Tensor] | None = None,
+               row_orders: Mapping[str, torch.Tensor] | None = None, sensitivities: Mapping[str, float] | None = None,
+               known_spectra: dict[str, list[float]] | None = None
+               ) -> tuple[dict[str, nn.Module], dict[str, str], dict[str, int]]:
+    """What `compress_to_target` would do, without doing it: (the layers to compress, the skipped ones with
+    their reasons, each chosen layer's rank or DENSE). Arguments as there; `known_spectra` receives the
+    singular values the allocation computed."""
+    row_weights, layer_ranks, col_weights = dict(row_weights or {}), dict(layer_ranks or {}), dict(col_weights or {})
+    check_target(ratio, rank)
+    chosen, skipped = candidate_layers(model, include, exclude)
+    _check_pinned(layer_ranks, chosen, skipped)
+    if ratio is None:
+        return chosen, skipped, {n: layer_ranks.get(n, rank) for n in chosen}
+    params_original = count_parameters(model)
+    modules = named_layers(model)
+    dense = [(n, sum(p.numel() for p in modules[n].parameters()), why) for n, why in skipped.items()
+             if n in modules]
+    ranks = _allocate_ranks(chosen, ratio, params_original, method, spectrum, allocation, layer_ranks,
+                            row_weights, col_weights, dict(row_orders or {}), dense, known_spectra,
+                            dict(sensitivities or {}))
+    release_freed_memory()  # the profile's Grams and unfoldings, before the conversion's own peak
+    return chosen, skipped, ranks
+
+
 def _check_pinned(layer_ranks: Mapping[str, int], chosen: Mapping[str, nn.Module], skipped: Mapping[str, str]) -> None:
     """Each pinned rank names a layer to compress and is a positive integer."""
 
@@ -439,7 +460,8 @@ def _allocate_ranks(chosen: Mapping[str, nn.Module], ratio: float, params_origin
                     spectrum: str, allocation: str, layer_ranks: Mapping[str, int], row_weights: Mapping,
                     col_weights: Mapping, row_orders: Mapping,
                     dense: list[tuple[str, int, str]] | None = None,
-                    singular_values: dict[str, list[float]] | None = None) -> dict[str, int]:
+                    singular_values: dict[str, list[float]] | None = None,
+                    sensitivities: Mapping[str, float] | None = None) -> dict[str, int]:
     """Ranks (or DENSE) of the chosen layers for a whole-model ratio, the pinned ones at their rank. Errors
     are profiled lazily, only where the greedy allocation looks (uniform needs none). `singular_values`
     receives the weights' singular values where the allocation computed them (for the report's spectra)."""
@@ -451,6 +473,8 @@ def _allocate_ranks(chosen: Mapping[str, nn.Module], ratio: float, params_origin
         (opts if free else pinned).append(layer_options(n, m, method, spectrum, row_weight=row_weights.get(n),
                                                         with_errors=free and allocation == "greedy",
                                                         col_weight=col_weights.get(n), row_order=row_orders.get(n)))
+    for o in opts:
+        o.sensitivity = float((sensitivities or {}).get(o.name, 1.0))
     # parameters outside the allocation: dense layers, and the pinned layers at their rank (or dense)
     fixed = params_original - sum(o.numel for o in opts) - sum(
         o.numel - min(o.numel, o.dof(layer_ranks[o.name])) for o in pinned)

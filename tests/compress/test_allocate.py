@@ -52,8 +52,8 @@ class _Table:
         return min(self.table[shape.rank], 0.999)
 
 
-def _options_with_profile(shapes, rng, integer: bool, bounded: bool = False):
-    """Real layer grids (DOF, TT shapes) with random error profiles; counts profile calls."""
+def _options_with_profile(shapes, rng, integer: bool, bounded: bool = False, sensitive: bool = False):
+    """Real layer grids (DOF, TT shapes) with random error profiles (and sensitivities); counts profile calls."""
     opts, calls = [], []
     for li, (d_out, d_in) in enumerate(shapes):
         o = A.layer_options(f"l{li}", nn.Linear(d_in, d_out, bias=False), with_errors=False)
@@ -64,19 +64,23 @@ def _options_with_profile(shapes, rng, integer: bool, bounded: bool = False):
             vals = sorted((rng.random() for _ in range(n)), reverse=True)
             vals = [v * rng.uniform(0.9, 1.1) for v in vals]  # mostly decreasing, sometimes not
         o.profile = _Table(dict(zip(o.ranks[:-1], vals)), calls, o.name, rng, bounded)
+        if sensitive:
+            o.sensitivity = rng.choice([0.05, 1.0, 3.0, 40.0])
         opts.append(o)
     return opts, calls
 
 
+@pytest.mark.parametrize("sensitive", [False, True])
 @pytest.mark.parametrize("bounded", [False, True])
 @pytest.mark.parametrize("integer", [False, True])
-def test_lazy_greedy_equals_exhaustive_greedy_on_random_profiles(integer, bounded):
-    rng = random.Random(1 + integer + 2 * bounded)
+def test_lazy_greedy_equals_exhaustive_greedy_on_random_profiles(integer, bounded, sensitive):
+    rng = random.Random(1 + integer + 2 * bounded + 4 * sensitive)
     shapes = [(64, 96), (96, 64), (128, 128), (48, 200), (256, 64), (30, 90)]
     for trial in range(60):
         pick = rng.sample(shapes, rng.randint(1, len(shapes)))
-        lazy, calls = _options_with_profile(pick, random.Random(trial), integer, bounded)
-        full, _ = _options_with_profile(pick, random.Random(trial), integer)
+        lazy, calls = _options_with_profile(pick, random.Random(trial), integer, bounded, sensitive)
+        full, _ = _options_with_profile(pick, random.Random(trial), integer, sensitive=sensitive)
+        assert [o.sensitivity for o in lazy] == [o.sensitivity for o in full]
         lo = sum(o.dofs[0] for o in lazy)
         hi = sum(o.numel for o in lazy)
         budget = rng.randint(lo, hi)
@@ -99,6 +103,25 @@ def test_lazy_greedy_leaves_unreachable_ranks_unprofiled():
     for o in opts:
         assert o.err2[len(o.ranks) - 2] is None  # the most expensive rank is never computed
         assert o.profiled() <= len(o.ranks) - 4
+
+
+def test_a_more_sensitive_layer_gets_more_of_the_budget_than_its_twin():
+    torch.manual_seed(0)
+    twin = nn.Linear(128, 128, bias=False)
+    with torch.no_grad():
+        U, _, V = torch.linalg.svd(twin.weight)
+        twin.weight.copy_(U @ torch.diag(torch.logspace(0, -1, 128)) @ V)
+    layers = {"a": twin, "b": nn.Linear(128, 128, bias=False)}
+    layers["b"].load_state_dict(twin.state_dict())
+    budget = 2 * A.layer_options("a", twin).dof(16)
+    plain = [A.layer_options(n, m) for n, m in layers.items()]
+    ranks = A.allocate(plain, budget)
+    assert ranks["a"] == ranks["b"] == 16
+    weighted = [A.layer_options(n, m) for n, m in layers.items()]
+    weighted[1].sensitivity = 10.0
+    ranks = A.allocate(weighted, budget)
+    assert ranks["b"] > 16 > ranks["a"]
+    assert sum(o.dof(ranks[o.name]) for o in weighted) <= budget
 
 
 @pytest.mark.parametrize("out_f,in_f", [([16], [8, 3, 3]), ([12], [12]), ([64], [64]), ([6], [4, 3]),
