@@ -6,7 +6,7 @@
 # (default 4: on 2026-12-07 ten side by side, each decoding CIFAR-10 on the CPU, finished none in 280 s).
 T0=$SECONDS
 TEACHERS=${TEACHERS-"mobilenetv2 resnet18"}; END=${END:-560}; JOBS=${JOBS:-4}
-TRIALS=${TRIALS-"zs10bn r10 r10bn r10lr r10free r10slr r10sgd r10dw"}; RUNS=${RUNS-"$(for r in 10 20 50; do printf 'resnet18:%s:%s ' sttp $r svdp $r svd $r; done)"}
+TRIALS=${TRIALS-"zs10bn r10 r10bn r10lr r10free r10slr r10sgd r10dw r10sens r10sensbn"}; RUNS=${RUNS-"$(for r in 10 20 50; do printf 'resnet18:%s:%s ' sttp $r svdp $r svd $r; done)"}
 source benchmarks/device/setup.sh
 M="--mean 0.4914,0.4822,0.4465 --std 0.2470,0.2435,0.2616"
 A=benchmarks/cifar_teachers.py
@@ -20,6 +20,8 @@ declare -A F=(
   [r10slr]="--ratio 10 --epochs 10 --spectrum-lr 10"
   [r10sgd]="--ratio 10 --epochs 10 --optimizer sgd"
   [r10dw]="--ratio 10 --epochs 10 $DW"
+  [r10sens]="--ratio 10 --epochs 10 --allocation sensitivity"
+  [r10sensbn]="--ratio 10 --epochs 10 --allocation sensitivity --bn-recalibrate 100"
 )
 for a in $TEACHERS; do timeout 300 python3 benchmarks/train_teacher.py --arch $a --data /tmp/cifar --out .teachers > /tmp/logs/train_$a.log 2>&1 & done
 wait; ls -la .teachers; echo "teachers done at $((SECONDS-T0)) s"
