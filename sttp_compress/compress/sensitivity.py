@@ -36,11 +36,17 @@ def _first_tensor(out) -> Tensor:
 
 
 @torch.no_grad()
-def model_outputs(model: nn.Module, batches: Iterable) -> list[Tensor]:
+def model_outputs(model: nn.Module, batches: Iterable, batch_statistics: bool = False) -> list[Tensor]:
     """The model's main output on each batch (eval mode, float32 on the CPU); a text batch's padding
-    positions are zeroed (they never reach the encoder's result)."""
+    positions are zeroed (they never reach the encoder's result). With `batch_statistics` the BatchNorm
+    layers normalize by each batch's own statistics, as after recalibration or in a fine-tune, instead of the
+    stored ones (which stay as they were)."""
     was_training = model.training
     model.eval()
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if batch_statistics else []
+    stored = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in norms]
+    for m in norms:
+        m.train()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     outs = []
     try:
@@ -55,6 +61,9 @@ def model_outputs(model: nn.Module, batches: Iterable) -> list[Tensor]:
                 y = _first_tensor(model(x.to(device)))
             outs.append(y.detach().float().cpu())
     finally:
+        for m, buffers in zip(norms, stored):
+            for k, v in buffers.items():
+                getattr(m, k).copy_(v)
         model.train(was_training)
     return outs
 
@@ -73,14 +82,14 @@ def _relative_error2(W1: Tensor, W0: Tensor) -> float:
 def layer_sensitivities(model: nn.Module, ranks: Mapping[str, int], batches: list,
                         convert: Callable[[nn.Module, int], None],
                         weight: Callable[[nn.Module], Tensor],
-                        cost: Callable[[float], float]) -> dict[str, float]:
+                        cost: Callable[[float], float], batch_statistics: bool = False) -> dict[str, float]:
     """{layer name: sensitivity} of each named layer at its probe rank (`ranks`; layers at a rank that is
     not positive are left out): a copy of the layer converted in place by `convert(copy, rank)` replaces it
     while the model runs `batches`, then the original is put back. The model is unchanged on return.
     `weight(module)` gives a module's weight tensor and `cost(e²)` the allocation's cost of a relative
     squared error. A layer whose probe left no error or moved nothing gets the median; all are clamped to
-    SENSITIVITY_RANGE around it."""
-    reference = model_outputs(model, batches)
+    SENSITIVITY_RANGE around it. `batch_statistics`: see `model_outputs`."""
+    reference = model_outputs(model, batches, batch_statistics)
     raw: dict[str, float | None] = {}
     for name, r in ranks.items():
         if r <= 0:
@@ -92,7 +101,7 @@ def layer_sensitivities(model: nn.Module, ranks: Mapping[str, int], batches: lis
             e2 = _relative_error2(weight(probe).detach(), weight(original).detach())
         model.set_submodule(name, probe)
         try:
-            gap = output_gap(model_outputs(model, batches), reference)
+            gap = output_gap(model_outputs(model, batches, batch_statistics), reference)
         finally:
             model.set_submodule(name, original)
         c = cost(e2)

@@ -89,3 +89,17 @@ def test_the_sensitivity_allocation_refuses_jobs_it_cannot_measure(tmp_path, cha
     with pytest.raises(UserError, match=fragment):
         run_compress(job)
     assert not (tmp_path / "m.sttp.safetensors").exists()
+
+
+def test_batch_statistics_normalize_by_the_batch_and_leave_the_stored_statistics_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)).eval()
+    model[1].running_mean.fill_(3.0)  # stale statistics: eval mode is far from the batch's own
+    stored = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(64, 8)
+    (y,) = model_outputs(model, [x], batch_statistics=True)
+    assert torch.allclose(y.mean(0), model[1].bias.detach(), atol=1e-5)  # normalized by the batch's mean
+    (y_eval,) = model_outputs(model, [x])
+    assert not torch.allclose(y, y_eval, atol=0.1)
+    assert all(torch.equal(v, stored[k]) for k, v in model.state_dict().items())
+    assert not model.training and not model[1].training
