@@ -80,7 +80,7 @@ def stored_copies(model: torch.nn.Module, folder: Path, dtypes: tuple[str, ...] 
         size = sc.save(model, path, arch=None, dtype=dtype)
         data = read_compressed(path)
         loaded = copy.deepcopy(model)  # the same structure, the file's values
-        loaded.load_state_dict(stored_state(data, path))
+        loaded.load_state_dict(stored_state(data, path, loaded))
         errs = storage_errors(model, data["state_dict"]) if dtype != "float32" else {}
         yield dtype, size, loaded, (sum(errs.values()) / len(errs) if errs else None)
 

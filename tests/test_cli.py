@@ -301,7 +301,7 @@ def test_every_dense_layer_is_listed_as_skipped_with_a_reason(tiny_run):
 
 def test_checkpoint_contents_and_size(tiny_run):
     ckpt = read_compressed(tiny_run.output)
-    assert ckpt["format_version"] == 2 and ckpt["arch"] == "arch.py:build"  # the file's name, no path
+    assert ckpt["format_version"] == 3 and ckpt["arch"] == "arch.py:build"  # the file's name, no path
     assert ckpt["summary"]["params_compressed"] == tiny_run.report["totals"]["params_compressed"]
     assert set(ckpt["layers"]) == {l["name"] for l in tiny_run.report["layers"]}
     for name, cfg in ckpt["layers"].items():

@@ -136,7 +136,8 @@ def dequantize_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
 @torch.no_grad()
 def storage_errors(model: nn.Module, stored: dict[str, Tensor]) -> dict[str, float]:
     """{compressed layer: ‖W_stored − W‖ / ‖W‖}, W built from the model's parameters and W_stored from the
-    same parameters as the file stores them (int8 dequantized, or rounded to float16/bfloat16)."""
+    same parameters as the file stores them (int8 dequantized, or rounded to float16/bfloat16; a zero-size one
+    the file leaves out is taken from the model)."""
     state = dequantize_state(stored)
     keys = {id(v): k for k, v in model.state_dict(keep_vars=True).items()}
     errors = {}
@@ -146,6 +147,7 @@ def storage_errors(model: nn.Module, stored: dict[str, Tensor]) -> dict[str, flo
         p = parametrization(m)
         originals = layer_originals(m, p)
         W = p(*originals).double()
-        Wq = p(*(state[keys[id(o)]].to(o.device, o.dtype) for o in originals)).double()
+        # a format-3 file leaves zero-size originals out: nothing to round there
+        Wq = p(*(state[keys[id(o)]].to(o.device, o.dtype) if keys[id(o)] in state else o for o in originals)).double()
         errors[name] = float((Wq - W).norm() / W.norm().clamp_min(1e-30))
     return errors

@@ -84,7 +84,7 @@ def test_int8_checkpoint_is_smaller_loads_with_orthonormal_frames_and_close_weig
     nbytes = {n: sum(t.numel() * t.element_size() for t in d.values()) for n, d in data.items()}
     assert i8 < f32 and nbytes["i8"] < 0.4 * nbytes["f32"]  # tensors (the header is the same)
     loaded = model()  # the same structure; its parameters are replaced by the file's
-    state = stored_state(read_compressed(tmp_path / "i8.sttp.safetensors"), "i8")
+    state = stored_state(read_compressed(tmp_path / "i8.sttp.safetensors"), "i8", loaded)
     loaded.load_state_dict(state)
     for name in ("2", "5"):
         p = parametrization(loaded[int(name)])
@@ -160,7 +160,7 @@ def test_smaller_storages_keep_row_orders_in_the_narrowest_integers_and_load_the
         assert data["state_dict"][key].dtype == want
         back = nn.Sequential(nn.Embedding(rows, 8))
         compress_module(back[0], rank=4, row_weight=torch.ones(rows), row_order=torch.arange(rows))
-        back.load_state_dict(stored_state(data, path))
+        back.load_state_dict(stored_state(data, path, back))
         got = dict(back.named_buffers())[key]
         assert got.dtype == torch.int64 and torch.equal(got, order)
         with torch.no_grad():  # the rows land where they were: the file's model gives the model's outputs
