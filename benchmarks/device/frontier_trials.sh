@@ -8,6 +8,10 @@ T0=$SECONDS
 TEACHERS=${TEACHERS-"mobilenetv2 resnet18"}; END=${END:-560}; JOBS=${JOBS:-4}
 TRIALS=${TRIALS-"zs10bn r10 r10bn r10lr r10free r10slr r10sgd r10dw r10sens r10sensbn"}; RUNS=${RUNS-"$(for r in 10 20 50; do printf 'resnet18:%s:%s ' sttp $r svdp $r svd $r; done)"}
 source benchmarks/device/setup.sh
+# cores / JOBS threads a process: with the default (every core each), JOBS processes side by side stall in OpenMP
+# barriers on the conversion's small LAPACK calls (2026-12-07: four ResNet-18 runs at 16 threads each on 16 cores
+# finished none in 300 s)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 M="--mean 0.4914,0.4822,0.4465 --std 0.2470,0.2435,0.2616"
 A=benchmarks/cifar_teachers.py
 DW="--exclude features.3.conv.0 --exclude features.[4-9].conv.3 --exclude features.1[0-9].conv.3"
