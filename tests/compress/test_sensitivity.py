@@ -1,5 +1,7 @@
 """Layer sensitivities: measured on the model's outputs, the model left as it was, and used by the pipeline."""
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -89,6 +91,22 @@ def test_the_sensitivity_allocation_refuses_jobs_it_cannot_measure(tmp_path, cha
     with pytest.raises(UserError, match=fragment):
         run_compress(job)
     assert not (tmp_path / "m.sttp.safetensors").exists()
+
+
+@pytest.mark.parametrize("bn_recalibrate,epochs,expected", [(0, 0, False), (2, 0, True), (0, 1, True)])
+def test_batch_statistics_where_the_run_re_estimates_them(tmp_path, monkeypatch, bn_recalibrate, epochs, expected):
+    """Sensitivities see batch statistics when ‹bn_recalibrate› or a training fine-tune will renormalize."""
+    seen = []
+
+    def spy(*args, batch_statistics=False, **kw):
+        seen.append(batch_statistics)
+        return {}
+
+    monkeypatch.setattr(sys.modules["sttp_compress.compress.sensitivity"], "layer_sensitivities", spy)
+    job = _job(tmp_path, ratio=3.0, allocation="sensitivity", bn_recalibrate=bn_recalibrate)
+    job.finetune.epochs = epochs
+    run_compress(job)
+    assert seen == [expected]
 
 
 def test_batch_statistics_normalize_by_the_batch_and_leave_the_stored_statistics_alone():
