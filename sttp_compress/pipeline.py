@@ -375,7 +375,7 @@ def _renormalizes(job: CompressJob) -> bool:
     """True when BatchNorm statistics are re-estimated after the conversion: ‹bn_recalibrate›, or a fine-tune
     that takes at least one training step (train mode normalizes by the batch)."""
     ft = job.finetune
-    trains = ft is not None and 0 not in (ft.epochs, ft.steps, ft.time_budget)
+    trains = ft is not None and 0 not in (ft.epochs, ft.steps)  # a time budget is positive (FinetuneConfig)
     return job.bn_recalibrate > 0 or trains
 
 

@@ -2,7 +2,7 @@
 
 Any safetensors reader opens the file. Its tensors are the compressed model's state dict (each STTP/SVDP layer's
 parametrization originals and buffers, and the layers that stay dense) less its zero-size tensors (frames with no
-free parameter: their shapes follow from `layers`, and each one cost a header entry of ~120 bytes, 6% of a small
+free parameter: their shapes follow from `layers`, and each one cost a header entry of ~120 bytes, ~5% of a small
 int8 file); its header metadata holds strings::
 
     format          "sttp-compress"

@@ -148,6 +148,7 @@ def storage_errors(model: nn.Module, stored: dict[str, Tensor]) -> dict[str, flo
         originals = layer_originals(m, p)
         W = p(*originals).double()
         # a format-3 file leaves zero-size originals out: nothing to round there
-        Wq = p(*(state[keys[id(o)]].to(o.device, o.dtype) if keys[id(o)] in state else o for o in originals)).double()
+        Wq = p(*(o if o.numel() == 0 and keys[id(o)] not in state else state[keys[id(o)]].to(o.device, o.dtype)
+                 for o in originals)).double()
         errors[name] = float((Wq - W).norm() / W.norm().clamp_min(1e-30))
     return errors
