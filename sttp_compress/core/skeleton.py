@@ -26,7 +26,7 @@ def skeleton(X: Tensor, tol: float = MAXVOL_TOL) -> tuple[Tensor, Tensor, Tensor
     then the row of B's largest entry swaps in while it exceeds `tol` (each swap raises |det T|)."""
     d, r = X.shape
     _, piv = torch.linalg.lu_factor(X)  # partial pivoting: LAPACK's row swaps
-    order = torch.arange(d)
+    order = torch.arange(d)  # on the CPU while it is built (a swap a step); returned on X's device
     for i, p in enumerate(piv.tolist()):  # LAPACK's sequential swaps (1-based)
         order[[i, p - 1]] = order[[p - 1, i]]
     rows, rest = order[:r].clone(), order[r:].clone()
@@ -44,7 +44,8 @@ def skeleton(X: Tensor, tol: float = MAXVOL_TOL) -> tuple[Tensor, Tensor, Tensor
         B -= torch.outer(b_j, step)  # every other row in the new basis
         B[i] = e_j - step  # the row that leaves the basis
         rows[j], rest[i] = rest[i].clone(), rows[j].clone()
-    return torch.cat([rows, rest]), B, X[rows]
+    # on X's device: an exported model on a GPU gathers with it (a CPU order failed MiniLM's .pt2 export on CUDA)
+    return torch.cat([rows, rest]).to(X.device), B, X[rows]
 
 
 def skeleton_chain(frames: list[Tensor], ranks: list[int]) -> tuple[list[tuple[Tensor, Tensor] | None], Tensor]:

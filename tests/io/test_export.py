@@ -155,6 +155,20 @@ def test_pt2_program_moves_to_another_device(exported, tmp_path):
     assert moved(torch.randn(5, 3, 8, 8, device="meta")).shape == (5, 4)
 
 
+@pytest.mark.gpu
+def test_pt2_of_a_model_on_a_gpu_is_traced_and_runs_there(net, tmp_path):
+    """A model on CUDA writes a CUDA program: every stored tensor of the rebuild, the skeleton's row orders
+    included, lives on the GPU (a CPU row order failed the trace: index_select on cuda:0 and cpu)."""
+    model = copy.deepcopy(net).cuda()
+    x = torch.randn(4, 3, 8, 8, device="cuda")
+    written = sc.export(model, tmp_path / "gpu.pt2", x)
+    assert written["rel_output_error"] < 1e-4
+    program = torch.export.load(str(tmp_path / "gpu.pt2")).module()
+    assert {t.device.type for t in program.state_dict().values()} == {"cuda"}
+    with torch.no_grad():
+        assert _rel(program(x), model(x)) < 1e-4
+
+
 def test_onnx_file_is_near_the_checkpoint_size_not_the_dense_size(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)).eval()
