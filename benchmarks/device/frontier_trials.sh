@@ -26,6 +26,8 @@ declare -A F=(
   [r10dw]="--ratio 10 --epochs 10 $DW"
   [r10sens]="--ratio 10 --epochs 10 --allocation sensitivity"
   [r10sensbn]="--ratio 10 --epochs 10 --allocation sensitivity --bn-recalibrate 100"
+  [r10s1]="--ratio 10 --epochs 10 --seed 1"
+  [r10senss1]="--ratio 10 --epochs 10 --allocation sensitivity --seed 1"
 )
 for a in $TEACHERS; do timeout 300 python3 benchmarks/train_teacher.py --arch $a --data /tmp/cifar --out .teachers > /tmp/logs/train_$a.log 2>&1 & done
 wait; ls -la .teachers; echo "teachers done at $((SECONDS-T0)) s"
