@@ -80,3 +80,28 @@ def test_weight_only_anchor_bytes_count_packed_values_float16_scales_and_a_float
     # int4: 32 weights in 16 bytes, 4 float16 scales, then the bias, BatchNorm's 16 floats in float16, 8 bytes
     assert packed_bytes(net, 4) == 16 + 2 * 4 + 2 * 4 + 2 * 16 + 8
     assert packed_bytes(net, 3) == 12 + 8 + 8 + 32 + 8  # 96 bits: 12 bytes
+
+
+def test_trials_table_reads_each_trials_flags_and_report_and_names_a_cut_off_one(tmp_path: Path) -> None:
+    """The MobileNetV2 trials table takes each trial's flags from frontier_trials.sh, its validation and test
+    accuracies from the CLI's --json report, and for a trial without a report its stderr's last line."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("trials_table", ROOT / "benchmarks" / "experiments" / "trials_table.py")
+    tt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tt)
+    flags = tt.flags_of(ROOT / "benchmarks" / "device" / "frontier_trials.sh")
+    assert flags["r10sens"] == "--ratio 10 --epochs 10 --allocation sensitivity"
+    assert flags["r10dw"].endswith("(depthwise kept dense)")
+    report = {"totals": {"ratio": 10.0001, "size_ratio": 7.0898},
+              "finetune": {"original_val_accuracy": 88.54, "val_accuracy_before": 10.0, "val_accuracy_after": 86.64,
+                           "original_test_accuracy": 88.26, "test_accuracy_after": 86.85, "seconds": 200.2}}
+    (tmp_path / "mb_r10.json").write_text(json.dumps(report))
+    (tmp_path / "mb_r10.err").write_text("")
+    (tmp_path / "mb_r10bn.json").write_text("")
+    (tmp_path / "mb_r10bn.err").write_text("converting\nsttp-compress: interrupted; nothing written\n")
+    done = tt.row(tmp_path, "r10", flags["r10"], "GPU", "abc")
+    assert (done["val_after"], done["test_after"], done["ratio"], done["size_ratio"], done["status"]) == \
+        (86.64, 86.85, 10.0, 7.09, "ok")
+    cut = tt.row(tmp_path, "r10bn", flags["r10bn"], "GPU", "abc")
+    assert cut["status"] == "sttp-compress: interrupted; nothing written" and "val_after" not in cut
