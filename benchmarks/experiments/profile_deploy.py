@@ -39,12 +39,15 @@ def profile(model: torch.nn.Module, x: dict, device: str) -> tuple[int, list[tup
     events = prof.key_averages()
     if device == "cuda":
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-        key = "self_device_time_total" if hasattr(kernels[0] if kernels else None, "self_device_time_total") else "self_cuda_time_total"
+        key = "self_device_time_total"  # self_cuda_time_total before torch 2.4
     else:
         kernels = [e for e in events if e.key.startswith("aten::")]
         key = "self_cpu_time_total"
-    top = sorted(kernels, key=lambda e: -getattr(e, key))[:TOP]
-    return sum(e.count for e in kernels), [(e.key[:70], round(getattr(e, key), 1), e.count) for e in top]
+
+    def self_us(e) -> float:
+        return getattr(e, key, None) or getattr(e, "self_cuda_time_total", 0.0)
+    top = sorted(kernels, key=self_us, reverse=True)[:TOP]
+    return sum(e.count for e in kernels), [(e.key[:70], round(self_us(e), 1), e.count) for e in top]
 
 
 def main() -> None:
@@ -71,8 +74,9 @@ def main() -> None:
         model.cpu()
         rows.append({"variant": name, "batch": args.batch, "ms": round(ms, 3), "launches": launches,
                      "device": machine(args.device), "commit": commit(), "date": today()})
-        lines.append(f"\n### {name}: {ms:.3f} ms, {launches} {'kernels' if args.device == 'cuda' else 'operators'}\n\n"
-                     + "| name | self µs | calls |\n|---|---|---|\n" + "".join(f"| {n} | {t} | {c} |\n" for n, t, c in top))
+        unit = "kernels" if args.device == "cuda" else "operators"
+        table = "".join(f"| {n} | {t} | {c} |\n" for n, t, c in top)
+        lines.append(f"\n### {name}: {ms:.3f} ms, {launches} {unit}\n\n| name | self µs | calls |\n|---|---|---|\n{table}")
         print(lines[-1], flush=True)
     md = (f"# Frozen MiniLM (ratio 4) against dense, batch {args.batch} x {bd.SEQ} tokens ({today()}, "
           f"{machine(args.device)})\n\n" + markdown_table(rows, list(rows[0])) + "".join(lines))
