@@ -32,7 +32,6 @@ rows of other (device, model) pairs already there stay.
 from __future__ import annotations
 
 import argparse
-import json
 import copy
 import os
 import sys
@@ -44,13 +43,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED_MODELS, commit, machine, markdown_table, print_table, time_ms, today, write_results  # noqa: E402
+from common import SHARED_MODELS, commit, machine, markdown_table, merge_rows, print_table, time_ms, today, write_results  # noqa: E402
 
 import sttp_compress as sc  # noqa: E402
 from sttp_compress.compress.convert import compress_to_target  # noqa: E402
 from sttp_compress.io.sources import load_model, resolve_arch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 RESNET_ARCH = f"{SHARED_MODELS / 'cifar_models.py'}:resnet18_cifar"
 SEQ = 16
 STACK_WIDTH, STACK_DEPTH = 4096, 4
@@ -95,7 +93,8 @@ def stack(notes: list[str]) -> tuple[nn.Module, callable]:
     return nn.Sequential(*layers).eval(), lambda b: torch.randn(b, STACK_WIDTH, generator=torch.Generator().manual_seed(0))
 
 
-def _call(model: nn.Module, x):
+def call(model: nn.Module, x):
+    """The model on one input batch (a tensor, or keyword tensors; a folded program takes them by position)."""
     if isinstance(x, dict) and hasattr(model, "const_subgraph_module"):  # a folded program takes positions only
         names = [n.target for n in model.graph.nodes if n.op == "placeholder"]
         return model(*(x[n] for n in names))
@@ -108,7 +107,8 @@ def _main_output(out) -> torch.Tensor:
     return out["last_hidden_state"] if isinstance(out, dict) or hasattr(out, "keys") else out[0]
 
 
-def _to(x, device: str):
+def to_device(x, device: str):
+    """An input batch (a tensor or a dict of them) on `device`."""
     return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
 
 
@@ -146,7 +146,7 @@ def _export_program(model: nn.Module, path: Path, example, device: str) -> float
     if device != "cpu":
         try:
             on_device = copy.deepcopy(model).to(device)
-            return sc.export(on_device, path, _to(example, device))["size_bytes"] / 1e6
+            return sc.export(on_device, path, to_device(example, device))["size_bytes"] / 1e6
         except Exception as exc:  # noqa: BLE001 - report and fall back to the CPU
             print(f"pt2 export on {device} failed ({type(exc).__name__}: {exc}); exported on the CPU", file=sys.stderr)
     return sc.export(model, path, example)["size_bytes"] / 1e6
@@ -159,9 +159,9 @@ def _serve(model: nn.Module, x, device: str, quick: bool, reference: torch.Tenso
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    ms = _timed(lambda: _call(model, x), device, quick)
+    ms = _timed(lambda: call(model, x), device, quick)
     mem = torch.cuda.max_memory_allocated() / 1e6 if device == "cuda" else _weights_mb(model)
-    err = _rel(_main_output(_call(model, x)), reference)
+    err = _rel(_main_output(call(model, x)), reference)
     model.cpu()
     return ms, mem, err
 
@@ -175,7 +175,7 @@ def _load_program(path: Path, device: str, example) -> tuple[nn.Module, str]:
     try:
         moved = copy.deepcopy(program).to(device)
         with torch.no_grad():
-            _call(moved, _to(example, device))  # a program with CPU constants in its graph fails here
+            call(moved, to_device(example, device))  # a program with CPU constants in its graph fails here
         return moved, device
     except Exception as exc:  # noqa: BLE001 - report and fall back to the CPU
         print(f"pt2 does not move to {device} ({type(exc).__name__}: {exc}); timed on the CPU", file=sys.stderr)
@@ -191,7 +191,7 @@ def _folded(program: nn.Module, example) -> nn.Module:
         warnings.simplefilter("ignore")  # const_fold warns about the nested attribute paths it re-creates
         folded = split_const_subgraphs(program)
     with torch.no_grad():
-        _call(folded, example)
+        call(folded, example)
     return folded
 
 
@@ -231,26 +231,26 @@ def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[i
     run_d, _ = _ort_session(onnx_d, device)
     ort_dense_mb = _rss_mb() - rss
     program, pt2_device = _load_program(pt2, device, example)
-    folded = _folded(program, _to(example, pt2_device))
+    folded = _folded(program, to_device(example, pt2_device))
     rows = []
     for b in batches:
         x = inputs(b)
         with torch.no_grad():
-            reference = _main_output(_call(comp, x))
-            xd = _to(x, device)
+            reference = _main_output(call(comp, x))
+            xd = to_device(x, device)
             dense_ms, dense_mem, _ = _serve(dense, xd, device, quick, reference)
             frozen_ms, frozen_mem, frozen_err = _serve(frozen, xd, device, quick, reference)
             if lean is not None:
                 lean_ms, lean_mem, lean_err = _serve(lean, xd, device, quick, reference)
-            xp = _to(x, pt2_device)
+            xp = to_device(x, pt2_device)
             ort_dense_ms = _timed(lambda: run_d(x), "cpu", quick)
             ort_ms = _timed(lambda: run_c(x), "cpu", quick)
             ort_err = _rel(run_c(x), reference)
-            pt2_ms = _timed(lambda: _call(program, xp), pt2_device, quick)
+            pt2_ms = _timed(lambda: call(program, xp), pt2_device, quick)
             pt2_dense_ms = dense_ms if pt2_device == device else None
-            pt2_err = _rel(_main_output(_call(program, xp)), reference)
-            folded_ms = _timed(lambda: _call(folded, xp), pt2_device, quick)
-            folded_err = _rel(_main_output(_call(folded, xp)), reference)
+            pt2_err = _rel(_main_output(call(program, xp)), reference)
+            folded_ms = _timed(lambda: call(folded, xp), pt2_device, quick)
+            folded_err = _rel(_main_output(call(folded, xp)), reference)
         base = {"model": name, "ratio": ratio, "batch": b, **{k: round(v, 3) for k, v in sizes.items()},
                 "device": machine(device), "commit": commit(), "date": today()}
         rows.append({**base, "mode": "frozen", "dense_ms": dense_ms, "compressed_ms": frozen_ms, "form": form,
@@ -304,10 +304,7 @@ def ffn_rows(dense: nn.Module, comp: nn.Module, batch: int, device: str, quick: 
 
 def _merge(rows: list[dict]) -> list[dict]:
     """The stored rows of other (device, model) pairs, then these rows."""
-    path = ROOT / "benchmarks" / "results" / "deploy.json"
-    mine = {(r["device"], r["model"]) for r in rows}
-    old = json.loads(path.read_text()) if path.exists() else []
-    return [r for r in old if (r["device"], r["model"]) not in mine] + rows
+    return merge_rows("deploy", rows, lambda r: (r["device"], r["model"]))
 
 
 def main() -> None:

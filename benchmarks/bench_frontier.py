@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, commit, machine, markdown_table, today, write_results  # noqa: E402
+from common import RESULTS, commit, machine, markdown_table, merge_rows, today, write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ARCH_FILE = "benchmarks/cifar_teachers.py"
@@ -202,10 +202,7 @@ def _key(r: dict) -> tuple:
 
 def merge(rows: list[dict]) -> list[dict]:
     """The stored rows of other runs (model, method, ratio, seed, dtype, GPU), then these."""
-    path = RESULTS / "frontier.json"
-    mine = {_key(r) for r in rows}
-    old = json.loads(path.read_text()) if path.exists() else []
-    return [r for r in old if _key(r) not in mine] + rows
+    return merge_rows("frontier", rows, _key)
 
 
 def readme_table(rows: list[dict]) -> str:

@@ -104,13 +104,14 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def merge_rows(name: str, rows: list[dict]) -> list[dict]:
-    """Rows already in results/<name>.json for other devices, followed by these rows (--merge)."""
-    path = RESULTS / f"{name}.json"
+def merge_rows(name: str, rows: list[dict], key: Callable[[dict], object] = lambda r: r["device"]) -> list[dict]:
+    """Rows already in <name>.json (where `write_results` writes it) whose `key` (default: the device) none of
+    these rows has, followed by these rows."""
+    path = _results_dir() / f"{name}.json"
     if not path.exists():
         return rows
-    mine = {r["device"] for r in rows}
-    return [r for r in json.loads(path.read_text()) if r["device"] not in mine] + rows
+    mine = {key(r) for r in rows}
+    return [r for r in json.loads(path.read_text()) if key(r) not in mine] + rows
 
 
 def print_table(title: str, rows: list[dict], columns: list[str]) -> None:

@@ -33,21 +33,18 @@ def profile(model: torch.nn.Module, x: dict, device: str) -> tuple[int, list[tup
     """(kernel launches or operator calls, [(name, self µs, calls)] of the top TOP) of one forward."""
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
     with torch.no_grad(), torch.profiler.profile(activities=acts) as prof:
-        bd._call(model, x)
+        bd.call(model, x)
         if device == "cuda":
             torch.cuda.synchronize()
     events = prof.key_averages()
     if device == "cuda":
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-        key = "self_device_time_total"  # self_cuda_time_total before torch 2.4
+        key = "self_device_time_total"
     else:
         kernels = [e for e in events if e.key.startswith("aten::")]
         key = "self_cpu_time_total"
-
-    def self_us(e) -> float:
-        return getattr(e, key, None) or getattr(e, "self_cuda_time_total", 0.0)
-    top = sorted(kernels, key=self_us, reverse=True)[:TOP]
-    return sum(e.count for e in kernels), [(e.key[:70], round(self_us(e), 1), e.count) for e in top]
+    top = sorted(kernels, key=lambda e: getattr(e, key), reverse=True)[:TOP]
+    return sum(e.count for e in kernels), [(e.key[:70], round(getattr(e, key), 1), e.count) for e in top]
 
 
 def main() -> None:
@@ -60,7 +57,7 @@ def main() -> None:
     comp = copy.deepcopy(dense)
     compress_to_target(comp, ratio=4, include=["*"])
     comp.eval()
-    x = bd._to(inputs(args.batch), args.device)
+    x = bd.to_device(inputs(args.batch), args.device)
     variants = {"dense": dense}
     for shortcut in ("none", "auto", "factors"):
         variants[f"freeze {shortcut}"] = m = copy.deepcopy(comp)
@@ -69,7 +66,7 @@ def main() -> None:
     for name, model in variants.items():
         model.to(args.device)
         with torch.no_grad():
-            ms = time_ms(lambda: bd._call(model, x), args.device, warmup=3, repeat=20, min_seconds=1.0)
+            ms = time_ms(lambda: bd.call(model, x), args.device, warmup=3, repeat=20, min_seconds=1.0)
         launches, top = profile(model, x, args.device)
         model.cpu()
         rows.append({"variant": name, "batch": args.batch, "ms": round(ms, 3), "launches": launches,

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import EXPERIMENT_RESULTS, markdown_table, today, write_results  # noqa: E402
+from common import markdown_table, merge_rows, today, write_results  # noqa: E402
 
 COLUMNS = ["trial", "flags", "ratio", "size_ratio", "val_teacher", "val_before", "val_after", "test_teacher",
            "test_after", "seconds", "status", "gpu", "commit", "date"]
@@ -39,9 +39,9 @@ def row(logs: Path, trial: str, flags: str, gpu: str, commit: str) -> dict:
     try:
         report = json.loads((logs / f"mb_{trial}.json").read_text())
     except (OSError, ValueError):
-        err = (logs / f"mb_{trial}.err")
-        last = err.read_text().strip().splitlines()[-1] if err.exists() and err.read_text().strip() else "no report"
-        return {**base, "status": last[:120]}
+        err = logs / f"mb_{trial}.err"
+        lines = err.read_text().strip().splitlines() if err.exists() else []
+        return {**base, "status": lines[-1][:120] if lines else "no report"}
     ft, totals = report.get("finetune", {}), report.get("totals", {})
     return {**base, "ratio": round(totals.get("ratio", 0), 2), "size_ratio": round(totals.get("size_ratio", 0), 2),
             "val_teacher": ft.get("original_val_accuracy"), "val_before": ft.get("val_accuracy_before"),
@@ -58,10 +58,7 @@ def main() -> None:
     flags = flags_of(Path(__file__).resolve().parents[1] / "device" / "frontier_trials.sh")
     trials = sorted(p.stem[3:] for p in args.logs.glob("mb_*.err"))
     rows = [row(args.logs, t, flags.get(t, "?"), args.gpu, args.commit) for t in trials]
-    path = EXPERIMENT_RESULTS / "mobilenetv2_trials.json"
-    mine = {(r["trial"], r["gpu"], r["commit"]) for r in rows}
-    old = json.loads(path.read_text()) if path.exists() else []
-    rows = [r for r in old if (r["trial"], r["gpu"], r["commit"]) not in mine] + rows
+    rows = merge_rows("mobilenetv2_trials", rows, lambda r: (r["trial"], r["gpu"], r["commit"]))
     md = ("# MobileNetV2 recipe trials at ratio 10 (frontier_trials.sh TRIALS; teacher mobilenetv2.pt)\n\n"
           "`sttp-compress` with the flags shown, `--epochs 10`, several trials side by side on one GPU (their seconds "
           "are not fine-tune times alone). Judged on `val_after`, the CLI's held-out validation (5,000 images of "
