@@ -105,6 +105,20 @@ def test_lazy_greedy_leaves_unreachable_ranks_unprofiled():
         assert o.profiled() <= len(o.ranks) - 4
 
 
+def test_a_lone_layer_fills_its_budget_without_profiling_the_grid_rank_above():
+    torch.manual_seed(0)
+    layer = nn.Linear(512, 256, bias=False)
+    opts = [A.layer_options("l", layer)]
+    o = opts[0]
+    j = o.ranks.index(64)
+    budget = (o.dofs[j] + o.dofs[j + 1]) // 2  # between grid ranks 64 and the next
+    ranks = A.allocate(opts, budget)
+    full = [A.layer_options("l", layer, eager=True)]
+    assert ranks == A._greedy_exhaustive(full, budget)
+    assert 64 < ranks["l"] < o.ranks[j + 1] and o.dof(ranks["l"] + 1) > budget  # the largest rank that fits
+    assert o.err2[j] is not None and all(e is None for e in o.err2[j + 1:-1])
+
+
 def test_a_more_sensitive_layer_gets_more_of_the_budget_than_its_twin():
     torch.manual_seed(0)
     twin = nn.Linear(128, 128, bias=False)
