@@ -155,6 +155,34 @@ def test_pt2_program_moves_to_another_device(exported, tmp_path):
     assert moved(torch.randn(5, 3, 8, 8, device="meta")).shape == (5, 4)
 
 
+class _BoundedBatch(nn.Module):
+    """A forward that bounds its batch the way a kernel's size check does (CUDA traces add such guards)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.head = nn.Linear(8 * 36, 4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.numel() < 2 ** 31:  # a guard batch < 2^31 / 288 on the symbolic batch
+            y = y.relu()
+        return self.head(y.flatten(1))
+
+
+@pytest.mark.parametrize("suffix, runner", [(".onnx", "onnx"), (".pt2", "pt2")])
+def test_a_guard_that_bounds_the_batch_still_exports_a_dynamic_batch(tmp_path, suffix, runner):
+    torch.manual_seed(0)
+    model = _BoundedBatch().eval()
+    sc.compress_(model, sc.CompressConfig(rank=4), filter_fn=lambda m, name: name == "conv")
+    path = tmp_path / f"bounded{suffix}"
+    assert sc.export(model, path, torch.randn(3, 3, 8, 8))["rel_output_error"] < 1e-5
+    xs = [torch.randn(batch, 3, 8, 8) for batch in (1, 6)]
+    for x, got in zip(xs, _run_without_package(runner, path, xs, tmp_path)):
+        with torch.no_grad():
+            assert got.shape == (x.shape[0], 4) and _rel(got, model(x)) < 1e-4
+
+
 @pytest.mark.gpu
 def test_pt2_of_a_model_on_a_gpu_is_traced_and_runs_there(net, tmp_path):
     """A model on CUDA writes a CUDA program: every stored tensor of the rebuild, the skeleton's row orders
