@@ -228,7 +228,8 @@ def main() -> None:
     ap.add_argument("--teachers", default=str(HERE.parent / ".teachers"), help="folder of <arch>.pt and <arch>.json")
     ap.add_argument("--data", help="folder with train/ and test/")
     ap.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
+                    help="none (a bare --methods): no compression runs, only --anchors")
     ap.add_argument("--ratios", nargs="+", type=float, help="default: 10 20 50 (and 33 for wrn16_8)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="STTP at the smallest and largest ratio "
                     "runs every seed; the rest seed 0")

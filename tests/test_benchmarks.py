@@ -53,6 +53,8 @@ def test_teacher_training_and_the_frontier_bench_run_on_a_tiny_set(cifar_like: P
     assert all(line.startswith("sttp-compress ") and "--epochs 10" in line for line in dry)
     assert sum("--method svdp --free-cores" in line for line in dry) == 3
     assert sum("--dtype int8" in line and "--method" not in line for line in dry) == 3
+    assert _run("benchmarks/bench_frontier.py", "--teachers", str(teachers), "--data", str(cifar_like),
+                "--models", "mobilenetv2", "--methods", "--anchors", "4", "--dry-run").stdout == ""  # anchors only
 
     results = ROOT / "benchmarks" / "results" / "frontier.json"
     stored = results.read_text() if results.exists() else None

@@ -1,6 +1,7 @@
 # Call: (re)train teachers, then frontier rows (bench_frontier.py, a process each) and MobileNetV2 recipe trials at ratio 10.
 # Env: TEACHERS to train (default "mobilenetv2 resnet18"; empty: none, the weights carried in .carry/teachers);
-# RUNS, frontier rows as MODEL:METHOD:RATIO[:DTYPE] (DTYPE float32 unless given), one bench_frontier process each, in
+# RUNS, frontier rows as MODEL:METHOD:RATIO[:DTYPE[:SEED]] (float32 and seed 0 unless given; MODEL:anchor:BITS for a weight-only
+# quantization anchor), one bench_frontier process each, in
 # that order (default: ResNet-18's sttp/svdp/svd at 10, 20, 50); TRIALS, MobileNetV2 recipe trials named in the table
 # below, after the runs (default all); END, seconds by which everything is ended (default 560); JOBS, processes at once
 # (default 4: on 2026-12-07 ten side by side, each decoding CIFAR-10 on the CPU, finished none in 280 s).
@@ -32,7 +33,9 @@ declare -A F=(
 for a in $TEACHERS; do timeout 300 python3 benchmarks/train_teacher.py --arch $a --data /tmp/cifar --out .teachers > /tmp/logs/train_$a.log 2>&1 & done
 wait; ls -la .teachers; echo "teachers done at $((SECONDS-T0)) s"
 slot() { while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done; L=$((END-SECONDS+T0)); }
-for x in $RUNS; do IFS=: read -r m me r d <<< "$x"; slot; echo "start $x at $((SECONDS-T0)) s"; timeout $L python3 benchmarks/bench_frontier.py --teachers .teachers --data /tmp/cifar --models $m --methods $me --ratios $r --dtypes ${d:-float32} --no-dense > /tmp/logs/fr_${m}_${me}_${r}_${d:-float32}.log 2>&1 & done
+# MODEL:anchor:BITS is weight-only quantization of the dense teacher at BITS, zero-shot and fine-tuned (--anchors)
+run_args() { if [ "$2" = anchor ]; then echo "--methods --anchors $3"; else echo "--methods $2 --ratios $3 --dtypes ${4:-float32} --seeds ${5:-0}"; fi; }
+for x in $RUNS; do IFS=: read -r m me r d sd <<< "$x"; slot; echo "start $x at $((SECONDS-T0)) s"; timeout $L python3 benchmarks/bench_frontier.py --teachers .teachers --data /tmp/cifar --models $m $(run_args $m $me $r $d $sd) --no-dense > /tmp/logs/fr_${m}_${me}_${r}_${d:-float32}_s${sd:-0}.log 2>&1 & done
 for n in $TRIALS; do slot; echo "start $n at $((SECONDS-T0)) s"; timeout $L sttp-compress .teachers/mobilenetv2.pt --arch $A:mobilenetv2 --data /tmp/cifar $M --output /tmp/o/$n.sttp.pt --json ${F[$n]} > /tmp/logs/mb_$n.json 2> /tmp/logs/mb_$n.err & done
 wait; echo "trials done at $((SECONDS-T0)) s"
 source benchmarks/device/pack.sh
