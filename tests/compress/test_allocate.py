@@ -119,6 +119,26 @@ def test_a_lone_layer_fills_its_budget_without_profiling_the_grid_rank_above():
     assert o.err2[j] is not None and all(e is None for e in o.err2[j + 1:-1])
 
 
+def test_the_fill_leaves_a_step_unprofiled_when_its_gain_bound_cannot_win():
+    rng = random.Random(0)
+    opts, calls = _options_with_profile([(64, 96), (64, 96)], rng, integer=False)
+    a, b = opts
+    for o in opts:  # every grid rank known but b's rank above 16, whose lower bound is just under b's error at 16
+        for i in range(len(o.err2) - 1):
+            o.err2[i] = 0.9 ** i
+    j = b.ranks.index(24)
+    truth = b.err2[j - 1] - 5e-10  # b's error barely drops above 16
+    b.err2[j] = None
+    b.lower = [0.0] * len(b.ranks)
+    b.lower[j] = b.err2[j - 1] - 1e-9  # b's steps above 16 can remove almost nothing
+    left = 3 * (a.dof(17) - a.dof(16))
+    ranks = A._fill(opts, {"l0": 16, "l1": 16}, left)
+    assert calls == [] and b.err2[j] is None  # b's rank 24 never profiled
+    assert ranks["l1"] == 16 and ranks["l0"] > 16  # a's steps, the same size as b's, won each time
+    b.err2[j] = truth  # with every gain computed the same steps are taken
+    assert A._fill(opts, {"l0": 16, "l1": 16}, left) == ranks
+
+
 def test_a_more_sensitive_layer_gets_more_of_the_budget_than_its_twin():
     torch.manual_seed(0)
     twin = nn.Linear(128, 128, bias=False)
