@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED_MODELS, commit, machine, markdown_table, merge_rows, print_table, time_ms, today, write_results  # noqa: E402
+from common import SHARED_MODELS, commit, machine, markdown_table, merge_rows, print_table, table_header, time_ms, today, write_results  # noqa: E402
 
 import sttp_compress as sc  # noqa: E402
 from sttp_compress.compress.convert import compress_to_target  # noqa: E402
@@ -336,8 +336,7 @@ def main() -> None:
         return
     meta = {"date": today(), "device": machine(args.device), "notes": notes, "seq_len_minilm": SEQ}
     rows = _merge(rows)
-    md = (f"# Deployment: sizes and serving latency ({today()}, commit {commit()})\n\n"
-          + "".join(f"- {n}\n" for n in notes) + "\n" + markdown_table(rows, COLUMNS))
+    md = table_header("deploy", "Deployment: sizes and serving latency", rows, notes) + markdown_table(rows, COLUMNS)
     write_results("deploy", rows, meta, md)
 
 

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, commit, machine, markdown_table, merge_rows, today, write_results  # noqa: E402
+from common import RESULTS, commit, machine, markdown_table, merge_rows, table_header, today, write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ARCH_FILE = "benchmarks/cifar_teachers.py"
@@ -296,8 +296,7 @@ def save(rows: list[dict], device: str, epochs: int, data: Path) -> None:
     with open(RESULTS / ".frontier.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         rows = merge(rows)
-        md = (f"# Frontier through the CLI ({today()}, commit {commit()})\n\n" + readme_table(rows) + "\n"
-              + markdown_table(rows, COLUMNS))
+        md = table_header("frontier", "Frontier through the CLI", rows) + readme_table(rows) + "\n" + markdown_table(rows, COLUMNS)
         write_results("frontier", rows, {"date": today(), "device": machine(device), "epochs": epochs,
                                          "data": str(data)}, md)
 

@@ -93,6 +93,26 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def table_header(name: str, title: str, rows: list[dict], notes: list[str] = ()) -> str:
+    """The Markdown above a merged table: the title with today's date and the commits of its rows, this run's
+    notes (a bullet each), then the stored <name>.md's notes, kept because they say where its other rows came
+    from (what lies between its title and its first table or section; a line equal to a new bullet is dropped).
+    Notes that a replaced row made stale are for the reader of the diff to remove."""
+    commits = list(dict.fromkeys(str(r["commit"]) for r in rows if r.get("commit")))
+    head = f"# {title} ({today()}" + (f"; rows from commits {' / '.join(commits)}" if commits else "") + ")\n\n"
+    bullets = [f"- {n}" for n in notes]
+    earlier = []
+    path = _results_dir() / f"{name}.md"
+    if path.exists():
+        for line in path.read_text().splitlines()[1:]:
+            if line.startswith(("|", "#")):
+                break
+            earlier.append(line)
+    kept = "\n".join(line for line in earlier if line not in bullets).strip()
+    body = "\n".join(bullets) + ("\n\n" if bullets and kept else "") + kept
+    return head + (body + "\n\n" if body else "")
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
     return head + "".join("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |\n" for r in rows)

@@ -107,3 +107,18 @@ def test_trials_table_reads_each_trials_flags_and_report_and_names_a_cut_off_one
         (86.64, 86.85, 10.0, 7.09, "ok")
     cut = tt.row(tmp_path, "r10bn", flags["r10bn"], "GPU", "abc")
     assert cut["status"] == "sttp-compress: interrupted; nothing written" and "val_after" not in cut
+
+
+def test_a_rewritten_table_keeps_the_stored_notes_and_names_its_rows_commits(tmp_path: Path, monkeypatch) -> None:
+    """bench_frontier and bench_deploy rewrite their whole Markdown table: the notes about earlier rows stay."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    rows = [{"commit": "aaa"}, {"commit": "bbb"}, {"commit": "aaa"}, {}]
+    assert common.table_header("x", "Title", rows) == f"# Title ({common.today()}; rows from commits aaa / bbb)\n\n"
+    (tmp_path / "x.md").write_text("# Title (old)\n\n- old note\n- kept note\n\nA paragraph.\n\n| a |\n|---|\n| 1 |\n\n"
+                                   "- not a note: after the table\n")
+    header = common.table_header("x", "Title", rows, notes=["new note", "old note"])
+    assert header == (f"# Title ({common.today()}; rows from commits aaa / bbb)\n\n- new note\n- old note\n\n"
+                      "- kept note\n\nA paragraph.\n\n")
