@@ -516,10 +516,10 @@ def _best_step(by_name: dict[str, LayerOptions], steps: list[tuple[str, int, int
                 best_i, best_g = i, g
         else:
             pending.append((-bound, i))
-    for _, i in sorted(pending):  # the largest bound first
+    for neg_bound, i in sorted(pending):  # the largest bound first
         n, r, nxt, extra = steps[i]
         o = by_name[n]
-        if not better(i, _gain_bound(o, r, nxt, extra)):
+        if not better(i, -neg_bound):
             continue
         if o.tighten() and not better(i, _gain_bound(o, r, nxt, extra)):
             continue  # the layer's singular-value bounds were enough
