@@ -18,6 +18,9 @@ without fine-tuning (latency and sizes do not depend on it), and the Linear stac
               (docs/usage.md): the weights are rebuilt once, on the first call, and kept;
   frozen (factors only)  `sc.freeze(model, shortcut="factors")` where a layer runs the factors form: no dense
               weight kept for those layers;
+  frozen, CUDA graph  (--device cuda) the frozen model captured in a CUDA graph and replayed, against the dense
+              model captured the same way (`dense_ms` of that row): how a GPU server runs small batches, where
+              kernel launches, not the arithmetic, set the time (what torch.compile's "reduce-overhead" does);
 - `serving_mb`: the weights the serving form keeps in memory (parameters and buffers), or CUDA's peak
   allocation on --device cuda; for onnx, the process's resident-memory growth when the session opens
   (its folded constants and buffers; `dense_serving_mb` the dense model's session);
@@ -195,6 +198,34 @@ def _folded(program: nn.Module, example) -> nn.Module:
     return folded
 
 
+def _graphed(model: nn.Module, x) -> tuple[callable | None, str]:
+    """(replay, "") of `model` on the CUDA input batch `x` captured in a CUDA graph (the input copied into the
+    graph's static input on every call, as a server would), or (None, why) where it does not capture."""
+    try:
+        static = {k: v.clone() for k, v in x.items()} if isinstance(x, dict) else x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(3):  # warm-up off the default stream, as torch.cuda.graphs asks
+                call(model, static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            out = call(model, static)
+    except Exception as exc:  # noqa: BLE001 - a model that does not capture gets no row, and says why
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+    def replay(xb=x):
+        if isinstance(static, dict):
+            for k, v in static.items():
+                v.copy_(xb[k])
+        else:
+            static.copy_(xb)
+        graph.replay()
+        return out
+    return replay, ""
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm())
 
@@ -242,6 +273,7 @@ def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[i
             frozen_ms, frozen_mem, frozen_err = _serve(frozen, xd, device, quick, reference)
             if lean is not None:
                 lean_ms, lean_mem, lean_err = _serve(lean, xd, device, quick, reference)
+            graph_row = _graph_row(dense, frozen, xd, quick, reference) if device == "cuda" else None
             xp = to_device(x, pt2_device)
             ort_dense_ms = _timed(lambda: run_d(x), "cpu", quick)
             ort_ms = _timed(lambda: run_c(x), "cpu", quick)
@@ -260,6 +292,9 @@ def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[i
             rows.append({**base, "mode": "frozen (factors only)", "dense_ms": dense_ms, "compressed_ms": lean_ms,
                          "form": form, "size_mb": round(sizes["checkpoint_mb"], 3), "serving_mb": lean_mem,
                          "dense_serving_mb": dense_mem, "rel_error": lean_err})
+        if graph_row is not None:
+            rows.append({**base, "mode": "frozen, CUDA graph", "form": form,
+                         "size_mb": round(sizes["checkpoint_mb"], 3), **graph_row})
         ort_device = machine(device) if provider == "CUDAExecutionProvider" else machine("cpu")
         rows.append({**base, "device": ort_device, "mode": f"onnx ({provider.replace('ExecutionProvider', '')})",
                      "dense_ms": ort_dense_ms,
@@ -276,6 +311,26 @@ def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[i
         if r["dense_ms"]:
             r["speedup"] = round(r["dense_ms"] / r["compressed_ms"], 3)
     return rows, comp
+
+
+def _graph_row(dense: nn.Module, frozen: nn.Module, x, quick: bool, reference: torch.Tensor) -> dict | None:
+    """dense_ms, compressed_ms, rel_error of the dense and the frozen model each replayed as a CUDA graph on the
+    CUDA batch `x` (None, with the reason on stderr, where either does not capture)."""
+    ms, errs = [], []
+    for model in (dense, frozen):
+        model.to("cuda")
+        replay, why = _graphed(model, x)
+        if replay is None:
+            print(f"CUDA graph capture failed ({why}); no graph row", file=sys.stderr)
+            model.cpu()
+            return None
+        ms.append(_timed(replay, "cuda", quick))
+        errs.append(_rel(_main_output(replay()), reference))
+        del replay
+        model.cpu()
+        torch.cuda.empty_cache()
+    return {"dense_ms": ms[0], "compressed_ms": ms[1], "rel_error": errs[1], "serving_mb": None,
+            "dense_serving_mb": None}
 
 
 def ffn_rows(dense: nn.Module, comp: nn.Module, batch: int, device: str, quick: bool) -> list[dict]:
