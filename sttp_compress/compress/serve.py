@@ -10,11 +10,14 @@ writes the compressed checkpoint). `unfreeze(model)` undoes it; `frozen(model)` 
     with frozen(model):                  # eval mode, no autograd: weights built once, plain F.linear/conv
         y = model(x)
     freeze(model, shortcut="auto")       # serving: also the factored form where it saves FLOPs
-    freeze(model, shortcut="factors")    # ... on every call, with no dense weight kept (least memory)
+    freeze(model, shortcut="factors")    # ... on every call, with no dense weight kept (least memory),
+                                         # and Embeddings looked up in their factors where those are smaller
 
 With `shortcut="auto"`, a compressed Linear whose factors form (method notes §7) needs fewer FLOPs per
 row (`contract.best_form`) also binds V·diag(σ) and U, and runs y = (x V σ) Uᵀ + b on calls whose rows
-save more than the device's `contract.CALL_OVERHEAD_FLOPS`, the dense weight on smaller calls.
+save more than the device's `contract.CALL_OVERHEAD_FLOPS`, the dense weight on smaller calls. A Linear or
+Embedding whose tensorization pads its rows or columns (a dimension with a large prime factor) runs on the
+factors with the padding cropped.
 
 A frozen layer does not follow later changes of its STTP parameters (training, `load_state_dict`):
 unfreeze first. Gradients do not reach the STTP parameters through a frozen layer.
@@ -30,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sttp_compress.core.forms import CALL_OVERHEAD_FLOPS, call_overhead, factorable, mha_out_projs, layer_originals, best_form, row_flops
+from sttp_compress.core.forms import (CALL_OVERHEAD_FLOPS, best_form, call_overhead, crop_padding, factorable,
+                                      layer_originals, mha_out_projs, row_flops)
 from sttp_compress.core.spectral_tt import SpectralTT, is_parametrized, weight_name
 
 __all__ = ["freeze", "unfreeze", "frozen", "is_frozen"]
@@ -53,7 +57,8 @@ def freeze(model: nn.Module, shortcut: str = "none", overhead: dict[str, float] 
     shortcut: 'none' (every layer runs its dense weight), 'auto' (compressed Linears run the factors
     form on calls whose rows pay for its extra kernel call, `overhead` FLOPs per device type, default
     `contract.CALL_OVERHEAD_FLOPS`) or 'factors' (those Linears run the factors form on every call and
-    keep no dense weight: the least memory; `.weight` is then rebuilt from the factors when read).
+    keep no dense weight: the least memory; `.weight` is then rebuilt from the factors when read; a compressed
+    Embedding whose factors U and (V σ)ᵀ hold fewer values than its table looks its rows up in U instead).
     Returns {module name: 'dense' | 'factors'} of the layers frozen. Layers with another
     parametrization stacked on ours are left as they are.
     """
@@ -77,22 +82,45 @@ def freeze(model: nn.Module, shortcut: str = "none", overhead: dict[str, float] 
         if (shortcut != "none" and isinstance(m, nn.Linear) and id(m) not in inside_mha and factorable(p)
                 and best_form(p.tt) == "factors"):
             form = "factors"
+        elif shortcut == "factors" and _smaller_as_factors(m, p):
+            form = "factors"
         _bind(m, wname, None if form == "factors" and shortcut == "factors" else W, trainable)
         if form == "factors":
-            with torch.autocast(W.device.type, enabled=False):
-                U, s, V = p.factors(*originals)
-            saving = row_flops(p.tt, "dense") - row_flops(p.tt, "factors")
-            # the FLOPs a call must save to pay for the extra kernel, per device (and CUDA precision)
-            m._sttp_saving, m._sttp_overhead = saving, ({} if shortcut == "factors" else dict(overhead))
-            # the rank padded with zero columns to a multiple of RANK_ALIGN: GEMMs whose inner size is not
-            # 16-byte aligned in bf16 ran 5x below the dense layer's FLOP rate on an H200 (rank 318)
-            pad = -U.shape[1] % RANK_ALIGN
-            Vs, U = F.pad(V * s, (0, pad)), F.pad(U, (0, pad))
-            m.register_buffer("_sttp_vs", _leaf(Vs.T.contiguous().to(W.dtype), trainable), persistent=False)
-            m.register_buffer("_sttp_u", _leaf(U.contiguous().to(W.dtype), trainable), persistent=False)
-            m.forward = _factors_forward.__get__(m)
+            Vs, U = _aligned_factors(p, originals, W.dtype)
+            m.register_buffer("_sttp_vs", _leaf(Vs, trainable), persistent=False)
+            m.register_buffer("_sttp_u", _leaf(U, trainable), persistent=False)
+            if isinstance(m, nn.Embedding):
+                m.forward = _embedding_factors_forward.__get__(m)
+            else:
+                saving = row_flops(p.tt, "dense") - row_flops(p.tt, "factors")
+                # the FLOPs a call must save to pay for the extra kernel, per device (and CUDA precision)
+                m._sttp_saving, m._sttp_overhead = saving, ({} if shortcut == "factors" else dict(overhead))
+                m.forward = _factors_forward.__get__(m)
         forms[name] = form
     return forms
+
+
+def _smaller_as_factors(m: nn.Module, p: SpectralTT) -> bool:
+    """Whether an Embedding's lookup can run on its factors, U (num_embeddings × r) and (V σ)ᵀ (r × dim), and
+    they hold fewer values than its table (the rank padded to RANK_ALIGN). Rows renormalized in place
+    (max_norm) need the table itself."""
+    if not isinstance(m, nn.Embedding) or m.max_norm is not None or not factorable(p):
+        return False
+    r = p.tt.middle + (-p.tt.middle % RANK_ALIGN)
+    return r * (m.num_embeddings + m.embedding_dim) < m.num_embeddings * m.embedding_dim
+
+
+def _aligned_factors(p: SpectralTT, originals: tuple[Tensor, ...], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """((V σ)ᵀ, U) of the weight matrix W = U (V σ)ᵀ, padding rows cropped, the rank padded with zero columns
+    to a multiple of RANK_ALIGN: GEMMs whose inner size is not 16-byte aligned in bf16 ran 5x below the dense
+    layer's FLOP rate on an H200 (rank 318)."""
+    with torch.autocast(originals[0].device.type, enabled=False):
+        U, s, V = p.factors(*originals)
+    d_out, d_in = p.weight_shape
+    U, V = crop_padding(U, d_out), crop_padding(V, d_in)
+    pad = -U.shape[1] % RANK_ALIGN
+    Vs, U = F.pad(V * s, (0, pad)), F.pad(U, (0, pad))
+    return Vs.T.contiguous().to(dtype), U.contiguous().to(dtype)
 
 
 def _leaf(t: Tensor, requires_grad: bool) -> Tensor:
@@ -136,6 +164,11 @@ def _factors_forward(self: nn.Linear, x: Tensor) -> Tensor:
     if rows * self._sttp_saving < call_overhead(x, self._sttp_overhead):
         return F.linear(x, self.weight, self.bias)
     return F.linear(F.linear(x, self._sttp_vs), self._sttp_u, self.bias)
+
+
+def _embedding_factors_forward(self: nn.Embedding, ids: Tensor) -> Tensor:
+    """The rows of U (V σ)ᵀ that `ids` pick: U's rows looked up, then one small matmul."""
+    return F.embedding(ids, self._sttp_u, self.padding_idx) @ self._sttp_vs
 
 
 def unfreeze(model: nn.Module) -> None:

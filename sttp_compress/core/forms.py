@@ -32,7 +32,7 @@ from sttp_compress.core.spectral_tt import SpectralTT, chain, is_parametrized, w
 from sttp_compress.core.tt import TTShape, padded_dims
 
 __all__ = ["FORMS", "TT_PENALTY", "CALL_OVERHEAD_FLOPS", "overhead_key", "call_overhead", "row_flops", "best_form", "tt_linear", "chain_cores",
-           "use_shortcut", "remove_shortcut", "shortcut_forms"]
+           "use_shortcut", "remove_shortcut", "shortcut_forms", "factorable", "crop_padding"]
 
 FORMS = ("dense", "factors", "tt")
 TT_PENALTY = 4.0
@@ -148,7 +148,9 @@ class _Shortcut:
             with torch.no_grad(), torch.autocast(originals[0].device.type, enabled=False):
                 u, s, v = chain_cores(self.p, originals)
                 if self.form == "factors":
-                    f = (chain(v, self.p.tt.v_ranks), s, chain(u, self.p.tt.u_ranks).T)
+                    d_out, d_in = self.p.weight_shape
+                    f = (crop_padding(chain(v, self.p.tt.v_ranks), d_in), s,
+                         crop_padding(chain(u, self.p.tt.u_ranks), d_out).T)
                     self._factors = tuple(t.to(dtype).contiguous() for t in f)
                 else:
                     self._factors = ([G.to(dtype).contiguous() for G in u], s.to(dtype),
@@ -201,7 +203,7 @@ def use_shortcut(model: nn.Module, form: str = "auto", tt_penalty: float = TT_PE
             continue
         p = next(q for q in m.parametrizations.weight if isinstance(q, SpectralTT))
         f = best_form(p.tt, tt_penalty) if form == "auto" else form
-        if not factorable(p):
+        if not factorable(p) or (f == "tt" and _padded(p)):  # tt_linear reads x in the padded modes
             f = "dense"
         chosen[name] = f
         _remove(m)
@@ -223,9 +225,16 @@ def unscaled(p: SpectralTT) -> bool:
 
 
 def factorable(p: SpectralTT) -> bool:
-    """Whether U diag(σ) Vᵀ is exactly the layer's weight matrix: not zero-padded (tt.padded_size: the
-    factors would hold the padding too) and `unscaled`."""
-    return not _padded(p) and unscaled(p)
+    """Whether U diag(σ) Vᵀ, its zero padding cropped (`crop_padding`), is exactly the layer's weight matrix:
+    `unscaled`, and padded (tt.padded_size) on no side or only where that side is one natural dimension
+    (a Linear's or an Embedding's rows and columns, padded at their end)."""
+    return unscaled(p) and (not _padded(p) or all(len(d) == 1 for d in p.dims))
+
+
+def crop_padding(frame: Tensor, size: int) -> Tensor:
+    """The first `size` rows of a factor (U or V) of a side with one natural dimension: the rows of the weight
+    matrix, without the zero padding appended to reach the tensorization's size (tt.pad_matrix)."""
+    return frame if frame.shape[0] == size else frame[:size]
 
 
 def mha_out_projs(model: nn.Module) -> set[int]:

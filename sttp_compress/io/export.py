@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sttp_compress.compress.convert import layer_name
-from sttp_compress.core.forms import best_form, chain_cores, factorable, layer_originals, mha_out_projs
+from sttp_compress.core.forms import best_form, chain_cores, crop_padding, factorable, layer_originals, mha_out_projs
 from sttp_compress.core.skeleton import apply_chain, skeleton_chain
 from sttp_compress.core.spectral_tt import SpectralTT, is_parametrized, weight_name
 from sttp_compress.errors import UserError
@@ -114,7 +114,7 @@ def _weight_property(self: nn.Module) -> Tensor:
 
 def _factors_forward(self: nn.Linear, x: Tensor) -> Tensor:
     Vs, U = self.stored_weight.factors()
-    return F.linear(x @ Vs, U, self.bias)
+    return F.linear(x @ crop_padding(Vs, self.in_features), crop_padding(U, self.out_features), self.bias)
 
 
 def exportable(model: nn.Module, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, str]]:

@@ -143,6 +143,43 @@ def test_shortcut_skips_embeddings_convolutions_and_multihead_attention():
         torch.testing.assert_close(mha(emb(ids), emb(ids), emb(ids))[0], want, rtol=0, atol=0)
 
 
+def test_padded_linear_runs_its_cropped_factors():
+    torch.manual_seed(0)
+    m = nn.Linear(97, 89).double()  # both sizes prime: the tensorization pads rows and columns
+    compress_module(m, 8)
+    p = parametrization(m)
+    assert p.tt.d_out > 89 and p.tt.d_in > 97
+    m.eval()
+    x = torch.randn(3, 97, dtype=torch.float64)
+    with torch.no_grad():
+        want, W = m(x), m.weight.detach().clone()
+    assert freeze(m, "factors") == {"": "factors"}
+    assert m._sttp_u.shape == (89, 16) and m._sttp_vs.shape == (16, 97)  # padding cropped, rank 8 aligned to 16
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(m.weight, W, rtol=1e-12, atol=1e-12)
+
+
+def test_shortcut_factors_looks_embedding_rows_up_in_its_factors():
+    torch.manual_seed(0)
+    emb, small = nn.Embedding(1009, 64, padding_idx=0), nn.Embedding(12, 64)  # 1009 rows: prime, padded
+    compress_module(emb, 8)
+    compress_module(small, 8)  # its factors, (12 + 64) x 16, would be larger than its 12 x 64 table
+    model = nn.ModuleDict({"emb": emb, "small": small}).eval()
+    ids = torch.randint(0, 1009, (4, 7))
+    with torch.no_grad():
+        want, W = emb(ids), emb.weight.detach().clone()
+    assert freeze(model, "auto") == {"emb": "dense", "small": "dense"}  # the speed-first rule: plain lookups
+    unfreeze(model)
+    assert freeze(model, "factors") == {"emb": "factors", "small": "dense"}
+    assert set(emb._buffers) == {"_sttp_vs", "_sttp_u"} and emb._sttp_u.shape == (1009, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(emb(ids), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(emb.weight, W, rtol=1e-5, atol=1e-6)
+    unfreeze(model)
+    assert type(emb).__name__ == "ParametrizedEmbedding" and "forward" not in emb.__dict__
+
+
 def test_bad_shortcut_is_rejected():
     model = small_model()
     with pytest.raises(ValueError, match=r"shortcut must be one of \('none', 'auto', 'factors'\)"):

@@ -121,6 +121,18 @@ def test_exportable_copy_keeps_cores_not_dense_weights(net):
     assert sc.compressed_layers(net)  # the model itself is untouched
 
 
+def test_a_padded_linear_exports_its_cropped_factors():
+    torch.manual_seed(0)
+    # both sizes prime: the tensorization pads them (the last Linear, the classifier, stays dense)
+    layer = nn.Sequential(nn.Linear(1021, 509), nn.Linear(509, 10)).eval()
+    sc.compress_(layer, sc.CompressConfig(rank=8))
+    plain, forms = exportable(layer)
+    assert forms == {"0": "factors"}
+    x = torch.randn(5, 1021)
+    with torch.no_grad():
+        assert _rel(plain(x), layer(x)) < 1e-5
+
+
 @pytest.fixture(scope="module")
 def exported(net, tmp_path_factory):
     """net written once per format: {suffix: (path, what export returned)}."""
