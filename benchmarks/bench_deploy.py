@@ -201,6 +201,10 @@ def _folded(program: nn.Module, example) -> nn.Module:
 def _graphed(model: nn.Module, x) -> tuple[callable | None, str]:
     """(replay, "") of `model` on the CUDA input batch `x` captured in a CUDA graph (the input copied into the
     graph's static input on every call, as a server would), or (None, why) where it does not capture."""
+    if isinstance(x, dict) and "attention_mask" in x and bool(x["attention_mask"].all()):
+        # an all-ones mask is the same as none, and transformers checks a given one on the host (a sync, which
+        # a capture refuses)
+        x = {k: v for k, v in x.items() if k != "attention_mask"}
     try:
         static = {k: v.clone() for k, v in x.items()} if isinstance(x, dict) else x.clone()
         side = torch.cuda.Stream()
@@ -215,7 +219,7 @@ def _graphed(model: nn.Module, x) -> tuple[callable | None, str]:
     except Exception as exc:  # noqa: BLE001 - a model that does not capture gets no row, and says why
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
-    def replay(xb=x):
+    def replay(xb=x):  # noqa: B008 - the batch it was captured with, by default
         if isinstance(static, dict):
             for k, v in static.items():
                 v.copy_(xb[k])
@@ -273,7 +277,6 @@ def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[i
             frozen_ms, frozen_mem, frozen_err = _serve(frozen, xd, device, quick, reference)
             if lean is not None:
                 lean_ms, lean_mem, lean_err = _serve(lean, xd, device, quick, reference)
-            graph_row = _graph_row(dense, frozen, xd, quick, reference) if device == "cuda" else None
             xp = to_device(x, pt2_device)
             ort_dense_ms = _timed(lambda: run_d(x), "cpu", quick)
             ort_ms = _timed(lambda: run_c(x), "cpu", quick)
@@ -283,6 +286,8 @@ def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[i
             pt2_err = _rel(_main_output(call(program, xp)), reference)
             folded_ms = _timed(lambda: call(folded, xp), pt2_device, quick)
             folded_err = _rel(_main_output(call(folded, xp)), reference)
+            # last: a capture that fails may leave the stream in an error state
+            graph_row = _graph_row(dense, frozen, xd, quick, reference) if device == "cuda" else None
         base = {"model": name, "ratio": ratio, "batch": b, **{k: round(v, 3) for k, v in sizes.items()},
                 "device": machine(device), "commit": commit(), "date": today()}
         rows.append({**base, "mode": "frozen", "dense_ms": dense_ms, "compressed_ms": frozen_ms, "form": form,
