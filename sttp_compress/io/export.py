@@ -184,7 +184,7 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Tensor | M
         raise UserError(f"the model cannot be exported: {where}") from None
     was_training = model.training
     try:
-        with torch.no_grad():  # the model runs where it lives
+        with torch.no_grad(), _full_float32():  # the model runs where it lives
             expected = _first_output(model.eval()(*(a.to(device) for a in args),
                                                    **{k: v.to(device) for k, v in kwargs.items()})).cpu()
     finally:
@@ -193,7 +193,8 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Tensor | M
 
     def write(tmp: str) -> None:
         (_write_pt2 if fmt == "pt2" else _write_onnx)(program, tmp)
-        error = _output_error(tmp, fmt, args, kwargs, expected)
+        with _full_float32():
+            error = _output_error(tmp, fmt, args, kwargs, expected)
         if error is not None and not error <= MAX_REL_ERROR:
             raise UserError(f"the exported model's outputs differ from the compressed model's by {error:.2g} "
                             f"(relative); nothing written")
@@ -202,6 +203,22 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Tensor | M
     atomic_write(path, write, force=force)
     return {"format": fmt, "size_bytes": Path(path).stat().st_size, "forms": forms,
             "rel_output_error": errors[0]}
+
+
+@contextlib.contextmanager
+def _full_float32() -> Iterator[None]:
+    """float32 matmuls and convolutions at full precision (no TF32) inside, the settings restored after: the
+    export's check compares two runs of the same arithmetic, and cuDNN's default TF32 convolutions alone put a
+    random-weight ResNet-18's GPU program 2.4e-4 from the model (H100, 4e75822), above MAX_REL_ERROR."""
+    matmul, conv = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, conv
+        torch.set_float32_matmul_precision(precision)
 
 
 def _first_output(out: Any) -> Tensor:

@@ -209,6 +209,29 @@ def test_pt2_of_a_model_on_a_gpu_is_traced_and_runs_there(net, tmp_path):
         assert _rel(program(x), model(x)) < 1e-4
 
 
+def test_the_output_check_runs_without_tf32_and_restores_the_settings(net, tmp_path, monkeypatch):
+    """cuDNN's default TF32 convolutions put a GPU program 2.4e-4 from the model it checks against (H100):
+    the check compares full float32 runs, and the caller's settings come back."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    torch.set_float32_matmul_precision("high")
+    seen = []
+    check = export_module._output_error
+
+    def spy(*a, **k):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+                     torch.get_float32_matmul_precision()))
+        return check(*a, **k)
+    monkeypatch.setattr(export_module, "_output_error", spy)
+    try:
+        sc.export(net, tmp_path / "net.pt2", torch.randn(2, 3, 8, 8))
+        assert seen == [(False, False, "highest")]
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+
+
 def test_onnx_file_is_near_the_checkpoint_size_not_the_dense_size(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)).eval()
