@@ -21,8 +21,8 @@ without fine-tuning (latency and sizes do not depend on it), and the Linear stac
   frozen, CUDA graph  (--device cuda) the frozen model captured in a CUDA graph and replayed, against the dense
               model captured the same way (`dense_ms` of that row): how a GPU server runs small batches, where
               kernel launches, not the arithmetic, set the time (what torch.compile's "reduce-overhead" does);
-- `serving_mb`: the weights the serving form keeps in memory (parameters and buffers), or CUDA's peak
-  allocation on --device cuda; for onnx, the process's resident-memory growth when the session opens
+- `serving_mb`: the weights the serving form keeps in memory (parameters and buffers), or on --device cuda
+  CUDA's peak allocation while the model serves, above what was allocated before it moved to the GPU; for onnx, the process's resident-memory growth when the session opens
   (its folded constants and buffers; `dense_serving_mb` the dense model's session);
 - `rel_error`: the output's relative error against the compressed model in torch (dense rows: 0);
 - for MiniLM also `frozen FFN Linears`: its 12 feed-forward Linears alone at the larger batch (batch x 16
@@ -156,14 +156,16 @@ def _export_program(model: nn.Module, path: Path, example, device: str) -> float
 
 
 def _serve(model: nn.Module, x, device: str, quick: bool, reference: torch.Tensor) -> tuple[float, float, float]:
-    """(latency ms, memory MB, output error) of one model, alone on `device`: on CUDA the peak allocation
-    while it serves (weights and activations), on the CPU its weights."""
-    model.to(device)
+    """(latency ms, memory MB, output error) of one model on `device`: on CUDA its peak allocation while it
+    serves (weights and activations) above what was allocated before it moved there (the input batch, the
+    .pt2 programs of the same model, whatever an earlier model left), on the CPU its weights."""
     if device == "cuda":
         torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+    model.to(device)
     ms = _timed(lambda: call(model, x), device, quick)
-    mem = torch.cuda.max_memory_allocated() / 1e6 if device == "cuda" else _weights_mb(model)
+    mem = (torch.cuda.max_memory_allocated() - before) / 1e6 if device == "cuda" else _weights_mb(model)
     err = _rel(_main_output(call(model, x)), reference)
     model.cpu()
     return ms, mem, err
