@@ -88,7 +88,7 @@ def plan(models: list[str], methods: list[str], ratios: list[float] | None, seed
                 if method == "sttp":
                     variants += [(seeds[0], d) for d in dtypes if d != "float32"]
                 for seed, dtype in variants:
-                    output = out / f"{model}-{method}-{ratio:g}-{dtype}-s{seed}.sttp.pt"
+                    output = out / f"{model}-{method}-{ratio:g}-{dtype}-s{seed}.sttp.safetensors"  # the CLI's default format
                     runs.append({"model": model, "method": method, "ratio": ratio, "seed": seed, "dtype": dtype,
                                  "command": compress_command(teachers / f"{model}.pt", model, method, ratio, data,
                                                              epochs, output, seed, dtype)})

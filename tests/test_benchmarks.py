@@ -67,7 +67,7 @@ def test_teacher_training_and_the_frontier_bench_run_on_a_tiny_set(cifar_like: P
     assert anchor["method"] == "weight-only" and anchor["dtype"] == "int4" and 5 < anchor["size_ratio"] < 8  # 8x less the float16 scales and rest
     assert anchor["acc_before"] is not None and anchor["acc_after"] is not None
     assert r["method"] == "sttp" and r["target_ratio"] == 2 and r["achieved_ratio"] >= 1.9
-    assert r["size_bytes"] == (tmp_path / "runs" / "mobilenetv2-sttp-2-float32-s0.sttp.pt").stat().st_size
+    assert r["size_bytes"] == (tmp_path / "runs" / "mobilenetv2-sttp-2-float32-s0.sttp.safetensors").stat().st_size
     assert r["teacher_acc"] == info["test_acc"] and r["dense_finetune_seconds"] > 0
     assert r["validation"]["source"].startswith("held out of") and r["validation"]["images"] == 10
     assert r["acc_after"] is not None and r["command"].startswith("sttp-compress ")

@@ -36,6 +36,6 @@ slot() { while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done; L=$((END
 # MODEL:anchor:BITS is weight-only quantization of the dense teacher at BITS, zero-shot and fine-tuned (--anchors)
 run_args() { if [ "$1" = anchor ]; then echo "--methods --anchors $2"; else echo "--methods $1 --ratios $2 --dtypes ${3:-float32} --seeds ${4:-0}"; fi; }
 for x in $RUNS; do IFS=: read -r m me r d sd <<< "$x"; slot; echo "start $x at $((SECONDS-T0)) s"; timeout $L python3 benchmarks/bench_frontier.py --teachers .teachers --data /tmp/cifar --models $m $(run_args $me $r $d $sd) --no-dense > /tmp/logs/fr_${m}_${me}_${r}_${d:-float32}_s${sd:-0}.log 2>&1 & done
-for n in $TRIALS; do slot; echo "start $n at $((SECONDS-T0)) s"; timeout $L sttp-compress .teachers/mobilenetv2.pt --arch $A:mobilenetv2 --data /tmp/cifar $M --output /tmp/o/$n.sttp.pt --json ${F[$n]} > /tmp/logs/mb_$n.json 2> /tmp/logs/mb_$n.err & done
+for n in $TRIALS; do slot; echo "start $n at $((SECONDS-T0)) s"; timeout $L sttp-compress .teachers/mobilenetv2.pt --arch $A:mobilenetv2 --data /tmp/cifar $M --output /tmp/o/$n.sttp.safetensors --json ${F[$n]} > /tmp/logs/mb_$n.json 2> /tmp/logs/mb_$n.err & done
 wait; echo "trials done at $((SECONDS-T0)) s"
 source benchmarks/device/pack.sh
