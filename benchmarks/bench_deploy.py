@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import os
 import sys
 import warnings
@@ -160,6 +161,7 @@ def _serve(model: nn.Module, x, device: str, quick: bool, reference: torch.Tenso
     serves (weights and activations) above what was allocated before it moved there (the input batch, the
     .pt2 programs of the same model, whatever an earlier model left), on the CPU its weights."""
     if device == "cuda":
+        gc.collect()  # programs and graph modules of earlier models sit in reference cycles, holding CUDA tensors
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
