@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sttp_compress.core.forms import (CALL_OVERHEAD_FLOPS, best_form, call_overhead, crop_padding, factorable,
+from sttp_compress.core.forms import (CALL_OVERHEAD_FLOPS, best_form, call_overhead, crop_padding, croppable,
                                       layer_originals, mha_out_projs, row_flops)
 from sttp_compress.core.spectral_tt import SpectralTT, is_parametrized, weight_name
 
@@ -79,7 +79,7 @@ def freeze(model: nn.Module, shortcut: str = "none", overhead: dict[str, float] 
         trainable = any(o.requires_grad for o in originals)
         W = getattr(m, wname).detach()
         form = "dense"
-        if (shortcut != "none" and isinstance(m, nn.Linear) and id(m) not in inside_mha and factorable(p)
+        if (shortcut != "none" and isinstance(m, nn.Linear) and id(m) not in inside_mha and croppable(p)
                 and best_form(p.tt) == "factors"):
             form = "factors"
         elif shortcut == "factors" and _smaller_as_factors(m, p):
@@ -104,20 +104,23 @@ def _smaller_as_factors(m: nn.Module, p: SpectralTT) -> bool:
     """Whether an Embedding's lookup can run on its factors, U (num_embeddings × r) and (V σ)ᵀ (r × dim), and
     they hold fewer values than its table (the rank padded to RANK_ALIGN). Rows renormalized in place
     (max_norm) need the table itself."""
-    if not isinstance(m, nn.Embedding) or m.max_norm is not None or not factorable(p):
+    if not isinstance(m, nn.Embedding) or m.max_norm is not None or not croppable(p):
         return False
     r = p.tt.middle + (-p.tt.middle % RANK_ALIGN)
     return r * (m.num_embeddings + m.embedding_dim) < m.num_embeddings * m.embedding_dim
 
 
 def _aligned_factors(p: SpectralTT, originals: tuple[Tensor, ...], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """((V σ)ᵀ, U) of the weight matrix W = U (V σ)ᵀ, padding rows cropped, the rank padded with zero columns
-    to a multiple of RANK_ALIGN: GEMMs whose inner size is not 16-byte aligned in bf16 ran 5x below the dense
-    layer's FLOP rate on an H200 (rank 318)."""
+    """((V σ)ᵀ, U) of the weight matrix W = U (V σ)ᵀ: row and column scales in U and V (`p.factors`), padding
+    rows cropped, U's rows in the weight's order (a row-ordered layer factorizes them permuted), the rank padded
+    with zero columns to a multiple of RANK_ALIGN: GEMMs whose inner size is not 16-byte aligned in bf16 ran 5x
+    below the dense layer's FLOP rate on an H200 (rank 318)."""
     with torch.autocast(originals[0].device.type, enabled=False):
         U, s, V = p.factors(*originals)
     d_out, d_in = p.weight_shape
     U, V = crop_padding(U, d_out), crop_padding(V, d_in)
+    if p.row_order is not None:  # row i of U σ Vᵀ is row row_order[i] of the weight
+        U = U.new_zeros(U.shape).index_copy(0, p.row_order.to(U.device), U)
     pad = -U.shape[1] % RANK_ALIGN
     Vs, U = F.pad(V * s, (0, pad)), F.pad(U, (0, pad))
     return Vs.T.contiguous().to(dtype), U.contiguous().to(dtype)

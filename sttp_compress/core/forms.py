@@ -32,7 +32,7 @@ from sttp_compress.core.spectral_tt import SpectralTT, chain, is_parametrized, w
 from sttp_compress.core.tt import TTShape, padded_dims
 
 __all__ = ["FORMS", "TT_PENALTY", "CALL_OVERHEAD_FLOPS", "overhead_key", "call_overhead", "row_flops", "best_form", "tt_linear", "chain_cores",
-           "use_shortcut", "remove_shortcut", "shortcut_forms", "factorable", "crop_padding"]
+           "use_shortcut", "remove_shortcut", "shortcut_forms", "croppable", "factorable", "crop_padding"]
 
 FORMS = ("dense", "factors", "tt")
 TT_PENALTY = 4.0
@@ -224,11 +224,17 @@ def unscaled(p: SpectralTT) -> bool:
     return not (p.row_scaled or p.col_scaled or p.row_ordered)
 
 
+def croppable(p: SpectralTT) -> bool:
+    """Whether the factors' zero padding can be cropped as rows (`crop_padding`): padded (tt.padded_size) on no
+    side, or only where that side is one natural dimension (a Linear's or an Embedding's rows and columns,
+    padded at their end)."""
+    return not _padded(p) or all(len(d) == 1 for d in p.dims)
+
+
 def factorable(p: SpectralTT) -> bool:
-    """Whether U diag(σ) Vᵀ, its zero padding cropped (`crop_padding`), is exactly the layer's weight matrix:
-    `unscaled`, and padded (tt.padded_size) on no side or only where that side is one natural dimension
-    (a Linear's or an Embedding's rows and columns, padded at their end)."""
-    return unscaled(p) and (not _padded(p) or all(len(d) == 1 for d in p.dims))
+    """Whether U diag(σ) Vᵀ of the bare chains, padding cropped, is exactly the layer's weight matrix:
+    `croppable` and `unscaled`."""
+    return croppable(p) and unscaled(p)
 
 
 def crop_padding(frame: Tensor, size: int) -> Tensor:

@@ -180,6 +180,24 @@ def test_shortcut_factors_looks_embedding_rows_up_in_its_factors():
     assert type(emb).__name__ == "ParametrizedEmbedding" and "forward" not in emb.__dict__
 
 
+def test_factors_of_row_ordered_and_scaled_layers_keep_the_weight():
+    """A distilled text model's token embedding is row-ordered and row-scaled: its factors carry the scales and
+    the weight's row order; a column-scaled Linear's V carries its column scales."""
+    torch.manual_seed(0)
+    emb, lin = nn.Embedding(1009, 64).double(), nn.Linear(96, 300).double()
+    compress_module(emb, 8, row_weight=torch.rand(1009, dtype=torch.float64) + 0.5, row_order=torch.randperm(1009))
+    compress_module(lin, 8, col_weight=torch.rand(96, dtype=torch.float64) + 0.5)
+    model = nn.ModuleDict({"emb": emb, "lin": lin}).eval()
+    ids, x = torch.randint(0, 1009, (4, 7)), torch.randn(5, 96, dtype=torch.float64)
+    with torch.no_grad():
+        want_e, want_l, W = emb(ids), lin(x), emb.weight.detach().clone()
+    assert freeze(model, "factors") == {"emb": "factors", "lin": "factors"}
+    with torch.no_grad():
+        torch.testing.assert_close(emb(ids), want_e, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(emb.weight, W, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lin(x), want_l, rtol=1e-12, atol=1e-12)
+
+
 def test_bad_shortcut_is_rejected():
     model = small_model()
     with pytest.raises(ValueError, match=r"shortcut must be one of \('none', 'auto', 'factors'\)"):
