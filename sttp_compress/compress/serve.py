@@ -11,7 +11,7 @@ writes the compressed checkpoint). `unfreeze(model)` undoes it; `frozen(model)` 
         y = model(x)
     freeze(model, shortcut="auto")       # serving: also the factored form where it saves FLOPs
     freeze(model, shortcut="factors")    # ... on every call, with no dense weight kept (least memory),
-                                         # and Embeddings looked up in their factors where those are smaller
+                                         # and Embeddings looked up in their factors or their tensor train
 
 With `shortcut="auto"`, a compressed Linear whose factors form (method notes §7) needs fewer FLOPs per
 row (`contract.best_form`) also binds V·diag(σ) and U, and runs y = (x V σ) Uᵀ + b on calls whose rows
@@ -26,6 +26,7 @@ unfreeze first. Gradients do not reach the STTP parameters through a frozen laye
 from __future__ import annotations
 
 import functools
+import math
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -33,16 +34,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sttp_compress.core.forms import (CALL_OVERHEAD_FLOPS, best_form, call_overhead, crop_padding, croppable,
-                                      layer_originals, mha_out_projs, row_flops)
-from sttp_compress.core.spectral_tt import SpectralTT, is_parametrized, weight_name
+from sttp_compress.core.forms import (CALL_OVERHEAD_FLOPS, best_form, call_overhead, chain_cores, crop_padding,
+                                      croppable, layer_originals, mha_out_projs, row_flops)
+from sttp_compress.core.spectral_tt import SpectralTT, chain, is_parametrized, weight_name
 
 __all__ = ["freeze", "unfreeze", "frozen", "is_frozen"]
 
 _FROZEN = "_sttp_frozen"  # instance attribute: the parametrized class to restore
-_FACTORS = ("_sttp_vs", "_sttp_u")  # buffers of the factored form
+_FACTORS = ("_sttp_vs", "_sttp_u", "_sttp_a", "_sttp_c", "_sttp_rows", "_sttp_rho")  # buffers of the factored forms
 SHORTCUTS = ("none", "auto", "factors")
 RANK_ALIGN = 16  # the factors form's rank is padded with zeros to a multiple of this
+LOOKUP_SUFFIX_ROWS = 16  # an Embedding's TT lookup computes at most this many candidate rows a token (transient)
 
 
 def is_frozen(module: nn.Module) -> bool:
@@ -58,7 +60,7 @@ def freeze(model: nn.Module, shortcut: str = "none", overhead: dict[str, float] 
     form on calls whose rows pay for its extra kernel call, `overhead` FLOPs per device type, default
     `contract.CALL_OVERHEAD_FLOPS`) or 'factors' (those Linears run the factors form on every call and
     keep no dense weight: the least memory; `.weight` is then rebuilt from the factors when read; a compressed
-    Embedding whose factors U and (V σ)ᵀ hold fewer values than its table looks its rows up in U instead).
+    Embedding looks its rows up in the smallest of its table, U and (V σ)ᵀ, or two tables of its U chain).
     Returns {module name: 'dense' | 'factors'} of the layers frozen. Layers with another
     parametrization stacked on ours are left as they are.
     """
@@ -82,10 +84,13 @@ def freeze(model: nn.Module, shortcut: str = "none", overhead: dict[str, float] 
         if (shortcut != "none" and isinstance(m, nn.Linear) and id(m) not in inside_mha and croppable(p)
                 and best_form(p.tt) == "factors"):
             form = "factors"
-        elif shortcut == "factors" and _smaller_as_factors(m, p):
+        elif shortcut == "factors" and isinstance(m, nn.Embedding):
+            form = _embedding_form(m, p)
+        _bind(m, wname, None if form != "dense" and shortcut == "factors" else W, trainable)
+        if form == "lookup":
+            _bind_lookup(m, p, originals, W.dtype, trainable)
             form = "factors"
-        _bind(m, wname, None if form == "factors" and shortcut == "factors" else W, trainable)
-        if form == "factors":
+        elif form == "factors":
             Vs, U = _aligned_factors(p, originals, W.dtype)
             m.register_buffer("_sttp_vs", _leaf(Vs, trainable), persistent=False)
             m.register_buffer("_sttp_u", _leaf(U, trainable), persistent=False)
@@ -100,14 +105,57 @@ def freeze(model: nn.Module, shortcut: str = "none", overhead: dict[str, float] 
     return forms
 
 
-def _smaller_as_factors(m: nn.Module, p: SpectralTT) -> bool:
-    """Whether an Embedding's lookup can run on its factors, U (num_embeddings × r) and (V σ)ᵀ (r × dim), and
-    they hold fewer values than its table (the rank padded to RANK_ALIGN). Rows renormalized in place
-    (max_norm) need the table itself."""
-    if not isinstance(m, nn.Embedding) or m.max_norm is not None or not croppable(p):
-        return False
+def _embedding_form(m: nn.Embedding, p: SpectralTT) -> str:
+    """The smallest way to look an Embedding's rows up: 'factors' (U's rows, then (V σ)ᵀ), 'lookup' (through
+    the U chain split in two tables, `_lookup_split`) or 'dense' (its table) when neither holds fewer bytes.
+    Rows renormalized in place (max_norm) need the table itself."""
+    if m.max_norm is not None or not croppable(p):
+        return "dense"
+    rows, d = m.num_embeddings, m.embedding_dim
     r = p.tt.middle + (-p.tt.middle % RANK_ALIGN)
-    return r * (m.num_embeddings + m.embedding_dim) < m.num_embeddings * m.embedding_dim
+    sizes = {"dense": rows * d, "factors": r * (rows + d)}
+    split = _lookup_split(p)
+    if split is not None:  # the tables, ρ and the row order (int32) where the layer has them
+        sizes["lookup"] = split[1] + rows * (p.row_scaled + p.row_ordered)
+    return min(sizes, key=lambda f: (sizes[f], f != "dense"))
+
+
+def _lookup_split(p: SpectralTT) -> tuple[int, int] | None:
+    """(k, values) of a split of the U chain after its k-th mode into a prefix table A (m_1···m_k × R_k) and
+    a suffix table C (R_k × m_{k+1}··· × d, (V σ)ᵀ folded in) with at most LOOKUP_SUFFIX_ROWS suffix rows, so
+    that the row j = (hi, lo) of U σ Vᵀ is A[hi] · C[:, lo]: of the splits within 10% of the smallest, the one
+    with the fewest suffix rows, whose count sets the lookup's FLOPs (2 R_k · rows · d a token; MiniLM's
+    distilled token embedding: 5 rows, 1.5 MFLOP a token, for 3% more values than 15 rows at 4.4 MFLOP)."""
+    modes, ranks, d = p.tt.out_modes, p.tt.u_ranks, p.weight_shape[1]
+    splits = [(k, math.prod(modes[:k]) * ranks[k] + ranks[k] * math.prod(modes[k:]) * d)
+              for k in range(1, len(modes)) if math.prod(modes[k:]) <= LOOKUP_SUFFIX_ROWS]
+    if not splits:
+        return None
+    least = min(values for _, values in splits)
+    return max((s for s in splits if s[1] <= 1.1 * least), key=lambda s: s[0])
+
+
+def _bind_lookup(m: nn.Embedding, p: SpectralTT, originals: tuple[Tensor, ...], dtype: torch.dtype,
+                 trainable: bool) -> None:
+    """The buffers and forward of the TT lookup: A (m_1···m_k × R_k), C (R_k × suffix rows · d), the row order's
+    inverse (int32) and ρ where the layer has them."""
+    k = _lookup_split(p)[0]
+    with torch.autocast(originals[0].device.type, enabled=False):
+        u, _, _ = chain_cores(p, originals)
+        _, sigma, V = p.factors(*originals)  # V with the column scale γ
+    ranks = p.tt.u_ranks
+    lo = math.prod(p.tt.out_modes[k:])
+    A = chain(u[:k], ranks[:k + 1])
+    B = chain(u[k:], ranks[k:]).reshape(ranks[k], lo, ranks[-1])
+    C = (B * sigma) @ crop_padding(V, m.embedding_dim).T  # (R_k, lo, d)
+    m.register_buffer("_sttp_a", _leaf(A.contiguous().to(dtype), trainable), persistent=False)
+    m.register_buffer("_sttp_c", _leaf(C.reshape(ranks[k], -1).contiguous().to(dtype), trainable), persistent=False)
+    rows = None if p.row_order is None else torch.argsort(p.row_order).to(torch.int32)
+    m.register_buffer("_sttp_rows", rows, persistent=False)
+    rho = p.row_scale_param(originals)
+    m.register_buffer("_sttp_rho", None if rho is None else _leaf(rho.to(dtype), trainable), persistent=False)
+    m._sttp_lo = lo
+    m.forward = _embedding_lookup_forward.__get__(m)
 
 
 def _aligned_factors(p: SpectralTT, originals: tuple[Tensor, ...], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -147,7 +195,14 @@ def _bind(m: nn.Module, wname: str, W: Tensor | None, trainable: bool) -> None:
 @functools.lru_cache(maxsize=None)
 def _factors_only_class(base: type) -> type:
     """`base` with a read-only `weight` = U · (V σ)ᵀ from the factors buffers (no dense copy kept)."""
-    return type(base.__name__, (base,), {"weight": property(lambda self: self._sttp_u @ self._sttp_vs)})
+    return type(base.__name__, (base,), {"weight": property(_weight_from_factors)})
+
+
+def _weight_from_factors(self: nn.Module) -> Tensor:
+    """A factors-only layer's weight: U (V σ)ᵀ, or every row through an Embedding's TT lookup."""
+    if self._buffers.get("_sttp_a") is not None:
+        return self.forward(torch.arange(self.num_embeddings, device=self._sttp_a.device))
+    return self._sttp_u @ self._sttp_vs
 
 
 def _apply_keeping_leaves(self: nn.Module, fn, recurse: bool = True) -> nn.Module:
@@ -169,6 +224,16 @@ def _factors_forward(self: nn.Linear, x: Tensor) -> Tensor:
     return F.linear(F.linear(x, self._sttp_vs), self._sttp_u, self.bias)
 
 
+def _embedding_lookup_forward(self: nn.Embedding, ids: Tensor) -> Tensor:
+    """Rows through the split U chain: j = the row's place in the chain (its order), then A[j // lo] · C, of
+    whose lo candidate rows the (j % lo)-th is kept, times ρ_j."""
+    j = ids if self._sttp_rows is None else self._sttp_rows[ids]
+    hi, lo = torch.div(j, self._sttp_lo, rounding_mode="floor"), torch.remainder(j, self._sttp_lo)
+    y = (F.embedding(hi, self._sttp_a) @ self._sttp_c).unflatten(-1, (self._sttp_lo, -1))
+    y = torch.gather(y, -2, lo[..., None, None].expand(*lo.shape, 1, y.shape[-1])).squeeze(-2)
+    return y if self._sttp_rho is None else y * self._sttp_rho[j].unsqueeze(-1)
+
+
 def _embedding_factors_forward(self: nn.Embedding, ids: Tensor) -> Tensor:
     """The rows of U (V σ)ᵀ that `ids` pick: U's rows looked up, then one small matmul."""
     return F.embedding(ids, self._sttp_u, self.padding_idx) @ self._sttp_vs
@@ -185,7 +250,7 @@ def _unbind(m: nn.Module) -> None:
     cls = m.__dict__.pop(_FROZEN)
     for buf in (weight_name(m),) + _FACTORS:
         m._buffers.pop(buf, None)
-    for attr in ("forward", "_apply", "_sttp_saving", "_sttp_overhead"):
+    for attr in ("forward", "_apply", "_sttp_saving", "_sttp_overhead", "_sttp_lo"):
         m.__dict__.pop(attr, None)
     m.__class__ = cls
 

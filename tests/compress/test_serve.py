@@ -162,17 +162,21 @@ def test_padded_linear_runs_its_cropped_factors():
 
 def test_shortcut_factors_looks_embedding_rows_up_in_its_factors():
     torch.manual_seed(0)
-    emb, small = nn.Embedding(1009, 64, padding_idx=0), nn.Embedding(12, 64)  # 1009 rows: prime, padded
+    # wide rows: U (40 x 16) and (V σ)ᵀ (16 x 2048) are the smallest form (a TT lookup's suffix table would hold
+    # 8 x 5 x 2048 values); the 12-row table is smaller than any factored form
+    emb, small = nn.Embedding(40, 2048, padding_idx=0), nn.Embedding(12, 64)
     compress_module(emb, 8)
-    compress_module(small, 8)  # its factors, (12 + 64) x 16, would be larger than its 12 x 64 table
+    compress_module(small, 8)
     model = nn.ModuleDict({"emb": emb, "small": small}).eval()
-    ids = torch.randint(0, 1009, (4, 7))
+    ids = torch.randint(0, 40, (4, 7))
     with torch.no_grad():
         want, W = emb(ids), emb.weight.detach().clone()
     assert freeze(model, "auto") == {"emb": "dense", "small": "dense"}  # the speed-first rule: plain lookups
     unfreeze(model)
     assert freeze(model, "factors") == {"emb": "factors", "small": "dense"}
-    assert set(emb._buffers) == {"_sttp_vs", "_sttp_u"} and emb._sttp_u.shape == (1009, 16)
+    assert {k for k, v in emb._buffers.items() if v is not None} == {"_sttp_vs", "_sttp_u"}
+    assert emb._sttp_u.shape == (40, 16) and emb._sttp_vs.shape == (16, 2048)
+    assert set(small._buffers) == {"weight"}
     with torch.no_grad():
         torch.testing.assert_close(emb(ids), want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(emb.weight, W, rtol=1e-5, atol=1e-6)
@@ -196,6 +200,31 @@ def test_factors_of_row_ordered_and_scaled_layers_keep_the_weight():
         torch.testing.assert_close(emb(ids), want_e, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(emb.weight, W, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(lin(x), want_l, rtol=1e-12, atol=1e-12)
+
+
+def test_an_embedding_at_full_rank_is_looked_up_through_its_tensor_train():
+    """At rank = width (a distilled token embedding's pinned rank) U is as large as the table; two tables of the
+    U chain (its first modes, then the rest with (V σ)ᵀ folded in) hold a fraction of it and give the same rows."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(1009, 32).double()  # 1009 rows: prime, padded to 1020 = 2 x 2 x 3 x 5 x 17
+    compress_module(emb, 32, row_weight=torch.rand(1009, dtype=torch.float64) + 0.5, row_order=torch.randperm(1009))
+    p = parametrization(emb)
+    emb.eval()
+    ids = torch.randint(0, 1009, (6, 5))
+    with torch.no_grad():
+        want, W = emb(ids), emb.weight.detach().clone()
+    assert freeze(emb, "factors") == {"": "factors"}
+    assert set(emb._buffers) == {"_sttp_a", "_sttp_c", "_sttp_rows", "_sttp_rho"}
+    stored = emb._sttp_a.numel() + emb._sttp_c.numel() + 2 * 1009
+    assert stored < 1009 * 32 / 2  # the lookup's tables, order and row scales: under half the table
+    assert p.tt.middle == 32 and 32 * (1009 + 32) > 1009 * 32  # where U and (V σ)ᵀ would hold more than the table
+    with torch.no_grad():
+        torch.testing.assert_close(emb(ids), want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(emb.weight, W, rtol=1e-12, atol=1e-12)
+    unfreeze(emb)
+    assert type(emb).__name__ == "ParametrizedEmbedding" and not hasattr(emb, "_sttp_lo")
+    with torch.no_grad():
+        torch.testing.assert_close(emb(ids), want, rtol=0, atol=0)
 
 
 def test_bad_shortcut_is_rejected():
