@@ -21,6 +21,7 @@ without fine-tuning (latency and sizes do not depend on it), and the Linear stac
   frozen, CUDA graph  (--device cuda) the frozen model captured in a CUDA graph and replayed, against the dense
               model captured the same way (`dense_ms` of that row): how a GPU server runs small batches, where
               kernel launches, not the arithmetic, set the time (what torch.compile's "reduce-overhead" does);
+              the factors-only model too, where there is one;
 - `serving_mb`: the weights the serving form keeps in memory (parameters and buffers), or on --device cuda
   CUDA's peak allocation while the model serves, above what was allocated before it moved to the GPU; for onnx, the process's resident-memory growth when the session opens
   (its folded constants and buffers; `dense_serving_mb` the dense model's session);
@@ -291,7 +292,8 @@ def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[i
             folded_ms = _timed(lambda: call(folded, xp), pt2_device, quick)
             folded_err = _rel(_main_output(call(folded, xp)), reference)
             # last: a capture that fails may leave the stream in an error state
-            graph_row = _graph_row(dense, frozen, xd, quick, reference) if device == "cuda" else None
+            graph_rows = (_graph_rows(dense, {"frozen": frozen, "frozen (factors only)": lean}, xd, quick, reference)
+                          if device == "cuda" else {})
         base = {"model": name, "ratio": ratio, "batch": b, **{k: round(v, 3) for k, v in sizes.items()},
                 "device": machine(device), "commit": commit(), "date": today()}
         rows.append({**base, "mode": "frozen", "dense_ms": dense_ms, "compressed_ms": frozen_ms, "form": form,
@@ -301,8 +303,8 @@ def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[i
             rows.append({**base, "mode": "frozen (factors only)", "dense_ms": dense_ms, "compressed_ms": lean_ms,
                          "form": form, "size_mb": round(sizes["checkpoint_mb"], 3), "serving_mb": lean_mem,
                          "dense_serving_mb": dense_mem, "rel_error": lean_err})
-        if graph_row is not None:
-            rows.append({**base, "mode": "frozen, CUDA graph", "form": form,
+        for mode, graph_row in graph_rows.items():
+            rows.append({**base, "mode": f"{mode}, CUDA graph", "form": form,
                          "size_mb": round(sizes["checkpoint_mb"], 3), **graph_row})
         ort_device = machine(device) if provider == "CUDAExecutionProvider" else machine("cpu")
         rows.append({**base, "device": ort_device, "mode": f"onnx ({provider.replace('ExecutionProvider', '')})",
@@ -322,24 +324,30 @@ def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[i
     return rows, comp
 
 
-def _graph_row(dense: nn.Module, frozen: nn.Module, x, quick: bool, reference: torch.Tensor) -> dict | None:
-    """dense_ms, compressed_ms, rel_error of the dense and the frozen model each replayed as a CUDA graph on the
-    CUDA batch `x` (None, with the reason on stderr, where either does not capture)."""
-    ms, errs = [], []
-    for model in (dense, frozen):
+def _graph_rows(dense: nn.Module, forms: dict[str, nn.Module | None], x, quick: bool,
+                reference: torch.Tensor) -> dict[str, dict]:
+    """{mode: dense_ms, compressed_ms, rel_error} of the dense model and each frozen form (None: absent) replayed
+    as CUDA graphs on the CUDA batch `x`; a form that does not capture gets no row (the reason on stderr), and
+    none does when the dense model does not."""
+    timed = {}
+    for mode, model in {"dense": dense, **forms}.items():
+        if model is None:
+            continue
         model.to("cuda")
         replay, why = _graphed(model, x)
         if replay is None:
-            print(f"CUDA graph capture failed ({why}); no graph row", file=sys.stderr)
-            model.cpu()
-            return None
-        ms.append(_timed(replay, "cuda", quick))
-        errs.append(_rel(_main_output(replay()), reference))
+            print(f"CUDA graph capture of {mode} failed ({why}); no graph row", file=sys.stderr)
+        else:
+            timed[mode] = (_timed(replay, "cuda", quick), _rel(_main_output(replay()), reference))
         del replay
         model.cpu()
+        gc.collect()
         torch.cuda.empty_cache()
-    return {"dense_ms": ms[0], "compressed_ms": ms[1], "rel_error": errs[1], "serving_mb": None,
-            "dense_serving_mb": None}
+        if "dense" not in timed:
+            return {}
+    dense_ms = timed.pop("dense")[0]
+    return {mode: {"dense_ms": dense_ms, "compressed_ms": ms, "rel_error": err, "serving_mb": None,
+                   "dense_serving_mb": None} for mode, (ms, err) in timed.items()}
 
 
 def ffn_rows(dense: nn.Module, comp: nn.Module, batch: int, device: str, quick: bool) -> list[dict]:
