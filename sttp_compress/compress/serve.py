@@ -141,13 +141,15 @@ def _bind_lookup(m: nn.Embedding, p: SpectralTT, originals: tuple[Tensor, ...], 
     inverse (int32) and ρ where the layer has them."""
     k = _lookup_split(p)[0]
     with torch.autocast(originals[0].device.type, enabled=False):
-        u, _, _ = chain_cores(p, originals)
-        _, sigma, V = p.factors(*originals)  # V with the column scale γ
+        u, sigma, v = chain_cores(p, originals)  # the frames alone: U itself is never built
+    V = crop_padding(chain(v, p.tt.v_ranks), m.embedding_dim)
+    gamma = p.col_scale_param(originals)
+    V = V if gamma is None else V * gamma.unsqueeze(1)  # the column scale γ, as `p.factors` applies it
     ranks = p.tt.u_ranks
     lo = math.prod(p.tt.out_modes[k:])
     A = chain(u[:k], ranks[:k + 1])
     B = chain(u[k:], ranks[k:]).reshape(ranks[k], lo, ranks[-1])
-    C = (B * sigma) @ crop_padding(V, m.embedding_dim).T  # (R_k, lo, d)
+    C = (B * sigma) @ V.T  # (R_k, lo, d)
     m.register_buffer("_sttp_a", _leaf(A.contiguous().to(dtype), trainable), persistent=False)
     m.register_buffer("_sttp_c", _leaf(C.reshape(ranks[k], -1).contiguous().to(dtype), trainable), persistent=False)
     rows = None if p.row_order is None else torch.argsort(p.row_order).to(torch.int32)

@@ -207,7 +207,8 @@ def test_an_embedding_at_full_rank_is_looked_up_through_its_tensor_train():
     U chain (its first modes, then the rest with (V σ)ᵀ folded in) hold a fraction of it and give the same rows."""
     torch.manual_seed(0)
     emb = nn.Embedding(1009, 32).double()  # 1009 rows: prime, padded to 1020 = 2 x 2 x 3 x 5 x 17
-    compress_module(emb, 32, row_weight=torch.rand(1009, dtype=torch.float64) + 0.5, row_order=torch.randperm(1009))
+    compress_module(emb, 32, row_weight=torch.rand(1009, dtype=torch.float64) + 0.5, row_order=torch.randperm(1009),
+                    col_weight=torch.rand(32, dtype=torch.float64) + 0.5)
     p = parametrization(emb)
     emb.eval()
     ids = torch.randint(0, 1009, (6, 5))
