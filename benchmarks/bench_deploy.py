@@ -106,7 +106,7 @@ def call(model: nn.Module, x):
     return model(**x) if isinstance(x, dict) else model(x)
 
 
-def _main_output(out) -> torch.Tensor:
+def main_output(out) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
     return out["last_hidden_state"] if isinstance(out, dict) or hasattr(out, "keys") else out[0]
@@ -157,7 +157,7 @@ def _export_program(model: nn.Module, path: Path, example, device: str) -> float
     return sc.export(model, path, example)["size_bytes"] / 1e6
 
 
-def _serve(model: nn.Module, x, device: str, quick: bool, reference: torch.Tensor) -> tuple[float, float, float]:
+def serve(model: nn.Module, x, device: str, quick: bool, reference: torch.Tensor) -> tuple[float, float, float]:
     """(latency ms, memory MB, output error) of one model on `device`: on CUDA its peak allocation while it
     serves (weights and activations) above what was allocated before it moved there (the input batch, the
     .pt2 programs of the same model, whatever an earlier model left), on the CPU its weights."""
@@ -167,9 +167,9 @@ def _serve(model: nn.Module, x, device: str, quick: bool, reference: torch.Tenso
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     model.to(device)
-    ms = _timed(lambda: call(model, x), device, quick)
+    ms = timed(lambda: call(model, x), device, quick)
     mem = (torch.cuda.max_memory_allocated() - before) / 1e6 if device == "cuda" else _weights_mb(model)
-    err = _rel(_main_output(call(model, x)), reference)
+    err = _rel(main_output(call(model, x)), reference)
     model.cpu()
     return ms, mem, err
 
@@ -203,7 +203,7 @@ def _folded(program: nn.Module, example) -> nn.Module:
     return folded
 
 
-def _graphed(model: nn.Module, x) -> tuple[callable | None, str]:
+def graphed(model: nn.Module, x) -> tuple[callable | None, str]:
     """(replay, "") of `model` on the CUDA input batch `x` captured in a CUDA graph (the input copied into the
     graph's static input on every call, as a server would), or (None, why) where it does not capture."""
     if isinstance(x, dict) and "attention_mask" in x and bool(x["attention_mask"].all()):
@@ -239,7 +239,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm())
 
 
-def _timed(fn, device: str, quick: bool) -> float:
+def timed(fn, device: str, quick: bool) -> float:
     return time_ms(fn, device, warmup=1 if quick else 2, repeat=2 if quick else 5, min_seconds=0 if quick else 1.0)
 
 
@@ -276,21 +276,21 @@ def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[i
     for b in batches:
         x = inputs(b)
         with torch.no_grad():
-            reference = _main_output(call(comp, x))
+            reference = main_output(call(comp, x))
             xd = to_device(x, device)
-            dense_ms, dense_mem, _ = _serve(dense, xd, device, quick, reference)
-            frozen_ms, frozen_mem, frozen_err = _serve(frozen, xd, device, quick, reference)
+            dense_ms, dense_mem, _ = serve(dense, xd, device, quick, reference)
+            frozen_ms, frozen_mem, frozen_err = serve(frozen, xd, device, quick, reference)
             if lean is not None:
-                lean_ms, lean_mem, lean_err = _serve(lean, xd, device, quick, reference)
+                lean_ms, lean_mem, lean_err = serve(lean, xd, device, quick, reference)
             xp = to_device(x, pt2_device)
-            ort_dense_ms = _timed(lambda: run_d(x), "cpu", quick)
-            ort_ms = _timed(lambda: run_c(x), "cpu", quick)
+            ort_dense_ms = timed(lambda: run_d(x), "cpu", quick)
+            ort_ms = timed(lambda: run_c(x), "cpu", quick)
             ort_err = _rel(run_c(x), reference)
-            pt2_ms = _timed(lambda: call(program, xp), pt2_device, quick)
+            pt2_ms = timed(lambda: call(program, xp), pt2_device, quick)
             pt2_dense_ms = dense_ms if pt2_device == device else None
-            pt2_err = _rel(_main_output(call(program, xp)), reference)
-            folded_ms = _timed(lambda: call(folded, xp), pt2_device, quick)
-            folded_err = _rel(_main_output(call(folded, xp)), reference)
+            pt2_err = _rel(main_output(call(program, xp)), reference)
+            folded_ms = timed(lambda: call(folded, xp), pt2_device, quick)
+            folded_err = _rel(main_output(call(folded, xp)), reference)
             # last: a capture that fails may leave the stream in an error state
             graph_rows = (_graph_rows(dense, {"frozen": frozen, "frozen (factors only)": lean}, xd, quick, reference)
                           if device == "cuda" else {})
@@ -329,25 +329,25 @@ def _graph_rows(dense: nn.Module, forms: dict[str, nn.Module | None], x, quick: 
     """{mode: dense_ms, compressed_ms, rel_error} of the dense model and each frozen form (None: absent) replayed
     as CUDA graphs on the CUDA batch `x`; a form that does not capture gets no row (the reason on stderr), and
     none does when the dense model does not."""
-    timed = {}
+    measured = {}
     for mode, model in {"dense": dense, **forms}.items():
         if model is None:
             continue
         model.to("cuda")
-        replay, why = _graphed(model, x)
+        replay, why = graphed(model, x)
         if replay is None:
             print(f"CUDA graph capture of {mode} failed ({why}); no graph row", file=sys.stderr)
         else:
-            timed[mode] = (_timed(replay, "cuda", quick), _rel(_main_output(replay()), reference))
+            measured[mode] = (timed(replay, "cuda", quick), _rel(main_output(replay()), reference))
         del replay
         model.cpu()
         gc.collect()
         torch.cuda.empty_cache()
-        if "dense" not in timed:
+        if "dense" not in measured:
             return {}
-    dense_ms = timed.pop("dense")[0]
+    dense_ms = measured.pop("dense")[0]
     return {mode: {"dense_ms": dense_ms, "compressed_ms": ms, "rel_error": err, "serving_mb": None,
-                   "dense_serving_mb": None} for mode, (ms, err) in timed.items()}
+                   "dense_serving_mb": None} for mode, (ms, err) in measured.items()}
 
 
 def ffn_rows(dense: nn.Module, comp: nn.Module, batch: int, device: str, quick: bool) -> list[dict]:
@@ -363,8 +363,8 @@ def ffn_rows(dense: nn.Module, comp: nn.Module, batch: int, device: str, quick: 
         d, f = dm[n].to(device), fm[n].to(device)
         x = torch.randn(batch * SEQ, d.in_features, generator=torch.Generator().manual_seed(0)).to(device)
         with torch.no_grad():
-            dense_ms += _timed(lambda: d(x), device, quick)
-            frozen_ms += _timed(lambda: f(x), device, quick)
+            dense_ms += timed(lambda: d(x), device, quick)
+            frozen_ms += timed(lambda: f(x), device, quick)
             errs.append(_rel(f(x), comp.get_submodule(n)(x.cpu())))
         d.cpu(), f.cpu()
     kinds = sorted({forms.get(n, "dense") for n in names})

@@ -4,8 +4,8 @@ graph, and what does each serving form cost there? A short probe for the last mi
     python benchmarks/experiments/probe_lookup_graph.py --device cuda --minilm .carry/minilm16
 
 The ratio-4 MiniLM (every layer, as bench_deploy.py), dense and `freeze`d with shortcut "auto" and "factors",
-each captured in a CUDA graph at batch 1 and 256 (x 16 tokens) with bench_deploy's `_graphed`: the median
-replay time, and the CUDA memory each adds (`_serve`). Prints one line per form and batch; writes nothing.
+each captured in a CUDA graph at batch 1 and 256 (x 16 tokens) with bench_deploy's `graphed`: the median
+replay time, and the CUDA memory each adds (`serve`). Prints one line per form and batch; writes nothing.
 """
 
 from __future__ import annotations
@@ -41,16 +41,16 @@ def main() -> None:
     for b in (1, 256):
         x = inputs(b)
         with torch.no_grad():
-            reference = bd._main_output(comp(**x))
+            reference = bd.main_output(comp(**x))
         xd = bd.to_device(x, args.device)
         for name, model in models.items():
             with torch.no_grad():
-                ms, mem, err = bd._serve(model, xd, args.device, False, reference)
+                ms, mem, err = bd.serve(model, xd, args.device, False, reference)
             line = f"batch {b} {name}: eager {ms:.3f} ms, adds {mem:.1f} MB, rel error {err:.1e}"
             if args.device == "cuda":
                 model.to("cuda")
-                replay, why = bd._graphed(model, xd)
-                line += f"; graph {bd._timed(replay, 'cuda', False):.3f} ms" if replay else f"; no graph: {why}"
+                replay, why = bd.graphed(model, xd)
+                line += f"; graph {bd.timed(replay, 'cuda', False):.3f} ms" if replay else f"; no graph: {why}"
                 del replay
                 model.cpu()
             print(line, flush=True)
