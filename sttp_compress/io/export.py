@@ -210,14 +210,13 @@ def _full_float32() -> Iterator[None]:
     """float32 matmuls and convolutions at full precision (no TF32) inside, the settings restored after: the
     export's check compares two runs of the same arithmetic, and cuDNN's default TF32 convolutions alone put a
     random-weight ResNet-18's GPU program 2.4e-4 from the model (H100, 4e75822), above MAX_REL_ERROR."""
-    matmul, conv = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    precision = torch.get_float32_matmul_precision()
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    conv, precision = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    try:  # the matmul precision also sets torch.backends.cuda.matmul.allow_tf32: setting both mixes torch's two
+        torch.backends.cudnn.allow_tf32 = False  # APIs, after which reading the precision raises
         torch.set_float32_matmul_precision("highest")
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, conv
+        torch.backends.cudnn.allow_tf32 = conv
         torch.set_float32_matmul_precision(precision)
 
 
