@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sttp_compress.core.precision import cuda_matmul_tf32
 from sttp_compress.core.spectral_tt import SpectralTT, chain, is_parametrized, weight_name
 from sttp_compress.core.tt import TTShape, padded_dims
 
@@ -54,7 +55,7 @@ def overhead_key(x: Tensor) -> str:
         return x.device.type
     if torch.is_autocast_enabled("cuda") or x.dtype in (torch.float16, torch.bfloat16):
         return "cuda"
-    return "cuda-fp32" if torch.get_float32_matmul_precision() == "highest" else "cuda-tf32"
+    return "cuda-tf32" if cuda_matmul_tf32() else "cuda-fp32"
 
 
 def call_overhead(x: Tensor, overhead: dict[str, float]) -> float:

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from sttp_compress.compress.convert import layer_name
 from sttp_compress.core.forms import best_form, chain_cores, crop_padding, factorable, layer_originals, mha_out_projs
+from sttp_compress.core.precision import float32_precision
 from sttp_compress.core.skeleton import apply_chain, skeleton_chain
 from sttp_compress.core.spectral_tt import SpectralTT, is_parametrized, weight_name
 from sttp_compress.errors import UserError
@@ -183,8 +184,10 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Tensor | M
         where = _culprit(net, args, kwargs, _export_one) or _first_line(exc)
         raise UserError(f"the model cannot be exported: {where}") from None
     was_training = model.training
+    # the check compares full float32 runs (no TF32): cuDNN's default TF32 convolutions alone put a random-weight
+    # ResNet-18's GPU program 2.4e-4 from the model (H100, 4e75822), above MAX_REL_ERROR
     try:
-        with torch.no_grad(), _full_float32():  # the model runs where it lives
+        with torch.no_grad(), float32_precision(matmul="ieee", conv="ieee"):  # the model runs where it lives
             expected = _first_output(model.eval()(*(a.to(device) for a in args),
                                                    **{k: v.to(device) for k, v in kwargs.items()})).cpu()
     finally:
@@ -193,7 +196,7 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Tensor | M
 
     def write(tmp: str) -> None:
         (_write_pt2 if fmt == "pt2" else _write_onnx)(program, tmp)
-        with _full_float32():
+        with float32_precision(matmul="ieee", conv="ieee"):
             error = _output_error(tmp, fmt, args, kwargs, expected)
         if error is not None and not error <= MAX_REL_ERROR:
             raise UserError(f"the exported model's outputs differ from the compressed model's by {error:.2g} "
@@ -203,21 +206,6 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Tensor | M
     atomic_write(path, write, force=force)
     return {"format": fmt, "size_bytes": Path(path).stat().st_size, "forms": forms,
             "rel_output_error": errors[0]}
-
-
-@contextlib.contextmanager
-def _full_float32() -> Iterator[None]:
-    """float32 matmuls and convolutions at full precision (no TF32) inside, the settings restored after: the
-    export's check compares two runs of the same arithmetic, and cuDNN's default TF32 convolutions alone put a
-    random-weight ResNet-18's GPU program 2.4e-4 from the model (H100, 4e75822), above MAX_REL_ERROR."""
-    conv, precision = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
-    try:  # the matmul precision also sets torch.backends.cuda.matmul.allow_tf32: setting both mixes torch's two
-        torch.backends.cudnn.allow_tf32 = False  # APIs, after which reading the precision raises
-        torch.set_float32_matmul_precision("highest")
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = conv
-        torch.set_float32_matmul_precision(precision)
 
 
 def _first_output(out: Any) -> Tensor:

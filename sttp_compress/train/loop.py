@@ -21,6 +21,7 @@ from sttp_compress.train import distributed
 from sttp_compress.train.bank import WeightBank
 from sttp_compress.errors import UserError
 from sttp_compress.train.freecores import can_release, free_cores, free_frames
+from sttp_compress.core.precision import float32_precision
 from sttp_compress.core.spectral_tt import is_parametrized
 from sttp_compress.train.stepgraph import StepGraph
 
@@ -644,17 +645,6 @@ def _tf32_enabled(tf32: bool | None, device: torch.device, use_amp: bool) -> boo
     return bool(tf32) if tf32 is not None else (device.type == "cuda" and use_amp)
 
 
-@contextmanager
-def _tf32_matmuls(enabled: bool) -> Iterator[None]:
-    """torch.backends.cuda.matmul.allow_tf32 set to `enabled` inside, restored after."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
-
-
 def _set_epoch(loader: Iterable, epoch: int) -> None:
     """Tell a DistributedSampler (or a loader that reshuffles per epoch) which epoch starts."""
     for obj in (getattr(loader, "sampler", None), loader):
@@ -1030,7 +1020,7 @@ def _fast_path(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, devi
     training steps (graphs bake them in)."""
     with ExitStack() as contexts:
         contexts.enter_context(_attention_backends(device))
-        contexts.enter_context(_tf32_matmuls(tf32))
+        contexts.enter_context(float32_precision(matmul="tf32" if tf32 else "ieee"))
         net: nn.Module = student
         pair: nn.Module | None = None
         if multi and total_steps > 0:

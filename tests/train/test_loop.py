@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from sttp_compress.core.precision import cuda_matmul_tf32, float32_precision
 from sttp_compress.data.images import make_loaders
 from sttp_compress.errors import UserError
 from sttp_compress.example import DigitsCNN, digits_data, digits_factory, train_digits_model
@@ -396,7 +397,7 @@ def test_attention_backends_name_real_backends_without_cudnn() -> None:
 
 
 class _SeesTf32(nn.Module):
-    """A student that records torch.backends.cuda.matmul.allow_tf32 at each training forward."""
+    """A student that records whether CUDA float32 matmuls run as TF32 at each training forward."""
 
     def __init__(self, fail_at: int | None = None):
         super().__init__()
@@ -404,27 +405,23 @@ class _SeesTf32(nn.Module):
 
     def forward(self, x):
         if self.training:
-            self.seen.append(torch.backends.cuda.matmul.allow_tf32)
+            self.seen.append(cuda_matmul_tf32())
             if len(self.seen) == self.fail_at:
                 raise RuntimeError("boom")
         return self.net(x)
 
 
 def test_tf32_holds_during_the_steps_and_is_restored(digits, teacher) -> None:
-    before = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = False
+    with float32_precision(matmul="ieee"):
         student = _SeesTf32()
         report = _run(student, teacher, digits, steps=3, tf32=True)
         assert report["tf32"] is True and student.seen == [True] * 3
-        assert torch.backends.cuda.matmul.allow_tf32 is False
+        assert cuda_matmul_tf32() is False
         assert _run(_SeesTf32(), teacher, digits, steps=1)["tf32"] is False  # the default on a CPU
         failing = _SeesTf32(fail_at=2)
         with pytest.raises(RuntimeError, match="boom"):
             _run(failing, teacher, digits, steps=3, tf32=True)
-        assert failing.seen == [True, True] and torch.backends.cuda.matmul.allow_tf32 is False
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+        assert failing.seen == [True, True] and cuda_matmul_tf32() is False
 
 
 def test_finetune_zero_steps_keeps_student(digits, teacher) -> None:
