@@ -294,20 +294,26 @@ def _unpadded_factors(m: nn.Module, p: SpectralTT) -> tuple[torch.Tensor, torch.
 FACTOR_BLOCK = 1 << 20  # float64 values per block of the error-from-factors inner product
 
 
-def _error_from_factors(m: nn.Module, p: SpectralTT, W0: torch.Tensor) -> float:
+def _frame_grams(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """UᵀU and VᵀV in float64 (r × r; the identity for orthonormal frames, not for scaled or cropped ones): what the
+    error from factors and the compressed spectrum both need, computed once."""
+    Ud, Vd = U.double(), V.double()
+    return Ud.T @ Ud, Vd.T @ Vd
+
+
+def _error_from_factors(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, grams: tuple[torch.Tensor, torch.Tensor],
+                        W0: torch.Tensor) -> float:
     """‖W0 − U diag(σ) Vᵀ‖ / ‖W0‖ from the factors, without building the compressed weight: ‖W0‖² − 2⟨W0, W1⟩ +
-    ‖W1‖², with ⟨W0, W1⟩ = Σ σ ⊙ (UᵀW0 ⊙ Vᵀ) and ‖W1‖² = Σ (σσᵀ ⊙ UᵀU ⊙ VᵀV) (O(r(d_out + d_in)) memory; the
-    cancellation is harmless at the errors a truncation leaves, which float32 weights bound below by ~1e-7).
+    ‖W1‖², with ⟨W0, W1⟩ = Σ σ ⊙ (UᵀW0 ⊙ Vᵀ) and ‖W1‖² = Σ (σσᵀ ⊙ UᵀU ⊙ VᵀV) (`grams`; O(r(d_out + d_in)) memory;
+    the cancellation is harmless at the errors a truncation leaves, which float32 weights bound below by ~1e-7).
     The inner product runs in float64 a block of ranks at a time: whole r × d_in float64 temporaries were
     ~200 MB at the peak of a 4096 x 11008 layer's conversion."""
-    U, s, V = _unpadded_factors(m, p)
     UtW = U.T.to(W0.dtype) @ W0  # r × d_in, one pass over W0
     sd = s.double()
     step = max(1, FACTOR_BLOCK // max(1, UtW.shape[1]))
     inner = sum(float((UtW[i:i + step].double() * (sd[i:i + step, None] * V[:, i:i + step].T.double())).sum())
                 for i in range(0, UtW.shape[0], step))
-    Ud, Vd = U.double(), V.double()
-    w1 = float((sd[:, None] * sd[None, :] * (Ud.T @ Ud) * (Vd.T @ Vd)).sum())
+    w1 = float((sd[:, None] * sd[None, :] * grams[0] * grams[1]).sum())
     w0 = sum_squares(W0)
     return math.sqrt(max(0.0, w0 - 2 * inner + w1) / max(w0, 1e-60))
 
@@ -325,14 +331,16 @@ def _singular_values(M: torch.Tensor) -> list[float]:
     return torch.linalg.eigvalsh(G).clamp_min(0).sqrt().flip(0).tolist()
 
 
-@torch.no_grad()
-def _compressed_singular_values(m: nn.Module, p: SpectralTT) -> list[float]:
-    """The compressed weight's singular values from its factors W = A diag(σ) Bᵀ (A, B: the frames with the
-    row/column scales, padded rows and columns dropped): those of R_A diag(σ) R_Bᵀ, the QR factors' R —
-    O((d_out + d_in) r²), not a Gram matrix of the weight (|σ| itself when A and B are orthonormal)."""
-    A, sigma, B = (t.double() for t in _unpadded_factors(m, p))
-    Ra, Rb = torch.linalg.qr(A, mode="r")[1], torch.linalg.qr(B, mode="r")[1]
-    return torch.linalg.svdvals((Ra * sigma) @ Rb.T).tolist()
+def _compressed_singular_values(s: torch.Tensor, grams: tuple[torch.Tensor, torch.Tensor]) -> list[float]:
+    """The singular values of W = A diag(σ) Bᵀ (A, B: the frames with the row/column scales, padded rows and
+    columns dropped) from AᵀA and BᵀB (`_frame_grams`): with AᵀA = Q Λ Qᵀ, the square roots of the eigenvalues of
+    (AᵀA)^½ diag(σ) BᵀB diag(σ) (AᵀA)^½, which are those of W Wᵀ. O(r³), no Gram of the weight and no QR of a frame
+    (|σ| itself when A and B are orthonormal)."""
+    lam, Q = torch.linalg.eigh(grams[0])
+    root = (Q * lam.clamp_min(0).sqrt()) @ Q.T
+    sd = s.double()
+    M = root @ (sd[:, None] * grams[1] * sd[None, :]) @ root
+    return torch.linalg.eigvalsh((M + M.T) / 2).clamp_min(0).sqrt().flip(0).tolist()
 
 
 def check_target(ratio: float | None, rank: int | None) -> None:
@@ -500,8 +508,11 @@ def _convert_layer(name: str, m: nn.Module, r: int, method: str, spectrum: str, 
     p = compress_module(m, r, method, spectrum, row_weight=row_weight, col_weight=col_weight, row_order=row_order)
     refit = moments is not None and refit_spectrum(m, W0, moments)
     with torch.no_grad():
+        from_factors = W0.numel() > EXACT_NUMEL and unscaled(p)
+        factors = _unpadded_factors(m, p) if from_factors or with_spectra else None
+        grams = _frame_grams(factors[0], factors[2]) if factors is not None else None
         # a big layer whose factors give its weight matrix (padding dropped; not scaled or reordered): no dense copy
-        err = _error_from_factors(m, p, to_matrix(kind, W0)) if W0.numel() > EXACT_NUMEL and unscaled(p) else 0.0
+        err = _error_from_factors(*factors, grams, to_matrix(kind, W0)) if from_factors else 0.0
         W1 = None
         if err < 1e-3:  # small layers, and errors the formula's cancellation would blur: from the weight itself
             W1 = weight_of(m).detach()
@@ -520,7 +531,9 @@ def _convert_layer(name: str, m: nn.Module, r: int, method: str, spectrum: str, 
         row["spectrum_refit"] = True
     spectra = None
     if with_spectra:
+        after = _compressed_singular_values(factors[1], grams)
+        factors = grams = None  # the frames go before a Gram of the weight is made
         before = known_before if known_before is not None else _singular_values(to_matrix(kind, W0))
-        spectra = (before, _compressed_singular_values(m, p))
+        spectra = (before, after)
     p.drop_cache()  # no dense copy kept per layer: conversion peaks lower, eval rebuilds it once
     return row, spectra
