@@ -197,6 +197,12 @@ class LayerOptions:
             return None
         return prof.sigma2.sqrt().tolist()
 
+    def gram(self) -> Tensor | None:
+        """W Wᵀ of the matrix the conversion factorizes (row/column weights, row order and the padding applied, in
+        float32) if the profile computed it, else None: the conversion's U chain can start from it
+        (`tt.spectral_tt_svd`) instead of computing the same Grams again."""
+        return self.profile._gram if self.profile is not None else None
+
     @staticmethod
     def unit_cost(err2: float) -> float:
         """The cost of a relative squared error at sensitivity 1."""

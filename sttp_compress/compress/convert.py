@@ -50,7 +50,7 @@ def compress_module(module: nn.Module, rank: int, method: str = "sttp", spectrum
                     convert: bool = True, row_scaled: bool = False,
                     row_weight: torch.Tensor | None = None, col_scaled: bool = False,
                     col_weight: torch.Tensor | None = None, row_ordered: bool = False,
-                    row_order: torch.Tensor | None = None) -> SpectralTT:
+                    row_order: torch.Tensor | None = None, gram: torch.Tensor | None = None) -> SpectralTT:
     """Register an STTP (or SVDP) parametrization on `module.weight` (MHA: `in_proj_weight`), converted by TT-SVD.
 
     With convert=False the structure is attached with zero parameters (no TT-SVD), ready for
@@ -59,7 +59,8 @@ def compress_module(module: nn.Module, rank: int, method: str = "sttp", spectrum
     by it (see SpectralTT); `col_weight` (one per column, e.g. the input features' activation scale)
     does the same on the input side. `row_order` (a permutation of the rows, e.g. `weight_order(row_weight)`)
     makes the tensor train factorize the rows in that order; `row_ordered` attaches that structure for a
-    state_dict to fill.
+    state_dict to fill. `gram` (W Wᵀ of the matrix the TT-SVD factorizes, as the allocation's profile computed it:
+    `LayerOptions.gram`) spares the conversion of a large layer the Grams of its U chain (`tt.spectral_tt_svd`).
     """
     kind = weight_kind(module)
     if is_parametrized(module):
@@ -72,7 +73,7 @@ def compress_module(module: nn.Module, rank: int, method: str = "sttp", spectrum
         if not torch.equal(order.sort().values, torch.arange(p.rows)):
             raise ValueError(f"row_order must be a permutation of the weight's {p.rows} rows")
         p.row_order.copy_(order)
-    p.row_weight, p.col_weight = row_weight, col_weight
+    p.row_weight, p.col_weight, p.gram = row_weight, col_weight, gram
     p.skip_conversion = not convert
     # unsafe: skip parametrize's check that builds the weight once more; right_inverse returns exactly the
     # parameters forward() expects (tests/test_layers.py), and that build was a sixth of a layer's conversion
@@ -83,7 +84,7 @@ def compress_module(module: nn.Module, rank: int, method: str = "sttp", spectrum
         if o.numel() == 0:
             o.requires_grad_(False)
     p.skip_conversion = False
-    p.row_weight = p.col_weight = None  # used once, by the conversion
+    p.row_weight = p.col_weight = p.gram = None  # used once, by the conversion
     return p
 
 
@@ -296,9 +297,16 @@ FACTOR_BLOCK = 1 << 20  # float64 values per block of the error-from-factors inn
 
 def _frame_grams(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """UᵀU and VᵀV in float64 (r × r; the identity for orthonormal frames, not for scaled or cropped ones): what the
-    error from factors and the compressed spectrum both need, computed once."""
-    Ud, Vd = U.double(), V.double()
-    return Ud.T @ Ud, Vd.T @ Vd
+    error from factors and the compressed spectrum both need, computed once, from float64 copies of FACTOR_BLOCK
+    values at a time (whole copies of a 4096 x 11008 layer's frames were 80 MB)."""
+    def gram64(F: torch.Tensor) -> torch.Tensor:
+        step = max(1, FACTOR_BLOCK // max(1, F.shape[1]))
+        G = F.new_zeros((F.shape[1], F.shape[1]), dtype=torch.float64)
+        for i in range(0, F.shape[0], step):
+            B = F[i:i + step].double()
+            G += B.T @ B
+        return G
+    return gram64(U), gram64(V)
 
 
 def _error_from_factors(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, grams: tuple[torch.Tensor, torch.Tensor],
@@ -392,10 +400,11 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
         col_weights = scales_from_moments(input_moments)
 
     known_spectra: dict[str, list[float]] = {}  # singular values the allocation computed anyway
+    known_grams: dict[str, torch.Tensor] = {}  # and Grams W Wᵀ, each dropped once its layer is converted
     params_original = count_parameters(model)
     chosen, skipped, ranks = plan_ranks(model, ratio, rank, method, spectrum, allocation, include, exclude,
                                         row_weights, layer_ranks, col_weights, row_orders, sensitivities,
-                                        known_spectra)
+                                        known_spectra, known_grams)
     by_size = sorted(chosen, key=lambda n: -weight_of(chosen[n]).numel())[:spectra_of]
     layers, spectra = [], {}
     for name, m in chosen.items():
@@ -410,12 +419,14 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
             row, spectrum_pair = _convert_layer(name, m, r, method, spectrum, row_weights.get(name),
                                                 col_weights.get(name), row_orders.get(name),
                                                 input_moments.get(name), with_spectra=name in by_size,
-                                                known_before=known_spectra.get(name))
+                                                known_before=known_spectra.get(name),
+                                                gram=known_grams.pop(name, None))  # no reference held here
             layers.append(row)
             if numel > EXACT_NUMEL:
                 release_freed_memory()
             if spectrum_pair is not None:
                 spectra[name] = spectrum_pair
+        known_grams.pop(name, None)  # a layer left dense
         if on_layer:
             on_layer(name)
     params_compressed = count_parameters(model)
@@ -431,11 +442,12 @@ def plan_ranks(model: nn.Module, ratio: float | None = None, rank: int | None = 
                exclude: Iterable[str] | None = None, row_weights: Mapping[str, torch.Tensor] | None = None,
                layer_ranks: Mapping[str, int] | None = None, col_weights: Mapping[str, torch.Tensor] | None = None,
                row_orders: Mapping[str, torch.Tensor] | None = None, sensitivities: Mapping[str, float] | None = None,
-               known_spectra: dict[str, list[float]] | None = None
+               known_spectra: dict[str, list[float]] | None = None, known_grams: dict[str, torch.Tensor] | None = None
                ) -> tuple[dict[str, nn.Module], dict[str, str], dict[str, int]]:
     """What `compress_to_target` would do, without doing it: (the layers to compress, the skipped ones with
     their reasons, each chosen layer's rank or DENSE). Arguments as there; `known_spectra` receives the
-    singular values the allocation computed."""
+    singular values the allocation computed, `known_grams` the Grams W Wᵀ its error profile computed (for the
+    conversion, `compress_module(gram=...)`)."""
     row_weights, layer_ranks, col_weights = dict(row_weights or {}), dict(layer_ranks or {}), dict(col_weights or {})
     check_target(ratio, rank)
     chosen, skipped = candidate_layers(model, include, exclude)
@@ -448,7 +460,7 @@ def plan_ranks(model: nn.Module, ratio: float | None = None, rank: int | None = 
              if n in modules]
     ranks = _allocate_ranks(chosen, ratio, params_original, method, spectrum, allocation, layer_ranks,
                             row_weights, col_weights, dict(row_orders or {}), dense, known_spectra,
-                            dict(sensitivities or {}))
+                            dict(sensitivities or {}), known_grams)
     release_freed_memory()  # the profile's Grams and unfoldings, before the conversion's own peak
     return chosen, skipped, ranks
 
@@ -469,11 +481,14 @@ def _allocate_ranks(chosen: Mapping[str, nn.Module], ratio: float, params_origin
                     col_weights: Mapping, row_orders: Mapping,
                     dense: list[tuple[str, int, str]] | None = None,
                     singular_values: dict[str, list[float]] | None = None,
-                    sensitivities: Mapping[str, float] | None = None) -> dict[str, int]:
+                    sensitivities: Mapping[str, float] | None = None,
+                    grams: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
     """Ranks (or DENSE) of the chosen layers for a whole-model ratio, the pinned ones at their rank. Errors
     are profiled lazily, only where the greedy allocation looks (uniform needs none). `singular_values`
-    receives the weights' singular values where the allocation computed them (for the report's spectra)."""
-    from sttp_compress.compress.allocate import allocate, budget_for_ratio, check_reachable, layer_options
+    receives the weights' singular values where the allocation computed them (for the report's spectra),
+    `grams` the Grams W Wᵀ of the layers it will compress (for their conversion). The profile held all of
+    them at once already, so keeping them until each layer converts adds nothing to the peak."""
+    from sttp_compress.compress.allocate import DENSE, allocate, budget_for_ratio, check_reachable, layer_options
 
     opts, pinned = [], []
     for n, m in chosen.items():
@@ -493,19 +508,28 @@ def _allocate_ranks(chosen: Mapping[str, nn.Module], ratio: float, params_origin
         known = o.singular_values() if singular_values is not None else None
         if known is not None:
             singular_values[o.name] = known
+        gram = o.gram() if grams is not None and ranks[o.name] != DENSE else None
+        if gram is not None:
+            grams[o.name] = gram
         o.release()
     return ranks
 
 
 def _convert_layer(name: str, m: nn.Module, r: int, method: str, spectrum: str, row_weight: torch.Tensor | None,
                    col_weight: torch.Tensor | None, row_order: torch.Tensor | None, moments: torch.Tensor | None,
-                   with_spectra: bool, known_before: list[float] | None = None) -> tuple[dict, tuple | None]:
-    """Compress one layer in place: (its report row, (singular values before, after) or None)."""
+                   with_spectra: bool, known_before: list[float] | None = None,
+                   gram: torch.Tensor | None = None) -> tuple[dict, tuple | None]:
+    """Compress one layer in place: (its report row, (singular values before, after) or None); `gram` as in
+    `compress_module`."""
     from sttp_compress.compress.activation import refit_spectrum
 
     kind = weight_kind(m)
     W0 = weight_of(m).detach()  # the dense tensor itself: compressing drops the module's reference
-    p = compress_module(m, r, method, spectrum, row_weight=row_weight, col_weight=col_weight, row_order=row_order)
+    p = compress_module(m, r, method, spectrum, row_weight=row_weight, col_weight=col_weight, row_order=row_order,
+                        gram=gram)
+    del gram
+    if W0.numel() > EXACT_NUMEL:
+        release_freed_memory()  # the TT-SVD's temporaries, before the report's factors and Grams
     refit = moments is not None and refit_spectrum(m, W0, moments)
     with torch.no_grad():
         from_factors = W0.numel() > EXACT_NUMEL and unscaled(p)

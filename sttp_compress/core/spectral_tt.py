@@ -121,6 +121,7 @@ class SpectralTT(nn.Module):
         self.row_scaled, self.col_scaled = bool(row_scaled), bool(col_scaled)
         self.row_weight: Tensor | None = None  # importance of each row for the next conversion (row_scaled only)
         self.col_weight: Tensor | None = None  # ... and of each column (col_scaled only)
+        self.gram: Tensor | None = None  # W Wᵀ of the matrix the next conversion factorizes, if known
         frames = self.tt.frames(spectrum)
         # group frames of equal shape so each group is generated in one batched call
         self.groups: list[tuple[int, int, bool]] = []
@@ -299,18 +300,21 @@ class SpectralTT(nn.Module):
         rho = gamma = ()
         if self.row_scaled:
             sqrt_w = _sqrt_weight(row_weight, self.rows, M.device, "row_weight")
-            M = M * sqrt_w.unsqueeze(1)
+            M = M * sqrt_w.to(M.dtype).unsqueeze(1)  # in M's dtype: a float64 √w made big layers convert in float64
             rho = ((1.0 / sqrt_w).to(weight.dtype),)
         if self.col_scaled:
             sqrt_c = _sqrt_weight(self.col_weight, self.cols, M.device, "col_weight")
-            M = M * sqrt_c
+            M = M * sqrt_c.to(M.dtype)
             gamma = ((1.0 / sqrt_c).to(weight.dtype),)
         pad_in = None
         if self.dims and pads_columns_only(*self.dims):
             pad_in = self.dims[1]  # no padded copy of the weight: only UᵀW is padded
         elif self.dims:
             M = pad_matrix(M, *self.dims)
-        u_cores, sigma, v_cores = spectral_tt_svd(M, self.tt, pad_in)
+        gram = self.gram  # the allocation's, of the same matrix in float32: for the float32 conversion only
+        if gram is not None and (exact or tuple(gram.shape) != (M.shape[0], M.shape[0]) or gram.dtype != M.dtype):
+            gram = None
+        u_cores, sigma, v_cores = spectral_tt_svd(M, self.tt, pad_in, gram)
         self._cache = None
         if self.spectrum != "identity":
             return self.from_cores(u_cores, sigma, v_cores, weight.dtype) + rho + gamma

@@ -128,3 +128,30 @@ def test_big_layer_error_from_factors_matches_the_dense_difference(d_in, monkeyp
     W1 = layer.weight.detach().double()
     expected = float((W1 - W0).norm() / W0.norm())
     assert 0.05 < expected < 1 and row["rel_error"] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("d_in,row_weighted", [(1100, False), (1024, True)])  # 1100 pads its columns only
+def test_a_large_layer_converts_from_the_allocations_gram(d_in, row_weighted, monkeypatch):
+    """A float32 layer above EXACT_NUMEL takes its U chain from the Gram W Wᵀ that the allocation's profile computed
+    (no second pass over W's unfoldings); the result equals the conversion that computes its own Grams."""
+    from sttp_compress.compress.allocate import LayerOptions
+    from sttp_compress.core import tt
+
+    def convert(gram_known: bool) -> tuple[dict, torch.Tensor, int]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(d_in, 300))
+        calls = []
+        with monkeypatch.context() as m:
+            m.setattr(tt, "gram_chain", lambda *a, **k: calls.append(a[0].shape) or gram_chain(*a, **k))
+            if not gram_known:
+                m.setattr(LayerOptions, "gram", lambda self: None)
+            weights = {"0": torch.rand(300) + 0.5} if row_weighted else None
+            row = compress_to_target(model, ratio=4, include=["*"], row_weights=weights)["layers"][0]
+        return row, model[0].weight.detach(), len(calls)
+
+    gram_chain = tt.gram_chain
+    row, W, calls = convert(gram_known=True)
+    row_own, W_own, calls_own = convert(gram_known=False)
+    assert (calls, calls_own) == (1, 0) and row["rank"] == row_own["rank"]
+    assert row["rel_error"] == pytest.approx(row_own["rel_error"], rel=1e-5)
+    torch.testing.assert_close(W, W_own, rtol=0, atol=2e-5 * float(W_own.abs().max()))
