@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED_MODELS, commit, machine, markdown_table, merge_rows, print_table, table_header, time_ms, today, write_results  # noqa: E402
+from common import SHARED_MODELS, commit, machine, markdown_table, merge_rows, paired_ms, print_table, table_header, time_ms, today, write_results  # noqa: E402
 
 import sttp_compress as sc  # noqa: E402
 from sttp_compress.compress.convert import compress_to_target  # noqa: E402
@@ -157,21 +157,31 @@ def _export_program(model: nn.Module, path: Path, example, device: str) -> float
     return sc.export(model, path, example)["size_bytes"] / 1e6
 
 
-def serve(model: nn.Module, x, device: str, quick: bool, reference: torch.Tensor) -> tuple[float, float, float]:
-    """(latency ms, memory MB, output error) of one model on `device`: on CUDA its peak allocation while it
-    serves (weights and activations) above what was allocated before it moved there (the input batch, the
-    .pt2 programs of the same model, whatever an earlier model left), on the CPU its weights."""
+def serve(model: nn.Module, x, device: str, reference: torch.Tensor) -> tuple[float, float]:
+    """(memory MB, output error) of one model on `device`: on CUDA its peak allocation while it serves (weights
+    and activations) above what was allocated before it moved there (the input batch, the .pt2 programs of the
+    same model, whatever an earlier model left), on the CPU its weights."""
     if device == "cuda":
         gc.collect()  # programs and graph modules of earlier models sit in reference cycles, holding CUDA tensors
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     model.to(device)
-    ms = timed(lambda: call(model, x), device, quick)
+    for _ in range(2):  # the first call's workspaces count too
+        out = call(model, x)
     mem = (torch.cuda.max_memory_allocated() - before) / 1e6 if device == "cuda" else _weights_mb(model)
-    err = _rel(main_output(call(model, x)), reference)
+    err = _rel(main_output(out), reference)
+    del out
     model.cpu()
-    return ms, mem, err
+    return mem, err
+
+
+def against_dense(dense: nn.Module, compressed: nn.Module, x, device: str, quick: bool) -> tuple[float, float]:
+    """(dense ms, compressed ms) of the two models on `device`, timed alternately (`common.paired_ms`)."""
+    dense.to(device), compressed.to(device)
+    times = paired(lambda: call(dense, x), lambda: call(compressed, x), device, quick)
+    dense.cpu(), compressed.cpu()
+    return times
 
 
 def _load_program(path: Path, device: str, example) -> tuple[nn.Module, str]:
@@ -243,6 +253,13 @@ def timed(fn, device: str, quick: bool) -> float:
     return time_ms(fn, device, warmup=1 if quick else 2, repeat=2 if quick else 5, min_seconds=0 if quick else 1.0)
 
 
+def paired(fn_a, fn_b, device: str, quick: bool) -> tuple[float, float]:
+    """`timed` for two callables at once, alternating their runs: each row's compressed time against its dense
+    reference measured in the same stretch of time."""
+    return paired_ms(fn_a, fn_b, device, warmup=1 if quick else 2, repeat=2 if quick else 5,
+                     min_seconds=0 if quick else 2.0)
+
+
 def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[int], device: str, quick: bool,
               folder: Path, include: list[str] | None = None) -> tuple[list[dict], nn.Module]:
     """The rows of one model, and the compressed model they measured."""
@@ -278,19 +295,26 @@ def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[i
         with torch.no_grad():
             reference = main_output(call(comp, x))
             xd = to_device(x, device)
-            dense_ms, dense_mem, _ = serve(dense, xd, device, quick, reference)
-            frozen_ms, frozen_mem, frozen_err = serve(frozen, xd, device, quick, reference)
+            dense_mem, _ = serve(dense, xd, device, reference)
+            frozen_mem, frozen_err = serve(frozen, xd, device, reference)
+            dense_ms, frozen_ms = against_dense(dense, frozen, xd, device, quick)
             if lean is not None:
-                lean_ms, lean_mem, lean_err = serve(lean, xd, device, quick, reference)
+                lean_mem, lean_err = serve(lean, xd, device, reference)
+                lean_dense_ms, lean_ms = against_dense(dense, lean, xd, device, quick)
             xp = to_device(x, pt2_device)
-            ort_dense_ms = timed(lambda: run_d(x), "cpu", quick)
-            ort_ms = timed(lambda: run_c(x), "cpu", quick)
+            ort_dense_ms, ort_ms = paired(lambda: run_d(x), lambda: run_c(x), "cpu", quick)
             ort_err = _rel(run_c(x), reference)
-            pt2_ms = timed(lambda: call(program, xp), pt2_device, quick)
-            pt2_dense_ms = dense_ms if pt2_device == device else None
             pt2_err = _rel(main_output(call(program, xp)), reference)
-            folded_ms = timed(lambda: call(folded, xp), pt2_device, quick)
             folded_err = _rel(main_output(call(folded, xp)), reference)
+            if pt2_device == device:  # against the dense model in torch, where both run on the same device
+                dense.to(device)
+                pt2_dense_ms, pt2_ms = paired(lambda: call(dense, xd), lambda: call(program, xp), device, quick)
+                folded_dense_ms, folded_ms = paired(lambda: call(dense, xd), lambda: call(folded, xp), device, quick)
+                dense.cpu()
+            else:
+                pt2_dense_ms = folded_dense_ms = None
+                pt2_ms = timed(lambda: call(program, xp), pt2_device, quick)
+                folded_ms = timed(lambda: call(folded, xp), pt2_device, quick)
             # last: a capture that fails may leave the stream in an error state
             graph_rows = (_graph_rows(dense, {"frozen": frozen, "frozen (factors only)": lean}, xd, quick, reference)
                           if device == "cuda" else {})
@@ -300,7 +324,7 @@ def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[i
                      "size_mb": round(sizes["checkpoint_mb"], 3), "serving_mb": frozen_mem,
                      "dense_serving_mb": dense_mem, "rel_error": frozen_err})
         if lean is not None:
-            rows.append({**base, "mode": "frozen (factors only)", "dense_ms": dense_ms, "compressed_ms": lean_ms,
+            rows.append({**base, "mode": "frozen (factors only)", "dense_ms": lean_dense_ms, "compressed_ms": lean_ms,
                          "form": form, "size_mb": round(sizes["checkpoint_mb"], 3), "serving_mb": lean_mem,
                          "dense_serving_mb": dense_mem, "rel_error": lean_err})
         for mode, graph_row in graph_rows.items():
@@ -315,7 +339,7 @@ def run_model(name: str, dense: nn.Module, inputs, ratio: float, batches: list[i
                      "dense_ms": pt2_dense_ms, "compressed_ms": pt2_ms, "form": "rebuilt per call", "size_mb": round(size_pt2, 3),
                      "serving_mb": _weights_mb(program), "dense_serving_mb": None, "rel_error": pt2_err})
         rows.append({**base, "device": machine(pt2_device), "mode": f"pt2 folded ({pt2_device})",
-                     "dense_ms": pt2_dense_ms, "compressed_ms": folded_ms, "form": f"{form}, rebuilt once",
+                     "dense_ms": folded_dense_ms, "compressed_ms": folded_ms, "form": f"{form}, rebuilt once",
                      "size_mb": round(size_pt2, 3), "serving_mb": _weights_mb(folded), "dense_serving_mb": None,
                      "rel_error": folded_err})
     for r in rows:
@@ -363,8 +387,8 @@ def ffn_rows(dense: nn.Module, comp: nn.Module, batch: int, device: str, quick: 
         d, f = dm[n].to(device), fm[n].to(device)
         x = torch.randn(batch * SEQ, d.in_features, generator=torch.Generator().manual_seed(0)).to(device)
         with torch.no_grad():
-            dense_ms += timed(lambda: d(x), device, quick)
-            frozen_ms += timed(lambda: f(x), device, quick)
+            d_ms, f_ms = paired(lambda: d(x), lambda: f(x), device, quick)
+            dense_ms, frozen_ms = dense_ms + d_ms, frozen_ms + f_ms
             errs.append(_rel(f(x), comp.get_submodule(n)(x.cpu())))
         d.cpu(), f.cpu()
     kinds = sorted({forms.get(n, "dense") for n in names})

@@ -49,6 +49,27 @@ def time_ms(fn: Callable[[], object], device: str = "cpu", warmup: int = 2, repe
     return statistics.median(times)
 
 
+def paired_ms(fn_a: Callable[[], object], fn_b: Callable[[], object], device: str = "cpu", warmup: int = 2,
+              repeat: int = 5, min_seconds: float = 0.0) -> tuple[float, float]:
+    """Median wall times in ms of fn_a() and fn_b() run alternately (a, b, a, b, ...) after warm-up, synchronizing
+    CUDA around each run: a host whose load drifts during the measurement weighs on both alike (timed one after
+    the other, two runs of the same convolutions on this 2-core machine read up to 14% apart)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    sync()
+    times: tuple[list[float], list[float]] = ([], [])
+    start = time.perf_counter()
+    while len(times[0]) < repeat or time.perf_counter() - start < min_seconds:
+        for fn, out in ((fn_a, times[0]), (fn_b, times[1])):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def commit() -> str:
     """The checked-out commit (with '+dirty' when the tree has changes outside benchmarks/results); outside git,
     STTP_COMMIT or 'unknown'
