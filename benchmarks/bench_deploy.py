@@ -8,7 +8,9 @@ without fine-tuning (latency and sizes do not depend on it), and the Linear stac
 (4 x Linear(4096, 4096), random weights) at ratio 20, where the factors form cuts FLOPs 8x:
 
 - sizes: the dense float32 state_dict, the compressed checkpoint (safetensors), the ONNX export;
-- latency (median, torch.no_grad, after warm-up) at batch 1 and 256 (MiniLM: sequences of 16 tokens) of
+- latency (median, torch.no_grad, after warm-up) at batch 1 and 256 (MiniLM: sequences of 16 tokens), each
+  compressed form timed in alternating turns with its dense reference (`common.paired_ms`; the CUDA-graph rows
+  one after the other), of
   dense       the original model in torch;
   frozen      `sc.freeze(model, shortcut="auto")`, the compressed model's serving path in torch;
   onnx        the exported ONNX in onnxruntime (CPU provider; CUDA provider on --device cuda when installed),
@@ -177,7 +179,7 @@ def serve(model: nn.Module, x, device: str, reference: torch.Tensor) -> tuple[fl
 
 
 def against_dense(dense: nn.Module, compressed: nn.Module, x, device: str, quick: bool) -> tuple[float, float]:
-    """(dense ms, compressed ms) of the two models on `device`, timed alternately (`common.paired_ms`)."""
+    """(dense ms, compressed ms) of the two models on `device`, timed in alternating turns (`common.paired_ms`)."""
     dense.to(device), compressed.to(device)
     times = paired(lambda: call(dense, x), lambda: call(compressed, x), device, quick)
     dense.cpu(), compressed.cpu()
@@ -254,9 +256,9 @@ def timed(fn, device: str, quick: bool) -> float:
 
 
 def paired(fn_a, fn_b, device: str, quick: bool) -> tuple[float, float]:
-    """`timed` for two callables at once, alternating their runs: each row's compressed time against its dense
+    """`timed` for two callables at once, in alternating turns: each row's compressed time against its dense
     reference measured in the same stretch of time."""
-    return paired_ms(fn_a, fn_b, device, warmup=1 if quick else 2, repeat=2 if quick else 5,
+    return paired_ms(fn_a, fn_b, device, warmup=1 if quick else 2, repeat=2 if quick else 6,
                      min_seconds=0 if quick else 2.0)
 
 

@@ -13,7 +13,8 @@ touches either API.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -48,7 +49,7 @@ def cuda_matmul_tf32() -> bool:
 class _Setting:
     """One precision setting: how to read and write it, and its value for 'tf32' / 'ieee'."""
 
-    def __init__(self, get: Any, put: Any, tf32: Any, ieee: Any):
+    def __init__(self, get: Callable[[], Any], put: Callable[[Any], object], tf32: Any, ieee: Any):
         self.get, self.put, self.values = get, put, {"tf32": tf32, "ieee": ieee}
 
 
