@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["PRECISIONS", "cuda_matmul_tf32", "float32_precision"]
+__all__ = ["PRECISIONS", "cuda_matmul_tf32", "cudnn_conv_tf32", "float32_precision"]
 
 PRECISIONS = ("tf32", "ieee")
 
@@ -36,14 +36,27 @@ def _legacy_reads() -> bool:
         return False
 
 
+def _resolved(*levels: object) -> str:
+    """The first `fp32_precision` other than 'none' from the most specific level up ('none' throughout: IEEE)."""
+    for level in levels:
+        value = getattr(level, "fp32_precision", "none")
+        if value != "none":
+            return value
+    return "ieee"
+
+
 def cuda_matmul_tf32() -> bool:
     """Whether float32 matmuls on CUDA run as TF32 now."""
     if not _new_api():
         return torch.get_float32_matmul_precision() != "highest"
-    value = torch.backends.cuda.matmul.fp32_precision
-    if value == "none":  # inherits torch's global setting, whose 'none' means IEEE
-        value = getattr(torch.backends, "fp32_precision", "none")
-    return value == "tf32"
+    return _resolved(torch.backends.cuda.matmul, torch.backends) == "tf32"
+
+
+def cudnn_conv_tf32() -> bool:
+    """Whether float32 convolutions on cuDNN run as TF32 now."""
+    if not _new_api():
+        return bool(torch.backends.cudnn.allow_tf32)
+    return _resolved(torch.backends.cudnn.conv, torch.backends.cudnn, torch.backends) == "tf32"
 
 
 class _Setting:
@@ -64,13 +77,17 @@ def _settings(matmul: str | None, conv: str | None) -> list[tuple[_Setting, Any]
         mm = _Setting(torch.get_float32_matmul_precision, torch.set_float32_matmul_precision, "high", "highest")
         cv = _Setting(lambda: torch.backends.cudnn.allow_tf32,
                       lambda v: setattr(torch.backends.cudnn, "allow_tf32", v), True, False)
-    return [(s, s.values[value]) for s, value in ((mm, matmul), (cv, conv)) if value is not None]
+    wanted = ((mm, matmul, cuda_matmul_tf32), (cv, conv, cudnn_conv_tf32))
+    # a precision already in force is left alone: nothing the caller set changes, on CUDA or beside it (the
+    # legacy matmul precision also sets the CPU's oneDNN matmuls)
+    return [(s, s.values[value]) for s, value, now in wanted if value is not None and now() != (value == "tf32")]
 
 
 @contextmanager
 def float32_precision(matmul: str | None = None, conv: str | None = None) -> Iterator[None]:
     """CUDA float32 matmuls (cuBLAS) and convolutions (cuDNN) at `matmul` / `conv` precision inside ('tf32' or
-    'ieee'; None leaves one as it is), the caller's settings restored after, also when the body raises."""
+    'ieee'; None leaves one as it is), the caller's settings restored after, also when the body raises. Where the
+    precision asked is already in force, nothing is set."""
     for value in (matmul, conv):
         if value is not None and value not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS} or None, got {value!r}")

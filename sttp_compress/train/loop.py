@@ -1020,7 +1020,8 @@ def _fast_path(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, devi
     training steps (graphs bake them in)."""
     with ExitStack() as contexts:
         contexts.enter_context(_attention_backends(device))
-        contexts.enter_context(float32_precision(matmul="tf32" if tf32 else "ieee"))
+        if device.type == "cuda":  # cuBLAS's setting (through the legacy API it would reach the CPU's oneDNN too)
+            contexts.enter_context(float32_precision(matmul="tf32" if tf32 else "ieee"))
         net: nn.Module = student
         pair: nn.Module | None = None
         if multi and total_steps > 0:

@@ -118,3 +118,25 @@ def test_rejects_an_unknown_precision():
     with pytest.raises(ValueError, match="precision must be one of"):
         with float32_precision(matmul="fp16"):
             pass
+
+
+@pytest.mark.skipif(not NEW_API, reason="torch < 2.9 has only the legacy API")
+def test_a_precision_already_in_force_sets_nothing():
+    """Asking for what is in force touches no setting, the CPU's oneDNN matmuls included (the legacy matmul
+    precision would set them too)."""
+    code = textwrap.dedent("""
+        import torch
+        from sttp_compress.core.precision import float32_precision
+        torch.set_float32_matmul_precision("medium")  # the user's choice: bf16 oneDNN matmuls on the CPU
+        state = lambda: (torch.backends.mkldnn.matmul.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+                         torch.backends.cudnn.conv.fp32_precision, torch.get_float32_matmul_precision())
+        before = state()
+        with float32_precision(matmul="tf32", conv="tf32"):  # what "medium" and the default already give
+            assert state() == before, (state(), before)
+        with float32_precision(matmul="ieee"):
+            assert state()[1] == "ieee"
+        assert state() == before, (state(), before)
+        print("ok")
+    """)
+    proc = _python(code)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

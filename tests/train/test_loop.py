@@ -411,16 +411,29 @@ class _SeesTf32(nn.Module):
         return self.net(x)
 
 
-def test_tf32_holds_during_the_steps_and_is_restored(digits, teacher) -> None:
+def test_tf32_is_a_cuda_setting_that_a_cpu_run_leaves_alone(digits, teacher) -> None:
+    """TF32 is cuBLAS's: a CPU run sets nothing (through torch's legacy API it would also switch the CPU's oneDNN
+    matmuls), and reports what it was asked."""
     with float32_precision(matmul="ieee"):
+        mkldnn = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None)
         student = _SeesTf32()
         report = _run(student, teacher, digits, steps=3, tf32=True)
+        assert report["tf32"] is True and student.seen == [False] * 3
+        assert getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None) == mkldnn
+        assert _run(_SeesTf32(), teacher, digits, steps=1)["tf32"] is False  # the default on a CPU
+
+
+@pytest.mark.gpu
+def test_tf32_holds_during_the_cuda_steps_and_is_restored(digits, teacher) -> None:
+    teacher = copy.deepcopy(teacher).cuda()
+    with float32_precision(matmul="ieee"):
+        student = _SeesTf32()
+        report = _run(student, teacher, digits, steps=3, tf32=True, device="cuda", cuda_graph=False)
         assert report["tf32"] is True and student.seen == [True] * 3
         assert cuda_matmul_tf32() is False
-        assert _run(_SeesTf32(), teacher, digits, steps=1)["tf32"] is False  # the default on a CPU
         failing = _SeesTf32(fail_at=2)
         with pytest.raises(RuntimeError, match="boom"):
-            _run(failing, teacher, digits, steps=3, tf32=True)
+            _run(failing, teacher, digits, steps=3, tf32=True, device="cuda", cuda_graph=False)
         assert failing.seen == [True, True] and cuda_matmul_tf32() is False
 
 
