@@ -426,7 +426,7 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
                 release_freed_memory()
             if spectrum_pair is not None:
                 spectra[name] = spectrum_pair
-        known_grams.pop(name, None)  # a layer left dense
+        known_grams.pop(name, None)  # a layer not converted (its rank would not save parameters)
         if on_layer:
             on_layer(name)
     params_compressed = count_parameters(model)
@@ -461,7 +461,7 @@ def plan_ranks(model: nn.Module, ratio: float | None = None, rank: int | None = 
     ranks = _allocate_ranks(chosen, ratio, params_original, method, spectrum, allocation, layer_ranks,
                             row_weights, col_weights, dict(row_orders or {}), dense, known_spectra,
                             dict(sensitivities or {}), known_grams)
-    release_freed_memory()  # the profile's Grams and unfoldings, before the conversion's own peak
+    release_freed_memory()  # the profile's unfoldings (its Grams of layers to convert stay: `known_grams`)
     return chosen, skipped, ranks
 
 
