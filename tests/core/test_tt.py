@@ -166,19 +166,22 @@ def test_tt_svd_error_matches_tensorly_reference():
         assert ours <= ref * 1.02 + 1e-12, (r, ours, ref)
 
 
-def test_gram_chain_spans_the_frames_of_chain_svd_and_keeps_their_energy():
+@pytest.mark.parametrize("modes, ranks", [
+    ((4, 4, 4), [1, 4, 8, 5]),  # bond 1 keeps its rows, bonds 2 and 3 truncate (rests of 4 rows and fewer)
+    ((2,) * 8, [1, 1, 2, 3, 3, 3, 3, 3, 5]),  # truncates from bond 1 on, rests of 128, 64, 32, 16 rows ...
+])
+def test_gram_chain_spans_the_frames_of_chain_svd_and_keeps_their_energy(modes, ranks):
     g = torch.Generator().manual_seed(0)
-    A = torch.randn(64, 300, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 300, dtype=torch.float64)
-    modes, ranks = (4, 4, 4), [1, 4, 8, 5]  # bond 1 keeps its rows, bonds 2 and 3 truncate
+    A = torch.randn(math.prod(modes), 300, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 300, dtype=torch.float64)
     ref, rest = chain_svd(A, modes, ranks)
     cores, S = gram_chain(gram(A), modes, ranks)
     assert S is None and [c.shape for c in cores] == [c.shape for c in ref]
     U, V = chain_matrix(cores), chain_matrix(ref)
-    assert torch.allclose(U.T @ U, torch.eye(5, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(U.T @ U, torch.eye(ranks[-1], dtype=torch.float64), atol=1e-12)
     assert torch.allclose(U @ U.T, V @ V.T, atol=1e-8)  # the same subspace, whatever the signs
-    # stopping at the last bond: its unfolding Gram's 5 leading eigenvalues are the energy the chain keeps
-    _, S = gram_chain(gram(A), modes, ranks, last=2)
-    kept = float(torch.linalg.eigvalsh(S)[-5:].sum())
+    # stopping at the last bond: its unfolding Gram's leading eigenvalues are the energy the chain keeps
+    _, S = gram_chain(gram(A), modes, ranks, last=len(modes) - 1)
+    kept = float(torch.linalg.eigvalsh(S)[-ranks[-1]:].sum())
     assert kept == pytest.approx(float(rest.square().sum()), rel=1e-10)
 
 
