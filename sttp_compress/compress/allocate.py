@@ -15,7 +15,8 @@ option is then exact (no unprofiled option can beat it); one whose end is unprof
 bound, and its end is profiled when that bound reaches the front of the queue. A layer whose next
 option does not fit in what is left of the budget stops without profiling anything above it. The
 ranks are the same as profiling every grid rank first (`_greedy_exhaustive`, kept as the reference);
-only the high ranks that no allocation can reach are never profiled.
+only the high ranks that no allocation can reach are never profiled. A lone layer profiles nothing: with no
+other layer to weigh it against, the greedy gives it the largest rank that fits, whatever its errors.
 """
 
 from __future__ import annotations
@@ -392,6 +393,9 @@ def allocate(options: list[LayerOptions], budget: int, allocation: str = "greedy
         return _uniform(options, budget)
     if allocation != "greedy":
         raise ValueError(f"allocation must be 'greedy' or 'uniform', got {allocation!r}")
+    if len(options) == 1:  # nothing to weigh it against: the largest rank that fits, whatever the errors
+        o = options[0]
+        return _fill(options, {o.name: o.ranks[0]}, budget - minimum)
     left = budget - minimum
     at = [0] * len(options)  # each layer's current hull vertex (an index into its options)
     queue: list[tuple[float, int, int, bool]] = []

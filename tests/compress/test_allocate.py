@@ -105,7 +105,9 @@ def test_lazy_greedy_leaves_unreachable_ranks_unprofiled():
         assert o.profiled() <= len(o.ranks) - 4
 
 
-def test_a_lone_layer_fills_its_budget_without_profiling_the_grid_rank_above():
+def test_a_lone_layer_fills_its_budget_without_profiling_anything():
+    """Nothing to weigh it against: the largest rank that fits, the greedy's answer, with no error computed (a
+    4096 x 11008 Linear's profile was 7.6 s of its 11.2 s conversion on 2 cores)."""
     torch.manual_seed(0)
     layer = nn.Linear(512, 256, bias=False)
     opts = [A.layer_options("l", layer)]
@@ -116,7 +118,7 @@ def test_a_lone_layer_fills_its_budget_without_profiling_the_grid_rank_above():
     full = [A.layer_options("l", layer, eager=True)]
     assert ranks == A._greedy_exhaustive(full, budget)
     assert 64 < ranks["l"] < o.ranks[j + 1] and o.dof(ranks["l"] + 1) > budget  # the largest rank that fits
-    assert o.err2[j] is not None and all(e is None for e in o.err2[j + 1:-1])
+    assert o.profiled() == 0 and o.lower is None and o.gram() is None  # no error, bound or Gram computed
 
 
 def test_the_fill_leaves_a_step_unprofiled_when_its_gain_bound_cannot_win():
