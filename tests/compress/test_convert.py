@@ -139,7 +139,7 @@ def test_a_large_layer_converts_from_the_allocations_gram(d_in, row_weighted, mo
 
     def convert(gram_known: bool) -> tuple[dict, torch.Tensor, int]:
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(d_in, 300))
+        model = nn.Sequential(nn.Linear(d_in, 300), nn.Linear(300, 200))  # two layers: a lone one is not profiled
         calls = []
         with monkeypatch.context() as m:
             m.setattr(tt, "gram_chain", lambda *a, **k: calls.append(a[0].shape) or gram_chain(*a, **k))
