@@ -130,6 +130,35 @@ def test_big_layer_error_from_factors_matches_the_dense_difference(d_in, monkeyp
     assert 0.05 < expected < 1 and row["rel_error"] == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize("row_weighted", [False, True])
+def test_a_lone_large_layer_shares_the_reports_gram_with_its_tt_svd(row_weighted, monkeypatch):
+    """A lone layer is not profiled, so the report's spectrum computes W Wᵀ itself: an unscaled float32 layer above
+    EXACT_NUMEL hands that Gram to its TT-SVD (one Gram, not two); a row-scaled one (another matrix) does not. The
+    spectrum and the weights equal those of the conversion without a report spectrum."""
+    from sttp_compress.core import tt
+
+    def convert(spectra_of: int) -> tuple[dict, torch.Tensor, int]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(1100, 300))
+        calls = []
+        with monkeypatch.context() as m:
+            m.setattr(tt, "gram_chain", lambda *a, **k: calls.append(a[0].shape) or gram_chain(*a, **k))
+            weights = {"0": torch.rand(300) + 0.5} if row_weighted else None
+            parts = compress_to_target(model, ratio=4, include=["*"], row_weights=weights, spectra_of=spectra_of)
+        return parts, model[0].weight.detach(), len(calls)
+
+    gram_chain = tt.gram_chain
+    torch.manual_seed(0)
+    W0 = nn.Linear(1100, 300).weight.detach().double()
+    parts, W, calls = convert(spectra_of=4)
+    parts_own, W_own, calls_own = convert(spectra_of=0)
+    assert (calls, calls_own) == (0 if row_weighted else 1, 0)
+    assert parts["layers"][0]["rank"] == parts_own["layers"][0]["rank"] and parts_own["spectra"] == {}
+    before = parts["spectra"]["0"][0]
+    assert before == pytest.approx(torch.linalg.svdvals(W0).tolist(), rel=1e-4, abs=1e-5)
+    torch.testing.assert_close(W, W_own, rtol=0, atol=2e-5 * float(W_own.abs().max()))
+
+
 @pytest.mark.parametrize("d_in,row_weighted", [(1100, False), (1024, True)])  # 1100 pads its columns only
 def test_a_large_layer_converts_from_the_allocations_gram(d_in, row_weighted, monkeypatch):
     """A float32 layer above EXACT_NUMEL takes its U chain from the Gram W Wᵀ that the allocation's profile computed
