@@ -390,19 +390,25 @@ def test_concurrent_forced_runs_leave_one_runs_pair(env, tmp_path):
     assert not any(n.startswith(TEMP_PREFIX) for n in listing(tmp_path))
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)])
-def test_interrupted_runs_write_nothing(env, tmp_path, sig, code):
+@pytest.mark.parametrize("sig,code,workers", [(signal.SIGINT, 130, 0), (signal.SIGTERM, 143, 0), (signal.SIGKILL, -9, 0),
+                                              (signal.SIGINT, 130, 2), (signal.SIGTERM, 143, 2)])
+def test_interrupted_runs_write_nothing(env, tmp_path, sig, code, workers):
+    """With data-loading workers, the signal goes to the whole process group, as Ctrl-C in a terminal, `timeout` or a
+    job scheduler send it: the workers die of it too, and the run still ends in the one line."""
     ready = tmp_path / "ready"
     out = tmp_path / "out" / "m.sttp.safetensors"
     out.parent.mkdir()
     proc = _script(env["mlp"], "--arch", f"{env['arch_py']}:slow", "--rank", "4", "--data",
-                   f"tensors:{env['mlp_data']}", "--epochs", "50", "--workers", "0", "--output", out, "-q",
-                   env={**os.environ, "STTP_TEST_READY": str(ready)})
+                   f"tensors:{env['mlp_data']}", "--epochs", "50", "--workers", workers, "--output", out, "-q",
+                   env={**os.environ, "STTP_TEST_READY": str(ready)}, start_new_session=True)
     deadline = time.monotonic() + 120
     while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert ready.exists(), proc.stderr.read() if proc.poll() is not None else "no training step in 120 s"
-    proc.send_signal(sig)
+    if workers:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     assert proc.wait(timeout=60) == code
     err = [line for line in proc.stderr.read().splitlines() if line.strip()]
     if sig != signal.SIGKILL:

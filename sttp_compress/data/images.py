@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -323,8 +324,13 @@ def _is_cuda(device: str | torch.device) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def seed_worker(worker_id: int) -> None:
-    """Seed Python's and NumPy's RNGs in a loader worker from torch's per-worker seed (fixed by the generator)."""
+def init_worker(worker_id: int) -> None:
+    """A loader worker's setup: Python's and NumPy's RNGs seeded from torch's per-worker seed (fixed by the generator),
+    and Ctrl-C and SIGTERM left to the main process, which stops its workers itself. A signal sent to the whole process
+    group (a terminal's Ctrl-C, `timeout`, a job scheduler) killed the workers first, and the run ended in their
+    tracebacks instead of the CLI's one line."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     try:
@@ -438,7 +444,7 @@ def make_loaders(
         num_workers=workers,
         pin_memory=_is_cuda(device),
         persistent_workers=workers > 0,
-        worker_init_fn=seed_worker if workers > 0 else None,
+        worker_init_fn=init_worker if workers > 0 else None,
         collate_fn=getattr(train_ds, "collate_fn", None),  # e.g. text.TokenizedTexts pads token batches
     )
     if world > 1 and len(train_ds) < world:
@@ -467,7 +473,7 @@ def eval_loader(ds: Dataset, batch_size: int, workers: int, device: str | torch.
     """An ordered loader for evaluation (validation or test); with world > 1 this rank's `ShardSampler` shard,
     every sample exactly once over all ranks."""
     common = dict(batch_size=per_rank_batch(batch_size, world), num_workers=workers, pin_memory=_is_cuda(device),
-                  persistent_workers=workers > 0, worker_init_fn=seed_worker if workers > 0 else None,
+                  persistent_workers=workers > 0, worker_init_fn=init_worker if workers > 0 else None,
                   collate_fn=getattr(ds, "collate_fn", None))
     if world > 1:
         return DataLoader(ds, sampler=ShardSampler(len(ds), rank, world), drop_last=False, **common)

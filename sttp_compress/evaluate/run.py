@@ -112,7 +112,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from sttp_compress.io.export import export, export_format
 from sttp_compress.io.checkpoint import load_compressed
 from sttp_compress.compress.convert import compressed_layers, count_parameters, decompress
-from sttp_compress.data.images import (IMAGE_EXTENSIONS, ImageDataConfig, image_transforms,
+from sttp_compress.data.images import (IMAGE_EXTENSIONS, ImageDataConfig, image_transforms, init_worker,
                    resolve_image_config, rgb_loader)
 from sttp_compress.errors import UserError, terms
 from sttp_compress.compress.serve import frozen
@@ -407,7 +407,7 @@ def _data_loader(opts: EvalOptions, meta: Mapping[str, Any], device: torch.devic
     if opts.workers is not None:
         workers = opts.workers
     return DataLoader(ds, batch_size=opts.batch_size, shuffle=False, drop_last=False, num_workers=workers,
-                      pin_memory=device.type == "cuda")
+                      pin_memory=device.type == "cuda", worker_init_fn=init_worker if workers > 0 else None)
 
 
 # --------------------------------------------------------------------------- model helpers
