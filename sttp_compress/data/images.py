@@ -324,13 +324,18 @@ def _is_cuda(device: str | torch.device) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def _exit_quietly(signum: int, frame: object) -> None:
+    os._exit(0)  # an exit code the main process does not report as a failed worker
+
+
 def init_worker(worker_id: int) -> None:
     """A loader worker's setup: Python's and NumPy's RNGs seeded from torch's per-worker seed (fixed by the generator),
-    and Ctrl-C and SIGTERM left to the main process, which stops its workers itself. A signal sent to the whole process
-    group (a terminal's Ctrl-C, `timeout`, a job scheduler) killed the workers first, and the run ended in their
-    tracebacks instead of the CLI's one line."""
+    Ctrl-C left to the main process, and SIGTERM a quiet exit. A signal sent to the whole process group (a terminal's
+    Ctrl-C, `timeout`, a job scheduler) killed the workers first, and the run ended in their tracebacks or in the loader's
+    'worker is killed by signal' error instead of the CLI's one line. SIGTERM still ends a worker: it is also how
+    multiprocessing stops workers left at exit (ignored, the interpreter waited for them forever)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_quietly)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     try:

@@ -400,3 +400,24 @@ def test_device_loaders_match_the_folder_datasets(tmp_path: Path, monkeypatch) -
     assert sorted(seen.tolist()) != [] and set(seen.tolist()) <= {0, 1}
     none_cfg = replace(cfg, augment="none")
     assert images.device_loaders([ds.train, ds.val], none_cfg, 4, 0, "cpu") is None  # only 'small' crops
+
+
+def test_a_process_ends_with_its_loader_workers_still_running():
+    """Loader workers leave Ctrl-C to the main process (`init_worker`) but not SIGTERM: multiprocessing stops the
+    workers still alive at exit with it, and with SIGTERM ignored the interpreter waited for them forever."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+        from sttp_compress.data.images import init_worker
+        loader = DataLoader(TensorDataset(torch.arange(1000.0)), batch_size=10, num_workers=2, persistent_workers=True,
+                            worker_init_fn=init_worker)
+        batches = iter(loader)
+        next(batches)  # the workers run, and are still running when the interpreter exits
+        print("done", flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "done\n", "")
