@@ -343,11 +343,6 @@ def _gram_singular_values(G: torch.Tensor) -> list[float]:
     return torch.linalg.eigvalsh(G).clamp_min(0).sqrt().flip(0).tolist()
 
 
-def _row_gram(M: torch.Tensor) -> torch.Tensor:
-    """M Mᵀ in float32."""
-    return gram(M.float())
-
-
 def _compressed_singular_values(s: torch.Tensor, grams: tuple[torch.Tensor, torch.Tensor]) -> list[float]:
     """The singular values of W = A diag(σ) Bᵀ (A, B: the frames with the row/column scales, padded rows and
     columns dropped) from AᵀA and BᵀB (`_frame_grams`): with AᵀA = Q Λ Qᵀ, the square roots of the eigenvalues of
@@ -429,7 +424,7 @@ def compress_to_target(model: nn.Module, ratio: float | None = None, rank: int |
                                                 col_weights.get(name), row_orders.get(name),
                                                 input_moments.get(name), with_spectra=name in by_size,
                                                 known_before=known_spectra.get(name),
-                                                gram=known_grams.pop(name, None))  # no reference held here
+                                                known_gram=known_grams.pop(name, None))  # no reference held here
             layers.append(row)
             if numel > EXACT_NUMEL:
                 release_freed_memory()
@@ -527,26 +522,26 @@ def _allocate_ranks(chosen: Mapping[str, nn.Module], ratio: float, params_origin
 def _convert_layer(name: str, m: nn.Module, r: int, method: str, spectrum: str, row_weight: torch.Tensor | None,
                    col_weight: torch.Tensor | None, row_order: torch.Tensor | None, moments: torch.Tensor | None,
                    with_spectra: bool, known_before: list[float] | None = None,
-                   gram: torch.Tensor | None = None) -> tuple[dict, tuple | None]:
-    """Compress one layer in place: (its report row, (singular values before, after) or None); `gram` as in
-    `compress_module`."""
+                   known_gram: torch.Tensor | None = None) -> tuple[dict, tuple | None]:
+    """Compress one layer in place: (its report row, (singular values before, after) or None); `known_gram` as
+    `compress_module`'s `gram`."""
     from sttp_compress.compress.activation import refit_spectrum
 
     kind = weight_kind(m)
     W0 = weight_of(m).detach()  # the dense tensor itself: compressing drops the module's reference
-    M0 = to_matrix(kind, W0)
-    if with_spectra and known_before is None and gram is None and M0.shape[0] <= M0.shape[1]:
+    rows, cols = (math.prod(f) for f in matrix_factors(kind, tuple(W0.shape)))  # the matrix's shape, no copy made
+    if with_spectra and known_before is None and known_gram is None and rows <= cols:
         # the report's spectrum needs W Wᵀ: an unscaled big layer's TT-SVD starts its U chain from the same Gram
         # (a lone 4096 x 11008 Linear, which the allocation does not profile: 10.7-11.0 s against 12.3 s on 1 thread)
-        G = _row_gram(M0)
+        G = gram(to_matrix(kind, W0).float())
         known_before = _gram_singular_values(G)
         shared = method == "sttp" and W0.numel() > EXACT_NUMEL and row_weight is None and col_weight is None \
             and row_order is None
-        gram = G if shared else None
+        known_gram = G if shared else None
         del G
     p = compress_module(m, r, method, spectrum, row_weight=row_weight, col_weight=col_weight, row_order=row_order,
-                        gram=gram)
-    del gram
+                        gram=known_gram)
+    del known_gram
     if W0.numel() > EXACT_NUMEL:
         release_freed_memory()  # the TT-SVD's temporaries, before the report's factors and Grams
     refit = moments is not None and refit_spectrum(m, W0, moments)
