@@ -323,6 +323,16 @@ def test_summary_goes_to_stderr_not_stdout(tiny_run):
     assert "ratio" in tiny_run.res.err
 
 
+def test_a_logged_run_shows_its_progress_in_plain_lines(tiny_run):
+    """stderr in a log (no terminal): a line each time another tenth of the layers is converted, no bar."""
+    n = len(tiny_run.report["layers"])
+    lines = [line for line in tiny_run.res.err.splitlines() if line.startswith("compressing: ")]
+    assert len(lines) == n == 3
+    assert [line.split(", ")[0] for line in lines] == ["compressing: 1/3 layers (30%)", "compressing: 2/3 layers (60%)",
+                                                       "compressing: 3/3 layers (100%)"]
+    assert [line.split(", ")[1] for line in lines] == [layer["name"] for layer in tiny_run.report["layers"]]
+
+
 # --------------------------------------------------------------------------- targets
 
 

@@ -289,13 +289,29 @@ def _layer_ranks(values: list[str]) -> dict[str, int]:
 
 
 def _run_with_progress(job, quiet: bool):
-    """Run the job with a progress bar over layers, shown only once the conversion starts."""
+    """Run the job with a progress bar over layers, shown only once the conversion starts; in a log (stderr not a
+    terminal) a plain line each time another tenth of the layers is converted."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from sttp_compress.pipeline import run_compress
 
     if quiet:
         return run_compress(job)
+    if not err.is_terminal:
+        seen = {"done": 0, "total": 0, "shown": 0}
+
+        def begin(n: int) -> None:  # no line yet: an unreachable ratio found next stays the only line
+            seen["total"] = n
+
+        def converted(name: str) -> None:
+            seen["done"] += 1
+            tenth = 10 * seen["done"] // max(seen["total"], 1)
+            if tenth > seen["shown"]:
+                seen["shown"] = tenth
+                err.print(f"compressing: {seen['done']:,}/{seen['total']:,} layers ({10 * tenth}%), {name}",
+                          highlight=False, markup=False)
+
+        return run_compress(job, on_layer_start=begin, on_layer=converted)
     prog = Progress(TextColumn("[bold]compressing"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True)
     task = prog.add_task("", total=None, start=False)

@@ -470,13 +470,24 @@ def _epoch_value(steps: int, steps_per_epoch: int) -> int | float:
 
 
 class _Progress:
-    """A transient rich progress bar on stderr, or nothing at all when disabled."""
+    """Fine-tuning progress on stderr: a transient rich bar on a terminal; in a log (stderr redirected or piped,
+    as under a job scheduler or CI) a plain line each time another tenth of the run is done, so a long run shows
+    that it moves; nothing at all when disabled."""
+
+    TENTHS = 10
 
     def __init__(self, enabled: bool, total: float, unit: str = ""):
         self.bar = None
+        self.lines = None
         if not enabled:
             return
         from rich.console import Console
+
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            self.lines, self.total, self.unit = sys.stderr, total, unit or "steps"
+            self.done, self.shown, self.start = 0.0, 0, time.perf_counter()
+            return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(
@@ -486,17 +497,25 @@ class _Progress:
             TextColumn(unit),
             TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"),
-            console=Console(stderr=True),
+            console=console,
             transient=True,
         )
         self.bar.start()
         self.task = self.bar.add_task("fine-tuning", total=total, info="")
 
-    def update(self, advance: int, info: str | None = None) -> None:
-        """Advance the bar and optionally replace its info text."""
+    def update(self, advance: float, info: str | None = None) -> None:
+        """Advance the bar and optionally replace its info text (in a log: print a line per tenth passed)."""
         if self.bar is not None:
             fields = {} if info is None else {"info": info}
             self.bar.update(self.task, advance=advance, **fields)
+        elif self.lines is not None:
+            self.done += advance
+            tenth = min(self.TENTHS, int(self.TENTHS * self.done / max(self.total, 1e-9)))
+            if tenth > self.shown:
+                self.shown = tenth
+                elapsed = time.perf_counter() - self.start
+                print(f"fine-tuning: {self.done:,.0f}/{self.total:,.0f} {self.unit} ({10 * tenth}%), "
+                      f"{elapsed:.0f} s elapsed{', ' + info.replace('  ', ', ') if info else ''}", file=self.lines, flush=True)
 
     def close(self) -> None:
         """Remove the bar from the terminal."""

@@ -512,6 +512,18 @@ def test_finetune_progress_goes_to_stderr_only(digits, teacher, capsys) -> None:
     assert capsys.readouterr().out == ""
 
 
+def test_a_logged_finetune_prints_a_line_per_tenth(digits, teacher, capsys) -> None:
+    """With stderr in a log (no terminal), progress is a plain line each time another tenth of the steps is done,
+    with the loss: a long run under a scheduler shows that it moves; none without progress."""
+    _run(_student(), teacher, digits, steps=20, progress=True, log_every=1)
+    lines = capsys.readouterr().err.splitlines()
+    done = [line for line in lines if line.startswith("fine-tuning: ")]
+    assert [line.split(" (")[0] for line in done] == [f"fine-tuning: {2 * k}/20 steps" for k in range(1, 11)]
+    assert all(f"({10 * k}%), " in line and ", loss " in line for k, line in zip(range(1, 11), done))
+    _run(_student(), teacher, digits, steps=20, progress=False, log_every=1)
+    assert "fine-tuning" not in capsys.readouterr().err
+
+
 def test_finetune_bf16_autocast_on_cpu(digits, teacher) -> None:
     report = _run(_student(), teacher, digits, steps=3, amp="bf16")
     assert report["steps"] == 3 and isinstance(report["curve"][0]["train_loss"], float)
