@@ -6,6 +6,7 @@ teacher at equal file size, zero-shot (no fine-tuning), on this machine's CPUs.
         --data DIR --ratios 10 20                                      # -> results/storage_mobilenetv2
     python benchmarks/bench_storage.py --minilm [--minilm-ratio 4] [--texts 1000]   # -> results/storage_minilm
         [--student CKPT --texts-file .data/text/heldout.txt]   # + a distilled checkpoint stored three ways
+        (--minilm-ratio R other than 4 -> results/storage_minilm_rR)
 
 The shared CIFAR-10 ResNet-18 (../shared/models), or another CIFAR-10 state_dict with `--model` and `--arch`
 (a train_teacher.py teacher: results/storage_<file stem>), is compressed by `compress_to_target` at each ratio and
@@ -99,8 +100,9 @@ def main_minilm(args) -> None:
           "model's. `size_ratio` = the float32 weights / this file (weight-only: packed bytes). `sttp` rows: "
           f"converted zero-shot at ratio {args.minilm_ratio:g}, no distillation.{student}\n\n"
           + markdown_table(rows, cols))
-    write_results("storage_minilm", rows, {"date": today(), "device": machine("cpu"), "texts": args.texts,
-                                           "command": "python benchmarks/bench_storage.py " + " ".join(sys.argv[1:])}, md)
+    name = "storage_minilm" if args.minilm_ratio == 4 else f"storage_minilm_r{args.minilm_ratio:g}"
+    write_results(name, rows, {"date": today(), "device": machine("cpu"), "texts": args.texts,
+                               "command": "python benchmarks/bench_storage.py " + " ".join(sys.argv[1:])}, md)
 
 
 def main() -> None:
