@@ -514,8 +514,9 @@ class _Progress:
             if tenth > self.shown:
                 self.shown = tenth
                 elapsed = time.perf_counter() - self.start
+                extra = ", " + info.replace("  ", ", ") if info else ""
                 print(f"fine-tuning: {self.done:,.0f}/{self.total:,.0f} {self.unit} ({10 * tenth}%), "
-                      f"{elapsed:.0f} s elapsed{', ' + info.replace('  ', ', ') if info else ''}", file=self.lines, flush=True)
+                      f"{elapsed:.0f} s elapsed{extra}", file=self.lines, flush=True)
 
     def close(self) -> None:
         """Remove the bar from the terminal."""
