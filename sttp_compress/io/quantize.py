@@ -6,7 +6,7 @@ dense) in blocks of BLOCK values with one scale each, a float16 one (float32 for
 float16's normal range does not hold).
 Vectors (biases, norms, BatchNorm statistics) are stored in float16 when it keeps the vector to its own
 precision as a whole (‖v₁₆ − v‖ ≤ 2^-11 ‖v‖: tiny entries beside large ones may go subnormal), a compressed
-layer's spectra σ and row/column scales when float16's normal range holds every nonzero value; else float32:
+layer's spectra σ and row/column scales when float16 keeps each value to EACH_PRECISION of itself; else float32:
 not int8, since σ carries each direction's magnitude, which a shared int8 scale would round away for the small
 ones, while float16 keeps each value of its normal range to 2^-11 of itself.
 
@@ -28,7 +28,7 @@ from sttp_compress.compress.convert import named_layers, parametrization
 from sttp_compress.core.forms import layer_originals
 from sttp_compress.core.spectral_tt import is_parametrized
 
-__all__ = ["SCALES", "stored_in_int8", "in_float16_range", "float16_keeps", "quantize_state", "dequantize_state", "quantize_rows", "dequantize_rows", "storage_errors"]
+__all__ = ["SCALES", "stored_in_int8", "in_float16_range", "float16_keeps", "float16_keeps_each", "quantize_state", "dequantize_state", "quantize_rows", "dequantize_rows", "storage_errors"]
 
 SCALES = "__int8_scale__."  # prefix of the block-scale tensors (rows, blocks) in the file
 PARAMETRIZED = ".parametrizations."  # in the names of a compressed layer's originals (torch.nn.utils.parametrize)
@@ -40,6 +40,11 @@ QMAX = 127
 BLOCK = 64
 # float16 holds a value to 2^-11 of itself between its smallest normal number and its largest
 FLOAT16_RANGE = (torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max)
+# what float16 may cost each value of a compressed layer's own vectors: 2^-11 in its normal range, down to 2^-9 for
+# the subnormals near it (a row scale of 3e-5 among 30,522 near 0.5 kept MiniLM's whole vector float32, 61 kB); the
+# int8 matrices the vectors scale are rounded to ~2^-8 of their blocks' largest values (rms), and a float16 file
+# stores every subnormal
+EACH_PRECISION = 2 ** -9
 
 
 def _blocks(rows: Tensor) -> Tensor:
@@ -83,6 +88,15 @@ def in_float16_range(t: Tensor) -> bool:
         FLOAT16_RANGE[0] <= float(nonzero.min()) and float(nonzero.max()) <= FLOAT16_RANGE[1]))
 
 
+def float16_keeps_each(t: Tensor, precision: float = EACH_PRECISION) -> bool:
+    """Whether float16 keeps every value of t to `precision` of itself: finite, none above its largest number,
+    and |v₁₆ − v| ≤ precision·|v| for each value (zeros stay zero; a value that float16 rounds to 0 fails)."""
+    a = t.detach().float()
+    if not bool(torch.isfinite(a).all()) or (a.numel() and float(a.abs().max()) > FLOAT16_RANGE[1]):
+        return False
+    return bool(((a.half().float() - a).abs() <= precision * a.abs()).all())
+
+
 def float16_keeps(t: Tensor) -> bool:
     """Whether float16 holds the tensor t as a whole to its own precision: finite, no magnitude above its largest
     number, and ‖t₁₆ − t‖ ≤ 2^-11 ‖t‖. Tiny entries beside large ones may go subnormal (a dead channel's
@@ -97,7 +111,7 @@ def float16_keeps(t: Tensor) -> bool:
 def quantize_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The state dict as stored in int8: matrices as int8 with their block scales under SCALES + name, other
     floating tensors in float16 where `float16_keeps` them, else float32, and the rest unchanged. A compressed
-    layer's own vectors (spectrum σ, row scales ρ, column scales γ) keep the value-wise rule (`in_float16_range`):
+    layer's own vectors (spectrum σ, row scales ρ, column scales γ) keep the value-wise rule (`float16_keeps_each`):
     W = diag(ρ)·U Σ Vᵀ·diag(γ) can pair a small ρ_i or γ_j with a large row or column (ρ = 1/√w, γ = 1/√c: the
     heavily weighted rows and columns have the small scales), so each of their values needs its own precision."""
     out: dict[str, Tensor] = {}
@@ -105,7 +119,7 @@ def quantize_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
         if stored_in_int8(t):
             out[key], out[SCALES + key] = quantize_rows(t)
         elif t.is_floating_point():
-            keeps = in_float16_range(t) if PARAMETRIZED in key else float16_keeps(t)
+            keeps = float16_keeps_each(t) if PARAMETRIZED in key else float16_keeps(t)
             out[key] = t.detach().half() if keeps else t.detach().float()
         else:
             out[key] = t.detach()

@@ -60,12 +60,22 @@ def test_vectors_are_stored_in_float16_where_it_keeps_them_to_its_precision_as_a
     assert torch.equal(back["tiny"], state["tiny"]) and torch.equal(back["big"], state["big"])
 
 
-def test_a_compressed_layers_own_vectors_keep_float32_for_one_value_below_float16s_normal_range():
-    # W = U Σ Vᵀ diag(γ) with γ = 1/√c: the small γ_j belong to the columns with the largest inputs
+def test_a_compressed_layers_own_vectors_keep_float32_for_one_value_float16_would_round_by_more_than_2_9():
+    # W = U Σ Vᵀ diag(γ) with γ = 1/√c: the small γ_j belong to the columns with the largest inputs, so each value
+    # needs its own precision. 2e-5 is subnormal in float16 but kept to 0.15% (2^-9.4) of itself, finer than the
+    # int8 matrix it scales; 1e-6 would be off by up to 3%
+    key = "fc.parametrizations.weight.original3"
     gamma = torch.tensor([3.0, 1.0, 2e-5])
-    stored = quantize_state({"fc.parametrizations.weight.original3": gamma, "fc.bias": gamma.clone()})
-    assert stored["fc.parametrizations.weight.original3"].dtype == torch.float32
-    assert stored["fc.bias"].dtype == torch.float16  # a bias adds: its 2e-5 may go subnormal
+    stored = quantize_state({key: gamma, "fc.bias": gamma.clone()})
+    assert stored[key].dtype == torch.float16 and stored["fc.bias"].dtype == torch.float16
+    back = dequantize_state(stored)[key]
+    assert bool(((back - gamma).abs() <= 2 ** -9 * gamma.abs()).all())
+    assert float((back - gamma).abs()[2]) > 2 ** -11 * 2e-5  # the subnormal one did lose more than a normal one
+    tiny = torch.tensor([3.0, 1.0, 1e-6])
+    stored = quantize_state({key: tiny, "fc.bias": tiny.clone()})
+    assert stored[key].dtype == torch.float32 and torch.equal(dequantize_state(stored)[key], tiny)
+    assert stored["fc.bias"].dtype == torch.float16  # a bias adds: its 1e-6 may go subnormal
+    assert quantize_state({key: torch.tensor([1.0, 7e4])})[key].dtype == torch.float32  # beyond float16's largest
 
 
 def model() -> nn.Module:
