@@ -24,6 +24,7 @@ from rich.console import Console
 
 from sttp_compress.errors import Interrupted, SharedUserError, UserError, launcher_rank, option_names
 from sttp_compress.io.specs import hf_folder
+from sttp_compress.progress import TenthLines
 from sttp_compress.data.text import TEXT_AUGMENT, TEXT_VOCAB_SHARE
 
 def _console(stderr: bool) -> Console:
@@ -298,20 +299,12 @@ def _run_with_progress(job, quiet: bool):
     if quiet:
         return run_compress(job)
     if not err.is_terminal:
-        seen = {"done": 0, "total": 0, "shown": 0}
+        lines = []
 
         def begin(n: int) -> None:  # no line yet: an unreachable ratio found next stays the only line
-            seen["total"] = n
+            lines.append(TenthLines("compressing", n, "layers"))
 
-        def converted(name: str) -> None:
-            seen["done"] += 1
-            tenth = 10 * seen["done"] // max(seen["total"], 1)
-            if tenth > seen["shown"]:
-                seen["shown"] = tenth
-                err.print(f"compressing: {seen['done']:,}/{seen['total']:,} layers ({10 * tenth}%), {name}",
-                          highlight=False, markup=False)
-
-        return run_compress(job, on_layer_start=begin, on_layer=converted)
+        return run_compress(job, on_layer_start=begin, on_layer=lambda name: lines[0].advance(1, name))
     prog = Progress(TextColumn("[bold]compressing"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True)
     task = prog.add_task("", total=None, start=False)

@@ -20,6 +20,7 @@ from torch.optim.swa_utils import update_bn
 from sttp_compress.train import distributed
 from sttp_compress.train.bank import WeightBank
 from sttp_compress.errors import UserError
+from sttp_compress.progress import TenthLines
 from sttp_compress.train.freecores import can_release, free_cores, free_frames
 from sttp_compress.core.precision import float32_precision
 from sttp_compress.core.spectral_tt import is_parametrized
@@ -471,10 +472,8 @@ def _epoch_value(steps: int, steps_per_epoch: int) -> int | float:
 
 class _Progress:
     """Fine-tuning progress on stderr: a transient rich bar on a terminal; in a log (stderr redirected or piped,
-    as under a job scheduler or CI) a plain line each time another tenth of the run is done, so a long run shows
-    that it moves; nothing at all when disabled."""
-
-    TENTHS = 10
+    as under a job scheduler or CI) `progress.TenthLines`, so a long run shows that it moves; nothing at all when
+    disabled."""
 
     def __init__(self, enabled: bool, total: float, unit: str = ""):
         self.bar = None
@@ -485,8 +484,7 @@ class _Progress:
 
         console = Console(stderr=True)
         if not console.is_terminal:
-            self.lines, self.total, self.unit = sys.stderr, total, unit or "steps"
-            self.done, self.shown, self.start = 0.0, 0, time.perf_counter()
+            self.lines = TenthLines("fine-tuning", total, unit or "steps", elapsed=True)
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -504,19 +502,12 @@ class _Progress:
         self.task = self.bar.add_task("fine-tuning", total=total, info="")
 
     def update(self, advance: float, info: str | None = None) -> None:
-        """Advance the bar and optionally replace its info text (in a log: print a line per tenth passed)."""
+        """Advance the bar and optionally replace its info text (in a log: a line per tenth passed)."""
         if self.bar is not None:
             fields = {} if info is None else {"info": info}
             self.bar.update(self.task, advance=advance, **fields)
         elif self.lines is not None:
-            self.done += advance
-            tenth = min(self.TENTHS, int(self.TENTHS * self.done / max(self.total, 1e-9)))
-            if tenth > self.shown:
-                self.shown = tenth
-                elapsed = time.perf_counter() - self.start
-                extra = ", " + info.replace("  ", ", ") if info else ""
-                print(f"fine-tuning: {self.done:,.0f}/{self.total:,.0f} {self.unit} ({10 * tenth}%), "
-                      f"{elapsed:.0f} s elapsed{extra}", file=self.lines, flush=True)
+            self.lines.advance(advance, info.replace("  ", ", ") if info else "")
 
     def close(self) -> None:
         """Remove the bar from the terminal."""

@@ -1,0 +1,30 @@
+"""Progress in a log: with stderr not a terminal (a job scheduler, CI, `2> log`), a plain line each time another
+tenth of a run is done. rich draws its transient bars only on a terminal, so a redirected run showed nothing
+until its summary."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+__all__ = ["TenthLines"]
+
+
+class TenthLines:
+    """`label: done/total unit (p%)[, s elapsed][, detail]` on stderr each time `advance` passes another tenth."""
+
+    def __init__(self, label: str, total: float, unit: str, elapsed: bool = False):
+        self.label, self.total, self.unit, self.elapsed = label, total, unit, elapsed
+        self.done, self.shown, self.start = 0.0, 0, time.perf_counter()
+
+    def advance(self, amount: float = 1, detail: str = "") -> None:
+        """Count `amount` more done; print a line when that passes another tenth of the total."""
+        self.done += amount
+        tenth = min(10, int(10 * self.done / max(self.total, 1e-9)))
+        if tenth <= self.shown:
+            return
+        self.shown = tenth
+        line = f"{self.label}: {self.done:,.0f}/{self.total:,.0f} {self.unit} ({10 * tenth}%)"
+        if self.elapsed:
+            line += f", {time.perf_counter() - self.start:.0f} s elapsed"
+        print(line + (f", {detail}" if detail else ""), file=sys.stderr, flush=True)
