@@ -88,13 +88,16 @@ def in_float16_range(t: Tensor) -> bool:
         FLOAT16_RANGE[0] <= float(nonzero.min()) and float(nonzero.max()) <= FLOAT16_RANGE[1]))
 
 
+def _float16_holds(a: Tensor) -> bool:
+    """Finite, and no magnitude above float16's largest number (what both float16 rules ask first)."""
+    return bool(torch.isfinite(a).all()) and not (a.numel() and float(a.abs().max()) > FLOAT16_RANGE[1])
+
+
 def float16_keeps_each(t: Tensor, precision: float = EACH_PRECISION) -> bool:
     """Whether float16 keeps every value of t to `precision` of itself: finite, none above its largest number,
     and |v₁₆ − v| ≤ precision·|v| for each value (zeros stay zero; a value that float16 rounds to 0 fails)."""
     a = t.detach().float()
-    if not bool(torch.isfinite(a).all()) or (a.numel() and float(a.abs().max()) > FLOAT16_RANGE[1]):
-        return False
-    return bool(((a.half().float() - a).abs() <= precision * a.abs()).all())
+    return _float16_holds(a) and bool(((a.half().float() - a).abs() <= precision * a.abs()).all())
 
 
 def float16_keeps(t: Tensor) -> bool:
@@ -103,9 +106,8 @@ def float16_keeps(t: Tensor) -> bool:
     BatchNorm variance of 1e-7 next to variances near 1: an absolute error of at most 3e-8, far below the
     BatchNorm's eps); a tensor made only of tiny values keeps float32."""
     a = t.detach().float()
-    if not bool(torch.isfinite(a).all()) or (a.numel() and float(a.abs().max()) > FLOAT16_RANGE[1]):
-        return False
-    return float(torch.linalg.vector_norm(a.half().float() - a)) <= 2 ** -11 * float(torch.linalg.vector_norm(a))
+    return _float16_holds(a) and (float(torch.linalg.vector_norm(a.half().float() - a))
+                                  <= 2 ** -11 * float(torch.linalg.vector_norm(a)))
 
 
 def quantize_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
