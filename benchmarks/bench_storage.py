@@ -18,9 +18,11 @@ shuffle of the test split (seed 0): a zero-shot comparison, nothing is selected 
 rows (10 epochs of distillation, straight-through rounding for the anchors) are the GPU frontier's
 (benchmarks/bench_frontier.py, issue "GPU run: ... frontier").
 
-Rows: method, ratio (parameters), dtype, size_bytes, size_ratio (dense float32 file / this file),
-storage_rel_error (mean over compressed layers of ‖W_stored − W‖/‖W‖; anchors: over all matrices), acc,
-drop (points against the dense teacher on the same images). Writes benchmarks/results/storage.json (+ .md).
+Rows: method, ratio (parameters), dtype, batchnorm ("kept", or "folded": each BatchNorm stored as its eval-mode
+affine, `sttp-compress --fold-batchnorm`; for the anchors the same fold, so both sides drop the running
+statistics), size_bytes, size_ratio (dense float32 file / this file), storage_rel_error (mean over compressed
+layers of ‖W_stored − W‖/‖W‖; anchors: over all matrices), acc, drop (points against the dense teacher on the
+same images). Writes benchmarks/results/storage.json (+ .md).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ from sttp_compress.io.sources import load_model  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = f"{SHARED / 'models' / 'cifar_models.py'}:resnet18_cifar"
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-COLUMNS = ["method", "ratio", "dtype", "size_bytes", "size_ratio", "storage_rel_error", "acc", "drop", "images"]
+COLUMNS = ["method", "ratio", "dtype", "batchnorm", "size_bytes", "size_ratio", "storage_rel_error", "acc", "drop",
+           "images"]
 
 
 def test_images(root: Path, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,12 +68,22 @@ def accuracy(model: torch.nn.Module, X: torch.Tensor, Y: torch.Tensor) -> float:
     return 100.0 * hits / len(X)
 
 
-def weight_only(model: torch.nn.Module, bits: int) -> tuple[torch.nn.Module, int, float]:
-    """The model with every weight matrix rounded per output channel to `bits` (symmetric); its packed bytes
-    and the mean relative weight error (weight_quant.py)."""
+def weight_only(model: torch.nn.Module, bits: int, fold: bool = False) -> tuple[torch.nn.Module, int, float]:
+    """The model with every weight matrix rounded per output channel to `bits` (symmetric), its BatchNorms
+    folded into their eval-mode affines when `fold`; its packed bytes and the mean relative weight error
+    (weight_quant.py)."""
     out = copy.deepcopy(model)
     error = quantize_(out, bits)
+    if fold:
+        sc.fold_batchnorm_(out)
     return out, packed_bytes(out, bits), error
+
+
+def folded(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the model with its BatchNorms stored as their eval-mode affines (--fold-batchnorm)."""
+    out = copy.deepcopy(model)
+    sc.fold_batchnorm_(out)
+    return out
 
 
 def stored_copies(model: torch.nn.Module, folder: Path, dtypes: tuple[str, ...] = ("float32", "float16", "int8")):
@@ -134,17 +147,21 @@ def main() -> None:
         torch.save(dense.state_dict(), dense_file)
         dense_bytes = dense_file.stat().st_size
         base = accuracy(dense, X, Y)
-        rows = [{"method": "dense", "ratio": 1, "dtype": "float32", "size_bytes": dense_bytes, "size_ratio": 1.0,
-                 "storage_rel_error": 0.0, "acc": base}]
+        rows = [{"method": "dense", "ratio": 1, "dtype": "float32", "batchnorm": "kept", "size_bytes": dense_bytes,
+                 "size_ratio": 1.0, "storage_rel_error": 0.0, "acc": base}]
         for bits in (8, 4, 3, 2):
-            model, size, err = weight_only(dense, bits)
-            rows.append({"method": "weight-only", "ratio": 1, "dtype": f"int{bits}", "size_bytes": size,
-                         "size_ratio": dense_bytes / size, "storage_rel_error": err, "acc": accuracy(model, X, Y)})
+            for fold in (False, True):
+                model, size, err = weight_only(dense, bits, fold)
+                rows.append({"method": "weight-only", "ratio": 1, "dtype": f"int{bits}",
+                             "batchnorm": "folded" if fold else "kept", "size_bytes": size,
+                             "size_ratio": dense_bytes / size, "storage_rel_error": err, "acc": accuracy(model, X, Y)})
         for ratio in args.ratios:
             model = copy.deepcopy(dense)
             compress_to_target(model, ratio=ratio)
-            for dtype, size, loaded, err in stored_copies(model, Path(tmp)):
-                rows.append({"method": "sttp", "ratio": ratio, "dtype": dtype, "size_bytes": size,
+            copies = [(c, "kept") for c in stored_copies(model, Path(tmp))]
+            copies += [(c, "folded") for c in stored_copies(folded(model), Path(tmp), ("int8",))]
+            for (dtype, size, loaded, err), bn in copies:
+                rows.append({"method": "sttp", "ratio": ratio, "dtype": dtype, "batchnorm": bn, "size_bytes": size,
                              "size_ratio": dense_bytes / size, "storage_rel_error": err,
                              "acc": accuracy(loaded, X, Y)})
     for r in rows:
@@ -154,7 +171,9 @@ def main() -> None:
     print_table(name, rows, COLUMNS)
     md = (f"# Bytes: STTP storage against weight-only quantization, zero-shot ({today()}, commit {commit()}, "
           f"{machine('cpu')})\n\n{label}, no fine-tuning; accuracy on {len(X)} test images "
-          "(fixed shuffle, seed 0). `size_ratio` = the dense float32 file / this file.\n\n"
+          "(fixed shuffle, seed 0). `size_ratio` = the dense float32 file / this file. `batchnorm` folded: each "
+          "BatchNorm stored as its eval-mode affine (`--fold-batchnorm`; the anchors' packed sizes with the same "
+          "fold).\n\n"
           + markdown_table(rows, COLUMNS))
     write_results(name, rows, {"date": today(), "device": machine("cpu"), "images": len(X),
                                "command": "python benchmarks/bench_storage.py " + " ".join(sys.argv[1:])}, md)

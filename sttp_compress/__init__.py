@@ -12,6 +12,7 @@ Parameterization (Obukhov et al., AISTATS 2021).
 __version__ = "0.1.0"
 
 from sttp_compress.api import CompressConfig, FinetuneConfig, compress_, export, finetune, load, save  # noqa: E402
+from sttp_compress.compress.batchnorm import fold_batchnorm_  # noqa: E402
 from sttp_compress.compress.convert import (compress, compress_module, compressed_layers,  # noqa: E402
                                             count_parameters, decompress)
 from sttp_compress.compress.serve import freeze, frozen, unfreeze  # noqa: E402
@@ -19,5 +20,5 @@ from sttp_compress.core.spectral_tt import SpectralTT  # noqa: E402
 from sttp_compress.errors import UserError  # noqa: E402
 
 __all__ = ["compress_", "CompressConfig", "finetune", "FinetuneConfig", "save", "load", "export", "UserError",
-           "compress", "compress_module", "compressed_layers", "count_parameters", "decompress",
+           "compress", "compress_module", "fold_batchnorm_", "compressed_layers", "count_parameters", "decompress",
            "freeze", "frozen", "unfreeze", "SpectralTT", "__version__"]

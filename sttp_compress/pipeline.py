@@ -21,6 +21,7 @@ from sttp_compress import __version__
 from sttp_compress.train import distributed
 from sttp_compress.io.checkpoint import DTYPES, checkpoint_payload, write_payload
 from sttp_compress.io.quantize import storage_errors
+from sttp_compress.compress.batchnorm import affine_names, fold_batchnorm_
 from sttp_compress.compress.convert import candidate_layers, check_target, compress_to_target
 from sttp_compress.data.images import AUGMENTS
 from sttp_compress.errors import UserError
@@ -66,6 +67,7 @@ class CompressJob(WithDataSpec):
     finetune: Any = None  # FinetuneConfig | None
     bn_recalibrate: int = 0
     qat_steps: int = 0  # with dtype int8: steps through the int8 rounding after fine-tuning (train/qat.py)
+    fold_batchnorm: bool = False  # store each BatchNorm as its eval-mode affine (compress/batchnorm.py)
     layer_ranks: dict = field(default_factory=dict)  # {layer name: rank} pinned (--layer-rank)
     token_weighting: bool = True  # text data + token embedding included: frequency-weighted conversion
     row_order: str = "auto"  # ...and the order its tensor train takes the rows in (ROW_ORDERS; _row_orders)
@@ -465,6 +467,8 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
         t_finetune = time.perf_counter() - t_ft
     if not main:
         return None, {"model": model}
+    if job.fold_batchnorm:  # after any fine-tune (which folded before measuring the stored model: then a no-op)
+        fold_batchnorm_(model)
 
     meta = {"params_original": parts["totals"]["params_original"], "size_bytes_original": size_original,
             "input_shape": input_shape,
@@ -486,7 +490,7 @@ def _run(job: CompressJob, device: torch.device | None, on_layer_start: Callable
         """The report, once the checkpoint's size on disk is known."""
         timings = {"load": round(t_load, 3), "convert": round(t_convert, 3), "finetune": round(t_finetune, 3),
                    "save": round(time.perf_counter() - t2, 3), "total": round(time.perf_counter() - t0, 3)}
-        report.update(_report(job, parts, ft_block, out, size_original, size, timings))
+        report.update(_report(job, parts, ft_block, out, size_original, size, timings, len(affine_names(model))))
         return render_report(report, parts["spectra"])
 
     publish(out, lambda tmp: write_payload(payload, tmp, out), report_dir, render, job.force, is_report_file)
@@ -558,6 +562,8 @@ def _finetune_phase(model: nn.Module, teacher: nn.Module, job: CompressJob, data
                          test_loader=test_loader)
         if job.qat_steps:
             block["qat"] = _qat_phase(model, teacher, loaders, test_loader, cfg, job.qat_steps, progress)
+        if job.fold_batchnorm:  # the stored accuracy below is the file's model
+            fold_batchnorm_(model)
         if job.dtype != "float32":
             block.update(_stored_accuracy(model, job.dtype, loaders[1], test_loader, dev, cfg.amp))
     block["validation"] = data.validation
@@ -631,7 +637,7 @@ def _text_units(block: dict | None) -> dict | None:
 
 
 def _report(job: CompressJob, parts: dict, ft_block: dict | None, out: Path, size_original: int, size: int,
-            timings: dict) -> dict:
+            timings: dict, batchnorm_folded: int = 0) -> dict:
     """The report.json dict (REPORT_FORMAT_VERSION)."""
     return {
         "format_version": REPORT_FORMAT_VERSION, "tool_version": __version__,
@@ -641,7 +647,7 @@ def _report(job: CompressJob, parts: dict, ft_block: dict | None, out: Path, siz
         "model": {"path": job.model, "arch": job.arch, "output": str(out)},
         "totals": {**parts["totals"], "size_bytes_original": size_original, "size_bytes_compressed": size,
                    "size_ratio": size_original / size if size else None},
-        "dtype": job.dtype,
+        "dtype": job.dtype, "batchnorm_folded": batchnorm_folded,
         "layers": parts["layers"], "skipped": parts["skipped"],
         "finetune": _text_units(ft_block) if job.data_kind == "text" else ft_block,
         "timings": timings,

@@ -1057,6 +1057,34 @@ def test_int8_output_reports_the_accuracy_of_the_model_as_stored(tiny):
     assert "Accuracy as stored (int8)" in (tiny.dir / "stored.sttp.report" / "report.md").read_text()
 
 
+def test_fold_batchnorm_stores_the_affine_and_measures_the_file_it_writes(tiny):
+    """--fold-batchnorm after the fine-tune: the file holds the BatchNorm as its affine (no running statistics),
+    its model is the one the report's stored accuracy measured, and sttp-eval opens it."""
+    from sttp_compress.compress.batchnorm import ChannelAffine
+    from sttp_compress.data.images import load_tensor_data
+    from sttp_compress.train.loop import evaluate
+
+    torch.manual_seed(0)
+    data = tiny.dir / "data.pt"
+    torch.save({"inputs": torch.randn(60, *INPUT_SHAPE), "targets": torch.randint(0, 10, (60,))}, data)
+    out = tiny.dir / "folded.sttp.safetensors"
+    ok(tiny.model, "--arch", tiny.arch, "--rank", "4", "--data", f"tensors:{data}", "--steps", "3", "--workers", "0",
+       "--batch-size", "8", "--dtype", "int8", "--fold-batchnorm", "--output", out, "-q")
+    report = _report(tiny.dir / "folded.sttp.report")
+    assert report["batchnorm_folded"] == 1
+    assert "| BatchNorms | 1 stored as their eval-mode affine (y = a·x + b)" in (tiny.dir / "folded.sttp.report" / "report.md").read_text()
+    ckpt = read_compressed(out)
+    assert ckpt["batchnorm_affine"] == ["3"] and not [k for k in ckpt["state_dict"] if k.startswith("3.running")]
+    model, _ = load_compressed(out, arch=tiny.arch)
+    assert isinstance(model[3], ChannelAffine)
+    _, val = load_tensor_data(data)
+    loader = torch.utils.data.DataLoader(val, batch_size=8)
+    assert report["finetune"]["val_accuracy_stored"] == round(100 * evaluate(model, loader, "cpu")["accuracy"], 2)
+    err = io.StringIO()
+    with redirect_stdout(io.StringIO()), redirect_stderr(err):
+        assert _main(eval_app, "sttp-eval", [str(out), "--arch", tiny.arch]) == 0, err.getvalue()
+
+
 def test_a_collapsed_fine_tune_ends_with_a_warning_naming_what_to_try(tiny, monkeypatch):
     """A run whose model keeps under COLLAPSE_SHARE of the original's accuracy says so (forced here with a share
     no model meets); a run that keeps it says nothing of the kind."""

@@ -76,7 +76,7 @@ HELP_GROUPS = {
     "Gates": ("max_size", "max_params", "min_ratio", "min_accuracy", "min_cosine", "min_sts_spearman", "baseline",
               "max_drop"),
     "Run": ("device", "batch_size", "workers", "gpus", "cuda_graphs", "tf32", "seed"),
-    "Output": ("output", "report_dir", "dtype", "force", "json_out", "json_path", "export", "export_dense", "quiet", "debug",
+    "Output": ("output", "report_dir", "dtype", "fold_batchnorm", "force", "json_out", "json_path", "export", "export_dense", "quiet", "debug",
                "version", "help"),
 }
 
@@ -164,6 +164,9 @@ def compress_cmd(
     output: Optional[str] = typer.Option(None, help="Compressed checkpoint path (default: <MODEL stem>.sttp.safetensors beside MODEL; a .pt name writes the format-1 torch file)."),
     force: bool = typer.Option(False, help="Overwrite an existing output."),
     dtype: str = typer.Option("float32", metavar="float32|float16|bfloat16|int8", help="Stored value type: float32, float16, bfloat16, or int8 (every matrix int8 with a float16 scale per 64 values: the cores' Householder vectors and the dense layers' weights; about 4x smaller than float32)."),
+    fold_batchnorm: bool = typer.Option(False, help="Store each BatchNorm as what it computes at inference, y = a*x + b per channel: "
+                                        "2 numbers a channel instead of 4 and a counter (a smaller file, most of all in int8), the "
+                                        "same outputs in eval mode; a later fine-tune of the file's model uses no batch statistics."),
     report_dir: Optional[str] = typer.Option(None, help="Report folder (default: <output stem>.report/)."),
     trust_pickle: bool = typer.Option(False, help="Allow loading a pickled nn.Module (runs code from the file: only for trusted files)."),
     data: Optional[str] = typer.Option(None, help="Fine-tune data: an ImageFolder root with train/ and val/ (or test/), tensors:FILE.pt, or text:FILE (one text per line; with --arch hf:DIR)."),
@@ -261,7 +264,7 @@ def compress_cmd(
                       force=force, dtype=dtype, report_dir=report_dir, trust_pickle=trust_pickle, data=data,
                       train_data=train_data, val_data=val_data, image_size=image_size,
                       mean=_floats(mean, "--mean"), std=_floats(std, "--std"), augment=augment, finetune=ft,
-                      bn_recalibrate=bn_recalibrate, qat_steps=qat_steps, token_weighting=token_weighting,
+                      bn_recalibrate=bn_recalibrate, qat_steps=qat_steps, fold_batchnorm=fold_batchnorm, token_weighting=token_weighting,
                       row_order="weight" if order_rows else row_order,
                       activation_aware=activation_aware, text_augment=text_augment,
                       text_vocab_share=text_vocab_share, group_by_length=group_by_length,

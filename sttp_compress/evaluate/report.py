@@ -211,6 +211,8 @@ def _summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
                             if totals.get("size_ratio") else "")),
         ("Layers", f"{len(_layers(report))} compressed, {len(report.get('skipped') or [])} skipped"),
     ]
+    if report.get("batchnorm_folded"):
+        rows.append(("BatchNorms", f"{report['batchnorm_folded']} stored as their eval-mode affine (y = a·x + b)"))
     if timings:
         rows.append(("Time", ", ".join(f"{k} {_seconds(v)}" for k, v in timings.items())))
     return rows

@@ -6,7 +6,9 @@ free parameter: their shapes follow from `layers`, and each one cost a header en
 int8 file); its header metadata holds strings::
 
     format          "sttp-compress"
-    format_version  "3" (2: the same, with the zero-size tensors stored too)
+    format_version  "3" (2: the same, with the zero-size tensors stored too); "4" when BatchNorms are folded
+    batchnorm_affine  JSON [name, ...] (format 4 only): BatchNorms stored as their eval-mode affine (weight, bias;
+                    compress/batchnorm.py), rebuilt as `ChannelAffine` layers on load
     tool_version    "0.1.0"
     arch            "torchvision:resnet18?num_classes=10" | "model.py:build" | "hf:all-MiniLM-L6-v2" | ""
     dtype           "float32" | "float16" | "bfloat16" | "int8" (matrices int8, a scale per 64 values: io/quantize.py);
@@ -37,6 +39,7 @@ import torch
 from torch import nn
 
 from sttp_compress import __version__
+from sttp_compress.compress.batchnorm import affine_names, attach_affines
 from sttp_compress.compress.convert import attach_structure, compressed_layers, named_layers, weight_of
 from sttp_compress.errors import UserError
 from sttp_compress.io.specs import HF_PREFIX, hf_folder
@@ -50,7 +53,8 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "DTYPES", "FLOAT_DTYPES", "checkpoint_pay
            "load_compressed", "read_compressed", "recorded_arch", "write_payload", "stored_state", "stored_values"]
 
 FORMAT = "sttp-compress"
-FORMAT_VERSION = 3  # 3: safetensors, zero-size tensors left out; 2: with them; 1: a torch.save dict (.pt names)
+FORMAT_VERSION = 4  # the newest read; 4: 3 with folded BatchNorms; 3: safetensors, zero-size tensors left out;
+# 2: with them; 1: a torch.save dict (.pt names). A file gets the lowest version that holds it (3 unless folded).
 METHODS = ("sttp", "svdp")
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPES = (*FLOAT_DTYPES, "int8")  # stored value types; int8: io.quantize (matrices int8 with block scales)
@@ -120,9 +124,10 @@ def checkpoint_payload(model: nn.Module, arch: str | None, dtype: str = "float32
     if dtype != "float32":  # the smaller storages: index buffers (row orders) in the narrowest integer type too
         state = {k: _narrowed_integers(v) for k, v in state.items()}
     spec, check = recorded_arch(arch)
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "tool_version": __version__,
+    affines = affine_names(model)
+    return {"format": FORMAT, "format_version": 4 if affines else 3, "tool_version": __version__,
             "arch": spec, "dtype": dtype,
-            "layers": {n: p.config() for n, p in compressed_layers(model).items()},
+            "layers": {n: p.config() for n, p in compressed_layers(model).items()}, "batchnorm_affine": affines,
             "state_dict": state, "meta": {**(meta or {}), **check}, "summary": summary or {}}
 
 
@@ -134,9 +139,11 @@ def write_payload(payload: dict, path: str | os.PathLike, name: str | os.PathLik
         return
     from safetensors.torch import save_file
 
-    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "tool_version": str(payload["tool_version"]),
+    header = {"format": FORMAT, "format_version": str(payload["format_version"]), "tool_version": str(payload["tool_version"]),
               "arch": payload["arch"] or "", "dtype": payload["dtype"], "layers": json.dumps(payload["layers"]),
               "meta": json.dumps(payload.get("meta") or {}), "summary": json.dumps(payload.get("summary") or {})}
+    if payload.get("batchnorm_affine"):
+        header["batchnorm_affine"] = json.dumps(payload["batchnorm_affine"])
     save_file({k: v for k, v in payload["state_dict"].items() if v.numel()}, str(path), metadata=header)
 
 
@@ -247,6 +254,9 @@ def _payload_problem(data: dict) -> str | None:
         problem = _layer_problem(str(name), cfg)
         if problem:
             return problem
+    affines = data.get("batchnorm_affine", [])
+    if not isinstance(affines, list) or not all(isinstance(n, str) and n for n in affines):
+        return f"'batchnorm_affine' is {_shown(affines)}, not a list of layer names"
     return _meta_problem(data.get("meta"))
 
 
@@ -286,7 +296,7 @@ def _read_safetensors(path: Path) -> dict:
     version = data["format_version"]
     data["format_version"] = int(version) if isinstance(version, str) and version.isdigit() else version
     data["arch"] = header.get("arch") or None
-    for key in ("layers", "meta", "summary"):
+    for key in ("layers", "meta", "summary", "batchnorm_affine"):
         if key in header:
             try:
                 data[key] = json.loads(header[key])
@@ -308,6 +318,10 @@ def load_compressed(path: str | os.PathLike, arch: str | None = None,
     spec = arch or _recorded_arch(path, _found_hf(path, data.get("arch")), trust_arch)
     _check_hf_config(path, spec, data.get("meta") or {})
     model = resolve_arch(spec)
+    try:
+        attach_affines(model, data.get("batchnorm_affine", []))
+    except ValueError as exc:
+        raise UserError(f"architecture {spec} does not match {path}: {exc}") from None
     _attach_layers(model, data["layers"], spec, path)
     state = stored_state(data, path, model)
     _check_state_fits(model, state, spec, path)

@@ -3,6 +3,7 @@ recorded architecture specs are built on their own."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from sttp_compress.compress.batchnorm import ChannelAffine, fold_batchnorm_
 from sttp_compress.compress.convert import compress
 from sttp_compress.errors import UserError
 from sttp_compress.example import DigitsCNN
@@ -32,7 +34,8 @@ def model():
 
 def test_payload_holds_the_format_the_layers_and_the_state(model):
     payload = checkpoint_payload(model, DIGITS, "float16", {"params_original": 1})
-    assert payload["format"] == FORMAT and payload["format_version"] == FORMAT_VERSION
+    assert payload["format"] == FORMAT and payload["format_version"] == 3 < FORMAT_VERSION  # the lowest that holds it
+    assert payload["batchnorm_affine"] == []
     assert payload["arch"] == DIGITS and payload["dtype"] == "float16" and payload["meta"] == {"params_original": 1}
     assert set(payload["layers"]) and all({"weight_shape", "rank", "method", "spectrum"} <= set(c)
                                           for c in payload["layers"].values())
@@ -49,7 +52,7 @@ def test_round_trip(model, tmp_path, name, dtype, tol):
     size = save_compressed(model, path, DIGITS, dtype=dtype)
     data = read_compressed(path)
     assert size == path.stat().st_size and data["dtype"] == dtype
-    assert data["format_version"] == (FORMAT_VERSION if name.endswith(".safetensors") else 1)
+    assert data["format_version"] == (3 if name.endswith(".safetensors") else 1)
     rebuilt, info = load_compressed(path)
     assert "state_dict" not in info and info["arch"] == DIGITS
     x = torch.randn(4, 1, 8, 8)
@@ -88,6 +91,65 @@ def test_format_2_files_with_their_zero_size_tensors_still_load(model, tmp_path)
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), model(x))
+
+
+@pytest.fixture(scope="module")
+def folded(model):
+    """The compressed DigitsCNN with its BatchNorms (trained statistics) folded into their affines."""
+    torch.manual_seed(1)
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for bn in (m.features[3], m.features[7]):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    reference = copy.deepcopy(m)
+    assert fold_batchnorm_(m) == ["features.3", "features.7"]
+    return m, reference
+
+
+@pytest.mark.parametrize("name", ["m.sttp.safetensors", "m.sttp.pt"])
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-6), ("int8", 5e-2)])
+def test_folded_batchnorms_round_trip_as_affines_in_format_4(folded, tmp_path, name, dtype, tol):
+    """A folded model's file records its affines (format 4) and loads back as the same model; in eval mode it
+    computes what the model with its BatchNorms computed."""
+    m, reference = folded
+    path = tmp_path / name
+    save_compressed(m, path, DIGITS, dtype=dtype)
+    data = read_compressed(path)
+    assert data["batchnorm_affine"] == ["features.3", "features.7"]
+    assert data["format_version"] == (4 if name.endswith(".safetensors") else 1)
+    assert not [k for k in data["state_dict"] if "running" in k or "num_batches" in k]
+    rebuilt, _ = load_compressed(path)
+    assert isinstance(rebuilt.features[3], ChannelAffine) and isinstance(rebuilt.features[7], ChannelAffine)
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), reference(x), rtol=tol, atol=tol)
+
+
+def test_a_folded_int8_file_is_smaller_by_the_running_statistics(folded, tmp_path):
+    m, reference = folded
+    sizes = [save_compressed(net, tmp_path / f"{i}.sttp.safetensors", DIGITS, dtype="int8")
+             for i, net in enumerate((reference, m))]
+    channels = 64 + 128  # two float16 vectors a channel, the counters and their header entries less
+    assert sizes[0] - sizes[1] > 2 * 2 * channels
+
+
+def test_a_recorded_affine_the_architecture_cannot_take_is_one_user_error(folded, tmp_path):
+    from safetensors.torch import save_file
+
+    m, _ = folded
+    path = tmp_path / "m.sttp.safetensors"
+    save_compressed(m, path, DIGITS)
+    with safe_open(str(path), framework="pt") as f:
+        header, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(state, str(path), metadata={**header, "batchnorm_affine": json.dumps(["features.3", "features.0"])})
+    with pytest.raises(UserError, match="does not match .*features.0 is a Conv2d, not a BatchNorm"):
+        load_compressed(path)
+    save_file(state, str(path), metadata={**header, "batchnorm_affine": json.dumps({"features.3": 1})})
+    with pytest.raises(UserError, match="damaged.*'batchnorm_affine' is"):
+        read_compressed(path)
 
 
 def test_damaged_safetensors_metadata_is_one_user_error(tmp_path):
