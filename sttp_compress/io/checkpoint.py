@@ -6,9 +6,12 @@ free parameter: their shapes follow from `layers`, and each one cost a header en
 int8 file); its header metadata holds strings::
 
     format          "sttp-compress"
-    format_version  "3" (2: the same, with the zero-size tensors stored too); "4" when BatchNorms are folded
+    format_version  "3" (2: the same, with the zero-size tensors stored too); "4" for int8 files (block scales
+                    packed) and for folded BatchNorms
     batchnorm_affine  JSON [name, ...] (format 4 only): BatchNorms stored as their eval-mode affine (weight, bias;
                     compress/batchnorm.py), rebuilt as `ChannelAffine` layers on load
+    int8_scales_float32  JSON [name, ...] (format 4, int8, when not empty): the matrices whose block scales are in
+                    the float32 packed tensor (io/quantize.py: pack_scales); the others' are in the float16 one
     tool_version    "0.1.0"
     arch            "torchvision:resnet18?num_classes=10" | "model.py:build" | "hf:all-MiniLM-L6-v2" | ""
     dtype           "float32" | "float16" | "bfloat16" | "int8" (matrices int8, a scale per 64 values: io/quantize.py);
@@ -46,15 +49,16 @@ from sttp_compress.io.specs import HF_PREFIX, hf_folder
 from sttp_compress.core.spectral_tt import weight_name
 from sttp_compress.io.sources import looks_like_safetensors, recorded_arch_problem, resolve_arch
 from sttp_compress.io.outputs import atomic_write
-from sttp_compress.io.quantize import SCALES, dequantize_state, quantize_state
+from sttp_compress.io.quantize import SCALES, dequantize_state, pack_scales, quantize_state, unpack_scales
 from sttp_compress.core.tt import SPECTRA
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "DTYPES", "FLOAT_DTYPES", "checkpoint_payload", "save_compressed",
            "load_compressed", "read_compressed", "recorded_arch", "write_payload", "stored_state", "stored_values"]
 
 FORMAT = "sttp-compress"
-FORMAT_VERSION = 4  # the newest read; 4: 3 with folded BatchNorms; 3: safetensors, zero-size tensors left out;
-# 2: with them; 1: a torch.save dict (.pt names). A file gets the lowest version that holds it (3 unless folded).
+FORMAT_VERSION = 4  # the newest read; 4: 3 with int8 block scales packed and folded BatchNorms; 3: safetensors,
+# zero-size tensors left out; 2: with them; 1: a torch.save dict (.pt names). A file gets the lowest version that
+# holds it: 3 for a float file without folded BatchNorms.
 METHODS = ("sttp", "svdp")
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPES = (*FLOAT_DTYPES, "int8")  # stored value types; int8: io.quantize (matrices int8 with block scales)
@@ -125,7 +129,7 @@ def checkpoint_payload(model: nn.Module, arch: str | None, dtype: str = "float32
         state = {k: _narrowed_integers(v) for k, v in state.items()}
     spec, check = recorded_arch(arch)
     affines = affine_names(model)
-    return {"format": FORMAT, "format_version": 4 if affines else 3, "tool_version": __version__,
+    return {"format": FORMAT, "format_version": 4 if affines or dtype == "int8" else 3, "tool_version": __version__,
             "arch": spec, "dtype": dtype,
             "layers": {n: p.config() for n, p in compressed_layers(model).items()}, "batchnorm_affine": affines,
             "state_dict": state, "meta": {**(meta or {}), **check}, "summary": summary or {}}
@@ -144,7 +148,12 @@ def write_payload(payload: dict, path: str | os.PathLike, name: str | os.PathLik
               "meta": json.dumps(payload.get("meta") or {}), "summary": json.dumps(payload.get("summary") or {})}
     if payload.get("batchnorm_affine"):
         header["batchnorm_affine"] = json.dumps(payload["batchnorm_affine"])
-    save_file({k: v for k, v in payload["state_dict"].items() if v.numel()}, str(path), metadata=header)
+    tensors = {k: v for k, v in payload["state_dict"].items() if v.numel()}
+    if payload["format_version"] >= 4:  # one header entry for all block scales of a dtype, not one a matrix
+        tensors, wide = pack_scales(tensors)
+        if wide:
+            header["int8_scales_float32"] = json.dumps(wide)
+    save_file(tensors, str(path), metadata=header)
 
 
 def save_compressed(model: nn.Module, path: str | os.PathLike, arch: str | None,
@@ -296,13 +305,19 @@ def _read_safetensors(path: Path) -> dict:
     version = data["format_version"]
     data["format_version"] = int(version) if isinstance(version, str) and version.isdigit() else version
     data["arch"] = header.get("arch") or None
-    for key in ("layers", "meta", "summary", "batchnorm_affine"):
+    for key in ("layers", "meta", "summary", "batchnorm_affine", "int8_scales_float32"):
         if key in header:
             try:
                 data[key] = json.loads(header[key])
             except ValueError:
                 raise UserError(f"{path} is a damaged sttp-compress checkpoint: metadata {key!r} is not JSON") from None
-    data["state_dict"] = state
+    wide = data.pop("int8_scales_float32", [])
+    try:
+        if not isinstance(wide, list) or not all(isinstance(n, str) for n in wide):
+            raise ValueError(f"'int8_scales_float32' is {_shown(wide)}, not a list of tensor names")
+        data["state_dict"] = unpack_scales(state, wide)
+    except ValueError as exc:
+        raise UserError(f"{path} is a damaged sttp-compress checkpoint: {exc}") from None
     return data
 
 

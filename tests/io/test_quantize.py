@@ -11,8 +11,8 @@ from sttp_compress.compress.convert import parametrization
 from sttp_compress.core.forms import layer_originals
 from sttp_compress.errors import UserError
 from sttp_compress.io.checkpoint import read_compressed, stored_state
-from sttp_compress.io.quantize import (BLOCK, SCALES, dequantize_rows, dequantize_state, quantize_rows, quantize_state,
-                                       storage_errors)
+from sttp_compress.io.quantize import (BLOCK, PACKED, SCALES, dequantize_rows, dequantize_state, pack_scales,
+                                       quantize_rows, quantize_state, storage_errors, unpack_scales)
 
 
 def test_blocks_round_to_within_half_a_step_and_zero_rows_survive():
@@ -110,20 +110,58 @@ def test_int8_checkpoint_is_smaller_loads_with_orthonormal_frames_and_close_weig
         assert float((loaded(x) - net(x)).norm() / net(x).norm()) < 0.05
 
 
-def test_an_int8_tensor_without_its_scale_is_a_damaged_checkpoint(tmp_path):
-    from safetensors.torch import load_file, save_file
+def test_packing_keeps_each_matrixs_scales_and_their_dtype():
+    torch.manual_seed(0)
+    state = quantize_state({"a": torch.randn(5, 130), "b": 1e-6 * torch.randn(3, 2, 40), "c": torch.randn(7),
+                            "d": torch.randn(2, 64)})
+    packed, wide = pack_scales(state)
+    assert wide == ["b"] and not [k for k in packed if k.startswith(SCALES)]  # b's blocks are below float16's range
+    assert packed[PACKED + "float16"].shape == (5 * 3 + 2 * 1,) and packed[PACKED + "float16"].dtype == torch.float16
+    assert packed[PACKED + "float32"].shape == (3 * 2,) and packed[PACKED + "float32"].dtype == torch.float32
+    back = unpack_scales(packed, wide)
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    assert unpack_scales(state, []) is state  # per-matrix scales (format 3) pass through
+    with pytest.raises(ValueError, match="17 values.*need 23 float16 scales"):
+        unpack_scales(packed, [])  # b's scales looked for in the float16 tensor
+    with pytest.raises(ValueError, match="recorded for 'c', not an int8 tensor"):
+        unpack_scales(packed, ["b", "c"])
+
+
+def test_an_int8_file_holds_one_scales_tensor_and_damaged_ones_are_refused(tmp_path):
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     path = tmp_path / "i8.sttp.safetensors"
     sc.save(model(), path, dtype="int8")
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata()
     tensors = load_file(str(path))
-    scale_key = next(k for k in tensors if k.startswith(SCALES))
-    del tensors[scale_key]
+    assert header["format_version"] == "4" and "int8_scales_float32" not in header
+    assert [k for k in tensors if "int8_scale" in k] == [PACKED + "float16"]
+    tensors[PACKED + "float16"] = tensors[PACKED + "float16"][:-1]
     save_file(tensors, str(path), metadata=header)
+    with pytest.raises(UserError, match=r"damaged sttp-compress checkpoint: packed scales .* do not fit"):
+        read_compressed(path)
+
+
+def test_a_format_3_int8_file_with_a_scale_tensor_a_matrix_loads_and_one_without_is_damaged(tmp_path):
+    """int8 files written before format 4 kept each matrix's scales under SCALES + name: they load to the same
+    model; a matrix without its scales is a damaged checkpoint."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    net = model()
+    sc.save(net, tmp_path / "v4.sttp.safetensors", dtype="int8")
+    with safe_open(str(tmp_path / "v4.sttp.safetensors"), framework="pt") as f:
+        header = {**f.metadata(), "format_version": "3"}
+    old = {k: v.contiguous() for k, v in quantize_state(net.state_dict()).items() if v.numel()}
+    save_file(old, str(tmp_path / "v3.sttp.safetensors"), metadata=header)
+    states = [stored_state(read_compressed(tmp_path / f"{v}.sttp.safetensors"), v) for v in ("v3", "v4")]
+    assert set(states[0]) == set(states[1]) and all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    del old[next(k for k in old if k.startswith(SCALES))]
+    save_file(old, str(tmp_path / "v3.sttp.safetensors"), metadata=header)
     with pytest.raises(UserError, match=r"damaged sttp-compress checkpoint: int8 tensor .* no fitting per-row scale"):
-        stored_state(read_compressed(path), path)
+        stored_state(read_compressed(tmp_path / "v3.sttp.safetensors"), "v3")
 
 
 def test_bad_dtype_names_the_choices(tmp_path):
