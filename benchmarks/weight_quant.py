@@ -54,10 +54,11 @@ def quantize_(model: nn.Module, bits: int) -> float:
 
 def packed_bytes(model: nn.Module, bits: int) -> int:
     """Bytes of the quantized model stored packed: bits/8 a rounded value, a float16 scale a channel, the
-    other floating tensors of the state dict in float16 (integer buffers at their own size)."""
+    other floating tensors of the state dict in float16 (integer buffers at their own size; buffers a state dict
+    leaves out, such as a folded BatchNorm's constant zeros and ones, are not stored)."""
     quantized = {id(getattr(m, n)) for m, n in matrices(model)}
     size = 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in model.state_dict(keep_vars=True).values():
         if id(t) in quantized:
             size += (t.numel() * bits + 7) // 8 + 2 * t.shape[0]
         else:

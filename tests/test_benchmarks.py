@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+import sttp_compress as sc
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -83,6 +85,8 @@ def test_weight_only_anchor_bytes_count_packed_values_float16_scales_and_a_float
     # int4: 32 weights in 16 bytes, 4 float16 scales, then the bias, BatchNorm's 16 floats in float16, 8 bytes
     assert packed_bytes(net, 4) == 16 + 2 * 4 + 2 * 4 + 2 * 16 + 8
     assert packed_bytes(net, 3) == 12 + 8 + 8 + 32 + 8  # 96 bits: 12 bytes
+    sc.fold_batchnorm_(net)  # the affine's 2 vectors are stored; its constant zeros and ones are not
+    assert packed_bytes(net, 4) == 16 + 2 * 4 + 2 * 4 + 2 * 8
 
 
 def test_trials_table_reads_each_trials_flags_and_report_and_names_a_cut_off_one(tmp_path: Path) -> None:
