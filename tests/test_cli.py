@@ -1085,6 +1085,14 @@ def test_fold_batchnorm_stores_the_affine_and_measures_the_file_it_writes(tiny):
         assert _main(eval_app, "sttp-eval", [str(out), "--arch", tiny.arch]) == 0, err.getvalue()
 
 
+def test_fold_batchnorm_on_a_model_without_one_says_so_and_writes_format_3(tiny):
+    torch.save(build_mlp().state_dict(), tiny.dir / "mlp.pt")
+    out = tiny.dir / "mlp.sttp.safetensors"
+    res = ok(tiny.dir / "mlp.pt", "--arch", tiny.mlp_arch, "--rank", "8", "--fold-batchnorm", "--output", out)
+    assert "warning: --fold-batchnorm found no BatchNorm with running statistics: nothing was folded" in res.err
+    assert read_compressed(out)["format_version"] == 3 and _report(tiny.dir / "mlp.sttp.report")["batchnorm_folded"] == 0
+
+
 def test_a_collapsed_fine_tune_ends_with_a_warning_naming_what_to_try(tiny, monkeypatch):
     """A run whose model keeps under COLLAPSE_SHARE of the original's accuracy says so (forced here with a share
     no model meets); a run that keeps it says nothing of the kind."""

@@ -277,7 +277,7 @@ def compress_cmd(
     else:
         report, extras = _run_with_progress(job, quiet or json_out)
     if report is not None:  # None on torchrun ranks other than 0
-        _finish(report, extras, quiet, json_out)
+        _finish(report, extras, quiet, json_out, fold_batchnorm)
     return None
 
 
@@ -324,7 +324,7 @@ def _run_with_progress(job, quiet: bool):
         prog.stop()
 
 
-def _finish(report: dict, extras: dict, quiet: bool, json_out: bool) -> None:
+def _finish(report: dict, extras: dict, quiet: bool, json_out: bool, fold_batchnorm: bool = False) -> None:
     from sttp_compress.evaluate.report import summary_table
     from sttp_compress.pipeline import STORED_DROP_HINT, collapsed
 
@@ -359,6 +359,9 @@ def _finish(report: dict, extras: dict, quiet: bool, json_out: bool) -> None:
                       f"original's {ft['original_val_accuracy']}%: ratio {t['ratio']:.2f}x leaves too few parameters "
                       "in the layers it compresses; try a lower --ratio, more --epochs, or --include to spread the "
                       "ratio over more layers (report.md's layer table shows which stay dense)",
+                      soft_wrap=True, markup=False, highlight=False)
+        if fold_batchnorm and not report.get("batchnorm_folded"):
+            err.print("warning: --fold-batchnorm found no BatchNorm with running statistics: nothing was folded",
                       soft_wrap=True, markup=False, highlight=False)
         err.print(f"wrote {extras['output']} and {Path(extras['report_dir']) / 'report.md'}", soft_wrap=True,
                   markup=False)
