@@ -16,7 +16,7 @@ I − 2hhᵀ/‖h‖² is orthogonal for any nonzero h, so only the directions m
 In the state, a quantized tensor `name` is int8 under its own name, its scales (rows, blocks) under
 `SCALES + name`; the checkpoint's `dtype` is "int8". `dequantize_state` undoes it before loading. A safetensors
 file (format 4) stores the scales of every matrix in one tensor per scale dtype (`pack_scales`): a header
-entry costs ~120 bytes, and MobileNetV2's int8 file had 184 of them (22 kB of 338 kB) for 6.7 kB of scales.
+entry costs ~120 bytes, and MobileNetV2's int8 file had 184 of them (23 kB of 338 kB) for 6.7 kB of scales.
 """
 
 from __future__ import annotations
