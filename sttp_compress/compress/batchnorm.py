@@ -42,13 +42,17 @@ class ChannelAffine(nn.Module):
 
 
 def _foldable(m: nn.Module) -> bool:
-    """A BatchNorm with running statistics (without them it always normalizes by the batch: nothing to fold)."""
-    return isinstance(m, BATCHNORMS) and m.track_running_stats and m.running_mean is not None
+    """One of torch's BatchNorms (not a subclass, whose forward may do more) with running statistics (without them
+    it always normalizes by the batch: nothing to fold)."""
+    return type(m) in BATCHNORMS and m.track_running_stats and m.running_mean is not None
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put `new` wherever the model holds `old` (a module registered under several names is one module)."""
+    for name, m in list(model.named_modules(remove_duplicate=False)):
+        if m is old and name:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 @torch.no_grad()
@@ -66,7 +70,7 @@ def fold_batchnorm_(model: nn.Module) -> list[str]:
         affine = ChannelAffine(bn.num_features).to(bn.running_mean.device, bn.running_mean.dtype)
         affine.weight.copy_(a)
         affine.bias.copy_(b)
-        _replace(model, name, affine)
+        _replace(model, bn, affine)
     return names
 
 
@@ -83,6 +87,6 @@ def attach_affines(model: nn.Module, names: list[str]) -> None:
             m = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{name} is not a module of the architecture") from None
-        if not isinstance(m, BATCHNORMS):
+        if type(m) not in BATCHNORMS:
             raise ValueError(f"{name} is a {type(m).__name__}, not a BatchNorm")
-        _replace(model, name, ChannelAffine(m.num_features))
+        _replace(model, m, ChannelAffine(m.num_features))

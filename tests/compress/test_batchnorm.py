@@ -67,6 +67,27 @@ def test_a_batchnorm_without_running_statistics_stays():
     assert fold_batchnorm_(model) == [] and isinstance(model[1], nn.BatchNorm1d)
 
 
+def test_a_shared_batchnorm_becomes_one_shared_affine_and_a_subclass_stays():
+    class Custom(nn.BatchNorm1d):  # its forward may do more than normalize: not folded
+        pass
+
+    bn = nn.BatchNorm1d(3)
+    model = _trained(nn.Sequential(nn.Linear(3, 3), bn, nn.Linear(3, 3), bn, Custom(3)).double(), (3,))
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+        assert fold_batchnorm_(model) == ["1"]  # named once, as named_modules() names it
+        torch.testing.assert_close(model(x), before, rtol=1e-12, atol=1e-12)
+    assert model[1] is model[3] and isinstance(model[1], ChannelAffine) and type(model[4]) is Custom
+    shared = nn.BatchNorm1d(3)
+    fresh = nn.Sequential(nn.Linear(3, 3), shared, nn.Linear(3, 3), shared, Custom(3))
+    attach_affines(fresh, ["1"])
+    assert fresh[1] is fresh[3] and isinstance(fresh[3], ChannelAffine)
+    fresh.load_state_dict(model.state_dict())  # the same keys, both names of the shared affine included
+    with pytest.raises(ValueError, match="4 is a Custom, not a BatchNorm"):
+        attach_affines(fresh, ["4"])
+
+
 def test_the_affine_trains_its_two_vectors():
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
     fold_batchnorm_(model)
