@@ -174,6 +174,13 @@ def arch_dir(tmp_path_factory) -> Path:
     return folder
 
 
+def _random_tensor_data(path: Path, n: int = 60) -> Path:
+    """A tensors: data file of n seeded random inputs of the tiny model's shape and class labels."""
+    torch.manual_seed(0)
+    torch.save({"inputs": torch.randn(n, *INPUT_SHAPE), "targets": torch.randint(0, 10, (n,))}, path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def tiny_state() -> dict:
     """A seeded state dict of build() with non-trivial BatchNorm statistics."""
@@ -762,9 +769,7 @@ def test_round_trip_in_a_new_process(tiny):
 
 
 def test_finetune_with_tensor_data(tiny):
-    torch.manual_seed(0)
-    data = tiny.dir / "data.pt"
-    torch.save({"inputs": torch.randn(48, *INPUT_SHAPE), "targets": torch.randint(0, 10, (48,))}, data)
+    data = _random_tensor_data(tiny.dir / "data.pt", 48)
     out = tiny.dir / "ft.sttp.safetensors"
     ok(tiny.model, "--arch", tiny.arch, "--rank", "4", "--data", f"tensors:{data}", "--steps", "5",
        "--workers", "0", "--batch-size", "8", "--output", out, "-q")
@@ -796,8 +801,7 @@ def _finetune_configs(tiny, monkeypatch, *args) -> list:
     real = ft.finetune
     monkeypatch.setattr(ft, "finetune", lambda student, teacher, train, val, cfg, **kw: (
         seen.append(cfg), real(student, teacher, train, val, cfg, **kw))[1])
-    data = tiny.dir / "data.pt"
-    torch.save({"inputs": torch.randn(16, *INPUT_SHAPE), "targets": torch.randint(0, 10, (16,))}, data)
+    data = _random_tensor_data(tiny.dir / "data.pt", 16)
     ok(tiny.model, "--arch", tiny.arch, "--rank", "4", "--data", f"tensors:{data}", "--steps", "1",
        "--workers", "0", "--batch-size", "8", "-q", *args)
     return seen
@@ -827,8 +831,7 @@ def test_time_budget_reads_durations(text, seconds):
 
 
 def test_time_budget_ends_the_fine_tune_and_reaches_the_report(tiny):
-    data = tiny.dir / "budget.pt"
-    torch.save({"inputs": torch.randn(16, *INPUT_SHAPE), "targets": torch.randint(0, 10, (16,))}, data)
+    data = _random_tensor_data(tiny.dir / "budget.pt", 16)
     out = tiny.dir / "budget.sttp.safetensors"
     common = [tiny.model, "--arch", tiny.arch, "--rank", "4", "--data", f"tensors:{data}", "--workers", "0",
               "--batch-size", "8", "-q", "--force"]
@@ -892,8 +895,7 @@ def test_out_of_gpu_memory_is_one_line_and_writes_nothing(tiny, monkeypatch):
             "allocated memory 132.32 GiB is allocated by PyTorch, with 96.69 GiB allocated in private pools")
 
     monkeypatch.setattr(ft, "finetune", oom)
-    data = tiny.dir / "data.pt"
-    torch.save({"inputs": torch.randn(16, *INPUT_SHAPE), "targets": torch.randint(0, 10, (16,))}, data)
+    data = _random_tensor_data(tiny.dir / "data.pt", 16)
     out = tiny.dir / "oom.sttp.safetensors"
     res = cli(tiny.model, "--arch", tiny.arch, "--rank", "4", "--data", f"tensors:{data}", "--steps", "1",
               "--workers", "0", "--batch-size", "8", "--output", out, "-q")
@@ -1022,9 +1024,7 @@ def test_help_groups_options_and_shows_choices(capsys):
 
 
 def test_qat_steps_run_after_finetuning_and_report_the_rounded_accuracy(tiny):
-    torch.manual_seed(0)
-    data = tiny.dir / "data.pt"
-    torch.save({"inputs": torch.randn(48, *INPUT_SHAPE), "targets": torch.randint(0, 10, (48,))}, data)
+    data = _random_tensor_data(tiny.dir / "data.pt", 48)
     out = tiny.dir / "qat.sttp.safetensors"
     ok(tiny.model, "--arch", tiny.arch, "--rank", "4", "--data", f"tensors:{data}", "--steps", "3", "--workers", "0",
        "--batch-size", "8", "--dtype", "int8", "--qat-steps", "4", "--output", out, "-q")
@@ -1041,9 +1041,7 @@ def test_int8_output_reports_the_accuracy_of_the_model_as_stored(tiny):
     from sttp_compress.data.images import load_tensor_data
     from sttp_compress.train.loop import evaluate
 
-    torch.manual_seed(0)
-    data = tiny.dir / "data.pt"
-    torch.save({"inputs": torch.randn(60, *INPUT_SHAPE), "targets": torch.randint(0, 10, (60,))}, data)
+    data = _random_tensor_data(tiny.dir / "data.pt")
     out = tiny.dir / "stored.sttp.safetensors"
     res = ok(tiny.model, "--arch", tiny.arch, "--rank", "4", "--data", f"tensors:{data}", "--steps", "3",
              "--workers", "0", "--batch-size", "8", "--dtype", "int8", "--output", out)
@@ -1064,9 +1062,7 @@ def test_fold_batchnorm_stores_the_affine_and_measures_the_file_it_writes(tiny):
     from sttp_compress.data.images import load_tensor_data
     from sttp_compress.train.loop import evaluate
 
-    torch.manual_seed(0)
-    data = tiny.dir / "data.pt"
-    torch.save({"inputs": torch.randn(60, *INPUT_SHAPE), "targets": torch.randint(0, 10, (60,))}, data)
+    data = _random_tensor_data(tiny.dir / "data.pt")
     out = tiny.dir / "folded.sttp.safetensors"
     ok(tiny.model, "--arch", tiny.arch, "--rank", "4", "--data", f"tensors:{data}", "--steps", "3", "--workers", "0",
        "--batch-size", "8", "--dtype", "int8", "--fold-batchnorm", "--output", out, "-q")
@@ -1098,9 +1094,7 @@ def test_a_collapsed_fine_tune_ends_with_a_warning_naming_what_to_try(tiny, monk
     no model meets); a run that keeps it says nothing of the kind."""
     import sttp_compress.pipeline as pipeline
 
-    torch.manual_seed(0)
-    data = tiny.dir / "data.pt"
-    torch.save({"inputs": torch.randn(60, *INPUT_SHAPE), "targets": torch.randint(0, 10, (60,))}, data)
+    data = _random_tensor_data(tiny.dir / "data.pt")
     args = (tiny.model, "--arch", tiny.arch, "--rank", "4", "--data", f"tensors:{data}", "--steps", "2",
             "--workers", "0", "--batch-size", "8")
     assert "warning: the compressed model kept" not in ok(*args, "--output", tiny.dir / "a.sttp.pt").err

@@ -50,6 +50,11 @@ FLOAT16_RANGE = (torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max
 EACH_PRECISION = 2 ** -9
 
 
+def _scale_shape(q: Tensor) -> tuple[int, int]:
+    """(rows, blocks a row) of an int8 tensor's block scales: BLOCK values a scale in each row."""
+    return q.shape[0], -(-math.prod(q.shape[1:]) // BLOCK)
+
+
 def _blocks(rows: Tensor) -> Tensor:
     """(rows, n) → (rows, ⌈n/BLOCK⌉, BLOCK), the last block zero-padded."""
     pad = -rows.shape[1] % BLOCK
@@ -142,7 +147,7 @@ def dequantize_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
             continue
         scale = state.get(SCALES + key)
         if t.dtype == torch.int8:
-            if scale is None or t.dim() < 1 or tuple(scale.shape) != (t.shape[0], -(-math.prod(t.shape[1:]) // BLOCK)):
+            if scale is None or t.dim() < 1 or tuple(scale.shape) != _scale_shape(t):
                 raise ValueError(f"int8 tensor {key!r} has no fitting per-row scale")
             if not bool(torch.isfinite(scale).all()):
                 raise ValueError(f"int8 tensor {key!r} has a scale that is not finite")
@@ -173,11 +178,6 @@ def storage_errors(model: nn.Module, stored: dict[str, Tensor]) -> dict[str, flo
     return errors
 
 
-def _n_blocks(t: Tensor) -> int:
-    """How many block scales an int8 matrix has: BLOCK values a scale in each row."""
-    return t.shape[0] * -(-math.prod(t.shape[1:]) // BLOCK)
-
-
 def pack_scales(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
     """A stored int8 state with its per-matrix scales (SCALES + name) concatenated into PACKED + "float16" and
     PACKED + "float32" (each matrix's scales keep their dtype), in the order of the matrices' names; returns it and
@@ -185,7 +185,7 @@ def pack_scales(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]
     out = {k: v for k, v in state.items() if not k.startswith(SCALES)}
     names = sorted(k[len(SCALES):] for k in state if k.startswith(SCALES))
     wide = [n for n in names if state[SCALES + n].dtype != torch.float16]
-    for dtype, members in (("float16", [n for n in names if n not in wide]), ("float32", wide)):
+    for dtype, members in (("float16", sorted(set(names) - set(wide))), ("float32", wide)):
         if members:
             out[PACKED + dtype] = torch.cat([state[SCALES + n].reshape(-1) for n in members]).to(getattr(torch, dtype))
     return out, wide
@@ -200,14 +200,15 @@ def unpack_scales(state: dict[str, Tensor], wide: list[str]) -> dict[str, Tensor
         return state
     out = {k: v for k, v in state.items() if not k.startswith(PACKED)}
     matrices = sorted(k for k, v in out.items() if v.dtype == torch.int8 and v.dim() >= 1)
-    if set(wide) - set(matrices):
-        raise ValueError(f"float32 scales are recorded for {sorted(set(wide) - set(matrices))[0]!r}, not an int8 tensor")
+    stray = sorted(set(wide) - set(matrices))
+    if stray:
+        raise ValueError(f"float32 scales are recorded for {stray[0]!r}, not an int8 tensor")
     extra = set(state) - set(out) - {PACKED + "float16", PACKED + "float32"}
     if extra:
         raise ValueError(f"unknown packed scales {sorted(extra)[0]!r}")
-    for dtype, members in (("float16", [n for n in matrices if n not in wide]), ("float32", [n for n in matrices if n in wide])):
+    for dtype, members in (("float16", sorted(set(matrices) - set(wide))), ("float32", sorted(set(wide)))):
         flat = state.get(PACKED + dtype, torch.empty(0, dtype=getattr(torch, dtype)))
-        sizes = [_n_blocks(out[n]) for n in members]
+        sizes = [math.prod(_scale_shape(out[n])) for n in members]
         if flat.dtype != getattr(torch, dtype) or flat.dim() != 1 or flat.numel() != sum(sizes):
             raise ValueError(f"packed scales {PACKED + dtype!r} ({str(flat.dtype)[6:]}, {flat.numel()} values) do not "
                              f"fit the int8 matrices, which need {sum(sizes)} {dtype} scales")
