@@ -22,7 +22,8 @@ achieved_ratio (parameters), size_ratio (file bytes), size_bytes (the written ch
 acc_after (for --dtype int8/float16, the model as the file stores it; acc_after_float32 beside it), epochs,
 seconds (the CLI's fine-tune), dense_finetune_seconds, gpu, command, commit, date.
 `--dtypes float32 float16 int8` adds STTP stored in fewer bits (the CLI's --dtype; `int8+fold` with
---fold-batchnorm, the rows' dtype `int8+fold`); `--anchors 8 4 3 2` adds
+--fold-batchnorm, `int8+qat` / `int8+fold+qat` with --qat-steps 300, as the rows' dtype says; `qat` holds the
+report's QAT block: steps, kept, the rounded model's accuracies); `--anchors 8 4 3 2` adds
 weight-only quantization of the dense teacher (weight_quant.py) at those widths: acc_before zero-shot,
 acc_after after the same fine-tune (FinetuneConfig defaults, the CLI's loaders) through straight-through
 rounding, size_bytes the packed size (not a written file). Rows of
@@ -59,6 +60,10 @@ RATIOS = {"resnet18": [10, 20, 50], "wrn16_8": [10, 20, 33, 50], "mobilenetv2": 
 METHODS = {"sttp": [], "svdp": ["--method", "svdp"], "svd": ["--method", "svdp", "--free-cores"]}
 EPOCHS = 10
 FOLD = "+fold"  # a dtype's suffix for runs with --fold-batchnorm (the rows' dtype says it too)
+QAT = "+qat"  # an int8 dtype's suffix (after +fold, if both) for runs with --qat-steps QAT_STEPS
+QAT_STEPS = 300  # about one epoch of the CLI's CIFAR-10 fine-tune (45,000 images, batch 128)
+DTYPES = ["float32", "float16", "int8", "int8" + QAT, *(d + FOLD for d in ("float32", "float16", "int8")),
+          "int8" + FOLD + QAT]
 COLUMNS = ["model", "teacher_acc", "method", "target_ratio", "achieved_ratio", "size_ratio", "size_bytes", "dtype",
            "acc_before", "acc_after", "epochs", "seconds", "dense_finetune_seconds", "gpu"]
 
@@ -71,11 +76,14 @@ def compress_command(teacher: Path, arch: str, method: str, ratio: float, data: 
            "--output", str(output), "--json"]
     if seed:
         cmd += ["--seed", str(seed)]
-    stored, fold = dtype.removesuffix(FOLD), dtype.endswith(FOLD)
+    qat = dtype.endswith(QAT)
+    stored = dtype.removesuffix(QAT).removesuffix(FOLD)
     if stored != "float32":
         cmd += ["--dtype", stored]
-    if fold:
+    if dtype.removesuffix(QAT).endswith(FOLD):
         cmd += ["--fold-batchnorm"]
+    if qat:
+        cmd += ["--qat-steps", str(QAT_STEPS)]
     return cmd
 
 
@@ -118,7 +126,9 @@ def row(run: dict, report: dict, warned: list[str], teacher_acc: float | None, d
     return {"model": run["model"], "teacher_acc": teacher_acc, "method": run["method"], "target_ratio": run["ratio"],
             "achieved_ratio": round(totals["ratio"], 2), "size_ratio": round(totals["size_ratio"], 2),
             "size_bytes": output.stat().st_size if output.exists() else totals["size_bytes_compressed"],
-            "dtype": report["dtype"] + (FOLD if report.get("batchnorm_folded") else ""), "seed": run["seed"],
+            "dtype": (report["dtype"] + (FOLD if report.get("batchnorm_folded") else "")
+                      + (QAT if (ft.get("qat") or {}).get("steps") else "")), "seed": run["seed"],
+            "qat": ft.get("qat"),
             "acc_before": ft.get("test_accuracy_before"),
             # stored in fewer bits: the accuracy of the file's model (the CLI measures it), not the float32 one's
             "acc_after": ft.get("test_accuracy_stored", ft.get("test_accuracy_after")),
@@ -239,10 +249,9 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="STTP at the smallest and largest ratio "
                     "runs every seed; the rest seed 0")
     ap.add_argument("--epochs", type=int, default=EPOCHS)
-    ap.add_argument("--dtypes", nargs="+", default=["float32"],
-                    choices=["float32", "float16", "int8", *(d + FOLD for d in ("float32", "float16", "int8"))],
-                    help="STTP's storage (--dtype of the CLI; +fold: with --fold-batchnorm); not float32 for the "
-                         "sttp method only"),
+    ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=DTYPES,
+                    help="STTP's storage (--dtype of the CLI; +fold: with --fold-batchnorm; +qat: with --qat-steps "
+                         f"{QAT_STEPS}); not float32 for the sttp method only"),
     ap.add_argument("--anchors", nargs="*", type=int, default=[], metavar="BITS",
                     help="weight-only quantization of the dense teacher at these widths (e.g. 8 4 3 2), zero-shot "
                          "and after the same fine-tune with straight-through rounding")

@@ -50,12 +50,14 @@ def test_teacher_training_and_the_frontier_bench_run_on_a_tiny_set(cifar_like: P
     assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
 
     dry = _run("benchmarks/bench_frontier.py", "--teachers", str(teachers), "--data", str(cifar_like),
-               "--models", "mobilenetv2", "--dtypes", "float32", "int8", "int8+fold", "--dry-run").stdout.splitlines()
-    assert len(dry) == 3 * 3 + 3 + 3  # sttp, svdp, svd at 10, 20, 50; sttp in int8 at each ratio, and folded
+               "--models", "mobilenetv2", "--dtypes", "float32", "int8", "int8+fold", "int8+fold+qat",
+               "--dry-run").stdout.splitlines()
+    assert len(dry) == 3 * 3 + 3 * 3  # sttp, svdp, svd at 10, 20, 50; sttp in int8 at each ratio, folded, with QAT
     assert all(line.startswith("sttp-compress ") and "--epochs 10" in line for line in dry)
     assert sum("--method svdp --free-cores" in line for line in dry) == 3
-    assert sum("--dtype int8" in line and "--method" not in line for line in dry) == 6
+    assert sum("--dtype int8" in line and "--method" not in line for line in dry) == 9
     assert sum(line.endswith("--dtype int8 --fold-batchnorm") and "int8+fold-s0" in line for line in dry) == 3
+    assert sum(line.endswith("--dtype int8 --fold-batchnorm --qat-steps 300") for line in dry) == 3
     assert _run("benchmarks/bench_frontier.py", "--teachers", str(teachers), "--data", str(cifar_like),
                 "--models", "mobilenetv2", "--methods", "--anchors", "4", "--dry-run").stdout == ""  # anchors only
 
