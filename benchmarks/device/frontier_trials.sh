@@ -1,5 +1,5 @@
 # Call: (re)train teachers, then frontier rows (bench_frontier.py, a process each) and MobileNetV2 recipe trials at ratio 10.
-# Env: TEACHERS to train (default "mobilenetv2 resnet18"; empty: none, the weights carried in .carry/teachers);
+# Env: TEACHERS to train (side by side with the runs whose teacher was carried) (default "mobilenetv2 resnet18"; empty: none, the weights carried in .carry/teachers);
 # RUNS, frontier rows as MODEL:METHOD:RATIO[:DTYPE[:SEED]] (float32 and seed 0 unless given; MODEL:anchor:BITS for a weight-only
 # quantization anchor), one bench_frontier process each, in
 # that order (default: ResNet-18's sttp/svdp/svd at 10, 20, 50); TRIALS, MobileNetV2 recipe trials named in the table
@@ -30,12 +30,14 @@ declare -A F=(
   [r10s1]="--ratio 10 --epochs 10 --seed 1"
   [r10senss1]="--ratio 10 --epochs 10 --allocation sensitivity --seed 1"
 )
-for a in $TEACHERS; do timeout 300 python3 benchmarks/train_teacher.py --arch $a --data /tmp/cifar --out .teachers > /tmp/logs/train_$a.log 2>&1 & done
-wait; ls -la .teachers; echo "teachers done at $((SECONDS-T0)) s"
+# a run waits only for its own model's teacher: runs of carried teachers start while others train
+declare -A TP=()
+for a in $TEACHERS; do timeout 300 python3 benchmarks/train_teacher.py --arch $a --data /tmp/cifar --out .teachers > /tmp/logs/train_$a.log 2>&1 & TP[$a]=$!; done
+teacher() { [ -n "${TP[$1]}" ] && { wait ${TP[$1]}; echo "teacher $1 done (rc $?) at $((SECONDS-T0)) s"; ls -la .teachers; unset "TP[$1]"; }; }
 slot() { while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done; L=$((END-SECONDS+T0)); }
 # MODEL:anchor:BITS is weight-only quantization of the dense teacher at BITS, zero-shot and fine-tuned (--anchors)
 run_args() { if [ "$1" = anchor ]; then echo "--methods --anchors $2"; else echo "--methods $1 --ratios $2 --dtypes ${3:-float32} --seeds ${4:-0}"; fi; }
-for x in $RUNS; do IFS=: read -r m me r d sd <<< "$x"; slot; echo "start $x at $((SECONDS-T0)) s"; timeout $L python3 benchmarks/bench_frontier.py --teachers .teachers --data /tmp/cifar --models $m $(run_args $me $r $d $sd) --no-dense > /tmp/logs/fr_${m}_${me}_${r}_${d:-float32}_s${sd:-0}.log 2>&1 & done
-for n in $TRIALS; do slot; echo "start $n at $((SECONDS-T0)) s"; timeout $L sttp-compress .teachers/mobilenetv2.pt --arch $A:mobilenetv2 --data /tmp/cifar $M --output /tmp/o/$n.sttp.safetensors --json ${F[$n]} > /tmp/logs/mb_$n.json 2> /tmp/logs/mb_$n.err & done
+for x in $RUNS; do IFS=: read -r m me r d sd <<< "$x"; teacher $m; slot; echo "start $x at $((SECONDS-T0)) s"; timeout $L python3 benchmarks/bench_frontier.py --teachers .teachers --data /tmp/cifar --models $m $(run_args $me $r $d $sd) --no-dense > /tmp/logs/fr_${m}_${me}_${r}_${d:-float32}_s${sd:-0}.log 2>&1 & done
+for n in $TRIALS; do teacher mobilenetv2; slot; echo "start $n at $((SECONDS-T0)) s"; timeout $L sttp-compress .teachers/mobilenetv2.pt --arch $A:mobilenetv2 --data /tmp/cifar $M --output /tmp/o/$n.sttp.safetensors --json ${F[$n]} > /tmp/logs/mb_$n.json 2> /tmp/logs/mb_$n.err & done
 wait; echo "trials done at $((SECONDS-T0)) s"
 source benchmarks/device/pack.sh
