@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 import time
 
-__all__ = ["TenthLines"]
+__all__ = ["TaskLines", "TenthLines"]
 
 
 class TenthLines:
@@ -28,3 +28,21 @@ class TenthLines:
         if self.elapsed:
             line += f", {time.perf_counter() - self.start:.0f} s elapsed"
         print(line + (f", {detail}" if detail else ""), file=sys.stderr, flush=True)
+
+
+class TaskLines:
+    """The part of rich's `Progress` that sttp-eval uses (`add_task`, `update`), for a log: a task of known total
+    prints `TenthLines`; one of unknown total (timing, embedding texts) prints its name once as it starts."""
+
+    def __init__(self, unit: str = "batches"):
+        self.unit, self.tasks = unit, []
+
+    def add_task(self, description: str, total: float | None = None, **_: object) -> int:
+        if total is None:
+            print(f"{description} ...", file=sys.stderr, flush=True)
+        self.tasks.append(None if total is None else TenthLines(description, total, self.unit, elapsed=True))
+        return len(self.tasks) - 1
+
+    def update(self, task: int, advance: float = 0, **_: object) -> None:
+        if self.tasks[task] is not None and advance:
+            self.tasks[task].advance(advance)

@@ -115,6 +115,7 @@ from sttp_compress.compress.convert import compressed_layers, count_parameters, 
 from sttp_compress.data.images import (IMAGE_EXTENSIONS, ImageDataConfig, image_transforms, init_worker,
                    resolve_image_config, rgb_loader)
 from sttp_compress.errors import UserError, terms
+from sttp_compress.progress import TaskLines
 from sttp_compress.compress.serve import frozen
 from sttp_compress.train.loop import resolve_device
 from sttp_compress.io.specs import WithDataSpec, hf_folder, parse_data
@@ -509,15 +510,20 @@ def _check_labels(targets: Tensor, num_classes: int) -> None:
 
 @contextmanager
 def _progress(enabled: bool) -> Iterator[Any]:
-    """A transient rich progress display on stderr, or None."""
+    """A transient rich progress display on stderr; in a log (stderr not a terminal) plain lines a tenth of the
+    batches (`progress.TaskLines`), so a long evaluation under a scheduler shows that it moves; or None."""
     if not enabled:
         yield None
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield TaskLines()
+        return
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=Console(stderr=True), transient=True)
+                   console=console, transient=True)
     with bar:
         yield bar
 

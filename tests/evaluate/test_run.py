@@ -126,6 +126,17 @@ def test_numbers_on_tensor_data(files):
     json.dumps(result, allow_nan=False)  # JSON-ready
 
 
+def test_a_logged_eval_prints_a_line_per_tenth_of_its_batches(files, capsys):
+    """stderr in a log (no terminal): the batches a line each tenth, the timing named as it starts; none when off."""
+    run_eval(files["ckpt"], _opts(data=files["tensors"], batch_size=8, max_batches=10, latency=True), progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    done = [line.split(" (")[0] for line in lines if line.startswith("evaluating: ")]
+    assert done == [f"evaluating: {k}/10 batches" for k in range(1, 11)]
+    assert "timing ..." in lines
+    run_eval(files["ckpt"], _opts(data=files["tensors"], batch_size=8, max_batches=10, latency=True), progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_max_batches_and_unlabelled_data(files):
     result = run_eval(files["ckpt"], _opts(data=files["tensors"], batch_size=32, max_batches=2))
     assert result["samples"] == 64 and result["accuracy"] is not None
@@ -432,7 +443,8 @@ def test_cli_gates_exit_1_with_one_line_each_and_json(files, capsys, tmp_path):
     code, _, err = _eval_cli([files["ckpt"], "--quiet", "--max-size", "100MB", "--min-ratio", "1.5"], capsys)
     assert code == 0 and err == []
     code, _, err = _eval_cli([files["ckpt"], "--max-size", "100MB", "--min-ratio", "1.5"], capsys)
-    assert code == 0 and err == ["gates passed: --max-size, --min-ratio"]
+    assert code == 0 and err[-1] == "gates passed: --max-size, --min-ratio"
+    assert all(line == "timing ..." or line.startswith("evaluating: ") for line in err[:-1])  # progress in a log
 
 
 def test_latency_keeps_the_digits_that_mean_something():
