@@ -22,9 +22,12 @@ BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 class ChannelAffine(nn.Module):
     """y = weight·x + bias along dim 1 (a BatchNorm's channels) of (N, C, ...) inputs, in training as in eval.
 
-    Runs as an eval-mode batch norm with mean 0, variance 1 and ε = 0, which is exactly that map: the same fused
-    kernel as the BatchNorm it replaces, and an ONNX BatchNormalization that runtimes fold into the conv
-    before it. The zeros and ones are not stored (non-persistent buffers)."""
+    Runs as an eval-mode batch norm with mean 0, variance 1 − ε and ε = 2⁻⁸, which is exactly that map (1 − ε is
+    exact in float16 and bfloat16 too, and 1 − ε + ε = 1; CUDA refuses ε = 0): the same fused kernel as the
+    BatchNorm it replaces, and an ONNX BatchNormalization that runtimes fold into the conv before it. The mean
+    and variance are not stored (non-persistent buffers)."""
+
+    eps = 2.0**-8
 
     def __init__(self, num_features: int):
         super().__init__()
@@ -32,10 +35,11 @@ class ChannelAffine(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("zeros", torch.zeros(num_features), persistent=False)
-        self.register_buffer("ones", torch.ones(num_features), persistent=False)
+        self.register_buffer("var", torch.full((num_features,), 1.0 - self.eps), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.batch_norm(x, self.zeros, self.ones, self.weight, self.bias, training=False, momentum=0.0, eps=0.0)
+        return F.batch_norm(x, self.zeros, self.var, self.weight, self.bias, training=False, momentum=0.0,
+                            eps=self.eps)
 
     def extra_repr(self) -> str:
         return str(self.num_features)

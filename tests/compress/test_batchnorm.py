@@ -48,6 +48,33 @@ def test_the_folded_model_computes_the_eval_mode_outputs(case):
     assert not [k for k in model.state_dict() if "running" in k or "num_batches" in k]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_the_affine_runs_as_a_batch_norm_with_positive_eps_whose_variance_makes_one(dtype):
+    """CUDA's batch norm refuses ε = 0 (a folded model failed there): ε > 0 with variance 1 − ε, whose sum is
+    exactly 1 in every float dtype, so the map stays weight·x + bias (to the dtype's rounding)."""
+    m = ChannelAffine(8).to(dtype)
+    assert m.eps > 0 and bool(((m.var + m.eps) == 1).all()) and m.var.dtype == dtype
+    torch.manual_seed(0)
+    with torch.no_grad():
+        m.weight.uniform_(-2, 2)
+        m.bias.uniform_(-1, 1)
+        x = torch.randn(4, 8, 5, 5).to(dtype)
+        expected = x.double() * m.weight.double().view(1, -1, 1, 1) + m.bias.double().view(1, -1, 1, 1)
+        tol = 4 * torch.finfo(dtype).eps
+        torch.testing.assert_close(m(x).double(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+def test_a_folded_model_runs_on_cuda():
+    """On CUDA, as on the CPU (ε = 0 made the MobileNetV2 runs fail there with 'batch_norm eps must be positive')."""
+    build, shape = CASES["conv2d"]
+    model = _trained(build().double(), shape).float()
+    fold_batchnorm_(model)
+    x = torch.randn(5, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(model.cuda()(x.cuda()).cpu(), model.cpu()(x), rtol=1e-4, atol=1e-4)
+
+
 def test_the_affine_is_gamma_over_sigma_and_beta_minus_its_mean_term():
     bn = nn.BatchNorm1d(3, eps=0.5)
     with torch.no_grad():
