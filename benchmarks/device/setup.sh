@@ -7,5 +7,5 @@ printf '#!/bin/sh\nexec python3 -c "from sttp_compress.cli import compress_main;
 printf '#!/bin/sh\nexec python3 -c "from sttp_compress.cli import eval_main; eval_main()" "$@"\n' > /tmp/bin/sttp-eval
 chmod +x /tmp/bin/*
 [ -d /tmp/cifar/train ] || [ ! -f .carry/data/cifar10-jpg.tar.xz ] || { mkdir -p /tmp/cifar && tar xJf .carry/data/cifar10-jpg.tar.xz -C /tmp/cifar; }
-mkdir -p .teachers && cp -n .carry/teachers/* .teachers/ 2>/dev/null
+mkdir -p .teachers && cp -n .carry/teachers*/* .teachers/ 2>/dev/null
 nvidia-smi -L; python3 -c "import torch, typer; print(torch.__version__, typer.__version__)"
