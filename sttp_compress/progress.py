@@ -38,11 +38,13 @@ class TaskLines:
         self.unit, self.tasks = unit, []
 
     def add_task(self, description: str, total: float | None = None, **_: object) -> int:
+        """A new task's id; one without a total is announced at once, since no tenth of it will be."""
         if total is None:
             print(f"{description} ...", file=sys.stderr, flush=True)
         self.tasks.append(None if total is None else TenthLines(description, total, self.unit, elapsed=True))
         return len(self.tasks) - 1
 
     def update(self, task: int, advance: float = 0, **_: object) -> None:
+        """Count `advance` more of the task done (rich's other fields, such as `completed`, change nothing here)."""
         if self.tasks[task] is not None and advance:
             self.tasks[task].advance(advance)

@@ -1,5 +1,5 @@
 # Call: (re)train teachers, then frontier rows (bench_frontier.py, a process each) and MobileNetV2 recipe trials at ratio 10.
-# Env: TEACHERS to train (side by side with the runs whose teacher was carried) (default "mobilenetv2 resnet18"; empty: none, the weights carried in .carry/teachers);
+# Env: TEACHERS to train, side by side with the runs whose teacher was carried (default "mobilenetv2 resnet18"; empty: none, the weights carried in .carry/teachers*);
 # RUNS, frontier rows as MODEL:METHOD:RATIO[:DTYPE[:SEED]] (float32 and seed 0 unless given; MODEL:anchor:BITS for a weight-only
 # quantization anchor), one bench_frontier process each, in
 # that order (default: ResNet-18's sttp/svdp/svd at 10, 20, 50); TRIALS, MobileNetV2 recipe trials named in the table
