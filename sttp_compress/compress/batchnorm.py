@@ -23,7 +23,7 @@ class ChannelAffine(nn.Module):
     """y = weight·x + bias along dim 1 (a BatchNorm's channels) of (N, C, ...) inputs, in training as in eval.
 
     Runs as an eval-mode batch norm with mean 0, variance 1 − ε and ε = 2⁻⁸, which is exactly that map (1 − ε is
-    exact in float16 and bfloat16 too, and 1 − ε + ε = 1; CUDA refuses ε = 0): the same fused kernel as the
+    exact in float16 and bfloat16 too, and 1 − ε + ε = 1; torch 2.11 refuses ε = 0): the same fused kernel as the
     BatchNorm it replaces, and an ONNX BatchNormalization that runtimes fold into the conv before it. The mean
     and variance are not stored (non-persistent buffers)."""
 

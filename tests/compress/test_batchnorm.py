@@ -50,7 +50,8 @@ def test_the_folded_model_computes_the_eval_mode_outputs(case):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_the_affine_runs_as_a_batch_norm_with_positive_eps_whose_variance_makes_one(dtype):
-    """CUDA's batch norm refuses ε = 0 (a folded model failed there): ε > 0 with variance 1 − ε, whose sum is
+    """torch 2.11 refuses ε = 0 in F.batch_norm, eval mode too (a folded model failed on a GPU machine's; 2.14
+    takes it): ε > 0 with variance 1 − ε, whose sum is
     exactly 1 in every float dtype, so the map stays weight·x + bias (to the dtype's rounding)."""
     m = ChannelAffine(8).to(dtype)
     assert m.eps > 0 and bool(((m.var + m.eps) == 1).all()) and m.var.dtype == dtype
@@ -66,7 +67,7 @@ def test_the_affine_runs_as_a_batch_norm_with_positive_eps_whose_variance_makes_
 
 @pytest.mark.gpu
 def test_a_folded_model_runs_on_cuda():
-    """On CUDA, as on the CPU (ε = 0 made the MobileNetV2 runs fail there with 'batch_norm eps must be positive')."""
+    """On CUDA the folded model computes what it computes on the CPU."""
     build, shape = CASES["conv2d"]
     model = _trained(build().double(), shape).float()
     fold_batchnorm_(model)
