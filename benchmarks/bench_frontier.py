@@ -251,7 +251,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=EPOCHS)
     ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=DTYPES,
                     help="STTP's storage (--dtype of the CLI; +fold: with --fold-batchnorm; +qat: with --qat-steps "
-                         f"{QAT_STEPS}); not float32 for the sttp method only"),
+                         f"{QAT_STEPS}); not float32 for the sttp method only")
     ap.add_argument("--anchors", nargs="*", type=int, default=[], metavar="BITS",
                     help="weight-only quantization of the dense teacher at these widths (e.g. 8 4 3 2), zero-shot "
                          "and after the same fine-tune with straight-through rounding")
